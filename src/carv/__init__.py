@@ -1,0 +1,32 @@
+"""carv: cheaper Monte Carlo estimates with frozen diffusion teachers, at equal variance.
+
+Layers (DESIGN.md section 3), bottom up: ``schedules``, ``teachers``, ``noise``, ``timesteps``,
+``accounting``, ``estimator``, ``objectives``, ``bench``, ``apps``, ``cli``.
+"""
+
+from carv import accounting
+from carv.accounting import AutoK, CostMeter
+from carv.estimator import Draws, Estimate, HierarchicalEstimator
+from carv.objectives.sds import ScoreDistillation, SDSOutput
+from carv.objectives.weighting import weight_table
+from carv.schedules import VPSchedule
+from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepDraws, TimestepSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoK",
+    "CostMeter",
+    "Draws",
+    "Estimate",
+    "HierarchicalEstimator",
+    "LearnedProposal",
+    "SDSOutput",
+    "ScoreDistillation",
+    "SecondMomentResampler",
+    "TimestepDraws",
+    "TimestepSampler",
+    "VPSchedule",
+    "accounting",
+    "weight_table",
+]

@@ -1,0 +1,266 @@
+"""Compute-aware accounting: variance components, the optimal K, the efficiency bound, ECM, cost meters.
+
+Notation (DESIGN.md section 2). One estimate uses ``R`` upstream samples and ``K`` draws each and costs
+``C(R, K) = R (c_up + K c_draw)``. Its variance is ``sigma_b^2 / R + sigma_w^2 / (R K)`` with the
+between-sample component ``sigma_b^2`` and the within-sample component ``sigma_w^2``. Work-normalised
+variance ``Var * C = (sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw)`` does not depend on ``R`` and is
+minimised at ``K* = sqrt((c_up / c_draw)(sigma_w^2 / sigma_b^2))``; the best achievable value is the
+efficiency bound ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2``.
+
+Variances are traces of covariance matrices (sums over every trailing dimension).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "VarianceComponents",
+    "variance_components",
+    "predicted_variance",
+    "work_normalised_variance",
+    "optimal_k",
+    "efficiency_bound",
+    "ecm",
+    "relative_efficiency",
+    "fraction_of_bound",
+    "CostMeter",
+    "AutoK",
+]
+
+
+class VarianceComponents(NamedTuple):
+    between: float
+    within: float
+
+
+def variance_components(y: Tensor) -> VarianceComponents:
+    """Estimate ``(sigma_b^2, sigma_w^2)`` from one ``[R, K, ...]`` batch of iid inner draws.
+
+    ``within`` is the mean over rows of the unbiased sample variance of the ``K`` values;
+    ``between`` is the sample variance of the ``R`` row means minus ``within / K``, clipped at 0.
+    Both are unbiased (before clipping) for iid draws. With stratified or antithetic draws the
+    ``within`` estimate is conservative (too large): use replicate measurements for headline figures.
+    """
+    if y.ndim < 2:
+        raise ValueError(f"y: expected shape [R, K, ...], got {tuple(y.shape)}")
+    R, K = y.shape[0], y.shape[1]
+    if R < 2 or K < 2:
+        raise ValueError(f"y: need R >= 2 and K >= 2 to separate the components, got R={R}, K={K}")
+    y = y.detach().reshape(R, K, -1).to(torch.float64)
+    within = y.var(dim=1, unbiased=True).sum(-1).mean()
+    total = y.mean(dim=1).var(dim=0, unbiased=True).sum()
+    between = (total - within / K).clamp_min(0.0)
+    return VarianceComponents(float(between), float(within))
+
+
+def _check_nonneg(**kw: float) -> None:
+    for name, v in kw.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+
+
+def _check_k(K) -> None:
+    if not isinstance(K, int) or isinstance(K, bool) or K < 1:
+        raise ValueError(f"K: expected a positive integer, got {K!r}")
+
+
+def predicted_variance(var_between: float, var_within: float, R: int, K: int) -> float:
+    """``sigma_b^2 / R + sigma_w^2 / (R K)``."""
+    _check_nonneg(var_between=var_between, var_within=var_within)
+    _check_k(K)
+    if not isinstance(R, int) or R < 1:
+        raise ValueError(f"R: expected a positive integer, got {R!r}")
+    return var_between / R + var_within / (R * K)
+
+
+def work_normalised_variance(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
+                             K: int) -> float:
+    """``Var * C`` for any ``R``: ``(sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw)``."""
+    _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
+                  cost_draw=cost_draw)
+    _check_k(K)
+    return (var_between + var_within / K) * (cost_upstream + K * cost_draw)
+
+
+def optimal_k(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
+              k_max: int | None = None, k_min: int = 1) -> int:
+    """The integer ``K`` in ``[k_min, k_max]`` minimising work-normalised variance.
+
+    The continuous optimum ``sqrt((c_up / c_draw)(sigma_w^2 / sigma_b^2))`` is rounded to the better
+    of its integer neighbours. When it is unbounded (``sigma_b^2 = 0`` or ``c_draw = 0`` with
+    ``sigma_w^2 > 0``) ``k_max`` is returned, and ``k_max`` must then be given.
+    """
+    _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
+                  cost_draw=cost_draw)
+    _check_k(k_min)
+    if k_max is not None:
+        _check_k(k_max)
+        if k_max < k_min:
+            raise ValueError(f"k_max: must be >= k_min={k_min}, got {k_max}")
+    if var_within == 0 or cost_upstream == 0:
+        return k_min
+    if var_between == 0 or cost_draw == 0:
+        if k_max is None:
+            raise ValueError(
+                "k_max: the optimal K is unbounded (between-sample variance or per-draw cost is 0); "
+                "pass k_max to cap it"
+            )
+        return k_max
+    k_star = math.sqrt((cost_upstream / cost_draw) * (var_within / var_between))
+    hi = k_max if k_max is not None else max(k_min, math.ceil(k_star))
+    candidates = {min(max(k, k_min), hi) for k in (math.floor(k_star), math.ceil(k_star))}
+    return min(sorted(candidates),
+               key=lambda k: work_normalised_variance(var_between, var_within, cost_upstream, cost_draw, k))
+
+
+def efficiency_bound(var_between: float, var_within: float, cost_upstream: float, cost_draw: float) -> float:
+    """The smallest ``Var * C`` any ``K`` can reach: ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2``."""
+    _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
+                  cost_draw=cost_draw)
+    return (math.sqrt(var_between * cost_upstream) + math.sqrt(var_within * cost_draw)) ** 2
+
+
+def ecm(var_base: float, cost_base: float, var_method: float, cost_method: float) -> float:
+    """Effective compute multiplier ``(Var_B C_B) / (Var_M C_M)``: baseline cost / method cost at equal variance."""
+    _check_nonneg(var_base=var_base, cost_base=cost_base, var_method=var_method, cost_method=cost_method)
+    denom = var_method * cost_method
+    if denom == 0:
+        raise ValueError("var_method, cost_method: their product is 0, so the ECM is undefined")
+    return var_base * cost_base / denom
+
+
+def relative_efficiency(var_uniform: float, var_method: float) -> float:
+    """``Var_uniform / Var_method`` at matched ``(R, K)``."""
+    _check_nonneg(var_uniform=var_uniform, var_method=var_method)
+    if var_method == 0:
+        raise ValueError("var_method: is 0, so the relative efficiency is undefined")
+    return var_uniform / var_method
+
+
+def fraction_of_bound(bound: float, var_method: float, cost_method: float) -> float:
+    """``bound / (Var_M C_M)``: 1 means the method reaches the efficiency bound."""
+    _check_nonneg(bound=bound, var_method=var_method, cost_method=cost_method)
+    return bound / (var_method * cost_method)
+
+
+class CostMeter:
+    """Times named stages; reports medians (robust to the noise of shared machines).
+
+    ``with meter.stage("render"): ...``. On CUDA the meter synchronises before reading the clock
+    (pass ``device``), otherwise asynchronous kernels would be charged to the wrong stage. Stages may
+    nest; each records its own wall time. ``window`` keeps only the most recent timings, so the costs
+    track a run whose stages change speed.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, window: int = 200):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._sync = self.device.type == "cuda"
+        self.window = window
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def stage(self, name: str, count: int = 1) -> Iterator[None]:
+        """Time a block; ``count`` says how many units of work it did (e.g. ``R*K`` teacher draws)."""
+        if self._sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize(self.device)
+            self.add(name, time.perf_counter() - t0, count)
+
+    def add(self, name: str, seconds: float, count: int = 1) -> None:
+        if count < 1:
+            raise ValueError(f"count: expected a positive integer, got {count}")
+        buf = self.times[name]
+        buf.append(seconds / count)
+        if len(buf) > self.window:
+            del buf[0]
+        self.counts[name] += count
+
+    def median(self, name: str) -> float:
+        """Median seconds per unit of work of a stage."""
+        if not self.times.get(name):
+            raise KeyError(f"name: no timings recorded for stage {name!r}; known stages: {sorted(self.times)}")
+        return statistics.median(self.times[name])
+
+    def summary(self) -> dict[str, float]:
+        return {k: self.median(k) for k in self.times if self.times[k]}
+
+    def state_dict(self) -> dict:
+        return {"times": {k: list(v) for k, v in self.times.items()}, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.times = defaultdict(list, {k: list(v) for k, v in state["times"].items()})
+        self.counts = defaultdict(int, state["counts"])
+
+
+class AutoK:
+    """Chooses ``K`` online from measured costs and variance components.
+
+    Feed it each step's variance components (from an estimate with ``R >= 2`` and ``K >= 2``) with
+    :meth:`observe`; it keeps exponential moving averages and, every ``every`` steps, re-chooses
+    ``K = optimal_k(...)`` from the averages and the cost meter's medians of the two stages. Between
+    re-choices ``K`` stays fixed, so the estimator of each step is an ordinary fixed-``K`` estimator
+    (and unbiased); the choice only moves the cost.
+
+    ``k_min`` defaults to 2 so that the within component can always be measured from the same draws
+    the pipeline pays for anyway. With stratified draws the within component is over-estimated, which
+    biases the choice towards larger ``K`` (conservatively); say so where figures are reported.
+    """
+
+    def __init__(self, k_init: int = 4, k_min: int = 2, k_max: int = 64, every: int = 25, decay: float = 0.9,
+                 upstream_stage: str = "upstream", draw_stage: str = "draw"):
+        for name, v in (("k_init", k_init), ("k_min", k_min), ("k_max", k_max), ("every", every)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if not k_min <= k_init <= k_max:
+            raise ValueError(f"k_init: need k_min <= k_init <= k_max, got {k_min} <= {k_init} <= {k_max}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay: expected a number in [0, 1), got {decay}")
+        self.k, self.k_min, self.k_max, self.every, self.decay = k_init, k_min, k_max, every, decay
+        self.upstream_stage, self.draw_stage = upstream_stage, draw_stage
+        self.between: float | None = None
+        self.within: float | None = None
+        self.steps = 0
+        self.history: list[dict] = []
+
+    def observe(self, between: float | None, within: float | None) -> None:
+        if between is not None:
+            self.between = between if self.between is None else self.decay * self.between + (1 - self.decay) * between
+        if within is not None:
+            self.within = within if self.within is None else self.decay * self.within + (1 - self.decay) * within
+        self.steps += 1
+
+    def step(self, meter: CostMeter) -> int:
+        """Call once per optimisation step after :meth:`observe`; returns the ``K`` for the next step."""
+        if self.steps % self.every == 0 and self.between is not None and self.within is not None:
+            try:
+                c_up, c_draw = meter.median(self.upstream_stage), meter.median(self.draw_stage)
+            except KeyError:
+                return self.k
+            self.k = optimal_k(self.between, self.within, c_up, c_draw, k_max=self.k_max, k_min=self.k_min)
+            self.history.append({"step": self.steps, "k": self.k, "between": self.between, "within": self.within,
+                                 "cost_upstream": c_up, "cost_draw": c_draw})
+        return self.k
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "between": self.between, "within": self.within, "steps": self.steps,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k, self.between, self.within = state["k"], state["between"], state["within"]
+        self.steps, self.history = state["steps"], list(state["history"])

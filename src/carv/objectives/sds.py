@@ -1,0 +1,111 @@
+"""Score distillation (SDS) through carv's hierarchical estimator.
+
+For each upstream sample ``x_r`` (a render, an encoded image, a generator output) the gradient is
+
+    grad_r = (1/K) sum_k v(t_rk) w(t_rk) (eps_hat(a_t x_r + s_t eps_rk, t_rk, c) - eps_rk)
+
+and ``loss`` is a surrogate whose gradient with respect to ``x_r`` is ``grad_r / R``, so one
+``loss.backward()`` pushes the estimate through the upstream computation once per upstream sample,
+however large ``K`` is. The teacher is frozen and its Jacobian is skipped (as in DreamFusion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from carv.estimator import Draws, Estimate, HierarchicalEstimator
+from carv.objectives.weighting import Weighting, weight_table
+from carv.teachers.base import Teacher, check_finite, repeat_cond
+from carv.timesteps import TimestepSampler
+
+__all__ = ["ScoreDistillation", "SDSOutput", "batched_teacher_eps"]
+
+
+@dataclass
+class SDSOutput:
+    grad: Tensor        # [R, ...] per-upstream estimate of the SDS gradient
+    loss: Tensor        # scalar surrogate: d loss / d x[r] = grad[r] / R
+    estimate: Estimate  # per-upstream means + variance components + per-draw squared norms
+    draws: Draws        # the (t, weight, eps) that were used
+
+
+def batched_teacher_eps(teacher: Teacher, x_t: Tensor, t: Tensor, cond: Any, guidance_scale: float,
+                        max_batch: int | None) -> Tensor:
+    """``teacher.guided_eps`` in chunks of at most ``max_batch`` rows, checked for NaN/inf."""
+    n = x_t.shape[0]
+    if max_batch is None or n <= max_batch:
+        eps = teacher.guided_eps(x_t, t, cond, guidance_scale)
+    else:
+        parts = []
+        for i in range(0, n, max_batch):
+            c = None if cond is None else (
+                {k: v[i:i + max_batch] for k, v in cond.items()} if isinstance(cond, dict) else cond[i:i + max_batch])
+            parts.append(teacher.guided_eps(x_t[i:i + max_batch], t[i:i + max_batch], c, guidance_scale))
+        eps = torch.cat(parts)
+    check_finite(eps, t, "teacher output")
+    return eps
+
+
+class ScoreDistillation:
+    """SDS gradient estimator.
+
+    Args:
+        teacher: a frozen :class:`~carv.teachers.base.Teacher`.
+        sampler: the :class:`~carv.TimestepSampler` (proposal, importance weights, stratification).
+        K: draws per upstream sample.
+        weighting: ``"sds"`` (``w = 1 - alphabar_t``), ``"uniform"`` (``w = 1``) or a callable of ``t``.
+        guidance_scale: classifier-free guidance scale (1 = none).
+        noise: ``"iid"``, ``"antithetic"`` or ``"crn"``.
+        max_batch: largest teacher batch (the ``R*K`` draws are chunked to fit memory).
+    """
+
+    def __init__(self, teacher: Teacher, sampler: TimestepSampler, K: int = 1, weighting: Weighting = "sds",
+                 guidance_scale: float = 1.0, noise: str = "iid", max_batch: int | None = None):
+        if not isinstance(teacher, Teacher):
+            raise TypeError(f"teacher: expected a carv Teacher, got {type(teacher).__name__}")
+        if sampler.num_timesteps != teacher.schedule.num_timesteps:
+            raise ValueError(f"sampler: has {sampler.num_timesteps} timesteps but the teacher's schedule has "
+                             f"{teacher.schedule.num_timesteps}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale: expected a non-negative number, got {guidance_scale!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch: expected a positive integer or None, got {max_batch!r}")
+        self.teacher = teacher
+        self.estimator = HierarchicalEstimator(sampler, K, noise)
+        self.w = weight_table(weighting, teacher.schedule)
+        self.guidance_scale = float(guidance_scale)
+        self.max_batch = max_batch
+
+    @property
+    def K(self) -> int:
+        return self.estimator.K
+
+    @K.setter
+    def K(self, K: int) -> None:
+        self.estimator.K = K
+
+    @property
+    def sampler(self) -> TimestepSampler:
+        return self.estimator.sampler
+
+    def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | int | None = None,
+                 keep_draws: bool = False) -> SDSOutput:
+        if not isinstance(x, Tensor) or x.ndim < 2:
+            raise ValueError(f"x: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
+        R, K, sched = x.shape[0], self.K, self.teacher.schedule
+        d = self.estimator.draw(R, x.shape[1:], generator, x.device, x.dtype)
+        t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *x.shape[1:])
+        with torch.no_grad():
+            x_t = sched.add_noise(x.detach().repeat_interleave(K, 0), t, eps)
+            eps_hat = batched_teacher_eps(self.teacher, x_t, t, repeat_cond(cond, K), self.guidance_scale,
+                                          self.max_batch)
+            w = self.w.to(x.device, x.dtype)[t].reshape(-1, *[1] * (x.ndim - 1))
+            f = (w * (eps_hat - eps)).reshape(R, K, *x.shape[1:])
+            est = self.estimator.reduce(f, d, keep_draws=keep_draws)
+        loss = (est.per_upstream * x).sum() / R
+        return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
+

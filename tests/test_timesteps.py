@@ -1,0 +1,214 @@
+"""Timestep sampler: unbiasedness (every stratify mode, with and without importance), exact weights,
+stratum coverage, variance ordering, bad input. Statistical checks use fixed seeds and a tolerance of
+Z standard errors, where the standard error comes from independent replicates of the whole estimator."""
+
+import math
+
+import pytest
+import torch
+
+from carv import LearnedProposal, SecondMomentResampler, TimestepSampler, VPSchedule, weight_table
+from carv.timesteps import GuideTable, inverse_cdf, stratified_uniform
+
+Z = 4.0  # sigmas; with ~40 checks the chance of a false alarm is < 0.3%
+T = 1000
+SCHED = VPSchedule.from_betas(1e-4, 0.02, T)
+MODES = ["none", "per_upstream", "global", "lattice"]
+
+
+def importance_cases():
+    g = torch.Generator().manual_seed(7)
+    return {
+        "none": dict(),
+        "sds-weight": dict(importance=weight_table("sds", SCHED), floor=0.1),
+        "random-table": dict(importance=torch.rand(T, generator=g) ** 3 + 0.01, floor=0.0),
+        "callable+support": dict(importance=lambda t: (t.double() + 1).sqrt(), t_min=20, t_max=979, floor=0.05),
+        "base": dict(base=torch.linspace(0.2, 1.0, T), importance=weight_table("sds", SCHED), floor=0.2),
+    }
+
+
+def replicate_means(sampler, f, R, K, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        d = sampler.sample(R, K, g)
+        out[i] = (d.weight.double() * f[d.t]).mean()
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(importance_cases()))
+def test_unbiased_for_random_table(mode, case):
+    kw = importance_cases()[case]
+    sampler = TimestepSampler(T, stratify=mode, **kw)
+    f = torch.randn(T, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 2.0
+    exact = float(sampler.expectation(f))
+    seed = 100 * MODES.index(mode) + list(importance_cases()).index(case)
+    means = replicate_means(sampler, f, R=4, K=8, n=400, seed=seed)
+    se = float(means.std()) / math.sqrt(len(means))
+    assert abs(float(means.mean()) - exact) < Z * se + 1e-12, (float(means.mean()), exact, se)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_draw_follows_q(mode):
+    """Frequencies of 10^6 draws against q (5 sigma per timestep, binomial standard error; the
+    stratified modes are less variable than that, never more)."""
+    imp = torch.rand(T, generator=torch.Generator().manual_seed(7)) ** 3 + 1e-3
+    sampler = TimestepSampler(T, importance=imp, stratify=mode)
+    d = sampler.sample(1000, 1000, 1)
+    counts = torch.bincount(d.t.flatten(), minlength=T).double()
+    n, q = 1e6, sampler.q
+    z = (counts - n * q) / torch.sqrt(n * q * (1 - q))
+    assert float(z.abs().max()) < 5.0
+
+
+def test_weights_are_exactly_p_over_q():
+    sampler = TimestepSampler(T, importance=weight_table("sds", SCHED), floor=0.1, t_min=5, t_max=990,
+                              dtype=torch.float64)
+    d = sampler.sample(16, 64, 0)
+    p, q = sampler.p, sampler.q
+    assert torch.equal(d.weight, (p / q)[d.t])
+    assert sampler.max_weight <= 1 / 0.1 + 1e-12
+    assert float((sampler.q * sampler.weights).sum()) == pytest.approx(1.0, abs=1e-12)  # E_q[v] = 1
+
+
+def test_draws_stay_in_support_and_dtype():
+    sampler = TimestepSampler(T, t_min=20, t_max=980, stratify="global")
+    d = sampler.sample(32, 32, 3)
+    assert d.t.dtype == torch.int64 and d.t.shape == (32, 32) and d.weight.dtype == torch.float32
+    assert int(d.t.min()) >= 20 and int(d.t.max()) <= 980
+
+
+def test_per_upstream_covers_every_stratum_in_every_row():
+    K = 10
+    sampler = TimestepSampler(T, stratify="per_upstream")  # q uniform: stratum k is t in [100k, 100k+99]
+    d = sampler.sample(50, K, 0)
+    strata = torch.sort(d.t // (T // K), dim=1).values
+    assert torch.equal(strata, torch.arange(K).expand(50, K))
+
+
+def test_global_covers_fine_strata_once_and_coarse_strata_per_row():
+    R, K = 5, 4
+    sampler = TimestepSampler(T, stratify="global")
+    for seed in range(20):
+        d = sampler.sample(R, K, seed)
+        fine = torch.sort((d.t // (T // (R * K))).flatten()).values
+        assert torch.equal(fine, torch.arange(R * K))
+        coarse = torch.sort(d.t // (T // K), dim=1).values
+        assert torch.equal(coarse, torch.arange(K).expand(R, K))
+
+
+def test_global_split_across_ranks_covers_strata_once_and_is_unbiased():
+    R, K, W = 2, 5, 4  # R*K*W divides T, so fine strata are whole blocks of timesteps
+    sampler = TimestepSampler(T, stratify="global")
+    d = [sampler.sample(R, K, 100 + r, rank=r, world_size=W) for r in range(W)]
+    fine = torch.sort(torch.cat([x.t.flatten() for x in d]) // (T // (R * K * W))).values
+    assert torch.equal(fine, torch.arange(R * K * W))
+    f = torch.randn(T, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    means = torch.tensor([
+        torch.cat([(lambda s: s.weight.double() * f[s.t])(sampler.sample(R, K, g, rank=r, world_size=W)).flatten()
+                   for r in range(W)]).mean().item() for _ in range(400)])
+    se = float(means.std()) / math.sqrt(len(means))
+    assert abs(float(means.mean()) - float(sampler.expectation(f))) < Z * se
+
+
+@pytest.mark.parametrize("mode", ["per_upstream", "global", "lattice"])
+def test_stratified_variance_below_iid_on_monotone_f(mode):
+    f = torch.linspace(0, 1, T, dtype=torch.float64) ** 2
+    iid = replicate_means(TimestepSampler(T), f, 4, 8, 300, 11).var()
+    strat = replicate_means(TimestepSampler(T, stratify=mode), f, 4, 8, 300, 12).var()
+    # for a monotone f stratification cuts the variance by orders of magnitude; demand at least 10x
+    assert strat * 10 < iid
+
+
+def test_importance_sampling_reduces_variance_for_proportional_f():
+    f = weight_table("sds", SCHED)  # q ~ p * f is the zero-variance proposal for a positive f
+    iid = replicate_means(TimestepSampler(T), f, 1, 8, 300, 1).var()
+    imp = replicate_means(TimestepSampler(T, importance=f), f, 1, 8, 300, 2).var()
+    assert imp < 1e-12 * iid  # zero up to float rounding
+
+
+def test_guide_table_matches_searchsorted_on_hard_tables():
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.rand(T, generator=g, dtype=torch.float64) ** 8,  # many tiny entries -> crowded bins
+              torch.cat([torch.zeros(10), torch.ones(T - 20), torch.zeros(10)]).double(),
+              torch.zeros(T, dtype=torch.float64).index_fill_(0, torch.tensor([3, 500, 999]), 1.0)]
+    for q in tables:
+        cdf = torch.cumsum(q, 0) / q.sum()
+        u = torch.cat([torch.rand(50_000, generator=g, dtype=torch.float64), cdf[:-1], torch.zeros(1)])
+        u = u[u < 1]
+        assert torch.equal(GuideTable(cdf)(u), inverse_cdf(u, cdf))
+        assert (q[GuideTable(cdf)(u)] > 0).all()
+
+
+def test_learned_proposal_learns_sqrt_second_moment_and_round_trips():
+    lp = LearnedProposal(T, num_bins=20, decay=0.5, smoothing=0)
+    true_m2 = torch.linspace(0.01, 4.0, T, dtype=torch.float64) ** 2
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        t = torch.randint(0, T, (512,), generator=g)
+        lp.update(t, true_m2[t])
+    imp = lp.importance()
+    bins = (torch.arange(T) * 20) // T
+    expected = torch.stack([true_m2[bins == b].mean() for b in range(20)]).sqrt()[bins]
+    assert torch.allclose(imp, expected, rtol=0.05)
+    lp2 = LearnedProposal(T, num_bins=20, decay=0.5, smoothing=0)
+    lp2.load_state_dict(lp.state_dict())
+    assert torch.equal(lp2.importance(), lp.importance())
+    TimestepSampler(T, importance=imp, floor=0.05)  # usable as a proposal
+
+
+def test_second_moment_resampler_warms_up_then_weights():
+    sm = SecondMomentResampler(10, history=3)
+    assert sm.importance() is None
+    for _ in range(3):
+        sm.update(torch.arange(10), torch.arange(10).double() + 1)
+    assert torch.allclose(sm.importance(), torch.arange(10).double() + 1)
+
+
+def test_stratified_uniform_is_in_unit_interval_and_shaped():
+    for mode in MODES:
+        u = stratified_uniform(7, 5, mode, 0)
+        assert u.shape == (7, 5) and (u >= 0).all() and (u < 1).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_timesteps=0), "num_timesteps"),
+        (dict(num_timesteps=T, t_min=10, t_max=5), "t_min, t_max"),
+        (dict(num_timesteps=T, t_max=T), "t_min, t_max"),
+        (dict(num_timesteps=T, floor=1.5), "floor"),
+        (dict(num_timesteps=T, stratify="sobol"), "stratify"),
+        (dict(num_timesteps=T, base=torch.ones(10)), "base"),
+        (dict(num_timesteps=T, base=torch.zeros(T)), "base"),
+        (dict(num_timesteps=T, importance=-torch.ones(T)), "importance"),
+        (dict(num_timesteps=T, importance=torch.ones(T + 1)), "importance"),
+        (dict(num_timesteps=T, importance=torch.zeros(T)), "importance"),
+        (dict(num_timesteps=T, importance=torch.cat([torch.zeros(3), torch.ones(T - 3)])), r"timesteps \[0, 1, 2\]"),
+    ],
+)
+def test_bad_sampler_arguments_raise_named_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TimestepSampler(**kwargs)
+
+
+def test_bad_sample_arguments_raise_named_errors():
+    s = TimestepSampler(T)
+    with pytest.raises(ValueError, match="R"):
+        s.sample(0, 4)
+    with pytest.raises(ValueError, match="K"):
+        s.sample(2, -1)
+    with pytest.raises(ValueError, match="world_size"):
+        s.sample(2, 2, 0, rank=0, world_size=2)  # only 'global' splits across processes
+    with pytest.raises(ValueError, match="rank"):
+        TimestepSampler(T, stratify="global").sample(2, 2, 0, rank=3, world_size=2)
+    with pytest.raises(TypeError, match="generator"):
+        s.sample(2, 2, generator="seed")
+
+
+def test_zero_importance_is_allowed_with_a_floor():
+    imp = torch.cat([torch.zeros(3), torch.ones(T - 3)])
+    s = TimestepSampler(T, importance=imp, floor=0.01)
+    assert float(s.q[:3].min()) > 0
