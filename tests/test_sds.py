@@ -30,7 +30,8 @@ def reference_gradient(teacher, x, weighting="sds", cond=None, guidance_scale=1.
         for t0 in range(0, T, 100):
             t = torch.arange(t0, t0 + 100).repeat_interleave(e.shape[0])
             ee = e.repeat(100, 1)
-            xt = teacher.schedule.a(t, torch.float64)[:, None] * x[r].double() + teacher.schedule.s(t, torch.float64)[:, None] * ee
+            a, s = teacher.schedule.a(t, torch.float64)[:, None], teacher.schedule.s(t, torch.float64)[:, None]
+            xt = a * x[r].double() + s * ee
             c = None if cond is None else cond[r].expand(t.shape[0])
             eh = teacher.guided_eps(xt, t, c, guidance_scale).double()
             per_t = ((eh - ee) * we.repeat(100)[:, None]).reshape(100, -1, 2).sum(1)
