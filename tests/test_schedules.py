@@ -51,3 +51,14 @@ def test_bad_inputs():
         s.a(torch.tensor([1000]))
     with pytest.raises(TypeError, match="t: expected an integer"):
         s.a(torch.tensor([0.5]))
+
+
+def test_add_noise_works_inside_vmap_and_grad():
+    from torch.func import grad, vmap
+
+    s = VPSchedule.from_betas()
+    x, e, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 10, 500, 999])
+    out = vmap(lambda xi, ti, ei: s.add_noise(xi[None], ti[None], ei[None])[0])(x, t, e)
+    assert torch.allclose(out, s.add_noise(x, t, e))
+    g = vmap(grad(lambda xi, ti, ei: s.add_noise(xi[None], ti[None], ei[None]).sum()))(x, t, e)
+    assert torch.allclose(g, s.a(t)[:, None].expand(4, 3))

@@ -118,7 +118,8 @@ class VPSchedule:
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"t: expected an integer timestep tensor, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        # the range check reads values, which torch.func transforms (vmap/grad) forbid: skip it there
+        if t.numel() and not _is_functorch_wrapped(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(
                 f"t: timesteps must lie in 0..{self.num_timesteps - 1}, got range "
                 f"{int(t.min())}..{int(t.max())}"
@@ -144,6 +145,11 @@ class VPSchedule:
     def __repr__(self) -> str:
         ac = self._ac
         return f"VPSchedule(T={self.num_timesteps}, alphabar[0]={ac[0]:.5f}, alphabar[-1]={ac[-1]:.3g})"
+
+
+def _is_functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
 
 
 def _check_num_timesteps(n) -> None:
