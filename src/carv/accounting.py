@@ -56,9 +56,11 @@ def variance_components(y: Tensor) -> VarianceComponents:
     R, K = y.shape[0], y.shape[1]
     if R < 2 or K < 2:
         raise ValueError(f"y: need R >= 2 and K >= 2 to separate the components, got R={R}, K={K}")
-    y = y.detach().reshape(R, K, -1).to(torch.float64)
-    within = y.var(dim=1, unbiased=True).sum(-1).mean()
-    total = y.mean(dim=1).var(dim=0, unbiased=True).sum()
+    y = y.detach().reshape(R, K, -1)
+    if y.dtype not in (torch.float32, torch.float64):
+        y = y.float()  # half precision would lose the small differences between draws
+    within = y.var(dim=1, unbiased=True).sum(-1, dtype=torch.float64).mean()
+    total = y.mean(dim=1).var(dim=0, unbiased=True).sum(dtype=torch.float64)
     between = (total - within / K).clamp_min(0.0)
     return VarianceComponents(float(between), float(within))
 

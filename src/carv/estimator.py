@@ -97,8 +97,8 @@ def reduce_draws(values: Tensor, weight: Tensor, t: Tensor | None = None, stats:
         comps: VarianceComponents = variance_components(weighted)
         est.between, est.within = comps.between, comps.within
     elif stats and K >= 2:
-        y = weighted.detach().reshape(R, K, -1).to(torch.float64)
-        est.within = float(y.var(dim=1, unbiased=True).sum(-1).mean())
+        y = weighted.detach().reshape(R, K, -1).float()
+        est.within = float(y.var(dim=1, unbiased=True).sum(-1, dtype=torch.float64).mean())
     if keep_draws:
         est.draws = weighted
     return est

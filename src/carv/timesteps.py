@@ -17,7 +17,8 @@ mean stays unbiased:
 - ``"per_upstream"``: each row of ``K`` draws takes one jittered point in each of ``K`` equal strata.
 - ``"global"``: ``R*K`` strata over the whole batch, randomly assigned to rows (the only kind that
   helps at ``K = 1``). The assignment also gives every row one point in each of ``K`` coarse strata,
-  so it includes ``"per_upstream"``. With ``world_size > 1`` the strata are split across processes
+  so it includes ``"per_upstream"``; a row's ``K`` columns are in stratum order, which no estimator
+  depends on (each row is averaged over its ``K`` draws). With ``world_size > 1`` the strata are split across processes
   (rank ``r`` takes strata ``r, r + W, r + 2W, ...``): each process's draws are then *not*
   marginally ``q``-distributed on their own, but the mean over all processes is unbiased, which is
   what an all-reduced gradient uses.
@@ -90,16 +91,16 @@ def stratified_uniform(
         shift = torch.rand((), generator=g, device=device, dtype=dtype)
         u = torch.remainder(torch.arange(n, device=device, dtype=dtype).div_(n).add_(shift), 1.0)
         return u.mul_(scale).reshape(R, K)
-    # global: slot (r, k) takes fine stratum (k*R + pi(r) + c) mod n, with pi a random permutation of
-    # the rows and c uniform on 0..n-1. Each slot's stratum is then uniform (so each u is U[0,1)), the
-    # n slots cover the n strata once, and every row also holds one point in each of the K coarse
-    # strata [k/K, (k+1)/K) -- global stratification includes per-upstream stratification. This costs
-    # O(R) random numbers instead of a permutation of all R*K draws.
-    c = torch.randint(0, n, (), generator=g, device=device)
-    rows = torch.randperm(R, generator=g, device=device)
-    strata = torch.remainder(torch.arange(K, device=device)[None, :] * R + rows[:, None] + c, n)
+    # global: row r takes the fine strata k*R + pi(r), k = 0..K-1, with pi a random permutation of the rows:
+    # the R*K slots cover the R*K fine strata once, each row holds one point in each of the K coarse strata
+    # [k/K, (k+1)/K) (so it includes per-upstream stratification), and each row's K points are marginally
+    # uniform within their coarse strata, so every row mean and the batch mean are unbiased. The order of
+    # the K columns inside a row carries no meaning (estimators average over it). Cost: O(R) random numbers
+    # beyond the jitter, instead of a permutation of all R*K draws.
+    rows = torch.randperm(R, generator=g, device=device).to(dtype).mul_(world_size).add_(rank)
+    cols = torch.arange(K, device=device, dtype=dtype).mul_(R * world_size)
     jitter = torch.rand(R, K, generator=g, device=device, dtype=dtype)
-    return jitter.add_(strata.to(dtype).mul_(world_size).add_(rank)).mul_(scale / (n * world_size))
+    return jitter.add_(rows[:, None]).add_(cols[None, :]).mul_(scale / (n * world_size))
 
 
 def inverse_cdf(u: Tensor, cdf: Tensor) -> Tensor:
@@ -160,7 +161,7 @@ class GuideTable:
         bad = torch.isnan(y) if self.crowded else None
         if bad is not None:
             y.masked_fill_(bad, 0.0)
-        t = y.to(torch.int64)
+        t = y.to(torch.int32).to(torch.int64)  # float64 -> int64 directly is several times slower on CPU
         if not self.contiguous:
             t = torch.index_select(self.pos, 0, t)
         if bad is not None and bool(bad.any()):
