@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from carv._progress import progress_bar
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.unet import CompactUNet
 
@@ -36,11 +36,15 @@ def train_ddpm(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[CompactUNet, dict]:
     """Train ``model`` to predict eps; returns (EMA copy of the model, stats).
 
     Each label column is independently replaced by its null index with probability
     ``label_dropout`` so that the model also learns the unconditional score (guidance).
+    ``amp_dtype=torch.bfloat16`` runs the forward pass under autocast (weights, optimiser, EMA and
+    the loss stay float32): on these AVX512-BF16 CPUs a 1.2 M-parameter UNet step at 32x32, batch 64
+    drops from about 0.77 s to 0.47 s.
     """
     if steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps}")
@@ -56,7 +60,7 @@ def train_ddpm(
     null = torch.tensor(model.cond_classes, dtype=torch.long)
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="train teacher")
+    bar = progress_bar(range(steps), progress, desc="train teacher")
     for i in bar:
         x0, labels = sample_batch(batch_size, g)
         b = x0.shape[0]
@@ -69,7 +73,9 @@ def train_ddpm(
             labels = torch.where(drop, null.expand_as(labels), labels)
         for group in opt.param_groups:
             group["lr"] = lr_at(i)
-        loss = F.mse_loss(model(x_t, t, labels), eps)
+        with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            pred = model(x_t, t, labels)
+        loss = F.mse_loss(pred.float(), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,6 +96,7 @@ def train_ddpm(
         "final_loss": sum(losses[-100:]) / min(100, len(losses)),
         "train_time_s": time.perf_counter() - t0,
         "threads": torch.get_num_threads(),
+        "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
     }
     return ema.eval(), stats
 
@@ -107,7 +114,7 @@ def ddim_sample(
     """Deterministic DDIM sampling from a teacher (for sample grids and held-out checks)."""
     sched = teacher.schedule
     T = sched.num_timesteps
-    p = next(iter(teacher.parameters()), None)
+    p = next(iter([*teacher.parameters(), *teacher.buffers()]), None)  # the teacher's device
     device = p.device if p is not None else torch.device("cpu")
     ts = torch.linspace(T - 1, 0, steps).round().long().to(device)
     gen_device = generator.device if generator is not None else device

@@ -1,0 +1,3 @@
+from carv.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Tables (terminal and Markdown) and plots for benchmark rows. Pure presentation: no measurement."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k"]
+
+DEFAULT_COLUMNS = ("method", "R", "K", "variance", "cost_s", "re", "ecm", "bound_fraction")
+
+
+def format_value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e4 or abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+    head = "| " + " | ".join(columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(format_value(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS, title: str | None = None,
+                highlight: set[tuple] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for r in rows:
+        style = "bold green" if highlight and (r.get("method"), r.get("R"), r.get("K")) in highlight else None
+        table.add_row(*(format_value(r.get(c)) for c in columns), style=style)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _methods(rows):
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Log-log variance against seconds per estimate, one colour per method, points labelled (R, K)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for m in _methods(rows):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["cost_s"])
+        ax.plot([r["cost_s"] for r in rs], [r["variance"] for r in rs], "o-", label=m, alpha=0.8)
+        for r in rs:
+            ax.annotate(f"{r['R']},{r['K']}", (r["cost_s"], r["variance"]), fontsize=6, alpha=0.7,
+                        xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cost per estimate (s, median wall-clock)")
+    ax.set_ylabel("variance of the gradient estimate (trace)")
+    ax.set_title(title or "variance vs compute, labelled (R, K)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_ecm_vs_k(rows: Sequence[dict], path: str | Path, R: int | None = None, title: str = "") -> None:
+    """ECM against K (log2 axis) per method, at one R (default: the most common R)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if R is None:
+        Rs = [r["R"] for r in rows]
+        R = max(set(Rs), key=Rs.count)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for m in _methods(rows):
+        rs = sorted((r for r in rows if r["method"] == m and r["R"] == R), key=lambda r: r["K"])
+        if rs:
+            ax.plot([r["K"] for r in rs], [r["ecm"] for r in rs], "o-", label=m)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (draws per upstream sample)")
+    ax.set_ylabel("ECM vs baseline (higher is better)")
+    ax.set_title(title or f"effective compute multiplier, R = {R}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,28 @@
+"""The command line: help, bad flags give clear errors, the demo runs."""
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from carv.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("demo", "bench", "train-teacher"):
+        assert cmd in res.output
+
+
+def test_bad_flag_is_named():
+    res = runner.invoke(app, ["demo", "--threads", "0"])
+    assert res.exit_code != 0
+    assert "threads" in res.output
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "carv", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "demo" in out.stdout
