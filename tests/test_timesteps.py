@@ -13,7 +13,7 @@ from carv.timesteps import GuideTable, inverse_cdf, stratified_uniform
 Z = 4.0  # sigmas; with ~40 checks the chance of a false alarm is < 0.3%
 T = 1000
 SCHED = VPSchedule.from_betas(1e-4, 0.02, T)
-MODES = ["none", "per_upstream", "global", "lattice"]
+MODES = ["none", "per_upstream", "global", "lattice"]  # the unbiased modes ("grid" is a quadrature rule)
 
 
 def importance_cases():
@@ -212,3 +212,11 @@ def test_zero_importance_is_allowed_with_a_floor():
     imp = torch.cat([torch.zeros(3), torch.ones(T - 3)])
     s = TimestepSampler(T, importance=imp, floor=0.01)
     assert float(s.q[:3].min()) > 0
+
+
+def test_grid_is_deterministic_midpoints():
+    s = TimestepSampler(T, stratify="grid")
+    a, b = s.sample(3, 4, 0), s.sample(3, 4, 1)
+    assert torch.equal(a.t, b.t)
+    # midpoints 125, 375, 625, 875 lie exactly on CDF breakpoints: either neighbour is a valid answer
+    assert (a.t[0] - torch.tensor([125, 375, 625, 875])).abs().max() <= 1

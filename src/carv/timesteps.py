@@ -24,6 +24,9 @@ mean stays unbiased:
   what an all-reduced gradient uses.
 - ``"lattice"``: one random shift of an evenly spaced lattice over the whole batch,
   ``u_i = (u_0 + i / N) mod 1`` (VDM's low-discrepancy "antithetic time"), assigned to rows in order.
+- ``"grid"``: the deterministic midpoints ``u_k = (k + 1/2) / K`` in every row (D-TRAK's evenly
+  spaced timesteps). This is a quadrature rule, **not** an unbiased estimator: its error is
+  deterministic (``O(1/K^2)`` for a smooth integrand). It exists as the peers' baseline.
 
 The pure functions (:func:`stratified_uniform`, :func:`inverse_cdf`) compose with any table; the
 :class:`TimestepSampler` holds the tables and the weights. Online proposals (:class:`LearnedProposal`,
@@ -52,7 +55,7 @@ __all__ = [
     "SecondMomentResampler",
 ]
 
-STRATIFY_MODES = ("none", "per_upstream", "global", "lattice")
+STRATIFY_MODES = ("none", "per_upstream", "global", "lattice", "grid")
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -83,6 +86,9 @@ def stratified_uniform(
     if stratify == "none":
         u = torch.rand(R, K, generator=g, device=device, dtype=dtype)
         return u if scale == 1.0 else u.mul_(scale)
+    if stratify == "grid":
+        mid = torch.arange(K, device=device, dtype=dtype).add_(0.5).mul_(scale / K)
+        return mid.expand(R, K).clone()
     if stratify == "per_upstream":
         jitter = torch.rand(R, K, generator=g, device=device, dtype=dtype)
         return jitter.add_(torch.arange(K, device=device, dtype=dtype)).mul_(scale / K)
