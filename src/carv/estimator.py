@@ -111,13 +111,21 @@ class HierarchicalEstimator:
         sampler: the timestep sampler (proposal, weights, stratification).
         K: draws per upstream sample.
         noise: ``"iid"``, ``"antithetic"`` (``K`` even) or ``"crn"``.
+        distributed: split the strata across the processes of the default ``torch.distributed``
+            group (needs ``stratify="global"``): every process draws its own interleaved share and
+            together they cover ``[0, 1)`` once. Each process's estimate is then unbiased only after
+            averaging over processes, which is exactly what an all-reduced (DDP) gradient does.
     """
 
-    def __init__(self, sampler: TimestepSampler, K: int = 1, noise: str = "iid"):
+    def __init__(self, sampler: TimestepSampler, K: int = 1, noise: str = "iid", distributed: bool = False):
         if not isinstance(sampler, TimestepSampler):
             raise TypeError(f"sampler: expected a carv.TimestepSampler, got {type(sampler).__name__}")
+        if distributed and sampler.stratify != "global":
+            raise ValueError(f"distributed: strata are split across processes only with stratify='global', "
+                             f"the sampler has stratify={sampler.stratify!r}")
         self.sampler = sampler
         self.noise = noise
+        self.distributed = bool(distributed)
         self.K = K
 
     @property
@@ -133,10 +141,18 @@ class HierarchicalEstimator:
 
     def draw(self, R: int, sample_shape: tuple[int, ...] | torch.Size, generator: torch.Generator | int | None = None,
              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-             rank: int = 0, world_size: int = 1) -> Draws:
-        """Timesteps, weights and noises for ``R`` upstream samples of shape ``sample_shape``."""
+             rank: int | None = None, world_size: int | None = None) -> Draws:
+        """Timesteps, weights and noises for ``R`` upstream samples of shape ``sample_shape``.
+
+        ``rank`` / ``world_size`` split global strata across processes explicitly; with
+        ``distributed=True`` they default to the ``torch.distributed`` rank and world size.
+        """
         from carv._rng import as_generator
 
+        if rank is None and world_size is None:
+            rank, world_size = _dist_rank_world() if self.distributed else (0, 1)
+        elif rank is None or world_size is None:
+            raise ValueError(f"rank, world_size: give both or neither, got rank={rank}, world_size={world_size}")
         if not isinstance(R, int) or isinstance(R, bool) or R < 1:
             raise ValueError(f"R: expected a positive integer, got {R!r}")
         K = self.K
@@ -159,3 +175,12 @@ class HierarchicalEstimator:
     def reduce(self, values: Tensor, draws: Draws, stats: bool = True, keep_draws: bool = False,
                what: str = "integrand") -> Estimate:
         return reduce_draws(values, draws.weight, draws.t, stats=stats, keep_draws=keep_draws, what=what)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed: torch.distributed is not initialised; call init_process_group first "
+                           "or build the estimator with distributed=False")
+    return dist.get_rank(), dist.get_world_size()

@@ -61,10 +61,13 @@ class ScoreDistillation:
         guidance_scale: classifier-free guidance scale (1 = none).
         noise: ``"iid"``, ``"antithetic"`` or ``"crn"``.
         max_batch: largest teacher batch (the ``R*K`` draws are chunked to fit memory).
+        distributed: split global strata across ``torch.distributed`` processes (see
+            :class:`~carv.estimator.HierarchicalEstimator`); all-reduce the gradients as DDP does.
     """
 
     def __init__(self, teacher: Teacher, sampler: TimestepSampler, K: int = 1, weighting: Weighting = "sds",
-                 guidance_scale: float = 1.0, noise: str = "iid", max_batch: int | None = None):
+                 guidance_scale: float = 1.0, noise: str = "iid", max_batch: int | None = None,
+                 distributed: bool = False):
         if not isinstance(teacher, Teacher):
             raise TypeError(f"teacher: expected a carv Teacher, got {type(teacher).__name__}")
         if sampler.num_timesteps != teacher.schedule.num_timesteps:
@@ -75,7 +78,7 @@ class ScoreDistillation:
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch: expected a positive integer or None, got {max_batch!r}")
         self.teacher = teacher
-        self.estimator = HierarchicalEstimator(sampler, K, noise)
+        self.estimator = HierarchicalEstimator(sampler, K, noise, distributed)
         self.w = weight_table(weighting, teacher.schedule)
         self.guidance_scale = float(guidance_scale)
         self.max_batch = max_batch
