@@ -13,13 +13,12 @@ import torch
 
 from carv.bench import digits_metrics as dm
 from carv.teachers.digits import (
-    GaussianLinearTeacher,
     digits_split_indices,
-    heldout_denoising_mse,
     load_digits_data,
     load_digits_teacher,
     sample_digits,
 )
+from carv.teachers.evaluation import GaussianLinearTeacher, heldout_denoising_mse
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -26,9 +26,7 @@ from carv.teachers.digits import (
     TEACHER_CONFIG,
     TEACHER_FILE,
     TEACHER_TRAINING,
-    GaussianLinearTeacher,
     assets_dir,
-    heldout_denoising_mse,
     load_digits_data,
     load_digits_teacher,
     make_digits_schedule,
@@ -36,6 +34,7 @@ from carv.teachers.digits import (
     save_sample_grid,
     train_digits_teacher,
 )
+from carv.teachers.evaluation import GaussianLinearTeacher, heldout_denoising_mse
 from carv.teachers.unet import save_unet_teacher
 
 __all__ = ["train_digits_assets"]

@@ -1,0 +1,365 @@
+"""The text-to-3D teacher: a prompt- and view-conditioned DDPM on renders of the procedural scenes.
+
+Data
+    Ground-truth renders of the scenes of :mod:`carv.render.scenes` from random cameras
+    (:func:`carv.render.cameras.random_cameras`: azimuth uniform over 360 degrees, elevation
+    uniform in ``[0, 40]`` degrees, radius 3.0, vertical field of view 40 degrees), 32x32 RGB,
+    rendered with 2x2 supersampling and 40 samples per ray inside each scene's tight box from a
+    96^3 bake of the analytic field (within ~45 dB of the analytic render). Background: a fixed
+    mid-grey ``0.5`` (``0`` in the teacher's ``[-1, 1]`` range) -- it contrasts with every object
+    (white snowman and lamp included) and it is what an empty or fresh :class:`VoxelGrid` renders
+    to, so the text-to-3D app must composite onto the same grey. Every scene is mirror-symmetric
+    left/right, so a horizontal flip (a render from ``-azimuth``, same view label) is used as free
+    augmentation.
+
+Labels
+    ``cond [B, 2]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
+    prompts), column 1 the view label ``0 front / 1 side / 2 back`` from the camera's azimuth
+    (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3).
+    :func:`scene_cond` builds it from a prompt and cameras; guidance uses both null labels.
+
+Teacher
+    :class:`~carv.teachers.unet.CompactUNet` (:data:`TEACHER_CONFIG`, about 1.2 M parameters,
+    4.8 MB) on the linear DDPM schedule (1000 steps), trained by
+    :func:`~carv.teachers.training.train_ddpm` with bfloat16 autocast (:data:`TEACHER_TRAINING`).
+    ``carv train-teacher scenes`` (:func:`train_and_save`) reproduces the committed
+    ``assets/scenes_teacher.safetensors``, its stats JSON and ``docs/scenes_teacher_samples.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from carv._progress import progress_bar
+from carv.render.cameras import (
+    DEFAULT_ELEVATION_RANGE,
+    DEFAULT_FOV_DEG,
+    DEFAULT_RADIUS,
+    VIEW_NAMES,
+    Cameras,
+    cameras_from_angles,
+    random_cameras,
+    view_label,
+)
+from carv.render.scenes import PROMPTS, get_scene, normalize_prompt
+from carv.render.volume import render
+from carv.schedules import VPSchedule
+from carv.teachers.evaluation import GaussianLinearTeacher, heldout_denoising_mse
+from carv.teachers.training import ddim_sample, train_ddpm
+from carv.teachers.unet import CompactUNet, UNetTeacher, load_unet_teacher, save_unet_teacher
+
+__all__ = [
+    "IMAGE_SIZE",
+    "BACKGROUND",
+    "TEACHER_CONFIG",
+    "TEACHER_TRAINING",
+    "RENDER_SETTINGS",
+    "render_views",
+    "render_dataset",
+    "scene_cond",
+    "make_scenes_schedule",
+    "train_scenes_teacher",
+    "load_scenes_teacher",
+    "sample_scenes",
+    "save_sample_grid",
+    "train_and_save",
+]
+
+IMAGE_SIZE = 32
+BACKGROUND = 0.5
+TEACHER_FILE = "scenes_teacher.safetensors"
+STATS_FILE = "scenes_teacher_stats.json"
+GRID_FILE = "scenes_teacher_samples.png"
+
+# How the training images are made (also stored in the teacher's meta).
+RENDER_SETTINGS = dict(
+    image_size=IMAGE_SIZE,
+    supersample=2,
+    n_samples=40,
+    bake_resolution=96,
+    background=BACKGROUND,
+    radius=DEFAULT_RADIUS,
+    fov_deg=DEFAULT_FOV_DEG,
+    elevation_range=list(DEFAULT_ELEVATION_RANGE),
+)
+N_VIEWS_PER_PROMPT = 512  # rendered once per training run; doubled by the horizontal flip
+
+TEACHER_CONFIG = dict(
+    in_channels=3,
+    base_channels=32,
+    channel_mults=(1, 2, 2),
+    num_res_blocks=1,
+    attn_levels=(2,),
+    cond_classes=(len(PROMPTS), len(VIEW_NAMES)),
+)
+TEACHER_TRAINING = dict(steps=1500, batch_size=64, lr=2e-3, warmup=200, label_dropout=0.1, ema_decay=0.999)
+AMP_DTYPE = torch.bfloat16
+GRID_GUIDANCE = 3.0
+GRID_DDIM_STEPS = 50
+
+
+def assets_dir() -> Path:
+    """The package's data folder holding the committed weights (``src/carv/assets``)."""
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+def make_scenes_schedule() -> VPSchedule:
+    return VPSchedule.from_betas(1e-4, 0.02, 1000, "linear")
+
+
+def _prompt_list(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [get_scene(p).prompt for p in prompts]
+
+
+def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
+               prompts: Sequence[str] = PROMPTS) -> Tensor:
+    """Teacher labels ``[B, 2]`` (long) for one prompt seen from ``B`` cameras (or azimuths in degrees).
+
+    ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
+    """
+    key = normalize_prompt(prompt)
+    prompts = [normalize_prompt(p) for p in prompts]
+    if key not in prompts:
+        raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {prompts}")
+    if isinstance(cameras, Cameras):
+        views, device = cameras.view_labels, cameras.device
+    else:
+        az = torch.as_tensor(cameras, dtype=torch.float64).reshape(-1)
+        views, device = view_label(az), az.device
+    p = torch.full_like(views, prompts.index(key))
+    return torch.stack([p, views], -1).to(device)
+
+
+@torch.no_grad()
+def render_views(prompt: str, cameras: Cameras, baked: bool = True, **overrides) -> Tensor:
+    """Ground-truth images ``[B, 3, 32, 32]`` in ``[-1, 1]`` of ``prompt`` from ``cameras``, made the way
+    the training images are (:data:`RENDER_SETTINGS`). ``baked=False`` renders the analytic field
+    (exact, slower); ``overrides`` replace ``supersample``/``n_samples``/``image_size``."""
+    scene = get_scene(prompt)
+    cfg = {**RENDER_SETTINGS, **overrides}
+    field = scene.bake(cfg["bake_resolution"]) if baked else scene
+    out = render(field, cameras, cfg["image_size"], n_samples=cfg["n_samples"], bound=scene.aabb,
+                 background=cfg["background"], supersample=cfg["supersample"], chunk_cameras=64)
+    return out.rgb * 2.0 - 1.0
+
+
+@torch.no_grad()
+def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Sequence[str] = PROMPTS,
+                   baked: bool = True, progress: bool = False, **overrides) -> tuple[Tensor, Tensor]:
+    """``(images [N, 3, 32, 32] in [-1, 1], labels [N, 2])``: ``n_per_prompt`` random views of each prompt."""
+    if isinstance(n_per_prompt, bool) or not isinstance(n_per_prompt, int) or n_per_prompt < 1:
+        raise ValueError(f"n_per_prompt: expected a positive integer, got {n_per_prompt!r}")
+    cfg = {**RENDER_SETTINGS, **overrides}
+    all_prompts = list(PROMPTS)
+    xs, ys = [], []
+    for prompt in progress_bar(_prompt_list(prompts), progress, desc="render scenes"):
+        cams = random_cameras(n_per_prompt, generator, elevation_range=tuple(cfg["elevation_range"]),
+                              radius=cfg["radius"], fov_deg=cfg["fov_deg"])
+        xs.append(render_views(prompt, cams, baked=baked, **overrides))
+        ys.append(scene_cond(prompt, cams, all_prompts))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, progress: bool = True,
+                         log=None, **overrides) -> tuple[CompactUNet, dict]:
+    """Render the dataset and train the teacher (``overrides`` replace :data:`TEACHER_TRAINING`
+    keywords, e.g. ``steps=100`` for a smoke run). Returns (EMA model, stats)."""
+    unknown = set(overrides) - set(TEACHER_TRAINING)
+    if unknown:
+        raise ValueError(
+            f"overrides: unknown training keyword(s) {sorted(unknown)}; allowed: {sorted(TEACHER_TRAINING)}"
+        )
+    t0 = time.perf_counter()
+    images, labels = render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), progress=progress)
+    render_time = time.perf_counter() - t0
+
+    def sample_batch(batch_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        i = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        x = images[i]
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, labels[i]
+
+    torch.manual_seed(seed)  # parameter init; the training loop uses its own generator
+    model = CompactUNet(**TEACHER_CONFIG)
+    cfg = {**TEACHER_TRAINING, **overrides}
+    ema, stats = train_ddpm(model, make_scenes_schedule(), sample_batch, seed=seed, progress=progress, log=log,
+                            amp_dtype=AMP_DTYPE, **cfg)
+    stats.update(num_params=sum(p.numel() for p in ema.parameters()), n_train_images=int(images.shape[0]),
+                 dataset_render_time_s=render_time)
+    return ema, stats
+
+
+def teacher_meta() -> dict:
+    return {
+        "prompts": list(PROMPTS),
+        "views": list(VIEW_NAMES),
+        "cond_columns": ["prompt", "view"],
+        "view_rule": "azimuth in degrees, wrapped to (-180, 180]: |az| < 45 front (0), |az| > 135 back (2), "
+                     "else side (1); null labels = (n_prompts, 3)",
+        "camera_convention": "+z up, objects face +x, azimuth from +x towards +y, camera looks at the origin",
+        "value_range": [-1.0, 1.0],
+        "render": RENDER_SETTINGS,
+    }
+
+
+def load_scenes_teacher(device: str | torch.device = "cpu", path: str | Path | None = None) -> UNetTeacher:
+    """The committed text-to-3D teacher (``assets/scenes_teacher.safetensors``), frozen, in eval mode.
+
+    ``teacher.meta["prompts"]`` is its prompt list; build labels with :func:`scene_cond`.
+    """
+    p = Path(path) if path is not None else assets_dir() / TEACHER_FILE
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"path: no scenes teacher weights at {str(p)!r}; run `carv train-teacher scenes` to create them"
+        )
+    return load_unet_teacher(p, device=device)
+
+
+def sample_scenes(teacher: UNetTeacher, cond: Tensor, guidance_scale: float = GRID_GUIDANCE,
+                  steps: int = GRID_DDIM_STEPS, seed: int = 0, batch_size: int = 256) -> Tensor:
+    """DDIM samples ``[N, 3, 32, 32]`` in ``[-1, 1]`` for labels ``cond [N, 2]`` (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, cond.shape[0], batch_size):
+        c = cond[s:s + batch_size]
+        out.append(ddim_sample(teacher, (c.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE), c, guidance_scale, steps, g))
+    return torch.cat(out)
+
+
+def save_sample_grid(rows: list[Tensor], row_names: list[str], col_names: list[str], path: str | Path,
+                     title: str | None = None) -> None:
+    """Save a grid (``rows[i]`` is ``[ncol, 3, H, W]`` in ``[-1, 1]``) with row and column labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrow, ncol = len(rows), rows[0].shape[0]
+    fig, axs = plt.subplots(nrow, ncol, figsize=(0.8 * ncol + 1.6, 0.8 * nrow + 0.6), dpi=100, squeeze=False)
+    for r, imgs in enumerate(rows):
+        for c in range(ncol):
+            ax = axs[r, c]
+            ax.imshow(((imgs[c].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_names[c], fontsize=6)
+            if c == 0:
+                ax.set_ylabel(row_names[r], fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=7)
+    fig.subplots_adjust(left=0.2, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _default_grid_path(out_dir: Path) -> Path:
+    """``docs/`` of the source checkout when writing into the package assets of one, else ``out_dir``."""
+    repo = assets_dir().parents[2]
+    if out_dir.resolve() == assets_dir() and (repo / "pyproject.toml").is_file():
+        return repo / "docs" / GRID_FILE
+    return out_dir / GRID_FILE
+
+
+def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
+                **overrides) -> tuple[Tensor, Tensor]:
+    """Fresh renders (cameras from ``seed``, disjoint from training draws) for held-out checks."""
+    return render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), baked=baked, **overrides)
+
+
+def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: str | Path | None = None,
+                   progress: bool = True, n_per_prompt: int = N_VIEWS_PER_PROMPT, **overrides) -> dict:
+    """Render the dataset, train the teacher, evaluate it, and write
+
+    - ``out_dir/scenes_teacher.safetensors`` (weights, architecture, schedule, prompts and view rule),
+    - ``out_dir/scenes_teacher_stats.json`` (timings, threads, machine load, losses),
+    - the sample grid PNG (prompt x view: ground truth, then DDIM 50-step samples with guidance 3):
+      ``grid_path``, default ``docs/scenes_teacher_samples.png`` of the source checkout when ``out_dir``
+      is the package assets folder, else ``out_dir/scenes_teacher_samples.png``.
+
+    ``out_dir`` defaults to the package assets folder. ``overrides`` go to the training loop (smoke
+    tests only). Returns the stats dict.
+    """
+
+    out = Path(out_dir) if out_dir is not None else assets_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    grid = Path(grid_path) if grid_path is not None else _default_grid_path(out)
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+
+    model, t_stats = train_scenes_teacher(seed=seed, n_per_prompt=n_per_prompt, progress=progress, **overrides)
+    meta = {**teacher_meta(), "guidance_default": GRID_GUIDANCE, "seed": seed, **t_stats}
+    save_unet_teacher(out / TEACHER_FILE, model, make_scenes_schedule(), meta=meta)
+    teacher = load_scenes_teacher(path=out / TEACHER_FILE)
+    load_after_train = os.getloadavg()
+
+    # --- evaluation on fresh views (never seen in training)
+    x_ho, y_ho = heldout_set(seed=seed + 12345)
+    ho_mse, ho_se = heldout_denoising_mse(teacher, x_ho, y_ho)
+    ho_uncond, ho_uncond_se = heldout_denoising_mse(teacher, x_ho, teacher.null_cond(y_ho))
+    x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999))
+    lin_mse, lin_se = heldout_denoising_mse(GaussianLinearTeacher(x_tr, teacher.schedule), x_ho, y_ho)
+
+    # --- sample grid: per prompt, ground truth front/side/back then 2 samples per view
+    views = [0, 1, 2]
+    gt_cams = cameras_from_angles([0.0, 90.0, 180.0], 20.0)
+    cond = torch.stack([torch.tensor([p, v]) for p in range(len(PROMPTS)) for v in views for _ in range(2)])
+    t0 = time.perf_counter()
+    samples = sample_scenes(teacher, cond, seed=seed + 1)
+    sample_time = time.perf_counter() - t0
+    rows = []
+    for p, prompt in enumerate(PROMPTS):
+        gt = render_views(prompt, gt_cams)
+        rows.append(torch.cat([gt, samples[p * 6:(p + 1) * 6]]))
+    col_names = ["GT front", "GT side", "GT back"] + [f"{VIEW_NAMES[v]}" for v in views for _ in range(2)]
+    title = (f"scenes teacher: ground truth (az 0/90/180, el 20) | DDIM {GRID_DDIM_STEPS} steps, "
+             f"guidance {GRID_GUIDANCE}, labels (prompt, view)")
+    save_sample_grid(rows, list(PROMPTS), col_names, grid, title)
+
+    stats = {
+        "command": "carv train-teacher scenes" + (f" --seed {seed}" if seed else ""),
+        "machine": {"platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "loadavg_before": [round(v, 2) for v in load_before],
+                    "loadavg_after_teacher": [round(v, 2) for v in load_after_train],
+                    "note": "2-core machine shared with other jobs; a load average above 2 means the "
+                            "timings are inflated by contention"},
+        "teacher": {"config": TEACHER_CONFIG, "training": {**TEACHER_TRAINING, **overrides},
+                    "n_views_per_prompt": n_per_prompt, "render": RENDER_SETTINGS, **t_stats,
+                    "heldout_denoising_mse": ho_mse, "heldout_denoising_mse_se": ho_se,
+                    "heldout_denoising_mse_unconditional": ho_uncond,
+                    "heldout_denoising_mse_unconditional_se": ho_uncond_se,
+                    "heldout_denoising_mse_best_linear_baseline": lin_mse,
+                    "heldout_denoising_mse_best_linear_baseline_se": lin_se,
+                    "denoising_mse_protocol": "conditional (prompt, view), 16 fresh views per prompt "
+                                              f"(camera seed {seed + 12345}), 10 midpoint timesteps per "
+                                              "image, noise seed 0; eps_hat = 0 scores 1.0"},
+        "samples": {"ddim_steps": GRID_DDIM_STEPS, "guidance_scale": GRID_GUIDANCE,
+                    "n": int(samples.shape[0]), "sampling_time_s": sample_time},
+        "total_time_s": time.perf_counter() - t_start,
+    }
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=2, default=_json_default) + "\n")
+    return stats
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
