@@ -7,6 +7,8 @@ Layers (DESIGN.md section 3), bottom up: ``schedules``, ``teachers``, ``noise``,
 from carv import accounting
 from carv.accounting import AutoK, CostMeter
 from carv.estimator import Draws, Estimate, HierarchicalEstimator
+from carv.objectives.attribution import GradientFeatures
+from carv.objectives.dmd import DistributionMatching
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
 from carv.schedules import VPSchedule
@@ -17,8 +19,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoK",
     "CostMeter",
+    "DistributionMatching",
     "Draws",
     "Estimate",
+    "GradientFeatures",
     "HierarchicalEstimator",
     "LearnedProposal",
     "SDSOutput",

@@ -69,6 +69,101 @@ def bench_overhead(
                f"of one teacher call ({a['median_s']['teacher'] * 1e3:.1f} ms, R*K = {a['R'] * a['K']})")
 
 
+@bench_app.command("attribution")
+def bench_attribution(
+    out: Path = typer.Option(Path("runs/bench-attribution"), help="Run folder (resumes an unfinished run)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer examples, budgets and replicates (a few minutes)."),
+    json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...]} (method, crn, budget, ...) here."),
+    threads: int = typer.Option(None, min=1, help="torch threads (1 is faster on a shared machine)."),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """Digits attribution: feature variance, ranking stability (Spearman, top-10) and ECM at equal correlation
+    for iid / grid / stratified / importance / learned draws, independent or shared (CRN), per budget."""
+    from carv.bench.attribution import AttributionBenchConfig, run_attribution_bench
+
+    run_attribution_bench(out, quick=quick, json_path=json_path, cfg=AttributionBenchConfig(seed=seed, threads=threads))
+
+
+@app.command("attribute")
+def attribute_cmd(
+    query: str = typer.Argument(..., help="An index into the digits test split, or the path of an image."),
+    out: Path = typer.Option(Path("runs/attribute"), help="Run folder (grid PNG, scores JSON, feature cache)."),
+    label: int = typer.Option(None, help="The query's class (default: the test label, or the classifier's guess)."),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="How many training examples to show."),
+    k: int = typer.Option(16, "--k", min=1, help="Evaluations (timestep, noise draws) per data point."),
+    method: str = typer.Option("stratified", help="Timestep sampler: iid, grid, stratified, stratified+importance."),
+    crn: bool = typer.Option(True, "--crn/--no-crn", help="Share the same draws across all examples."),
+    num_train: int = typer.Option(None, min=1, help="Use only the first N training images (default: all 1442)."),
+    threads: int = typer.Option(None, min=1, help="torch threads."),
+    seed: int = typer.Option(0, help="Random seed (draws)."),
+):
+    """Top-k training examples of a digit by gradient-feature cosine similarity: grid PNG + scores JSON."""
+    from carv.apps.attribute import AttributeConfig, attribute
+
+    cfg = AttributeConfig(K=k, method=method, crn=crn, top_k=top_k, num_train=num_train, seed=seed, threads=threads)
+    try:
+        attribute(query, out, label=label, cfg=cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+@app.command("distill")
+def distill_cmd(
+    out: Path = typer.Option(Path("runs/distill"), help="Run folder (resumes a saved run with the same config)."),
+    config: Path = typer.Option(None, help="JSON file of DistillConfig fields; the flags below override it."),
+    steps: int = typer.Option(None, min=1, help="Generator steps (default 1000)."),
+    time_budget: float = typer.Option(None, "--time-budget", help="Also stop after this many seconds of compute."),
+    r: int = typer.Option(None, "--R", min=1, help="Generator samples per step (default 8)."),
+    k: int = typer.Option(None, "--K", min=1, help="Draws (t, eps) per generator sample (default 1)."),
+    proposal: str = typer.Option(None, help="Timestep proposal: none, weight (q ~ p w) or learned."),
+    stratify: str = typer.Option(None, help="Stratification: none, per_upstream, global or lattice."),
+    weighting: str = typer.Option(None, help="w(t): dmd (per-draw normalisation), sds, uniform or snr."),
+    guidance_scale: float = typer.Option(None, "--guidance-scale", help="CFG scale on the real score (default 1)."),
+    generator_lr: float = typer.Option(None, "--generator-lr", help="Generator learning rate (default 3e-5)."),
+    fake_lr: float = typer.Option(None, "--fake-lr", help="Fake-score learning rate (default 1e-4)."),
+    fake_updates: int = typer.Option(None, "--fake-updates", min=0, help="Fake-score updates per step (default 2)."),
+    fake_warmup: int = typer.Option(None, "--fake-warmup", min=0, help="Fake-score updates before step 1 (100)."),
+    eval_every: int = typer.Option(None, "--eval-every", min=1, help="Steps between FD/accuracy evaluations."),
+    eval_per_class: int = typer.Option(None, "--eval-per-class", min=1, help="Evaluation samples per class (50)."),
+    grid_every: int = typer.Option(None, "--grid-every", min=1, help="Steps between sample-grid PNGs."),
+    checkpoint_steps: str = typer.Option(None, "--checkpoint-steps", help="Comma-separated steps to checkpoint."),
+    teacher: Path = typer.Option(None, help="Teacher safetensors (default: the committed digits teacher)."),
+    threads: int = typer.Option(None, min=1, help="torch threads (default 1: faster on a shared machine)."),
+    seed: int = typer.Option(None, help="Random seed (default 0)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming the folder's saved run."),
+):
+    """One-step distribution-matching distillation of the digits teacher (DMD), gradient through carv."""
+    from carv.apps.distill import distill_from_cli
+
+    flags = dict(steps=steps, time_budget_s=time_budget, R=r, K=k, proposal=proposal, stratify=stratify,
+                 weighting=weighting, guidance_scale=guidance_scale, generator_lr=generator_lr, fake_lr=fake_lr,
+                 fake_updates=fake_updates, fake_warmup=fake_warmup, eval_every=eval_every,
+                 eval_per_class=eval_per_class, grid_every=grid_every, checkpoint_steps=checkpoint_steps,
+                 threads=threads, seed=seed)
+    try:
+        res = distill_from_cli(out, config, flags, teacher, resume=not fresh)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    f = res["final"]
+    typer.echo(f"{res['steps']} steps, {res['compute_s']:.0f} s of compute: FD {f['fd']:.1f}, "
+               f"accuracy {f['accuracy']:.3f}; run folder {res['run_dir']}")
+
+
+@bench_app.command("distill")
+def bench_distill_cmd(
+    out: Path = typer.Option(Path("runs/bench-distill"), help="Run folder (resumes an unfinished run)."),
+    quick: bool = typer.Option(False, "--quick", help="Short budgets and few replicates (about 5 minutes)."),
+    json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...], 'quality': [...]} here."),
+    teacher: Path = typer.Option(None, help="Teacher safetensors (default: the committed digits teacher)."),
+    threads: int = typer.Option(1, min=1, help="torch threads (1 is faster on a shared machine)."),
+):
+    """DMD on digits: generator-gradient variance of R8K1 / R8K16 / +strat / +is+strat at three checkpoints,
+    and FD / accuracy of baseline vs carv training at equal wall-clock over 3 seeds."""
+    from carv.apps.distill import bench_from_cli
+
+    bench_from_cli(out, quick, json_path, teacher, threads)
+
+
 def main() -> None:
     app()
 

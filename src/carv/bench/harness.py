@@ -7,11 +7,16 @@ Every benchmark in carv measures the same way, so the logic lives here once:
   the space the user pays for (the parameter gradient), where ``ref`` is a high-sample reference.
   ``var_replicates`` (the unbiased trace of the replicate covariance) and ``bias2`` (``||mean - ref||^2``)
   are reported beside it, so a biased peer shows up as ``variance >> var_replicates``.
+- **Per-replicate metrics.** ``metrics(config, estimate)`` (optional) maps each replicate to named
+  scalars (e.g. a ranking correlation against the reference); rows report their mean and standard
+  error over the replicates (``name``, ``name_se``), and they are saved and resumed with the rest.
 - **Side by side.** Replicates are interleaved round-robin over the configurations, in a shuffled
   order each round, so machine noise (these machines are shared) hits every configuration alike.
   Costs are medians of wall-clock seconds per estimate, measured in the same run.
 - **Resumable.** With ``state_dir`` the accumulators are saved after every round (JSON for scalars,
-  safetensors for tensors; nothing is pickled) and a rerun continues where it stopped.
+  safetensors for tensors; nothing is pickled) and a rerun continues where it stopped. A rerun that
+  asks for more replicates of the same configurations extends a saved run (replicate ``r`` of a
+  configuration always uses the same seed, so the result equals a fresh run with the larger count).
 
 :func:`add_figures` turns rows into ECM / RE / bound figures with :mod:`carv.accounting`.
 """
@@ -50,6 +55,7 @@ class Config:
 
 
 EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
+MetricsFn = Callable[[Config, Tensor], dict[str, float]]
 
 
 def _seed(*parts) -> int:
@@ -79,16 +85,29 @@ class _Acc:
         self.sum_g2 = 0.0
         self.times: list[float] = []
         self.meter = CostMeter(window=10_000)
+        self.metric_sum: dict[str, float] = {}
+        self.metric_sq: dict[str, float] = {}
+
+    def add_metrics(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            v = float(v)
+            self.metric_sum[k] = self.metric_sum.get(k, 0.0) + v
+            self.metric_sq[k] = self.metric_sq.get(k, 0.0) + v * v
 
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:
-        return ({"n": self.n, "sum_err2": self.sum_err2, "sum_err4": self.sum_err4, "sum_g2": self.sum_g2,
-                 "times": self.times, "meter": self.meter.state_dict()}, {"sum_g": self.sum_g})
+        state = {"n": self.n, "sum_err2": self.sum_err2, "sum_err4": self.sum_err4, "sum_g2": self.sum_g2,
+                 "times": self.times, "meter": self.meter.state_dict()}
+        if self.metric_sum:
+            state["metric_sum"], state["metric_sq"] = self.metric_sum, self.metric_sq
+        return state, {"sum_g": self.sum_g}
 
     def load(self, scalars: dict, tensors: dict[str, Tensor]) -> None:
         self.n, self.sum_err2, self.sum_err4 = scalars["n"], scalars["sum_err2"], scalars["sum_err4"]
         self.sum_g2, self.times = scalars["sum_g2"], list(scalars["times"])
         self.meter.load_state_dict(scalars["meter"])
         self.sum_g = tensors["sum_g"].clone()
+        self.metric_sum = dict(scalars.get("metric_sum", {}))
+        self.metric_sq = dict(scalars.get("metric_sq", {}))
 
 
 def measure(
@@ -101,13 +120,20 @@ def measure(
     progress: bool = True,
     desc: str = "replicates",
     time_budget_s: float | None = None,
+    metrics: MetricsFn | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """Measure every configuration by interleaved replicates; returns one row (dict) per configuration.
 
     ``estimate(config, generator, meter)`` must return the flattened estimate (e.g. the parameter
     gradient) and may time its stages with ``meter.stage(name, count)``; the medians of the stages
     ``"upstream"`` (per upstream sample) and ``"draw"`` (per teacher draw) are reported when present.
-    ``time_budget_s`` stops early (after a full round) and reports what was measured.
+    ``time_budget_s`` stops early (after a full round) and reports what was measured. ``metrics(config,
+    estimate)`` (optional) returns named scalars per replicate; rows get their mean (``name``) and
+    standard error (``name_se``). ``clock`` times each estimate (``cost_s``): wall-clock by default; on a
+    CPU shared with other jobs, ``time.process_time`` (this process's CPU seconds; single-threaded torch)
+    does not move with the other jobs' load, while wall-clock medians can differ several-fold between
+    rounds.
     """
     if not configs:
         raise ValueError("configs: expected at least one configuration")
@@ -121,15 +147,17 @@ def measure(
             raise ValueError(f"replicates: need an integer >= 2 per configuration, got {n!r} for {k}")
     accs = {c.key: _Acc(ref.numel()) for c in configs}
     fingerprint = {"keys": keys, "seed": seed, "n": n_of, "ref": hashlib.sha256(ref.numpy().tobytes()).hexdigest()}
+    if metrics is not None:  # only then, so that states saved without metrics still resume
+        fingerprint["metrics"] = True
     state_dir = Path(state_dir) if state_dir is not None else None
     start_round = 0
     if state_dir is not None and (state_dir / "measure_state.json").is_file():
         saved = json.loads((state_dir / "measure_state.json").read_text())
-        if saved["fingerprint"] == fingerprint:
+        if _extends(saved["fingerprint"], fingerprint):
             tensors = load_file(str(state_dir / "measure_state.safetensors"))
             for i, c in enumerate(configs):
                 accs[c.key].load(saved["accs"][c.key], {"sum_g": tensors[f"sum_g.{i}"]})
-            start_round = saved["round"]
+            start_round = min(a.n for a in accs.values())  # replicate r of a configuration is its round r
     rounds = max(n_of.values())
     order_rng = random.Random(_seed("order", seed))
     orders = [order_rng.sample(range(len(configs)), len(configs)) for _ in range(rounds)]
@@ -140,13 +168,13 @@ def measure(
     for r in range(start_round, rounds):
         for idx in orders[r]:
             c = configs[idx]
-            if r >= n_of[c.key]:
-                continue
             acc = accs[c.key]
+            if r >= n_of[c.key] or r < acc.n:
+                continue
             gen = torch.Generator().manual_seed(_seed(seed, c.key, r))
-            t0 = time.perf_counter()
+            t0 = clock()
             g = estimate(c, gen, acc.meter).detach()
-            acc.times.append(time.perf_counter() - t0)
+            acc.times.append(clock() - t0)
             g = g.double().flatten()
             if g.numel() != ref.numel():
                 raise ValueError(f"estimate: returned {g.numel()} values for {c.key}, the reference has {ref.numel()}")
@@ -158,6 +186,8 @@ def measure(
             acc.sum_err4 += err2 * err2
             acc.sum_g += g
             acc.sum_g2 += float(g.pow(2).sum())
+            if metrics is not None:
+                acc.add_metrics(metrics(c, g))
             bar.update(1)
         if state_dir is not None:
             _save_state(state_dir, fingerprint, r + 1, configs, accs)
@@ -165,6 +195,12 @@ def measure(
             break
     bar.close()
     return [_row(c, accs[c.key], ref) for c in configs if accs[c.key].n >= 2]
+
+
+def _extends(saved: dict, new: dict) -> bool:
+    """A saved state continues into ``new`` if only the replicate counts differ and none of them shrinks."""
+    same = {k: v for k, v in saved.items() if k != "n"} == {k: v for k, v in new.items() if k != "n"}
+    return same and all(saved.get("n", {}).get(k, 0) <= n for k, n in new["n"].items())
 
 
 def _save_state(state_dir: Path, fingerprint: dict, round_: int, configs: Sequence[Config], accs: dict) -> None:
@@ -199,6 +235,10 @@ def _row(c: Config, a: _Acc, ref: Tensor) -> dict:
     for stage in ("upstream", "draw"):
         if a.meter.times.get(stage):
             row[f"c_{stage}_s"] = a.meter.median(stage)
+    for k, total in a.metric_sum.items():
+        m = total / n
+        row[k] = m
+        row[f"{k}_se"] = math.sqrt(max(a.metric_sq[k] / n - m * m, 0.0) / max(n - 1, 1))
     return row
 
 

@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k"]
+__all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k",
+           "plot_metric_vs_k"]
 
 DEFAULT_COLUMNS = ("method", "R", "K", "variance", "cost_s", "re", "ecm", "bound_fraction")
 
@@ -55,16 +56,24 @@ def _methods(rows):
 
 
 def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Log-log variance against seconds per estimate, one colour per method, points labelled (R, K)."""
+    """Log-log variance against seconds per estimate, one colour per method, points labelled (R, K).
+
+    A method measured at several ``R`` gets one line per ``R`` (line style by ``R``), so that each line
+    shows the effect of ``K`` alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for m in _methods(rows):
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["cost_s"])
-        ax.plot([r["cost_s"] for r in rs], [r["variance"] for r in rs], "o-", label=m, alpha=0.8)
+    all_R = sorted({r["R"] for r in rows})
+    styles = {R: ("-", "--", ":", "-.")[i % 4] for i, R in enumerate(all_R)}
+    for i, m in enumerate(_methods(rows)):
+        for j, R in enumerate(sorted({r["R"] for r in rows if r["method"] == m})):
+            rs = sorted((r for r in rows if r["method"] == m and r["R"] == R), key=lambda r: r["cost_s"])
+            ax.plot([r["cost_s"] for r in rs], [r["variance"] for r in rs], "o", ls=styles[R], color=f"C{i % 10}",
+                    label=m if j == 0 else None, alpha=0.8)
+        rs = [r for r in rows if r["method"] == m]
         for r in rs:
             ax.annotate(f"{r['R']},{r['K']}", (r["cost_s"], r["variance"]), fontsize=6, alpha=0.7,
                         xytext=(2, 2), textcoords="offset points")
@@ -72,8 +81,11 @@ def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "
     ax.set_yscale("log")
     ax.set_xlabel("cost per estimate (s, median wall-clock)")
     ax.set_ylabel("variance of the gradient estimate (trace)")
-    ax.set_title(title or "variance vs compute, labelled (R, K)")
+    ax.set_title(title or "variance vs compute, labelled (R, K)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    if len(all_R) > 1:
+        for R in all_R:
+            ax.plot([], [], color="grey", ls=styles[R], label=f"R = {R}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -102,6 +114,48 @@ def plot_ecm_vs_k(rows: Sequence[dict], path: str | Path, R: int | None = None, 
     ax.set_title(title or f"effective compute multiplier, R = {R}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_metric_vs_k(rows: Sequence[dict], path: str | Path, metric: str, ylabel: str | None = None, title: str = "",
+                     logy: bool = False, xlabel: str = "K (evaluations per upstream sample)",
+                     hline: float | None = None) -> None:
+    """Any row metric against K (log2 axis), one line per method; rows whose metric is None are skipped.
+
+    Methods named ``"name|variant"`` share a colour per ``name`` and a line style per ``variant`` (so
+    e.g. independent and shared draws of one sampler read as a pair). Error bars from ``metric_se``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = _methods(rows)
+    names = list(dict.fromkeys(m.split("|")[0] for m in methods))
+    variants = list(dict.fromkeys(m.split("|")[1] if "|" in m else "" for m in methods))
+    colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    styles = {v: ("-", "--", ":", "-.")[i % 4] for i, v in enumerate(variants)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for m in methods:
+        name, _, variant = m.partition("|")
+        rs = sorted((r for r in rows if r["method"] == m and r.get(metric) is not None), key=lambda r: r["K"])
+        if not rs:
+            continue
+        se = [r.get(f"{metric}_se") or 0.0 for r in rs]
+        ax.errorbar([r["K"] for r in rs], [r[metric] for r in rs], yerr=se, fmt="o", ls=styles[variant],
+                    color=colours[name], label=m, ms=3.5, capsize=2, alpha=0.85)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title or f"{metric} vs K")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

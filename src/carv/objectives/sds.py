@@ -11,6 +11,7 @@ however large ``K`` is. The teacher is frozen and its Jacobian is skipped (as in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,11 @@ from torch import Tensor
 
 from carv.estimator import Draws, Estimate, HierarchicalEstimator
 from carv.objectives.weighting import Weighting, weight_table
+from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import Teacher, check_finite, repeat_cond
 from carv.timesteps import TimestepSampler
 
-__all__ = ["ScoreDistillation", "SDSOutput", "batched_teacher_eps"]
+__all__ = ["ScoreDistillation", "SDSOutput", "batched_teacher_eps", "residual_estimate"]
 
 
 @dataclass
@@ -48,6 +50,29 @@ def batched_teacher_eps(teacher: Teacher, x_t: Tensor, t: Tensor, cond: Any, gui
         eps = torch.cat(parts)
     check_finite(eps, t, "teacher output")
     return eps
+
+
+def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x: Tensor,
+                      residual: Callable[[Tensor, Tensor, Tensor], Tensor],
+                      generator: torch.Generator | int | None = None, keep_draws: bool = False) -> SDSOutput:
+    """The piece every teacher-residual objective shares (SDS, distribution matching).
+
+    Draw ``R x K`` ``(t, eps)`` through ``estimator``, noise ``x`` to ``x_t = a_t x + s_t eps``, evaluate
+    ``residual(x_t, t, eps)`` (flat ``[R*K, ...]``, no grad) and reduce it (importance weights, mean over
+    ``K``, finiteness check, variance components). ``loss`` is the surrogate whose gradient with respect
+    to ``x[r]`` is ``grad[r] / R``, so one backward pass serves all ``K`` draws of an upstream sample.
+    """
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError(f"x: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    R, K = x.shape[0], estimator.K
+    d = estimator.draw(R, x.shape[1:], generator, x.device, x.dtype)
+    t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *x.shape[1:])
+    with torch.no_grad():
+        x_t = schedule.add_noise(x.detach().repeat_interleave(K, 0), t, eps)
+        f = residual(x_t, t, eps).reshape(R, K, *x.shape[1:])
+        est = estimator.reduce(f, d, keep_draws=keep_draws)
+    loss = (est.per_upstream * x).sum() / R
+    return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
 
 
 class ScoreDistillation:
@@ -97,18 +122,10 @@ class ScoreDistillation:
 
     def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | int | None = None,
                  keep_draws: bool = False) -> SDSOutput:
-        if not isinstance(x, Tensor) or x.ndim < 2:
-            raise ValueError(f"x: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
-        R, K, sched = x.shape[0], self.K, self.teacher.schedule
-        d = self.estimator.draw(R, x.shape[1:], generator, x.device, x.dtype)
-        t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *x.shape[1:])
-        with torch.no_grad():
-            x_t = sched.add_noise(x.detach().repeat_interleave(K, 0), t, eps)
-            eps_hat = batched_teacher_eps(self.teacher, x_t, t, repeat_cond(cond, K), self.guidance_scale,
-                                          self.max_batch)
-            w = self.w.to(x.device, x.dtype)[t].reshape(-1, *[1] * (x.ndim - 1))
-            f = (w * (eps_hat - eps)).reshape(R, K, *x.shape[1:])
-            est = self.estimator.reduce(f, d, keep_draws=keep_draws)
-        loss = (est.per_upstream * x).sum() / R
-        return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
+        cond_k = repeat_cond(cond, self.K)
 
+        def residual(x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:  # w(t) (eps_hat(x_t, t, c) - eps)
+            eps_hat = batched_teacher_eps(self.teacher, x_t, t, cond_k, self.guidance_scale, self.max_batch)
+            return broadcast_to(self.w.to(x_t.device, x_t.dtype)[t], x_t) * (eps_hat - eps)
+
+        return residual_estimate(self.estimator, self.teacher.schedule, x, residual, generator, keep_draws)

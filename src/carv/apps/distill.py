@@ -1,0 +1,771 @@
+"""One-step distillation of the digits teacher by distribution matching (DMD / DMD2), through carv.
+
+Pieces (everything random draws from the run's own ``torch.Generator``):
+
+- **Generator** (:class:`OneStepGenerator`): the teacher's :class:`~carv.teachers.unet.CompactUNet`
+  (0.28 M parameters), initialised from the teacher, used as a one-step map
+
+      x = G(z, c) = (x_g - s_g eps_theta(x_g, t_g, c)) / a_g,   x_g = s_g z,   z ~ N(0, I)
+
+  i.e. the teacher's own ``x_0`` prediction from pure noise at a fixed level ``t_g`` (SiD's
+  initialisation, ``sigma_g = s_g / a_g ~ 2.3`` at ``t_g = 430``). The usual DMD choice ``t_g = T - 1``
+  does not work on this schedule: ``a_{T-1} = 0.0064`` amplifies the network's error 157x and the
+  initial samples are noise (FD 429 against 173 at ``t_g = 430``). The generator has the teacher's
+  size because it must start as a good denoiser; smaller nets would start from scratch.
+- **Fake score**: another copy of the teacher, trained online on the generator's (detached)
+  samples with the denoising loss (:class:`~carv.objectives.dmd.DenoisingLoss`), ``fake_updates``
+  updates per generator update at its own learning rate (DMD2's two-time-scale rule).
+- **Real score**: the frozen teacher with classifier-free guidance ``guidance_scale``.
+- **Generator gradient**: :class:`~carv.objectives.dmd.DistributionMatching` through carv's
+  estimator: ``R`` generator samples x ``K`` draws, a timestep proposal (``"none"``, ``"weight"``
+  (``q ~ p w``) or ``"learned"`` (:class:`~carv.LearnedProposal`, learned online from the squared
+  residual norms every step computes anyway)) and stratification.
+
+:func:`run_distill` trains one run into a run folder (``config.json``, ``metrics.jsonl``, sample
+grids, plots, safetensors checkpoints, resume state) and resumes it after an interruption.
+:func:`bench_distill` is the side-by-side benchmark (``carv bench distill``): parameter-gradient
+variance at fixed checkpoints, and quality at equal wall-clock; the measurement logic lives in
+:mod:`carv.bench.distill`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from carv._progress import progress_bar
+from carv.accounting import CostMeter
+from carv.bench import digits_metrics as dm
+from carv.bench import distill as bd
+from carv.bench.harness import Config
+from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
+from carv.objectives.weighting import weight_table
+from carv.schedules import VPSchedule
+from carv.teachers.digits import NUM_CLASSES, load_digits_data, load_digits_teacher, save_sample_grid
+from carv.teachers.unet import CompactUNet, UNetTeacher
+from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
+
+__all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "bench_distill", "BenchSettings"]
+
+PROPOSALS = ("none", "weight", "learned")
+EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
+STATE_FILE = "state.safetensors"
+STATE_JSON = "state.json"
+# fields that may change when a run is resumed (they do not change what a step computes)
+RESUMABLE_CHANGES = ("steps", "time_budget_s", "eval_every", "grid_every", "checkpoint_steps", "threads")
+
+
+@dataclass
+class DistillConfig:
+    """One distillation run. Defaults: the baseline estimator (``R = 8``, ``K = 1``, uniform ``t``)."""
+
+    seed: int = 0
+    steps: int = 1000
+    time_budget_s: float | None = None  # also stop once this many seconds of step compute are spent
+    # the generator-gradient estimator
+    R: int = 8
+    K: int = 1
+    proposal: str = "none"
+    stratify: str = "none"
+    noise: str = "iid"
+    floor: float = 0.1
+    proposal_refresh: int = 10  # steps between refreshes of a learned proposal
+    weighting: str = "dmd"
+    guidance_scale: float = 1.0
+    t_min: int = 20
+    t_max: int = 980
+    # networks and optimisers
+    generator_t: int = 430
+    generator_lr: float = 3e-5
+    fake_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    fake_updates: int = 2
+    fake_batch: int = 16
+    fake_warmup: int = 100  # fake-score updates before the first generator update (charged to compute)
+    max_batch: int | None = None
+    # run folder
+    eval_every: int = 100
+    eval_per_class: int = 50
+    grid_every: int = 500
+    checkpoint_steps: list[int] = field(default_factory=list)
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        for name in ("steps", "R", "K", "proposal_refresh", "fake_batch", "eval_every", "eval_per_class",
+                     "grid_every"):
+            _positive_int(getattr(self, name), name)
+        for name in ("seed", "fake_updates", "fake_warmup"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if self.proposal not in PROPOSALS:
+            raise ValueError(f"proposal: expected one of {PROPOSALS}, got {self.proposal!r}")
+        if self.stratify not in STRATIFY_MODES or self.stratify == "grid":
+            allowed = tuple(m for m in STRATIFY_MODES if m != "grid")
+            raise ValueError(f"stratify: expected one of {allowed} ('grid' is biased), got {self.stratify!r}")
+        if self.weighting not in DMD_WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {DMD_WEIGHTINGS}, got {self.weighting!r}")
+        if self.proposal == "weight" and self.weighting == "dmd":
+            raise ValueError("proposal: 'weight' (q ~ p w) needs a weight table, but weighting='dmd' normalises per "
+                             "draw and has none; use proposal='learned' or a table weighting ('sds', 'snr', 'uniform')")
+        if not (isinstance(self.floor, (int, float)) and 0 < self.floor <= 1):
+            raise ValueError(f"floor: expected a number in (0, 1], got {self.floor!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale: expected a non-negative number, got {self.guidance_scale!r}")
+        if not (isinstance(self.t_min, int) and isinstance(self.t_max, int) and 0 <= self.t_min <= self.t_max <= 999):
+            raise ValueError(f"t_min, t_max: need 0 <= t_min <= t_max <= 999, got {self.t_min}, {self.t_max}")
+        if not (isinstance(self.generator_t, int) and 1 <= self.generator_t <= 999):
+            raise ValueError(f"generator_t: expected an integer timestep in 1..999, got {self.generator_t!r}")
+        for name in ("generator_lr", "fake_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
+                                                   and self.time_budget_s > 0):
+            raise ValueError(f"time_budget_s: expected a positive number of seconds or None, "
+                             f"got {self.time_budget_s!r}")
+        if self.max_batch is not None:
+            _positive_int(self.max_batch, "max_batch")
+        if self.threads is not None:
+            _positive_int(self.threads, "threads")
+        if self.noise == "antithetic" and self.K % 2:
+            raise ValueError(f"K: antithetic noise pairs draws, so K must be even, got K={self.K}")
+        if self.noise not in ("iid", "antithetic", "crn"):
+            raise ValueError(f"noise: expected one of ('iid', 'antithetic', 'crn'), got {self.noise!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.checkpoint_steps):
+            raise ValueError(f"checkpoint_steps: expected non-negative integers, got {self.checkpoint_steps!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def _positive_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
+class OneStepGenerator(nn.Module):
+    """``x = (x_g - s_g eps_theta(x_g, t_g, c)) / a_g`` with ``x_g = s_g z``: the teacher's x0-prediction
+    from pure noise at level ``t_g``, as a trainable one-step map (see module doc)."""
+
+    def __init__(self, net: CompactUNet, schedule: VPSchedule, t_g: int):
+        super().__init__()
+        self.net = net
+        self.t_g = int(t_g)
+        t = torch.tensor(self.t_g)
+        self.a_g, self.s_g = float(schedule.a(t, torch.float64)), float(schedule.s(t, torch.float64))
+
+    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+        x_g = self.s_g * z
+        t = torch.full((z.shape[0],), self.t_g, dtype=torch.long, device=z.device)
+        return (x_g - self.s_g * self.net(x_g, t, c)) / self.a_g
+
+
+class Distiller:
+    """Training state of one run: generator, fake score, optimisers, proposal, RNG, clocks."""
+
+    def __init__(self, cfg: DistillConfig, teacher: UNetTeacher | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.teacher = teacher if teacher is not None else load_digits_teacher()
+        sched = self.teacher.schedule
+        self.T = sched.num_timesteps
+        if not (cfg.t_max < self.T and cfg.generator_t < self.T):
+            raise ValueError(f"t_max, generator_t: must be below the teacher's T={self.T}")
+        self.image_shape = (self.teacher.model.config["in_channels"], 16, 16)
+        self.generator = OneStepGenerator(copy.deepcopy(self.teacher.model), sched, cfg.generator_t)
+        self.generator.requires_grad_(True).train()
+        fake_net = copy.deepcopy(self.teacher.model)
+        self.fake = UNetTeacher(fake_net, sched)  # freezes: re-enable grads for the online training
+        fake_net.requires_grad_(True)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr, betas=tuple(cfg.betas))
+        self.opt_f = torch.optim.Adam(fake_net.parameters(), lr=cfg.fake_lr, betas=tuple(cfg.betas))
+        self.learned = LearnedProposal(self.T, num_bins=50)
+        self.sampler = self.make_sampler(cfg.proposal, cfg.stratify)
+        self.dmd = self.make_objective(self.sampler, cfg.K)
+        self.denoise = DenoisingLoss(sched)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.step_count = 0
+        self.compute_s = 0.0
+        self.warmed = cfg.fake_warmup == 0
+        self.meter = CostMeter()
+        self.last: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ estimator pieces
+    def make_sampler(self, proposal: str, stratify: str) -> TimestepSampler:
+        cfg = self.cfg
+        if proposal not in PROPOSALS:
+            raise ValueError(f"proposal: expected one of {PROPOSALS}, got {proposal!r}")
+        imp = None
+        if proposal == "weight":
+            imp = weight_table(cfg.weighting, self.teacher.schedule)
+        elif proposal == "learned":
+            imp = self._learned_importance()
+        return TimestepSampler(self.T, t_min=cfg.t_min, t_max=cfg.t_max, importance=imp, floor=cfg.floor,
+                               stratify=stratify)
+
+    def _learned_importance(self) -> Tensor | None:
+        """The learned table, or None (``q = p``) until it has seen a non-zero residual."""
+        imp = self.learned.importance()
+        if imp is None or not bool((imp[self.cfg.t_min:self.cfg.t_max + 1] > 0).any()):
+            return None
+        return imp
+
+    def make_objective(self, sampler: TimestepSampler, K: int) -> DistributionMatching:
+        cfg = self.cfg
+        return DistributionMatching(self.teacher, self.fake, sampler, K, cfg.weighting, cfg.guidance_scale,
+                                    cfg.noise, cfg.max_batch)
+
+    def latents(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        g = generator if generator is not None else self.rng
+        c = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        return torch.randn((n, *self.image_shape), generator=g), c
+
+    # ------------------------------------------------------------------ training
+    def fake_update(self) -> float:
+        """One update of the fake score on a fresh batch of (detached) generator samples; returns its loss."""
+        z, c = self.latents(self.cfg.fake_batch)
+        with torch.no_grad():
+            x = self.generator(z, c)
+        loss = self.denoise(self.fake.model, x, c, self.rng)
+        self.opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_f.step()
+        return loss.item()
+
+    def warmup(self) -> None:
+        """``fake_warmup`` fake-score updates before the first generator update (charged to ``compute_s``).
+        At initialisation the fake score *is* the teacher, so without guidance the DMD gradient is exactly
+        zero until the fake score has learned the generator's distribution."""
+        if self.warmed:
+            return
+        t0 = time.perf_counter()
+        for _ in range(self.cfg.fake_warmup):
+            self.last["fake_loss"] = self.fake_update()
+        self.warmed = True
+        self.meter.add("fake_warmup", time.perf_counter() - t0)
+        self.compute_s += time.perf_counter() - t0
+
+    def step(self) -> dict[str, Any]:
+        """One training step: ``fake_updates`` fake-score updates, then one generator update
+        (the first step first runs the fake-score warm-up)."""
+        self.warmup()
+        cfg, meter = self.cfg, self.meter
+        t0 = time.perf_counter()
+        fake_loss = float("nan")
+        for _ in range(cfg.fake_updates):
+            fake_loss = self.fake_update()
+        t1 = time.perf_counter()
+        z, c = self.latents(cfg.R)
+        x = self.generator(z, c)
+        t2 = time.perf_counter()
+        out = self.dmd(x, c, self.rng)
+        t3 = time.perf_counter()
+        self.opt_g.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.opt_g.step()
+        t4 = time.perf_counter()
+        self.learned.update(out.draws.t, out.estimate.sq_norms)
+        self.step_count += 1
+        if cfg.proposal == "learned" and self.step_count % cfg.proposal_refresh == 0:
+            self.sampler.set_importance(self._learned_importance())
+        if cfg.fake_updates:
+            meter.add("fake", t1 - t0, count=1)
+        meter.add("upstream", (t2 - t1) + (t4 - t3), count=cfg.R)
+        meter.add("draw", t3 - t2, count=cfg.R * cfg.K)
+        self.compute_s += time.perf_counter() - t0
+        self.last = {"fake_loss": fake_loss, "grad_x_sq": float(out.grad.pow(2).sum() / cfg.R),
+                     "between_x": out.estimate.between, "within_x": out.estimate.within}
+        return self.last
+
+    def time_fake_step(self, generator: torch.Generator, repeats: int = 3) -> float:
+        """Median seconds of one step's fake-score training (``fake_updates`` forward + backward passes,
+        without changing the weights): the per-step cost the accountant adds to the upstream stage."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(self.cfg.fake_updates):
+                z, c = self.latents(self.cfg.fake_batch, generator)
+                with torch.no_grad():
+                    x = self.generator(z, c)
+                self.denoise(self.fake.model, x, c, generator).backward()
+            times.append(time.perf_counter() - t0)
+        self.fake.model.zero_grad(set_to_none=True)
+        return sorted(times)[len(times) // 2]
+
+    def parameter_gradient(self, objective: DistributionMatching, R: int, generator: torch.Generator,
+                           meter: CostMeter | None = None) -> Tensor:
+        """One estimate of the generator's parameter gradient (flat), at the current weights (no update).
+        Times ``"upstream"`` (generator forward + backward, per sample) and ``"draw"`` (both scores, per draw)."""
+        params = [p for p in self.generator.parameters()]
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        z, c = self.latents(R, generator)
+        x = self.generator(z, c)
+        t1 = time.perf_counter()
+        out = objective(x, c, generator)
+        t2 = time.perf_counter()
+        out.loss.backward()
+        t3 = time.perf_counter()
+        if meter is not None:
+            meter.add("upstream", (t1 - t0) + (t3 - t2), count=R)
+            meter.add("draw", t2 - t1, count=R * objective.K)
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def sample(self, labels: Tensor, seed: int = EVAL_SEED) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((labels.shape[0], *self.image_shape), generator=g)
+        return self.generator(z, labels).clamp(-1, 1)
+
+    def evaluate(self, per_class: int | None = None) -> tuple[dict[str, float], Tensor]:
+        """FD (digits-classifier features, against the test split) and classifier accuracy of
+        ``per_class`` samples of every class from the common evaluation latents; images clamped to [-1, 1]."""
+        n = per_class or self.cfg.eval_per_class
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(n)
+        x = self.sample(labels)
+        return {"fd": dm.digits_fd(x), "accuracy": dm.classifier_accuracy(x, labels)}, x
+
+    def save_grid(self, path: Path, title: str) -> None:
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(8)
+        save_sample_grid(self.sample(labels, EVAL_SEED + 1), path, nrow=NUM_CLASSES, title=title)
+
+    # ------------------------------------------------------------------ checkpoints and resume
+    def _weights(self) -> dict[str, Tensor]:
+        t = {f"generator.{k}": v for k, v in self.generator.net.state_dict().items()}
+        t.update({f"fake.{k}": v for k, v in self.fake.model.state_dict().items()})
+        t.update({f"learned.{k}": v for k, v in self.learned.state_dict().items()})
+        return t
+
+    def _meta(self) -> dict[str, Any]:
+        return {"step": self.step_count, "compute_s": self.compute_s, "warmed": self.warmed,
+                "config": asdict(self.cfg)}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Generator + fake score (+ learned proposal) weights as safetensors: what a fixed-checkpoint
+        measurement needs. The step and config are in the metadata."""
+        _atomic_save({k: v.detach().contiguous() for k, v in self._weights().items()}, Path(path),
+                     {"format": "carv.distill_checkpoint/1", "meta": json.dumps(self._meta())})
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no distillation checkpoint at {str(path)!r}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "carv.distill_checkpoint/1":
+            raise ValueError(f"path: {str(path)!r} is not a carv distillation checkpoint "
+                             f"(format={meta.get('format')!r})")
+        self._load_weights(load_file(str(path)))
+        info = json.loads(meta["meta"])
+        self.step_count, self.compute_s, self.warmed = info["step"], info["compute_s"], info["warmed"]
+        return info
+
+    def _load_weights(self, t: dict[str, Tensor]) -> None:
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+        self.generator.net.load_state_dict(part("generator."))
+        self.fake.model.load_state_dict(part("fake."))
+        self.learned.load_state_dict(part("learned."))
+        if self.cfg.proposal == "learned":
+            self.sampler.set_importance(self._learned_importance())
+
+    def save_state(self, folder: str | Path) -> None:
+        """Everything needed to resume bit-for-bit: weights, optimiser moments, RNG, proposal, clocks."""
+        folder = Path(folder)
+        tensors = {k: v.detach().contiguous() for k, v in self._weights().items()}
+        for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
+            for i, st in opt.state_dict()["state"].items():
+                for k, v in st.items():
+                    tensors[f"{name}.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
+        tensors["rng"] = self.rng.get_state()
+        _atomic_save(tensors, folder / STATE_FILE, {"format": "carv.distill_state/1"})
+        info = {**self._meta(), "meter": self.meter.state_dict(), "last": self.last}
+        tmp = folder / (STATE_JSON + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(folder / STATE_JSON)
+
+    def load_state(self, folder: str | Path) -> dict[str, Any]:
+        folder = Path(folder)
+        info = json.loads((folder / STATE_JSON).read_text())
+        t = load_file(str(folder / STATE_FILE))
+        self._load_weights(t)
+        for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
+            sd = opt.state_dict()
+            state: dict[int, dict[str, Tensor]] = {}
+            for k, v in t.items():
+                if k.startswith(name + "."):
+                    _, i, key = k.split(".", 2)
+                    state.setdefault(int(i), {})[key] = v
+            opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        self.rng.set_state(t["rng"])
+        self.step_count, self.compute_s, self.warmed = info["step"], info["compute_s"], info["warmed"]
+        self.meter.load_state_dict(info["meter"])
+        self.last = info.get("last", {})
+        return info
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` torch threads (None: unchanged), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def _prepare_folder(out: Path, cfg: DistillConfig, resume: bool) -> bool:
+    """Write/compare ``config.json``; returns True if a saved state should be resumed."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    has_state = (out / STATE_JSON).is_file() and (out / STATE_FILE).is_file()
+    if resume and cfg_path.is_file() and has_state:
+        old = json.loads(cfg_path.read_text())
+        new = json.loads(json.dumps(asdict(cfg)))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if diff:
+            raise ValueError(f"out: {str(out)!r} holds a run with a different config (fields {diff}); "
+                             "use another folder, or resume=False to start over")
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        return True
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    for stale in ("metrics.jsonl",):
+        (out / stale).unlink(missing_ok=True)
+    return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the resumed state (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _log(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None = None, progress: bool = True,
+                resume: bool = True, teacher: UNetTeacher | None = None) -> dict:
+    """Train one run into ``out_dir`` (resuming a saved state there unless ``resume=False``).
+
+    Writes ``config.json``, ``metrics.jsonl`` (one line per evaluation: step, compute seconds, FD,
+    accuracy, fake loss, stage costs), ``samples/step_*.png``, ``checkpoints/step_*.safetensors`` (at
+    ``checkpoint_steps``), ``final.safetensors``, ``quality.png`` and the resume state. Returns a summary.
+    """
+    cfg = cfg or DistillConfig()
+    cfg.validate()
+    with _threads(cfg.threads):
+        return _run_distill(out_dir, cfg, progress, resume, teacher)
+
+
+def _run_distill(out_dir: str | Path, cfg: DistillConfig, progress: bool, resume: bool,
+                 teacher: UNetTeacher | None) -> dict:
+    out = Path(out_dir)
+    resumed = _prepare_folder(out, cfg, resume)
+    d = Distiller(cfg, teacher)
+    metrics = out / "metrics.jsonl"
+    if resumed:
+        d.load_state(out)
+        _truncate_metrics(metrics, d.step_count)
+
+    def evaluate() -> dict:
+        q, _ = d.evaluate()
+        row = {"step": d.step_count, "compute_s": round(d.compute_s, 3), **q, **d.last,
+               **{f"c_{k}_s": v for k, v in d.meter.summary().items()}}
+        _log(metrics, row)
+        return row
+
+    def checkpoint_and_grid() -> None:
+        if d.step_count in cfg.checkpoint_steps:
+            d.save_checkpoint(out / "checkpoints" / f"step_{d.step_count:06d}.safetensors")
+        if d.step_count % cfg.grid_every == 0:
+            d.save_grid(out / "samples" / f"step_{d.step_count:06d}.png",
+                        f"DMD generator, step {d.step_count}: rows = class 0..9")
+
+    if d.step_count == 0:
+        row = evaluate()
+        checkpoint_and_grid()
+    bar = progress_bar(None, progress, total=cfg.steps, initial=d.step_count, desc="distill")
+
+    def done() -> bool:
+        return d.step_count >= cfg.steps or (cfg.time_budget_s is not None and d.compute_s >= cfg.time_budget_s)
+
+    try:
+        while not done():
+            d.step()
+            bar.update(1)
+            if d.step_count % cfg.eval_every == 0:
+                row = evaluate()
+                bar.set_postfix(fd=f"{row['fd']:.1f}", acc=f"{row['accuracy']:.3f}")
+                d.save_state(out)
+            checkpoint_and_grid()
+    except KeyboardInterrupt:
+        d.save_state(out)
+        _truncate_metrics(metrics, d.step_count)
+        raise
+    finally:
+        bar.close()
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    if rows[-1]["step"] != d.step_count:
+        rows.append(evaluate())
+    d.save_state(out)
+    d.save_checkpoint(out / "final.safetensors")
+    d.save_grid(out / "samples" / "final.png", f"DMD generator after {d.step_count} steps: rows = class 0..9")
+    quality = [{"method": "run", "seed": cfg.seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
+                "accuracy": r["accuracy"]} for r in rows]
+    bd.plot_quality(quality, out / "quality.png", title=f"DMD run (R={cfg.R}, K={cfg.K}, {cfg.proposal}, "
+                                                        f"{cfg.stratify}): quality vs compute")
+    return {"steps": d.step_count, "compute_s": d.compute_s, "final": rows[-1], "costs": d.meter.summary(),
+            "run_dir": str(out)}
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@dataclass
+class BenchSettings:
+    """Sizes of :func:`bench_distill` (``quick`` shrinks them to fit about 5 minutes on 2 idle cores)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budget_s: float = 360.0          # step compute per training run (equal wall-clock)
+    eval_every_s: float = 30.0
+    eval_per_class: int = 50
+    replicates: int = 120            # per configuration and checkpoint
+    reference_estimates: int = 24    # of the reference configuration (R = reference_R, K = 16, +is+strat)
+    reference_R: int = 64
+    pilot_estimates: int = 16        # to learn the proposal at a checkpoint whose run has not learned one
+    carv_K: int | None = 16          # K of the carv training runs; None: the accountant's choice at the start
+    carv_proposal: str = "learned"
+    carv_stratify: str = "per_upstream"
+    k_max: int = 32
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        return cls(seeds=[0, 1, 2], budget_s=25.0, eval_every_s=12.5, eval_per_class=30, replicates=10,
+                   reference_estimates=4, reference_R=32, pilot_estimates=4)
+
+
+def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillConfig, out: Path, seed: int,
+                     progress: bool) -> tuple[list[dict], dict]:
+    """Parameter-gradient variance of the four configurations at ``d``'s current weights."""
+    if not d.learned.ready:  # pilot: fill the learned proposal from uniform draws at this checkpoint
+        pilot = d.make_objective(d.make_sampler("none", "per_upstream"), 16)
+        g = torch.Generator().manual_seed(seed + 7)
+        for _ in range(s.pilot_estimates):
+            z, c = d.latents(base.R, g)
+            with torch.no_grad():
+                o = pilot(d.generator(z, c), c, g)
+            d.learned.update(o.draws.t, o.estimate.sq_norms)
+    objectives = {name: d.make_objective(d.make_sampler(spec["proposal"], spec["stratify"]), spec["K"])
+                  for name, spec in bd.CONFIGS.items()}
+    ref_obj = d.make_objective(d.make_sampler("learned", "per_upstream"), 16)
+    objectives["reference"] = ref_obj
+
+    def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
+        return d.parameter_gradient(objectives[c.method], c.R, gen, meter)
+
+    c_fake = d.time_fake_step(torch.Generator().manual_seed(seed + 8))
+    return bd.checkpoint_variance(estimate, label, Config("reference", s.reference_R, 16), s.reference_estimates,
+                                  s.replicates, seed, out / "state" / f"variance_{label}", progress,
+                                  c_fake_step_s=c_fake, k_max=s.k_max)
+
+
+def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = False, json_path: str | Path | None = None,
+                  progress: bool = True, settings: BenchSettings | None = None, base: DistillConfig | None = None,
+                  teacher: UNetTeacher | None = None) -> dict:
+    """The side-by-side distillation benchmark (``carv bench distill``); resumes from ``out_dir``.
+
+    1. At the start checkpoint (the teacher-initialised generator and fake score): parameter-gradient
+       variance of R8K1 / R8K16 / R8K16+strat / R8K16+is+strat by interleaved replicates against a
+       high-sample reference, stage costs, ECM against R8K1, and the accountant's diagnostics.
+    2. Equal wall-clock training, interleaved step by step: baseline (R8K1, uniform) and carv (R8K16 with
+       the learned proposal and per-sample stratification, i.e. R8K16+is+strat; ``carv_K=None`` takes the
+       accountant's K from step 1 instead), for every seed; each run is charged only its own step time
+       (fake-score updates included); FD and accuracy at fixed compute marks. The baseline run of the
+       first seed saves its middle and end checkpoints.
+    3. The same variance measurement at the middle and end checkpoints.
+    """
+    s = settings or (BenchSettings.quick() if quick else BenchSettings())
+    base = base or DistillConfig()
+    base = dataclasses.replace(base, eval_per_class=s.eval_per_class)
+    base.validate()
+    with _threads(base.threads):
+        return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher)
+
+
+def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | None, progress: bool,
+                   s: BenchSettings, base: DistillConfig, teacher: UNetTeacher | None) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = teacher if teacher is not None else load_digits_teacher()
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    seed0 = s.seeds[0]
+
+    # 1. start checkpoint
+    d0 = Distiller(dataclasses.replace(base, seed=seed0), teacher)
+    d0.warmup()  # the start checkpoint: fake score warmed up on the initial generator, no generator update yet
+    ck_dir = out / "train" / f"baseline_seed{seed0}" / "checkpoints"
+    if not (ck_dir / "start.safetensors").is_file():
+        d0.save_checkpoint(ck_dir / "start.safetensors")
+    rows, diag = {}, {}
+    rows["start"], diag["start"] = _checkpoint_rows(d0, "start", s, base, out, seed0, progress)
+    k_carv = s.carv_K if s.carv_K is not None else diag["start"]["accountant_k_training"]
+
+    # 2. equal wall-clock training
+    methods = {"baseline": dataclasses.replace(base, R=8, K=1, proposal="none", stratify="none"),
+               "carv": dataclasses.replace(base, R=8, K=int(k_carv), proposal=s.carv_proposal,
+                                           stratify=s.carv_stratify)}
+    runs: dict[tuple[str, int], Distiller] = {}
+    logs: dict[tuple[str, int], Path] = {}
+    for seed in s.seeds:
+        for m, mcfg in methods.items():
+            rc = dataclasses.replace(mcfg, seed=seed, steps=10**9, time_budget_s=s.budget_s)
+            run_dir = out / "train" / f"{m}_seed{seed}"
+            resumed = _prepare_folder(run_dir, rc, resume=True)
+            dist = Distiller(rc, teacher)
+            if resumed:
+                dist.load_state(run_dir)
+                _truncate_metrics(run_dir / "metrics.jsonl", dist.step_count)
+            runs[(m, seed)], logs[(m, seed)] = dist, run_dir / "metrics.jsonl"
+    marks = bd.time_marks(s.budget_s, s.eval_every_s)
+
+    def evaluate(key: tuple[str, int], dist: Distiller) -> None:
+        q, x = dist.evaluate()
+        _log(logs[key], {"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
+                         **{f"c_{k}_s": v for k, v in dist.meter.summary().items()},
+                         "loadavg_1min": round(os.getloadavg()[0], 2)})
+
+    def after_step(key: tuple[str, int], dist: Distiller, crossed: list[float]) -> None:
+        if not crossed:
+            return
+        evaluate(key, dist)
+        if key == ("baseline", seed0):
+            for mark, label in ((s.budget_s / 2, "middle"), (s.budget_s, "end")):
+                if mark in crossed:
+                    dist.save_checkpoint(ck_dir / f"{label}.safetensors")
+        dist.save_state(logs[key].parent)
+
+    for key, dist in runs.items():
+        if dist.step_count == 0 and not (logs[key].is_file() and logs[key].read_text().strip()):
+            evaluate(key, dist)
+    bd.interleave_equal_time(runs, s.budget_s, marks, after_step, seed=seed0, progress=progress)
+    for key, dist in runs.items():
+        dist.save_grid(logs[key].parent / "final.png",
+                       f"{key[0]} (R={dist.cfg.R}, K={dist.cfg.K}), seed {key[1]}, {s.budget_s:.0f} s of compute")
+    quality = []
+    for (m, seed), path in logs.items():
+        for ln in path.read_text().splitlines():
+            r = json.loads(ln)
+            quality.append({"method": m, "seed": seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
+                            "accuracy": r["accuracy"], "K": runs[(m, seed)].cfg.K})
+    train_costs = {f"{m}_seed{seed}": {**dist.meter.summary(), "steps": dist.step_count}
+                   for (m, seed), dist in runs.items()}
+
+    # 3. middle and end checkpoints
+    for label in ("middle", "end"):
+        dk = Distiller(dataclasses.replace(base, seed=seed0), teacher)
+        dk.load_checkpoint(ck_dir / f"{label}.safetensors")
+        rows[label], diag[label] = _checkpoint_rows(dk, label, s, base, out, seed0, progress)
+
+    all_rows = [r for label in ("start", "middle", "end") for r in rows[label]]
+    real_fd = _real_fd_floor(s.eval_per_class)
+    summary = bd.summarise(all_rows, diag, quality, train_costs, real_fd)
+    result = {
+        "command": "carv bench distill" + (" --quick" if quick else ""),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "loadavg_start": [round(v, 2) for v in load_start],
+                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": time.perf_counter() - t_start,
+        "settings": asdict(s),
+        "base_config": asdict(base),
+        "carv_K": int(k_carv),
+        "rows": all_rows,
+        "diagnostics": diag,
+        "quality": quality,
+        "training_costs": train_costs,
+        "real_fd_floor": real_fd,
+        "summary": summary,
+    }
+    bd.write_outputs(result, out, json_path, progress)
+    return result
+
+
+def _teacher_from(path: str | Path | None) -> UNetTeacher:
+    return load_digits_teacher(path=path) if path is not None else load_digits_teacher()
+
+
+def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
+                     teacher: str | Path | None = None, resume: bool = True) -> dict:
+    """``carv distill``: a config from a JSON file (or the defaults) with the non-None ``flags`` applied."""
+    d: dict[str, Any] = {}
+    if config is not None:
+        p = Path(config)
+        if not p.is_file():
+            raise ValueError(f"config: no such file {str(p)!r}")
+        d = json.loads(p.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(d).__name__}")
+    for k, v in flags.items():
+        if v is None:
+            continue
+        if k == "checkpoint_steps" and isinstance(v, str):
+            try:
+                v = [int(s) for s in v.split(",") if s.strip()]
+            except ValueError as e:
+                raise ValueError(f"checkpoint_steps: expected comma-separated integers, got {v!r}") from e
+        d[k] = v
+    return run_distill(out, DistillConfig.from_dict(d), resume=resume, teacher=_teacher_from(teacher))
+
+
+def bench_from_cli(out: str | Path, quick: bool, json_path: str | Path | None, teacher: str | Path | None,
+                   threads: int) -> dict:
+    """``carv bench distill``."""
+    return bench_distill(out, quick=quick, json_path=json_path, base=DistillConfig(threads=threads),
+                         teacher=_teacher_from(teacher))
+
+
+def _real_fd_floor(per_class: int) -> float:
+    """FD of ``per_class`` real train images per class against the test split: the floor at this sample size."""
+    x, y = load_digits_data("train")
+    real = torch.cat([x[y == c][:per_class] for c in range(NUM_CLASSES)])
+    return dm.digits_fd(real)

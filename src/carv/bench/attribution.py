@@ -1,0 +1,516 @@
+"""Benchmark: how many evaluations per data point a stable attribution ranking costs (digits teacher).
+
+Set-up. The committed digits DDPM (:func:`~carv.teachers.digits.load_digits_teacher`) is the model
+being attributed. The examples are a fixed random subset of the training split (``num_train``) and
+the queries: held-out test digits and teacher samples (DDIM, fixed seed). Each example's feature is
+its projected, MC-averaged loss gradient (:class:`~carv.objectives.attribution.GradientFeatures`,
+all parameters by default); a query's scores are the cosine similarities with the training features.
+
+Estimators over the draws (``K`` evaluations per data point), each with independent draws per
+example and with common random numbers (one set of ``K`` draws shared by every example):
+
+- ``iid``: uniform iid timesteps (journey-TRAK style), the baseline without CRN;
+- ``grid``: D-TRAK's evenly spaced timesteps (deterministic midpoints; a biased quadrature);
+- ``stratified``: one jittered timestep per stratum of the inverse CDF;
+- ``stratified+importance``: the same under the free proposal ``q ~ p w`` (``w`` the loss weighting,
+  or ``proposal_weighting``), floor-mixed with ``p``;
+- ``stratified+learned``: under ``q ~ p sqrt(E||grad||^2 | t)``, learned by
+  :class:`~carv.LearnedProposal` from the per-draw gradient norms of a small pilot.
+
+Measurements (side by side, interleaved, :func:`carv.bench.harness.measure`): the *feature variance*
+``E ||Phi_hat - Phi_ref||^2`` over all examples' features (trace, against the reference), and per
+replicate the mean over queries of the Spearman correlation of the query's ranking of the training
+examples with the reference ranking, and the top-k overlap. The reference averages independent
+stratified estimates with ``reference_evals`` evaluations per data point in all.
+
+ECM at equal ranking correlation (:func:`ecm_at_equal_metric`): interpolate the baseline's (``iid``,
+independent draws) mean-Spearman-vs-budget curve, made monotone by a running maximum, linearly in
+``log K`` to find the budget ``K_B`` at which it matches the method's correlation at budget ``K``;
+then ``ECM = C_B(K_B) / C_M(K)`` where ``C(K) = K c(K)`` is the measured cost of ``K`` evaluations per
+data point (``c(K)`` the median teacher forward/backward seconds per evaluation at budget ``K``,
+pooled over the estimators, which all run the same per-draw computation; interpolated in log-log).
+``ecm_total`` also charges the once-per-example projection: ``C(K) = c_up + K c(K)``. A method
+beyond the baseline's largest budget gets a lower bound (``ecm_bound: ">="``), one below its smallest
+an upper bound (``"<="``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from carv.accounting import CostMeter
+from carv.bench.harness import Config, measure, reference_mean
+from carv.bench.report import markdown_table, plot_metric_vs_k, print_table
+from carv.objectives.attribution import GaussianProjection, GradientFeatures, cosine_scores
+from carv.objectives.weighting import weight_table
+from carv.timesteps import LearnedProposal, TimestepSampler
+
+__all__ = ["METHODS", "AttributionBenchConfig", "AttributionProblem", "spearman", "topk_overlap",
+           "ecm_at_equal_metric", "pivot_markdown", "run_attribution_bench"]
+
+# name -> (stratify, proposal)
+METHODS = {
+    "iid": ("none", "none"),
+    "grid": ("grid", "none"),
+    "stratified": ("per_upstream", "none"),
+    "stratified+importance": ("per_upstream", "weight"),
+    "stratified+learned": ("per_upstream", "learned"),
+}
+BASELINE = "iid"
+
+
+@dataclass
+class AttributionBenchConfig:
+    num_train: int = 64              # training examples ranked (a fixed random subset of the train split)
+    num_test_queries: int = 8        # held-out test digits as queries
+    num_sample_queries: int = 8      # teacher samples as queries
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    baseline_budgets: list[int] = field(default_factory=lambda: [128, 256, 512])  # extra budgets, baseline only
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    crn: list[bool] = field(default_factory=lambda: [False, True])
+    weighting: str = "sds"           # the loss weighting w(t) = 1 - alphabar_t ("uniform": the plain DDPM loss)
+    proposal_weighting: str | None = None  # the free proposal's table (None: the loss weighting)
+    floor: float = 0.1
+    params: str | list[str] = "all"
+    proj_dim: int = 256
+    proj_seed: int = 0
+    reference_evals: int = 1024      # evaluations per data point in the reference
+    reference_K: int = 256           # ... made of reference_evals / reference_K independent estimates
+    replicates: int = 4              # replicates per configuration (at least)
+    small_k_replicates: int = 64     # replicates at budget K: max(replicates, small_k_replicates // K)
+    pilot_examples: int = 16
+    pilot_K: int = 32
+    pilot_bins: int = 25
+    top_k: int = 10
+    max_batch: int = 256
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("num_train", "budgets", "reference_evals", "reference_K", "replicates", "pilot_examples",
+                     "pilot_K", "pilot_bins", "top_k", "max_batch", "proj_dim"):
+            v = getattr(self, name)
+            vals = v if isinstance(v, list) else [v]
+            if (isinstance(v, list) and not v) or any(not isinstance(x, int) or isinstance(x, bool) or x < 1
+                                                      for x in vals):
+                raise ValueError(f"{name}: expected positive integer(s), got {v!r}")
+        for name in ("num_test_queries", "num_sample_queries", "small_k_replicates"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if self.num_test_queries + self.num_sample_queries < 1:
+            raise ValueError("num_test_queries, num_sample_queries: need at least one query in all")
+        if any(not isinstance(x, int) or x < 1 for x in self.baseline_budgets):
+            raise ValueError(f"baseline_budgets: expected positive integers, got {self.baseline_budgets!r}")
+        if self.replicates < 2:
+            raise ValueError(f"replicates: need at least 2, got {self.replicates}")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise ValueError(f"methods: expected a non-empty subset of {list(METHODS)}, got {self.methods!r}")
+        if BASELINE not in self.methods or False not in self.crn:
+            raise ValueError(f"methods, crn: the baseline ({BASELINE!r} with independent draws) must be measured")
+        if not self.crn or any(not isinstance(c, bool) for c in self.crn):
+            raise ValueError(f"crn: expected a non-empty list of booleans, got {self.crn!r}")
+        if self.reference_evals % self.reference_K:
+            raise ValueError(f"reference_evals: must be a multiple of reference_K={self.reference_K}, "
+                             f"got {self.reference_evals}")
+        if self.reference_evals // self.reference_K < 2:
+            raise ValueError(f"reference_evals: need at least 2 estimates of reference_K={self.reference_K} "
+                             f"(to measure the reference's own variance), got {self.reference_evals}")
+        if self.num_train > 1442:
+            raise ValueError(f"num_train: the digits train split has 1442 images, got {self.num_train}")
+        if self.num_test_queries > 355:
+            raise ValueError(f"num_test_queries: the digits test split has 355 images, got {self.num_test_queries}")
+        if self.top_k > self.num_train:
+            raise ValueError(f"top_k: at most num_train={self.num_train}, got {self.top_k}")
+        if not 0 < self.floor <= 1:
+            raise ValueError(f"floor: expected a number in (0, 1], got {self.floor}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
+
+
+QUICK = dict(num_train=24, num_test_queries=3, num_sample_queries=3, budgets=[1, 4, 16, 64], baseline_budgets=[128],
+             reference_evals=512, replicates=2, small_k_replicates=8, pilot_examples=8)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _ranks(x: Tensor) -> Tensor:
+    return torch.argsort(torch.argsort(x, dim=-1), dim=-1).to(torch.float64)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation along the last dimension (ties broken by position; scores are continuous)."""
+    if a.shape != b.shape or a.shape[-1] < 2:
+        raise ValueError(f"a, b: expected equal shapes with at least 2 items, got {tuple(a.shape)}, {tuple(b.shape)}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.pow(2).sum(-1) * rb.pow(2).sum(-1)).sqrt()
+
+
+def topk_overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """Fraction of the ``k`` highest-scoring items of ``b`` that are also among the ``k`` highest of ``a``."""
+    ia, ib = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices
+    return (ia[..., :, None] == ib[..., None, :]).any(-1).double().mean(-1)
+
+
+def ecm_at_equal_metric(base: list[tuple[float, float, float]], metric: float, cost: float) -> tuple[float, str]:
+    """Baseline cost over method cost at equal ``metric`` (higher is better).
+
+    ``base``: ``(budget, metric, cost)`` of the baseline. Its metric is made monotone in budget (running
+    maximum) and interpolated linearly in ``log budget`` to find the budget that matches ``metric``; the
+    baseline's cost there is interpolated linearly in log-log. Returns ``(ecm, bound)`` with ``bound``
+    ``"="`` (interpolated), ``">="`` (the method beats the baseline's largest budget: a lower bound) or
+    ``"<="`` (the method is below the baseline's smallest budget: an upper bound).
+    """
+    if not base:
+        raise ValueError("base: expected at least one (budget, metric, cost) point")
+    if not (cost > 0):
+        raise ValueError(f"cost: expected a positive number, got {cost!r}")
+    pts = sorted(base)
+    mono, best = [], -math.inf
+    for k, m, c in pts:
+        best = max(best, m)
+        mono.append((k, best, c))
+    if metric <= mono[0][1]:
+        return mono[0][2] / cost, "<="
+    if metric > mono[-1][1]:
+        return mono[-1][2] / cost, ">="
+    for (_, m0, c0), (_, m1, c1) in zip(mono, mono[1:], strict=False):
+        if m0 < metric <= m1:
+            f = (metric - m0) / (m1 - m0)  # the same fraction of the way in log K and (log-log) in log C
+            log_c = math.log(c0) + f * (math.log(c1) - math.log(c0))
+            return math.exp(log_c) / cost, "="
+    raise AssertionError("unreachable: the monotone curve brackets metric")
+
+
+def _interp_budget(base: list[tuple[float, float]], metric: float) -> float | None:
+    """The baseline budget matching ``metric`` (same monotone log-linear interpolation), None outside."""
+    pts = sorted(base)
+    mono, best = [], -math.inf
+    for k, m in pts:
+        best = max(best, m)
+        mono.append((k, best))
+    for (k0, m0), (k1, m1) in zip(mono, mono[1:], strict=False):
+        if m0 < metric <= m1:
+            f = (metric - m0) / (m1 - m0)
+            return math.exp(math.log(k0) + f * (math.log(k1) - math.log(k0)))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- problem
+class AttributionProblem:
+    """Teacher, examples (training subset + queries), shared projection and one estimator per method."""
+
+    def __init__(self, cfg: AttributionBenchConfig, learned: LearnedProposal | None = None):
+        from carv.teachers.digits import load_digits_data, load_digits_teacher, sample_digits
+
+        cfg.validate()
+        self.cfg = cfg
+        self.teacher = load_digits_teacher()
+        T = self.teacher.schedule.num_timesteps
+        x_tr, y_tr = load_digits_data("train")
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.train_index = torch.randperm(x_tr.shape[0], generator=g)[: cfg.num_train].sort().values
+        x_te, y_te = load_digits_data("test")
+        self.test_index = torch.linspace(0, x_te.shape[0] - 1, cfg.num_test_queries).round().long() \
+            if cfg.num_test_queries else torch.zeros(0, dtype=torch.long)
+        sample_labels = torch.arange(cfg.num_sample_queries) % 10
+        samples = sample_digits(self.teacher, sample_labels, seed=cfg.seed + 1) if cfg.num_sample_queries \
+            else torch.zeros(0, *x_tr.shape[1:])
+        self.x = torch.cat([x_tr[self.train_index], x_te[self.test_index], samples])
+        self.y = torch.cat([y_tr[self.train_index], y_te[self.test_index], sample_labels])
+        self.num_train, self.num_queries = cfg.num_train, cfg.num_test_queries + cfg.num_sample_queries
+        self.T = T
+        base = GradientFeatures(self.teacher, TimestepSampler(T), weighting=cfg.weighting, params=cfg.params,
+                                proj_dim=cfg.proj_dim, proj_seed=cfg.proj_seed, max_batch=cfg.max_batch)
+        self.projection: GaussianProjection = base.projection
+        self.num_params = base.num_params
+        self.learned = learned
+        self._features: dict[tuple[str, bool], GradientFeatures] = {}
+
+    def sampler(self, method: str) -> TimestepSampler:
+        stratify, proposal = METHODS[method]
+        cfg = self.cfg
+        if proposal == "none":
+            return TimestepSampler(self.T, stratify=stratify)
+        if proposal == "weight":
+            table = weight_table(cfg.proposal_weighting or cfg.weighting, self.teacher.schedule)
+            return TimestepSampler(self.T, importance=table, floor=cfg.floor, stratify=stratify)
+        if self.learned is None or not self.learned.ready:
+            raise ValueError("learned: the learned proposal has seen no draws yet; run the pilot first")
+        return TimestepSampler(self.T, importance=self.learned.importance(), floor=cfg.floor, stratify=stratify)
+
+    def features(self, method: str, crn: bool) -> GradientFeatures:
+        key = (method, crn)
+        if key not in self._features:
+            self._features[key] = GradientFeatures(
+                self.teacher, self.sampler(method), K=1, noise="crn" if crn else "iid", weighting=self.cfg.weighting,
+                params=self.cfg.params, max_batch=self.cfg.max_batch, projection=self.projection)
+        return self._features[key]
+
+    def estimate(self, method: str, crn: bool, K: int, generator: torch.Generator,
+                 meter: CostMeter | None = None) -> Tensor:
+        """Features of every example (training subset, then queries): ``[N, proj_dim]``."""
+        feats = self.features(method, crn)
+        feats.K = K
+        return feats(self.x, self.y, generator, meter)
+
+    def scores(self, phi: Tensor) -> Tensor:
+        """Query x training cosine scores ``[Q, num_train]`` from features ``[N, d]`` (or flat)."""
+        phi = phi.reshape(self.x.shape[0], -1)
+        return cosine_scores(phi[self.num_train:], phi[: self.num_train])
+
+    def pilot(self, generator: torch.Generator) -> tuple[LearnedProposal, dict]:
+        """Learn ``q ~ p sqrt(E||grad||^2 | t)`` from per-draw gradient norms of a few training examples."""
+        cfg = self.cfg
+        learned = LearnedProposal(self.T, num_bins=cfg.pilot_bins, smoothing=1)
+        feats = GradientFeatures(self.teacher, TimestepSampler(self.T, stratify="per_upstream"), K=cfg.pilot_K,
+                                 weighting=cfg.weighting, params=cfg.params, max_batch=cfg.max_batch,
+                                 projection=self.projection)
+        n = min(cfg.pilot_examples, self.num_train)
+        t0 = time.perf_counter()
+        batch = feats.draw(self.x[:n], self.y[:n], generator)
+        sq = feats.per_draw_sq_norms(batch)
+        seconds = time.perf_counter() - t0
+        learned.update(batch[2], sq)
+        self.learned = learned
+        self._features.pop(("stratified+learned", False), None)
+        self._features.pop(("stratified+learned", True), None)
+        bins = torch.arange(cfg.pilot_bins) * (self.T // cfg.pilot_bins) + self.T // (2 * cfg.pilot_bins)
+        return learned, {"examples": n, "K": cfg.pilot_K, "seconds": seconds,
+                         "rms_grad_norm_by_bin": {int(b): float(v) for b, v in
+                                                  zip(bins.tolist(), learned.m2.sqrt().tolist(), strict=True)}}
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _key(method: str, crn: bool) -> str:
+    return f"{method}|{'crn' if crn else 'indep'}"
+
+
+def _fingerprint(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_attribution_bench(out_dir: str | Path = "runs/bench-attribution", quick: bool = False,
+                          json_path: str | Path | None = None, progress: bool = True,
+                          cfg: AttributionBenchConfig | None = None) -> dict:
+    """Measure every estimator x budget x (independent / shared draws) side by side; write a run folder."""
+    cfg = cfg or AttributionBenchConfig()
+    if quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    common = {k: getattr(cfg, k) for k in ("num_train", "num_test_queries", "num_sample_queries", "weighting",
+                                           "params", "proj_dim", "proj_seed", "seed")}
+    fp_pilot = _fingerprint({**common, **{k: getattr(cfg, k) for k in ("pilot_examples", "pilot_K", "pilot_bins")}})
+    fp_ref = _fingerprint({**common, **{k: getattr(cfg, k) for k in ("reference_evals", "reference_K")}})
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    prob = AttributionProblem(cfg)
+
+    # pilot for the learned proposal (saved, so a resumed run uses the same proposal)
+    pilot_file = out / "learned_proposal.safetensors"
+    if pilot_file.is_file() and json.loads((out / "pilot.json").read_text()).get("fingerprint") == fp_pilot:
+        learned = LearnedProposal(prob.T, num_bins=cfg.pilot_bins, smoothing=1)
+        learned.load_state_dict(load_file(str(pilot_file)))
+        prob.learned = learned
+        pilot_info = json.loads((out / "pilot.json").read_text())
+    else:
+        learned, pilot_info = prob.pilot(torch.Generator().manual_seed(cfg.seed + 2))
+        save_file(learned.state_dict(), str(pilot_file))
+        pilot_info["fingerprint"] = fp_pilot
+        (out / "pilot.json").write_text(json.dumps(pilot_info, indent=2))
+
+    def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
+        method, _, kind = c.method.partition("|")
+        return prob.estimate(method, kind == "crn", c.K, gen, meter).flatten()
+
+    # reference: independent stratified estimates, reference_evals evaluations per data point in all
+    ref_file = out / "reference.safetensors"
+    ref_cfg = Config(_key("stratified", False), prob.x.shape[0], cfg.reference_K)
+    n_ref = cfg.reference_evals // cfg.reference_K
+    t_ref = time.perf_counter()
+    if ref_file.is_file() and json.loads((out / "reference.json").read_text()).get("fingerprint") == fp_ref:
+        reference = load_file(str(ref_file))["features"]
+        ref_info = json.loads((out / "reference.json").read_text())
+    else:
+        reference, ref_var = reference_mean(estimate, ref_cfg, n_ref, seed=cfg.seed + 3, progress=progress,
+                                            desc=f"reference ({cfg.reference_evals} evals/point)")
+        ref_info = {"method": "stratified", "crn": False, "estimates": n_ref, "K": cfg.reference_K,
+                    "evals_per_point": cfg.reference_evals, "variance_of_reference": ref_var,
+                    "seconds": time.perf_counter() - t_ref, "fingerprint": fp_ref}
+        save_file({"features": reference.contiguous()}, str(ref_file))
+        (out / "reference.json").write_text(json.dumps(ref_info, indent=2))
+    ref_scores = prob.scores(reference)
+    q_test = cfg.num_test_queries
+
+    def metrics(c: Config, g: Tensor) -> dict[str, float]:
+        s = prob.scores(g)
+        rho = spearman(s, ref_scores)
+        m = {"spearman": float(rho.mean()), f"top{cfg.top_k}": float(topk_overlap(s, ref_scores, cfg.top_k).mean())}
+        if q_test:
+            m["spearman_test"] = float(rho[:q_test].mean())
+        if q_test < rho.shape[0]:
+            m["spearman_samples"] = float(rho[q_test:].mean())
+        return m
+
+    N = prob.x.shape[0]
+    configs = [Config(_key(m, crn), N, K) for m in cfg.methods for crn in cfg.crn for K in cfg.budgets]
+    configs += [Config(_key(BASELINE, False), N, K) for K in cfg.baseline_budgets if K not in cfg.budgets]
+
+    def n_rep(c: Config) -> int:
+        return max(cfg.replicates, cfg.small_k_replicates // c.K)
+
+    rows = measure(configs, estimate, reference, n_rep, seed=cfg.seed + 4, state_dir=out / "state",
+                   progress=progress, desc="side-by-side replicates", metrics=metrics)
+    summary = _add_ecm(rows, cfg)
+    load1 = os.getloadavg()
+    result = {
+        "command": "carv bench attribution" + (" --quick" if quick else ""),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "loadavg_start": load0, "loadavg_end": load1},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": asdict(cfg),
+        "problem": {"examples": N, "train": prob.num_train, "queries": prob.num_queries,
+                    "train_index": prob.train_index.tolist(), "test_query_index": prob.test_index.tolist(),
+                    "num_params": prob.num_params, "proj_dim": cfg.proj_dim},
+        "reference": ref_info,
+        "pilot": pilot_info,
+        "summary": summary,
+        "rows": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    with open(out / "metrics.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    cols = ("method", "crn", "K", "variance", "spearman", "spearman_se", f"top{cfg.top_k}", "c_draw_s", "ecm",
+            "ecm_bound", "ecm_total")
+    pivots = "\n\n".join(f"**{title}**\n\n" + pivot_markdown(rows, m, f, se) for title, m, f, se in (
+        ("Mean Spearman vs the reference ranking (± s.e. over replicates)", "spearman", "{:.3f}", True),
+        (f"Top-{cfg.top_k} overlap", f"top{cfg.top_k}", "{:.2f}", False),
+        ("Feature variance E||Phi - Phi_ref||^2 (trace, all examples)", "variance", "{:.3g}", False),
+        ("ECM at equal Spearman vs iid (independent draws), cost = evaluations", "ecm", "{:.2f}", False),
+        ("ECM range from the method's Spearman -1 / +1 s.e.", "ecm_range", "{}", False),
+        ("ECM incl. the once-per-example projection", "ecm_total", "{:.2f}", False)))
+    (out / "table.md").write_text(pivots + "\n\n**All rows**\n\n" + markdown_table(rows, cols) + "\n")
+    _plots(rows, out, cfg)
+    if json_path is not None:
+        slim = {"rows": [{"method": r["method"], "crn": r["crn"], "budget": r["K"], "variance": r["variance"],
+                          "spearman": r["spearman"], "ecm": r["ecm"]} for r in rows],
+                "summary": summary, "command": result["command"], "machine": result["machine"],
+                "date": result["date"], "reference": ref_info}
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(slim, indent=2))
+    if progress:
+        print_table(rows, cols, title="carv bench attribution: digits teacher, gradient-feature rankings")
+        b = summary["best"]
+        print(f"best ECM at equal Spearman vs iid (independent draws): K=4 {b.get('4')}, K=64 {b.get('64')}; "
+              f"run folder: {out}")
+    return result
+
+
+def _add_ecm(rows: list[dict], cfg: AttributionBenchConfig) -> dict:
+    """Split the method key into (method, crn) and add ECM at equal Spearman against the baseline."""
+    for r in rows:
+        m, _, kind = r["method"].partition("|")
+        r["method"], r["crn"] = m, kind == "crn"
+    # per-evaluation cost at each budget, pooled over the estimators (all run the same per-draw computation)
+    c_eval = {K: statistics.median(r["c_draw_s"] for r in rows if r["K"] == K) for K in {r["K"] for r in rows}}
+    c_up = statistics.median(r["c_upstream_s"] for r in rows)
+    base = [r for r in rows if r["method"] == BASELINE and not r["crn"]]
+    curve = [(r["K"], r["spearman"], r["K"] * c_eval[r["K"]]) for r in base]
+    curve_total = [(r["K"], r["spearman"], c_up + r["K"] * c_eval[r["K"]]) for r in base]
+    for r in rows:
+        K = r["K"]
+        r["ecm"], r["ecm_bound"] = ecm_at_equal_metric(curve, r["spearman"], K * c_eval[K])
+        se = r.get("spearman_se") or 0.0  # the method's own uncertainty (the baseline's is not propagated)
+        r["ecm_range"] = [ecm_at_equal_metric(curve, r["spearman"] + d, K * c_eval[K])[0] for d in (-se, se)]
+        r["ecm_total"], _ = ecm_at_equal_metric(curve_total, r["spearman"], c_up + K * c_eval[K])
+        r["baseline_budget"] = _interp_budget([(k, m) for k, m, _ in curve], r["spearman"])
+    best = {}
+    for K in cfg.budgets:
+        cands = [r for r in rows if r["K"] == K and not (r["method"] == BASELINE and not r["crn"])]
+        if cands:
+            b = max(cands, key=lambda r: r["ecm"])
+            best[str(K)] = {"method": b["method"], "crn": b["crn"], "ecm": b["ecm"], "ecm_bound": b["ecm_bound"],
+                            "ecm_total": b["ecm_total"], "spearman": b["spearman"]}
+    return {"c_eval_s": {str(k): v for k, v in sorted(c_eval.items())}, "c_upstream_s": c_up, "best": best,
+            "baseline_curve": [{"K": k, "spearman": m} for k, m, _ in sorted(curve)]}
+
+
+def pivot_markdown(rows: list[dict], metric: str, fmt: str = "{:.3f}", with_se: bool = False) -> str:
+    """A Markdown table of one metric: a row per (method, crn), a column per budget."""
+    budgets = sorted({r["K"] for r in rows})
+    keys = list(dict.fromkeys((r["method"], r["crn"]) for r in rows))
+    by = {(r["method"], r["crn"], r["K"]): r for r in rows}
+    lines = ["| method | draws | " + " | ".join(f"K={k}" for k in budgets) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in budgets) + " |"]
+    for m, crn in keys:
+        cells = []
+        for k in budgets:
+            r = by.get((m, crn, k))
+            v = None if r is None else r.get(metric)
+            if v is None:
+                cells.append("")
+                continue
+            cell = "–".join(f"{x:.2f}" for x in v) if isinstance(v, list) else fmt.format(v)
+            if metric == "ecm" and r.get("ecm_bound", "=") != "=":
+                cell = r["ecm_bound"] + cell
+            if with_se and r.get(f"{metric}_se") is not None:
+                cell += " ± " + fmt.format(r[f"{metric}_se"])
+            cells.append(cell)
+        lines.append(f"| {m} | {'CRN' if crn else 'indep.'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plots(rows: list[dict], out: Path, cfg: AttributionBenchConfig) -> None:
+    keyed = [{**r, "method": _key(r["method"], r["crn"])} for r in rows]
+    x = "K (evaluations per data point)"
+    plot_metric_vs_k(keyed, out / "variance_vs_k.png", "variance", "feature variance E||Phi - Phi_ref||^2 (trace)",
+                     "digits attribution: feature variance vs evaluations per data point", logy=True, xlabel=x)
+    plot_metric_vs_k(keyed, out / "spearman_vs_k.png", "spearman", "mean Spearman vs reference ranking",
+                     "digits attribution: ranking stability vs evaluations per data point", xlabel=x)
+    plot_metric_vs_k(keyed, out / f"top{cfg.top_k}_vs_k.png", f"top{cfg.top_k}", f"top-{cfg.top_k} overlap",
+                     f"digits attribution: top-{cfg.top_k} overlap with the reference", xlabel=x)
+    plot_metric_vs_k([r for r in keyed if r["K"] in cfg.budgets], out / "ecm_vs_k.png", "ecm",
+                     "ECM at equal Spearman vs iid (independent)", "digits attribution: effective compute multiplier",
+                     logy=True, xlabel=x, hline=1.0)
+    _plot_pilot(out)
+
+
+def _plot_pilot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = json.loads((out / "pilot.json").read_text())["rms_grad_norm_by_bin"]
+    ts, v = [int(k) for k in info], list(info.values())
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(ts, v, "o-")
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("RMS per-draw gradient norm")
+    ax.set_title("pilot: sqrt(E||grad L||^2 | t) (the learned proposal's shape)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "pilot_grad_norm_vs_t.png")
+    plt.close(fig)
