@@ -35,6 +35,7 @@ __all__ = [
     "fraction_of_bound",
     "CostMeter",
     "AutoK",
+    "ComponentProbe",
 ]
 
 
@@ -266,3 +267,62 @@ class AutoK:
     def load_state_dict(self, state: dict) -> None:
         self.k, self.between, self.within = state["k"], state["between"], state["within"]
         self.steps, self.history = state["steps"], list(state["history"])
+
+
+class ComponentProbe:
+    """Variance components of the *projected* estimate (e.g. the parameter gradient) from one ``R x K``
+    batch, with two extra vector-Jacobian products.
+
+    :func:`variance_components` splits the variance of the per-draw values ``f`` (e.g. render-space
+    residuals). The user pays for their image under the upstream's Jacobian, ``g_r = J_r^T fbar_r``, and
+    the two spaces can split the variance very differently between the between- and the within-sample
+    parts (so the accountant's ``K`` can be far off when it reads the cheap proxy). With ``values`` the
+    weighted per-draw values ``[R, K, ...]`` of one batch, :meth:`cotangents` returns two ``[R, ...]``
+    cotangents for the upstream output ``x``:
+
+    - the *contrast* ``u_r = c_r fbar_r`` with fixed centred signs ``c`` (``sum c = 0``):
+      ``E||sum_r c_r g_r||^2 = (sum c^2) Var(g_r)`` and ``Var(g_r) = sigma_b^2 + sigma_w^2 / K``;
+    - the *half split* ``h_r = mean_A f_r - mean_B f_r`` over a random split of the ``K`` draws into halves
+      ``A``, ``B`` (the same for every row): ``E||sum_r J_r^T h_r||^2 = R (1/|A| + 1/|B|) sigma_w^2``.
+
+    Push each through the upstream (``torch.autograd.grad(x, params, u, retain_graph=True)``) and pass
+    the results to :meth:`components`, which returns ``(sigma_b^2, sigma_w^2)`` of the projected estimate:
+    unbiased (before clipping ``sigma_b^2`` at 0) for iid draws; with stratified draws the within part is
+    conservative, as for :func:`variance_components`.
+    """
+
+    def __init__(self, R: int, K: int):
+        if not isinstance(R, int) or isinstance(R, bool) or R < 2:
+            raise ValueError(f"R: the between-sample part needs R >= 2 upstream samples, got {R!r}")
+        if not isinstance(K, int) or isinstance(K, bool) or K < 2:
+            raise ValueError(f"K: the within-sample part needs K >= 2 draws per upstream sample, got {K!r}")
+        self.R, self.K = R, K
+        s = torch.tensor([1.0 if r % 2 == 0 else -1.0 for r in range(R)], dtype=torch.float64)
+        self.contrast = s - s.mean()
+        self.n_a, self.n_b = K // 2, K - K // 2
+
+    def cotangents(self, values: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(u, h)``, each ``[R, ...]`` like the upstream output, from weighted per-draw values ``[R, K, ...]``."""
+        if values.ndim < 2 or tuple(values.shape[:2]) != (self.R, self.K):
+            raise ValueError(f"values: expected shape [R, K, ...] = [{self.R}, {self.K}, ...], "
+                             f"got {tuple(values.shape)}")
+        v = values.detach()
+        c = self.contrast.to(v.device, v.dtype).reshape(self.R, *([1] * (v.ndim - 2)))
+        u = c * v.mean(1)
+        perm = torch.randperm(self.K, generator=generator, device="cpu" if generator is None else generator.device)
+        perm = perm.to(v.device)
+        h = v[:, perm[: self.n_a]].mean(1) - v[:, perm[self.n_a:]].mean(1)
+        return u, h
+
+    def components(self, projected_contrast, projected_half) -> VarianceComponents:
+        """``(sigma_b^2, sigma_w^2)`` from the projected cotangents (tensors, or sequences of tensors such as
+        one gradient per parameter)."""
+        total = _sq_norm(projected_contrast) / float(self.contrast.pow(2).sum())  # Var(g_r)
+        within = _sq_norm(projected_half) / (self.R * (1.0 / self.n_a + 1.0 / self.n_b))
+        return VarianceComponents(max(total - within / self.K, 0.0), within)
+
+
+def _sq_norm(v) -> float:
+    if isinstance(v, Tensor):
+        return float(v.detach().double().pow(2).sum())
+    return sum(float(t.detach().double().pow(2).sum()) for t in v if t is not None)

@@ -1,0 +1,842 @@
+"""Text-to-3D by score distillation of a voxel grid from the procedural-scene teacher, through carv.
+
+The pipeline (DreamFusion's loop, at CPU scale):
+
+1. **Upstream** (the expensive part): render the learnable :class:`~carv.render.VoxelGrid` (density +
+   colour, post-activated, 48^3 by default) from ``R`` random cameras drawn like the teacher's training
+   views (azimuth over 360 degrees, elevation 0-40, radius 3, field of view 40), at ``render_size``
+   (64 px) with ``n_samples`` jittered samples per ray, composite onto the teacher's grey background,
+   and resize (area) to the teacher's 32 px, as real pipelines render above the teacher's resolution and
+   resize. Its backward pass (render + resize) runs once per step.
+2. **Teacher**: :class:`carv.ScoreDistillation` with the frozen prompt- and view-conditioned DDPM
+   (:func:`carv.teachers.scenes.load_scenes_teacher`), classifier-free guidance, SDS weighting
+   ``w = 1 - alphabar_t`` and the full timestep range ``p = U{0..999}`` (the objective).
+3. **carv** (the default, ``method="carv"``): ``K`` draws per render; the timestep proposal is
+   :class:`carv.LearnedProposal` (``q ~ p sqrt(E||f||^2 | t)``, learned online from the squared residual
+   norms every step computes anyway, the teacher's weight table ``w`` as its prior, refreshed every
+   ``proposal_every`` steps, floor ``0.1``); per-upstream stratification; ``K`` chosen by
+   :class:`carv.AutoK` from the measured stage costs and variance components and re-chosen every
+   ``accountant_every`` steps. ``method="baseline"`` is the plain estimator: uniform ``t``, ``K = 1``.
+   Every variant is unbiased for the same gradient (the proposal at a step depends only on earlier
+   steps' draws).
+
+:class:`Trainer` holds one run (grid, Adam, generator, proposal, accountant, cost meter, clocks) and
+checkpoints it (safetensors for tensors, JSON for the rest; nothing is pickled), so a rerun of the
+same command continues. :func:`run_text_to_3d` is the main job (``carv text-to-3d``): a run folder
+with ``config.json``, ``metrics.jsonl``, ``turntable.png``, ``comparison.png`` and plots; ``compare=True``
+also trains the baseline at equal training wall-clock (the two runs' steps are interleaved in one
+process so that machine load hits both alike) and writes side-by-side turntables and quality-versus-
+compute curves. :func:`bench_text_to_3d` wires this pipeline into the side-by-side benchmark of
+:mod:`carv.bench.text_to_3d`.
+
+Accounting: the stage ``"upstream"`` is charged, per render, the render forward, its backward pass and
+the optimiser step (a per-step cost, amortised over the ``R`` renders of a step); ``"draw"`` is the
+:class:`~carv.ScoreDistillation` call (noising, ``R K`` guided teacher calls, reduction) per draw.
+The accountant reads the variance components of the *parameter* gradient (the vector Adam consumes),
+measured every ``probe_every`` steps by :class:`carv.accounting.ComponentProbe` from the step's own
+draws with two extra backward passes through the renders (about 6% of the training time at the
+defaults; it is charged to the run's clock, not to the stage costs). The render-space components that
+every step reports for free are a poor proxy here: their within/between ratio is tens of times the
+parameter-space one (the render's Jacobian averages the per-pixel noise of the teacher's residual
+away far more than the differences between views), so an accountant reading them picks ``K = k_max``
+where ``K ~ 3-4`` is best (``carv bench text-to-3d`` measures both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from carv._progress import progress_bar
+from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents
+from carv.bench.text_to_3d import equal_quality_ecm
+from carv.objectives.sds import ScoreDistillation, SDSOutput
+from carv.objectives.weighting import weight_table
+from carv.render import VoxelGrid, get_scene, random_cameras, render, turntable_cameras
+from carv.render.cameras import Cameras
+from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, scene_cond
+from carv.teachers.unet import UNetTeacher
+from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "METHODS",
+    "PROPOSALS",
+    "TextTo3DConfig",
+    "SceneProblem",
+    "Trainer",
+    "run_text_to_3d",
+    "TextTo3DPipeline",
+    "bench_text_to_3d",
+]
+
+DEFAULT_PROMPT = "a red mushroom"
+METHODS = ("carv", "baseline")
+PROPOSALS = ("none", "weight", "learned")
+EVAL_SEED = 20_251_127  # held-out cameras: never drawn by a training generator (those are seeded by `seed`)
+CHECKPOINT_STEM = "checkpoint"  # checkpoint-<step>.safetensors (tensors) + checkpoint.json (the rest)
+CHECKPOINT_JSON = "checkpoint.json"
+# config fields a resumed run may change (they do not change what a step computes)
+RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
+
+
+@dataclass
+class TextTo3DConfig:
+    """One text-to-3D run. ``method`` picks the estimator preset; ``None`` fields take the preset's value.
+
+    ``carv``: learned proposal (weight-table prior), per-upstream stratification, ``K`` from the
+    accountant. ``baseline``: uniform timesteps, no stratification, ``K = 1``.
+    """
+
+    prompt: str = DEFAULT_PROMPT
+    method: str = "carv"
+    steps: int = 300
+    budget_s: float | None = None  # also stop once this many seconds of training (step) time are spent
+    # the estimator
+    R: int = 2
+    K: int | None = None  # None: carv -> the accountant chooses; baseline -> 1
+    proposal: str | None = None  # None: carv -> "learned", baseline -> "none"
+    stratify: str | None = None  # None: carv -> "per_upstream", baseline -> "none"
+    floor: float = 0.1
+    proposal_every: int = 10
+    k_init: int = 4
+    k_max: int = 16
+    accountant_every: int = 20  # steps between re-choices of K
+    probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
+    guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
+    # the scene representation and the renderer
+    grid_resolution: int = 48
+    render_size: int = 64
+    n_samples: int = 48
+    init_blob: float = 5.0  # peak raw density of the initial blob (0: start from an empty grid)
+    lr: float = 0.1
+    tv_weight: float = 0.0
+    # the run folder
+    eval_every_s: float = 20.0  # training seconds between quality evaluations (16 held-out views)
+    n_eval_views: int = 16
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int | None = None
+
+    # ---------------------------------------------------------------- presets
+    @property
+    def resolved_proposal(self) -> str:
+        return self.proposal if self.proposal is not None else ("learned" if self.method == "carv" else "none")
+
+    @property
+    def resolved_stratify(self) -> str:
+        return self.stratify if self.stratify is not None else ("per_upstream" if self.method == "carv" else "none")
+
+    @property
+    def auto_k(self) -> bool:
+        return self.K is None and self.method == "carv"
+
+    @property
+    def initial_k(self) -> int:
+        if self.K is not None:
+            return self.K
+        return self.k_init if self.method == "carv" else 1
+
+    def validate(self) -> None:
+        get_scene(self.prompt)  # ValueError listing the allowed prompts
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        for name in ("steps", "R", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
+                     "grid_resolution",
+                     "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
+            _positive_int(getattr(self, name), name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        if self.K is not None:
+            _positive_int(self.K, "K")
+        if self.threads is not None:
+            _positive_int(self.threads, "threads")
+        if self.grid_resolution < 4:
+            raise ValueError(f"grid_resolution: expected an integer >= 4, got {self.grid_resolution}")
+        if self.render_size < 32 or self.render_size % 32:
+            raise ValueError(f"render_size: expected a multiple of the teacher's 32 px (32, 64, 96, ...), "
+                             f"got {self.render_size}")
+        if self.resolved_proposal not in PROPOSALS:
+            raise ValueError(f"proposal: expected one of {PROPOSALS}, got {self.proposal!r}")
+        allowed = tuple(m for m in STRATIFY_MODES if m != "grid")
+        if self.resolved_stratify not in allowed:
+            raise ValueError(f"stratify: expected one of {allowed} ('grid' is biased), got {self.stratify!r}")
+        if not (isinstance(self.floor, (int, float)) and 0 < self.floor <= 1):
+            raise ValueError(f"floor: expected a number in (0, 1], got {self.floor!r}")
+        if not self.k_init <= self.k_max or self.k_init < 2:
+            raise ValueError(f"k_init, k_max: need 2 <= k_init <= k_max, got k_init={self.k_init}, k_max={self.k_max}")
+        if self.auto_k and self.R < 2:
+            raise ValueError(f"R: the accountant needs R >= 2 renders per step to measure the between-render "
+                             f"variance, got R={self.R}; pass a fixed K or R >= 2")
+        for name in ("guidance_scale", "tv_weight", "init_blob"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+        for name in ("lr", "eval_every_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
+                                          or not self.budget_s > 0):
+            raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
+
+
+def _positive_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
+# --------------------------------------------------------------------------- the pipeline
+class SceneProblem:
+    """Teacher + prompt + renderer settings + held-out views: everything a step or an evaluation needs.
+
+    Stateless with respect to the grid, so one problem serves several runs (and the benchmark).
+    """
+
+    def __init__(self, prompt: str, teacher: UNetTeacher | None = None, render_size: int = 64, n_samples: int = 48,
+                 guidance_scale: float = 3.0, n_eval_views: int = 16, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock  # times the stages and the runs' training time (the benchmark uses CPU time)
+        self.scene = get_scene(prompt)
+        self.prompt = self.scene.prompt
+        self.teacher = teacher if teacher is not None else load_scenes_teacher()
+        self.prompts = list(self.teacher.meta.get("prompts", []))
+        if self.prompt not in self.prompts:
+            raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {self.prompts}")
+        self.image_size = int(self.teacher.meta.get("render", {}).get("image_size", RENDER_SETTINGS["image_size"]))
+        if render_size % self.image_size:
+            raise ValueError(f"render_size: must be a multiple of the teacher's {self.image_size} px, "
+                             f"got {render_size}")
+        self.render_size, self.n_samples = render_size, n_samples
+        self.guidance_scale = float(guidance_scale)
+        self.schedule = self.teacher.schedule
+        self.T = self.schedule.num_timesteps
+        self.w = weight_table("sds", self.schedule)
+        rs = RENDER_SETTINGS
+        self.elevation_range = tuple(rs["elevation_range"])
+        self.radius, self.fov = float(rs["radius"]), float(rs["fov_deg"])
+        # held-out views: fixed cameras from their own seed, ground truth made like the teacher's data
+        self.eval_cameras = random_cameras(n_eval_views, torch.Generator().manual_seed(EVAL_SEED),
+                                           self.elevation_range, self.radius, self.fov)
+        with torch.no_grad():
+            gt = render(self.scene.bake(rs["bake_resolution"]), self.eval_cameras, self.image_size,
+                        n_samples=rs["n_samples"], bound=self.scene.aabb, background=BACKGROUND,
+                        supersample=rs["supersample"])
+        self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
+
+    # ---------------------------------------------------------------- pieces
+    def new_grid(self, resolution: int, init_blob: float) -> VoxelGrid:
+        grid = VoxelGrid(resolution, bound=1.0)
+        if init_blob > 0:
+            grid.add_blob_(radius=0.5, peak=init_blob)
+        return grid
+
+    def sampler(self, proposal: str, stratify: str, floor: float, learned: LearnedProposal | None = None,
+                t_min: int = 0, t_max: int | None = None) -> TimestepSampler:
+        """The timestep sampler of a method (the tables come from the library; nothing is reimplemented)."""
+        if proposal == "none":
+            return TimestepSampler(self.T, t_min, t_max, stratify=stratify)
+        if proposal == "weight":
+            return TimestepSampler(self.T, t_min, t_max, importance=self.w, floor=floor, stratify=stratify)
+        if proposal == "learned":
+            imp = learned.importance() if learned is not None else self.w
+            return TimestepSampler(self.T, t_min, t_max, importance=imp, floor=floor, stratify=stratify)
+        raise ValueError(f"proposal: expected one of {PROPOSALS}, got {proposal!r}")
+
+    def sds(self, sampler: TimestepSampler, K: int) -> ScoreDistillation:
+        return ScoreDistillation(self.teacher, sampler, K=K, weighting="sds", guidance_scale=self.guidance_scale)
+
+    def cameras(self, R: int, generator: torch.Generator) -> Cameras:
+        return random_cameras(R, generator, self.elevation_range, self.radius, self.fov)
+
+    def render(self, grid: VoxelGrid, cameras: Cameras, generator: torch.Generator | None = None,
+               render_size: int | None = None, n_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(x [B, 3, 32, 32] in [-1, 1], opacity [B, 1, 32, 32])``: render at ``render_size`` on the grey
+        background, then area-resize to the teacher's size. ``generator`` jitters the samples along rays."""
+        size = render_size or self.render_size
+        out = render(grid, cameras, size, n_samples=n_samples or self.n_samples, bound=grid.bound,
+                     background=BACKGROUND, generator=generator)
+        rgb, opacity = out.rgb, out.opacity
+        if size != self.image_size:
+            rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="area")
+            opacity = F.interpolate(opacity, size=(self.image_size, self.image_size), mode="area")
+        return rgb * 2.0 - 1.0, opacity
+
+    def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
+                 render_size: int | None = None, n_samples: int | None = None,
+                 probe: bool = False) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
+        """One SDS gradient step's worth of work: ``R`` renders, ``R K`` teacher draws, one backward.
+
+        Accumulates the SDS gradient into ``grid``'s ``.grad`` and returns the SDS output, the seconds
+        spent in the stages (``upstream``: render + backward, ``draw``: the SDS call, ``probe``) and, with
+        ``probe=True``, the variance components of the *parameter* gradient from two extra backward
+        passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
+        """
+        t0 = self.clock()
+        cams = self.cameras(R, generator)
+        x, _ = self.render(grid, cams, generator, render_size, n_samples)
+        t1 = self.clock()
+        out = sds(x, scene_cond(self.prompt, cams, self.prompts), generator, keep_draws=probe)
+        t2 = self.clock()
+        out.loss.backward(retain_graph=probe)
+        t3 = self.clock()
+        comps = None
+        if probe:
+            pr = ComponentProbe(R, sds.K)
+            u, h = pr.cotangents(out.estimate.draws, generator)
+            params = [grid.density, grid.color]
+            ju = torch.autograd.grad(x, params, u, retain_graph=True)
+            jh = torch.autograd.grad(x, params, h)
+            comps = pr.components(ju, jh)
+            out.estimate.draws = None
+        t4 = self.clock()
+        return out, {"upstream": (t1 - t0) + (t3 - t2), "draw": t2 - t1, "probe": t4 - t3}, comps
+
+    @torch.no_grad()
+    def evaluate(self, grid: VoxelGrid) -> dict[str, float]:
+        """PSNR (dB, colour in [0, 1], MSE pooled over the held-out views) and mask IoU (opacity > 0.5)."""
+        x, opacity = self.render(grid, self.eval_cameras)
+        rgb = (x + 1.0) / 2.0
+        mse = float((rgb - self.gt_rgb).pow(2).mean())
+        pred, true = opacity > 0.5, self.gt_opacity > 0.5
+        union = int((pred | true).sum())
+        iou = float((pred & true).sum()) / union if union else 1.0
+        return {"psnr": -10.0 * math.log10(max(mse, 1e-12)), "iou": iou, "mse": mse}
+
+
+def _grid_grad(grid: VoxelGrid) -> Tensor:
+    return torch.cat([grid.density.grad.reshape(-1), grid.color.grad.reshape(-1)])
+
+
+# --------------------------------------------------------------------------- one run
+class Trainer:
+    """One run's state: grid, optimiser, generator, proposal, accountant, cost meter, clocks, evaluations.
+
+    ``step()`` does one optimisation step; ``evaluate()`` measures quality on the held-out views (its time
+    is not charged to the run). ``save()`` / the constructor (``resume=True``) checkpoint and restore the
+    whole state, so a resumed run continues exactly where the checkpoint was taken (up to the
+    accountant's choices, which read measured wall-clock costs).
+    """
+
+    def __init__(self, cfg: TextTo3DConfig, out_dir: str | Path | None = None, problem: SceneProblem | None = None,
+                 resume: bool = True, teacher: UNetTeacher | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.problem = problem if problem is not None else SceneProblem(
+            cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views)
+        p = self.problem
+        if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
+                get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
+            raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
+        self.grid = p.new_grid(cfg.grid_resolution, cfg.init_blob)
+        self.opt = torch.optim.Adam(self.grid.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None
+        self.sds = p.sds(p.sampler(cfg.resolved_proposal, cfg.resolved_stratify, cfg.floor, self.learned),
+                         cfg.initial_k)
+        # the importance table the sampler uses now (refreshed from the learned proposal every proposal_every steps)
+        self.importance = p.w.clone() if cfg.resolved_proposal in ("weight", "learned") else None
+        self.autok = AutoK(k_init=cfg.k_init, k_min=2, k_max=cfg.k_max, decay=0.8,
+                           every=max(1, cfg.accountant_every // cfg.probe_every)) if cfg.auto_k else None
+        self.meter = CostMeter()
+        self.step_count = 0
+        self.elapsed = 0.0  # seconds of training (step) time; evaluation and checkpointing are not counted
+        self.next_eval = 0.0
+        self.evals: list[dict] = []
+        self.resumed_from: int | None = None
+        if self.out is not None and resume and (self.out / CHECKPOINT_JSON).is_file():
+            self._load()
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def K(self) -> int:
+        return self.sds.K
+
+    @property
+    def done(self) -> bool:
+        if self.step_count >= self.cfg.steps:
+            return True
+        return self.cfg.budget_s is not None and self.elapsed >= self.cfg.budget_s
+
+    # ---------------------------------------------------------------- training
+    def step(self) -> dict[str, Any]:
+        """One optimisation step; returns its metrics row."""
+        cfg, p = self.cfg, self.problem
+        t0 = p.clock()
+        self.opt.zero_grad(set_to_none=True)
+        probe = self.autok is not None and self.step_count % cfg.probe_every == 0
+        out, secs, comps = p.gradient(self.grid, self.sds, cfg.R, self.generator, probe=probe)
+        t1 = p.clock()
+        if cfg.tv_weight > 0:
+            (cfg.tv_weight * self.grid.tv_loss()).backward()
+        self.opt.step()
+        t2 = p.clock()
+        R, K = cfg.R, self.sds.K
+        # the optimiser step is a per-step cost: charge it to the renders of the step
+        self.meter.add("upstream", secs["upstream"] + (t2 - t1), count=R)
+        self.meter.add("draw", secs["draw"], count=R * K)
+        est = out.estimate
+        if self.learned is not None:
+            self.learned.update(out.draws.t, est.sq_norms)
+        self.step_count += 1
+        if self.learned is not None and self.step_count % cfg.proposal_every == 0:
+            self.importance = self.learned.importance()
+            self.sds.sampler.set_importance(self.importance)
+        if comps is not None:  # parameter-space components: the accountant's input (probe steps only)
+            self.autok.observe(comps.between, comps.within)
+            self.sds.K = self.autok.step(self.meter)
+        self.elapsed += p.clock() - t0
+        row = {"kind": "step", "step": self.step_count, "elapsed_s": self.elapsed, "R": R, "K": K,
+               "next_K": self.sds.K, "between_x": est.between, "within_x": est.within,
+               "grad_x_norm": float(out.grad.norm()), "step_s": p.clock() - t0}
+        if comps is not None:
+            row.update(between_param=comps.between, within_param=comps.within, probe_s=secs["probe"])
+        return row
+
+    def evaluate(self) -> dict[str, Any]:
+        row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
+        self.evals.append(row)
+        return row
+
+    def eval_due(self) -> bool:
+        return self.elapsed >= self.next_eval
+
+    def mark_evaluated(self) -> None:
+        while self.next_eval <= self.elapsed:
+            self.next_eval += self.cfg.eval_every_s
+
+    # ---------------------------------------------------------------- checkpoint
+    def save(self) -> None:
+        if self.out is None:
+            raise ValueError("out_dir: this trainer has no run folder to checkpoint into")
+        self.out.mkdir(parents=True, exist_ok=True)
+        tensors = {"grid.density": self.grid.density.detach(), "grid.color": self.grid.color.detach(),
+                   "rng": self.generator.get_state()}
+        opt_state = self.opt.state_dict()
+        for i, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v)
+        if self.learned is not None:
+            for k, v in self.learned.state_dict().items():
+                tensors[f"learned.{k}"] = v
+        if self.importance is not None:
+            tensors["sampler.importance"] = self.importance
+        meta = {
+            "version": 1,
+            "config": asdict(self.cfg),
+            "step": self.step_count,
+            "elapsed_s": self.elapsed,
+            "next_eval": self.next_eval,
+            "K": self.sds.K,
+            "opt_param_groups": opt_state["param_groups"],
+            "autok": self.autok.state_dict() if self.autok is not None else None,
+            "meter": self.meter.state_dict(),
+            "evals": self.evals,
+        }
+        # tensors under a name per step, then the JSON that points at them (an atomic rename), then the old
+        # tensors go: an interruption at any point leaves a consistent checkpoint
+        name = f"{CHECKPOINT_STEM}-{self.step_count:07d}.safetensors"
+        tmp = self.out / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self.out / name)
+        meta["tensors"] = name
+        tmpj = self.out / (CHECKPOINT_JSON + ".tmp")
+        tmpj.write_text(json.dumps(meta))
+        tmpj.replace(self.out / CHECKPOINT_JSON)
+        for old in self.out.glob(f"{CHECKPOINT_STEM}-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _load(self) -> None:
+        meta = json.loads((self.out / CHECKPOINT_JSON).read_text())
+        saved = meta["config"]
+        now = asdict(self.cfg)
+        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if diff:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise ValueError(f"out_dir: {str(self.out)!r} holds a run with a different configuration ({details}); "
+                             f"use another --out, the same settings, or --restart")
+        tensors = load_file(str(self.out / meta["tensors"]))
+        with torch.no_grad():
+            self.grid.density.copy_(tensors["grid.density"])
+            self.grid.color.copy_(tensors["grid.color"])
+        state = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                state.setdefault(int(i), {})[k] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
+        self.generator.set_state(tensors["rng"])
+        if self.learned is not None:
+            self.learned.load_state_dict({"m2": tensors["learned.m2"], "mass": tensors["learned.mass"]})
+        if self.importance is not None:
+            self.importance = tensors["sampler.importance"].to(torch.float64)
+            self.sds.sampler.set_importance(self.importance)
+        if self.autok is not None and meta["autok"] is not None:
+            self.autok.load_state_dict(meta["autok"])
+        self.sds.K = int(meta["K"])
+        self.meter.load_state_dict(meta["meter"])
+        self.step_count, self.elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        self.next_eval, self.evals = float(meta["next_eval"]), list(meta["evals"])
+        self.resumed_from = self.step_count
+
+
+# --------------------------------------------------------------------------- images and plots
+def _to_img(x: Tensor) -> Any:
+    """``[3, H, W]`` in [0, 1] -> HWC numpy for imshow."""
+    return x.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def save_image_rows(rows: list[Tensor], row_names: list[str], path: str | Path, title: str = "",
+                    col_names: list[str] | None = None) -> None:
+    """A labelled grid of images: ``rows[i]`` is ``[n, 3, H, W]`` in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrow, ncol = len(rows), rows[0].shape[0]
+    fig, axs = plt.subplots(nrow, ncol, figsize=(1.2 * ncol + 1.2, 1.2 * nrow + 0.5), dpi=110, squeeze=False)
+    for r, imgs in enumerate(rows):
+        for c in range(ncol):
+            ax = axs[r, c]
+            ax.imshow(_to_img(imgs[c]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and col_names:
+                ax.set_title(col_names[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_names[r], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.14, right=0.99, top=0.86 if title else 0.95, bottom=0.02, wspace=0.04, hspace=0.08)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def turntable(problem: SceneProblem, grid: VoxelGrid | None, n: int = 8, elevation: float = 20.0) -> Tensor:
+    """``[n, 3, S, S]`` in [0, 1] turntable views of ``grid`` (or of the ground truth when ``grid`` is None)."""
+    cams = turntable_cameras(n, elevation, problem.radius, problem.fov)
+    S = problem.render_size
+    if grid is None:
+        rs = RENDER_SETTINGS
+        return render(problem.scene.bake(rs["bake_resolution"]), cams, S, bound=problem.scene.aabb,
+                      n_samples=rs["n_samples"] * S // problem.image_size, background=BACKGROUND).rgb
+    return render(grid, cams, S, n_samples=problem.n_samples, bound=grid.bound, background=BACKGROUND).rgb
+
+
+def plot_quality_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
+    """PSNR and mask IoU against training seconds, one line per run (``curves[name]`` = eval rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for i, (name, rows) in enumerate(curves.items()):
+        xs = [r["elapsed_s"] for r in rows]
+        for ax, key in zip(axs, ("psnr", "iou"), strict=True):
+            ax.plot(xs, [r[key] for r in rows], "o-", ms=3, color=f"C{i}", label=name)
+    axs[0].set_ylabel("PSNR on 16 held-out views (dB)")
+    axs[1].set_ylabel("mask IoU on 16 held-out views")
+    for ax in axs:
+        ax.set_xlabel("training seconds (render + teacher + backward + optimiser)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_run_diagnostics(trainer: Trainer, steps: list[dict], path: str | Path) -> None:
+    """K chosen by the accountant against step, and the timestep proposal against the objective's ``p``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    if steps:
+        axs[0].step([r["step"] for r in steps], [r["K"] for r in steps], where="post")
+    axs[0].set_xlabel("step")
+    axs[0].set_ylabel("K (draws per render)")
+    axs[0].set_title("K used per step" + (" (accountant)" if trainer.autok is not None else ""), fontsize=9)
+    axs[0].grid(True, alpha=0.3)
+    s = trainer.sds.sampler
+    T = s.num_timesteps
+    axs[1].plot(range(T), (s.p * T).numpy(), label="p (objective: uniform)", color="grey")
+    w = trainer.problem.w
+    axs[1].plot(range(T), (0.9 * w / w.sum() * T + 0.1).numpy(), label="q ~ p w (weight, floor 0.1)", ls="--")
+    axs[1].plot(range(T), (s.q * T).numpy(), label="q used now", color="C3")
+    axs[1].set_xlabel("timestep t")
+    axs[1].set_ylabel("density x T")
+    axs[1].set_title("timestep proposal", fontsize=9)
+    axs[1].legend(fontsize=7)
+    axs[1].grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the main job
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint being resumed (those steps are redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _prepare(trainer: Trainer) -> Path:
+    out = trainer.out
+    out.mkdir(parents=True, exist_ok=True)
+    if trainer.resumed_from is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        _truncate_metrics(out / "metrics.jsonl", trainer.resumed_from)
+    (out / "config.json").write_text(json.dumps({**asdict(trainer.cfg), "proposal_resolved":
+                                                 trainer.cfg.resolved_proposal, "stratify_resolved":
+                                                 trainer.cfg.resolved_stratify}, indent=2))
+    return out / "metrics.jsonl"
+
+
+def _train_step(trainer: Trainer, metrics: Path) -> None:
+    if trainer.eval_due():
+        _append_jsonl(metrics, trainer.evaluate())
+        trainer.mark_evaluated()
+    _append_jsonl(metrics, trainer.step())
+    if trainer.step_count % trainer.cfg.checkpoint_every == 0:
+        trainer.save()
+
+
+def _finish(trainer: Trainer, metrics: Path) -> dict:
+    if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
+        _append_jsonl(metrics, trainer.evaluate())
+    trainer.save()
+    return trainer.evals[-1]
+
+
+def _write_run_outputs(trainer: Trainer, title: str) -> None:
+    out, p = trainer.out, trainer.problem
+    tt = turntable(p, trainer.grid)
+    save_image_rows([tt], [trainer.cfg.method], out / "turntable.png",
+                    f"{p.prompt!r}: {title}, turntable (elevation 20)",
+                    [f"az {int(a)}" for a in torch.arange(8) * 45])
+    with torch.no_grad():
+        x, op = p.render(trainer.grid, p.eval_cameras)
+    n = min(8, x.shape[0])
+    rows = [p.gt_rgb[:n], ((x + 1) / 2)[:n], p.gt_opacity[:n].expand(-1, 3, -1, -1), op[:n].expand(-1, 3, -1, -1)]
+    ev = trainer.evals[-1]
+    save_image_rows(rows, ["ground truth", "learned", "GT mask", "learned mask"], out / "comparison.png",
+                    f"{p.prompt!r} ({trainer.cfg.method}), held-out views at 32 px: PSNR {ev['psnr']:.2f} dB "
+                    f"(16 views), mask IoU {ev['iou']:.3f}")
+    plot_quality_curves({trainer.cfg.method: trainer.evals}, out / "quality_vs_time.png",
+                        f"{p.prompt!r}: quality on held-out views vs training time")
+    steps = [r for r in _read_jsonl(out / "metrics.jsonl") if r.get("kind") == "step"]
+    plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")
+
+
+def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = None,
+                   cfg: TextTo3DConfig | None = None, compare: bool = False, restart: bool = False,
+                   progress: bool = True, teacher: UNetTeacher | None = None) -> dict:
+    """The main job: distil ``prompt`` into a voxel grid; write (and resume) a run folder; return a summary.
+
+    With ``compare=True`` the run folder gets ``carv/`` and ``baseline/`` sub-runs trained at equal
+    training wall-clock (interleaved step by step: the run with less training time so far steps next,
+    and the baseline stops once it has used as much time as the carv run), ``turntables.png`` side by
+    side and ``quality_vs_compute.png``.
+    """
+    cfg = dataclasses.replace(cfg) if cfg is not None else TextTo3DConfig()
+    cfg.prompt = prompt
+    cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir) if out_dir is not None else Path("runs/text-to-3d") / _slug(get_scene(prompt).prompt)
+    if restart:
+        for sub in ([out] + [out / m for m in METHODS]):
+            stale = [q.name for q in sub.glob(f"{CHECKPOINT_STEM}-*.safetensors")]
+            for f in [CHECKPOINT_JSON, "metrics.jsonl", *stale]:
+                (sub / f).unlink(missing_ok=True)
+    teacher = teacher if teacher is not None else load_scenes_teacher()
+    problem = SceneProblem(cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views)
+    if not compare:
+        trainer = Trainer(cfg, out, problem)
+        metrics = _prepare(trainer)
+        bar = progress_bar(None, progress, total=cfg.steps, initial=trainer.step_count, desc=f"text-to-3d {cfg.method}")
+        while not trainer.done:
+            _train_step(trainer, metrics)
+            bar.update(1)
+            bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
+        bar.close()
+        final = _finish(trainer, metrics)
+        _write_run_outputs(trainer, cfg.method)
+        summary = {"command": "carv text-to-3d", "prompt": problem.prompt, "method": cfg.method,
+                   "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,
+                   "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
+                   "c_draw_s": trainer.meter.median("draw"), "resumed_from": trainer.resumed_from,
+                   "machine": _machine()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if progress:
+            print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
+                  f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
+        return summary
+
+    cfgs = {"carv": dataclasses.replace(cfg, method="carv"),
+            "baseline": dataclasses.replace(cfg, method="baseline", K=None, proposal=None, stratify=None,
+                                            steps=10**9, budget_s=None)}
+    trainers = {m: Trainer(c, out / m, problem) for m, c in cfgs.items()}
+    metrics = {m: _prepare(t) for m, t in trainers.items()}
+    carv_t, base_t = trainers["carv"], trainers["baseline"]
+    bar = progress_bar(None, progress, total=cfg.steps, initial=carv_t.step_count, desc="text-to-3d compare")
+    while True:
+        base_due = base_t.elapsed < carv_t.elapsed or carv_t.done
+        if carv_t.done and base_t.elapsed >= carv_t.elapsed:
+            break
+        if base_due:
+            _train_step(base_t, metrics["baseline"])
+        else:
+            _train_step(carv_t, metrics["carv"])
+            bar.update(1)
+        bar.set_postfix(K=carv_t.K, base_steps=base_t.step_count)
+    bar.close()
+    finals = {m: _finish(t, metrics[m]) for m, t in trainers.items()}
+    for m, t in trainers.items():
+        _write_run_outputs(t, m)
+    gt = turntable(problem, None)
+    save_image_rows([gt, turntable(problem, base_t.grid), turntable(problem, carv_t.grid)],
+                    ["ground truth", f"baseline\n{base_t.step_count} steps", f"carv\n{carv_t.step_count} steps"],
+                    out / "turntables.png",
+                    f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)",
+                    [f"az {int(a)}" for a in torch.arange(8) * 45])
+    plot_quality_curves({"baseline (uniform, K=1)": base_t.evals, "carv (learned q, strata, auto K)": carv_t.evals},
+                        out / "quality_vs_compute.png", f"{problem.prompt!r}: held-out quality vs training time")
+    ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in ("psnr", "iou")}
+    summary = {"command": "carv text-to-3d --compare", "prompt": problem.prompt, "train_seconds_each": carv_t.elapsed,
+               "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
+               "ecm_equal_quality": ecm_q, "K_final": carv_t.K, "machine": _machine()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if progress:
+        for m in METHODS:
+            f = finals[m]
+            print(f"{m:>8}: {trainers[m].step_count:5d} steps, PSNR {f['psnr']:.2f} dB, mask IoU {f['iou']:.3f}")
+        e = ecm_q["psnr"]
+        print(f"ECM at equal PSNR: {e['ecm']:.2f}x" if e["ecm"] is not None else f"ECM at equal PSNR: {e['note']}")
+        print(f"run folder: {out}")
+    return summary
+
+
+def _slug(prompt: str) -> str:
+    return "-".join(prompt.split())
+
+
+class TextTo3DPipeline:
+    """This pipeline as :class:`carv.bench.text_to_3d.Pipeline` (problems, trainers, grids) for the benchmark."""
+
+    def __init__(self, cfg: TextTo3DConfig | None = None, teacher: UNetTeacher | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.cfg = cfg or TextTo3DConfig()
+        self.teacher = teacher if teacher is not None else load_scenes_teacher()
+        self.clock = clock
+        self._problems: dict[str, SceneProblem] = {}
+
+    def problem(self, prompt: str) -> SceneProblem:
+        key = get_scene(prompt).prompt
+        if key not in self._problems:
+            c = self.cfg
+            self._problems[key] = SceneProblem(key, self.teacher, c.render_size, c.n_samples, c.guidance_scale,
+                                               c.n_eval_views, self.clock)
+        return self._problems[key]
+
+    def trainer(self, prompt: str, method: str, seed: int, out_dir: Path, steps: int, budget_s: float | None,
+                eval_every_s: float) -> Trainer:
+        cfg = dataclasses.replace(self.cfg, prompt=get_scene(prompt).prompt, method=method, seed=seed, steps=steps,
+                                  budget_s=budget_s, eval_every_s=eval_every_s)
+        return Trainer(cfg, out_dir, self.problem(prompt))
+
+    def grid_tensors(self, trainer: Trainer) -> dict[str, Tensor]:
+        return {"density": trainer.grid.density, "color": trainer.grid.color}
+
+    def grid_from_tensors(self, tensors: dict[str, Tensor]) -> VoxelGrid:
+        grid = VoxelGrid(int(tensors["density"].shape[-1]), bound=1.0)
+        with torch.no_grad():
+            grid.density.copy_(tensors["density"])
+            grid.color.copy_(tensors["color"])
+        return grid
+
+    def grid_gradient(self, grid: VoxelGrid) -> Tensor:
+        return _grid_grad(grid)
+
+    def zero_grad(self, grid: VoxelGrid) -> None:
+        grid.zero_grad(set_to_none=True)
+
+
+def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool = False,
+                     json_path: str | Path | None = None, threads: int | None = None, seed: int = 0,
+                     progress: bool = True, settings=None, cfg: TextTo3DConfig | None = None,
+                     command: str | None = None) -> dict:
+    """``carv bench text-to-3d``: :func:`carv.bench.text_to_3d.run_bench` with this pipeline wired in."""
+    from carv.bench.text_to_3d import BenchSettings, run_bench
+
+    if settings is None:
+        settings = BenchSettings.quick(seed=seed, threads=threads) if quick else BenchSettings(seed=seed,
+                                                                                                 threads=threads)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    clock = time.process_time if settings.clock == "process" else time.perf_counter
+    return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress, command)
+
+
+def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
+                        compare: bool = False, restart: bool = False, progress: bool = True) -> dict:
+    """The ``carv text-to-3d`` command: flags (None = default) -> config -> :func:`run_text_to_3d`."""
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    get_scene(prompt)  # a bad prompt fails first, with the list of allowed prompts
+    names = {f.name for f in dataclasses.fields(TextTo3DConfig)}
+    unknown = sorted(set(flags) - names)
+    if unknown:
+        raise ValueError(f"flags: unknown option(s) {unknown}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    if baseline and compare:
+        raise ValueError("baseline, compare: --compare already trains the baseline next to carv; pass one of them")
+    if baseline:
+        clash = sorted(k for k in ("K", "proposal", "stratify") if k in given and not (k == "K" and given[k] == 1))
+        if clash:
+            raise ValueError(f"baseline: --baseline fixes uniform timesteps and K = 1; it conflicts with "
+                             f"{', '.join('--' + c for c in clash)}")
+        given["method"] = "baseline"
+    cfg = TextTo3DConfig(**{**given, "prompt": prompt})
+    cfg.validate()
+    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress)

@@ -1,0 +1,814 @@
+"""Side-by-side benchmark of carv on text-to-3D score distillation (``carv bench text-to-3d``).
+
+What is measured (every ratio side by side, in one run, with the harness of :mod:`carv.bench.harness`):
+
+1. **Gradient variance in parameter space** (the voxel grid's density + colour gradient, the vector
+   Adam consumes) at three snapshots of a baseline run (early / middle / late), by interleaved
+   replicates against a high-sample reference, for uniform / importance / stratified / importance +
+   stratified timesteps at every ``(R, K)`` of ``Rs x Ks``, with the stage costs measured in the same
+   run: ECM against uniform ``(R=2, K=1)``, RE at matched ``(R, K)``, the fraction of the efficiency
+   bound, ``c_up / c_draw``, and the ``K`` the online accountant picks (from the render-space variance
+   components and the measured costs of a short pilot, exactly as the app does), checked against the
+   best fixed ``K`` in hindsight by measuring the accountant's ``K`` like any other row.
+2. **Peers' timestep samplers** at their own defaults (one draw per render, ``K = 1``):
+   threestudio / DMD2 (uniform in ``[0.02, 0.98] T``: a different, truncated objective, so its row
+   reports the error against the full-range reference, bias included, next to its replicate
+   variance), VDM's low-discrepancy "antithetic time" (``stratify="lattice"`` over the batch) and
+   improved-diffusion's loss-second-moment resampler (:class:`carv.SecondMomentResampler`, warmed up
+   on pilot draws; its per-timestep table would need 10 losses at each of 1000 timesteps, so it runs
+   on 50 bins of 20 timesteps and is fed the per-draw mean squared residual as its "loss").
+3. **Quality versus compute**: PSNR and mask IoU on 16 held-out views, baseline and carv trained at
+   equal training wall-clock (steps interleaved in one process), several prompts x seeds; ECM at equal
+   quality = time for the baseline to reach its final quality / time for carv to reach it.
+4. **Plots**: variance vs compute labelled ``(R, K)``; ECM vs ``K``; predicted vs measured ECM as the
+   render-to-teacher cost ratio varies (renders of different size / samples per ray; the prediction
+   uses the variance components fitted at the default setting and each setting's measured costs).
+
+Costs: on these shared 2-core machines the wall-clock of one estimate moved three-fold within a run as
+other jobs started and stopped (and configurations measured with more replicates ran partly in
+different periods), so by default every cost and training budget is this process's CPU time
+(``time.process_time``) with one torch thread, which is the compute actually spent and does not move
+with the other jobs' load (``BenchSettings.clock = "wall"`` measures wall-clock instead, for a dedicated
+machine or a GPU). The quality comparison interleaves the two runs' steps as well.
+
+The pipeline (renderer, teacher, trainer) is passed in by the app layer (:func:`run_bench` takes a
+:class:`Pipeline`), so this module depends only on the library below it. Everything is resumable:
+each stage writes its results into the run folder and a rerun skips what is done (the replicate
+loops resume mid-way through :func:`~carv.bench.harness.measure`'s state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from carv._progress import progress_bar
+from carv.accounting import AutoK, CostMeter, work_normalised_variance
+from carv.bench.harness import Config, add_figures, fit_components, measure, reference_mean
+from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
+from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepSampler
+
+__all__ = ["BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "equal_quality_ecm"]
+
+# method -> (proposal, stratify); "importance" is the app's default proposal (see BenchSettings.proposal)
+CARV_METHODS = ("uniform", "importance", "stratified", "importance+stratified")
+PEER_METHODS = ("threestudio", "vdm", "improved-diffusion")
+CHECKPOINTS = ("early", "middle", "late")
+
+
+# --------------------------------------------------------------------------- what the app provides
+class Problem(Protocol):
+    T: int
+    w: Tensor
+
+    def sampler(self, proposal: str, stratify: str, floor: float, learned: LearnedProposal | None = None,
+                t_min: int = 0, t_max: int | None = None) -> TimestepSampler: ...
+
+    def sds(self, sampler: TimestepSampler, K: int) -> Any: ...
+
+    def gradient(self, grid: Any, sds: Any, R: int, generator: torch.Generator, render_size: int | None = None,
+                 n_samples: int | None = None, probe: bool = False) -> tuple[Any, dict[str, float], Any]: ...
+
+
+class Pipeline(Protocol):
+    """The text-to-3D pipeline as the benchmark sees it (implemented by :mod:`carv.apps.text_to_3d`)."""
+
+    def problem(self, prompt: str) -> Problem: ...
+
+    def trainer(self, prompt: str, method: str, seed: int, out_dir: Path, steps: int, budget_s: float | None,
+                eval_every_s: float) -> Any: ...
+
+    def grid_tensors(self, trainer: Any) -> dict[str, Tensor]: ...
+
+    def grid_from_tensors(self, tensors: dict[str, Tensor]) -> Any: ...
+
+    def grid_gradient(self, grid: Any) -> Tensor: ...
+
+    def zero_grad(self, grid: Any) -> None: ...
+
+
+@dataclass
+class BenchSettings:
+    prompt: str = "a red mushroom"
+    checkpoint_steps: tuple[int, int, int] = (30, 150, 600)  # early / middle / late steps of the baseline run
+    Rs: tuple[int, ...] = (1, 2, 4)
+    Ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    replicates: int = 16  # replicates: at least replicates * sqrt(c_min / c) and min_replicates, and about
+    min_replicates: int = 6  # replicate_budget_s of compute per configuration (the cheap, heavy-tailed K=1 rows
+    replicate_budget_s: float = 6.0  # get the most); the baseline uniform (R=2, K=1) baseline_boost times more
+    baseline_boost: int = 3
+    max_replicates: int = 200
+    reference_R: int = 8
+    reference_K: int = 16
+    reference_estimates: int = 16
+    proposal: str = "learned"  # the proposal behind "importance": "learned" (app default) or "weight"
+    floor: float = 0.1
+    pilot_steps: int = 10  # accountant pilot (the app's estimator at K = k_init, R = 2)
+    warmup_R: int = 2
+    warmup_K: int = 50  # warm-up draws per render for the learned proposal and the peer resampler
+    warmup_steps: int = 5
+    resampler_bins: int = 50
+    resampler_history: int = 10
+    resampler_floor: float = 0.001  # improved-diffusion's uniform_prob
+    k_max: int = 16
+    # quality at equal wall-clock
+    quality_prompts: tuple[str, ...] = ("a red mushroom", "a snowman", "a blue table")
+    quality_seeds: tuple[int, ...] = (0, 1, 2)
+    quality_budget_s: float = 45.0  # seconds of training per method (CPU seconds with clock="process")
+    # predicted vs measured ECM as the cost ratio varies: (render_size, n_samples)
+    cost_settings: tuple[tuple[int, int], ...] = ((32, 24), (64, 48), (96, 96))
+    cost_replicates: int = 24
+    extra_proposal_rows: bool = True  # also measure the other proposal (weight <-> learned) at R = 2, for the record
+    # "process": costs and training budgets in this process's CPU seconds (robust on a shared CPU; run with
+    # threads=1 so that CPU seconds are compute seconds); "wall": wall-clock (use on a dedicated machine / GPU)
+    clock: str = "process"
+    seed: int = 0
+    threads: int | None = None
+
+    @classmethod
+    def quick(cls, **kw) -> BenchSettings:
+        base = dict(checkpoint_steps=(20, 60, 150), Rs=(2, 4), Ks=(1, 4, 8), replicates=6, min_replicates=4,
+                    reference_R=4, reference_K=8, reference_estimates=6, pilot_steps=6, warmup_steps=5,
+                    quality_prompts=("a red mushroom",), quality_seeds=(0,), quality_budget_s=20.0,
+                    cost_settings=((32, 24), (64, 48)), cost_replicates=4, extra_proposal_rows=False,
+                    replicate_budget_s=0.5, baseline_boost=2)
+        base.update(kw)
+        return cls(**base)
+
+    def validate(self) -> None:
+        if len(self.checkpoint_steps) != 3 or list(self.checkpoint_steps) != sorted(set(self.checkpoint_steps)) or \
+                self.checkpoint_steps[0] < 0:
+            raise ValueError(f"checkpoint_steps: expected three increasing non-negative step counts, "
+                             f"got {self.checkpoint_steps!r}")
+        if 2 not in self.Rs or 1 not in self.Ks:
+            raise ValueError(f"Rs, Ks: the baseline uniform (R=2, K=1) must be measured; "
+                             f"got Rs={self.Rs}, Ks={self.Ks}")
+        for name in ("replicates", "min_replicates", "reference_estimates", "cost_replicates"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
+        if self.proposal not in ("learned", "weight"):
+            raise ValueError(f"proposal: expected 'learned' or 'weight', got {self.proposal!r}")
+        if self.warmup_K % self.resampler_bins and self.resampler_bins % self.warmup_K:
+            raise ValueError(f"warmup_K, resampler_bins: one must divide the other so that stratified warm-up "
+                             f"draws fill every bin evenly, got {self.warmup_K}, {self.resampler_bins}")
+        if self.warmup_steps * self.warmup_R * self.warmup_K < self.resampler_bins * self.resampler_history:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} warm-up steps of {self.warmup_R} x {self.warmup_K} "
+                             f"draws give fewer than resampler_history={self.resampler_history} losses in each of "
+                             f"{self.resampler_bins} bins")
+        if self.clock not in ("process", "wall"):
+            raise ValueError(f"clock: expected 'process' (CPU seconds) or 'wall', got {self.clock!r}")
+        if not self.quality_prompts or not self.quality_seeds:
+            raise ValueError("quality_prompts, quality_seeds: need at least one of each")
+
+
+# --------------------------------------------------------------------------- samplers of every method
+class Samplers:
+    """The timestep samplers (and learned tables) of every method at one snapshot."""
+
+    def __init__(self, problem: Problem, settings: BenchSettings, learned: LearnedProposal,
+                 resampler: SecondMomentResampler):
+        s, T = settings, problem.T
+        self.proposal_of = {"importance": settings.proposal, "importance+stratified": settings.proposal,
+                            "uniform": "none", "stratified": "none"}
+        other = "weight" if settings.proposal == "learned" else "learned"
+        strat = {"uniform": "none", "importance": "none", "stratified": "per_upstream",
+                 "importance+stratified": "per_upstream"}
+        self.samplers: dict[str, TimestepSampler] = {}
+        for m in CARV_METHODS:
+            self.samplers[m] = problem.sampler(self.proposal_of[m], strat[m], s.floor, learned)
+        if s.extra_proposal_rows:
+            self.samplers[f"{other}-importance"] = problem.sampler(other, "none", s.floor, learned)
+            self.samplers[f"{other}-importance+stratified"] = problem.sampler(other, "per_upstream", s.floor, learned)
+        lo, hi = round(0.02 * T), round(0.98 * T)
+        self.samplers["threestudio"] = problem.sampler("none", "none", s.floor, None, t_min=lo, t_max=hi)
+        self.samplers["vdm"] = problem.sampler("none", "lattice", s.floor, None)
+        imp = resampler.importance()
+        if imp is None:
+            raise RuntimeError("resampler: not warmed up (some bin has fewer losses than its history)")
+        self.samplers["improved-diffusion"] = TimestepSampler(
+            T, importance=imp.repeat_interleave(T // resampler.num_timesteps), floor=s.resampler_floor)
+
+
+def binned_resampler_update(resampler: SecondMomentResampler, t: Tensor, loss: Tensor, T: int) -> None:
+    """Feed per-draw losses to a resampler whose "timesteps" are ``resampler.num_timesteps`` equal bins."""
+    resampler.update(t.reshape(-1) * resampler.num_timesteps // T, loss.reshape(-1))
+
+
+# --------------------------------------------------------------------------- stage 1 + 2: variance
+def _snapshots(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> dict[str, Path]:
+    """Train the baseline for the last checkpoint step; save the grid at each checkpoint step."""
+    snap_dir = out / "snapshots"
+    snap_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: snap_dir / f"{name}-step{n}.safetensors" for name, n in zip(CHECKPOINTS, st.checkpoint_steps,
+                                                                                 strict=True)}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    trainer = pipe.trainer(st.prompt, "baseline", st.seed, out / "baseline-run", max(st.checkpoint_steps), None, 1e9)
+    bar = progress_bar(None, progress, total=max(st.checkpoint_steps), initial=trainer.step_count,
+                       desc="baseline run (snapshots)")
+    while True:
+        for name, n in zip(CHECKPOINTS, st.checkpoint_steps, strict=True):
+            if trainer.step_count == n and not paths[name].is_file():
+                save_file({k: v.detach().contiguous() for k, v in pipe.grid_tensors(trainer).items()},
+                          str(paths[name]), metadata={"step": str(n), "prompt": st.prompt})
+        if trainer.done:
+            break
+        trainer.step()
+        bar.update(1)
+        if trainer.step_count % 25 == 0:
+            trainer.save()
+    bar.close()
+    trainer.save()
+    return paths
+
+
+def _clock(st: BenchSettings) -> Callable[[], float]:
+    return time.process_time if st.clock == "process" else time.perf_counter
+
+
+def _add_ecm_se(rows: list[dict], baseline: tuple[str, int, int] = ("uniform", 2, 1)) -> None:
+    """Standard error of each row's ECM from the standard errors of the two variances (delta method; the
+    costs' spread is ignored, it is a few % in CPU time). The baseline's own error is shared by every row."""
+    base = next(r for r in rows if (r["method"], r["R"], r["K"]) == baseline)
+    rb = base["variance_se"] / base["variance"]
+    for r in rows:
+        rm = r["variance_se"] / r["variance"]
+        r["ecm_se"] = 0.0 if r is base else r["ecm"] * math.sqrt(rb * rb + rm * rm)
+
+
+def _replicates_for(costs: dict[str, float], st: BenchSettings,
+                    baseline: str = Config("uniform", 2, 1).key) -> Callable[[Config], int]:
+    """Replicates per configuration: about ``replicate_budget_s`` seconds of (predicted) compute each, so the
+    cheap configurations, whose single-draw estimates are the most heavy-tailed, get the most; at least
+    ``n0 sqrt(c_min / c)`` and ``min_replicates``; the baseline that divides every ECM gets
+    ``baseline_boost`` times more. Capped at ``max_replicates``."""
+    c_min = min(costs.values())
+
+    def n(c: Config) -> int:
+        k = max(st.min_replicates, int(round(st.replicates * math.sqrt(c_min / costs[c.key]))),
+                int(round(st.replicate_budget_s / costs[c.key])))
+        if c.key == baseline:
+            k *= st.baseline_boost
+        return min(k, max(st.max_replicates, st.min_replicates))
+
+    return n
+
+
+def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed: int) -> dict:
+    """Warm up the learned proposal and the peer resampler; run the app's accountant on a short pilot."""
+    T = problem.T
+    learned = LearnedProposal(T, num_bins=50, prior=problem.w)
+    resampler = SecondMomentResampler(st.resampler_bins, history=st.resampler_history)
+    g = torch.Generator().manual_seed(seed)
+    warm = problem.sds(problem.sampler("none", "per_upstream", st.floor), st.warmup_K)
+    for _ in range(st.warmup_steps):
+        pipe.zero_grad(grid)
+        out, _, _ = problem.gradient(grid, warm, st.warmup_R, g)
+        learned.update(out.draws.t, out.estimate.sq_norms)
+        per_pixel = out.estimate.sq_norms / out.grad[0].numel()  # mean squared residual: the peer's "loss"
+        binned_resampler_update(resampler, out.draws.t, per_pixel, T)
+    # the app's accountant on the app's estimator (default proposal, per-upstream strata, K = 4, R = 2): the
+    # parameter-space components from the app's probes, and (for the record) the render-space proxy
+    autok = AutoK(k_init=4, k_min=2, k_max=st.k_max, every=st.pilot_steps, decay=0.8)
+    autok_x = AutoK(k_init=4, k_min=2, k_max=st.k_max, every=st.pilot_steps, decay=0.8)
+    meter = CostMeter()
+    est = problem.sds(problem.sampler(st.proposal, "per_upstream", st.floor, learned), 4)
+    probe_s = []
+    for _ in range(st.pilot_steps):
+        pipe.zero_grad(grid)
+        out, secs, comps = problem.gradient(grid, est, 2, g, probe=True)
+        meter.add("upstream", secs["upstream"], 2)
+        meter.add("draw", secs["draw"], 2 * est.K)
+        probe_s.append(secs["probe"])
+        autok.observe(comps.between, comps.within)
+        autok_x.observe(out.estimate.between, out.estimate.within)
+    k_acc, k_x = autok.step(meter), autok_x.step(meter)
+    return {"learned": learned, "resampler": resampler, "k_accountant": k_acc,
+            "accountant": {"k": k_acc, "between_param": autok.between, "within_param": autok.within,
+                           "k_render_space_proxy": k_x, "between_x": autok_x.between, "within_x": autok_x.within,
+                           "c_upstream_s": meter.median("upstream"), "c_draw_s": meter.median("draw"),
+                           "probe_s": statistics.median(probe_s),
+                           "note": "AutoK (decay 0.8) fed the parameter-space components of the app's probes "
+                                   "(ComponentProbe, per-upstream strata: within conservative) over a pilot of "
+                                   f"{st.pilot_steps} steps at R=2, K=4; k_render_space_proxy is what the same "
+                                   "accountant picks from the render-space components"},
+            "learned_importance": learned.importance(), "resampler_importance": resampler.importance()}
+
+
+def _estimate_fn(pipe: Pipeline, problem: Problem, grid: Any, samplers: Samplers, render_size=None,
+                 n_samples=None):
+    sds_of: dict[str, Any] = {}
+
+    def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
+        if c.method not in sds_of:
+            sds_of[c.method] = problem.sds(samplers.samplers[c.method], c.K)
+        sds = sds_of[c.method]
+        sds.K = c.K
+        pipe.zero_grad(grid)
+        _, secs, _ = problem.gradient(grid, sds, c.R, gen, render_size, n_samples)
+        meter.add("upstream", secs["upstream"], c.R)
+        meter.add("draw", secs["draw"], c.R * c.K)
+        return pipe.grid_gradient(grid).clone()
+
+    return estimate
+
+
+def _predicted_cost(c: Config, c_up: float, c_draw: float) -> float:
+    return c.R * (c_up + c.K * c_draw)
+
+
+def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path, st: BenchSettings, out: Path,
+                        progress: bool) -> dict:
+    res_path = out / f"variance-{name}.json"
+    if res_path.is_file():
+        return json.loads(res_path.read_text())
+    grid = pipe.grid_from_tensors(load_file(str(snap)))
+    pilot = _pilot(pipe, problem, grid, st, st.seed + 101)
+    # the accountant's pick and the pilot's costs fix the configurations and their replicate counts: keep the
+    # first pilot's, so that a rerun (or a rerun asking for more replicates) extends the saved replicates
+    pilot_path = out / f"pilot-{name}.json"
+    if pilot_path.is_file():
+        pilot["accountant"] = json.loads(pilot_path.read_text())
+        pilot["k_accountant"] = pilot["accountant"]["k"]
+    else:
+        pilot_path.write_text(json.dumps(pilot["accountant"], indent=2))
+    samplers = Samplers(problem, st, pilot["learned"], pilot["resampler"])
+    estimate = _estimate_fn(pipe, problem, grid, samplers)
+    # reference: the app's estimator with many renders and draws (unbiased for the full-range objective)
+    ref_cfg = Config("importance+stratified", st.reference_R, st.reference_K)
+    t0 = time.perf_counter()
+    reference, ref_var = reference_mean(estimate, ref_cfg, st.reference_estimates, st.seed + 7, progress,
+                                        desc=f"reference ({name})")
+    ref_time = time.perf_counter() - t0
+    extra = [m for m in samplers.samplers if m not in CARV_METHODS + PEER_METHODS]
+    configs = [Config(m, R, K) for m in CARV_METHODS for R in st.Rs for K in st.Ks]
+    configs += [Config(m, 2, K) for m in extra for K in st.Ks]
+    configs += [Config(m, R, 1) for m in PEER_METHODS for R in st.Rs]
+    k_acc = pilot["k_accountant"]
+    if k_acc not in st.Ks:
+        configs.append(Config("importance+stratified", 2, k_acc))
+    c_up, c_draw = pilot["accountant"]["c_upstream_s"], pilot["accountant"]["c_draw_s"]
+    costs = {c.key: _predicted_cost(c, c_up, c_draw) for c in configs}
+    rows = measure(configs, estimate, reference, _replicates_for(costs, st),
+                   seed=st.seed + 11, state_dir=out / f"state-{name}", progress=progress,
+                   desc=f"replicates ({name})", clock=_clock(st))
+    summary = add_figures(rows, baseline=("uniform", 2, 1), k_max=st.k_max)
+    for r in rows:
+        r["checkpoint"] = name
+    res = {"checkpoint": name, "step": st.checkpoint_steps[CHECKPOINTS.index(name)], "rows": rows,
+           "summary": summary, "accountant": pilot["accountant"],
+           "reference": {"method": ref_cfg.method, "R": ref_cfg.R, "K": ref_cfg.K, "estimates": st.reference_estimates,
+                         "variance_of_reference": ref_var, "seconds": ref_time},
+           "auto_k": _auto_k_check(rows, summary, k_acc, st),
+           "proposals": {"learned": pilot["learned_importance"].tolist(),
+                         "resampler": pilot["resampler_importance"].tolist()},
+           "loadavg": [round(v, 2) for v in os.getloadavg()]}
+    res_path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _auto_k_check(rows: list[dict], summary: dict, k_acc: int, st: BenchSettings) -> dict:
+    """The accountant's K against the best fixed K in hindsight, for the app's estimator at R = 2.
+
+    Criterion: work-normalised variance (measured ``variance * cost_s``) at the accountant's K is within
+    10% of the smallest one over the measured K grid (``ratio <= 1.10``).
+    """
+    m = "importance+stratified"
+    mine = {r["K"]: r for r in rows if r["method"] == m and r["R"] == 2}
+    wnv = {k: r["variance"] * r["cost_s"] for k, r in mine.items()}
+    k_best = min(wnv, key=wnv.get)
+    fitted = summary["methods"].get(m, {})
+    res = {"k_accountant": k_acc, "k_best_measured": k_best,
+           "k_fitted_param_space": fitted.get("auto_k"),
+           "wnv_ratio": wnv[k_acc] / wnv[k_best] if k_acc in wnv else None}
+    res["within_10pct"] = res["wnv_ratio"] is not None and res["wnv_ratio"] <= 1.10
+    comps = fit_components(rows, m)
+    if comps is not None and summary.get("c_upstream_s") and summary.get("c_draw_s"):
+        b, w = comps
+        pred = {k: work_normalised_variance(b, w, summary["c_upstream_s"], summary["c_draw_s"], k)
+                for k in range(1, st.k_max + 1)}
+        res["predicted_wnv_ratio"] = pred[k_acc] / min(pred.values())
+    return res
+
+
+# --------------------------------------------------------------------------- stage 4: cost ratio sweep
+def _cost_sweep(pipe: Pipeline, problem: Problem, snap: Path, mid: dict, st: BenchSettings, out: Path,
+                progress: bool) -> dict:
+    res_path = out / "cost-ratio.json"
+    if res_path.is_file():
+        return json.loads(res_path.read_text())
+    grid = pipe.grid_from_tensors(load_file(str(snap)))
+    pilot = _pilot(pipe, problem, grid, st, st.seed + 303)
+    samplers = Samplers(problem, st, pilot["learned"], pilot["resampler"])
+    # components fitted at the default setting (middle checkpoint)
+    comps = {m: fit_components(mid["rows"], m) for m in ("uniform", "importance+stratified")}
+    points = []
+    for size, ns in st.cost_settings:
+        estimate = _estimate_fn(pipe, problem, grid, samplers, size, ns)
+        configs = [Config("uniform", 2, 1)] + [Config("importance+stratified", 2, k) for k in st.Ks]
+        ref, _ = reference_mean(estimate, Config("importance+stratified", st.reference_R, st.reference_K),
+                                max(4, st.reference_estimates // 2), st.seed + 13, progress,
+                                desc=f"reference ({size}px, {ns} samples)")
+        boost = st.baseline_boost
+        rows = measure(configs, estimate, ref,
+                       lambda c, n=st.cost_replicates, b=boost: n * (b if c.method == "uniform" else 1),
+                       seed=st.seed + 17,
+                       state_dir=out / f"state-cost-{size}-{ns}", progress=progress,
+                       desc=f"cost ratio ({size}px, {ns} samples)", clock=_clock(st))
+        summ = add_figures(rows, baseline=("uniform", 2, 1), k_max=st.k_max)
+        best = max((r for r in rows if r["method"] != "uniform"), key=lambda r: r["ecm"])
+        c_up, c_draw = summ["c_upstream_s"], summ["c_draw_s"]
+        points.append({"render_size": size, "n_samples": ns, "c_upstream_s": c_up, "c_draw_s": c_draw,
+                       "cost_ratio": c_up / c_draw, "measured_best_ecm": best["ecm"], "measured_best_k": best["K"],
+                       "predicted_best_ecm": predicted_best_ecm(comps, c_up / c_draw, st.k_max)[0],
+                       "predicted_best_k": predicted_best_ecm(comps, c_up / c_draw, st.k_max)[1],
+                       "rows": rows})
+    res = {"points": points, "components_default": {m: list(c) if c else None for m, c in comps.items()},
+           "loadavg": [round(v, 2) for v in os.getloadavg()]}
+    res_path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def predicted_best_ecm(comps: dict[str, tuple[float, float] | None], ratio: float, k_max: int) -> tuple[float, int]:
+    """ECM of the best K against uniform ``(R, K=1)`` predicted from fitted components and a cost ratio
+    ``c_up / c_draw`` (costs in units of ``c_draw``; ``R`` cancels)."""
+    bu, wu = comps["uniform"]
+    b, w = comps["importance+stratified"]
+    base = (bu + wu) * (ratio + 1.0)
+    best = max(range(1, k_max + 1), key=lambda k: base / ((b + w / k) * (ratio + k)))
+    return base / ((b + w / best) * (ratio + best)), best
+
+
+def plot_ecm_vs_cost_ratio(sweep: dict, path: Path, k_max: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = {m: tuple(c) for m, c in sweep["components_default"].items() if c}
+    ratios = [0.05 * 1.1 ** i for i in range(80)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.3), dpi=120)
+    if len(comps) == 2:
+        ax.plot(ratios, [predicted_best_ecm(comps, r, k_max)[0] for r in ratios], "-", color="C0",
+                label="predicted (components at the default setting)")
+    pts = sweep["points"]
+    ax.plot([p["cost_ratio"] for p in pts], [p["measured_best_ecm"] for p in pts], "o", color="C3", ms=7,
+            label="measured (best K, replicates)")
+    for p in pts:
+        ax.annotate(f"{p['render_size']}px/{p['n_samples']}s, K={p['measured_best_k']}",
+                    (p["cost_ratio"], p["measured_best_ecm"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("measured c_up / c_draw (render+backward per render / teacher per draw)")
+    ax.set_ylabel("best ECM vs uniform (R=2, K=1)")
+    ax.set_title("importance+stratified: predicted vs measured ECM as the cost ratio varies", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- stage 3: quality
+def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3) -> dict:
+    """Time for the baseline to reach its final quality / time for the method to reach it.
+
+    Curves are evaluation rows (``elapsed_s``, ``key``), smoothed by a trailing moving average over
+    ``window`` evaluations (a single evaluation fluctuates by a few tenths of a dB at the plateau); the
+    target is the baseline's final smoothed value and "reach" is the first crossing of the smoothed
+    curve, linearly interpolated between evaluations. When the method never reaches the target,
+    ``ecm`` is None and ``upper_bound`` = ``t_base / t_method_total`` (it would need more than its run).
+    """
+    if not base or not method:
+        raise ValueError("base, method: need at least one evaluation each")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive integer, got {window!r}")
+    sb, sm = _smooth(base, key, window), _smooth(method, key, window)
+    target = sb[-1][key]
+    t_base = _first_crossing(sb, key, target)
+    t_method = _first_crossing(sm, key, target)
+    res: dict[str, Any] = {"key": key, "window": window, "target": target, "t_base_s": t_base,
+                           "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None}
+    if t_method is None:
+        total = method[-1]["elapsed_s"]
+        res["upper_bound"] = t_base / total if total > 0 else None
+        res["note"] = f"never reached the baseline's final {key} {target:.3f}"
+    elif t_method <= 0 or t_base <= 0:
+        res["note"] = "target reached at time 0 (the initial grid already scores it)"
+    else:
+        res["ecm"] = t_base / t_method
+    return res
+
+
+def _first_crossing(rows: list[dict], key: str, target: float) -> float | None:
+    prev = None
+    for r in rows:
+        if r[key] >= target - 1e-12:
+            if prev is None or r[key] == prev[key]:
+                return r["elapsed_s"]
+            f = (target - prev[key]) / (r[key] - prev[key])
+            return prev["elapsed_s"] + f * (r["elapsed_s"] - prev["elapsed_s"])
+        prev = r
+    return None
+
+
+def _smooth(rows: list[dict], key: str, window: int) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        vals = [q[key] for q in rows[max(0, i - window + 1):i + 1]]
+        out.append({"elapsed_s": r["elapsed_s"], key: sum(vals) / len(vals)})
+    return out
+
+
+def run_pair(pipe: Pipeline, prompt: str, seed: int, budget_s: float, out: Path, progress: bool = True,
+             eval_points: int = 10) -> dict:
+    """Baseline and carv at equal training wall-clock: steps interleaved (the run with less training time so
+    far goes next) until both have used ``budget_s`` seconds; evaluations every ``budget_s / eval_points``."""
+    ev = budget_s / eval_points
+    runs = {m: pipe.trainer(prompt, m, seed, out / m, 10**9, budget_s, ev) for m in ("baseline", "carv")}
+    bar = progress_bar(None, progress, total=round(2 * budget_s), desc=f"quality {prompt!r} seed {seed}")
+    last = sum(t.elapsed for t in runs.values())
+    bar.update(round(last))
+    while not all(t.done for t in runs.values()):
+        t = min((t for t in runs.values() if not t.done), key=lambda t: t.elapsed)
+        if t.eval_due():
+            t.evaluate()
+            t.mark_evaluated()
+        t.step()
+        if t.step_count % 25 == 0:
+            t.save()
+        now = sum(t.elapsed for t in runs.values())
+        bar.update(round(now) - round(last))
+        last = now
+    bar.close()
+    for t in runs.values():
+        if not t.evals or t.evals[-1]["step"] != t.step_count:
+            t.evaluate()
+        t.save()
+    base, carv = runs["baseline"].evals, runs["carv"].evals
+    return {"prompt": prompt, "seed": seed, "budget_s": budget_s,
+            "steps": {m: t.step_count for m, t in runs.items()},
+            "final": {m: {k: t.evals[-1][k] for k in ("psnr", "iou")} for m, t in runs.items()},
+            "K_final": runs["carv"].K,
+            "ecm_psnr": equal_quality_ecm(base, carv, "psnr"), "ecm_iou": equal_quality_ecm(base, carv, "iou"),
+            "curves": {"baseline": base, "carv": carv}, "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _quality(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> list[dict]:
+    results = []
+    for prompt in st.quality_prompts:
+        for seed in st.quality_seeds:
+            path = out / "quality" / f"{'-'.join(prompt.split())}-seed{seed}.json"
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+                continue
+            r = run_pair(pipe, prompt, seed, st.quality_budget_s, path.with_suffix(""), progress)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(r, indent=2))
+            results.append(r)
+    return results
+
+
+def plot_quality(results: list[dict], path: Path) -> None:
+    """PSNR against training seconds for every (prompt, seed) pair: baseline dashed, carv solid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in results))
+    fig, axs = plt.subplots(2, len(prompts), figsize=(max(7.0, 4.2 * len(prompts)), 6.5), dpi=110, squeeze=False)
+    for j, prompt in enumerate(prompts):
+        for r in (r for r in results if r["prompt"] == prompt):
+            for i, key in enumerate(("psnr", "iou")):
+                for m, ls in (("baseline", "--"), ("carv", "-")):
+                    c = r["curves"][m]
+                    axs[i, j].plot([e["elapsed_s"] for e in c], [e[key] for e in c], ls, color=f"C{r['seed']}",
+                                   label=f"{m} seed {r['seed']}", lw=1.2)
+        axs[0, j].set_title(prompt, fontsize=9)
+        axs[0, j].set_ylabel("PSNR (dB), 16 held-out views")
+        axs[1, j].set_ylabel("mask IoU")
+        for i in range(2):
+            axs[i, j].set_xlabel("training seconds")
+            axs[i, j].grid(True, alpha=0.3)
+        axs[0, j].legend(fontsize=6)
+    fig.suptitle("quality vs compute at equal wall-clock\nbaseline (dashed: uniform, K=1) vs carv (solid)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+# --------------------------------------------------------------------------- the whole benchmark
+def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", quick: bool = False,
+              json_path: str | Path | None = None, settings: BenchSettings | None = None,
+              progress: bool = True, command: str | None = None) -> dict:
+    st = settings or (BenchSettings.quick() if quick else BenchSettings())
+    st.validate()
+    if getattr(pipe, "clock", _clock(st)) is not _clock(st):
+        raise ValueError(f"pipe: its clock ({pipe.clock!r}) is not the settings' clock {st.clock!r}; "
+                         "build the pipeline with the same clock so that stage costs and run budgets agree")
+    if st.threads is not None:
+        torch.set_num_threads(st.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(asdict(st), indent=2))
+    t_start = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    problem = pipe.problem(st.prompt)
+    snaps = _snapshots(pipe, st, out, progress)
+    per_ckpt = {name: _measure_checkpoint(pipe, problem, name, snaps[name], st, out, progress) for name in CHECKPOINTS}
+    sweep = _cost_sweep(pipe, problem, snaps["middle"], per_ckpt["middle"], st, out, progress)
+    quality = _quality(pipe, st, out, progress)
+
+    # ---- tables, plots, JSON
+    for name in CHECKPOINTS:
+        _add_ecm_se(per_ckpt[name]["rows"])
+        a = per_ckpt[name]["auto_k"]
+        mine = {r["K"]: r for r in per_ckpt[name]["rows"] if r["method"] == "importance+stratified" and r["R"] == 2}
+        if a.get("wnv_ratio") is not None:  # its standard error from the two rows' variance errors
+            ra, rb = mine[a["k_accountant"]], mine[a["k_best_measured"]]
+            a["wnv_ratio_se"] = a["wnv_ratio"] * math.hypot(ra["variance_se"] / ra["variance"],
+                                                            rb["variance_se"] / rb["variance"])
+    all_rows = [r for name in CHECKPOINTS for r in per_ckpt[name]["rows"]]
+    cols = ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates", "bias2", "cost_s", "re",
+            "ecm", "bound_fraction")
+    for name in CHECKPOINTS:
+        rows = per_ckpt[name]["rows"]
+        plot_variance_vs_cost([r for r in rows if r["method"] in CARV_METHODS + PEER_METHODS],
+                              out / f"variance_vs_cost-{name}.png",
+                              f"text-to-3D, {name} snapshot: parameter-gradient variance vs compute, labelled (R, K)")
+        plot_ecm_vs_k([r for r in rows if r["method"] not in PEER_METHODS], out / f"ecm_vs_k-{name}.png", R=2,
+                      title=f"text-to-3D ({name}): ECM vs K at R = 2 (baseline uniform R=2, K=1)")
+    plot_ecm_vs_cost_ratio(sweep, out / "ecm_vs_cost_ratio.png", st.k_max)
+    plot_quality(quality, out / "quality_vs_compute.png")
+    (out / "table.md").write_text(markdown_table(all_rows, cols) + "\n")
+
+    best = {name: max((r for r in per_ckpt[name]["rows"] if r["method"] in CARV_METHODS), key=lambda r: r["ecm"])
+            for name in CHECKPOINTS}
+    reuse_gain = {}
+    for name in CHECKPOINTS:
+        rows = per_ckpt[name]["rows"]
+        by = {(r["method"], r["R"], r["K"]): r for r in rows}
+        # importance + stratification over reuse alone at the same (R=2, K): ECM ratio at each K
+        reuse_gain[name] = {k: by[("importance+stratified", 2, k)]["ecm"] / by[("uniform", 2, k)]["ecm"]
+                            for k in st.Ks if ("uniform", 2, k) in by and ("importance+stratified", 2, k) in by}
+    peers_beaten = {}
+    for name in CHECKPOINTS:
+        rows = per_ckpt[name]["rows"]
+        best_peer = max((r for r in rows if r["method"] in PEER_METHODS), key=lambda r: r["ecm"])
+        peers_beaten[name] = {"best_peer": {k: best_peer[k] for k in ("method", "R", "K", "ecm")},
+                              "best_carv_ecm": best[name]["ecm"], "beaten": best[name]["ecm"] > best_peer["ecm"]}
+    q_ecm = [r["ecm_psnr"]["ecm"] for r in quality]
+    q_ecm_iou = [r["ecm_iou"]["ecm"] for r in quality]
+    result = {
+        "command": command or ("carv bench text-to-3d" + (" --quick" if quick else "")),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "settings": asdict(st),
+        "rows": [{k: r.get(k) for k in ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates",
+                                         "bias2", "cost_s", "c_upstream_s", "c_draw_s", "ecm", "ecm_se", "re",
+                                         "bound_fraction", "n")}
+                 for r in all_rows if r["method"] in CARV_METHODS + PEER_METHODS],
+        "extra_rows": [r for r in all_rows if r["method"] not in CARV_METHODS + PEER_METHODS],
+        "cost_ratio": statistics.median(per_ckpt[n]["summary"]["cost_ratio"] for n in CHECKPOINTS),
+        "cost_ratio_per_checkpoint": {n: per_ckpt[n]["summary"]["cost_ratio"] for n in CHECKPOINTS},
+        "auto_k": {n: per_ckpt[n]["auto_k"] for n in CHECKPOINTS},
+        "accountant": {n: per_ckpt[n]["accountant"] for n in CHECKPOINTS},
+        "components": {n: per_ckpt[n]["summary"]["methods"] for n in CHECKPOINTS},
+        "reference": {n: per_ckpt[n]["reference"] for n in CHECKPOINTS},
+        "best": {n: {k: best[n][k] for k in ("method", "R", "K", "ecm")} for n in CHECKPOINTS},
+        "importance_stratification_over_reuse": reuse_gain,
+        "peers": peers_beaten,
+        "cost_sweep": [{k: v for k, v in p.items() if k != "rows"} for p in sweep["points"]],
+        "quality": [{k: v for k, v in r.items() if k != "curves"} for r in quality],
+        "quality_summary": {"ecm_psnr_geomean": _geomean(q_ecm), "ecm_iou_geomean": _geomean(q_ecm_iou),
+                            "ecm_psnr_each": q_ecm, "n_pairs": len(quality),
+                            "final_psnr_mean": {m: statistics.mean(r["final"][m]["psnr"] for r in quality)
+                                                for m in ("baseline", "carv")},
+                            "final_iou_mean": {m: statistics.mean(r["final"][m]["iou"] for r in quality)
+                                               for m in ("baseline", "carv")}},
+        "proposal": st.proposal,
+        "total_seconds": time.perf_counter() - t_start,
+        "proposal_tables": {n: per_ckpt[n]["proposals"] for n in CHECKPOINTS},
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(report_markdown(result))
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if progress:
+        for name in CHECKPOINTS:
+            rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]
+            print_table(rows, cols[1:], title=f"text-to-3D gradient variance at the {name} snapshot (R = 2 rows)",
+                        highlight={(best[name]["method"], 2, best[name]["K"])})
+        for name in CHECKPOINTS:
+            a = per_ckpt[name]["auto_k"]
+            print(f"{name}: best ECM {best[name]['ecm']:.2f}x ({best[name]['method']} R={best[name]['R']} "
+                  f"K={best[name]['K']}); c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; accountant "
+                  f"K = {a['k_accountant']} (best measured {a['k_best_measured']}, Var*C ratio "
+                  f"{a['wnv_ratio'] if a['wnv_ratio'] is None else round(a['wnv_ratio'], 3)})")
+        qs = result["quality_summary"]
+        print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
+              f"{qs['ecm_psnr_geomean']}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
+              f"carv {qs['final_psnr_mean']['carv']:.2f} dB")
+        print(f"run folder: {out} ({result['total_seconds'] / 60:.1f} min)")
+    return result
+
+
+def _f(v, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) >= 10 ** -nd or v == 0 else f"{v:.2g}"
+    return str(v)
+
+
+def report_markdown(res: dict) -> str:
+    """The headline tables of a benchmark result (Markdown), as pasted into BENCHMARKS.md."""
+    lines = []
+    rows = res["rows"]
+    for name in CHECKPOINTS:
+        rs = [r for r in rows if r["checkpoint"] == name]
+        if not rs:
+            continue
+        step = res["settings"]["checkpoint_steps"][CHECKPOINTS.index(name)]
+        lines += [f"**{name} snapshot (baseline step {step})**, `c_up / c_draw` = "
+                  f"{_f(res['cost_ratio_per_checkpoint'][name])}; ECM against uniform (R=2, K=1), "
+                  "RE against uniform at the same (R, K):", "",
+                  "| method | R | K=" + " | K=".join(str(k) for k in res["settings"]["Ks"])
+                  + " | best ECM | RE at K=1 |",
+                  "| --- | --- |" + " --- |" * (len(res["settings"]["Ks"]) + 2)]
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        for m in methods:
+            for R in res["settings"]["Rs"]:
+                by = {r["K"]: r for r in rs if r["method"] == m and r["R"] == R}
+                if not by:
+                    continue
+                cells = [_f(by[k]["ecm"]) if k in by else "" for k in res["settings"]["Ks"]]
+                best = max(by.values(), key=lambda r: r["ecm"])
+                re1 = by[1]["re"] if 1 in by else None
+                lines.append(f"| {m} | {R} | " + " | ".join(cells) + f" | {_f(best['ecm'])} +- "
+                             f"{_f(best.get('ecm_se'))} (K={best['K']}) | {_f(re1)} |")
+        a = res["auto_k"][name]
+        acc = res["accountant"][name]
+        comps = res["components"][name].get("importance+stratified", {})
+        lines += ["", f"Accountant (pilot, parameter-space probes): K = {a['k_accountant']}; best measured K at R=2: "
+                      f"{a['k_best_measured']}; Var*C at the accountant's K / best = {_f(a['wnv_ratio'], 3)} +- "
+                      f"{_f(a.get('wnv_ratio_se'), 3)} measured, {_f(a.get('predicted_wnv_ratio'), 3)} from the "
+                      f"fitted components (within 10%: {a['within_10pct']} / "
+                      f"{a.get('predicted_wnv_ratio', 9) <= 1.10}); K from the render-space proxy: "
+                      f"{acc.get('k_render_space_proxy')}; fitted parameter-space components "
+                      f"(importance+stratified): between {_f(comps.get('between'), 5)}, within "
+                      f"{_f(comps.get('within'), 5)}, auto K {comps.get('auto_k')}.", ""]
+    lines += ["**Peers** (K = 1, their own defaults; threestudio's truncated range is a different objective: "
+              "`variance` is its error against the full-range reference, bias included, `var_replicates` "
+              "its spread):", "",
+              "| snapshot | method | R | variance | var_replicates | bias2 | ECM | RE |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["method"] in PEER_METHODS:
+            lines.append(f"| {r['checkpoint']} | {r['method']} | {r['R']} | {_f(r['variance'], 5)} | "
+                         f"{_f(r['var_replicates'], 5)} | {_f(r['bias2'], 5)} | {_f(r['ecm'])} | {_f(r['re'])} |")
+    lines += ["", "**Cost ratio sweep** (middle snapshot; prediction from the components fitted at the default "
+                  "setting and each setting's measured costs):", "",
+              "| render | samples/ray | c_up / c_draw | measured best ECM (K) | predicted best ECM (K) |",
+              "| --- | --- | --- | --- | --- |"]
+    for p in res["cost_sweep"]:
+        lines.append(f"| {p['render_size']} px | {p['n_samples']} | {_f(p['cost_ratio'])} | "
+                     f"{_f(p['measured_best_ecm'])} ({p['measured_best_k']}) | "
+                     f"{_f(p['predicted_best_ecm'])} ({p['predicted_best_k']}) |")
+    lines += ["", "**Quality at equal wall-clock** (PSNR / mask IoU on 16 held-out views at 32 px; ECM at equal "
+                  "quality = time for the baseline to reach its final smoothed quality / time for carv):", "",
+              "| prompt | seed | steps base / carv | final PSNR base / carv | final IoU base / carv | "
+              "ECM (PSNR) | ECM (IoU) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for q in res["quality"]:
+        def e(d):
+            return _f(d["ecm"]) if d["ecm"] is not None else f"< {_f(d.get('upper_bound'))}"
+        lines.append(f"| {q['prompt']} | {q['seed']} | {q['steps']['baseline']} / {q['steps']['carv']} | "
+                     f"{_f(q['final']['baseline']['psnr'])} / {_f(q['final']['carv']['psnr'])} | "
+                     f"{_f(q['final']['baseline']['iou'], 3)} / {_f(q['final']['carv']['iou'], 3)} | "
+                     f"{e(q['ecm_psnr'])} | {e(q['ecm_iou'])} |")
+    qs = res["quality_summary"]
+    lines += ["", f"Geometric mean ECM at equal PSNR over the pairs where carv reached the target: "
+                  f"{_f(qs['ecm_psnr_geomean'])}; at equal IoU: {_f(qs['ecm_iou_geomean'])}.", ""]
+    return "\n".join(lines) + "\n"

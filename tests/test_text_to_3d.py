@@ -1,0 +1,212 @@
+"""Text-to-3D app and benchmark: score distillation improves the scene, the CLI runs and resumes, errors are clear.
+
+Tiny configurations (16-24^3 grids, 32 px renders, 16 samples per ray) with the committed scenes teacher.
+"""
+
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, run_text_to_3d, text_to_3d_from_cli
+from carv.bench.text_to_3d import BenchSettings, binned_resampler_update, equal_quality_ecm, predicted_best_ecm
+from carv.cli import app
+from carv.teachers.scenes import load_scenes_teacher
+from carv.timesteps import SecondMomentResampler
+
+runner = CliRunner()
+TINY = dict(grid_resolution=16, render_size=32, n_samples=16, n_eval_views=4, eval_every_s=1e6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread (faster than two on a shared 2-core machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=1)
+def _teacher():
+    return load_scenes_teacher()
+
+
+def _metrics(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_few_sds_steps_lower_the_distance_to_the_ground_truth():
+    """30 steps of the carv estimator move the renders of 8 held-out views towards the ground truth.
+
+    Deterministic (fixed seeds, fixed K): the colour MSE must fall by at least 20% from the blob start."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=30, R=2, K=2, lr=0.1, seed=0,
+                         **{**TINY, "n_eval_views": 8, "grid_resolution": 24})
+    problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 8)
+    trainer = Trainer(cfg, None, problem)
+    before = trainer.evaluate()
+    while not trainer.done:
+        trainer.step()
+    after = trainer.evaluate()
+    assert after["mse"] < 0.8 * before["mse"], (before, after)
+    assert after["iou"] > before["iou"]
+
+
+def test_cli_runs_a_tiny_config_and_resumes_after_interruption(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["text-to-3d", "a snowman", "--out", str(out), "--steps", "3", "--K", "2", "--checkpoint-every", "2",
+            "--grid-resolution", "16", "--render-size", "32", "--n-samples", "16", "--threads", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for f in ("config.json", "metrics.jsonl", "turntable.png", "comparison.png", "quality_vs_time.png",
+              "k_and_proposal.png", "checkpoint-0000003.safetensors", "checkpoint.json", "summary.json"):
+        assert (out / f).is_file(), f
+    assert len(list(out.glob("checkpoint-*.safetensors"))) == 1  # older checkpoints are removed
+    # rerun with more steps: it continues from the checkpoint at step 3 instead of restarting
+    res = runner.invoke(app, [*args[:5], "5", *args[6:]])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["steps"] == 5
+    assert [r["step"] for r in _metrics(out / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4, 5]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """A run killed after step 3 (last checkpoint at step 2) and rerun ends bit-identical to an uninterrupted run."""
+    cfg = TextTo3DConfig(prompt="a snowman", steps=4, K=2, checkpoint_every=2, seed=3, **TINY)
+    teacher = _teacher()
+    full = run_text_to_3d("a snowman", tmp_path / "full", cfg, progress=False, teacher=teacher)
+
+    calls = {"n": 0}
+    real_step = Trainer.step
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    resumed = run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    assert resumed["resumed_from"] == 2
+    assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4]
+    a = Trainer(cfg, tmp_path / "full", teacher=teacher)
+    b = Trainer(cfg, tmp_path / "cut", teacher=teacher)
+    assert torch.equal(a.grid.density, b.grid.density) and torch.equal(a.grid.color, b.grid.color)
+    assert full["final"]["psnr"] == pytest.approx(resumed["final"]["psnr"], abs=1e-9)
+
+
+def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
+    res = runner.invoke(app, ["text-to-3d", "a flying car", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0
+    text = " ".join(res.output.replace("│", " ").split())  # the error box wraps lines
+    assert "a flying car" in text and "allowed prompts" in text and "a snowman" in text
+    for flags, needle in ((["--baseline", "--K", "4"], "baseline"), (["--baseline", "--compare"], "compare"),
+                          (["--render-size", "40"], "render_size"), (["--proposal", "oracle"], "proposal"),
+                          (["--stratify", "grid"], "stratify"), (["--R", "1"], "R"), (["--steps", "0"], "steps")):
+        res = runner.invoke(app, ["text-to-3d", "a snowman", "--out", str(tmp_path / "y"), *flags])
+        assert res.exit_code != 0, flags
+        assert needle in res.output.replace("│", " "), (flags, res.output)
+    with pytest.raises(ValueError, match="flags: unknown"):
+        text_to_3d_from_cli("a snowman", tmp_path / "z", {"step": 3})
+    with pytest.raises(ValueError, match="budget_s"):
+        TextTo3DConfig(budget_s=-1.0).validate()
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    cfg = TextTo3DConfig(prompt="a snowman", steps=1, K=2, **TINY)
+    run_text_to_3d("a snowman", tmp_path, cfg, progress=False, teacher=_teacher())
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        Trainer(dataclasses.replace(cfg, lr=0.5), tmp_path, teacher=_teacher())
+    Trainer(dataclasses.replace(cfg, steps=9), tmp_path, teacher=_teacher())  # more steps: fine
+
+
+# ----------------------------------------------------------------------------- benchmark pieces
+def test_equal_quality_ecm_interpolates_first_crossings():
+    base = [{"elapsed_s": t, "psnr": q} for t, q in ((0, 10.0), (10, 14.0), (20, 16.0), (30, 16.0))]
+    fast = [{"elapsed_s": t, "psnr": q} for t, q in ((0, 10.0), (10, 18.0), (20, 19.0))]
+    slow = [{"elapsed_s": t, "psnr": q} for t, q in ((0, 10.0), (30, 12.0))]
+    r = equal_quality_ecm(base, fast, window=1)
+    assert r["target"] == 16.0 and r["t_base_s"] == 20.0 and r["t_method_s"] == pytest.approx(7.5)
+    assert r["ecm"] == pytest.approx(20.0 / 7.5)
+    r = equal_quality_ecm(base, slow, window=1)
+    assert r["ecm"] is None and r["upper_bound"] == pytest.approx(20.0 / 30.0)
+    # smoothed (trailing mean of 2): base -> 10, 12, 15, 16; fast -> 10, 14, 18.5: crossing at 10 + 10 * 2 / 4.5
+    r = equal_quality_ecm(base, fast, window=2)
+    assert r["target"] == 16.0 and r["t_base_s"] == 30.0 and r["ecm"] == pytest.approx(30.0 / (10 + 20 / 4.5))
+
+
+def test_predicted_best_ecm_follows_the_cost_model():
+    comps = {"uniform": (1.0, 9.0), "importance+stratified": (1.0, 4.0)}
+    # free renders: reuse cannot help, only the smaller within component does (K = 1 is best)
+    ecm, k = predicted_best_ecm(comps, 1e-9, 16)
+    assert k == 1 and ecm == pytest.approx(10.0 / 5.0, rel=1e-6)
+    # expensive renders (c_up = 100 c_draw): K* = sqrt(100 * 4 / 1) = 20, ECM = 10 * 101 / ((1 + 4/20) * 120)
+    ecm, k = predicted_best_ecm(comps, 100.0, 64)
+    assert k == 20 and ecm == pytest.approx(1010.0 / 144.0)
+
+
+def test_binned_resampler_fills_every_bin_from_stratified_warmup():
+    res = SecondMomentResampler(50, history=2)
+    t = torch.arange(0, 1000, 20).repeat(2)  # one draw in each of 50 bins, twice
+    binned_resampler_update(res, t, torch.ones(100), 1000)
+    assert res.ready and torch.allclose(res.importance(), torch.ones(50, dtype=torch.float64))
+    with pytest.raises(ValueError, match="warmup_K, resampler_bins"):
+        BenchSettings(warmup_K=30).validate()
+    with pytest.raises(ValueError, match="Rs, Ks"):
+        BenchSettings(Rs=(1, 4)).validate()
+
+
+def test_component_probe_recovers_parameter_space_components():
+    """ComponentProbe (carv.accounting): two vector-Jacobian products of one R x K batch give unbiased
+    parameter-space components. Linear upstream x_r = W_r theta (W_r random per sample, the 'camera'),
+    f_rk = m_r + e_rk; the truth is computed from the same model. Mean of 600 probes within 4 standard errors."""
+    from carv.accounting import ComponentProbe
+
+    g = torch.Generator().manual_seed(0)
+    P, D, R, K, sb, se = 5, 12, 3, 4, 0.7, 1.3
+    theta = torch.randn(P, dtype=torch.float64, generator=g).requires_grad_(True)
+    mu = torch.randn(D, dtype=torch.float64, generator=g)
+    probe = ComponentProbe(R, K)
+    est_b, est_w, gr_all = [], [], []
+    for _ in range(600):
+        W = torch.randn(R, D, P, dtype=torch.float64, generator=g)
+        x = torch.einsum("rdp,p->rd", W, theta)
+        m = mu + sb * torch.randn(R, D, dtype=torch.float64, generator=g)
+        f = m[:, None, :] + se * torch.randn(R, K, D, dtype=torch.float64, generator=g)
+        u, h = probe.cotangents(f, g)
+        ju = torch.autograd.grad(x, theta, u, retain_graph=True)
+        jh = torch.autograd.grad(x, theta, h)
+        b, w = probe.components(ju, jh)
+        est_b.append(b)
+        est_w.append(w)
+        gr_all.append(torch.einsum("rdp,rd->rp", W, f.mean(1)))
+    # truth: within = E||W^T e-mean||^2 * K = se^2 E||W||_F^2 = se^2 D P; Var(g_r) from the samples themselves
+    w_true = se**2 * D * P
+    gr = torch.cat(gr_all)
+    total_true = float(gr.var(0).sum())  # Var(g_r) = sigma_b^2 + sigma_w^2 / K (sampling error ~1%)
+    b_true = total_true - w_true / K
+    for est, truth in ((est_w, w_true), (est_b, b_true)):
+        t = torch.tensor(est)
+        assert abs(t.mean() - truth) < 4 * t.std() / len(est) ** 0.5 + 0.02 * truth, (float(t.mean()), truth)
+    with pytest.raises(ValueError, match="K: the within"):
+        ComponentProbe(2, 1)
+    with pytest.raises(ValueError, match="values: expected shape"):
+        probe.cotangents(torch.zeros(2, 4, 3))
+
+
+def test_measure_times_estimates_with_the_given_clock():
+    """carv.bench.harness.measure(clock=...): the text-to-3D benchmark charges CPU seconds (process_time)."""
+    from carv.bench.harness import Config, measure
+
+    ticks = iter(range(10_000))
+    rows = measure([Config("a", 1, 1), Config("a", 1, 2)], lambda c, g, m: torch.randn(3, generator=g),
+                   torch.zeros(3), 3, progress=False, clock=lambda: float(next(ticks)) * 0.5)
+    assert [r["cost_s"] for r in rows] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="clock"):
+        BenchSettings(clock="gpu").validate()
