@@ -25,7 +25,7 @@ from carv.noise import check_noise_mode, draw_noise
 from carv.teachers.base import check_finite
 from carv.timesteps import TimestepSampler
 
-__all__ = ["Draws", "Estimate", "HierarchicalEstimator", "reduce_draws"]
+__all__ = ["Draws", "Estimate", "HierarchicalEstimator", "UsesEstimator", "reduce_draws"]
 
 
 @dataclass
@@ -184,3 +184,25 @@ def _dist_rank_world() -> tuple[int, int]:
         raise RuntimeError("distributed: torch.distributed is not initialised; call init_process_group first "
                            "or build the estimator with distributed=False")
     return dist.get_rank(), dist.get_world_size()
+
+
+class UsesEstimator:
+    """Mixin for objectives that draw through ``self.estimator`` (a :class:`HierarchicalEstimator`).
+
+    ``K`` (settable, so an accountant can re-choose it between steps) and ``sampler`` are the estimator's,
+    so the objective never holds a second copy that could drift from what is actually drawn.
+    """
+
+    estimator: HierarchicalEstimator
+
+    @property
+    def K(self) -> int:
+        return self.estimator.K
+
+    @K.setter
+    def K(self, K: int) -> None:
+        self.estimator.K = K
+
+    @property
+    def sampler(self) -> TimestepSampler:
+        return self.estimator.sampler

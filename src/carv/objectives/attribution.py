@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from carv.accounting import CostMeter
-from carv.estimator import HierarchicalEstimator, reduce_draws
+from carv.estimator import HierarchicalEstimator, UsesEstimator, reduce_draws
 from carv.objectives.weighting import Weighting, weight_table
 from carv.teachers.base import NonFiniteTeacherError, Teacher
 from carv.timesteps import TimestepSampler
@@ -76,7 +76,7 @@ class GaussianProjection:
         return g.to(self.matrix.dtype) @ self.matrix
 
 
-class GradientFeatures:
+class GradientFeatures(UsesEstimator):
     """Projected, MC-averaged per-example gradients of the weighted diffusion loss.
 
     Args:
@@ -136,18 +136,6 @@ class GradientFeatures:
         self.proj_batch = 64
 
     # ------------------------------------------------------------------ properties
-    @property
-    def K(self) -> int:
-        return self.estimator.K
-
-    @K.setter
-    def K(self, K: int) -> None:
-        self.estimator.K = K
-
-    @property
-    def sampler(self) -> TimestepSampler:
-        return self.estimator.sampler
-
     @property
     def dim(self) -> int:
         return self.num_params if self.projection is None else self.projection.dim

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carv.estimator import HierarchicalEstimator
+from carv.estimator import HierarchicalEstimator, UsesEstimator
 from carv.objectives.sds import SDSOutput, batched_teacher_eps, residual_estimate
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
@@ -41,7 +41,7 @@ __all__ = ["DistributionMatching", "DenoisingLoss", "DMD_WEIGHTINGS"]
 DMD_WEIGHTINGS = ("dmd", "sds", "uniform", "snr")
 
 
-class DistributionMatching:
+class DistributionMatching(UsesEstimator):
     """Distribution-matching gradient estimator for one-step generators.
 
     Args:
@@ -82,18 +82,6 @@ class DistributionMatching:
         self.w = None if weighting == "dmd" else weight_table(weighting, teacher.schedule)
         self.guidance_scale = float(guidance_scale)
         self.max_batch = max_batch
-
-    @property
-    def K(self) -> int:
-        return self.estimator.K
-
-    @K.setter
-    def K(self, K: int) -> None:
-        self.estimator.K = K
-
-    @property
-    def sampler(self) -> TimestepSampler:
-        return self.estimator.sampler
 
     def weight(self, t: Tensor, eps: Tensor, eps_real: Tensor) -> Tensor:
         """``w`` per draw, shaped to broadcast against ``eps``."""

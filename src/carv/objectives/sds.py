@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from carv.estimator import Draws, Estimate, HierarchicalEstimator
+from carv.estimator import Draws, Estimate, HierarchicalEstimator, UsesEstimator
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import Teacher, check_finite, repeat_cond
@@ -75,7 +75,7 @@ def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x:
     return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
 
 
-class ScoreDistillation:
+class ScoreDistillation(UsesEstimator):
     """SDS gradient estimator.
 
     Args:
@@ -107,18 +107,6 @@ class ScoreDistillation:
         self.w = weight_table(weighting, teacher.schedule)
         self.guidance_scale = float(guidance_scale)
         self.max_batch = max_batch
-
-    @property
-    def K(self) -> int:
-        return self.estimator.K
-
-    @K.setter
-    def K(self, K: int) -> None:
-        self.estimator.K = K
-
-    @property
-    def sampler(self) -> TimestepSampler:
-        return self.estimator.sampler
 
     def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | int | None = None,
                  keep_draws: bool = False) -> SDSOutput:
