@@ -57,10 +57,15 @@ def demo(
 def bench_overhead(
     json_path: Path = typer.Option(None, "--json", help="Write the results JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Fewer repeats."),
+    threads: int = typer.Option(None, min=1, help="torch threads (default: torch's choice; 1 on a shared machine)."),
 ):
     """Sampler overhead vs torch.randint (10^6 draws) and accountant overhead vs one teacher call."""
     from carv.bench.overhead import run_overhead
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     res = run_overhead(json_path, quick)
     for k, v in res["sampler"]["ratio_vs_randint"].items():
         typer.echo(f"sampler {k:<28} {v:5.2f}x torch.randint ({res['sampler']['n']:,} draws)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from carv.accounting import VarianceComponents, variance_components
+from carv.accounting import VarianceComponents, variance_components, within_row_variance
 from carv.noise import check_noise_mode, draw_noise
 from carv.teachers.base import check_finite
 from carv.timesteps import TimestepSampler
@@ -97,8 +97,7 @@ def reduce_draws(values: Tensor, weight: Tensor, t: Tensor | None = None, stats:
         comps: VarianceComponents = variance_components(weighted)
         est.between, est.within = comps.between, comps.within
     elif stats and K >= 2:
-        y = weighted.detach().reshape(R, K, -1).float()
-        est.within = float(y.var(dim=1, unbiased=True).sum(-1, dtype=torch.float64).mean())
+        est.within = within_row_variance(weighted)[0]
     if keep_draws:
         est.draws = weighted
     return est

@@ -97,7 +97,7 @@ def accountant_overhead(R: int = 2, K: int = 8, shape: tuple[int, ...] = (4, 32,
 def run_overhead(json_path: str | Path | None = None, quick: bool = False) -> dict:
     reps = 10 if quick else 30
     res = {
-        "command": "carv bench overhead" + (" --quick" if quick else ""),
+        "command": "carv bench overhead" + (" --quick" if quick else "") + f" --threads {torch.get_num_threads()}",
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "sampler": sampler_overhead(repeats=reps),
         "accountant": accountant_overhead(repeats=reps),
