@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents
 from carv.bench.text_to_3d import equal_quality_ecm
@@ -495,39 +496,6 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- images and plots
-def _to_img(x: Tensor) -> Any:
-    """``[3, H, W]`` in [0, 1] -> HWC numpy for imshow."""
-    return x.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
-
-def save_image_rows(rows: list[Tensor], row_names: list[str], path: str | Path, title: str = "",
-                    col_names: list[str] | None = None) -> None:
-    """A labelled grid of images: ``rows[i]`` is ``[n, 3, H, W]`` in [0, 1]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nrow, ncol = len(rows), rows[0].shape[0]
-    fig, axs = plt.subplots(nrow, ncol, figsize=(1.2 * ncol + 1.2, 1.2 * nrow + 0.5), dpi=110, squeeze=False)
-    for r, imgs in enumerate(rows):
-        for c in range(ncol):
-            ax = axs[r, c]
-            ax.imshow(_to_img(imgs[c]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0 and col_names:
-                ax.set_title(col_names[c], fontsize=7)
-            if c == 0:
-                ax.set_ylabel(row_names[r], fontsize=7, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.14, right=0.99, top=0.86 if title else 0.95, bottom=0.02, wspace=0.04, hspace=0.08)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def turntable(problem: SceneProblem, grid: VoxelGrid | None, n: int = 8, elevation: float = 20.0) -> Tensor:
     """``[n, 3, S, S]`` in [0, 1] turntable views of ``grid`` (or of the ground truth when ``grid`` is None)."""
@@ -652,16 +620,16 @@ def _finish(trainer: Trainer, metrics: Path) -> dict:
 def _write_run_outputs(trainer: Trainer, title: str) -> None:
     out, p = trainer.out, trainer.problem
     tt = turntable(p, trainer.grid)
-    save_image_rows([tt], [trainer.cfg.method], out / "turntable.png",
-                    f"{p.prompt!r}: {title}, turntable (elevation 20)",
-                    [f"az {int(a)}" for a in torch.arange(8) * 45])
+    save_image_grid([tt], [trainer.cfg.method], out / "turntable.png",
+                    title=f"{p.prompt!r}: {title}, turntable (elevation 20)",
+                    col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
     with torch.no_grad():
         x, op = p.render(trainer.grid, p.eval_cameras)
     n = min(8, x.shape[0])
     rows = [p.gt_rgb[:n], ((x + 1) / 2)[:n], p.gt_opacity[:n].expand(-1, 3, -1, -1), op[:n].expand(-1, 3, -1, -1)]
     ev = trainer.evals[-1]
-    save_image_rows(rows, ["ground truth", "learned", "GT mask", "learned mask"], out / "comparison.png",
-                    f"{p.prompt!r} ({trainer.cfg.method}), held-out views at 32 px: PSNR {ev['psnr']:.2f} dB "
+    save_image_grid(rows, ["ground truth", "learned", "GT mask", "learned mask"], out / "comparison.png",
+                    title=f"{p.prompt!r} ({trainer.cfg.method}), held-out views at 32 px: PSNR {ev['psnr']:.2f} dB "
                     f"(16 views), mask IoU {ev['iou']:.3f}")
     plot_quality_curves({trainer.cfg.method: trainer.evals}, out / "quality_vs_time.png",
                         f"{p.prompt!r}: quality on held-out views vs training time")
@@ -736,11 +704,11 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     for m, t in trainers.items():
         _write_run_outputs(t, m)
     gt = turntable(problem, None)
-    save_image_rows([gt, turntable(problem, base_t.grid), turntable(problem, carv_t.grid)],
+    save_image_grid([gt, turntable(problem, base_t.grid), turntable(problem, carv_t.grid)],
                     ["ground truth", f"baseline\n{base_t.step_count} steps", f"carv\n{carv_t.step_count} steps"],
                     out / "turntables.png",
-                    f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)",
-                    [f"az {int(a)}" for a in torch.arange(8) * 45])
+                    title=f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)",
+                    col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
     plot_quality_curves({"baseline (uniform, K=1)": base_t.evals, "carv (learned q, strata, auto K)": carv_t.evals},
                         out / "quality_vs_compute.png", f"{problem.prompt!r}: held-out quality vs training time")
     ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in ("psnr", "iou")}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv.render.cameras import (
     DEFAULT_ELEVATION_RANGE,
@@ -241,29 +242,8 @@ def sample_scenes(teacher: UNetTeacher, cond: Tensor, guidance_scale: float = GR
 def save_sample_grid(rows: list[Tensor], row_names: list[str], col_names: list[str], path: str | Path,
                      title: str | None = None) -> None:
     """Save a grid (``rows[i]`` is ``[ncol, 3, H, W]`` in ``[-1, 1]``) with row and column labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nrow, ncol = len(rows), rows[0].shape[0]
-    fig, axs = plt.subplots(nrow, ncol, figsize=(0.8 * ncol + 1.6, 0.8 * nrow + 0.6), dpi=100, squeeze=False)
-    for r, imgs in enumerate(rows):
-        for c in range(ncol):
-            ax = axs[r, c]
-            ax.imshow(((imgs[c].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(col_names[c], fontsize=6)
-            if c == 0:
-                ax.set_ylabel(row_names[r], fontsize=6, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=7)
-    fig.subplots_adjust(left=0.2, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_image_grid(rows, row_names, path, col_names, title, value_range=(-1.0, 1.0), cell=0.8, dpi=100, fontsize=6,
+                    left=0.2)
 
 
 def _default_grid_path(out_dir: Path) -> Path:
