@@ -125,3 +125,19 @@ def test_auto_k_picks_optimum_from_observations():
 def test_auto_k_bad_args(kwargs, name):
     with pytest.raises(ValueError, match=name):
         AutoK(**kwargs)
+
+
+def test_timed_estimate_charges_forward_plus_backward_to_upstream_and_the_objective_to_draws():
+    from types import SimpleNamespace
+
+    from carv.accounting import CostMeter, timed_estimate
+
+    ticks = iter(range(100))  # a fake clock: each read advances one second
+    theta = torch.ones(3, requires_grad=True)
+    meter = CostMeter()
+    x, out, secs = timed_estimate(lambda: theta.expand(2, 3) * 2.0,
+                                  lambda x: SimpleNamespace(loss=(x * 3.0).sum()), K=4, meter=meter,
+                                  clock=lambda: float(next(ticks)))
+    assert x.shape == (2, 3) and torch.equal(theta.grad, torch.full((3,), 12.0))  # the backward ran once
+    assert secs == {"upstream": 2.0, "draw": 1.0}  # reads 0,1 (upstream), 1,2 (objective), 2,3 (backward)
+    assert meter.median("upstream") == 1.0 and meter.median("draw") == 1.0 / 8  # per sample, per draw

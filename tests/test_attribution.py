@@ -33,13 +33,7 @@ from carv.timesteps import TimestepSampler
 T_TINY = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny vmap calls: one thread is several times faster than two on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_teacher(seed: int = 0) -> UNetTeacher:

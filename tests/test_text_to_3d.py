@@ -21,13 +21,7 @@ runner = CliRunner()
 TINY = dict(grid_resolution=16, render_size=32, n_samples=16, n_eval_views=4, eval_every_s=1e6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (faster than two on a shared 2-core machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,9 +16,9 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ __all__ = [
     "AutoK",
     "ComponentProbe",
     "within_row_variance",
+    "timed_estimate",
 ]
 
 
@@ -344,3 +345,29 @@ def _sq_norm(v) -> float:
     if isinstance(v, Tensor):
         return float(v.detach().double().pow(2).sum())
     return sum(float(t.detach().double().pow(2).sum()) for t in v if t is not None)
+
+
+def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor], Any], K: int,
+                   meter: CostMeter | None = None, clock: Callable[[], float] = time.perf_counter,
+                   retain_graph: bool = False) -> tuple[Tensor, Any, dict[str, float]]:
+    """One estimate's worth of work, split into the two stages the accountant prices.
+
+    ``x = upstream()`` (``R`` upstream samples, e.g. renders), ``out = objective(x)`` (the ``R K`` teacher
+    draws; ``out.loss`` is the surrogate) and ``out.loss.backward()`` (the upstream's backward pass). The
+    ``"upstream"`` stage is the forward plus the backward (per upstream sample), ``"draw"`` the objective
+    (per draw). With ``meter`` both are recorded there; the seconds are also returned, as
+    ``(x, out, {"upstream": ..., "draw": ...})``, for callers that add per-step costs of their own.
+    """
+    t0 = clock()
+    x = upstream()
+    t1 = clock()
+    out = objective(x)
+    t2 = clock()
+    out.loss.backward(retain_graph=retain_graph)
+    t3 = clock()
+    secs = {"upstream": (t1 - t0) + (t3 - t2), "draw": t2 - t1}
+    if meter is not None:
+        R = x.shape[0]
+        meter.add("upstream", secs["upstream"], count=R)
+        meter.add("draw", secs["draw"], count=R * K)
+    return x, out, secs

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from carv._progress import progress_bar
-from carv.accounting import CostMeter
+from carv.accounting import CostMeter, timed_estimate
 from carv.bench import digits_metrics as dm
 from carv.bench import distill as bd
 from carv.bench.harness import Config
@@ -323,17 +323,8 @@ class Distiller:
         params = [p for p in self.generator.parameters()]
         for p in params:
             p.grad = None
-        t0 = time.perf_counter()
-        z, c = self.latents(R, generator)
-        x = self.generator(z, c)
-        t1 = time.perf_counter()
-        out = objective(x, c, generator)
-        t2 = time.perf_counter()
-        out.loss.backward()
-        t3 = time.perf_counter()
-        if meter is not None:
-            meter.add("upstream", (t1 - t0) + (t3 - t2), count=R)
-            meter.add("draw", t2 - t1, count=R * objective.K)
+        z, c = self.latents(R, generator)  # latents and labels: negligible next to the generator pass
+        timed_estimate(lambda: self.generator(z, c), lambda x: objective(x, c, generator), objective.K, meter)
         return torch.cat([p.grad.reshape(-1) for p in params])
 
     # ------------------------------------------------------------------ evaluation

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
-from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents
+from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.bench.text_to_3d import equal_quality_ecm
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
@@ -285,13 +285,11 @@ class SceneProblem:
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
         """
-        t0 = self.clock()
-        cams = self.cameras(R, generator)
-        x, _ = self.render(grid, cams, generator, render_size, n_samples)
-        t1 = self.clock()
-        out = sds(x, scene_cond(self.prompt, cams, self.prompts), generator, keep_draws=probe)
-        t2 = self.clock()
-        out.loss.backward(retain_graph=probe)
+        cams = self.cameras(R, generator)  # camera sampling: negligible next to the render
+        cond = scene_cond(self.prompt, cams, self.prompts)
+        x, out, secs = timed_estimate(lambda: self.render(grid, cams, generator, render_size, n_samples)[0],
+                                      lambda x: sds(x, cond, generator, keep_draws=probe), sds.K,
+                                      clock=self.clock, retain_graph=probe)
         t3 = self.clock()
         comps = None
         if probe:
@@ -302,8 +300,8 @@ class SceneProblem:
             jh = torch.autograd.grad(x, params, h)
             comps = pr.components(ju, jh)
             out.estimate.draws = None
-        t4 = self.clock()
-        return out, {"upstream": (t1 - t0) + (t3 - t2), "draw": t2 - t1, "probe": t4 - t3}, comps
+        secs["probe"] = self.clock() - t3
+        return out, secs, comps
 
     @torch.no_grad()
     def evaluate(self, grid: VoxelGrid) -> dict[str, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carv.accounting import CostMeter, optimal_k
+from carv.accounting import CostMeter, optimal_k, timed_estimate
 from carv.bench.harness import Config, add_figures, measure, reference_mean
 from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
 from carv.objectives.sds import ScoreDistillation
@@ -157,16 +156,8 @@ class ToyProblem:
                  meter: CostMeter | None = None) -> tuple[Tensor, Any]:
         """One estimate of the parameter gradient ``d/d theta``; times the upstream and teacher stages."""
         self.theta.grad = None
-        t0 = time.perf_counter()
-        x = self.upstream(R, generator)
-        t1 = time.perf_counter()
-        out = sds(x, generator=generator)
-        t2 = time.perf_counter()
-        out.loss.backward()
-        t3 = time.perf_counter()
-        if meter is not None:
-            meter.add("upstream", (t1 - t0) + (t3 - t2), count=R)
-            meter.add("draw", t2 - t1, count=R * sds.K)
+        _, out, _ = timed_estimate(lambda: self.upstream(R, generator), lambda x: sds(x, generator=generator), sds.K,
+                                   meter)
         return self.theta.grad.detach().clone(), out
 
 
