@@ -26,3 +26,14 @@ def test_bad_flag_is_named():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "carv", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_overhead_bench_measures_every_mode_against_randint():
+    from carv.bench.overhead import accountant_overhead, sampler_overhead
+    from carv.timesteps import STRATIFY_MODES
+
+    s = sampler_overhead(n=16 * 64, repeats=3)
+    assert set(s["ratio_vs_randint"]) == {f"importance+{m}" for m in STRATIFY_MODES}
+    assert all(r > 0 for r in s["ratio_vs_randint"].values())
+    a = accountant_overhead(repeats=2)
+    assert 0 < a["fraction_of_teacher_call"] and a["accountant_s"] == a["median_s"]["accountant"]

@@ -27,7 +27,8 @@ from carv.timesteps import STRATIFY_MODES, TimestepSampler
 __all__ = ["sampler_overhead", "accountant_overhead", "run_overhead"]
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+def _interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each function per round; every round runs every function once, back to back."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -37,7 +38,19 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, war
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in _interleaved_times(fns, repeats, warmup).items()}
+
+
+def _paired_ratio(times: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Median over rounds of ``time / time of base in the same round``: the load of another job changes
+    from second to second, and a ratio taken within one round (milliseconds apart) cancels it better than
+    a ratio of medians taken over the whole run."""
+    return {k: statistics.median(a / b for a, b in zip(v, times[base], strict=True))
+            for k, v in times.items() if k != base}
 
 
 def sampler_overhead(n: int = 1_000_000, T: int = 1000, repeats: int = 30, seed: int = 0) -> dict:
@@ -50,10 +63,11 @@ def sampler_overhead(n: int = 1_000_000, T: int = 1000, repeats: int = 30, seed:
     for mode in STRATIFY_MODES:
         s = TimestepSampler(T, importance=imp, floor=0.1, stratify=mode)
         fns[f"importance+{mode}"] = (lambda s=s: s.sample(R, K, g))
-    med = _interleaved_medians(fns, repeats)
-    base = med["torch.randint"]
-    return {"n": R * K, "T": T, "R": R, "K": K, "repeats": repeats,
-            "median_s": med, "ratio_vs_randint": {k: v / base for k, v in med.items() if k != "torch.randint"}}
+    times = _interleaved_times(fns, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"n": R * K, "T": T, "R": R, "K": K, "repeats": repeats, "median_s": med,
+            "ratio_vs_randint": _paired_ratio(times, "torch.randint"),
+            "ratio_of_medians": {k: v / med["torch.randint"] for k, v in med.items() if k != "torch.randint"}}
 
 
 def accountant_overhead(R: int = 2, K: int = 8, shape: tuple[int, ...] = (4, 32, 32), repeats: int = 30,
@@ -99,7 +113,7 @@ def run_overhead(json_path: str | Path | None = None, quick: bool = False) -> di
     res = {
         "command": "carv bench overhead" + (" --quick" if quick else "") + f" --threads {torch.get_num_threads()}",
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "sampler": sampler_overhead(repeats=reps),
+        "sampler": sampler_overhead(repeats=3 * reps),
         "accountant": accountant_overhead(repeats=reps),
     }
     if json_path is not None:
