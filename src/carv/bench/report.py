@@ -55,7 +55,8 @@ def _methods(rows):
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
-def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "",
+                          cost_label: str = "cost per estimate (s, median wall-clock)") -> None:
     """Log-log variance against seconds per estimate, one colour per method, points labelled (R, K).
 
     A method measured at several ``R`` gets one line per ``R`` (line style by ``R``), so that each line
@@ -79,7 +80,7 @@ def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "
                         xytext=(2, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("cost per estimate (s, median wall-clock)")
+    ax.set_xlabel(cost_label)
     ax.set_ylabel("variance of the gradient estimate (trace)")
     ax.set_title(title or "variance vs compute, labelled (R, K)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
