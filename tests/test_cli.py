@@ -37,3 +37,13 @@ def test_overhead_bench_measures_every_mode_against_randint():
     assert all(r > 0 for r in s["ratio_vs_randint"].values())
     a = accountant_overhead(repeats=2)
     assert 0 < a["fraction_of_teacher_call"] and a["accountant_s"] == a["median_s"]["accountant"]
+
+
+def test_unwritable_run_folder_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = subprocess.run([sys.executable, "-m", "carv", "demo", "--quick", "--out", str(blocker / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "cannot create or write" in out.stderr and "a-file" in out.stderr and "--out" in out.stderr
+    assert "Traceback" not in out.stderr

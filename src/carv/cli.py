@@ -3,6 +3,7 @@ a benchmark or a teacher module; no sampling, weighting or accounting logic live
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -223,7 +224,17 @@ def bench_text_to_3d_cmd(
 
 
 def main() -> None:
-    app()
+    """Entry point. A path the run cannot create or write (``--out`` under a read-only or missing root, a
+    full disk) ends with one line naming the path instead of a traceback; the run folder, where one was
+    started, keeps its checkpoints, so the same command resumes once the path is fixed."""
+    try:
+        app()
+    except OSError as e:
+        path = e.filename if e.filename is not None else ""
+        what = f" {str(path)!r}" if path else ""
+        sys.stderr.write(f"Error: cannot create or write{what}: {e.strerror or e}. "
+                         f"Choose another folder with --out (or free the disk) and rerun; finished work is kept.\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
