@@ -204,3 +204,20 @@ def test_measure_times_estimates_with_the_given_clock():
     assert [r["cost_s"] for r in rows] == [0.5, 0.5]
     with pytest.raises(ValueError, match="clock"):
         BenchSettings(clock="gpu").validate()
+
+
+def test_resume_drops_the_evaluation_taken_after_the_checkpoint(tmp_path):
+    """An evaluation logged at the checkpoint's step but after the checkpoint is redone on resume: kept once."""
+    from carv._jsonl import append_jsonl, read_jsonl
+    from carv.apps.text_to_3d import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    ev0 = {"kind": "eval", "step": 0, "elapsed_s": 0.0, "psnr": 15.0}
+    rows = [ev0, {"kind": "step", "step": 1}, {"kind": "step", "step": 2},
+            {"kind": "eval", "step": 2, "elapsed_s": 20.5, "psnr": 17.0}, {"kind": "step", "step": 3}]
+    for r in rows:
+        append_jsonl(path, r)
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "st')  # the partial last line of a killed run
+    _truncate_metrics(path, 2, [ev0])
+    assert read_jsonl(path) == rows[:3]

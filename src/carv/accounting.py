@@ -356,15 +356,23 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
     draws; ``out.loss`` is the surrogate) and ``out.loss.backward()`` (the upstream's backward pass). The
     ``"upstream"`` stage is the forward plus the backward (per upstream sample), ``"draw"`` the objective
     (per draw). With ``meter`` both are recorded there; the seconds are also returned, as
-    ``(x, out, {"upstream": ..., "draw": ...})``, for callers that add per-step costs of their own.
+    ``(x, out, {"upstream": ..., "draw": ...})``, for callers that add per-step costs of their own. On
+    CUDA pass a ``meter`` built with ``device``: every clock read is then preceded by a synchronisation,
+    so asynchronous kernels are charged to the stage that launched them.
     """
-    t0 = clock()
+
+    def now() -> float:
+        if meter is not None and meter._sync:
+            torch.cuda.synchronize(meter.device)
+        return clock()
+
+    t0 = now()
     x = upstream()
-    t1 = clock()
+    t1 = now()
     out = objective(x)
-    t2 = clock()
+    t2 = now()
     out.loss.backward(retain_graph=retain_graph)
-    t3 = clock()
+    t3 = now()
     secs = {"upstream": (t1 - t0) + (t3 - t2), "draw": t2 - t1}
     if meter is not None:
         R = x.shape[0]

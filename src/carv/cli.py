@@ -224,16 +224,18 @@ def bench_text_to_3d_cmd(
 
 
 def main() -> None:
-    """Entry point. A path the run cannot create or write (``--out`` under a read-only or missing root, a
-    full disk) ends with one line naming the path instead of a traceback; the run folder, where one was
-    started, keeps its checkpoints, so the same command resumes once the path is fixed."""
+    """Entry point. An operating-system error (a run folder that cannot be created or written, a full
+    disk, a missing input file) ends with one line naming the path instead of a traceback; the run
+    folder, where one was started, keeps its checkpoints, so the same command resumes once it is fixed."""
     try:
         app()
     except OSError as e:
-        path = e.filename if e.filename is not None else ""
-        what = f" {str(path)!r}" if path else ""
-        sys.stderr.write(f"Error: cannot create or write{what}: {e.strerror or e}. "
-                         f"Choose another folder with --out (or free the disk) and rerun; finished work is kept.\n")
+        if e.filename is None:  # raised by carv with its own message (e.g. missing teacher weights)
+            sys.stderr.write(f"Error: {e}\n")
+        else:
+            sys.stderr.write(f"Error: {e.strerror or e}: {str(e.filename)!r}. If this is the run folder, choose "
+                             f"another with --out (or free the disk) and rerun; finished work is kept. If it is "
+                             f"an input, check the path.\n")
         raise SystemExit(2) from None
 
 

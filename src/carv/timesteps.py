@@ -157,6 +157,7 @@ class GuideTable:
         if self.crowded:
             C = torch.where(gap > 1, torch.full_like(C, float("nan")), C)
         self.M, self.C, self.cdf, self.pos = M, C, cdf64, pos
+        self.last = int(pos[-1]) if self.contiguous else P - 1  # the largest value from_scaled may return
 
     def from_scaled(self, x: Tensor) -> Tensor:
         """Timesteps (int64) for ``x = u * M``."""
@@ -168,6 +169,8 @@ class GuideTable:
         if bad is not None:
             y.masked_fill_(bad, 0.0)
         t = y.to(torch.int64)  # y >= 0, so truncation is the floor
+        # x can round up to exactly M (e.g. (jitter + K - 1) / K * M with jitter = 1 - 2^-53): the last rank
+        t.clamp_(max=self.last)
         if not self.contiguous:
             t = torch.index_select(self.pos, 0, t)
         if bad is not None and bool(bad.any()):

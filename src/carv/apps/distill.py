@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from carv._jsonl import append_jsonl, filter_jsonl
 from carv._progress import progress_bar
 from carv.accounting import CostMeter, timed_estimate
 from carv.bench import digits_metrics as dm
@@ -464,15 +465,7 @@ def _prepare_folder(out: Path, cfg: DistillConfig, resume: bool) -> bool:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the resumed state (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _log(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    filter_jsonl(path, lambda r: r["step"] <= step)
 
 
 def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None = None, progress: bool = True,
@@ -503,7 +496,7 @@ def _run_distill(out_dir: str | Path, cfg: DistillConfig, progress: bool, resume
         q, _ = d.evaluate()
         row = {"step": d.step_count, "compute_s": round(d.compute_s, 3), **q, **d.last,
                **{f"c_{k}_s": v for k, v in d.meter.summary().items()}}
-        _log(metrics, row)
+        append_jsonl(metrics, row)
         return row
 
     def checkpoint_and_grid() -> None:
@@ -661,7 +654,7 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
 
     def evaluate(key: tuple[str, int], dist: Distiller) -> None:
         q, x = dist.evaluate()
-        _log(logs[key], {"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
+        append_jsonl(logs[key], {"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
                          **{f"c_{k}_s": v for k, v in dist.meter.summary().items()},
                          "loadavg_1min": round(os.getloadavg()[0], 2)})
 

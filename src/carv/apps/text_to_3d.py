@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from carv._jsonl import append_jsonl, filter_jsonl, read_jsonl
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, timed_estimate
@@ -562,23 +563,13 @@ def plot_run_diagnostics(trainer: Trainer, steps: list[dict], path: str | Path) 
 
 
 # --------------------------------------------------------------------------- the main job
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint being resumed (those steps are redone)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+def _truncate_metrics(path: Path, step: int, evals: list[dict]) -> None:
+    """Drop metric lines written after the checkpoint being resumed (that work is redone): step rows after
+    ``step``, and evaluation rows the checkpoint does not hold (an evaluation taken at ``step`` but after the
+    checkpoint is taken again on resume, and must not appear twice)."""
+    saved = {(e["step"], e["elapsed_s"]) for e in evals}
+    filter_jsonl(path, lambda r: (r.get("step"), r.get("elapsed_s")) in saved if r.get("kind") == "eval"
+                 else r.get("step", 0) <= step)
 
 
 def _machine() -> dict:
@@ -592,7 +583,7 @@ def _prepare(trainer: Trainer) -> Path:
     if trainer.resumed_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     else:
-        _truncate_metrics(out / "metrics.jsonl", trainer.resumed_from)
+        _truncate_metrics(out / "metrics.jsonl", trainer.resumed_from, trainer.evals)
     (out / "config.json").write_text(json.dumps({**asdict(trainer.cfg), "proposal_resolved":
                                                  trainer.cfg.resolved_proposal, "stratify_resolved":
                                                  trainer.cfg.resolved_stratify}, indent=2))
@@ -601,16 +592,16 @@ def _prepare(trainer: Trainer) -> Path:
 
 def _train_step(trainer: Trainer, metrics: Path) -> None:
     if trainer.eval_due():
-        _append_jsonl(metrics, trainer.evaluate())
+        append_jsonl(metrics, trainer.evaluate())
         trainer.mark_evaluated()
-    _append_jsonl(metrics, trainer.step())
+    append_jsonl(metrics, trainer.step())
     if trainer.step_count % trainer.cfg.checkpoint_every == 0:
         trainer.save()
 
 
 def _finish(trainer: Trainer, metrics: Path) -> dict:
     if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
-        _append_jsonl(metrics, trainer.evaluate())
+        append_jsonl(metrics, trainer.evaluate())
     trainer.save()
     return trainer.evals[-1]
 
@@ -631,7 +622,7 @@ def _write_run_outputs(trainer: Trainer, title: str) -> None:
                     f"(16 views), mask IoU {ev['iou']:.3f}")
     plot_quality_curves({trainer.cfg.method: trainer.evals}, out / "quality_vs_time.png",
                         f"{p.prompt!r}: quality on held-out views vs training time")
-    steps = [r for r in _read_jsonl(out / "metrics.jsonl") if r.get("kind") == "step"]
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "step"]
     plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")
 
 

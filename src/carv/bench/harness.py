@@ -55,6 +55,9 @@ class Config:
 
 
 EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
+# fields every row has (metrics may not reuse them, nor their "_se" forms)
+_RESERVED = frozenset({"method", "R", "K", "n", "variance", "variance_se", "var_replicates", "bias2", "cost_s",
+                       "c_upstream_s", "c_draw_s", "ecm", "re", "bound_fraction"})
 MetricsFn = Callable[[Config, Tensor], dict[str, float]]
 
 
@@ -89,6 +92,10 @@ class _Acc:
         self.metric_sq: dict[str, float] = {}
 
     def add_metrics(self, values: dict[str, float]) -> None:
+        clash = sorted(set(values) & _RESERVED)
+        if clash:
+            raise ValueError(f"metrics: names {clash} clash with the row's own fields {sorted(_RESERVED)}; "
+                             f"rename them")
         for k, v in values.items():
             v = float(v)
             self.metric_sum[k] = self.metric_sum.get(k, 0.0) + v
