@@ -220,3 +220,14 @@ def test_grid_is_deterministic_midpoints():
     assert torch.equal(a.t, b.t)
     # midpoints 125, 375, 625, 875 lie exactly on CDF breakpoints: either neighbour is a valid answer
     assert (a.t[0] - torch.tensor([125, 375, 625, 875])).abs().max() <= 1
+
+
+@pytest.mark.parametrize("probs", [[0.0, 0.3, 0.0, 0.7], [1e-3] * 1000, [0.5] + [1e-9] * 10 + [0.5 - 1e-8]])
+def test_guide_table_maps_x_equal_to_m_to_the_last_timestep(probs):
+    """x = u * M can round up to exactly M (stratified jitter of 1 - 2^-53): the last positive-mass timestep."""
+    from carv.timesteps import GuideTable
+
+    p = torch.tensor(probs, dtype=torch.float64)
+    g = GuideTable(torch.cumsum(p, 0) / p.sum())
+    last = int((p > 0).nonzero().max())
+    assert g.from_scaled(torch.tensor([float(g.M)], dtype=torch.float64)).tolist() == [last]

@@ -156,21 +156,22 @@ class GuideTable:
         self.crowded = bool((gap > 1).any())
         if self.crowded:
             C = torch.where(gap > 1, torch.full_like(C, float("nan")), C)
+        # a sentinel bin j = M for x == M exactly (x = u * M can round up to M, e.g. (jitter + K - 1) / K * M
+        # with jitter = 1 - 2^-53): floor(M + C[M]) is the last rank, so from_scaled needs no extra clamp pass
+        last = float(pos[-1]) if self.contiguous else float(P - 1)
+        C = torch.cat([C, C.new_tensor([last + 0.5 - M])])
         self.M, self.C, self.cdf, self.pos = M, C, cdf64, pos
-        self.last = int(pos[-1]) if self.contiguous else P - 1  # the largest value from_scaled may return
 
     def from_scaled(self, x: Tensor) -> Tensor:
         """Timesteps (int64) for ``x = u * M``."""
         shape = x.shape
         x = x.reshape(-1)
-        j = x.to(torch.int32).clamp_(max=self.M - 1)
+        j = x.to(torch.int32).clamp_(max=self.M)  # M: the sentinel bin
         y = torch.index_select(self.C, 0, j).add_(x)
         bad = torch.isnan(y) if self.crowded else None
         if bad is not None:
             y.masked_fill_(bad, 0.0)
         t = y.to(torch.int64)  # y >= 0, so truncation is the floor
-        # x can round up to exactly M (e.g. (jitter + K - 1) / K * M with jitter = 1 - 2^-53): the last rank
-        t.clamp_(max=self.last)
         if not self.contiguous:
             t = torch.index_select(self.pos, 0, t)
         if bad is not None and bool(bad.any()):
