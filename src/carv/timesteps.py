@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from carv._rng import as_generator
+from carv._validate import check_positive_int
 
 __all__ = [
     "STRATIFY_MODES",
@@ -74,8 +75,8 @@ def stratified_uniform(
 
     ``scale`` multiplies the result (folded into the last op; the guide table wants ``u * M``).
     """
-    _check_positive_int(R, "R")
-    _check_positive_int(K, "K")
+    check_positive_int(R, "R")
+    check_positive_int(K, "K")
     if stratify not in STRATIFY_MODES:
         raise ValueError(f"stratify: expected one of {STRATIFY_MODES}, got {stratify!r}")
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -228,7 +229,7 @@ class TimestepSampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        _check_positive_int(num_timesteps, "num_timesteps")
+        check_positive_int(num_timesteps, "num_timesteps")
         T = num_timesteps
         if t_max is None:
             t_max = T - 1
@@ -355,8 +356,8 @@ class LearnedProposal:
 
     def __init__(self, num_timesteps: int, num_bins: int = 50, decay: float = 0.95, smoothing: int = 1,
                  prior: Tensor | None = None):
-        _check_positive_int(num_timesteps, "num_timesteps")
-        _check_positive_int(num_bins, "num_bins")
+        check_positive_int(num_timesteps, "num_timesteps")
+        check_positive_int(num_bins, "num_bins")
         if num_bins > num_timesteps:
             raise ValueError(f"num_bins: at most num_timesteps={num_timesteps}, got {num_bins}")
         if not 0.0 <= decay < 1.0:
@@ -421,8 +422,8 @@ class SecondMomentResampler:
     """
 
     def __init__(self, num_timesteps: int, history: int = 10):
-        _check_positive_int(num_timesteps, "num_timesteps")
-        _check_positive_int(history, "history")
+        check_positive_int(num_timesteps, "num_timesteps")
+        check_positive_int(history, "history")
         self.num_timesteps, self.history = num_timesteps, history
         self.buf = torch.zeros(num_timesteps, history, dtype=torch.float64)
         self.count = torch.zeros(num_timesteps, dtype=torch.long)
@@ -453,11 +454,6 @@ class SecondMomentResampler:
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_positive_int(v, name: str) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-
-
 def _table(v, T: int, name: str) -> Tensor:
     t = torch.as_tensor(v).detach().to("cpu", torch.float64)
     if t.shape != (T,):

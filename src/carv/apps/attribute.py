@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._progress import progress_bar
+from carv._validate import check_positive_int
 from carv.objectives.attribution import GradientFeatures, cosine_scores
 from carv.objectives.weighting import weight_table
 from carv.timesteps import TimestepSampler
@@ -59,8 +60,7 @@ class AttributeConfig:
     def validate(self) -> None:
         for name in ("K", "top_k", "proj_dim", "chunk"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            check_positive_int(v, name)
         if self.method not in SAMPLERS:
             raise ValueError(f"method: expected one of {SAMPLERS}, got {self.method!r}")
         if self.num_train is not None and (not isinstance(self.num_train, int) or not 1 <= self.num_train <= 1442):

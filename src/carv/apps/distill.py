@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from carv._jsonl import append_jsonl, filter_jsonl
 from carv._progress import progress_bar
+from carv._validate import check_positive_int
 from carv.accounting import CostMeter, timed_estimate
 from carv.bench import digits_metrics as dm
 from carv.bench import distill as bd
@@ -107,7 +108,7 @@ class DistillConfig:
     def validate(self) -> None:
         for name in ("steps", "R", "K", "proposal_refresh", "fake_batch", "eval_every", "eval_per_class",
                      "grid_every"):
-            _positive_int(getattr(self, name), name)
+            check_positive_int(getattr(self, name), name)
         for name in ("seed", "fake_updates", "fake_warmup"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -141,9 +142,9 @@ class DistillConfig:
             raise ValueError(f"time_budget_s: expected a positive number of seconds or None, "
                              f"got {self.time_budget_s!r}")
         if self.max_batch is not None:
-            _positive_int(self.max_batch, "max_batch")
+            check_positive_int(self.max_batch, "max_batch")
         if self.threads is not None:
-            _positive_int(self.threads, "threads")
+            check_positive_int(self.threads, "threads")
         if self.noise == "antithetic" and self.K % 2:
             raise ValueError(f"K: antithetic noise pairs draws, so K must be even, got K={self.K}")
         if self.noise not in ("iid", "antithetic", "crn"):
@@ -161,11 +162,6 @@ class DistillConfig:
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
-
-
-def _positive_int(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
 class OneStepGenerator(nn.Module):

@@ -63,6 +63,7 @@ from torch import Tensor
 from carv._jsonl import append_jsonl, filter_jsonl, read_jsonl
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
+from carv._validate import check_positive_int
 from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.bench.text_to_3d import equal_quality_ecm
 from carv.objectives.sds import ScoreDistillation, SDSOutput
@@ -159,13 +160,13 @@ class TextTo3DConfig:
         for name in ("steps", "R", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
                      "grid_resolution",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
-            _positive_int(getattr(self, name), name)
+            check_positive_int(getattr(self, name), name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
         if self.K is not None:
-            _positive_int(self.K, "K")
+            check_positive_int(self.K, "K")
         if self.threads is not None:
-            _positive_int(self.threads, "threads")
+            check_positive_int(self.threads, "threads")
         if self.grid_resolution < 4:
             raise ValueError(f"grid_resolution: expected an integer >= 4, got {self.grid_resolution}")
         if self.render_size < 32 or self.render_size % 32:
@@ -194,11 +195,6 @@ class TextTo3DConfig:
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
-
-
-def _positive_int(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from carv._validate import check_positive_int
 from carv.accounting import CostMeter
 from carv.estimator import HierarchicalEstimator, UsesEstimator, reduce_draws
 from carv.objectives.weighting import Weighting, weight_table
@@ -60,8 +61,7 @@ class GaussianProjection:
 
     def __init__(self, num_params: int, dim: int = 256, seed: int = 0, block: int = 65536):
         for name, v in (("num_params", num_params), ("dim", dim), ("block", block)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            check_positive_int(v, name)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.num_params, self.dim, self.seed = num_params, dim, seed
