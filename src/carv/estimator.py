@@ -94,10 +94,10 @@ def reduce_draws(values: Tensor, weight: Tensor, t: Tensor | None = None, stats:
     weighted = values * weight.reshape(R, K, *([1] * (values.ndim - 2))).to(values.dtype)
     est = Estimate(per_upstream=weighted.mean(1), R=R, K=K, sq_norms=sq)
     if stats and R >= 2 and K >= 2:
-        comps: VarianceComponents = variance_components(weighted)
+        comps: VarianceComponents = variance_components(weighted, est.per_upstream)
         est.between, est.within = comps.between, comps.within
     elif stats and K >= 2:
-        est.within = within_row_variance(weighted)[0]
+        est.within = within_row_variance(weighted, est.per_upstream)[0]
     if keep_draws:
         est.draws = weighted
     return est
