@@ -273,12 +273,13 @@ class SceneProblem:
         return rgb * 2.0 - 1.0, opacity
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
-                 render_size: int | None = None, n_samples: int | None = None,
-                 probe: bool = False) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
+                 render_size: int | None = None, n_samples: int | None = None, probe: bool = False,
+                 meter: CostMeter | None = None) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
         """One SDS gradient step's worth of work: ``R`` renders, ``R K`` teacher draws, one backward.
 
         Accumulates the SDS gradient into ``grid``'s ``.grad`` and returns the SDS output, the seconds
-        spent in the stages (``upstream``: render + backward, ``draw``: the SDS call, ``probe``) and, with
+        spent in the stages (``upstream``: render + backward, ``draw``: the SDS call, ``probe``; also recorded
+        in ``meter`` when given, per render and per draw) and, with
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
         """
@@ -286,7 +287,7 @@ class SceneProblem:
         cond = scene_cond(self.prompt, cams, self.prompts)
         x, out, secs = timed_estimate(lambda: self.render(grid, cams, generator, render_size, n_samples)[0],
                                       lambda x: sds(x, cond, generator, keep_draws=probe), sds.K,
-                                      clock=self.clock, retain_graph=probe)
+                                      meter, clock=self.clock, retain_graph=probe)
         t3 = self.clock()
         comps = None
         if probe:

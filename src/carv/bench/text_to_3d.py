@@ -80,7 +80,8 @@ class Problem(Protocol):
     def sds(self, sampler: TimestepSampler, K: int) -> Any: ...
 
     def gradient(self, grid: Any, sds: Any, R: int, generator: torch.Generator, render_size: int | None = None,
-                 n_samples: int | None = None, probe: bool = False) -> tuple[Any, dict[str, float], Any]: ...
+                 n_samples: int | None = None, probe: bool = False,
+                 meter: CostMeter | None = None) -> tuple[Any, dict[str, float], Any]: ...
 
 
 class Pipeline(Protocol):
@@ -290,9 +291,7 @@ def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed:
     probe_s = []
     for _ in range(st.pilot_steps):
         pipe.zero_grad(grid)
-        out, secs, comps = problem.gradient(grid, est, 2, g, probe=True)
-        meter.add("upstream", secs["upstream"], 2)
-        meter.add("draw", secs["draw"], 2 * est.K)
+        out, secs, comps = problem.gradient(grid, est, 2, g, probe=True, meter=meter)
         probe_s.append(secs["probe"])
         autok.observe(comps.between, comps.within)
         autok_x.observe(out.estimate.between, out.estimate.within)
@@ -319,9 +318,7 @@ def _estimate_fn(pipe: Pipeline, problem: Problem, grid: Any, samplers: Samplers
         sds = sds_of[c.method]
         sds.K = c.K
         pipe.zero_grad(grid)
-        _, secs, _ = problem.gradient(grid, sds, c.R, gen, render_size, n_samples)
-        meter.add("upstream", secs["upstream"], c.R)
-        meter.add("draw", secs["draw"], c.R * c.K)
+        problem.gradient(grid, sds, c.R, gen, render_size, n_samples, meter=meter)
         return pipe.grid_gradient(grid).clone()
 
     return estimate
