@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from carv._jsonl import append_jsonl, filter_jsonl
+from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv._validate import check_positive_int
 from carv.accounting import CostMeter, timed_estimate
@@ -616,7 +616,7 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = teacher if teacher is not None else load_digits_teacher()
-    load_start = os.getloadavg()
+    load_start = loadavg()
     t_start = time.perf_counter()
     seed0 = s.seeds[0]
 
@@ -691,9 +691,7 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     summary = bd.summarise(all_rows, diag, quality, train_costs, real_fd)
     result = {
         "command": "carv bench distill" + (" --quick" if quick else ""),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "loadavg_start": [round(v, 2) for v in load_start],
-                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine_info(loadavg_start=load_start, loadavg_end=loadavg()),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "wall_s": time.perf_counter() - t_start,
         "settings": asdict(s),

@@ -47,8 +47,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -61,6 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._jsonl import append_jsonl, filter_jsonl, read_jsonl
+from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._validate import check_positive_int
@@ -569,11 +568,6 @@ def _truncate_metrics(path: Path, step: int, evals: list[dict]) -> None:
                  else r.get("step", 0) <= step)
 
 
-def _machine() -> dict:
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "loadavg": [round(v, 2) for v in os.getloadavg()]}
-
-
 def _prepare(trainer: Trainer) -> Path:
     out = trainer.out
     out.mkdir(parents=True, exist_ok=True)
@@ -661,7 +655,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                    "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,
                    "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
                    "c_draw_s": trainer.meter.median("draw"), "resumed_from": trainer.resumed_from,
-                   "machine": _machine()}
+                   "machine": machine_info(loadavg=loadavg())}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
@@ -700,7 +694,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in ("psnr", "iou")}
     summary = {"command": "carv text-to-3d --compare", "prompt": problem.prompt, "train_seconds_each": carv_t.elapsed,
                "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
-               "ecm_equal_quality": ecm_q, "K_final": carv_t.K, "machine": _machine()}
+               "ecm_equal_quality": ecm_q, "K_final": carv_t.K, "machine": machine_info(loadavg=loadavg())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if progress:
         for m in METHODS:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -55,6 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv.accounting import AutoK, CostMeter, work_normalised_variance
 from carv.bench.harness import Config, add_figures, fit_components, measure, reference_mean
@@ -373,7 +373,7 @@ def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path,
            "auto_k": _auto_k_check(rows, summary, k_acc, st),
            "proposals": {"learned": pilot["learned_importance"].tolist(),
                          "resampler": pilot["resampler_importance"].tolist()},
-           "loadavg": [round(v, 2) for v in os.getloadavg()]}
+           "loadavg": loadavg()}
     res_path.write_text(json.dumps(res, indent=2))
     return res
 
@@ -435,7 +435,7 @@ def _cost_sweep(pipe: Pipeline, problem: Problem, snap: Path, mid: dict, st: Ben
                        "predicted_best_k": predicted_best_ecm(comps, c_up / c_draw, st.k_max)[1],
                        "rows": rows})
     res = {"points": points, "components_default": {m: list(c) if c else None for m, c in comps.items()},
-           "loadavg": [round(v, 2) for v in os.getloadavg()]}
+           "loadavg": loadavg()}
     res_path.write_text(json.dumps(res, indent=2))
     return res
 
@@ -562,7 +562,7 @@ def run_pair(pipe: Pipeline, prompt: str, seed: int, budget_s: float, out: Path,
             "final": {m: {k: t.evals[-1][k] for k in ("psnr", "iou")} for m, t in runs.items()},
             "K_final": runs["carv"].K,
             "ecm_psnr": equal_quality_ecm(base, carv, "psnr"), "ecm_iou": equal_quality_ecm(base, carv, "iou"),
-            "curves": {"baseline": base, "carv": carv}, "loadavg": [round(v, 2) for v in os.getloadavg()]}
+            "curves": {"baseline": base, "carv": carv}, "loadavg": loadavg()}
 
 
 def _quality(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> list[dict]:
@@ -629,7 +629,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(asdict(st), indent=2))
     t_start = time.perf_counter()
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    load_start = loadavg()
     problem = pipe.problem(st.prompt)
     snaps = _snapshots(pipe, st, out, progress)
     per_ckpt = {name: _measure_checkpoint(pipe, problem, name, snaps[name], st, out, progress) for name in CHECKPOINTS}
@@ -681,9 +681,8 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     result = {
         "command": command or ("carv bench text-to-3d" + (" --quick" if quick else "")),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine_info(processor=platform.processor() or platform.machine(), loadavg_start=load_start,
+                                loadavg_end=loadavg()),
         "settings": asdict(st),
         "rows": [{k: r.get(k) for k in ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates",
                                          "bias2", "cost_s", "c_upstream_s", "c_draw_s", "ecm", "ecm_se", "re",
