@@ -29,6 +29,7 @@ __all__ = [
     "predicted_variance",
     "work_normalised_variance",
     "optimal_k",
+    "allocate",
     "efficiency_bound",
     "ecm",
     "relative_efficiency",
@@ -146,6 +147,100 @@ def optimal_k(var_between: float, var_within: float, cost_upstream: float, cost_
     candidates = {min(max(k, k_min), hi) for k in (math.floor(k_star), math.ceil(k_star))}
     return min(sorted(candidates),
                key=lambda k: work_normalised_variance(var_between, var_within, cost_upstream, cost_draw, k))
+
+
+def _check_range(rng, name: str) -> tuple[int, int]:
+    if not (isinstance(rng, (tuple, list)) and len(rng) == 2):
+        raise ValueError(f"{name}: expected a pair (lo, hi) of positive integers, got {rng!r}")
+    lo, hi = rng
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a pair (lo, hi) of positive integers, got {rng!r}")
+    if lo > hi:
+        raise ValueError(f"{name}: expected lo <= hi, got {rng!r}")
+    return lo, hi
+
+
+def _largest_r_within(budget: float, step_cost: float, r_max: int) -> int:
+    """The largest ``R <= r_max`` with ``R * step_cost <= budget`` (0 when none), exact in floating point."""
+    if step_cost == 0:
+        return r_max
+    r = min(r_max, int(budget // step_cost) + 1)
+    while r > 0 and r * step_cost > budget:  # floor division can be off by one at the boundary
+        r -= 1
+    return r
+
+
+def _smallest_r_reaching(var_one: float, target: float, r_min: int, r_max: int) -> int | None:
+    """The smallest ``R`` in ``[r_min, r_max]`` with ``var_one / R <= target`` (None when none does)."""
+    if var_one <= target * r_min:
+        return r_min
+    if target == 0:
+        return None
+    r = max(r_min, math.ceil(var_one / target) - 1)
+    while r <= r_max and var_one / r > target:
+        r += 1
+    return r if r <= r_max else None
+
+
+def allocate(between: float, within: float, cost_upstream: float, cost_draw: float, *,
+             budget: float | None = None, target_variance: float | None = None,
+             r_range: tuple[int, int] = (1, 64), k_range: tuple[int, int] = (1, 256)) -> tuple[int, int]:
+    """The integer ``(R, K)`` that spends a per-step budget best, or reaches a variance most cheaply.
+
+    Pass exactly one of:
+
+    - ``budget`` (seconds per step): the pair minimising ``between / R + within / (R K)`` subject to
+      ``R (cost_upstream + K cost_draw) <= budget``. Ties in variance go to the cheaper pair, then to the
+      smaller ``R``.
+    - ``target_variance``: the cheapest pair with ``between / R + within / (R K) <= target_variance``.
+      Ties in cost go to the smaller variance, then to the smaller ``R``.
+
+    Exact over the integer grid ``r_range x k_range`` (both inclusive): for each ``K`` the best ``R`` is the
+    largest affordable one (budget mode) or the smallest sufficient one (target mode), so the search is one
+    pass over ``K``. Raises ``ValueError`` when no pair on the grid is feasible, naming the cheapest cost or
+    the smallest variance the grid allows. DESIGN.md section 2 gives the continuous answer: ``K*`` of
+    :func:`optimal_k` with ``R = budget / (c_up + K* c_draw)``, and ``R = 1`` with the rest spent on draws when
+    even one upstream sample with ``K*`` draws exceeds the budget.
+    """
+    _check_nonneg(between=between, within=within, cost_upstream=cost_upstream, cost_draw=cost_draw)
+    r_min, r_max = _check_range(r_range, "r_range")
+    k_min, k_max = _check_range(k_range, "k_range")
+    if (budget is None) == (target_variance is None):
+        raise ValueError(f"budget, target_variance: pass exactly one of them, got budget={budget!r}, "
+                         f"target_variance={target_variance!r}")
+    best: tuple | None = None  # (primary, secondary, R, K) compared lexicographically
+    if budget is not None:
+        _check_nonneg(budget=budget)
+        if between == within == 0 and r_min * (cost_upstream + k_min * cost_draw) <= budget:
+            return r_min, k_min  # every pair has variance 0: the cheapest one
+        for K in range(k_min, k_max + 1):
+            c = cost_upstream + K * cost_draw
+            R = _largest_r_within(budget, c, r_max)
+            if R < r_min:
+                break  # the step cost only grows with K
+            key = ((between + within / K) / R, R * c, R, K)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            cheapest = r_min * (cost_upstream + k_min * cost_draw)
+            raise ValueError(f"budget: {budget!r} s per step is below the cheapest pair on the grid, "
+                             f"R={r_min}, K={k_min} at {cheapest!r} s")
+        return best[2], best[3]
+    _check_nonneg(target_variance=target_variance)
+    for K in range(k_min, k_max + 1):
+        R = _smallest_r_reaching(between + within / K, target_variance, r_min, r_max)
+        if R is None:
+            continue
+        v = (between + within / K) / R
+        key = (R * (cost_upstream + K * cost_draw), v, R, K)
+        if best is None or key < best:
+            best = key
+    if best is None:
+        smallest = (between + within / k_max) / r_max
+        raise ValueError(f"target_variance: {target_variance!r} is below the smallest variance on the grid, "
+                         f"{smallest!r} at R={r_max}, K={k_max}")
+    return best[2], best[3]
 
 
 def efficiency_bound(var_between: float, var_within: float, cost_upstream: float, cost_draw: float) -> float:
