@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from carv.bench import digits_metrics as dm
+from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import (
     digits_split_indices,
     load_digits_data,

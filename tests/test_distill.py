@@ -242,7 +242,7 @@ def test_cli_distill_smoke(tmp_path, tiny_teacher):
 
 
 def test_bench_json_schema(tmp_path, tiny_teacher):
-    from carv.apps.distill import BenchSettings, bench_distill
+    from carv.bench.distill import BenchSettings, bench_distill
 
     _, teacher = tiny_teacher
     s = BenchSettings(seeds=[0, 1], budget_s=0.4, eval_every_s=0.2, eval_per_class=3, replicates=2,

@@ -1,7 +1,8 @@
 """carv: cheaper Monte Carlo estimates with frozen diffusion teachers, at equal variance.
 
 Layers (DESIGN.md section 3), bottom up: ``schedules``, ``teachers``, ``noise``, ``timesteps``,
-``accounting``, ``estimator``, ``objectives``, ``bench``, ``apps``, ``cli``.
+``accounting``, ``estimator``, ``objectives``, ``apps`` (pipelines), ``bench`` (benchmark drivers that
+measure the apps' pipelines side by side), ``cli``.
 """
 
 from carv import accounting

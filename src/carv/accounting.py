@@ -39,6 +39,7 @@ __all__ = [
     "ComponentProbe",
     "within_row_variance",
     "timed_estimate",
+    "equal_quality_ecm",
 ]
 
 
@@ -477,3 +478,54 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
         meter.add("upstream", secs["upstream"], count=R)
         meter.add("draw", secs["draw"], count=R * K)
     return x, out, secs
+
+
+# ----------------------------------------------------------------------------- ECM at equal quality
+def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3) -> dict:
+    """Time for the baseline to reach its final quality / time for the method to reach it.
+
+    Curves are evaluation rows (``elapsed_s``, ``key``), smoothed by a trailing moving average over
+    ``window`` evaluations (a single evaluation fluctuates by a few tenths of a dB at the plateau); the
+    target is the baseline's final smoothed value and "reach" is the first crossing of the smoothed
+    curve, linearly interpolated between evaluations. When the method never reaches the target,
+    ``ecm`` is None and ``upper_bound`` = ``t_base / t_method_total`` (it would need more than its run).
+    """
+    if not base or not method:
+        raise ValueError("base, method: need at least one evaluation each")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive integer, got {window!r}")
+    sb, sm = _smooth(base, key, window), _smooth(method, key, window)
+    target = sb[-1][key]
+    t_base = _first_crossing(sb, key, target)
+    t_method = _first_crossing(sm, key, target)
+    res: dict[str, Any] = {"key": key, "window": window, "target": target, "t_base_s": t_base,
+                           "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None}
+    if t_method is None:
+        total = method[-1]["elapsed_s"]
+        res["upper_bound"] = t_base / total if total > 0 else None
+        res["note"] = f"never reached the baseline's final {key} {target:.3f}"
+    elif t_method <= 0 or t_base <= 0:
+        res["note"] = "target reached at time 0 (the initial grid already scores it)"
+    else:
+        res["ecm"] = t_base / t_method
+    return res
+
+
+def _first_crossing(rows: list[dict], key: str, target: float) -> float | None:
+    prev = None
+    for r in rows:
+        if r[key] >= target - 1e-12:
+            if prev is None or r[key] == prev[key]:
+                return r["elapsed_s"]
+            f = (target - prev[key]) / (r[key] - prev[key])
+            return prev["elapsed_s"] + f * (r["elapsed_s"] - prev["elapsed_s"])
+        prev = r
+    return None
+
+
+def _smooth(rows: list[dict], key: str, window: int) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        vals = [q[key] for q in rows[max(0, i - window + 1):i + 1]]
+        out.append({"elapsed_s": r["elapsed_s"], key: sum(vals) / len(vals)})
+    return out

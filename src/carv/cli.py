@@ -49,7 +49,8 @@ def demo(
     """Embedded default: SDS of a point set through a costly map toward a Gaussian-mixture teacher.
 
     Prints variance, cost, RE, ECM and the accountant's K for uniform / importance / stratified / both."""
-    from carv.apps.toy import ToyConfig, run_demo
+    from carv.apps.toy import ToyConfig
+    from carv.bench.demo import run_demo
 
     run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads))
 
@@ -165,7 +166,7 @@ def bench_distill_cmd(
 ):
     """DMD on digits: generator-gradient variance of R8K1 / R8K16 / +strat / +is+strat at three checkpoints,
     and FD / accuracy of baseline vs carv training at equal wall-clock over 3 seeds."""
-    from carv.apps.distill import bench_from_cli
+    from carv.bench.distill import bench_from_cli
 
     bench_from_cli(out, quick, json_path, teacher, threads)
 
@@ -217,7 +218,7 @@ def bench_text_to_3d_cmd(
 ):
     """Text-to-3D SDS: parameter-gradient variance (uniform / importance / stratified / both, peers) at three
     snapshots, ECM, RE, bound fraction, accountant's K, cost-ratio sweep, and quality at equal wall-clock."""
-    from carv.apps.text_to_3d import bench_text_to_3d
+    from carv.bench.text_to_3d import bench_text_to_3d
 
     cmd = "carv bench text-to-3d" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
     bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=cmd)

@@ -1,7 +1,7 @@
 """Reproduction of the committed built-in assets (teacher and classifier weights, stats, sample grids).
 
-An app: it wires the teacher recipes (:mod:`carv.teachers.digits`) and the bench-layer metrics
-(:mod:`carv.bench.digits_metrics`) together, which neither of those layers may do itself.
+An app: it wires the teacher recipes (:mod:`carv.teachers.digits`) and the digits metrics
+(:mod:`carv.teachers.digits_metrics`) together into the reproduction of the committed files.
 ``carv train-teacher digits`` calls :func:`train_digits_assets`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from carv.bench import digits_metrics as dm
+from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import (
     CLASSIFIER_FILE,
     GRID_DDIM_STEPS,

@@ -106,7 +106,7 @@ def _resolve_query(query: str | int | Path, label: int | None) -> tuple[Tensor, 
         return x_te[i : i + 1], int(y_te[i]), info
     x = load_query_image(query)
     if label is None:
-        from carv.bench.digits_metrics import predict
+        from carv.teachers.digits_metrics import predict
 
         label = int(predict(x)[0])
         how = "predicted by the digits classifier"

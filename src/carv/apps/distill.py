@@ -23,9 +23,8 @@ Pieces (everything random draws from the run's own ``torch.Generator``):
 
 :func:`run_distill` trains one run into a run folder (``config.json``, ``metrics.jsonl``, sample
 grids, plots, safetensors checkpoints, resume state) and resumes it after an interruption.
-:func:`bench_distill` is the side-by-side benchmark (``carv bench distill``): parameter-gradient
-variance at fixed checkpoints, and quality at equal wall-clock; the measurement logic lives in
-:mod:`carv.bench.distill`.
+The side-by-side benchmark (``carv bench distill``, :mod:`carv.bench.distill`) drives this pipeline;
+no benchmark code lives here.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,21 +46,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from carv._jsonl import append_jsonl, filter_jsonl
-from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv._validate import check_positive_int
 from carv.accounting import CostMeter, timed_estimate
-from carv.bench import digits_metrics as dm
-from carv.bench import distill as bd
-from carv.bench.harness import Config
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
 from carv.schedules import VPSchedule
-from carv.teachers.digits import NUM_CLASSES, load_digits_data, load_digits_teacher, save_sample_grid
+from carv.teachers import digits_metrics as dm
+from carv.teachers.digits import NUM_CLASSES, load_digits_teacher, save_sample_grid
 from carv.teachers.unet import CompactUNet, UNetTeacher
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
 
-__all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "bench_distill", "BenchSettings"]
+__all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality"]
 
 PROPOSALS = ("none", "weight", "learned")
 EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
@@ -438,6 +435,44 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     tmp.replace(path)
 
 
+def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", real_fd: float | None = None) -> None:
+    """FD and classifier accuracy against seconds of compute: thin lines per seed, thick mean per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    colours = {}
+    for m in dict.fromkeys(q["method"] for q in quality):
+        colour = colours.setdefault(m, f"C{len(colours)}")
+        seeds = sorted({q["seed"] for q in quality if q["method"] == m})
+        curves = [sorted((q for q in quality if q["method"] == m and q["seed"] == s), key=lambda q: q["time_s"])
+                  for s in seeds]
+        n = min(len(c) for c in curves)
+        for ax, metric in zip(axes, ("fd", "accuracy"), strict=True):
+            for c in curves:
+                ax.plot([q["time_s"] for q in c], [q[metric] for q in c], color=colour, alpha=0.3, lw=0.8)
+            mean_t = [statistics.fmean(c[i]["time_s"] for c in curves) for i in range(n)]
+            mean_v = [statistics.fmean(c[i][metric] for c in curves) for i in range(n)]
+            k = curves[0][0].get("K")
+            ax.plot(mean_t, mean_v, color=colour, lw=2, marker="o", ms=3,
+                    label=f"{m}" + (f" (K={k})" if k is not None else "") + f", {len(curves)} seed(s)")
+    if real_fd is not None:
+        axes[0].axhline(real_fd, color="grey", ls="--", lw=0.8,
+                        label=f"real train images, same count: {real_fd:.1f} (FD is biased at this size)")
+    axes[0].set_ylabel("Frechet distance (digits-classifier features, lower is better)")
+    axes[1].set_ylabel("classifier accuracy of samples")
+    for ax in axes:
+        ax.set_xlabel("seconds of training compute (each run charged its own steps)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "quality vs compute", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- one run
 def _prepare_folder(out: Path, cfg: DistillConfig, resume: bool) -> bool:
     """Write/compare ``config.json``; returns True if a saved state should be resumed."""
@@ -533,179 +568,10 @@ def _run_distill(out_dir: str | Path, cfg: DistillConfig, progress: bool, resume
     d.save_grid(out / "samples" / "final.png", f"DMD generator after {d.step_count} steps: rows = class 0..9")
     quality = [{"method": "run", "seed": cfg.seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
                 "accuracy": r["accuracy"]} for r in rows]
-    bd.plot_quality(quality, out / "quality.png", title=f"DMD run (R={cfg.R}, K={cfg.K}, {cfg.proposal}, "
+    plot_quality(quality, out / "quality.png", title=f"DMD run (R={cfg.R}, K={cfg.K}, {cfg.proposal}, "
                                                         f"{cfg.stratify}): quality vs compute")
     return {"steps": d.step_count, "compute_s": d.compute_s, "final": rows[-1], "costs": d.meter.summary(),
             "run_dir": str(out)}
-
-
-# ---------------------------------------------------------------------------------------------- benchmark
-@dataclass
-class BenchSettings:
-    """Sizes of :func:`bench_distill` (``quick`` shrinks them to fit about 5 minutes on 2 idle cores)."""
-
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    budget_s: float = 360.0          # step compute per training run (equal wall-clock)
-    eval_every_s: float = 30.0
-    eval_per_class: int = 50
-    replicates: int = 120            # per configuration and checkpoint
-    reference_estimates: int = 24    # of the reference configuration (R = reference_R, K = 16, +is+strat)
-    reference_R: int = 64
-    pilot_estimates: int = 16        # to learn the proposal at a checkpoint whose run has not learned one
-    carv_K: int | None = 16          # K of the carv training runs; None: the accountant's choice at the start
-    carv_proposal: str = "learned"
-    carv_stratify: str = "per_upstream"
-    k_max: int = 32
-
-    @classmethod
-    def quick(cls) -> BenchSettings:
-        return cls(seeds=[0, 1, 2], budget_s=25.0, eval_every_s=12.5, eval_per_class=30, replicates=10,
-                   reference_estimates=4, reference_R=32, pilot_estimates=4)
-
-
-def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillConfig, out: Path, seed: int,
-                     progress: bool) -> tuple[list[dict], dict]:
-    """Parameter-gradient variance of the four configurations at ``d``'s current weights."""
-    if not d.learned.ready:  # pilot: fill the learned proposal from uniform draws at this checkpoint
-        pilot = d.make_objective(d.make_sampler("none", "per_upstream"), 16)
-        g = torch.Generator().manual_seed(seed + 7)
-        for _ in range(s.pilot_estimates):
-            z, c = d.latents(base.R, g)
-            with torch.no_grad():
-                o = pilot(d.generator(z, c), c, g)
-            d.learned.update(o.draws.t, o.estimate.sq_norms)
-    objectives = {name: d.make_objective(d.make_sampler(spec["proposal"], spec["stratify"]), spec["K"])
-                  for name, spec in bd.CONFIGS.items()}
-    ref_obj = d.make_objective(d.make_sampler("learned", "per_upstream"), 16)
-    objectives["reference"] = ref_obj
-
-    def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
-        return d.parameter_gradient(objectives[c.method], c.R, gen, meter)
-
-    c_fake = d.time_fake_step(torch.Generator().manual_seed(seed + 8))
-    return bd.checkpoint_variance(estimate, label, Config("reference", s.reference_R, 16), s.reference_estimates,
-                                  s.replicates, seed, out / "state" / f"variance_{label}", progress,
-                                  c_fake_step_s=c_fake, k_max=s.k_max)
-
-
-def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = False, json_path: str | Path | None = None,
-                  progress: bool = True, settings: BenchSettings | None = None, base: DistillConfig | None = None,
-                  teacher: UNetTeacher | None = None) -> dict:
-    """The side-by-side distillation benchmark (``carv bench distill``); resumes from ``out_dir``.
-
-    1. At the start checkpoint (the teacher-initialised generator and fake score): parameter-gradient
-       variance of R8K1 / R8K16 / R8K16+strat / R8K16+is+strat by interleaved replicates against a
-       high-sample reference, stage costs, ECM against R8K1, and the accountant's diagnostics.
-    2. Equal wall-clock training, interleaved step by step: baseline (R8K1, uniform) and carv (R8K16 with
-       the learned proposal and per-sample stratification, i.e. R8K16+is+strat; ``carv_K=None`` takes the
-       accountant's K from step 1 instead), for every seed; each run is charged only its own step time
-       (fake-score updates included); FD and accuracy at fixed compute marks. The baseline run of the
-       first seed saves its middle and end checkpoints.
-    3. The same variance measurement at the middle and end checkpoints.
-    """
-    s = settings or (BenchSettings.quick() if quick else BenchSettings())
-    base = base or DistillConfig()
-    base = dataclasses.replace(base, eval_per_class=s.eval_per_class)
-    base.validate()
-    with _threads(base.threads):
-        return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher)
-
-
-def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | None, progress: bool,
-                   s: BenchSettings, base: DistillConfig, teacher: UNetTeacher | None) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = teacher if teacher is not None else load_digits_teacher()
-    load_start = loadavg()
-    t_start = time.perf_counter()
-    seed0 = s.seeds[0]
-
-    # 1. start checkpoint
-    d0 = Distiller(dataclasses.replace(base, seed=seed0), teacher)
-    d0.warmup()  # the start checkpoint: fake score warmed up on the initial generator, no generator update yet
-    ck_dir = out / "train" / f"baseline_seed{seed0}" / "checkpoints"
-    if not (ck_dir / "start.safetensors").is_file():
-        d0.save_checkpoint(ck_dir / "start.safetensors")
-    rows, diag = {}, {}
-    rows["start"], diag["start"] = _checkpoint_rows(d0, "start", s, base, out, seed0, progress)
-    k_carv = s.carv_K if s.carv_K is not None else diag["start"]["accountant_k_training"]
-
-    # 2. equal wall-clock training
-    methods = {"baseline": dataclasses.replace(base, R=8, K=1, proposal="none", stratify="none"),
-               "carv": dataclasses.replace(base, R=8, K=int(k_carv), proposal=s.carv_proposal,
-                                           stratify=s.carv_stratify)}
-    runs: dict[tuple[str, int], Distiller] = {}
-    logs: dict[tuple[str, int], Path] = {}
-    for seed in s.seeds:
-        for m, mcfg in methods.items():
-            rc = dataclasses.replace(mcfg, seed=seed, steps=10**9, time_budget_s=s.budget_s)
-            run_dir = out / "train" / f"{m}_seed{seed}"
-            resumed = _prepare_folder(run_dir, rc, resume=True)
-            dist = Distiller(rc, teacher)
-            if resumed:
-                dist.load_state(run_dir)
-                _truncate_metrics(run_dir / "metrics.jsonl", dist.step_count)
-            runs[(m, seed)], logs[(m, seed)] = dist, run_dir / "metrics.jsonl"
-    marks = bd.time_marks(s.budget_s, s.eval_every_s)
-
-    def evaluate(key: tuple[str, int], dist: Distiller) -> None:
-        q, x = dist.evaluate()
-        append_jsonl(logs[key], {"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
-                         **{f"c_{k}_s": v for k, v in dist.meter.summary().items()},
-                         "loadavg_1min": round(os.getloadavg()[0], 2)})
-
-    def after_step(key: tuple[str, int], dist: Distiller, crossed: list[float]) -> None:
-        if not crossed:
-            return
-        evaluate(key, dist)
-        if key == ("baseline", seed0):
-            for mark, label in ((s.budget_s / 2, "middle"), (s.budget_s, "end")):
-                if mark in crossed:
-                    dist.save_checkpoint(ck_dir / f"{label}.safetensors")
-        dist.save_state(logs[key].parent)
-
-    for key, dist in runs.items():
-        if dist.step_count == 0 and not (logs[key].is_file() and logs[key].read_text().strip()):
-            evaluate(key, dist)
-    bd.interleave_equal_time(runs, s.budget_s, marks, after_step, seed=seed0, progress=progress)
-    for key, dist in runs.items():
-        dist.save_grid(logs[key].parent / "final.png",
-                       f"{key[0]} (R={dist.cfg.R}, K={dist.cfg.K}), seed {key[1]}, {s.budget_s:.0f} s of compute")
-    quality = []
-    for (m, seed), path in logs.items():
-        for ln in path.read_text().splitlines():
-            r = json.loads(ln)
-            quality.append({"method": m, "seed": seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
-                            "accuracy": r["accuracy"], "K": runs[(m, seed)].cfg.K})
-    train_costs = {f"{m}_seed{seed}": {**dist.meter.summary(), "steps": dist.step_count}
-                   for (m, seed), dist in runs.items()}
-
-    # 3. middle and end checkpoints
-    for label in ("middle", "end"):
-        dk = Distiller(dataclasses.replace(base, seed=seed0), teacher)
-        dk.load_checkpoint(ck_dir / f"{label}.safetensors")
-        rows[label], diag[label] = _checkpoint_rows(dk, label, s, base, out, seed0, progress)
-
-    all_rows = [r for label in ("start", "middle", "end") for r in rows[label]]
-    real_fd = _real_fd_floor(s.eval_per_class)
-    summary = bd.summarise(all_rows, diag, quality, train_costs, real_fd)
-    result = {
-        "command": "carv bench distill" + (" --quick" if quick else ""),
-        "machine": machine_info(loadavg_start=load_start, loadavg_end=loadavg()),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "wall_s": time.perf_counter() - t_start,
-        "settings": asdict(s),
-        "base_config": asdict(base),
-        "carv_K": int(k_carv),
-        "rows": all_rows,
-        "diagnostics": diag,
-        "quality": quality,
-        "training_costs": train_costs,
-        "real_fd_floor": real_fd,
-        "summary": summary,
-    }
-    bd.write_outputs(result, out, json_path, progress)
-    return result
 
 
 def _teacher_from(path: str | Path | None) -> UNetTeacher:
@@ -733,17 +599,3 @@ def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str
                 raise ValueError(f"checkpoint_steps: expected comma-separated integers, got {v!r}") from e
         d[k] = v
     return run_distill(out, DistillConfig.from_dict(d), resume=resume, teacher=_teacher_from(teacher))
-
-
-def bench_from_cli(out: str | Path, quick: bool, json_path: str | Path | None, teacher: str | Path | None,
-                   threads: int) -> dict:
-    """``carv bench distill``."""
-    return bench_distill(out, quick=quick, json_path=json_path, base=DistillConfig(threads=threads),
-                         teacher=_teacher_from(teacher))
-
-
-def _real_fd_floor(per_class: int) -> float:
-    """FD of ``per_class`` real train images per class against the test split: the floor at this sample size."""
-    x, y = load_digits_data("train")
-    real = torch.cat([x[y == c][:per_class] for c in range(NUM_CLASSES)])
-    return dm.digits_fd(real)

@@ -26,8 +26,8 @@ same command continues. :func:`run_text_to_3d` is the main job (``carv text-to-3
 with ``config.json``, ``metrics.jsonl``, ``turntable.png``, ``comparison.png`` and plots; ``compare=True``
 also trains the baseline at equal training wall-clock (the two runs' steps are interleaved in one
 process so that machine load hits both alike) and writes side-by-side turntables and quality-versus-
-compute curves. :func:`bench_text_to_3d` wires this pipeline into the side-by-side benchmark of
-:mod:`carv.bench.text_to_3d`.
+compute curves. The side-by-side benchmark (``carv bench text-to-3d``, :mod:`carv.bench.text_to_3d`)
+drives this pipeline; no benchmark code lives here.
 
 Accounting: the stage ``"upstream"`` is charged, per render, the render forward, its backward pass and
 the optimiser step (a per-step cost, amortised over the ``R`` renders of a step); ``"draw"`` is the
@@ -63,8 +63,7 @@ from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._validate import check_positive_int
-from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, timed_estimate
-from carv.bench.text_to_3d import equal_quality_ecm
+from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
 from carv.render import VoxelGrid, get_scene, random_cameras, render, turntable_cameras
@@ -81,8 +80,6 @@ __all__ = [
     "SceneProblem",
     "Trainer",
     "run_text_to_3d",
-    "TextTo3DPipeline",
-    "bench_text_to_3d",
 ]
 
 DEFAULT_PROMPT = "a red mushroom"
@@ -708,63 +705,6 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
 
 def _slug(prompt: str) -> str:
     return "-".join(prompt.split())
-
-
-class TextTo3DPipeline:
-    """This pipeline as :class:`carv.bench.text_to_3d.Pipeline` (problems, trainers, grids) for the benchmark."""
-
-    def __init__(self, cfg: TextTo3DConfig | None = None, teacher: UNetTeacher | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.cfg = cfg or TextTo3DConfig()
-        self.teacher = teacher if teacher is not None else load_scenes_teacher()
-        self.clock = clock
-        self._problems: dict[str, SceneProblem] = {}
-
-    def problem(self, prompt: str) -> SceneProblem:
-        key = get_scene(prompt).prompt
-        if key not in self._problems:
-            c = self.cfg
-            self._problems[key] = SceneProblem(key, self.teacher, c.render_size, c.n_samples, c.guidance_scale,
-                                               c.n_eval_views, self.clock)
-        return self._problems[key]
-
-    def trainer(self, prompt: str, method: str, seed: int, out_dir: Path, steps: int, budget_s: float | None,
-                eval_every_s: float) -> Trainer:
-        cfg = dataclasses.replace(self.cfg, prompt=get_scene(prompt).prompt, method=method, seed=seed, steps=steps,
-                                  budget_s=budget_s, eval_every_s=eval_every_s)
-        return Trainer(cfg, out_dir, self.problem(prompt))
-
-    def grid_tensors(self, trainer: Trainer) -> dict[str, Tensor]:
-        return {"density": trainer.grid.density, "color": trainer.grid.color}
-
-    def grid_from_tensors(self, tensors: dict[str, Tensor]) -> VoxelGrid:
-        grid = VoxelGrid(int(tensors["density"].shape[-1]), bound=1.0)
-        with torch.no_grad():
-            grid.density.copy_(tensors["density"])
-            grid.color.copy_(tensors["color"])
-        return grid
-
-    def grid_gradient(self, grid: VoxelGrid) -> Tensor:
-        return _grid_grad(grid)
-
-    def zero_grad(self, grid: VoxelGrid) -> None:
-        grid.zero_grad(set_to_none=True)
-
-
-def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool = False,
-                     json_path: str | Path | None = None, threads: int | None = None, seed: int = 0,
-                     progress: bool = True, settings=None, cfg: TextTo3DConfig | None = None,
-                     command: str | None = None) -> dict:
-    """``carv bench text-to-3d``: :func:`carv.bench.text_to_3d.run_bench` with this pipeline wired in."""
-    from carv.bench.text_to_3d import BenchSettings, run_bench
-
-    if settings is None:
-        settings = BenchSettings.quick(seed=seed, threads=threads) if quick else BenchSettings(seed=seed,
-                                                                                                 threads=threads)
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    clock = time.process_time if settings.clock == "process" else time.perf_counter
-    return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress, command)
 
 
 def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,

@@ -32,14 +32,16 @@ different periods), so by default every cost and training budget is this process
 with the other jobs' load (``BenchSettings.clock = "wall"`` measures wall-clock instead, for a dedicated
 machine or a GPU). The quality comparison interleaves the two runs' steps as well.
 
-The pipeline (renderer, teacher, trainer) is passed in by the app layer (:func:`run_bench` takes a
-:class:`Pipeline`), so this module depends only on the library below it. Everything is resumable:
+The pipeline (renderer, teacher, trainer) is the app's (:mod:`carv.apps.text_to_3d`, wired in by
+:class:`TextTo3DPipeline`); :func:`run_bench` takes any :class:`Pipeline`, so tests can drive it with a
+small one. Everything is resumable:
 each stage writes its results into the run folder and a rerun skips what is done (the replicate
 loops resume mid-way through :func:`~carv.bench.harness.measure`'s state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -56,12 +58,17 @@ from torch import Tensor
 
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
-from carv.accounting import AutoK, CostMeter, work_normalised_variance
+from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
+from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad
 from carv.bench.harness import Config, add_figures, fit_components, measure, reference_mean
 from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
+from carv.render import VoxelGrid, get_scene
+from carv.teachers.scenes import load_scenes_teacher
+from carv.teachers.unet import UNetTeacher
 from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepSampler
 
-__all__ = ["BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "equal_quality_ecm"]
+__all__ = ["BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
+           "bench_text_to_3d"]
 
 # method -> (proposal, stratify); "importance" is the app's default proposal (see BenchSettings.proposal)
 CARV_METHODS = ("uniform", "importance", "stratified", "importance+stratified")
@@ -481,56 +488,6 @@ def plot_ecm_vs_cost_ratio(sweep: dict, path: Path, k_max: int) -> None:
 
 
 # --------------------------------------------------------------------------- stage 3: quality
-def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3) -> dict:
-    """Time for the baseline to reach its final quality / time for the method to reach it.
-
-    Curves are evaluation rows (``elapsed_s``, ``key``), smoothed by a trailing moving average over
-    ``window`` evaluations (a single evaluation fluctuates by a few tenths of a dB at the plateau); the
-    target is the baseline's final smoothed value and "reach" is the first crossing of the smoothed
-    curve, linearly interpolated between evaluations. When the method never reaches the target,
-    ``ecm`` is None and ``upper_bound`` = ``t_base / t_method_total`` (it would need more than its run).
-    """
-    if not base or not method:
-        raise ValueError("base, method: need at least one evaluation each")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window: expected a positive integer, got {window!r}")
-    sb, sm = _smooth(base, key, window), _smooth(method, key, window)
-    target = sb[-1][key]
-    t_base = _first_crossing(sb, key, target)
-    t_method = _first_crossing(sm, key, target)
-    res: dict[str, Any] = {"key": key, "window": window, "target": target, "t_base_s": t_base,
-                           "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None}
-    if t_method is None:
-        total = method[-1]["elapsed_s"]
-        res["upper_bound"] = t_base / total if total > 0 else None
-        res["note"] = f"never reached the baseline's final {key} {target:.3f}"
-    elif t_method <= 0 or t_base <= 0:
-        res["note"] = "target reached at time 0 (the initial grid already scores it)"
-    else:
-        res["ecm"] = t_base / t_method
-    return res
-
-
-def _first_crossing(rows: list[dict], key: str, target: float) -> float | None:
-    prev = None
-    for r in rows:
-        if r[key] >= target - 1e-12:
-            if prev is None or r[key] == prev[key]:
-                return r["elapsed_s"]
-            f = (target - prev[key]) / (r[key] - prev[key])
-            return prev["elapsed_s"] + f * (r["elapsed_s"] - prev["elapsed_s"])
-        prev = r
-    return None
-
-
-def _smooth(rows: list[dict], key: str, window: int) -> list[dict]:
-    out = []
-    for i, r in enumerate(rows):
-        vals = [q[key] for q in rows[max(0, i - window + 1):i + 1]]
-        out.append({"elapsed_s": r["elapsed_s"], key: sum(vals) / len(vals)})
-    return out
-
-
 def run_pair(pipe: Pipeline, prompt: str, seed: int, budget_s: float, out: Path, progress: bool = True,
              eval_points: int = 10) -> dict:
     """Baseline and carv at equal training wall-clock: steps interleaved (the run with less training time so
@@ -812,3 +769,59 @@ def report_markdown(res: dict) -> str:
     lines += ["", f"Geometric mean ECM at equal PSNR over the pairs where carv reached the target: "
                   f"{_f(qs['ecm_psnr_geomean'])}; at equal IoU: {_f(qs['ecm_iou_geomean'])}.", ""]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ the app's pipeline, wired in
+class TextTo3DPipeline:
+    """This pipeline as :class:`carv.bench.text_to_3d.Pipeline` (problems, trainers, grids) for the benchmark."""
+
+    def __init__(self, cfg: TextTo3DConfig | None = None, teacher: UNetTeacher | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.cfg = cfg or TextTo3DConfig()
+        self.teacher = teacher if teacher is not None else load_scenes_teacher()
+        self.clock = clock
+        self._problems: dict[str, SceneProblem] = {}
+
+    def problem(self, prompt: str) -> SceneProblem:
+        key = get_scene(prompt).prompt
+        if key not in self._problems:
+            c = self.cfg
+            self._problems[key] = SceneProblem(key, self.teacher, c.render_size, c.n_samples, c.guidance_scale,
+                                               c.n_eval_views, self.clock)
+        return self._problems[key]
+
+    def trainer(self, prompt: str, method: str, seed: int, out_dir: Path, steps: int, budget_s: float | None,
+                eval_every_s: float) -> Trainer:
+        cfg = dataclasses.replace(self.cfg, prompt=get_scene(prompt).prompt, method=method, seed=seed, steps=steps,
+                                  budget_s=budget_s, eval_every_s=eval_every_s)
+        return Trainer(cfg, out_dir, self.problem(prompt))
+
+    def grid_tensors(self, trainer: Trainer) -> dict[str, Tensor]:
+        return {"density": trainer.grid.density, "color": trainer.grid.color}
+
+    def grid_from_tensors(self, tensors: dict[str, Tensor]) -> VoxelGrid:
+        grid = VoxelGrid(int(tensors["density"].shape[-1]), bound=1.0)
+        with torch.no_grad():
+            grid.density.copy_(tensors["density"])
+            grid.color.copy_(tensors["color"])
+        return grid
+
+    def grid_gradient(self, grid: VoxelGrid) -> Tensor:
+        return _grid_grad(grid)
+
+    def zero_grad(self, grid: VoxelGrid) -> None:
+        grid.zero_grad(set_to_none=True)
+
+
+def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool = False,
+                     json_path: str | Path | None = None, threads: int | None = None, seed: int = 0,
+                     progress: bool = True, settings=None, cfg: TextTo3DConfig | None = None,
+                     command: str | None = None) -> dict:
+    """``carv bench text-to-3d``: :func:`carv.bench.text_to_3d.run_bench` with this pipeline wired in."""
+    if settings is None:
+        settings = BenchSettings.quick(seed=seed, threads=threads) if quick else BenchSettings(seed=seed,
+                                                                                                 threads=threads)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    clock = time.process_time if settings.clock == "process" else time.perf_counter
+    return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress, command)

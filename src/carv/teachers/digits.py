@@ -20,7 +20,7 @@ Teacher
     No data augmentation: the teacher should model the data distribution the metrics compare against.
     The recipe is :data:`TEACHER_CONFIG` / :data:`TEACHER_TRAINING`; ``carv train-teacher digits``
     (:func:`carv.apps.assets.train_digits_assets`) reproduces the committed weights
-    ``assets/digits_teacher.safetensors`` and the digits classifier (:mod:`carv.bench.digits_metrics`)
+    ``assets/digits_teacher.safetensors`` and the digits classifier (:mod:`carv.teachers.digits_metrics`)
     used for its quality metrics.
 """
 
