@@ -280,13 +280,17 @@ class CostMeter:
     ``with meter.stage("render"): ...``. On CUDA the meter synchronises before reading the clock
     (pass ``device``), otherwise asynchronous kernels would be charged to the wrong stage. Stages may
     nest; each records its own wall time. ``window`` keeps only the most recent timings, so the costs
-    track a run whose stages change speed.
+    track a run whose stages change speed. ``clock`` reads the time (wall-clock by default;
+    ``time.process_time`` charges this process's CPU seconds, which other jobs on a shared machine do
+    not move).
     """
 
-    def __init__(self, device: torch.device | str | None = None, window: int = 200):
+    def __init__(self, device: torch.device | str | None = None, window: int = 200,
+                 clock: Callable[[], float] = time.perf_counter):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._sync = self.device.type == "cuda"
         self.window = window
+        self.clock = clock
         self.times: dict[str, list[float]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -295,13 +299,13 @@ class CostMeter:
         """Time a block; ``count`` says how many units of work it did (e.g. ``R*K`` teacher draws)."""
         if self._sync:
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
             if self._sync:
                 torch.cuda.synchronize(self.device)
-            self.add(name, time.perf_counter() - t0, count)
+            self.add(name, self.clock() - t0, count)
 
     def add(self, name: str, seconds: float, count: int = 1) -> None:
         if count < 1:
@@ -447,7 +451,7 @@ def _sq_norm(v) -> float:
 
 
 def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor], Any], K: int,
-                   meter: CostMeter | None = None, clock: Callable[[], float] = time.perf_counter,
+                   meter: CostMeter | None = None, clock: Callable[[], float] | None = None,
                    retain_graph: bool = False) -> tuple[Tensor, Any, dict[str, float]]:
     """One estimate's worth of work, split into the two stages the accountant prices.
 
@@ -457,8 +461,11 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
     (per draw). With ``meter`` both are recorded there; the seconds are also returned, as
     ``(x, out, {"upstream": ..., "draw": ...})``, for callers that add per-step costs of their own. On
     CUDA pass a ``meter`` built with ``device``: every clock read is then preceded by a synchronisation,
-    so asynchronous kernels are charged to the stage that launched them.
+    so asynchronous kernels are charged to the stage that launched them. ``clock`` defaults to the
+    meter's clock (wall-clock without a meter).
     """
+    if clock is None:
+        clock = meter.clock if meter is not None else time.perf_counter
 
     def now() -> float:
         if meter is not None and meter._sync:
