@@ -49,20 +49,21 @@ def test_pooled_cost_model_recovers_known_stage_costs_despite_a_slow_configurati
     """Stage medians pooled over every configuration give each configuration's cost R (c_up + K c_draw) +
     other, even when one configuration's own wall-clock is inflated 5x on 60% of its replicates (the
     load spikes of a shared machine): its per-configuration median is then useless, the pooled model is not.
-    Tolerance 4%: the slow configuration's spiked replicates are 15% of the pooled samples, which moves a
-    median of log-normal(0.1) costs by at most 0.1 * z(0.5 / 0.85) = 2.2%; the median of 480 draws has a
-    standard error of 0.6%."""
+    Configurations doing the same work (uniform and "other" at K = 8) are pooled; the slow configuration's
+    spiked replicates are 30% of that pool, which moves a median of log-normal(0.1) costs by at most
+    0.1 * z(0.5 / 0.7) = 5.7%: tolerance 8% there, 4% elsewhere (the median of 240 draws has a standard
+    error of 0.8%). The marginal costs per unit (c_up, c_draw) are the slopes over the amounts of work."""
     clock = FakeClock()
     cfgs = [Config("uniform", 2, 1), Config("uniform", 2, 8), Config("importance", 2, 1), Config("other", 2, 8)]
     rows = measure(cfgs, synthetic_workload(clock, slow_method="other"), torch.zeros(4), 120, progress=False,
                    clock=clock, keep_replicates=True)
     summary = pooled_figures(rows, baseline=("uniform", 2, 1), bootstrap=50)
-    assert summary["c_upstream_s"] == pytest.approx(C_UP, rel=0.04)
-    assert summary["c_draw_s"] == pytest.approx(C_DRAW, rel=0.04)
-    assert summary["unit_costs_s"]["other"] == pytest.approx(OTHER, rel=0.1)
+    assert summary["c_upstream_s"] == pytest.approx(C_UP, rel=0.04)  # one amount of work (R = 2): seconds / 2
+    assert summary["c_draw_s"] == pytest.approx(C_DRAW, rel=0.08)
+    assert summary["other_s"] == pytest.approx(OTHER, rel=0.1)
     for r in rows:
         truth = r["R"] * (C_UP + r["K"] * C_DRAW) + OTHER
-        assert r["cost_s"] == pytest.approx(truth, rel=0.04), r
+        assert r["cost_s"] == pytest.approx(truth, rel=0.08 if r["K"] == 8 else 0.04), r
         assert "replicates" not in r  # consumed
         if r["method"] == "other":
             assert r["cost_wall_s"] > 2.5 * truth  # the per-configuration check shows the spikes

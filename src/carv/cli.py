@@ -41,18 +41,21 @@ def train_scenes(
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run folder (resumes if it holds an unfinished run)."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer replicates (about a minute on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run, not a measurement: the same protocol at "
+                                                      "few replicates (about a minute on 2 cores)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results JSON here."),
     threads: int = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Random seed."),
 ):
     """Embedded default: SDS of a point set through a costly map toward a Gaussian-mixture teacher.
 
-    Prints variance, cost, RE, ECM and the accountant's K for uniform / importance / stratified / both."""
+    Prints variance, cost, RE, ECM (pooled stage costs, pilot charged, bootstrap error bars), the a-priori
+    headline (carv's default at the accountant's K) and the best row as an upper bound."""
     from carv.apps.toy import ToyConfig
     from carv.bench.demo import run_demo
 
-    run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads))
+    cmd = "carv demo" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
+    run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads), command=cmd)
 
 
 @bench_app.command("overhead")

@@ -54,7 +54,11 @@ class ToyConfig:
     floor: float = 0.1
     Ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     R: int = 2
-    replicates: int = 150
+    replicates: int = 20             # minimum per configuration; the first rounds fix each row's count
+    rel_error: float = 0.08          # target relative standard error of each row's variance
+    max_replicates: int = 1500
+    baseline_factor: float = 10.0    # the baseline row's target is rel_error / sqrt(baseline_factor)
+    amortise_steps: int = 300        # the pilot is charged to the learned rows as pilot cost / this many steps
     reference_estimates: int = 40
     reference_R: int = 32
     reference_K: int = 32
@@ -64,7 +68,7 @@ class ToyConfig:
 
     def validate(self) -> None:
         for name in ("num_points", "width", "layers", "modes", "R", "replicates", "reference_estimates",
-                     "reference_R", "reference_K", "pilot_steps"):
+                     "reference_R", "reference_K", "pilot_steps", "max_replicates", "amortise_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -72,6 +76,12 @@ class ToyConfig:
             raise ValueError(f"Ks: expected a non-empty list of positive integers, got {self.Ks!r}")
         if self.replicates < 2:
             raise ValueError(f"replicates: need at least 2, got {self.replicates}")
+        if self.max_replicates < self.replicates:
+            raise ValueError(f"max_replicates: need at least replicates={self.replicates}, got {self.max_replicates}")
+        if not (isinstance(self.rel_error, (int, float)) and 0 < self.rel_error < 1):
+            raise ValueError(f"rel_error: expected a relative error in (0, 1), got {self.rel_error!r}")
+        if not (isinstance(self.baseline_factor, (int, float)) and self.baseline_factor >= 1):
+            raise ValueError(f"baseline_factor: expected a number >= 1, got {self.baseline_factor!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
         if not 0 < self.floor <= 1:

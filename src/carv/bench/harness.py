@@ -57,11 +57,10 @@ from torch import Tensor
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv.accounting import CostMeter, ecm, efficiency_bound, fraction_of_bound, optimal_k, relative_efficiency
+from carv.bench.report import SMOKE as SMOKE_NOTE
 
 __all__ = ["Config", "RelativeError", "measure", "add_figures", "pooled_figures", "fit_components",
            "reference_mean", "headline", "best_of_n", "run_record", "SMOKE_NOTE", "replicates_for_rel_error"]
-
-SMOKE_NOTE = "smoke run, not a measurement"
 
 
 @dataclass(frozen=True)
@@ -456,10 +455,13 @@ def _stage_units(row: dict) -> dict[str, float]:
     return {k: float(statistics.median(log.get(k, [0.0, 0])[1] for log in stages)) for k in names}
 
 
-def _pooled_unit_costs(rows: Sequence[dict], picks: Sequence[np.ndarray] | None = None) -> dict[str, float]:
-    """Per-stage median seconds per unit over the (picked) replicates of every row, and ``"other"``: the
-    median of each estimate's seconds outside its stages."""
-    per: dict[str, list[float]] = {}
+def _pooled_stage_costs(rows: Sequence[dict], picks: Sequence[np.ndarray] | None = None) -> dict:
+    """The pooled stage model from the (picked) replicates of every row: for each stage and each amount of
+    work done in it per estimate (``units``: e.g. ``R`` renders, ``R K`` draws), the median seconds over
+    every replicate of every configuration that did that much, so configurations doing the same work get
+    the same cost whatever their method; ``"other"`` is the median of each estimate's seconds outside its
+    stages. No linearity is assumed (a batched teacher call of 16 draws costs less than 16 of one)."""
+    per: dict[str, dict[int, list[float]]] = {}
     other: list[float] = []
     for i, r in enumerate(rows):
         rep = r["replicates"]
@@ -468,17 +470,37 @@ def _pooled_unit_costs(rows: Sequence[dict], picks: Sequence[np.ndarray] | None 
             log = rep["stages"][j]
             staged = 0.0
             for k, (sec, units) in log.items():
-                if units > 0:
-                    per.setdefault(k, []).append(sec / units)
+                per.setdefault(k, {}).setdefault(int(units), []).append(sec)
                 staged += sec
             other.append(max(rep["time_s"][j] - staged, 0.0))
-    out = {k: float(np.median(v)) for k, v in per.items()}
-    out["other"] = float(np.median(other)) if other else 0.0
-    return out
+    table = {k: {u: float(np.median(v)) for u, v in d.items()} for k, d in per.items()}
+    return {"stages": table, "other": float(np.median(other)) if other else 0.0}
 
 
-def _model_cost(units: dict[str, float], unit_costs: dict[str, float]) -> float:
-    return sum(unit_costs.get(k, 0.0) * n for k, n in units.items()) + unit_costs.get("other", 0.0)
+def _model_cost(units: dict[str, float], model: dict) -> float:
+    total = model["other"]
+    for k, n in units.items():
+        by_units = model["stages"].get(k, {})
+        if n in by_units:
+            total += by_units[n]
+        elif by_units:  # a resample without this amount of work: scale the nearest amount measured
+            near = min(by_units, key=lambda u: abs(u - n))
+            total += by_units[near] * (n / near if near else 1.0)
+    return total
+
+
+def _marginal_cost(by_units: dict[int, float]) -> float | None:
+    """Seconds per unit of a stage: the least-squares slope of median seconds against units (with an
+    intercept) when more than one amount of work was measured, else seconds / units."""
+    pts = sorted((u, s) for u, s in by_units.items() if u > 0)
+    if not pts:
+        return None
+    if len(pts) == 1:
+        return pts[0][1] / pts[0][0]
+    u = np.array([p[0] for p in pts], dtype=np.float64)
+    y = np.array([p[1] for p in pts], dtype=np.float64)
+    slope = float(np.polyfit(u, y, 1)[0])
+    return slope if slope > 0 else float((y / u).min())
 
 
 def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform", 2, 1), uniform: str = "uniform",
@@ -486,8 +508,9 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
                    k_max: int = 64, smoke: bool = False) -> dict:
     """The protocol's figures for rows measured with ``keep_replicates=True`` (consumes ``row["replicates"]``).
 
-    Per row: ``cost_stages_s`` (the pooled stage model: per-stage medians over every row's replicates times
-    this row's units, plus the pooled median of the work outside the stages), ``charged`` (the method's
+    Per row: ``cost_stages_s`` (the pooled stage model of :func:`_pooled_stage_costs`: per stage, the median
+    seconds over every configuration's replicates that did this row's amount of work, plus the pooled
+    median of the work outside the stages), ``charged`` (the method's
     extras from ``charges[method]``: seconds per estimate by name, e.g. an amortised pilot), ``cost_s`` (the
     two together: the cost ECM uses), ``cost_wall_s`` (the row's own median seconds per estimate, a check)
     and ``cost_check`` (their ratio), ``ecm`` (against ``baseline``) with ``ecm_se`` and ``ecm_ci`` (95%)
@@ -518,7 +541,7 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
     ref_var = [float(r.get("reference_variance", 0.0)) for r in rows]
 
     def figures(picks):
-        uc = _pooled_unit_costs(rows, picks)
+        uc = _pooled_stage_costs(rows, picks)
         cost = np.array([_model_cost(u, uc) + x for u, x in zip(units, extra, strict=True)])
         var = np.array([float(e[p].mean()) - v for e, p, v in zip(err2, picks, ref_var, strict=True)])
         return var, cost, uc
@@ -554,10 +577,16 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
         r["re"] = relative_efficiency(float(var[u_i]), float(var[i])) if u_i is not None and var[i] > 0 else None
         if smoke:
             r["smoke"] = True
-    c_up, c_draw = uc.get("upstream"), uc.get("draw")
-    summary: dict = {"baseline": list(baseline), "unit_costs_s": uc, "c_upstream_s": c_up, "c_draw_s": c_draw,
+    c_up = _marginal_cost(uc["stages"].get("upstream", {}))
+    c_draw = _marginal_cost(uc["stages"].get("draw", {}))
+    summary: dict = {"baseline": list(baseline), "c_upstream_s": c_up, "c_draw_s": c_draw,
+                     "stage_seconds_by_units": {k: {str(u): v for u, v in sorted(d.items())}
+                                                for k, d in uc["stages"].items()},
+                     "other_s": uc["other"],
                      "cost_ratio": (c_up / c_draw) if c_up and c_draw else None, "bootstrap": bootstrap,
-                     "cost_model": "pooled per-stage medians over all interleaved configurations + charged extras",
+                     "cost_model": "per stage, median seconds over every configuration that did the same work "
+                                   "(interleaved), + the median outside the stages, + the method's charged extras; "
+                                   "c_upstream_s / c_draw_s are marginal seconds per unit (slope over work sizes)",
                      "methods": {}}
     if smoke:
         summary["smoke"] = SMOKE_NOTE

@@ -1,4 +1,7 @@
-"""Tables (terminal and Markdown) and plots for benchmark rows. Pure presentation: no measurement."""
+"""Tables (terminal and Markdown) and plots for benchmark rows. Pure presentation: no measurement.
+
+``smoke=True`` (a ``--quick`` run) writes "smoke run, not a measurement" beside every ratio.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k",
-           "plot_metric_vs_k"]
+           "plot_metric_vs_k", "RATIO_COLUMNS"]
 
 DEFAULT_COLUMNS = ("method", "R", "K", "variance", "cost_s", "re", "ecm", "bound_fraction")
+# columns holding ratios (speed-ups, efficiencies): a smoke run labels every one of them
+RATIO_COLUMNS = frozenset({"re", "ecm", "ecm_se", "bound_fraction", "cost_check", "ecm_ci", "ratio", "ecm_psnr",
+                           "ecm_iou", "variance_reduction", "headline", "best_of_n"})
+SMOKE = "smoke run, not a measurement"
 
 
 def format_value(v) -> str:
@@ -27,27 +34,43 @@ def format_value(v) -> str:
         if abs(v) >= 1e4 or abs(v) < 1e-3:
             return f"{v:.3g}"
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {format_value(x)}" for k, x in v.items()) or "-"
     return str(v)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+def _smoke_columns(columns: Sequence[str], smoke: bool) -> tuple[list[str], bool]:
+    """A smoke run's table gets a "note" column saying so on every row that shows a ratio."""
+    labelled = smoke and any(c in RATIO_COLUMNS for c in columns)
+    return [*columns, "note"] if labelled else list(columns), labelled
+
+
+def _cells(r: dict, columns: Sequence[str], labelled: bool) -> list[str]:
+    return [SMOKE if (labelled and c == "note") else format_value(r.get(c)) for c in columns]
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS, smoke: bool = False) -> str:
+    columns, labelled = _smoke_columns(columns, smoke)
     head = "| " + " | ".join(columns) + " |"
     sep = "| " + " | ".join("---" for _ in columns) + " |"
-    body = ["| " + " | ".join(format_value(r.get(c)) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cells(r, columns, labelled)) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS, title: str | None = None,
-                highlight: set[tuple] | None = None) -> None:
+                highlight: set[tuple] | None = None, smoke: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    columns, labelled = _smoke_columns(columns, smoke)
+    table = Table(title=(f"{title} [{SMOKE}]" if smoke and title else title), show_lines=False)
     for c in columns:
-        table.add_column(c, justify="left" if c == "method" else "right")
+        table.add_column(c, justify="left" if c in ("method", "note") else "right", no_wrap=c == "note")
     for r in rows:
         style = "bold green" if highlight and (r.get("method"), r.get("R"), r.get("K")) in highlight else None
-        table.add_row(*(format_value(r.get(c)) for c in columns), style=style)
+        table.add_row(*_cells(r, columns, labelled), style=style)
     Console(width=max(120, Console().width)).print(table)
 
 
