@@ -79,6 +79,26 @@ def bench_overhead(
                f"of one teacher call ({a['median_s']['teacher'] * 1e3:.1f} ms, R*K = {a['R'] * a['K']})")
 
 
+@bench_app.command("report")
+def bench_report(
+    path: Path = typer.Option(Path("BENCHMARKS.md"), help="The Markdown file whose generated blocks to rewrite."),
+    root: Path = typer.Option(Path("."), help="Repository root holding docs/*_bench.json."),
+    check: bool = typer.Option(False, "--check", help="Only check: exit 1 if a block differs from the JSON."),
+):
+    """Regenerate every table of BENCHMARKS.md (the <!-- generated: ... --> blocks) from docs/*.json."""
+    from carv.bench.report import write_benchmarks_md
+
+    try:
+        stale = write_benchmarks_md(path, root, check=check)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if check and stale:
+        typer.echo(f"{path}: {len(stale)} generated block(s) differ from the JSON: {', '.join(stale)}; "
+                   f"run `carv bench report`", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}: {'rewrote ' + ', '.join(stale) if stale else 'every generated block matches the JSON'}")
+
+
 @bench_app.command("attribution")
 def bench_attribution(
     out: Path = typer.Option(Path("runs/bench-attribution"), help="Run folder (resumes an unfinished run)."),

@@ -10,7 +10,7 @@ Pieces (everything random draws from the run's own ``torch.Generator``):
   i.e. the teacher's own ``x_0`` prediction from pure noise at a fixed level ``t_g`` (SiD's
   initialisation, ``sigma_g = s_g / a_g ~ 2.3`` at ``t_g = 430``). The usual DMD choice ``t_g = T - 1``
   does not work on this schedule: ``a_{T-1} = 0.0064`` amplifies the network's error 157x and the
-  initial samples are noise (FD 429 against 173 at ``t_g = 430``). The generator has the teacher's
+  initial samples are noise. The generator has the teacher's
   size because it must start as a good denoiser; smaller nets would start from scratch.
 - **Fake score**: another copy of the teacher, trained online on the generator's (detached)
   samples with the denoising loss (:class:`~carv.objectives.dmd.DenoisingLoss`), ``fake_updates``

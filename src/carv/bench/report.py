@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k",
-           "plot_metric_vs_k", "RATIO_COLUMNS"]
+           "plot_metric_vs_k", "RATIO_COLUMNS", "SMOKE", "render_block", "generate_benchmarks_md", "stale_blocks",
+           "write_benchmarks_md", "protocol_status"]
 
 DEFAULT_COLUMNS = ("method", "R", "K", "variance", "cost_s", "re", "ecm", "bound_fraction")
 # columns holding ratios (speed-ups, efficiencies): a smoke run labels every one of them
@@ -183,3 +186,140 @@ def plot_metric_vs_k(rows: Sequence[dict], path: str | Path, metric: str, ylabel
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ BENCHMARKS.md from docs/*.json
+# Generated blocks in BENCHMARKS.md:  <!-- generated: NAME:KIND -->  ...  <!-- /generated -->
+# NAME is a benchmark (docs/NAME_bench.json); KIND is one of GENERATORS. Everything outside the blocks is
+# hand-written prose and is kept as it is, so other sections (and their authors) live beside them.
+BENCHMARKS = {"demo": "docs/demo_bench.json", "text-to-3d": "docs/text_to_3d_bench.json",
+              "attribution": "docs/attribution_bench.json", "distill": "docs/distill_bench.json"}
+PENDING = "not yet measured under the protocol"
+ROW_COLUMNS = ("method", "R", "K", "n", "variance", "variance_se", "cost_s", "cost_wall_s", "re", "ecm", "ecm_se",
+               "bound_fraction")
+_BLOCK = re.compile(r"<!-- generated: (?P<name>[\w.-]+):(?P<kind>[\w-]+) -->\n(?P<body>.*?)<!-- /generated -->",
+                    re.DOTALL)
+
+
+def _ratio(v, se=None, ci=None) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.2f}x"
+    if se is not None:
+        s += f" +- {se:.2f}"
+    if ci:
+        s += f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+    return s
+
+
+def _config(c: dict | None) -> str:
+    if not c:
+        return "-"
+    rest = ", ".join(f"{k} = {v}" for k, v in c.items() if k not in ("method", "R", "K"))
+    return f"{c.get('method')} R = {c.get('R')} K = {c.get('K')}" + (f" ({rest})" if rest else "")
+
+
+def _load(res: dict) -> str:
+    m = res.get("machine") or {}
+    a, b = m.get("loadavg_start"), m.get("loadavg_end")
+    if a and b:
+        return f"{a[0]:.1f} -> {b[0]:.1f}"
+    return "not recorded"
+
+
+def protocol_status(res: dict | None) -> str:
+    if res is None:
+        return "no JSON"
+    if "headline" not in res or "best_of_n" not in res:
+        return PENDING
+    return "smoke run, not a measurement" if res.get("smoke") else "measured under the protocol"
+
+
+def _gen_headline(name: str, res: dict | None, root: Path) -> str:
+    status = protocol_status(res)
+    head = "| benchmark | status | headline (a priori) | value | chosen by | charged | best of N (upper bound) |"
+    sep = "| --- | --- | --- | --- | --- | --- | --- |"
+    if status in (PENDING, "no JSON"):
+        return "\n".join([head, sep, f"| {name} | {status} | - | - | - | - | - |"])
+    h, b = res["headline"], res["best_of_n"]
+    best = f"{_ratio(b['value'], b.get('se'))} of N = {b['n']} ({_config(b['config'])})"
+    note = f" ({SMOKE})" if res.get("smoke") else ""
+    return "\n".join([head, sep, f"| {name} | {status} | {_config(h['config'])} | "
+                                 f"{_ratio(h['value'], h.get('se'), h.get('ci95'))}{note} | {h['chosen_by']} | "
+                                 f"{'; '.join(h['charged'])} | {best}{note} |"])
+
+
+def _gen_run(name: str, res: dict | None, root: Path) -> str:
+    if res is None:
+        return "No JSON for this benchmark yet."
+    m = res.get("machine") or {}
+    lines = ["Command:", "", f"    {res.get('command', 'not recorded')}", "",
+             f"Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
+             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); date {res.get('date', 'not recorded')}; "
+             f"load average (1 min) {_load(res)}; status: {protocol_status(res)}."]
+    return "\n".join(lines)
+
+
+def _gen_rows(name: str, res: dict | None, root: Path) -> str:
+    if res is None or protocol_status(res) == PENDING:
+        return f"Rows: {PENDING}."
+    return markdown_table(res["rows"], ROW_COLUMNS, smoke=bool(res.get("smoke")))
+
+
+def _gen_summary(name: str, res: dict | None, root: Path) -> str:
+    head = "| benchmark | status | headline (a priori) | best of N (upper bound) | load (1 min) | command |"
+    sep = "| --- | --- | --- | --- | --- | --- |"
+    body = []
+    for bench, path in BENCHMARKS.items():
+        r = _read_json(root / path)
+        st = protocol_status(r)
+        if st in (PENDING, "no JSON"):
+            body.append(f"| {bench} | {st} | - | - | {_load(r) if r else '-'} | `{(r or {}).get('command', '-')}` |")
+            continue
+        h, b = r["headline"], r["best_of_n"]
+        note = f" ({SMOKE})" if r.get("smoke") else ""
+        body.append(f"| {bench} | {st} | {_ratio(h['value'], h.get('se'))}{note}, {_config(h['config'])} | "
+                    f"{_ratio(b['value'])} of N = {b['n']}{note} | {_load(r)} | `{r.get('command')}` |")
+    return "\n".join([head, sep, *body])
+
+
+GENERATORS = {"headline": _gen_headline, "run": _gen_run, "rows": _gen_rows, "summary": _gen_summary}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render_block(name: str, kind: str, root: str | Path = ".") -> str:
+    """The Markdown of one generated block, from ``root/docs/*.json``."""
+    if kind not in GENERATORS:
+        raise ValueError(f"kind: unknown generated block {kind!r} (for {name!r}); allowed: {sorted(GENERATORS)}")
+    if name not in BENCHMARKS and name != "all":
+        raise ValueError(f"name: unknown benchmark {name!r}; allowed: {sorted(BENCHMARKS)} or 'all'")
+    res = _read_json(Path(root) / BENCHMARKS[name]) if name in BENCHMARKS else None
+    return GENERATORS[kind](name, res, Path(root)).rstrip("\n") + "\n"
+
+
+def generate_benchmarks_md(text: str, root: str | Path = ".") -> str:
+    """``text`` (BENCHMARKS.md) with every generated block rewritten from the JSON; prose kept."""
+    return _BLOCK.sub(lambda m: (f"<!-- generated: {m['name']}:{m['kind']} -->\n"
+                                 f"{render_block(m['name'], m['kind'], root)}<!-- /generated -->"), text)
+
+
+def stale_blocks(text: str, root: str | Path = ".") -> list[str]:
+    """Names of the generated blocks whose text differs from what the JSON gives (empty: consistent)."""
+    return [f"{m['name']}:{m['kind']}" for m in _BLOCK.finditer(text)
+            if m["body"] != render_block(m["name"], m["kind"], root)]
+
+
+def write_benchmarks_md(path: str | Path = "BENCHMARKS.md", root: str | Path = ".", check: bool = False) -> list[str]:
+    """``carv bench report``: regenerate the tables of ``path`` from ``root/docs/*.json`` (``check``: only
+    report which blocks are stale). Returns the stale blocks found before writing."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"path: no such file {str(p)!r}")
+    text = p.read_text()
+    stale = stale_blocks(text, root)
+    if not check and stale:
+        p.write_text(generate_benchmarks_md(text, root))
+    return stale

@@ -1,0 +1,59 @@
+"""BENCHMARKS.md and docs/*.json agree: every generated table is what `carv bench report` makes from the
+JSON, and every benchmark JSON measured under the protocol carries a headline and a best-of-N object."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from carv.bench.report import BENCHMARKS, generate_benchmarks_md, protocol_status, stale_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_md_tables_match_the_json():
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert "<!-- generated: " in text, "BENCHMARKS.md has no generated blocks"
+    assert stale_blocks(text, ROOT) == [], "BENCHMARKS.md is stale: run `carv bench report`"
+
+
+def test_every_benchmark_has_a_generated_headline_block():
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    for name in BENCHMARKS:
+        assert f"<!-- generated: {name}:headline -->" in text, name
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_protocol_json_has_headline_and_best_of_n(name):
+    path = ROOT / BENCHMARKS[name]
+    if not path.is_file():
+        pytest.skip(f"{path.name} not produced yet")
+    res = json.loads(path.read_text())
+    if protocol_status(res).startswith("not yet"):
+        assert "headline" not in res and "best_of_n" not in res
+        return
+    h, b = res["headline"], res["best_of_n"]
+    assert set(h) >= {"config", "value", "se", "chosen_by", "charged"} and h["charged"]
+    assert set(b) >= {"n", "config", "value"} and b["n"] >= 1
+    assert "command" in res and "loadavg_start" in res["machine"] and "loadavg_end" in res["machine"]
+
+
+def test_generator_detects_a_disagreement_and_keeps_prose(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    res = {"command": "carv demo", "machine": {"loadavg_start": [1.0], "loadavg_end": [2.0]},
+           "headline": {"config": {"method": "m", "R": 2, "K": 4}, "value": 2.0, "se": 0.1, "chosen_by": "a priori",
+                        "charged": ["stages"]},
+           "best_of_n": {"n": 5, "config": {"method": "m", "R": 2, "K": 8}, "value": 2.5},
+           "rows": [{"method": "m", "R": 2, "K": 4, "ecm": 2.0}]}
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    text = "prose before\n<!-- generated: demo:headline -->\nold table\n<!-- /generated -->\nprose after\n"
+    assert stale_blocks(text, tmp_path) == ["demo:headline"]
+    new = generate_benchmarks_md(text, tmp_path)
+    assert new.startswith("prose before\n") and new.endswith("prose after\n")
+    assert "2.00x +- 0.10" in new and "N = 5" in new and stale_blocks(new, tmp_path) == []
+    res["headline"]["value"] = 2.2  # the JSON moves on: the document is now stale
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    assert stale_blocks(new, tmp_path) == ["demo:headline"]
+    with pytest.raises(ValueError, match="kind"):
+        stale_blocks("<!-- generated: demo:nope -->\nx\n<!-- /generated -->", tmp_path)
