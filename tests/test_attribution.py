@@ -395,3 +395,54 @@ def test_mc_loss_plugs_into_dattri_attribution_task():
     torch.testing.assert_close(grads, feats.gradients(batch), rtol=1e-5, atol=1e-7)
     losses = torch.stack([task.get_loss_func()(flat, tuple(b[i] for b in batch)) for i in range(3)])
     assert losses.shape == (3,) and torch.isfinite(losses).all()
+
+
+# ------------------------------------------------------------------------------------ D-TRAK as it is
+def test_dtrak_timesteps_are_its_range():
+    """sail-sg/D-TRAK grad_unconditional.py, t_strategy "uniform": range(0, 1000, 1000 // K)."""
+    from carv.objectives.attribution import dtrak_timesteps
+
+    assert dtrak_timesteps(1).tolist() == [0]  # t = 0 at K = 1, not a midpoint
+    assert dtrak_timesteps(4).tolist() == [0, 250, 500, 750]
+    assert dtrak_timesteps(10).tolist() == list(range(0, 1000, 100))
+    assert dtrak_timesteps(16).tolist() == list(range(0, 1000, 62))  # 17 timesteps at K = 16
+    assert len(dtrak_timesteps(64)) == len(range(0, 1000, 15)) == 67
+    with pytest.raises(ValueError, match="K"):
+        dtrak_timesteps(0)
+
+
+def test_dtrak_noise_is_seeded_per_timestep_and_batch_position():
+    """For each timestep t, one randn of the batch from seed e_seed * 1000 + t: the example at batch position j
+    gets row j in every batch; rerunning gives the same draws; another e_seed gives others."""
+    from carv.objectives.attribution import dtrak_draws
+
+    x0, y = tiny_data(n=5)
+    _, _, t, eps, w = dtrak_draws(x0, y, K=4, num_timesteps=1000, e_seed=3, batch_size=2)
+    assert t.tolist() == [[0, 250, 500, 750]] * 5
+    assert torch.all(w == 1.0)
+    for k, tk in enumerate([0, 250, 500, 750]):
+        rows = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3 * 1000 + tk))
+        for j in range(5):
+            assert torch.equal(eps[j, k], rows[j % 2])
+    assert torch.equal(eps[0], eps[2]) and torch.equal(eps[0], eps[4]) and not torch.equal(eps[0], eps[1])
+    again = dtrak_draws(x0, y, K=4, num_timesteps=1000, e_seed=3, batch_size=2)[3]
+    other = dtrak_draws(x0, y, K=4, num_timesteps=1000, e_seed=4, batch_size=2)[3]
+    assert torch.equal(eps, again) and not torch.equal(eps, other)
+    _, _, t16, _, w16 = dtrak_draws(x0, y, K=16, num_timesteps=1000)
+    assert t16.shape == (5, 17) and torch.allclose(w16, torch.full_like(w16, 17 / 16))  # sum / K
+
+
+def test_dtrak_output_is_the_squared_norm_of_the_model_output():
+    """output="squared_norm" differentiates ||eps_theta(x_t, t, c)||^2 / D (no target, no weighting)."""
+    teacher = tiny_teacher()
+    x0, y = tiny_data(n=1)
+    f = GradientFeatures(teacher, TimestepSampler(T_TINY), output="squared_norm", proj_dim=None, weighting="sds")
+    t = torch.tensor([7])
+    eps = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in teacher.model.named_parameters()}
+    got = f.draw_loss(f.params, x0[0], y[0], t[0], eps[0])
+    x_t = teacher.schedule.add_noise(x0, t, eps)
+    want = torch.func.functional_call(teacher.model, params, (x_t, t, y)).pow(2).mean()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    with pytest.raises(ValueError, match="output"):
+        GradientFeatures(teacher, TimestepSampler(T_TINY), output="l2")

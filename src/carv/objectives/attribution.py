@@ -46,7 +46,13 @@ from carv.objectives.weighting import Weighting, weight_table
 from carv.teachers.base import NonFiniteTeacherError, Teacher
 from carv.timesteps import TimestepSampler
 
-__all__ = ["GradientFeatures", "GaussianProjection", "AttributionBatch", "cosine_scores"]
+__all__ = ["GradientFeatures", "GaussianProjection", "AttributionBatch", "cosine_scores", "OUTPUTS",
+           "dtrak_timesteps", "dtrak_draws"]
+
+# the function whose gradient is the feature: "loss" (the weighted diffusion loss; TRAK / journey-TRAK) or
+# "squared_norm" (D-TRAK's default "mean-squared-l2-norm": the per-pixel mean of eps_theta(x_t, t, c)^2,
+# no target and no weighting)
+OUTPUTS = ("loss", "squared_norm")
 
 AttributionBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # x0, label, t, eps, weight (one or many examples)
 
@@ -93,11 +99,17 @@ class GradientFeatures(UsesEstimator):
         max_batch: most example-draws in one ``vmap`` call (examples and draws are chunked to fit).
         projection: reuse an existing :class:`GaussianProjection` (ignores ``proj_dim``/``proj_seed``), so
             that several estimators share one matrix.
+        output: the function differentiated per draw: ``"loss"`` (above) or ``"squared_norm"`` (D-TRAK's
+            default, ``||eps_theta(a_t x0 + s_t eps, t, c)||^2 / D``; ``weighting`` is then not applied).
     """
 
     def __init__(self, teacher: Teacher, sampler: TimestepSampler, K: int = 1, noise: str = "iid",
                  weighting: Weighting = "uniform", params: str | Sequence[str] = "all", proj_dim: int | None = 256,
-                 proj_seed: int = 0, max_batch: int = 256, projection: GaussianProjection | None = None):
+                 proj_seed: int = 0, max_batch: int = 256, projection: GaussianProjection | None = None,
+                 output: str = "loss"):
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        self.output = output
         model = getattr(teacher, "model", None)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"teacher: expected a teacher with an nn.Module `model` (UNetTeacher), "
@@ -142,9 +154,12 @@ class GradientFeatures(UsesEstimator):
 
     # ------------------------------------------------------------------ the functional losses
     def draw_loss(self, params: dict[str, Tensor], x0: Tensor, label: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """``w(t) ||eps_theta(a_t x0 + s_t eps, t, c) - eps||^2 / D`` for one example and one draw (scalar)."""
+        """``w(t) ||eps_theta(a_t x0 + s_t eps, t, c) - eps||^2 / D`` for one example and one draw (scalar);
+        with ``output="squared_norm"``, ``||eps_theta(a_t x0 + s_t eps, t, c)||^2 / D`` (D-TRAK)."""
         x_t = self.schedule.add_noise(x0[None], t[None], eps[None])
         eps_hat = functional_call(self.model, {**self.frozen, **params}, (x_t, t[None], label[None]))[0]
+        if self.output == "squared_norm":
+            return eps_hat.pow(2).mean()
         w = torch.index_select(self.w.to(eps.device), 0, t.reshape(1))[0]  # plain indexing fails under nested vmap
         return w * (eps_hat - eps).pow(2).mean()
 
@@ -259,6 +274,41 @@ class GradientFeatures(UsesEstimator):
             meter.add("draw", times["draw"], count=N * K)
             meter.add("upstream", times["upstream"], count=N)
         return feats
+
+
+def dtrak_timesteps(K: int, num_timesteps: int = 1000) -> Tensor:
+    """D-TRAK's timesteps for ``K`` (its ``t_strategy="uniform"``): ``range(0, T, T // K)``, so ``t = 0`` at
+    ``K = 1``, and ``len(range(...))`` may exceed ``K`` when ``T % K != 0`` (e.g. 17 timesteps at ``K = 16``;
+    D-TRAK sums them all and divides by ``K``)."""
+    check_positive_int(K, "K")
+    if K > num_timesteps:
+        raise ValueError(f"K: at most num_timesteps={num_timesteps}, got {K}")
+    return torch.arange(0, num_timesteps, num_timesteps // K)
+
+
+def dtrak_draws(x0: Tensor, labels: Tensor, K: int, num_timesteps: int = 1000, e_seed: int = 0,
+                batch_size: int = 16) -> AttributionBatch:
+    """The draws of a D-TRAK user (sail-sg/D-TRAK ``grad_unconditional.py``), as an :data:`AttributionBatch`.
+
+    Timesteps :func:`dtrak_timesteps`; for each timestep ``t`` the noise is drawn from a generator seeded
+    ``e_seed * 1000 + t``, one ``[batch_size, C, H, W]`` draw per data-loader batch (unshuffled), so the
+    example at position ``j`` of any batch gets row ``j`` for that ``t``: common random numbers across
+    batches, fixed by the seed (rerunning gives the same features; ``e_seed`` is the only source of
+    randomness). Weights are ``len(timesteps) / K`` (D-TRAK's sum over the timesteps divided by ``K``).
+    """
+    x0, labels = _check_examples(x0, labels)
+    check_positive_int(batch_size, "batch_size")
+    ts = dtrak_timesteps(K, num_timesteps)
+    N = x0.shape[0]
+    pos = torch.arange(N) % batch_size
+    eps = torch.empty(N, len(ts), *x0.shape[1:], dtype=x0.dtype)
+    for k, t in enumerate(ts.tolist()):
+        g = torch.Generator().manual_seed(e_seed * 1000 + t)
+        rows = torch.randn(batch_size, *x0.shape[1:], generator=g, dtype=x0.dtype)
+        eps[:, k] = rows[pos]
+    t = ts.to(torch.long).expand(N, -1).clone()
+    weight = torch.full((N, len(ts)), len(ts) / K, dtype=x0.dtype)
+    return x0, labels, t, eps.to(x0.device), weight
 
 
 def cosine_scores(query: Tensor, train: Tensor) -> Tensor:
