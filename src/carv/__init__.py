@@ -6,7 +6,7 @@ measure the apps' pipelines side by side), ``cli``.
 """
 
 from carv import accounting
-from carv.accounting import AutoK, CostMeter
+from carv.accounting import Allocator, AutoK, CostMeter, allocate
 from carv.estimator import Draws, Estimate, HierarchicalEstimator
 from carv.objectives.attribution import GradientFeatures
 from carv.objectives.dmd import DistributionMatching
@@ -18,6 +18,7 @@ from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepDraws
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocator",
     "AutoK",
     "CostMeter",
     "DistributionMatching",
@@ -33,5 +34,6 @@ __all__ = [
     "TimestepSampler",
     "VPSchedule",
     "accounting",
+    "allocate",
     "weight_table",
 ]
