@@ -216,15 +216,36 @@ def random_cameras(
         raise ValueError(f"n: expected a positive integer number of cameras, got {n!r}")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    u = torch.rand(2, n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    return cameras_from_unit(u.T, elevation_range, radius, fov_deg, azimuth_range, device, dtype)
+
+
+def cameras_from_unit(
+    u: Tensor,
+    elevation_range: tuple[float, float] = DEFAULT_ELEVATION_RANGE,
+    radius: float = DEFAULT_RADIUS,
+    fov_deg: float = DEFAULT_FOV_DEG,
+    azimuth_range: tuple[float, float] = (-180.0, 180.0),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Cameras:
+    """Cameras from unit points ``u [n, 2]`` in ``[0, 1)``: azimuth ``lo + (hi - lo) u[:, 0]`` and elevation
+    ``lo + (hi - lo) u[:, 1]`` (uniform ``u`` gives :func:`random_cameras`' distribution; strata or a
+    lattice of ``u`` from :mod:`carv.upstream` spread the cameras while keeping each one uniform)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if u.ndim != 2 or u.shape[1] != 2 or u.shape[0] < 1:
+        raise ValueError(f"u: expected shape [n, 2] with n >= 1, got {tuple(u.shape)}")
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError("u: expected unit points in [0, 1]")
     lo, hi = _range("elevation_range", elevation_range)
     if lo <= -90 or hi >= 90:
         raise ValueError(
             f"elevation_range: both ends must lie strictly between -90 and 90 degrees, got {elevation_range!r}"
         )
     alo, ahi = _range("azimuth_range", azimuth_range)
-    u = torch.rand(2, n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
-    az = alo + (ahi - alo) * u[0]
-    el = lo + (hi - lo) * u[1]
+    u = u.cpu()
+    az = alo + (ahi - alo) * u[:, 0]
+    el = lo + (hi - lo) * u[:, 1]
     return cameras_from_angles(az, el, radius, fov_deg, device, dtype)
 
 
