@@ -95,6 +95,30 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert full["final"]["psnr"] == pytest.approx(resumed["final"]["psnr"], abs=1e-9)
 
 
+def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(tmp_path):
+    """--compare (equal per-step compute): both runs make the same steps; carv starts at R = 1 with the
+    allocator, its probe steps run at R, K >= 2 on iid cameras, the rest on the camera lattice; the allocator's
+    budget is the baseline's measured step cost, and its re-choices, the lattice and the curves are saved."""
+    cfg = TextTo3DConfig(prompt="a snowman", steps=12, R=1, probe_every=4, accountant_every=4, k_init=2,
+                         checkpoint_every=6, **TINY)
+    res = run_text_to_3d("a snowman", tmp_path / "c", cfg, compare=True, progress=False, teacher=_teacher())
+    assert res["steps"] == {"carv": 12, "baseline": 12} and res["compare_at"] == "step"
+    rows = [r for r in _metrics(tmp_path / "c" / "carv" / "metrics.jsonl") if r["kind"] == "step"]
+    probes = [r for r in rows if r["probe"]]
+    assert [r["step"] for r in probes] == [1, 5, 9]
+    assert all(r["R"] >= 2 and r["K"] >= 2 for r in probes)
+    assert rows[1]["R"] == 1  # an ordinary step at the configured R = 1 before the first re-choice
+    hist = res["allocator_history"]
+    assert hist and hist[-1]["budget"] is not None
+    base = [r for r in _metrics(tmp_path / "c" / "baseline" / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(r["R"] == 1 and r["K"] == 1 for r in base)
+    for f in ("turntables.png", "quality_vs_steps.png", "quality_vs_seconds.png"):
+        assert (tmp_path / "c" / f).is_file(), f
+    meta = json.loads((tmp_path / "c" / "carv" / "checkpoint.json").read_text())
+    assert meta["allocator"]["steps"] == 12 and meta["upstream"]["count"] > 0
+    assert set(res["steps_ratio_equal_quality"]) == {"psnr", "iou"}
+
+
 def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
     res = runner.invoke(app, ["text-to-3d", "a flying car", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0
@@ -102,7 +126,9 @@ def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
     assert "a flying car" in text and "allowed prompts" in text and "a snowman" in text
     for flags, needle in ((["--baseline", "--K", "4"], "baseline"), (["--baseline", "--compare"], "compare"),
                           (["--render-size", "40"], "render_size"), (["--proposal", "oracle"], "proposal"),
-                          (["--stratify", "grid"], "stratify"), (["--R", "1"], "R"), (["--steps", "0"], "steps")):
+                          (["--stratify", "grid"], "stratify"), (["--R", "9"], "r_max"), (["--steps", "0"], "steps"),
+                          (["--step-budget", "lots"], "step_budget"), (["--upstream", "sobol"], "upstream"),
+                          (["--compare", "--compare-at", "flops"], "compare_at")):
         res = runner.invoke(app, ["text-to-3d", "a snowman", "--out", str(tmp_path / "y"), *flags])
         assert res.exit_code != 0, flags
         assert needle in res.output.replace("│", " "), (flags, res.output)

@@ -663,8 +663,10 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
 
 
 # ----------------------------------------------------------------------------- ECM at equal quality
-def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3) -> dict:
-    """Time for the baseline to reach its final quality / time for the method to reach it.
+def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3,
+                      x: str = "elapsed_s") -> dict:
+    """Time for the baseline to reach its final quality / time for the method to reach it (``x="step"``:
+    optimisation steps instead of seconds; the result keys keep their ``_s`` names).
 
     Curves are evaluation rows (``elapsed_s``, ``key``), smoothed by a trailing moving average over
     ``window`` evaluations (a single evaluation fluctuates by a few tenths of a dB at the plateau); the
@@ -678,12 +680,12 @@ def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", w
         raise ValueError(f"window: expected a positive integer, got {window!r}")
     sb, sm = _smooth(base, key, window), _smooth(method, key, window)
     target = sb[-1][key]
-    t_base = _first_crossing(sb, key, target)
-    t_method = _first_crossing(sm, key, target)
+    t_base = _first_crossing(sb, key, target, x)
+    t_method = _first_crossing(sm, key, target, x)
     res: dict[str, Any] = {"key": key, "window": window, "target": target, "t_base_s": t_base,
                            "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None}
     if t_method is None:
-        total = method[-1]["elapsed_s"]
+        total = method[-1][x]
         res["upper_bound"] = t_base / total if total > 0 else None
         res["note"] = f"never reached the baseline's final {key} {target:.3f}"
     elif t_method <= 0 or t_base <= 0:
@@ -693,14 +695,14 @@ def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", w
     return res
 
 
-def _first_crossing(rows: list[dict], key: str, target: float) -> float | None:
+def _first_crossing(rows: list[dict], key: str, target: float, x: str = "elapsed_s") -> float | None:
     prev = None
     for r in rows:
         if r[key] >= target - 1e-12:
             if prev is None or r[key] == prev[key]:
-                return r["elapsed_s"]
+                return r[x]
             f = (target - prev[key]) / (r[key] - prev[key])
-            return prev["elapsed_s"] + f * (r["elapsed_s"] - prev["elapsed_s"])
+            return prev[x] + f * (r[x] - prev[x])
         prev = r
     return None
 
@@ -709,5 +711,5 @@ def _smooth(rows: list[dict], key: str, window: int) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         vals = [q[key] for q in rows[max(0, i - window + 1):i + 1]]
-        out.append({"elapsed_s": r["elapsed_s"], key: sum(vals) / len(vals)})
+        out.append({"elapsed_s": r["elapsed_s"], "step": r.get("step"), key: sum(vals) / len(vals)})
     return out

@@ -201,10 +201,19 @@ def text_to_3d_cmd(
     steps: int = typer.Option(None, min=1, help="Optimisation steps (default 300)."),
     budget: float = typer.Option(None, help="Also stop after this many seconds of training time."),
     baseline: bool = typer.Option(False, "--baseline", help="The plain estimator: uniform timesteps, K = 1."),
-    compare: bool = typer.Option(False, "--compare", help="Also train the baseline at equal wall-clock; "
-                                                          "side-by-side turntables and quality curves."),
-    r: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2)."),
+    compare: bool = typer.Option(False, "--compare", help="Also train the baseline, at equal per-step compute "
+                                                          "(default) or wall-clock; side-by-side turntables, "
+                                                          "quality against steps and seconds."),
+    compare_at: str = typer.Option("step", "--compare-at", help="With --compare: 'step' (carv's allocator spends "
+                                                                "the baseline's measured step cost) or 'wall-clock'."),
+    r: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2; with the accountant: the "
+                                                    "first steps' R, and the baseline's R of the budget)."),
     k: int = typer.Option(None, "--K", min=1, help="Draws per render (default: chosen by the accountant)."),
+    step_budget: str = typer.Option(None, "--step-budget", help="The accountant's per-step budget: 'baseline' "
+                                                                "(default: the plain estimator's measured step), "
+                                                                "seconds, or 'free' (K only, at fixed R)."),
+    upstream: str = typer.Option(None, help="Training cameras: lattice (default; spread across steps), strata "
+                                            "(spread within a step) or iid."),
     proposal: str = typer.Option(None, help="Timestep proposal: learned (default), weight (q ~ p w) or none."),
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
@@ -221,11 +230,13 @@ def text_to_3d_cmd(
     Writes config, metrics (JSON lines), turntable, ground-truth comparison and plots; resumable."""
     from carv.apps.text_to_3d import text_to_3d_from_cli
 
-    flags = dict(steps=steps, budget_s=budget, R=r, K=k, proposal=proposal, stratify=stratify,
+    flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
+                 proposal=proposal, stratify=stratify,
                  guidance_scale=guidance_scale, grid_resolution=grid_resolution, render_size=render_size,
                  n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed)
     try:
-        text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, restart=restart)
+        text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, restart=restart,
+                            compare_at=compare_at)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
 

@@ -63,14 +63,15 @@ from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._validate import check_positive_int
-from carv.accounting import AutoK, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
+from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
-from carv.render import VoxelGrid, get_scene, random_cameras, render, turntable_cameras
+from carv.render import VoxelGrid, cameras_from_unit, get_scene, random_cameras, render, turntable_cameras
 from carv.render.cameras import Cameras
 from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, scene_cond
 from carv.teachers.unet import UNetTeacher
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
+from carv.upstream import UPSTREAM_MODES, UpstreamSampler
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -90,6 +91,8 @@ CHECKPOINT_STEM = "checkpoint"  # checkpoint-<step>.safetensors (tensors) + chec
 CHECKPOINT_JSON = "checkpoint.json"
 # config fields a resumed run may change (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
+STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
+COMPARE_AT = ("step", "wall-clock")
 
 
 @dataclass
@@ -105,8 +108,13 @@ class TextTo3DConfig:
     steps: int = 300
     budget_s: float | None = None  # also stop once this many seconds of training (step) time are spent
     # the estimator
-    R: int = 2
+    R: int = 2  # renders per step (carv with the accountant: the first steps' R, then chosen)
     K: int | None = None  # None: carv -> the accountant chooses; baseline -> 1
+    # the accountant's per-step budget: "baseline" (the plain estimator's measured step: R renders, K = 1),
+    # a number of seconds, or "free" (K only, at fixed R: the old AutoK)
+    step_budget: str | float = "baseline"
+    r_max: int = 8
+    upstream: str | None = None  # cameras: None -> carv "lattice" (shifted lattice across steps), baseline "iid"
     proposal: str | None = None  # None: carv -> "learned", baseline -> "none"
     stratify: str | None = None  # None: carv -> "per_upstream", baseline -> "none"
     floor: float = 0.1
@@ -140,6 +148,10 @@ class TextTo3DConfig:
         return self.stratify if self.stratify is not None else ("per_upstream" if self.method == "carv" else "none")
 
     @property
+    def resolved_upstream(self) -> str:
+        return self.upstream if self.upstream is not None else ("lattice" if self.method == "carv" else "iid")
+
+    @property
     def auto_k(self) -> bool:
         return self.K is None and self.method == "carv"
 
@@ -153,7 +165,7 @@ class TextTo3DConfig:
         get_scene(self.prompt)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        for name in ("steps", "R", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
+        for name in ("steps", "R", "r_max", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
                      "grid_resolution",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
@@ -177,9 +189,18 @@ class TextTo3DConfig:
             raise ValueError(f"floor: expected a number in (0, 1], got {self.floor!r}")
         if not self.k_init <= self.k_max or self.k_init < 2:
             raise ValueError(f"k_init, k_max: need 2 <= k_init <= k_max, got k_init={self.k_init}, k_max={self.k_max}")
-        if self.auto_k and self.R < 2:
-            raise ValueError(f"R: the accountant needs R >= 2 renders per step to measure the between-render "
-                             f"variance, got R={self.R}; pass a fixed K or R >= 2")
+        if self.auto_k and self.R > self.r_max:
+            raise ValueError(f"R, r_max: need R <= r_max with the accountant, got R={self.R}, r_max={self.r_max}")
+        sb = self.step_budget
+        if not (sb in STEP_BUDGETS or (isinstance(sb, (int, float)) and not isinstance(sb, bool)
+                                       and math.isfinite(sb) and sb > 0)):
+            raise ValueError(f"step_budget: expected one of {STEP_BUDGETS} or a positive number of seconds, "
+                             f"got {sb!r}")
+        if self.resolved_upstream not in UPSTREAM_MODES:
+            raise ValueError(f"upstream: expected one of {UPSTREAM_MODES}, got {self.upstream!r}")
+        if self.auto_k and self.probe_every < 2:
+            raise ValueError(f"probe_every: the accountant needs ordinary steps between probes (>= 2), "
+                             f"got {self.probe_every}")
         for name in ("guidance_scale", "tv_weight", "init_blob"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -252,8 +273,12 @@ class SceneProblem:
     def sds(self, sampler: TimestepSampler, K: int) -> ScoreDistillation:
         return ScoreDistillation(self.teacher, sampler, K=K, weighting="sds", guidance_scale=self.guidance_scale)
 
-    def cameras(self, R: int, generator: torch.Generator) -> Cameras:
-        return random_cameras(R, generator, self.elevation_range, self.radius, self.fov)
+    def cameras(self, R: int, generator: torch.Generator, upstream: UpstreamSampler | None = None) -> Cameras:
+        """``R`` training cameras: iid (``upstream=None``), or spread by a :class:`carv.upstream.UpstreamSampler`
+        over (azimuth, elevation) with each camera still uniform (each step's estimate stays unbiased)."""
+        if upstream is None:
+            return random_cameras(R, generator, self.elevation_range, self.radius, self.fov)
+        return cameras_from_unit(upstream.draw(R, generator), self.elevation_range, self.radius, self.fov)
 
     def render(self, grid: VoxelGrid, cameras: Cameras, generator: torch.Generator | None = None,
                render_size: int | None = None, n_samples: int | None = None) -> tuple[Tensor, Tensor]:
@@ -270,7 +295,8 @@ class SceneProblem:
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,
-                 meter: CostMeter | None = None) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
+                 meter: CostMeter | None = None, upstream: UpstreamSampler | None = None
+                 ) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
         """One SDS gradient step's worth of work: ``R`` renders, ``R K`` teacher draws, one backward.
 
         Accumulates the SDS gradient into ``grid``'s ``.grad`` and returns the SDS output, the seconds
@@ -279,7 +305,7 @@ class SceneProblem:
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
         """
-        cams = self.cameras(R, generator)  # camera sampling: negligible next to the render
+        cams = self.cameras(R, generator, upstream)  # camera sampling: negligible next to the render
         cond = scene_cond(self.prompt, cams, self.prompts)
         x, out, secs = timed_estimate(lambda: self.render(grid, cams, generator, render_size, n_samples)[0],
                                       lambda x: sds(x, cond, generator, keep_draws=probe), sds.K,
@@ -342,8 +368,17 @@ class Trainer:
                          cfg.initial_k)
         # the importance table the sampler uses now (refreshed from the learned proposal every proposal_every steps)
         self.importance = p.w.clone() if cfg.resolved_proposal in ("weight", "learned") else None
-        self.autok = AutoK(k_init=cfg.k_init, k_min=2, k_max=cfg.k_max, decay=0.8,
-                           every=max(1, cfg.accountant_every // cfg.probe_every)) if cfg.auto_k else None
+        self.alloc: Allocator | None = None
+        if cfg.auto_k:
+            budget = None if cfg.step_budget == "free" else cfg.step_budget
+            free = budget is None  # free budget: K only, at the fixed R (the old AutoK)
+            self.alloc = Allocator(budget, baseline=(cfg.R, 1), r_range=(cfg.R, cfg.R) if free else (1, cfg.r_max),
+                                   k_range=(2 if free else 1, cfg.k_max), r_init=cfg.R, k_init=cfg.k_init,
+                                   every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every)
+        # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
+        self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
+                         if cfg.resolved_upstream != "iid" else None)
+        self.R = cfg.R
         self.meter = CostMeter()
         self.step_count = 0
         self.elapsed = 0.0  # seconds of training (step) time; evaluation and checkpointing are not counted
@@ -358,6 +393,14 @@ class Trainer:
     def K(self) -> int:
         return self.sds.K
 
+    def plain_step_cost(self) -> float | None:
+        """This run's measured cost of one plain step, ``R (c_up + c_draw)`` from its meter's medians (None
+        before both stages are timed): the budget carv's allocator spends when compared at equal per-step
+        compute."""
+        if not (self.meter.times.get("upstream") and self.meter.times.get("draw")):
+            return None
+        return self.R * (self.meter.median("upstream") + self.meter.median("draw"))
+
     @property
     def done(self) -> bool:
         if self.step_count >= self.cfg.steps:
@@ -370,17 +413,25 @@ class Trainer:
         cfg, p = self.cfg, self.problem
         t0 = p.clock()
         self.opt.zero_grad(set_to_none=True)
-        probe = self.autok is not None and self.step_count % cfg.probe_every == 0
-        out, secs, comps = p.gradient(self.grid, self.sds, cfg.R, self.generator, probe=probe)
+        probe = self.alloc is not None and self.alloc.probe_due()
+        if self.alloc is not None:  # a probe step runs at R, K >= 2 (its extra cost is charged by the allocator)
+            R, K = self.alloc.probe_shape() if probe else (self.alloc.R, self.alloc.K)
+            self.sds.K = K
+        else:
+            R, K = self.R, self.sds.K
+        # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
+        out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
+                                      upstream=None if probe else self.upstream)
         t1 = p.clock()
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
         self.opt.step()
         t2 = p.clock()
-        R, K = cfg.R, self.sds.K
         # the optimiser step is a per-step cost: charge it to the renders of the step
         self.meter.add("upstream", secs["upstream"] + (t2 - t1), count=R)
         self.meter.add("draw", secs["draw"], count=R * K)
+        if probe:
+            self.meter.add("probe", secs["probe"])
         est = out.estimate
         if self.learned is not None:
             self.learned.update(out.draws.t, est.sq_norms)
@@ -388,12 +439,13 @@ class Trainer:
         if self.learned is not None and self.step_count % cfg.proposal_every == 0:
             self.importance = self.learned.importance()
             self.sds.sampler.set_importance(self.importance)
-        if comps is not None:  # parameter-space components: the accountant's input (probe steps only)
-            self.autok.observe(comps.between, comps.within)
-            self.sds.K = self.autok.step(self.meter)
+        if self.alloc is not None:
+            if comps is not None:  # parameter-space components: the accountant's input (probe steps only)
+                self.alloc.observe(comps.between, comps.within)
+            self.R, self.sds.K = self.alloc.step(self.meter)
         self.elapsed += p.clock() - t0
-        row = {"kind": "step", "step": self.step_count, "elapsed_s": self.elapsed, "R": R, "K": K,
-               "next_K": self.sds.K, "between_x": est.between, "within_x": est.within,
+        row = {"kind": "step", "step": self.step_count, "elapsed_s": self.elapsed, "R": R, "K": K, "probe": probe,
+               "next_R": self.R, "next_K": self.sds.K, "between_x": est.between, "within_x": est.within,
                "grad_x_norm": float(out.grad.norm()), "step_s": p.clock() - t0}
         if comps is not None:
             row.update(between_param=comps.between, within_param=comps.within, probe_s=secs["probe"])
@@ -434,8 +486,10 @@ class Trainer:
             "elapsed_s": self.elapsed,
             "next_eval": self.next_eval,
             "K": self.sds.K,
+            "R": self.R,
             "opt_param_groups": opt_state["param_groups"],
-            "autok": self.autok.state_dict() if self.autok is not None else None,
+            "allocator": self.alloc.state_dict() if self.alloc is not None else None,
+            "upstream": self.upstream.state_dict() if self.upstream is not None else None,
             "meter": self.meter.state_dict(),
             "evals": self.evals,
         }
@@ -478,9 +532,12 @@ class Trainer:
         if self.importance is not None:
             self.importance = tensors["sampler.importance"].to(torch.float64)
             self.sds.sampler.set_importance(self.importance)
-        if self.autok is not None and meta["autok"] is not None:
-            self.autok.load_state_dict(meta["autok"])
+        if self.alloc is not None and meta.get("allocator") is not None:
+            self.alloc.load_state_dict(meta["allocator"])
+        if self.upstream is not None and meta.get("upstream") is not None:
+            self.upstream.load_state_dict(meta["upstream"])
         self.sds.K = int(meta["K"])
+        self.R = int(meta.get("R", self.cfg.R))
         self.meter.load_state_dict(meta["meter"])
         self.step_count, self.elapsed = int(meta["step"]), float(meta["elapsed_s"])
         self.next_eval, self.evals = float(meta["next_eval"]), list(meta["evals"])
@@ -500,8 +557,9 @@ def turntable(problem: SceneProblem, grid: VoxelGrid | None, n: int = 8, elevati
     return render(grid, cams, S, n_samples=problem.n_samples, bound=grid.bound, background=BACKGROUND).rgb
 
 
-def plot_quality_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """PSNR and mask IoU against training seconds, one line per run (``curves[name]`` = eval rows)."""
+def plot_quality_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "", x: str = "elapsed_s") -> None:
+    """PSNR and mask IoU against training seconds (``x="elapsed_s"``) or optimisation steps (``x="step"``),
+    one line per run (``curves[name]`` = eval rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,13 +567,14 @@ def plot_quality_curves(curves: dict[str, list[dict]], path: str | Path, title: 
 
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for i, (name, rows) in enumerate(curves.items()):
-        xs = [r["elapsed_s"] for r in rows]
+        xs = [r[x] for r in rows]
         for ax, key in zip(axs, ("psnr", "iou"), strict=True):
             ax.plot(xs, [r[key] for r in rows], "o-", ms=3, color=f"C{i}", label=name)
     axs[0].set_ylabel("PSNR on 16 held-out views (dB)")
     axs[1].set_ylabel("mask IoU on 16 held-out views")
     for ax in axs:
-        ax.set_xlabel("training seconds (render + teacher + backward + optimiser)")
+        ax.set_xlabel("training seconds (render + teacher + backward + optimiser)" if x == "elapsed_s"
+                      else "optimisation steps")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -537,7 +596,7 @@ def plot_run_diagnostics(trainer: Trainer, steps: list[dict], path: str | Path) 
         axs[0].step([r["step"] for r in steps], [r["K"] for r in steps], where="post")
     axs[0].set_xlabel("step")
     axs[0].set_ylabel("K (draws per render)")
-    axs[0].set_title("K used per step" + (" (accountant)" if trainer.autok is not None else ""), fontsize=9)
+    axs[0].set_title("K used per step" + (" (accountant)" if trainer.alloc is not None else ""), fontsize=9)
     axs[0].grid(True, alpha=0.3)
     s = trainer.sds.sampler
     T = s.num_timesteps
@@ -616,17 +675,22 @@ def _write_run_outputs(trainer: Trainer, title: str) -> None:
 
 def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = None,
                    cfg: TextTo3DConfig | None = None, compare: bool = False, restart: bool = False,
-                   progress: bool = True, teacher: UNetTeacher | None = None) -> dict:
+                   progress: bool = True, teacher: UNetTeacher | None = None, compare_at: str = "step") -> dict:
     """The main job: distil ``prompt`` into a voxel grid; write (and resume) a run folder; return a summary.
 
-    With ``compare=True`` the run folder gets ``carv/`` and ``baseline/`` sub-runs trained at equal
-    training wall-clock (interleaved step by step: the run with less training time so far steps next,
-    and the baseline stops once it has used as much time as the carv run), ``turntables.png`` side by
-    side and ``quality_vs_compute.png``.
+    With ``compare=True`` the run folder gets ``carv/`` and ``baseline/`` sub-runs, interleaved step by step
+    in one process (machine load hits both alike), and ``turntables.png`` side by side plus
+    ``quality_vs_steps.png`` and ``quality_vs_seconds.png``. ``compare_at="step"`` (the default): **equal
+    per-step compute**, both make ``cfg.steps`` steps and carv's allocator spends the baseline's measured
+    per-step cost (``R (c_up + c_draw)`` from the baseline's own meter, re-read every step). Both use the same
+    learning rate (``cfg.lr``: one rule for both). ``compare_at="wall-clock"``: the run with less training time
+    so far steps next, and the baseline stops once it has used as much time as the carv run.
     """
     cfg = dataclasses.replace(cfg) if cfg is not None else TextTo3DConfig()
     cfg.prompt = prompt
     cfg.validate()
+    if compare_at not in COMPARE_AT:
+        raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir) if out_dir is not None else Path("runs/text-to-3d") / _slug(get_scene(prompt).prompt)
@@ -659,23 +723,33 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                   f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
         return summary
 
+    equal_step = compare_at == "step"
     cfgs = {"carv": dataclasses.replace(cfg, method="carv"),
             "baseline": dataclasses.replace(cfg, method="baseline", K=None, proposal=None, stratify=None,
-                                            steps=10**9, budget_s=None)}
+                                            upstream=None, **({} if equal_step else dict(steps=10**9, budget_s=None)))}
     trainers = {m: Trainer(c, out / m, problem) for m, c in cfgs.items()}
     metrics = {m: _prepare(t) for m, t in trainers.items()}
     carv_t, base_t = trainers["carv"], trainers["baseline"]
+    spend_baseline = equal_step and carv_t.alloc is not None and cfg.step_budget == "baseline"
     bar = progress_bar(None, progress, total=cfg.steps, initial=carv_t.step_count, desc="text-to-3d compare")
     while True:
-        base_due = base_t.elapsed < carv_t.elapsed or carv_t.done
-        if carv_t.done and base_t.elapsed >= carv_t.elapsed:
-            break
+        if equal_step:
+            if carv_t.done and base_t.done:
+                break
+            base_due = not base_t.done and (base_t.step_count <= carv_t.step_count or carv_t.done)
+        else:
+            if carv_t.done and base_t.elapsed >= carv_t.elapsed:
+                break
+            base_due = base_t.elapsed < carv_t.elapsed or carv_t.done
         if base_due:
             _train_step(base_t, metrics["baseline"])
         else:
+            b = base_t.plain_step_cost() if spend_baseline else None
+            if b is not None:  # carv's allocator spends the baseline's measured per-step cost
+                carv_t.alloc.budget = b
             _train_step(carv_t, metrics["carv"])
             bar.update(1)
-        bar.set_postfix(K=carv_t.K, base_steps=base_t.step_count)
+        bar.set_postfix(R=carv_t.R, K=carv_t.K, base_steps=base_t.step_count)
     bar.close()
     finals = {m: _finish(t, metrics[m]) for m, t in trainers.items()}
     for m, t in trainers.items():
@@ -684,21 +758,34 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     save_image_grid([gt, turntable(problem, base_t.grid), turntable(problem, carv_t.grid)],
                     ["ground truth", f"baseline\n{base_t.step_count} steps", f"carv\n{carv_t.step_count} steps"],
                     out / "turntables.png",
-                    title=f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)",
+                    title=(f"{problem.prompt!r} at equal per-step compute, {carv_t.step_count} steps each "
+                           f"({base_t.elapsed:.0f} s baseline, {carv_t.elapsed:.0f} s carv)" if equal_step else
+                           f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)"),
                     col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
-    plot_quality_curves({"baseline (uniform, K=1)": base_t.evals, "carv (learned q, strata, auto K)": carv_t.evals},
-                        out / "quality_vs_compute.png", f"{problem.prompt!r}: held-out quality vs training time")
+    curves = {"baseline (uniform, K=1)": base_t.evals,
+              "carv (allocator, learned q, strata, lattice cameras)": carv_t.evals}
+    for x, name in (("step", "steps"), ("elapsed_s", "seconds")):
+        plot_quality_curves(curves, out / f"quality_vs_{name}.png",
+                            f"{problem.prompt!r}: held-out quality vs training {name}", x=x)
     ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in ("psnr", "iou")}
-    summary = {"command": "carv text-to-3d --compare", "prompt": problem.prompt, "train_seconds_each": carv_t.elapsed,
+    steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in ("psnr", "iou")}
+    step_s = {m: t.elapsed / max(t.step_count, 1) for m, t in trainers.items()}
+    summary = {"command": "carv text-to-3d --compare", "compare_at": compare_at, "prompt": problem.prompt,
+               "train_seconds": {m: t.elapsed for m, t in trainers.items()}, "seconds_per_step": step_s,
                "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
-               "ecm_equal_quality": ecm_q, "K_final": carv_t.K, "machine": machine_info(loadavg=loadavg())}
+               "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": carv_t.R,
+               "K_final": carv_t.K, "allocator_history": carv_t.alloc.history if carv_t.alloc is not None else None,
+               "machine": machine_info(loadavg=loadavg())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if progress:
         for m in METHODS:
             f = finals[m]
             print(f"{m:>8}: {trainers[m].step_count:5d} steps, PSNR {f['psnr']:.2f} dB, mask IoU {f['iou']:.3f}")
-        e = ecm_q["psnr"]
-        print(f"ECM at equal PSNR: {e['ecm']:.2f}x" if e["ecm"] is not None else f"ECM at equal PSNR: {e['note']}")
+        print(f"seconds per step: baseline {step_s['baseline']:.3f}, carv {step_s['carv']:.3f} "
+              f"(carv at R = {carv_t.R}, K = {carv_t.K})")
+        for label, res in (("steps", steps_q["psnr"]), ("seconds", ecm_q["psnr"])):
+            print(f"baseline / carv {label} to the baseline's final PSNR: {res['ecm']:.2f}x" if res["ecm"] is not None
+                  else f"baseline / carv {label} to the baseline's final PSNR: {res['note']}")
         print(f"run folder: {out}")
     return summary
 
@@ -708,7 +795,8 @@ def _slug(prompt: str) -> str:
 
 
 def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
-                        compare: bool = False, restart: bool = False, progress: bool = True) -> dict:
+                        compare: bool = False, restart: bool = False, progress: bool = True,
+                        compare_at: str = "step") -> dict:
     """The ``carv text-to-3d`` command: flags (None = default) -> config -> :func:`run_text_to_3d`."""
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     get_scene(prompt)  # a bad prompt fails first, with the list of allowed prompts
@@ -717,6 +805,14 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
     if unknown:
         raise ValueError(f"flags: unknown option(s) {unknown}")
     given = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(given.get("step_budget"), str) and given["step_budget"] not in STEP_BUDGETS:
+        try:
+            given["step_budget"] = float(given["step_budget"])
+        except ValueError:
+            raise ValueError(f"step_budget: expected one of {STEP_BUDGETS} or a positive number of seconds, "
+                             f"got {given['step_budget']!r}") from None
+    if compare_at not in COMPARE_AT:
+        raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
     if baseline and compare:
         raise ValueError("baseline, compare: --compare already trains the baseline next to carv; pass one of them")
     if baseline:
@@ -727,4 +823,5 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
         given["method"] = "baseline"
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})
     cfg.validate()
-    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress)
+    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress,
+                          compare_at=compare_at)

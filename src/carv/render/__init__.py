@@ -19,7 +19,8 @@ from carv.render.scenes import PROMPTS, SCENES, Scene, get_scene, normalize_prom
 from carv.render.volume import RenderOutput, VoxelGrid, composite, render, render_rays
 
 __all__ = [
-    "Cameras", "cameras_from_angles", "cameras_from_unit", "random_cameras", "turntable_cameras", "view_label", "VIEW_NAMES",
+    "Cameras", "cameras_from_angles", "cameras_from_unit", "random_cameras", "turntable_cameras", "view_label",
+    "VIEW_NAMES",
     "DEFAULT_RADIUS", "DEFAULT_FOV_DEG", "DEFAULT_ELEVATION_RANGE",
     "VoxelGrid", "RenderOutput", "render", "render_rays", "composite",
     "Scene", "SCENES", "PROMPTS", "get_scene", "normalize_prompt", "prompt_index",
