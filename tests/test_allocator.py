@@ -126,11 +126,12 @@ def _synthetic_run(alloc, sb, sw, cu, cd, steps, seed, D=64, outlier_every=10, o
     return spent / steps
 
 
-@pytest.mark.parametrize("budget_factor", [1.0, 6.0])  # the plain estimator's step (R = 1 wins), 6x (R >= 2)
-def test_allocator_converges_at_the_baseline_budget_with_probes_charged(budget_factor):
+# the plain estimator's step (R = 1 wins), 6 times that with a larger between part (R >= 2 wins)
+@pytest.mark.parametrize("budget_factor, sw", [(1.0, 400.0), (6.0, 20.0)])
+def test_allocator_converges_at_the_baseline_budget_with_probes_charged(budget_factor, sw):
     from carv.accounting import Allocator
 
-    sb, sw, cu, cd = 1.0, 400.0, 0.032, 0.004
+    sb, cu, cd = 1.0, 0.032, 0.004
     B = budget_factor * 2 * (cu + cd)
     alloc = Allocator(budget="baseline" if budget_factor == 1.0 else B, r_init=2, k_init=1, probe_every=10,
                       every=10, r_range=(1, 64), k_range=(1, 256))
@@ -191,3 +192,38 @@ def test_allocator_state_round_trip_and_bad_args():
             Allocator(**kwargs)
     with pytest.raises(ValueError, match="within"):
         Allocator().observe(1.0, None)
+
+
+def test_bench_allocator_vs_hindsight_on_a_synthetic_pipeline():
+    """carv.bench.allocator on a pipeline with known components and a simulated clock: the allocator's pair is
+    within 10% of the best fixed pair's Var * C (both measured by replicates)."""
+    import torch
+
+    from carv.accounting import variance_components
+    from carv.bench.allocator import allocator_vs_hindsight, frontier
+
+    D, sb, sw, cu, cd = 32, 1.0, 200.0, 0.032, 0.004
+    now = [0.0]
+    mean = torch.linspace(-1, 1, D, dtype=torch.float64)
+
+    def draws(R, K, gen, meter):
+        meter.add("upstream", cu * R, count=R)
+        meter.add("draw", cd * R * K, count=R * K)
+        now[0] += R * (cu + K * cd)
+        return mean + math.sqrt(sb / D) * torch.randn(R, 1, D, generator=gen, dtype=torch.float64) + \
+            math.sqrt(sw / D) * torch.randn(R, K, D, generator=gen, dtype=torch.float64)
+
+    def estimate(c, gen, meter):
+        return draws(c.R, c.K, gen, meter).mean((0, 1))
+
+    def probe(R, K, gen, meter):
+        return variance_components(draws(R, K, gen, meter))
+
+    res = allocator_vs_hindsight(estimate, probe, budget_factor=2.0, method="synthetic", pilot_steps=40,
+                                 probe_every=10, every=5, replicates=200, reference_estimates=50, progress=False,
+                                 clock=lambda: now[0])
+    # DESIGN.md: R = 1, K = c_up / c_draw + 2 = 10 without probes; the probes' charge leaves the budget for 9
+    assert res["allocator_pair"] == [1, 9] and res["best_fixed_pair"][0] == 1
+    # 200 replicates: the variance's relative standard error is sqrt(2 / 200) = 10% per row
+    assert res["ratio_var_x_cost"] < 1.10 + 4 * 0.1 * math.sqrt(2)
+    assert frontier(0.0721, cu, cd, (1, 2, 10, 40), (1, 16)) == [(2, 1), (1, 2), (1, 10)]

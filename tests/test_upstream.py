@@ -124,3 +124,11 @@ def test_state_round_trip_continues_the_lattice():
 def test_bad_input_is_named(call, name):
     with pytest.raises((ValueError, TypeError), match=name):
         call()
+
+
+def test_distill_config_names_a_bad_upstream_choice():
+    from carv.apps.distill import DistillConfig
+
+    with pytest.raises(ValueError, match="upstream"):
+        DistillConfig(upstream="lattice").validate()
+    DistillConfig(upstream="strata").validate()

@@ -359,13 +359,14 @@ class Allocator:
     - ``budget=None`` (free budget, the behaviour of :class:`AutoK`): ``R`` stays at ``r_init`` and ``K`` is
       :func:`optimal_k` (Var * C does not depend on ``R``).
 
-    **What one step cannot measure.** The components need ``R >= 2`` (between) and ``K >= 2`` (within). When
-    the run itself uses ``R = 1`` or ``K = 1`` the caller runs a *probe step* every ``probe_every`` steps
-    (:meth:`probe_due`) at :meth:`probe_shape` = ``(max(R, 2), max(K, 2))`` and measures the components there
-    (e.g. with :class:`ComponentProbe`); the probe step's estimate is still an ordinary unbiased estimate and
-    is used for the step. Its extra cost is *charged*: in budget mode the ordinary steps get the budget
-    ``(P B - C_probe) / (P - 1)`` (``P = probe_every``, ``C_probe`` the probe step's cost including the meter's
-    ``probe_stage`` median), so the average step over a probe period costs ``B``.
+    **What one step cannot measure.** The components need ``R >= 2`` (between) and ``K >= 2`` (within). When the run
+    itself uses ``R = 1`` or ``K = 1`` the caller runs a *probe step* every ``probe_every`` steps
+    (:meth:`probe_due`) at :meth:`probe_shape` (``R`` at least 2, ``K`` at least 2) and measures the components
+    there (e.g. with :class:`ComponentProbe`), with the same number of draws shared over the renders; the probe
+    step's estimate is still an ordinary unbiased estimate and is used for the step. Its extra cost is
+    *charged*: in budget mode the ordinary steps get the budget ``(P B - C_probe) / (P - 1)`` (``P =
+    probe_every``, ``C_probe`` the probe step's cost including the meter's ``probe_stage`` median), so the
+    average step over a probe period costs ``B``.
 
     **Robust start.** No re-choice before ``warmup`` observations; the estimates are medians of the last
     ``window`` observations (one outlier cannot pin ``K`` for a run, unlike an average that the first
@@ -383,7 +384,7 @@ class Allocator:
     32 ms / 4 ms, components measured by R x K probes of 64-dimensional values every 10 steps, every tenth
     measurement, the first included, a thousand times too large; 400 steps): the final pair's variance
     against the brute-force optimum (:func:`allocate` with the true components at the same probe-charged
-    budget) was at most 1.2% above it over 5 seeds x 3 within/between ratios (2, 20, 400) x 2 budgets (the
+    budget) was at most 1.9% above it over 5 seeds x 3 within/between ratios (2, 20, 400) x 2 budgets (the
     plain estimator's step, where it picks ``R = 1``, and 6 times that, where it picks ``R >= 2``).
     Measured pipelines: BENCHMARKS.md.
     """
@@ -432,8 +433,11 @@ class Allocator:
         return self.steps % self.probe_every == 0
 
     def probe_shape(self) -> tuple[int, int]:
-        """``(R, K)`` of a probe step: the current pair, raised to 2 where a component needs it."""
-        return max(self.R, 2), max(self.K, 2)
+        """``(R, K)`` of a probe step: ``R`` raised to 2 where needed and the step's ``R K`` draws shared out
+        over the renders (``K >= 2``), so that a probe costs at most one extra upstream sample (plus the
+        draws that ``K >= 2`` forces), e.g. ``(1, 8) -> (2, 4)``."""
+        R = max(self.R, 2)
+        return R, max(2, round(self.R * self.K / R))
 
     def observe(self, between: float | None, within: float | None) -> None:
         """Record one measurement of the components (``None`` for one not measured: the other is kept)."""
@@ -474,7 +478,9 @@ class Allocator:
         P = self.probe_every
         b_eff, pair = B, (self.R, self.K)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
-            probe_cost = self.step_cost(max(pair[0], 2), max(pair[1], 2), cost_upstream, cost_draw) + cost_probe
+            R_p = max(pair[0], 2)
+            probe_cost = self.step_cost(R_p, max(2, round(pair[0] * pair[1] / R_p)), cost_upstream,
+                                        cost_draw) + cost_probe
             b_eff = max((P * B - probe_cost) / (P - 1), 0.0)
             cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),

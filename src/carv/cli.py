@@ -147,6 +147,8 @@ def distill_cmd(
     k: int = typer.Option(None, "--K", min=1, help="Draws (t, eps) per generator sample (default 1)."),
     proposal: str = typer.Option(None, help="Timestep proposal: none, weight (q ~ p w) or learned."),
     stratify: str = typer.Option(None, help="Stratification: none, per_upstream, global or lattice."),
+    upstream: str = typer.Option(None, help="Generator samples: iid (default) or strata (balanced labels, "
+                                            "randomised-QMC latents)."),
     weighting: str = typer.Option(None, help="w(t): dmd (per-draw normalisation), sds, uniform or snr."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="CFG scale on the real score (default 1)."),
     generator_lr: float = typer.Option(None, "--generator-lr", help="Generator learning rate (default 3e-5)."),
@@ -166,6 +168,7 @@ def distill_cmd(
     from carv.apps.distill import distill_from_cli
 
     flags = dict(steps=steps, time_budget_s=time_budget, R=r, K=k, proposal=proposal, stratify=stratify,
+                 upstream=upstream,
                  weighting=weighting, guidance_scale=guidance_scale, generator_lr=generator_lr, fake_lr=fake_lr,
                  fake_updates=fake_updates, fake_warmup=fake_warmup, eval_every=eval_every,
                  eval_per_class=eval_per_class, grid_every=grid_every, checkpoint_steps=checkpoint_steps,
@@ -256,6 +259,34 @@ def bench_text_to_3d_cmd(
 
     cmd = "carv bench text-to-3d" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
     bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=cmd)
+
+
+@bench_app.command("allocator")
+def bench_allocator_cmd(
+    out: Path = typer.Option(Path("runs/bench-allocator-text-to-3d"), help="Run folder (replicates resume)."),
+    grid: Path = typer.Option(None, help="A text-to-3D checkpoint (checkpoint-*.safetensors) to freeze; "
+                                         "default: the initial blob."),
+    budgets: str = typer.Option("2,8", help="Per-step budgets as multiples of one render with one draw "
+                                            "(2 = the plain estimator's R = 2, K = 1 step)."),
+    replicates: int = typer.Option(24, min=2, help="Replicates per fixed (R, K) candidate."),
+    pilot_steps: int = typer.Option(60, min=5, help="Steps of the allocator's own run at the frozen grid."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the result here."),
+    threads: int = typer.Option(1, min=1, help="torch threads."),
+    seed: int = typer.Option(0, min=0, help="Random seed."),
+):
+    """Text-to-3D: the online Allocator's (R, K) against the best fixed (R, K) in hindsight at the same
+    per-step budget (Var * C by replicates against a reference)."""
+    from carv.bench.allocator import bench_allocator_text_to_3d
+
+    try:
+        bs = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"budgets: expected comma-separated numbers, got {budgets!r}") from None
+    if not bs or any(b < 1 for b in bs):
+        raise typer.BadParameter(f"budgets: expected numbers >= 1 (one render with one draw), got {budgets!r}")
+    cmd = (f"carv bench allocator --budgets {budgets} --replicates {replicates} --pilot-steps {pilot_steps} "
+           f"--threads {threads}" + (f" --grid {grid}" if grid else ""))
+    bench_allocator_text_to_3d(out, bs, grid, json_path, replicates, pilot_steps, threads, seed=seed, command=cmd)
 
 
 def main() -> None:

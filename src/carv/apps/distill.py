@@ -56,10 +56,12 @@ from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import NUM_CLASSES, load_digits_teacher, save_sample_grid
 from carv.teachers.unet import CompactUNet, UNetTeacher
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
+from carv.upstream import UpstreamSampler, balanced_labels, sobol_normal
 
 __all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality"]
 
 PROPOSALS = ("none", "weight", "learned")
+UPSTREAM_CHOICES = ("iid", "strata")
 EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
 STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
@@ -79,6 +81,10 @@ class DistillConfig:
     K: int = 1
     proposal: str = "none"
     stratify: str = "none"
+    # the R generator samples of a step: "iid" labels and latents, or "strata" (balanced labels across the R
+    # samples and randomised-QMC latents: scrambled Sobol points; carv.upstream); each sample stays marginally
+    # uniform / N(0, I), so the gradient estimate stays unbiased
+    upstream: str = "iid"
     noise: str = "iid"
     floor: float = 0.1
     proposal_refresh: int = 10  # steps between refreshes of a learned proposal
@@ -112,6 +118,8 @@ class DistillConfig:
                 raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
         if self.proposal not in PROPOSALS:
             raise ValueError(f"proposal: expected one of {PROPOSALS}, got {self.proposal!r}")
+        if self.upstream not in UPSTREAM_CHOICES:
+            raise ValueError(f"upstream: expected one of {UPSTREAM_CHOICES}, got {self.upstream!r}")
         if self.stratify not in STRATIFY_MODES or self.stratify == "grid":
             allowed = tuple(m for m in STRATIFY_MODES if m != "grid")
             raise ValueError(f"stratify: expected one of {allowed} ('grid' is biased), got {self.stratify!r}")
@@ -233,8 +241,15 @@ class Distiller:
         return DistributionMatching(self.teacher, self.fake, sampler, K, cfg.weighting, cfg.guidance_scale,
                                     cfg.noise, cfg.max_batch)
 
-    def latents(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def latents(self, n: int, generator: torch.Generator | None = None, upstream: str = "iid") -> tuple[Tensor, Tensor]:
+        """``(z [n, *image_shape], labels [n])``: iid, or (``upstream="strata"``) labels balanced across the
+        ``n`` samples and randomised-QMC latents (:mod:`carv.upstream`), each still marginally uniform / N(0, I)."""
         g = generator if generator is not None else self.rng
+        if upstream == "strata":
+            c = balanced_labels(UpstreamSampler(1, "strata").draw(n, g)[:, 0], NUM_CLASSES)
+            return sobol_normal(n, tuple(self.image_shape), g), c
+        if upstream != "iid":
+            raise ValueError(f"upstream: expected one of {UPSTREAM_CHOICES}, got {upstream!r}")
         c = torch.randint(0, NUM_CLASSES, (n,), generator=g)
         return torch.randn((n, *self.image_shape), generator=g), c
 
@@ -273,7 +288,7 @@ class Distiller:
         for _ in range(cfg.fake_updates):
             fake_loss = self.fake_update()
         t1 = time.perf_counter()
-        z, c = self.latents(cfg.R)
+        z, c = self.latents(cfg.R, upstream=cfg.upstream)
         x = self.generator(z, c)
         t2 = time.perf_counter()
         out = self.dmd(x, c, self.rng)
@@ -311,13 +326,13 @@ class Distiller:
         return sorted(times)[len(times) // 2]
 
     def parameter_gradient(self, objective: DistributionMatching, R: int, generator: torch.Generator,
-                           meter: CostMeter | None = None) -> Tensor:
+                           meter: CostMeter | None = None, upstream: str = "iid") -> Tensor:
         """One estimate of the generator's parameter gradient (flat), at the current weights (no update).
         Times ``"upstream"`` (generator forward + backward, per sample) and ``"draw"`` (both scores, per draw)."""
         params = [p for p in self.generator.parameters()]
         for p in params:
             p.grad = None
-        z, c = self.latents(R, generator)  # latents and labels: negligible next to the generator pass
+        z, c = self.latents(R, generator, upstream)  # latents and labels: negligible next to the generator pass
         timed_estimate(lambda: self.generator(z, c), lambda x: objective(x, c, generator), objective.K, meter)
         return torch.cat([p.grad.reshape(-1) for p in params])
 

@@ -1,0 +1,178 @@
+"""The online :class:`carv.accounting.Allocator` against the best fixed ``(R, K)`` in hindsight, at one budget.
+
+Protocol (DESIGN.md section 2, measurement protocol), at a frozen snapshot of a pipeline:
+
+1. **Pilot = the allocator's own run.** ``pilot_steps`` steps as the app runs them: every ``probe_every``-th
+   step a probe step (``probe(R, K, generator, meter)`` returns the parameter-space components of one
+   ``R x K`` batch and records its costs), the others ordinary estimates at the allocator's current pair. The
+   allocator re-chooses every ``every`` steps from the meter's medians. Its final pair is the method.
+2. **Candidates, fixed before measuring**: for each ``K`` of ``k_grid`` the largest ``R`` the budget affords
+   (with the pilot's per-render and per-draw medians), plus the allocator's pair. The best of them in
+   hindsight is a best-of-N (N reported).
+3. **Replicates**: every candidate's parameter-gradient variance against a high-sample reference
+   (:func:`carv.bench.harness.measure`, interleaved, CPU-time costs), the reference's own variance removed.
+   Figure of merit: ``Var * C``; the allocator's ``C`` is charged its probes (their extra cost per step,
+   from the pilot).
+
+The module knows nothing of any pipeline: the caller passes ``estimate`` and ``probe`` (see the apps).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
+from carv.bench.harness import Config, measure, reference_mean
+
+__all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d"]
+
+ProbeFn = Callable[[int, int, torch.Generator, CostMeter], VarianceComponents]
+EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
+
+
+def frontier(budget: float, cost_upstream: float, cost_draw: float, k_grid: Sequence[int],
+             r_range: tuple[int, int]) -> list[tuple[int, int]]:
+    """For each ``K`` of ``k_grid``, ``(R, K)`` with the largest ``R`` in ``r_range`` that fits ``budget``."""
+    out = []
+    for K in k_grid:
+        R = _largest_r_within(budget, cost_upstream + K * cost_draw, r_range[1])  # the same rule as allocate
+        if R >= r_range[0] and (R, K) not in out:
+            out.append((R, K))
+    return out
+
+
+def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_factor: float, method: str,
+                           k_grid: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                           r_range: tuple[int, int] = (1, 16), k_range: tuple[int, int] = (1, 32),
+                           pilot_steps: int = 60, probe_every: int = 10, every: int = 5, replicates: int = 24,
+                           reference: Config | None = None, reference_estimates: int = 16, seed: int = 0,
+                           state_dir: str | Path | None = None, progress: bool = True,
+                           clock: Callable[[], float] = time.process_time) -> dict[str, Any]:
+    """One budget: ``budget_factor`` times the cost of one plain upstream sample with one draw,
+    ``c_up + c_draw`` (2: the plain estimator's ``R = 2, K = 1`` step). Returns a JSON-able result."""
+    meter = CostMeter()
+    # a short calibration at (1, 1) so that the budget is defined before the allocator's first choice
+    for i in range(3):
+        estimate(Config(method, 1, 1), torch.Generator().manual_seed(seed * 1000 + i), meter)
+    unit = meter.median("upstream") + meter.median("draw")
+    budget = budget_factor * unit
+    alloc = Allocator(budget, r_range=r_range, k_range=k_range, r_init=1, k_init=1, every=every,
+                      probe_every=probe_every)
+    g = torch.Generator().manual_seed(seed + 17)
+    t_probe_steps, t_ordinary = [], []
+    for _ in range(pilot_steps):
+        if alloc.probe_due():
+            R, K = alloc.probe_shape()
+            t0 = clock()
+            comps = probe(R, K, g, meter)
+            t_probe_steps.append(clock() - t0)
+            alloc.observe(comps.between, comps.within)
+        else:
+            t0 = clock()
+            estimate(Config(method, alloc.R, alloc.K), g, meter)
+            t_ordinary.append(clock() - t0)
+        alloc.budget = budget_factor * (meter.median("upstream") + meter.median("draw"))  # tracks the medians
+        alloc.step(meter)
+    c_up, c_draw = meter.median("upstream"), meter.median("draw")
+    budget = budget_factor * (c_up + c_draw)
+    chosen = (alloc.R, alloc.K)
+    pairs = frontier(budget, c_up, c_draw, k_grid, r_range)
+    if chosen not in pairs:
+        pairs.append(chosen)
+    configs = [Config(method, R, K) for R, K in pairs]
+    ref_cfg = reference or Config(method, r_range[1], max(k_grid))
+    ref, ref_var = reference_mean(estimate, ref_cfg, reference_estimates, seed + 5, progress,
+                                  desc=f"reference x{budget_factor:g}")
+    rows = measure(configs, estimate, ref, replicates, seed=seed + 7,
+                   state_dir=None if state_dir is None else Path(state_dir) / f"budget{budget_factor:g}",
+                   progress=progress, desc=f"replicates x{budget_factor:g}", clock=clock)
+    probe_extra = 0.0  # the probes' extra cost per step, from the pilot's own timings
+    if t_probe_steps and t_ordinary:
+        probe_extra = (sum(t_probe_steps) / len(t_probe_steps) - sorted(t_ordinary)[len(t_ordinary) // 2]) / probe_every
+    out_rows = []
+    for r in rows:
+        var = max(r["variance"] - ref_var, 0.0)
+        out_rows.append({"R": r["R"], "K": r["K"], "variance": var, "variance_se": r["variance_se"],
+                         "cost_s": r["cost_s"], "var_x_cost": var * r["cost_s"],
+                         "allocator": (r["R"], r["K"]) == chosen})
+    best = min(out_rows, key=lambda r: r["var_x_cost"])
+    mine = next(r for r in out_rows if r["allocator"])
+    charged = mine["variance"] * (mine["cost_s"] + max(probe_extra, 0.0))
+    return {"budget_factor": budget_factor, "budget_s": budget, "c_upstream_s": c_up, "c_draw_s": c_draw,
+            "allocator_pair": list(chosen), "allocator_history": alloc.history,
+            "best_fixed_pair": [best["R"], best["K"]], "n_candidates": len(out_rows),
+            "ratio_var_x_cost": mine["var_x_cost"] / best["var_x_cost"],
+            "ratio_var_x_cost_probes_charged": charged / best["var_x_cost"],
+            "probe_extra_s_per_step": probe_extra, "reference": {"R": ref_cfg.R, "K": ref_cfg.K,
+                                                                  "estimates": reference_estimates,
+                                                                  "variance": ref_var},
+            "replicates": replicates, "pilot_steps": pilot_steps, "probe_every": probe_every, "rows": out_rows}
+
+
+def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-to-3d", budgets=(2.0, 8.0),
+                               grid_path: str | Path | None = None, json_path: str | Path | None = None,
+                               replicates: int = 24, pilot_steps: int = 60, threads: int | None = 1,
+                               prompt: str = "a red mushroom", seed: int = 0, progress: bool = True,
+                               command: str | None = None, cfg=None) -> dict:
+    """``carv bench allocator``: :func:`carv.bench.allocator.allocator_vs_hindsight` on this pipeline, at a
+    frozen grid (the initial blob, or the ``grid.density`` / ``grid.color`` of a run's checkpoint), with the
+    weight proposal and per-render strata, iid cameras, CPU-time costs. ``budgets``: multiples of one render
+    with one draw (2 = the plain estimator's step at R = 2)."""
+    from safetensors.torch import load_file
+
+    from carv._machine import loadavg, machine_info
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = cfg or TextTo3DConfig(prompt=prompt)
+    problem = SceneProblem(prompt, None, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
+                           clock=time.process_time)
+    grid = problem.new_grid(cfg.grid_resolution, cfg.init_blob)
+    if grid_path is not None:
+        t = load_file(str(grid_path))
+        with torch.no_grad():
+            grid.density.copy_(t["grid.density"])
+            grid.color.copy_(t["grid.color"])
+    sds = problem.sds(problem.sampler("weight", "per_upstream", cfg.floor), 1)
+
+    def estimate(c, gen, meter):
+        sds.K = c.K
+        grid.zero_grad(set_to_none=True)
+        problem.gradient(grid, sds, c.R, gen, meter=meter)
+        return _grid_grad(grid).clone()
+
+    def probe(R, K, gen, meter):
+        sds.K = K
+        grid.zero_grad(set_to_none=True)
+        _, secs, comps = problem.gradient(grid, sds, R, gen, probe=True, meter=meter)
+        meter.add("probe", secs["probe"])
+        return comps
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for b in budgets:
+        results.append(allocator_vs_hindsight(estimate, probe, budget_factor=float(b), method="weight+strata",
+                                              r_range=(1, 16), k_range=(1, 32), pilot_steps=pilot_steps,
+                                              replicates=replicates, seed=seed, state_dir=out, progress=progress))
+        res = results[-1]
+        if progress:
+            print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
+                  f"allocator {res['allocator_pair']}, "
+                  f"best of {res['n_candidates']} fixed {res['best_fixed_pair']}, Var*C ratio "
+                  f"{res['ratio_var_x_cost']:.3f} ({res['ratio_var_x_cost_probes_charged']:.3f} with probes charged)")
+    doc = {"command": command or "carv bench allocator", "pipeline": "text-to-3d", "prompt": problem.prompt,
+           "grid": str(grid_path) if grid_path is not None else "initial blob",
+           "machine": machine_info(loadavg=loadavg()), "results": results}
+    (out / "result.json").write_text(json.dumps(doc, indent=2))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+    return doc
