@@ -825,4 +825,3 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
     cfg.validate()
     return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress,
                           compare_at=compare_at)
-
