@@ -250,7 +250,8 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
     res = bench_distill(tmp_path / "bench", json_path=tmp_path / "out.json", progress=False, settings=s,
                         base=tiny_cfg(fake_warmup=1), teacher=teacher)
     data = json.loads((tmp_path / "out.json").read_text())
-    assert {r["config"] for r in data["rows"]} == {"R8K1", "R8K16", "R8K16+strat", "R8K16+is+strat"}
+    assert {r["config"] for r in data["rows"]} == {"R8K1", "R8K16", "R8K16+strat", "R8K16+is+strat",
+                                                  "R8K16+strat+upstream"}
     assert {r["checkpoint"] for r in data["rows"]} == {"start", "middle", "end"}
     for r in data["rows"]:
         assert {"config", "checkpoint", "R", "K", "variance", "cost_s", "ecm"} <= set(r)
