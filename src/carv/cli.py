@@ -189,11 +189,22 @@ def bench_distill_cmd(
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...], 'quality': [...]} here."),
     teacher: Path = typer.Option(None, help="Teacher safetensors (default: the committed digits teacher)."),
     threads: int = typer.Option(1, min=1, help="torch threads (1 is faster on a shared machine)."),
+    upstream_only: bool = typer.Option(False, "--upstream-only", help="Only the start checkpoint's variance rows "
+                                                                      "(all five configurations, upstream strata "
+                                                                      "included), stored under 'upstream_strata'."),
+    replicates: int = typer.Option(None, min=2, help="With --upstream-only: replicates per configuration."),
 ):
-    """DMD on digits: generator-gradient variance of R8K1 / R8K16 / +strat / +is+strat at three checkpoints,
-    and FD / accuracy of baseline vs carv training at equal wall-clock over 3 seeds."""
-    from carv.bench.distill import bench_from_cli
+    """DMD on digits: generator-gradient variance of R8K1 / R8K16 / +strat / +is+strat / +strat+upstream at
+    three checkpoints, and FD / accuracy of baseline vs carv training at equal wall-clock over 3 seeds."""
+    from carv.bench.distill import BenchSettings, bench_from_cli, bench_upstream_strata
 
+    if upstream_only:
+        from carv.apps.distill import DistillConfig, _teacher_from
+
+        s = BenchSettings(replicates=replicates or 40, reference_estimates=8, reference_R=32)
+        cmd = f"carv bench distill --upstream-only --replicates {s.replicates} --threads {threads}"
+        bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), _teacher_from(teacher), command=cmd)
+        return
     bench_from_cli(out, quick, json_path, teacher, threads)
 
 
@@ -209,8 +220,8 @@ def text_to_3d_cmd(
                                                           "quality against steps and seconds."),
     compare_at: str = typer.Option("step", "--compare-at", help="With --compare: 'step' (carv's allocator spends "
                                                                 "the baseline's measured step cost) or 'wall-clock'."),
-    r: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2; with the accountant: the "
-                                                    "first steps' R, and the baseline's R of the budget)."),
+    r: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2; with the accountant's budget: "
+                                                    "the plain step's R that sets the budget)."),
     k: int = typer.Option(None, "--K", min=1, help="Draws per render (default: chosen by the accountant)."),
     step_budget: str = typer.Option(None, "--step-budget", help="The accountant's per-step budget: 'baseline' "
                                                                 "(default: the plain estimator's measured step), "

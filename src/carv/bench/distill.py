@@ -55,7 +55,8 @@ from carv.teachers.digits import NUM_CLASSES, load_digits_data, load_digits_teac
 from carv.teachers.unet import UNetTeacher
 
 __all__ = ["CONFIGS", "checkpoint_variance", "time_marks", "interleave_equal_time", "summarise",
-           "plot_variance", "write_outputs", "components_from_rows", "BenchSettings", "bench_distill", "bench_from_cli"]
+           "plot_variance", "write_outputs", "components_from_rows", "BenchSettings", "bench_distill", "bench_from_cli",
+           "bench_upstream_strata"]
 
 # name -> estimator of the generator gradient (proposal "learned": LearnedProposal, see the app)
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -479,6 +480,53 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
         "summary": summary,
     }
     write_outputs(result, out, json_path, progress)
+    return result
+
+
+def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", json_path: str | Path | None = None,
+                          settings: BenchSettings | None = None, base: DistillConfig | None = None,
+                          teacher: UNetTeacher | None = None, progress: bool = True,
+                          command: str = "carv bench distill --upstream-only") -> dict:
+    """Step 1 of :func:`bench_distill` alone (the start checkpoint, every configuration of :data:`CONFIGS`
+    side by side in one run), plus the between-sample component with and without upstream strata: at
+    ``K = 16`` with per-sample timestep strata, ``Var = b / 8 + w_eff / 128`` and the two strata rows share
+    ``w_eff`` (the same timestep sampler and draws per sample), so ``b`` with upstream strata is
+    ``b_iid - 8 (Var[R8K16+strat] - Var[R8K16+strat+upstream])``. With ``json_path`` the result is stored
+    under the key ``upstream_strata`` of that JSON file (other keys are kept)."""
+    s = settings or BenchSettings()
+    base = base or DistillConfig()
+    base.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = teacher if teacher is not None else load_digits_teacher()
+    t0 = time.perf_counter()
+    load_start = loadavg()
+    with _threads(base.threads):
+        d0 = Distiller(dataclasses.replace(base, seed=s.seeds[0]), teacher)
+        d0.warmup()
+        rows, diag = _checkpoint_rows(d0, "start", s, base, out, s.seeds[0], progress)
+    by = {r["config"]: r for r in rows}
+    a, b = by["R8K16+strat"], by["R8K16+strat+upstream"]
+    if "between" in diag:
+        diag["between_with_upstream_strata"] = diag["between"] - 8 * (a["variance"] - b["variance"])
+        diag["between_with_upstream_strata_se"] = math.hypot(diag["between_se"],
+                                                             8 * math.hypot(a["variance_se"], b["variance_se"]))
+    result = {"command": command, "machine": machine_info(loadavg_start=load_start, loadavg_end=loadavg()),
+              "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
+              "settings": {"replicates": s.replicates, "reference_estimates": s.reference_estimates,
+                           "reference_R": s.reference_R}, "rows": rows, "diagnostics": diag}
+    if json_path is not None:
+        p = Path(json_path)
+        doc = json.loads(p.read_text()) if p.is_file() else {}
+        doc["upstream_strata"] = result
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(doc, indent=2))
+    if progress:
+        print_table(rows, ROW_COLUMNS, title="carv bench distill --upstream-only: generator-gradient variance")
+        if "between_with_upstream_strata" in diag:
+            print(f"between-sample component: iid {diag['between']:.4g} (SE {diag['between_se']:.2g}), with "
+                  f"upstream strata {diag['between_with_upstream_strata']:.4g} "
+                  f"(SE {diag['between_with_upstream_strata_se']:.2g})")
     return result
 
 
