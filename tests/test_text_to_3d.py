@@ -96,10 +96,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 
 def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(tmp_path):
-    """--compare (equal per-step compute): both runs make the same steps; carv starts at R = 1 with the
-    allocator, its probe steps run at R, K >= 2 on iid cameras, the rest on the camera lattice; the allocator's
-    budget is the baseline's measured step cost, and its re-choices, the lattice and the curves are saved."""
-    cfg = TextTo3DConfig(prompt="a snowman", steps=12, R=1, probe_every=4, accountant_every=4, k_init=2,
+    """--compare (equal per-step compute): both runs make the same steps; the baseline runs R = 2, K = 1, carv
+    starts at R = 1 with the allocator, its probe steps run at R, K >= 2 on iid cameras, the rest on the camera
+    lattice; the allocator's budget is the baseline's measured step cost, and its re-choices, the lattice and the
+    curves are saved."""
+    cfg = TextTo3DConfig(prompt="a snowman", steps=12, probe_every=4, accountant_every=4, k_init=4,
                          checkpoint_every=6, **TINY)
     res = run_text_to_3d("a snowman", tmp_path / "c", cfg, compare=True, progress=False, teacher=_teacher())
     assert res["steps"] == {"carv": 12, "baseline": 12} and res["compare_at"] == "step"
@@ -107,11 +108,11 @@ def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(t
     probes = [r for r in rows if r["probe"]]
     assert [r["step"] for r in probes] == [1, 5, 9]
     assert all(r["R"] >= 2 and r["K"] >= 2 for r in probes)
-    assert rows[1]["R"] == 1  # an ordinary step at the configured R = 1 before the first re-choice
+    assert rows[1]["R"] == 1 and rows[1]["K"] == 4  # an ordinary step before the first re-choice
     hist = res["allocator_history"]
     assert hist and hist[-1]["budget"] is not None
     base = [r for r in _metrics(tmp_path / "c" / "baseline" / "metrics.jsonl") if r["kind"] == "step"]
-    assert all(r["R"] == 1 and r["K"] == 1 for r in base)
+    assert all(r["R"] == 2 and r["K"] == 1 for r in base)
     for f in ("turntables.png", "quality_vs_steps.png", "quality_vs_seconds.png"):
         assert (tmp_path / "c" / f).is_file(), f
     meta = json.loads((tmp_path / "c" / "carv" / "checkpoint.json").read_text())

@@ -108,7 +108,7 @@ class TextTo3DConfig:
     steps: int = 300
     budget_s: float | None = None  # also stop once this many seconds of training (step) time are spent
     # the estimator
-    R: int = 2  # renders per step (carv with the accountant: the first steps' R, then chosen)
+    R: int = 2  # renders per step (with the accountant's budget: the plain step's R, which sets the budget)
     K: int | None = None  # None: carv -> the accountant chooses; baseline -> 1
     # the accountant's per-step budget: "baseline" (the plain estimator's measured step: R renders, K = 1),
     # a number of seconds, or "free" (K only, at fixed R: the old AutoK)
@@ -372,13 +372,16 @@ class Trainer:
         if cfg.auto_k:
             budget = None if cfg.step_budget == "free" else cfg.step_budget
             free = budget is None  # free budget: K only, at the fixed R (the old AutoK)
+            # with a budget the run starts at R = 1, K = k_init until the first re-choice: within the plain
+            # step's cost 2 (c_up + c_draw) whenever c_up >= (k_init - 2) c_draw
             self.alloc = Allocator(budget, baseline=(cfg.R, 1), r_range=(cfg.R, cfg.R) if free else (1, cfg.r_max),
-                                   k_range=(2 if free else 1, cfg.k_max), r_init=cfg.R, k_init=cfg.k_init,
+                                   k_range=(2 if free else 1, cfg.k_max), r_init=cfg.R if free else 1,
+                                   k_init=cfg.k_init,
                                    every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
-        self.R = cfg.R
+        self.R = self.alloc.R if self.alloc is not None else cfg.R
         self.meter = CostMeter()
         self.step_count = 0
         self.elapsed = 0.0  # seconds of training (step) time; evaluation and checkpointing are not counted
