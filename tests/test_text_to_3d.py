@@ -248,3 +248,26 @@ def test_resume_drops_the_evaluation_taken_after_the_checkpoint(tmp_path):
         f.write('{"kind": "step", "st')  # the partial last line of a killed run
     _truncate_metrics(path, 2, [ev0])
     assert read_jsonl(path) == rows[:3]
+
+
+def test_equal_step_compute_counts_unreached_pairs_at_their_bound():
+    from carv.bench.text_to_3d import equal_step_compute
+
+    def curve(vals, dt):
+        return [{"step": 10 * i, "elapsed_s": dt * i, "psnr": v, "iou": v / 20} for i, v in enumerate(vals)]
+
+    base, fast = curve([10, 12, 14, 16, 18, 18, 18], 1.0), curve([10, 16, 18, 19, 19, 19, 19], 1.1)
+    sm = {"compare_at": "step", "prompt": "a snowman", "seed": 1, "steps": {"carv": 60, "baseline": 60},
+          "train_seconds": {"carv": 6.6, "baseline": 6.0},
+          "steps_ratio_equal_quality": {k: equal_quality_ecm(base, fast, k, x="step") for k in ("psnr", "iou")},
+          "ecm_equal_quality": {k: equal_quality_ecm(base, fast, k) for k in ("psnr", "iou")}}
+    never = {**sm, "steps_ratio_equal_quality": {k: equal_quality_ecm(base, curve([10] * 7, 1.0), k, x="step")
+                                                 for k in ("psnr", "iou")},
+             "ecm_equal_quality": {k: equal_quality_ecm(base, curve([10] * 7, 1.0), k) for k in ("psnr", "iou")}}
+    res = equal_step_compute([sm, never])
+    assert res["n_pairs"] == 4 and res["n_unreached"] == 2
+    reached = [p for p in res["pairs"] if p["reached"]]
+    assert all(p["carv_steps"] < p["baseline_steps"] for p in reached)
+    assert all(p["carv_steps"] == 60 for p in res["pairs"] if not p["reached"])  # at the bound
+    with pytest.raises(ValueError, match="summaries"):
+        equal_step_compute([{**sm, "compare_at": "wall-clock"}])

@@ -774,6 +774,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in ("psnr", "iou")}
     step_s = {m: t.elapsed / max(t.step_count, 1) for m, t in trainers.items()}
     summary = {"command": "carv text-to-3d --compare", "compare_at": compare_at, "prompt": problem.prompt,
+               "seed": cfg.seed,
                "train_seconds": {m: t.elapsed for m, t in trainers.items()}, "seconds_per_step": step_s,
                "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
                "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": carv_t.R,

@@ -67,7 +67,8 @@ from carv.teachers.scenes import load_scenes_teacher
 from carv.teachers.unet import UNetTeacher
 from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepSampler
 
-__all__ = ["BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
+__all__ = [
+    "equal_step_compute", "BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
            "bench_text_to_3d"]
 
 # method -> (proposal, stratify); "importance" is the app's default proposal (see BenchSettings.proposal)
@@ -569,6 +570,35 @@ def plot_quality(results: list[dict], path: Path) -> None:
 def _geomean(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def equal_step_compute(summaries: list[dict]) -> dict:
+    """The ``equal_step_compute`` entry of docs/text_to_3d_bench.json from ``carv text-to-3d --compare``
+    summaries (equal per-step compute): one pair per prompt, seed and metric with the steps each run needed to
+    reach the baseline's final (smoothed) quality. A carv run that never reaches it enters at its bound (all
+    its steps, ``reached`` false), so its ratio is an upper bound and the geometric means are upper bounds
+    whenever a pair is unreached."""
+    pairs, steps_r, secs_r = [], [], []
+    for sm in summaries:
+        if sm.get("compare_at") != "step":
+            raise ValueError(f"summaries: expected equal per-step compute runs (compare_at 'step'), got "
+                             f"{sm.get('compare_at')!r}")
+        for metric in ("psnr", "iou"):
+            st, sec = sm["steps_ratio_equal_quality"][metric], sm["ecm_equal_quality"][metric]
+            reached = st["t_method_s"] is not None
+            carv_steps = st["t_method_s"] if reached else sm["steps"]["carv"]
+            carv_secs = sec["t_method_s"] if sec["t_method_s"] is not None else sm["train_seconds"]["carv"]
+            pairs.append({"prompt": sm["prompt"], "seed": sm.get("seed", 0), "metric": metric,
+                          "baseline_steps": st["t_base_s"], "carv_steps": carv_steps, "reached": reached,
+                          "baseline_seconds": sec["t_base_s"], "carv_seconds": carv_secs,
+                          "target": st["target"]})
+            if st["t_base_s"] and carv_steps:
+                steps_r.append(st["t_base_s"] / carv_steps)
+            if sec["t_base_s"] and carv_secs:
+                secs_r.append(sec["t_base_s"] / carv_secs)
+    return {"pairs": pairs, "steps_ratio_geomean": _geomean(steps_r), "seconds_ratio_geomean": _geomean(secs_r),
+            "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
+            "note": "unreached pairs enter at their bound (the carv run's total), so ratios are upper bounds there"}
 
 
 # --------------------------------------------------------------------------- the whole benchmark
