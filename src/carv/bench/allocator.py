@@ -162,8 +162,8 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     for b in budgets:
         results.append(allocator_vs_hindsight(estimate, probe, budget_factor=float(b), method="weight+strata",
                                               r_range=(1, 16), k_range=(1, 32), pilot_steps=pilot_steps,
-                                              replicates=replicates, reference=Config("weight+strata", 8, 16),
-                                              reference_estimates=16, seed=seed, state_dir=out, progress=progress))
+                                              replicates=replicates, reference=Config("weight+strata", 4, 8),
+                                              reference_estimates=8, seed=seed, state_dir=out, progress=progress))
         res = results[-1]
         if progress:
             print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
