@@ -502,6 +502,7 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
     t0 = time.perf_counter()
     load_start = loadavg()
     with _threads(base.threads):
+        machine = machine_info(loadavg_start=load_start)  # inside: the thread count the run uses
         d0 = Distiller(dataclasses.replace(base, seed=s.seeds[0]), teacher)
         d0.warmup()
         rows, diag = _checkpoint_rows(d0, "start", s, base, out, s.seeds[0], progress)
@@ -511,7 +512,7 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
         diag["between_with_upstream_strata"] = diag["between"] - 8 * (a["variance"] - b["variance"])
         diag["between_with_upstream_strata_se"] = math.hypot(diag["between_se"],
                                                              8 * math.hypot(a["variance_se"], b["variance_se"]))
-    result = {"command": command, "machine": machine_info(loadavg_start=load_start, loadavg_end=loadavg()),
+    result = {"command": command, "machine": {**machine, "loadavg_end": loadavg()},
               "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
               "settings": {"replicates": s.replicates, "reference_estimates": s.reference_estimates,
                            "reference_R": s.reference_R}, "rows": rows, "diagnostics": diag}
