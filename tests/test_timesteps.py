@@ -231,3 +231,59 @@ def test_guide_table_maps_x_equal_to_m_to_the_last_timestep(probs):
     g = GuideTable(torch.cumsum(p, 0) / p.sum())
     last = int((p > 0).nonzero().max())
     assert g.from_scaled(torch.tensor([float(g.M)], dtype=torch.float64)).tolist() == [last]
+
+
+# --------------------------------------------------------------------------- timestep ranges (annealing)
+def test_set_t_range_equals_a_fresh_sampler_on_that_range_and_stays_unbiased():
+    """After set_t_range the tables are exactly those of a sampler built on the new range (base, importance,
+    floor kept), draws stay inside it, and the weighted mean is unbiased for E_p on it (Z sigmas)."""
+    imp = torch.rand(T, generator=torch.Generator().manual_seed(3)) ** 2 + 0.01
+    base = torch.linspace(0.5, 1.5, T)
+    s = TimestepSampler(T, base=base, importance=imp, floor=0.1, stratify="per_upstream")
+    s.set_t_range(20, 499)
+    fresh = TimestepSampler(T, 20, 499, base=base, importance=imp, floor=0.1, stratify="per_upstream")
+    assert (s.t_min, s.t_max) == (20, 499)
+    torch.testing.assert_close(s.p, fresh.p, rtol=0, atol=0)
+    torch.testing.assert_close(s.q, fresh.q, rtol=0, atol=0)
+    torch.testing.assert_close(s.weights, fresh.weights, rtol=0, atol=0)
+    assert float(s.p[:20].sum()) == 0.0 and float(s.p[500:].sum()) == 0.0
+    d = s.sample(64, 16, 5)
+    assert int(d.t.min()) >= 20 and int(d.t.max()) <= 499
+    f = torch.randn(T, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 2.0
+    means = replicate_means(s, f, R=4, K=8, n=400, seed=11)
+    se = float(means.std()) / math.sqrt(len(means))
+    assert abs(float(means.mean()) - float(s.expectation(f))) < Z * se
+    # and back to the full range: the original tables again
+    s.set_t_range(0, T - 1)
+    torch.testing.assert_close(s.q, TimestepSampler(T, base=base, importance=imp, floor=0.1).q, rtol=0, atol=0)
+
+
+def test_set_t_range_rejects_bad_ranges_and_keeps_the_old_one():
+    s = TimestepSampler(T, 0, 499, importance=torch.cat([torch.ones(500), torch.zeros(500)]), floor=0.0)
+    with pytest.raises(ValueError, match="t_min, t_max"):
+        s.set_t_range(600, 500)
+    with pytest.raises(ValueError, match="t_min, t_max"):
+        s.set_t_range(0, T)
+    q = s.q.clone()
+    with pytest.raises(ValueError, match="importance"):  # no importance mass on 500..999 and no floor
+        s.set_t_range(500, T - 1)
+    assert (s.t_min, s.t_max) == (0, 499)
+    torch.testing.assert_close(s.q, q, rtol=0, atol=0)
+
+
+def test_percent_and_annealed_ranges():
+    from carv.timesteps import annealed_range, percent_range
+
+    assert percent_range(1000, 0.02, 0.98) == (20, 980)
+    assert percent_range(1000, 0.0, 1.0) == (0, 999)
+    assert annealed_range(0, 1000, (0.02, 0.98), (0.02, 0.5), 300) == (20, 980)
+    assert annealed_range(150, 1000, (0.02, 0.98), (0.02, 0.5), 300) == (20, 740)  # halfway: 0.74
+    assert annealed_range(300, 1000, (0.02, 0.98), (0.02, 0.5), 300) == (20, 500)
+    assert annealed_range(10_000, 1000, (0.02, 0.98), (0.02, 0.5), 300) == (20, 500)  # held after the end
+    assert annealed_range(77, 1000, (0.1, 0.9)) == (100, 900)  # no end: constant
+    with pytest.raises(ValueError, match="lo, hi"):
+        percent_range(1000, 0.6, 0.5)
+    with pytest.raises(ValueError, match=r"end\[1\]"):
+        annealed_range(1, 1000, (0.0, 1.0), (0.0, 1.5), 10)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        annealed_range(1, 1000, (0.0, 1.0), (0.0, 0.5), 0)

@@ -54,6 +54,8 @@ __all__ = [
     "GuideTable",
     "LearnedProposal",
     "SecondMomentResampler",
+    "percent_range",
+    "annealed_range",
 ]
 
 STRATIFY_MODES = ("none", "per_upstream", "global", "lattice", "grid")
@@ -239,26 +241,54 @@ class TimestepSampler:
             raise ValueError(f"floor: expected a number in [0, 1], got {floor!r}")
         if stratify not in STRATIFY_MODES:
             raise ValueError(f"stratify: expected one of {STRATIFY_MODES}, got {stratify!r}")
-        self.num_timesteps, self.t_min, self.t_max = T, t_min, t_max
+        self.num_timesteps = T
         self.floor, self.stratify = float(floor), stratify
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-
-        support = torch.zeros(T, dtype=torch.float64)
-        support[t_min : t_max + 1] = 1.0
-        if base is None:
-            p = support
-        else:
-            p = _table(base, T, "base") * support
-            if p.sum() <= 0:
-                raise ValueError(f"base: sums to 0 on the support t_min..t_max = {t_min}..{t_max}")
-        self._p = p / p.sum()
+        self._base = None if base is None else _table(base, T, "base")
+        self._importance: Tensor | None = None
+        self._set_support(t_min, t_max)
         self.set_importance(importance)
 
     # ---------------------------------------------------------------- tables
+    def _set_support(self, t_min: int, t_max: int) -> None:
+        T = self.num_timesteps
+        support = torch.zeros(T, dtype=torch.float64)
+        support[t_min : t_max + 1] = 1.0
+        p = support if self._base is None else self._base * support
+        if p.sum() <= 0:
+            raise ValueError(f"base: sums to 0 on the support t_min..t_max = {t_min}..{t_max}")
+        self.t_min, self.t_max = t_min, t_max
+        self._p = p / p.sum()
+
+    def set_t_range(self, t_min: int, t_max: int) -> None:
+        """Move the objective's support to ``t_min..t_max`` (inclusive), keeping ``base``, the importance
+        table, the floor and the stratification.
+
+        ``p`` becomes ``base`` (or uniform) restricted to the new range and ``q`` the same mixture over it,
+        so draws after the call are unbiased for the objective on the new range. This is how a pipeline
+        anneals its timestep range step by step (threestudio's ``max_step_percent`` schedule): it calls
+        ``set_t_range`` before each step, and importance sampling and stratification work inside the
+        current range. A no-op when the range does not change."""
+        T = self.num_timesteps
+        if not (isinstance(t_min, int) and isinstance(t_max, int) and not isinstance(t_min, bool)
+                and not isinstance(t_max, bool) and 0 <= t_min <= t_max < T):
+            raise ValueError(f"t_min, t_max: need integers 0 <= t_min <= t_max <= {T - 1}, "
+                             f"got t_min={t_min!r}, t_max={t_max!r}")
+        if (t_min, t_max) == (self.t_min, self.t_max):
+            return
+        old = (self.t_min, self.t_max, self._p)
+        self._set_support(t_min, t_max)
+        try:
+            self.set_importance(self._importance)
+        except ValueError:
+            self.t_min, self.t_max, self._p = old
+            raise
+
     def set_importance(self, importance: Importance) -> None:
         """Replace the importance table (recomputes ``q``, its CDF and the weights)."""
         p = self._p
+        imp = None
         if importance is None:
             q = p.clone()
         else:
@@ -276,7 +306,7 @@ class TimestepSampler:
                 f"importance: q = 0 where p > 0 at timesteps {ts[:20]}{' ...' if len(ts) > 20 else ''}; "
                 "the estimator would be biased. Make importance positive there or set floor > 0"
             )
-        self._q = q
+        self._q, self._importance = q, imp
         cdf = torch.cumsum(q, 0)
         cdf = cdf / cdf[-1]
         self._cdf = cdf.to(self.device)
@@ -451,6 +481,46 @@ class SecondMomentResampler:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.buf, self.count = state["buf"].clone(), state["count"].clone()
+
+
+# --------------------------------------------------------------------------- timestep ranges
+def _fraction(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: expected a fraction of the timesteps in [0, 1], got {v!r}")
+    return float(v)
+
+
+def percent_range(num_timesteps: int, lo: float, hi: float) -> tuple[int, int]:
+    """Integer support ``(t_min, t_max)`` (inclusive) for the fractions ``lo <= hi`` of ``T`` timesteps.
+
+    ``t = floor(fraction * T)`` clamped to ``T - 1``, threestudio's ``min_step_percent`` /
+    ``max_step_percent`` convention: ``(0.02, 0.98)`` of 1000 is ``20..980``."""
+    check_positive_int(num_timesteps, "num_timesteps")
+    lo, hi = _fraction("lo", lo), _fraction("hi", hi)
+    if lo > hi:
+        raise ValueError(f"lo, hi: need lo <= hi, got lo={lo}, hi={hi}")
+    T = num_timesteps
+    return min(int(math.floor(lo * T + 1e-9)), T - 1), min(int(math.floor(hi * T + 1e-9)), T - 1)
+
+
+def annealed_range(step: int, num_timesteps: int, start: tuple[float, float], end: tuple[float, float] | None = None,
+                   anneal_steps: int | None = None) -> tuple[int, int]:
+    """The timestep support at optimisation step ``step`` of a linearly annealed range.
+
+    Both ends move linearly from the fractions ``start = (lo, hi)`` at step 0 to ``end`` at step
+    ``anneal_steps`` and stay there (threestudio anneals ``max_step_percent`` this way; a decreasing
+    ``hi`` is a DreamTime-like coarse-to-fine schedule). ``end=None`` keeps ``start``. Returns
+    :func:`percent_range` of the interpolated fractions, for :meth:`TimestepSampler.set_t_range`.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected a non-negative integer, got {step!r}")
+    if end is None:
+        return percent_range(num_timesteps, *start)
+    check_positive_int(anneal_steps, "anneal_steps")
+    a = min(step / anneal_steps, 1.0)
+    lo = (1 - a) * _fraction("start[0]", start[0]) + a * _fraction("end[0]", end[0])
+    hi = (1 - a) * _fraction("start[1]", start[1]) + a * _fraction("end[1]", end[1])
+    return percent_range(num_timesteps, lo, hi)
 
 
 # --------------------------------------------------------------------------- helpers
