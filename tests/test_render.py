@@ -280,3 +280,19 @@ def test_bad_arguments_raise_value_error_naming_them(call, names):
         call()
     for name in names:
         assert name in str(info.value)
+
+
+def test_opacity_regularisers_compute_their_formulas():
+    from carv.render import opaque_loss, sparsity_loss
+
+    op = torch.tensor([[0.0, 0.25], [0.5, 1.0]]).reshape(1, 1, 2, 2).requires_grad_(True)
+    assert float(sparsity_loss(op.detach())) == pytest.approx(0.4375)
+    sparsity_loss(op).backward()
+    torch.testing.assert_close(op.grad, torch.full_like(op, 0.25))  # 1 / n_pixels everywhere
+    # binary entropy: log 2 at 0.5, ~0 at 0 and 1 (clamped to [1e-3, 1 - 1e-3]), H(0.25) in between
+    h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+    want = (h(1e-3) + h(0.25) + math.log(2) + h(1 - 1e-3)) / 4
+    assert float(opaque_loss(op.detach())) == pytest.approx(want, rel=1e-6)
+    x = torch.tensor([0.3, 0.5, 0.7], requires_grad=True)
+    opaque_loss(x).backward()  # dH/dp = log((1 - p) / p): pushes p < 0.5 down and p > 0.5 up
+    torch.testing.assert_close(x.grad, torch.log((1 - x.detach()) / x.detach()) / 3)

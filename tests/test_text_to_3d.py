@@ -129,7 +129,9 @@ def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
                           (["--render-size", "40"], "render_size"), (["--proposal", "oracle"], "proposal"),
                           (["--stratify", "grid"], "stratify"), (["--R", "9"], "r_max"), (["--steps", "0"], "steps"),
                           (["--step-budget", "lots"], "step_budget"), (["--upstream", "sobol"], "upstream"),
-                          (["--compare", "--compare-at", "flops"], "compare_at")):
+                          (["--compare", "--compare-at", "flops"], "compare_at"),
+                          (["--t-lo", "0.6"], "t_lo"), (["--t-hi-end", "1.5"], "end[1]"),
+                          (["--sparsity", "-1"], "sparsity_weight")):
         res = runner.invoke(app, ["text-to-3d", "a snowman", "--out", str(tmp_path / "y"), *flags])
         assert res.exit_code != 0, flags
         assert needle in res.output.replace("│", " "), (flags, res.output)
@@ -271,3 +273,71 @@ def test_equal_step_compute_counts_unreached_pairs_at_their_bound():
     assert all(p["carv_steps"] == 60 for p in res["pairs"] if not p["reached"])  # at the bound
     with pytest.raises(ValueError, match="summaries"):
         equal_step_compute([{**sm, "compare_at": "wall-clock"}])
+
+
+def test_the_annealed_timestep_range_is_the_samplers_support_at_every_step():
+    """t_hi moves linearly from 0.98 to 0.5 over anneal_steps = 4 and then stays; every draw of a step lies
+    inside that step's range, and the importance proposal is restricted to it (q = 0 outside)."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=6, R=2, K=4, seed=0, t_lo=0.02, t_hi=0.98, t_lo_end=0.02,
+                         t_hi_end=0.5, anneal_steps=4, **TINY)
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
+                                              cfg.guidance_scale, 4))
+    sampler = trainer.sds.sampler
+    drawn = []
+    real_sample = sampler.sample
+    sampler.sample = lambda *a, **k: drawn.append(real_sample(*a, **k)) or drawn[-1]
+    want_hi = [980, 860, 740, 620, 500, 500]
+    for n in range(cfg.steps):
+        trainer.step()
+        assert (sampler.t_min, sampler.t_max) == (20, want_hi[n]) == cfg.t_range(n)
+        t = drawn[-1].t
+        assert int(t.min()) >= 20 and int(t.max()) <= want_hi[n]
+        assert float(sampler.q[:20].sum()) == 0.0 and float(sampler.q[want_hi[n] + 1:].sum()) == 0.0
+    with pytest.raises(ValueError, match="t_lo_end, t_hi_end"):
+        TextTo3DConfig(t_hi_end=0.5).validate()
+    with pytest.raises(ValueError, match="t_lo"):
+        TextTo3DConfig(t_lo=0.7, t_hi=0.5).validate()
+
+
+def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
+    """Same seed, same cameras and jitter: (gradient with the regulariser) - (gradient without) equals the
+    gradient of sum(sparsity_weight * opacity + opaque_weight * H(opacity)) / R over the step's renders."""
+    from carv.render import opaque_loss, sparsity_loss
+
+    cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.05, opaque_weight=0.02, **TINY)
+    problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
+    trainer = Trainer(cfg, None, problem)
+    grids = []
+    for reg in (None, trainer.regulariser):
+        trainer.grid.zero_grad(set_to_none=True)
+        problem.gradient(trainer.grid, trainer.sds, 2, torch.Generator().manual_seed(5), regulariser=reg)
+        grids.append(torch.cat([trainer.grid.density.grad.flatten(), trainer.grid.color.grad.flatten()]))
+    trainer.grid.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(5)
+    _, op = problem.render(trainer.grid, problem.cameras(2, g), g)
+    (op[0].numel() * (0.05 * sparsity_loss(op) + 0.02 * opaque_loss(op))).backward()
+    want = torch.cat([trainer.grid.density.grad.flatten(), trainer.grid.color.grad.flatten()])
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(grids[1] - grids[0], want, rtol=1e-4, atol=1e-6)
+    assert Trainer(dataclasses.replace(cfg, sparsity_weight=0.0, opaque_weight=0.0), None, problem).regulariser is None
+
+
+def test_app_defaults_are_the_measured_objective_settings():
+    """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
+    0.02-0.5 (20..500 of 1000), training cameras at elevation 15-25, blob radius 0.85, sparsity 0.03,
+    guidance 3; the problem built from them carries the range and elevations for the benchmark's samplers."""
+    cfg = TextTo3DConfig()
+    assert (cfg.t_lo, cfg.t_hi, cfg.t_lo_end, cfg.t_hi_end) == (0.02, 0.5, None, None)
+    assert cfg.t_range(0) == cfg.t_range(10_000) == (20, 500)
+    assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius) == (15, 25, 0.85)
+    assert (cfg.sparsity_weight, cfg.opaque_weight) == (0.03, 0)
+    assert (cfg.guidance_scale, cfg.steps, cfg.R, cfg.lr) == (3.0, 300, 2, 0.1)
+    from carv.apps.text_to_3d import problem_for
+
+    p = problem_for(dataclasses.replace(cfg, n_eval_views=2), _teacher())
+    s = p.sampler("learned", "per_upstream", 0.1)
+    assert (s.t_min, s.t_max) == (20, 500) and float(s.q[501:].sum()) == 0.0
+    el = p.cameras(64, torch.Generator().manual_seed(0)).elevation_deg
+    assert float(el.min()) >= 15 and float(el.max()) <= 25
+    ev = p.eval_cameras.elevation_deg  # held-out views keep the teacher's 0-40
+    assert float(ev.min()) >= 0 and float(ev.max()) <= 40

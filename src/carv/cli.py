@@ -231,6 +231,12 @@ def text_to_3d_cmd(
     proposal: str = typer.Option(None, help="Timestep proposal: learned (default), weight (q ~ p w) or none."),
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
+    t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
+    t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep, a fraction of T (default 0.5)."),
+    t_hi_end: float = typer.Option(None, "--t-hi-end", help="Anneal the highest timestep linearly to this "
+                                                             "fraction over --anneal-steps (default: none)."),
+    anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (300)."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03)."),
     grid_resolution: int = typer.Option(None, "--grid-resolution", help="Voxels per side (default 48)."),
     render_size: int = typer.Option(None, "--render-size", help="Render size before resizing to 32 px (64)."),
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per ray (default 48)."),
@@ -246,7 +252,8 @@ def text_to_3d_cmd(
 
     flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
                  proposal=proposal, stratify=stratify,
-                 guidance_scale=guidance_scale, grid_resolution=grid_resolution, render_size=render_size,
+                 guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
+                 sparsity_weight=sparsity, grid_resolution=grid_resolution, render_size=render_size,
                  n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed)
     try:
         text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, restart=restart,

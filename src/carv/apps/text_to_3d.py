@@ -3,14 +3,20 @@
 The pipeline (DreamFusion's loop, at CPU scale):
 
 1. **Upstream** (the expensive part): render the learnable :class:`~carv.render.VoxelGrid` (density +
-   colour, post-activated, 48^3 by default) from ``R`` random cameras drawn like the teacher's training
-   views (azimuth over 360 degrees, elevation 0-40, radius 3, field of view 40), at ``render_size``
+   colour, post-activated, 48^3 by default) from ``R`` random cameras (azimuth over 360 degrees,
+   elevation 15-25 by default inside the teacher's 0-40, radius 3, field of view 40), at ``render_size``
    (64 px) with ``n_samples`` jittered samples per ray, composite onto the teacher's grey background,
    and resize (area) to the teacher's 32 px, as real pipelines render above the teacher's resolution and
    resize. Its backward pass (render + resize) runs once per step.
 2. **Teacher**: :class:`carv.ScoreDistillation` with the frozen prompt- and view-conditioned DDPM
-   (:func:`carv.teachers.scenes.load_scenes_teacher`), classifier-free guidance, SDS weighting
-   ``w = 1 - alphabar_t`` and the full timestep range ``p = U{0..999}`` (the objective).
+   (:func:`carv.teachers.scenes.load_scenes_teacher`), classifier-free guidance 3, SDS weighting
+   ``w = 1 - alphabar_t`` and the timestep range ``p = U{20..500}`` (``t_lo, t_hi = 0.02, 0.5``; the
+   objective). Its other settings (measured in BENCHMARKS.md, "Text-to-3D quality"): training cameras at
+   elevation 15-25 degrees (the teacher's labels carry no elevation, so a render from elevation 0 is pulled
+   towards its average view), an initial density blob of radius 0.85, and a sparsity penalty on the renders'
+   opacity (``sparsity_weight``), which removes background-grey haze that the SDS gradient alone cannot
+   tell from empty space. ``t_lo_end, t_hi_end, anneal_steps`` anneal the range linearly (threestudio's
+   ``max_step_percent`` schedule), applied per step through ``TimestepSampler.set_t_range``.
 3. **carv** (the default, ``method="carv"``): ``K`` draws per render; the timestep proposal is
    :class:`carv.LearnedProposal` (``q ~ p sqrt(E||f||^2 | t)``, learned online from the squared residual
    norms every step computes anyway, the teacher's weight table ``w`` as its prior, refreshed every
@@ -66,11 +72,20 @@ from carv._validate import check_positive_int
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
-from carv.render import VoxelGrid, cameras_from_unit, get_scene, random_cameras, render, turntable_cameras
+from carv.render import (
+    VoxelGrid,
+    cameras_from_unit,
+    get_scene,
+    opaque_loss,
+    random_cameras,
+    render,
+    sparsity_loss,
+    turntable_cameras,
+)
 from carv.render.cameras import Cameras
 from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, scene_cond
 from carv.teachers.unet import UNetTeacher
-from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
+from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler, annealed_range
 from carv.upstream import UPSTREAM_MODES, UpstreamSampler
 
 __all__ = [
@@ -79,6 +94,7 @@ __all__ = [
     "PROPOSALS",
     "TextTo3DConfig",
     "SceneProblem",
+    "problem_for",
     "Trainer",
     "run_text_to_3d",
 ]
@@ -124,13 +140,28 @@ class TextTo3DConfig:
     accountant_every: int = 20  # steps between re-choices of K
     probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
     guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
+    # the objective's timestep range, as fractions of T (threestudio's min/max_step_percent): (t_lo, t_hi) at
+    # step 0, moving linearly to (t_lo_end, t_hi_end) at step anneal_steps (None: no annealing)
+    t_lo: float = 0.02
+    t_hi: float = 0.5
+    t_lo_end: float | None = None
+    t_hi_end: float | None = None
+    anneal_steps: int = 300
+    # elevation range (degrees) of the training cameras; the held-out views keep the teacher's 0-40
+    elev_lo: float = 15.0
+    elev_hi: float = 25.0
     # the scene representation and the renderer
     grid_resolution: int = 48
     render_size: int = 64
     n_samples: int = 48
     init_blob: float = 5.0  # peak raw density of the initial blob (0: start from an empty grid)
+    init_radius: float = 0.85  # radius of the initial blob (the grid spans [-1, 1]^3)
     lr: float = 0.1
     tv_weight: float = 0.0
+    # opacity regularisers on the training renders, per pixel in the units of the SDS gradient (see
+    # Trainer.regulariser): sparsity charges opacity (no background-coloured haze), opaque its binary entropy
+    sparsity_weight: float = 0.03
+    opaque_weight: float = 0.0
     # the run folder
     eval_every_s: float = 20.0  # training seconds between quality evaluations (16 held-out views)
     n_eval_views: int = 16
@@ -161,12 +192,21 @@ class TextTo3DConfig:
             return self.K
         return self.k_init if self.method == "carv" else 1
 
+    def t_range(self, step: int, num_timesteps: int = 1000) -> tuple[int, int]:
+        """The objective's timestep support ``(t_min, t_max)`` at optimisation step ``step``."""
+        end = None if self.t_lo_end is None or self.t_hi_end is None else (self.t_lo_end, self.t_hi_end)
+        try:
+            return annealed_range(step, num_timesteps, (self.t_lo, self.t_hi), end, self.anneal_steps)
+        except ValueError as e:
+            raise ValueError(f"t_lo, t_hi, t_lo_end, t_hi_end: {e} (t_lo={self.t_lo!r}, t_hi={self.t_hi!r}, "
+                             f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r})") from None
+
     def validate(self) -> None:
         get_scene(self.prompt)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         for name in ("steps", "R", "r_max", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
-                     "grid_resolution",
+                     "grid_resolution", "anneal_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -201,14 +241,26 @@ class TextTo3DConfig:
         if self.auto_k and self.probe_every < 2:
             raise ValueError(f"probe_every: the accountant needs ordinary steps between probes (>= 2), "
                              f"got {self.probe_every}")
-        for name in ("guidance_scale", "tv_weight", "init_blob"):
+        for name in ("guidance_scale", "tv_weight", "init_blob", "sparsity_weight", "opaque_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
-        for name in ("lr", "eval_every_s"):
+        for name in ("lr", "eval_every_s", "init_radius"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name in ("elev_lo", "elev_hi"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -90 < v < 90:
+                raise ValueError(f"{name}: expected an elevation in degrees strictly between -90 and 90, got {v!r}")
+        if self.elev_lo > self.elev_hi:
+            raise ValueError(f"elev_lo, elev_hi: need elev_lo <= elev_hi, got {self.elev_lo}, {self.elev_hi}")
+        self.t_range(0)  # ValueError naming the bad fraction
+        if (self.t_lo_end is None) != (self.t_hi_end is None):
+            raise ValueError(f"t_lo_end, t_hi_end: give both ends of the annealed range or neither, got "
+                             f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r}")
+        if self.t_lo_end is not None:
+            self.t_range(self.anneal_steps)
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
@@ -222,8 +274,12 @@ class SceneProblem:
     """
 
     def __init__(self, prompt: str, teacher: UNetTeacher | None = None, render_size: int = 64, n_samples: int = 48,
-                 guidance_scale: float = 3.0, n_eval_views: int = 16, clock: Callable[[], float] = time.perf_counter):
+                 guidance_scale: float = 3.0, n_eval_views: int = 16, clock: Callable[[], float] = time.perf_counter,
+                 t_range: tuple[int, int] | None = None, train_elevation: tuple[float, float] | None = None):
         self.clock = clock  # times the stages and the runs' training time (the benchmark uses CPU time)
+        # the objective's timestep support and training-camera elevations when not given per call (the
+        # benchmark's samplers and cameras); None: the full range / the teacher's elevations
+        self.t_range, self.train_elevation = t_range, train_elevation
         self.scene = get_scene(prompt)
         self.prompt = self.scene.prompt
         self.teacher = teacher if teacher is not None else load_scenes_teacher()
@@ -252,15 +308,20 @@ class SceneProblem:
         self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
 
     # ---------------------------------------------------------------- pieces
-    def new_grid(self, resolution: int, init_blob: float) -> VoxelGrid:
+    def new_grid(self, resolution: int, init_blob: float, init_radius: float = 0.5) -> VoxelGrid:
         grid = VoxelGrid(resolution, bound=1.0)
         if init_blob > 0:
-            grid.add_blob_(radius=0.5, peak=init_blob)
+            grid.add_blob_(radius=init_radius, peak=init_blob)
         return grid
 
     def sampler(self, proposal: str, stratify: str, floor: float, learned: LearnedProposal | None = None,
-                t_min: int = 0, t_max: int | None = None) -> TimestepSampler:
-        """The timestep sampler of a method (the tables come from the library; nothing is reimplemented)."""
+                t_min: int | None = None, t_max: int | None = None) -> TimestepSampler:
+        """The timestep sampler of a method (the tables come from the library; nothing is reimplemented).
+
+        ``t_min, t_max`` default to the problem's ``t_range`` (the objective's support) or the full range."""
+        if t_min is None and t_max is None and self.t_range is not None:
+            t_min, t_max = self.t_range
+        t_min = 0 if t_min is None else t_min
         if proposal == "none":
             return TimestepSampler(self.T, t_min, t_max, stratify=stratify)
         if proposal == "weight":
@@ -273,12 +334,16 @@ class SceneProblem:
     def sds(self, sampler: TimestepSampler, K: int) -> ScoreDistillation:
         return ScoreDistillation(self.teacher, sampler, K=K, weighting="sds", guidance_scale=self.guidance_scale)
 
-    def cameras(self, R: int, generator: torch.Generator, upstream: UpstreamSampler | None = None) -> Cameras:
+    def cameras(self, R: int, generator: torch.Generator, upstream: UpstreamSampler | None = None,
+                elevation_range: tuple[float, float] | None = None) -> Cameras:
         """``R`` training cameras: iid (``upstream=None``), or spread by a :class:`carv.upstream.UpstreamSampler`
-        over (azimuth, elevation) with each camera still uniform (each step's estimate stays unbiased)."""
+        over (azimuth, elevation) with each camera still uniform (each step's estimate stays unbiased).
+        Elevations span ``elevation_range`` (default: the problem's ``train_elevation``, else the teacher's
+        training range, which the held-out views use)."""
+        el = elevation_range or self.train_elevation or self.elevation_range
         if upstream is None:
-            return random_cameras(R, generator, self.elevation_range, self.radius, self.fov)
-        return cameras_from_unit(upstream.draw(R, generator), self.elevation_range, self.radius, self.fov)
+            return random_cameras(R, generator, el, self.radius, self.fov)
+        return cameras_from_unit(upstream.draw(R, generator), el, self.radius, self.fov)
 
     def render(self, grid: VoxelGrid, cameras: Cameras, generator: torch.Generator | None = None,
                render_size: int | None = None, n_samples: int | None = None) -> tuple[Tensor, Tensor]:
@@ -295,7 +360,9 @@ class SceneProblem:
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,
-                 meter: CostMeter | None = None, upstream: UpstreamSampler | None = None
+                 meter: CostMeter | None = None, upstream: UpstreamSampler | None = None,
+                 regulariser: Callable[[Tensor], Tensor] | None = None,
+                 elevation_range: tuple[float, float] | None = None,
                  ) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
         """One SDS gradient step's worth of work: ``R`` renders, ``R K`` teacher draws, one backward.
 
@@ -304,12 +371,26 @@ class SceneProblem:
         in ``meter`` when given, per render and per draw) and, with
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
+
+        ``regulariser``: a function of the renders' opacity ``[R, 1, 32, 32]`` whose value is added to the
+        surrogate loss before its one backward pass (a deterministic term of the objective: it is exact
+        for the drawn cameras, so it adds no timestep/noise variance; the probe measures the SDS part).
         """
-        cams = self.cameras(R, generator, upstream)  # camera sampling: negligible next to the render
+        cams = self.cameras(R, generator, upstream, elevation_range)  # camera sampling: negligible
         cond = scene_cond(self.prompt, cams, self.prompts)
-        x, out, secs = timed_estimate(lambda: self.render(grid, cams, generator, render_size, n_samples)[0],
-                                      lambda x: sds(x, cond, generator, keep_draws=probe), sds.K,
-                                      meter, clock=self.clock, retain_graph=probe)
+        held: dict[str, Tensor] = {}
+
+        def renders() -> Tensor:
+            x, held["opacity"] = self.render(grid, cams, generator, render_size, n_samples)
+            return x
+
+        def objective(x: Tensor) -> SDSOutput:
+            out = sds(x, cond, generator, keep_draws=probe)
+            if regulariser is not None:
+                out.loss = out.loss + regulariser(held["opacity"])
+            return out
+
+        x, out, secs = timed_estimate(renders, objective, sds.K, meter, clock=self.clock, retain_graph=probe)
         t3 = self.clock()
         comps = None
         if probe:
@@ -335,6 +416,14 @@ class SceneProblem:
         return {"psnr": -10.0 * math.log10(max(mse, 1e-12)), "iou": iou, "mse": mse}
 
 
+def problem_for(cfg: TextTo3DConfig, teacher: UNetTeacher | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> SceneProblem:
+    """The :class:`SceneProblem` of a configuration: its renderer, guidance, held-out views, and the
+    objective's timestep range (at step 0) and training elevations as the problem's defaults."""
+    return SceneProblem(cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
+                        clock, t_range=cfg.t_range(0), train_elevation=(cfg.elev_lo, cfg.elev_hi))
+
+
 def _grid_grad(grid: VoxelGrid) -> Tensor:
     return torch.cat([grid.density.grad.reshape(-1), grid.color.grad.reshape(-1)])
 
@@ -354,13 +443,12 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
-        self.problem = problem if problem is not None else SceneProblem(
-            cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views)
+        self.problem = problem if problem is not None else problem_for(cfg, teacher)
         p = self.problem
         if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
                 get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
-        self.grid = p.new_grid(cfg.grid_resolution, cfg.init_blob)
+        self.grid = p.new_grid(cfg.grid_resolution, cfg.init_blob, cfg.init_radius)
         self.opt = torch.optim.Adam(self.grid.parameters(), lr=cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None
@@ -393,6 +481,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- properties
     @property
+    def regulariser(self) -> Callable[[Tensor], Tensor] | None:
+        """The opacity regulariser of the objective, or None when both weights are 0.
+
+        ``opacity [R, 1, H, W] -> (sparsity_weight * sparsity_loss + opaque_weight * opaque_loss) * H W / R``:
+        the weights are per pixel, on the scale of the SDS surrogate (whose gradient per render element is
+        the residual ``/ R``), so ``sparsity_weight = 0.05`` charges a fully opaque pixel as much as an SDS
+        residual of 0.05 asks for it."""
+        cfg = self.cfg
+        if cfg.sparsity_weight == 0 and cfg.opaque_weight == 0:
+            return None
+
+        def reg(opacity: Tensor) -> Tensor:
+            scale = opacity[0].numel()  # mean over R H W pixels * H W = sum / R
+            return scale * (cfg.sparsity_weight * sparsity_loss(opacity) + cfg.opaque_weight * opaque_loss(opacity))
+
+        return reg
+
+    @property
     def K(self) -> int:
         return self.sds.K
 
@@ -422,9 +528,11 @@ class Trainer:
             self.sds.K = K
         else:
             R, K = self.R, self.sds.K
+        self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
         # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
         out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
-                                      upstream=None if probe else self.upstream)
+                                      upstream=None if probe else self.upstream, regulariser=self.regulariser,
+                                      elevation_range=(cfg.elev_lo, cfg.elev_hi))
         t1 = p.clock()
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
@@ -659,14 +767,16 @@ def _finish(trainer: Trainer, metrics: Path) -> dict:
 def _write_run_outputs(trainer: Trainer, title: str) -> None:
     out, p = trainer.out, trainer.problem
     tt = turntable(p, trainer.grid)
-    save_image_grid([tt], [trainer.cfg.method], out / "turntable.png",
-                    title=f"{p.prompt!r}: {title}, turntable (elevation 20)",
+    ev = trainer.evals[-1]
+    save_image_grid([turntable(p, None), tt], ["ground truth", f"{trainer.cfg.method}\n{trainer.step_count} steps"],
+                    out / "turntable.png",
+                    title=f"{p.prompt!r}: {title}, turntable (elevation 20); held-out PSNR {ev['psnr']:.2f} dB, "
+                    f"mask IoU {ev['iou']:.3f}",
                     col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
     with torch.no_grad():
         x, op = p.render(trainer.grid, p.eval_cameras)
     n = min(8, x.shape[0])
     rows = [p.gt_rgb[:n], ((x + 1) / 2)[:n], p.gt_opacity[:n].expand(-1, 3, -1, -1), op[:n].expand(-1, 3, -1, -1)]
-    ev = trainer.evals[-1]
     save_image_grid(rows, ["ground truth", "learned", "GT mask", "learned mask"], out / "comparison.png",
                     title=f"{p.prompt!r} ({trainer.cfg.method}), held-out views at 32 px: PSNR {ev['psnr']:.2f} dB "
                     f"(16 views), mask IoU {ev['iou']:.3f}")
@@ -703,7 +813,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
             for f in [CHECKPOINT_JSON, "metrics.jsonl", *stale]:
                 (sub / f).unlink(missing_ok=True)
     teacher = teacher if teacher is not None else load_scenes_teacher()
-    problem = SceneProblem(cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views)
+    problem = problem_for(cfg, teacher)
     if not compare:
         trainer = Trainer(cfg, out, problem)
         metrics = _prepare(trainer)
@@ -825,6 +935,8 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
             raise ValueError(f"baseline: --baseline fixes uniform timesteps and K = 1; it conflicts with "
                              f"{', '.join('--' + c for c in clash)}")
         given["method"] = "baseline"
+    if "t_hi_end" in given and "t_lo_end" not in given:  # --t-hi-end anneals the top only
+        given["t_lo_end"] = given.get("t_lo", TextTo3DConfig.t_lo)
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})
     cfg.validate()
     return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress,

@@ -59,7 +59,7 @@ from torch import Tensor
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
-from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad
+from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
 from carv.bench.harness import Config, add_figures, fit_components, measure, reference_mean
 from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
 from carv.render import VoxelGrid, get_scene
@@ -815,9 +815,7 @@ class TextTo3DPipeline:
     def problem(self, prompt: str) -> SceneProblem:
         key = get_scene(prompt).prompt
         if key not in self._problems:
-            c = self.cfg
-            self._problems[key] = SceneProblem(key, self.teacher, c.render_size, c.n_samples, c.guidance_scale,
-                                               c.n_eval_views, self.clock)
+            self._problems[key] = problem_for(dataclasses.replace(self.cfg, prompt=key), self.teacher, self.clock)
         return self._problems[key]
 
     def trainer(self, prompt: str, method: str, seed: int, out_dir: Path, steps: int, budget_s: float | None,

@@ -16,12 +16,12 @@ from carv.render.cameras import (
     view_label,
 )
 from carv.render.scenes import PROMPTS, SCENES, Scene, get_scene, normalize_prompt, prompt_index
-from carv.render.volume import RenderOutput, VoxelGrid, composite, render, render_rays
+from carv.render.volume import RenderOutput, VoxelGrid, composite, opaque_loss, render, render_rays, sparsity_loss
 
 __all__ = [
     "Cameras", "cameras_from_angles", "cameras_from_unit", "random_cameras", "turntable_cameras", "view_label",
     "VIEW_NAMES",
     "DEFAULT_RADIUS", "DEFAULT_FOV_DEG", "DEFAULT_ELEVATION_RANGE",
-    "VoxelGrid", "RenderOutput", "render", "render_rays", "composite",
+    "VoxelGrid", "RenderOutput", "render", "render_rays", "composite", "sparsity_loss", "opaque_loss",
     "Scene", "SCENES", "PROMPTS", "get_scene", "normalize_prompt", "prompt_index",
 ]

@@ -58,6 +58,8 @@ __all__ = [
     "composite",
     "render",
     "render_rays",
+    "sparsity_loss",
+    "opaque_loss",
 ]
 
 Field = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -192,6 +194,24 @@ def render_rays(field: Field, origins: Tensor, dirs: Tensor, n_samples: int = 64
     opacity = op_h.new_zeros(R).index_copy(0, idx, op_h)
     depth = depth_h.new_zeros(R).index_copy(0, idx, depth_h) if need_depth else None
     return color, opacity, depth
+
+
+def sparsity_loss(opacity: Tensor) -> Tensor:
+    """Mean rendered opacity (threestudio's ``lambda_sparsity`` term): a push towards empty space.
+
+    Score distillation can reproduce the grey background either by removing density or by painting
+    background-coloured density (a grey halo that counts as solid in the mask); the images are the same,
+    so only a prior breaks the tie. This one charges every unit of opacity, so density the image does not
+    need goes. Its gradient with respect to each pixel's opacity is ``1 / n_pixels``."""
+    return opacity.mean()
+
+
+def opaque_loss(opacity: Tensor, eps: float = 1e-3) -> Tensor:
+    """Mean binary entropy of the rendered opacity (threestudio's ``lambda_opaque``): pushes every pixel
+    to fully transparent or fully opaque, so no half-transparent haze survives. ``opacity`` is clamped to
+    ``[eps, 1 - eps]``; the loss is ``log 2`` at opacity 0.5 and about 0 at 0 or 1."""
+    o = opacity.clamp(eps, 1.0 - eps)
+    return -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
 
 
 def render(
