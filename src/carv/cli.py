@@ -291,10 +291,17 @@ def bench_allocator_cmd(
     json_path: Path = typer.Option(None, "--json", help="Also write the result here."),
     threads: int = typer.Option(1, min=1, help="torch threads."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
+    cameras: bool = typer.Option(False, "--cameras", help="Instead: between-render variance with and without "
+                                                          "camera strata (lattice across steps, strata at R = 2)."),
 ):
     """Text-to-3D: the online Allocator's (R, K) against the best fixed (R, K) in hindsight at the same
-    per-step budget (Var * C by replicates against a reference)."""
-    from carv.bench.allocator import bench_allocator_text_to_3d
+    per-step budget (Var * C by replicates against a reference); with --cameras, the camera strata."""
+    from carv.bench.allocator import bench_allocator_text_to_3d, bench_camera_strata_text_to_3d
+
+    if cameras:
+        cmd = f"carv bench allocator --cameras --replicates {replicates} --threads {threads}"
+        bench_camera_strata_text_to_3d(out, json_path, replicates=replicates, threads=threads, seed=seed, command=cmd)
+        return
 
     try:
         bs = [float(b) for b in budgets.split(",") if b.strip()]

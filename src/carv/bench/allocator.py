@@ -14,7 +14,9 @@ Protocol (DESIGN.md section 2, measurement protocol), at a frozen snapshot of a 
    Figure of merit: ``Var * C``; the allocator's ``C`` is charged its probes (their extra cost per step,
    from the pilot).
 
-The module knows nothing of any pipeline: the caller passes ``estimate`` and ``probe`` (see the apps).
+:func:`allocator_vs_hindsight` knows nothing of any pipeline: the caller passes ``estimate`` and ``probe``;
+:func:`bench_allocator_text_to_3d` wires in the text-to-3D app, and :func:`bench_camera_strata_text_to_3d`
+measures the between-render variance with and without camera strata (``carv bench allocator --cameras``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import Tensor
 from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
 from carv.bench.harness import Config, measure, reference_mean
 
-__all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d"]
+__all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_camera_strata_text_to_3d"]
 
 ProbeFn = Callable[[int, int, torch.Generator, CostMeter], VarianceComponents]
 EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
@@ -176,4 +178,76 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     (out / "result.json").write_text(json.dumps(doc, indent=2))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-strata",
+                                   json_path: str | Path | None = None,
+                                   steps: int = 8, K: int = 4, replicates: int = 12, threads: int | None = 1,
+                                   prompt: str = "a red mushroom", seed: int = 0, progress: bool = True,
+                                   command: str | None = None) -> dict:
+    """Between-render variance with and without upstream strata (text-to-3D, frozen initial blob, weight
+    proposal + per-render strata, ``K`` draws per render). Two comparisons, each by replicates against one
+    reference (R4 K8, 8 estimates, its variance removed):
+
+    - across steps at ``R = 1``: the average of ``steps`` consecutive one-render gradients with iid cameras
+      against cameras on the shifted lattice of :class:`carv.upstream.UpstreamSampler` (a fresh shift per
+      replicate, so each replicate is an unbiased estimate);
+    - within a step at ``R = 2``: iid cameras against azimuth/elevation strata across the two renders.
+
+    The within part is the same in each pair (same draws per render), so the variance difference is the
+    between-render part that the strata remove."""
+    from carv._machine import loadavg, machine_info
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+    from carv.upstream import UpstreamSampler
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = TextTo3DConfig(prompt=prompt)
+    problem = SceneProblem(prompt, None, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
+                           clock=time.process_time)
+    grid = problem.new_grid(cfg.grid_resolution, cfg.init_blob)
+    sds = problem.sds(problem.sampler("weight", "per_upstream", cfg.floor), K)
+    modes = {"iid x steps": ("iid", 1, steps), "lattice x steps": ("lattice", 1, steps),
+             "iid R2": ("iid", 2, 1), "strata R2": ("strata", 2, 1)}
+
+    def estimate(c, gen, meter):
+        sds.K = c.K
+        if c.method == "reference":
+            grid.zero_grad(set_to_none=True)
+            problem.gradient(grid, sds, c.R, gen, meter=meter)
+            return _grid_grad(grid).clone()
+        mode, R, n = modes[c.method]
+        up = None if mode == "iid" else UpstreamSampler(2, mode, generator=gen)
+        total = None
+        for _ in range(n):
+            grid.zero_grad(set_to_none=True)
+            problem.gradient(grid, sds, R, gen, meter=meter, upstream=up)
+            g = _grid_grad(grid).clone()
+            total = g if total is None else total + g
+        return total / n
+
+    ref_cfg = Config("reference", 4, 8)
+    ref, ref_var = reference_mean(estimate, ref_cfg, 8, seed + 5, progress, desc="reference")
+    configs = [Config(name, R, K) for name, (_, R, _) in modes.items()]
+    out = Path(out_dir)
+    rows = measure(configs, estimate, ref, replicates, seed=seed + 7, state_dir=out, progress=progress,
+                   clock=time.process_time)
+    res_rows = [{"config": r["method"], "R": r["R"], "K": r["K"], "steps_averaged": modes[r["method"]][2],
+                 "variance": max(r["variance"] - ref_var, 0.0), "variance_se": r["variance_se"]} for r in rows]
+    by = {r["config"]: r for r in res_rows}
+    ratios = {"lattice_vs_iid_across_steps": by["iid x steps"]["variance"] / by["lattice x steps"]["variance"],
+              "strata_vs_iid_R2": by["iid R2"]["variance"] / by["strata R2"]["variance"]}
+    doc = {"command": command or "carv bench allocator --cameras", "prompt": problem.prompt, "K": K,
+           "steps": steps, "replicates": replicates, "reference": {"R": 4, "K": 8, "estimates": 8, "variance": ref_var},
+           "machine": machine_info(loadavg=loadavg()), "rows": res_rows, "variance_ratios": ratios}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(doc, indent=2))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+    if progress:
+        for r in res_rows:
+            print(f"{r['config']:>16}: variance {r['variance']:.4g} (SE {r['variance_se']:.2g})")
+        print(f"iid / lattice across {steps} steps: {ratios['lattice_vs_iid_across_steps']:.2f}x; "
+              f"iid / strata at R = 2: {ratios['strata_vs_iid_R2']:.2f}x")
     return doc
