@@ -268,8 +268,9 @@ def test_harness_reports_and_resumes_per_replicate_metrics(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-TINY_BENCH = dict(num_train=6, num_test_queries=1, num_sample_queries=1, budgets=[1], baseline_budgets=[2, 4],
+TINY_BENCH = dict(num_train=6, num_test_queries=1, num_sample_queries=1, budgets=[4], baseline_budgets=[2, 8],
                   reference_evals=16, reference_K=8, small_k_replicates=0, pilot_examples=2, pilot_K=4, pilot_bins=5,
+                  replicates=3, baseline_factor=2,
                   proj_dim=16, top_k=3, params=["up.7", "norm_out", "conv_out"])
 
 
@@ -278,12 +279,19 @@ def test_bench_runs_end_to_end_writes_json_and_resumes(tmp_path):
     res = run_attribution_bench(tmp_path / "run", json_path=tmp_path / "r.json", progress=False, cfg=cfg)
     data = json.loads((tmp_path / "r.json").read_text())
     rows = data["rows"]
-    assert {r["method"] for r in rows} == {"iid", "grid", "stratified", "stratified+importance", "stratified+learned"}
+    assert {r["method"] for r in rows} == {"iid", "grid", "stratified", "stratified+importance", "stratified+learned",
+                                           "d-trak"}
     assert {r["crn"] for r in rows} == {False, True}
-    assert len(rows) == 5 * 2 * 1 + 2  # + the baseline's extra budgets
+    assert len(rows) == 5 * 2 * 1 + 1 + 2  # + D-TRAK (its own seeded noise) + the baseline's extra budgets
     for r in rows:
-        assert set(r) == {"method", "crn", "budget", "variance", "spearman", "ecm"}
-        assert r["variance"] > 0 and -1 <= r["spearman"] <= 1 and r["ecm"] > 0
+        assert set(r) >= {"method", "crn", "budget", "n", "variance", "spearman", "ecm", "ecm_wall"}
+        assert -1 <= r["spearman"] <= 1 and r["ecm"] > 0
+        assert r["n"] == (3 * 2 if (r["method"], r["crn"]) == ("iid", False) else 3)  # the baseline: baseline_factor x
+    learned = [r for r in rows if r["method"] == "stratified+learned"]
+    assert all(r["ecm_pilot_bench"] <= r["ecm_pilot_trainset"] <= r["ecm"] for r in learned)  # the pilot charged
+    assert data["headline"]["config"]["method"] == "stratified" and data["best_of_n"]["n"] >= 1
+    dt = data["dtrak_objective"]["rows"]
+    assert {r["method"] for r in dt} == {"iid", "stratified", "d-trak"}
     for f in ("results.json", "metrics.jsonl", "table.md", "variance_vs_k.png", "spearman_vs_k.png", "ecm_vs_k.png",
               "reference.safetensors", "learned_proposal.safetensors", "pilot_grad_norm_vs_t.png"):
         assert (tmp_path / "run" / f).is_file(), f
