@@ -245,13 +245,18 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
     from carv.bench.distill import BenchSettings, bench_distill
 
     _, teacher = tiny_teacher
-    s = BenchSettings(seeds=[0, 1], budget_s=0.4, eval_every_s=0.2, eval_per_class=3, replicates=2,
+    s = BenchSettings(seeds=[0, 1], budget_s=0.4, eval_every_s=0.2, eval_per_class=3, replicates=2, max_replicates=4,
                       reference_estimates=2, reference_R=4, pilot_estimates=1, carv_K=2)
     res = bench_distill(tmp_path / "bench", json_path=tmp_path / "out.json", progress=False, settings=s,
                         base=tiny_cfg(fake_warmup=1), teacher=teacher)
     data = json.loads((tmp_path / "out.json").read_text())
-    assert {r["config"] for r in data["rows"]} == {"R8K1", "R8K16", "R8K16+strat", "R8K16+is+strat",
+    assert {r["config"] for r in data["rows"]} == {"R8K1", "R8K4", "R8K16", "R8K16+strat", "R8K16+is+strat",
                                                   "R8K16+strat+upstream"}
+    assert data["headline"]["config"]["method"] == "R8K16+is+strat" and data["best_of_n"]["n"] == 5 * 3
+    assert "proposal pilot (amortised)" in data["headline"]["charged"]
+    assert {"predicted", "measured", "z"} <= set(data["diagnostics"]["start"]["k4_check"])
+    for r in data["rows"]:  # replicate counts for a stated relative error: the K = 1 baseline's is 5%
+        assert r["rel_error"] == pytest.approx(0.05 if r["config"] == "R8K1" else 0.1)
     assert {r["checkpoint"] for r in data["rows"]} == {"start", "middle", "end"}
     for r in data["rows"]:
         assert {"config", "checkpoint", "R", "K", "variance", "cost_s", "ecm"} <= set(r)

@@ -48,7 +48,18 @@ from carv.apps.distill import (
     _truncate_metrics,
     plot_quality,
 )
-from carv.bench.harness import Config, add_figures, measure, reference_mean
+from carv.bench.harness import (
+    SMOKE_NOTE,
+    Config,
+    RelativeError,
+    best_of_n,
+    fit_components,
+    headline,
+    measure,
+    pooled_figures,
+    reference_mean,
+    run_record,
+)
 from carv.bench.report import markdown_table, print_table
 from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import NUM_CLASSES, load_digits_data, load_digits_teacher
@@ -61,6 +72,7 @@ __all__ = ["CONFIGS", "checkpoint_variance", "time_marks", "interleave_equal_tim
 # name -> estimator of the generator gradient (proposal "learned": LearnedProposal, see the app)
 CONFIGS: dict[str, dict[str, Any]] = {
     "R8K1": {"R": 8, "K": 1, "proposal": "none", "stratify": "none"},
+    "R8K4": {"R": 8, "K": 4, "proposal": "none", "stratify": "none"},  # a third K: the components' check
     "R8K16": {"R": 8, "K": 16, "proposal": "none", "stratify": "none"},
     "R8K16+strat": {"R": 8, "K": 16, "proposal": "none", "stratify": "per_upstream"},
     "R8K16+is+strat": {"R": 8, "K": 16, "proposal": "learned", "stratify": "per_upstream"},
@@ -91,8 +103,9 @@ def components_from_rows(v1: dict, v16: dict) -> dict[str, float]:
 
 
 def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, reference_estimates: int,
-                        replicates: int, seed: int, state_dir: str | Path, progress: bool = True,
-                        c_fake_step_s: float | None = None, k_max: int = 32) -> tuple[list[dict], dict]:
+                        replicates: int | RelativeError, seed: int, state_dir: str | Path, progress: bool = True,
+                        c_fake_step_s: float | None = None, k_max: int = 32,
+                        charges: Mapping[str, Mapping[str, float]] | None = None) -> tuple[list[dict], dict]:
     """Variance of :data:`CONFIGS` at one checkpoint; returns (rows, diagnostics).
 
     ``estimate(config, generator, meter)`` returns the flat parameter gradient; ``config.method`` is a
@@ -117,8 +130,9 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
         (state_dir / "reference.json").write_text(json.dumps({"key": key, "variance": ref_var}))
     configs = [Config(name, spec["R"], spec["K"]) for name, spec in CONFIGS.items()]
     rows = measure(configs, estimate, ref, replicates, seed=seed + 1, state_dir=state_dir, progress=progress,
-                   desc=f"replicates ({label})")
-    add_figures(rows, baseline=(BASELINE, 8, 1), uniform="R8K16")
+                   desc=f"replicates ({label})", reference_variance=ref_var, keep_replicates=True)
+    pooled = pooled_figures(rows, baseline=(BASELINE, 8, 1), uniform="R8K16", charges=charges, seed=seed,
+                            k_max=k_max)
     by = {r["method"]: r for r in rows}
     out_rows = []
     for r in rows:
@@ -127,12 +141,25 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
         out_rows.append(row)
     diag: dict[str, Any] = {"checkpoint": label, "reference_variance": ref_var,
                             "reference": {"R": reference.R, "K": reference.K, "estimates": reference_estimates}}
-    c_up = statistics.median(r["c_upstream_s"] for r in rows)
-    c_draw = statistics.median(r["c_draw_s"] for r in rows)
-    diag.update({"c_upstream_s": c_up, "c_draw_s": c_draw, "cost_ratio": c_up / c_draw})
+    c_up, c_draw = pooled["c_upstream_s"], pooled["c_draw_s"]
+    diag.update({"c_upstream_s": c_up, "c_draw_s": c_draw, "cost_ratio": c_up / c_draw,
+                 "cost_model": pooled["cost_model"]})
     if BASELINE in by and "R8K16" in by:
         comp = components_from_rows(by[BASELINE], by["R8K16"])
         diag.update(comp)
+        if "R8K4" in by:  # the third K: the two-row components predict it; the measurement checks them
+            k4 = by["R8K4"]
+            pred = comp["between"] / 8 + comp["within"] / 32
+            pred_se = math.hypot(comp["between_se"] / 8, comp["within_se"] / 32)
+            diag["k4_check"] = {"predicted": pred, "predicted_se": pred_se, "measured": k4["variance"],
+                                "measured_se": k4["variance_se"],
+                                "z": (k4["variance"] - pred) / math.hypot(pred_se, k4["variance_se"])}
+            fit = fit_components([dict(r, method="iid") for r in out_rows if r["config"] in ("R8K1", "R8K4", "R8K16")],
+                                 "iid")
+            if fit is not None:  # least squares over the three iid rows (b / R + w / (R K))
+                diag["components_3k_fit"] = {"between": fit[0], "within": fit[1],
+                                             "between_fraction_of_R8K1": fit[0] / (fit[0] + fit[1])
+                                             if fit[0] + fit[1] > 0 else None}
         b, w = max(comp["between"], 0.0), max(comp["within"], 0.0)
         diag["accountant_k"] = optimal_k(b, w, c_up, c_draw, k_max=k_max)
         diag["bound"] = efficiency_bound(b, w, c_up, c_draw)
@@ -284,8 +311,8 @@ def plot_variance(rows: Sequence[dict], path: str | Path, title: str = "") -> No
     plt.close(fig)
 
 
-ROW_COLUMNS = ("checkpoint", "config", "R", "K", "variance", "variance_se", "var_replicates", "reduction_vs_R8K1",
-               "cost_s", "c_upstream_s", "c_draw_s", "ecm")
+ROW_COLUMNS = ("checkpoint", "config", "R", "K", "n", "variance", "variance_se", "var_replicates", "reduction_vs_R8K1",
+               "cost_s", "cost_wall_s", "ecm", "ecm_se", "ecm_step")
 
 
 def write_outputs(result: dict, out: Path, json_path: str | Path | None, progress: bool) -> None:
@@ -294,7 +321,8 @@ def write_outputs(result: dict, out: Path, json_path: str | Path | None, progres
     with open(out / "metrics.jsonl", "w") as f:
         for r in result["rows"]:
             f.write(json.dumps(r) + "\n")
-    (out / "table.md").write_text(markdown_table(result["rows"], ROW_COLUMNS) + "\n")
+    smoke = bool(result.get("smoke"))
+    (out / "table.md").write_text(markdown_table(result["rows"], ROW_COLUMNS, smoke=smoke) + "\n")
     plot_variance(result["rows"], out / "variance.png")
     plot_quality(result["quality"], out / "quality.png", real_fd=result.get("real_fd_floor"),
                  title=f"DMD on digits at equal compute: baseline R8K1 uniform vs carv R8K{result['carv_K']} "
@@ -303,7 +331,12 @@ def write_outputs(result: dict, out: Path, json_path: str | Path | None, progres
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
     if progress:
-        print_table(result["rows"], ROW_COLUMNS, title="carv bench distill: generator-gradient variance")
+        print_table(result["rows"], ROW_COLUMNS, title="carv bench distill: generator-gradient variance", smoke=smoke)
+        h, b = result.get("headline"), result.get("best_of_n")
+        note = f" ({SMOKE_NOTE})" if smoke else ""
+        if h and b:
+            print(f"headline (a priori): {h['config']} {h['metric']} {h['value']:.2f}x +- {h['se'] or 0:.2f}{note}; "
+                  f"best of {b['n']} rows {b['value']:.2f}x (upper bound){note}")
         q = result["summary"]["quality"]
         for metric in ("fd", "accuracy"):
             if metric in q and "mean_diff_carv_minus_baseline" in q[metric]:
@@ -322,7 +355,11 @@ class BenchSettings:
     budget_s: float = 360.0          # step compute per training run (equal wall-clock)
     eval_every_s: float = 30.0
     eval_per_class: int = 50
-    replicates: int = 120            # per configuration and checkpoint
+    replicates: int = 24             # minimum per configuration and checkpoint; then counts for rel_error
+    rel_error: float = 0.1           # target relative error of each row's variance ...
+    baseline_rel_error: float = 0.05  # ... and of the heavy-tailed K = 1 baseline's
+    max_replicates: int = 1000
+    amortise_steps: int = 1000       # the proposal pilot is charged per estimate over this many steps
     reference_estimates: int = 24    # of the reference configuration (R = reference_R, K = 16, +is+strat)
     reference_R: int = 64
     pilot_estimates: int = 16        # to learn the proposal at a checkpoint whose run has not learned one
@@ -333,21 +370,33 @@ class BenchSettings:
 
     @classmethod
     def quick(cls) -> BenchSettings:
-        return cls(seeds=[0, 1, 2], budget_s=25.0, eval_every_s=12.5, eval_per_class=30, replicates=10,
-                   reference_estimates=4, reference_R=32, pilot_estimates=4)
+        return cls(seeds=[0, 1, 2], budget_s=25.0, eval_every_s=12.5, eval_per_class=30, replicates=6,
+                   rel_error=0.3, baseline_rel_error=0.15, max_replicates=20, reference_estimates=4, reference_R=32,
+                   pilot_estimates=4)
+
+    def replicate_spec(self) -> RelativeError:
+        return RelativeError(target=self.rel_error, n_min=max(self.replicates, 2),
+                             n_max=max(self.max_replicates, self.replicates, 2),
+                             baseline=Config(BASELINE, 8, 1).key,
+                             baseline_factor=(self.rel_error / self.baseline_rel_error) ** 2)
 
 
 def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillConfig, out: Path, seed: int,
                      progress: bool) -> tuple[list[dict], dict]:
     """Parameter-gradient variance of the four configurations at ``d``'s current weights."""
+    pilot_s = 0.0
     if not d.learned.ready:  # pilot: fill the learned proposal from uniform draws at this checkpoint
         pilot = d.make_objective(d.make_sampler("none", "per_upstream"), 16)
         g = torch.Generator().manual_seed(seed + 7)
+        t0 = time.process_time()
         for _ in range(s.pilot_estimates):
             z, c = d.latents(base.R, g)
             with torch.no_grad():
                 o = pilot(d.generator(z, c), c, g)
             d.learned.update(o.draws.t, o.estimate.sq_norms)
+        pilot_s = time.process_time() - t0
+    charges = {name: {"proposal pilot (amortised)": pilot_s / s.amortise_steps}
+               for name, spec in CONFIGS.items() if spec["proposal"] == "learned"}
     objectives = {name: d.make_objective(d.make_sampler(spec["proposal"], spec["stratify"]), spec["K"])
                   for name, spec in CONFIGS.items()}
     ref_obj = d.make_objective(d.make_sampler("learned", "per_upstream"), 16)
@@ -359,8 +408,8 @@ def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillCo
 
     c_fake = d.time_fake_step(torch.Generator().manual_seed(seed + 8))
     return checkpoint_variance(estimate, label, Config("reference", s.reference_R, 16), s.reference_estimates,
-                                  s.replicates, seed, out / "state" / f"variance_{label}", progress,
-                                  c_fake_step_s=c_fake, k_max=s.k_max)
+                               s.replicate_spec(), seed, out / "state" / f"variance_{label}", progress,
+                               c_fake_step_s=c_fake, k_max=s.k_max, charges=charges)
 
 
 def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = False, json_path: str | Path | None = None,
@@ -464,10 +513,22 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     all_rows = [r for label in ("start", "middle", "end") for r in rows[label]]
     real_fd = _real_fd_floor(s.eval_per_class)
     summary = summarise(all_rows, diag, quality, train_costs, real_fd)
+    as_method = [dict(r, method=r["config"]) for r in all_rows]
+    metric = "ecm_step" if all("ecm_step" in r for r in as_method) else "ecm"
+    carv_cfg = f"R8K{int(k_carv)}+is+strat" if f"R8K{int(k_carv)}+is+strat" in CONFIGS else "R8K16+is+strat"
+    start_rows = [r for r in as_method if r["checkpoint"] == "start"]
+    head = headline(start_rows, {"method": carv_cfg, "R": 8, "K": CONFIGS[carv_cfg]["K"], "checkpoint": "start"},
+                    value=metric, chosen_by="a priori: the estimator carv's training runs use (learned proposal + "
+                                            "strata at K = 16, BenchSettings.carv_K), at the start checkpoint",
+                    charged=["stages (pooled per-stage medians)", "fake-score update per step (every row)",
+                             *sorted(next(r for r in start_rows if r["method"] == carv_cfg).get("charged", {}))])
+    best = best_of_n(as_method, value=metric, where=lambda r: r["method"] != BASELINE)
     result = {
-        "command": "carv bench distill" + (" --quick" if quick else ""),
-        "machine": machine_info(loadavg_start=load_start, loadavg_end=loadavg()),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **run_record("carv bench distill" + (" --quick" if quick else "") + f" --threads {base.threads}"
+                     if base.threads else "carv bench distill" + (" --quick" if quick else ""), load_start),
+        "smoke": SMOKE_NOTE if quick else None,
+        "headline": head,
+        "best_of_n": best,
         "wall_s": time.perf_counter() - t_start,
         "settings": asdict(s),
         "base_config": asdict(base),
