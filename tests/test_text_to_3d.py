@@ -341,3 +341,18 @@ def test_app_defaults_are_the_measured_objective_settings():
     assert float(el.min()) >= 15 and float(el.max()) <= 25
     ev = p.eval_cameras.elevation_deg  # held-out views keep the teacher's 0-40
     assert float(ev.min()) >= 0 and float(ev.max()) <= 40
+
+
+def test_bench_charges_every_extra_to_the_methods_that_pay_it():
+    """The learned proposal's warm-up and refreshes go to every learned row, the accountant's pilot and probes
+    to the app's estimator, the resampler's warm-up to improved-diffusion; one-off costs are amortised."""
+    from carv.bench.text_to_3d import _charges
+
+    acc = {"warmup_s": 30.0, "pilot_s": 6.0, "proposal_update_s": 0.002, "probe_s": 0.05}
+    ch = _charges(acc, BenchSettings(amortise_steps=300))
+    assert ch["importance"] == {"learned-proposal warm-up (amortised)": 0.1, "proposal refresh": 0.0002}
+    both = ch["importance+stratified"]
+    assert both["accountant pilot (amortised)"] == pytest.approx(0.02) and both["accountant probes"] == 0.005
+    assert both["learned-proposal warm-up (amortised)"] == pytest.approx(0.1)
+    assert ch["improved-diffusion"] == {"resampler warm-up (amortised)": 0.1}
+    assert "uniform" not in ch and "stratified" not in ch and "threestudio" not in ch and "vdm" not in ch

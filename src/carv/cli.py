@@ -265,14 +265,15 @@ def text_to_3d_cmd(
 @bench_app.command("text-to-3d")
 def bench_text_to_3d_cmd(
     out: Path = typer.Option(Path("runs/bench-text-to-3d"), help="Run folder (resumes an unfinished run)."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run: R = 2, K in {1, 4, 8}, few replicates, "
-                                                      "one quality pair (about 3.5 min on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run, not a measurement: the same protocol at R = 2, "
+                                                      "K in {1, 4, 8}, few replicates, one quality pair."),
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...], 'cost_ratio', 'auto_k', 'quality'}."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
 ):
-    """Text-to-3D SDS: parameter-gradient variance (uniform / importance / stratified / both, peers) at three
-    snapshots, ECM, RE, bound fraction, accountant's K, cost-ratio sweep, and quality at equal wall-clock."""
+    """Text-to-3D SDS: parameter-gradient variance (uniform / importance / stratified / both; peers at K = 1 and
+    at carv's K) at three snapshots, ECM (pooled stage costs, pilots and probes charged, bootstrap error bars),
+    the a-priori headline and best-of-N, RE, bound fraction, cost-ratio sweep, quality at equal wall-clock."""
     from carv.bench.text_to_3d import bench_text_to_3d
 
     cmd = "carv bench text-to-3d" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")

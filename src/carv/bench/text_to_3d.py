@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -56,11 +55,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from carv._machine import loadavg, machine_info
+from carv._machine import loadavg
 from carv._progress import progress_bar
 from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
-from carv.bench.harness import Config, add_figures, fit_components, measure, reference_mean
+from carv.bench.harness import (
+    SMOKE_NOTE,
+    Config,
+    RelativeError,
+    best_of_n,
+    fit_components,
+    headline,
+    measure,
+    pooled_figures,
+    reference_mean,
+    run_record,
+)
 from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
 from carv.render import VoxelGrid, get_scene
 from carv.teachers.scenes import load_scenes_teacher
@@ -115,11 +125,11 @@ class BenchSettings:
     checkpoint_steps: tuple[int, int, int] = (30, 150, 600)  # early / middle / late steps of the baseline run
     Rs: tuple[int, ...] = (1, 2, 4)
     Ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    replicates: int = 16  # replicates: at least replicates * sqrt(c_min / c) and min_replicates, and about
-    min_replicates: int = 6  # replicate_budget_s of compute per configuration (the cheap, heavy-tailed K=1 rows
-    replicate_budget_s: float = 6.0  # get the most); the baseline uniform (R=2, K=1) baseline_boost times more
-    baseline_boost: int = 3
-    max_replicates: int = 200
+    min_replicates: int = 12  # variance rows: counts fixed after this many rounds for a relative error rel_error
+    rel_error: float = 0.1  # of each row's variance; the baseline uniform (R=2, K=1) at rel_error / sqrt(10)
+    baseline_boost: int = 3  # the cost-ratio sweep's baseline gets this many times cost_replicates
+    max_replicates: int = 400
+    amortise_steps: int = 300  # one-off pilots are charged per estimate over this many steps (the app's default run)
     reference_R: int = 8
     reference_K: int = 16
     reference_estimates: int = 16
@@ -146,14 +156,15 @@ class BenchSettings:
     clock: str = "process"
     seed: int = 0
     threads: int | None = None
+    smoke: bool = False  # a --quick run: every ratio it prints says "smoke run, not a measurement"
 
     @classmethod
     def quick(cls, **kw) -> BenchSettings:
-        base = dict(checkpoint_steps=(20, 60, 150), Rs=(2,), Ks=(1, 4, 8), replicates=6, min_replicates=4,
-                    reference_R=4, reference_K=8, reference_estimates=6, pilot_steps=6, warmup_steps=5,
-                    quality_prompts=("a red mushroom",), quality_seeds=(0,), quality_budget_s=15.0,
-                    cost_settings=((32, 24), (64, 48)), cost_replicates=4, extra_proposal_rows=False,
-                    replicate_budget_s=0.35, baseline_boost=2)
+        base = dict(checkpoint_steps=(20, 60, 150), Rs=(2,), Ks=(1, 4, 8), min_replicates=4,
+                    rel_error=0.4, max_replicates=12, reference_R=4, reference_K=8, reference_estimates=6,
+                    pilot_steps=6, warmup_steps=5, quality_prompts=("a red mushroom",), quality_seeds=(0,),
+                    quality_budget_s=15.0, cost_settings=((32, 24), (64, 48)), cost_replicates=4,
+                    extra_proposal_rows=False, baseline_boost=2, smoke=True)
         base.update(kw)
         return cls(**base)
 
@@ -165,7 +176,11 @@ class BenchSettings:
         if 2 not in self.Rs or 1 not in self.Ks:
             raise ValueError(f"Rs, Ks: the baseline uniform (R=2, K=1) must be measured; "
                              f"got Rs={self.Rs}, Ks={self.Ks}")
-        for name in ("replicates", "min_replicates", "reference_estimates", "cost_replicates"):
+        if not 0 < self.rel_error < 1:
+            raise ValueError(f"rel_error: expected a relative error in (0, 1), got {self.rel_error!r}")
+        if not isinstance(self.amortise_steps, int) or self.amortise_steps < 1:
+            raise ValueError(f"amortise_steps: expected a positive integer, got {self.amortise_steps!r}")
+        for name in ("min_replicates", "reference_estimates", "cost_replicates", "max_replicates"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 2:
                 raise ValueError(f"{name}: expected an integer >= 2, got {v!r}")
@@ -249,47 +264,24 @@ def _clock(st: BenchSettings) -> Callable[[], float]:
     return time.process_time if st.clock == "process" else time.perf_counter
 
 
-def _add_ecm_se(rows: list[dict], baseline: tuple[str, int, int] = ("uniform", 2, 1)) -> None:
-    """Standard error of each row's ECM from the standard errors of the two variances (delta method; the
-    costs' spread is ignored, it is a few % in CPU time). The baseline's own error is shared by every row."""
-    base = next(r for r in rows if (r["method"], r["R"], r["K"]) == baseline)
-    rb = base["variance_se"] / base["variance"]
-    for r in rows:
-        rm = r["variance_se"] / r["variance"]
-        r["ecm_se"] = 0.0 if r is base else r["ecm"] * math.sqrt(rb * rb + rm * rm)
-
-
-def _replicates_for(costs: dict[str, float], st: BenchSettings,
-                    baseline: str = Config("uniform", 2, 1).key) -> Callable[[Config], int]:
-    """Replicates per configuration: about ``replicate_budget_s`` seconds of (predicted) compute each, so the
-    cheap configurations, whose single-draw estimates are the most heavy-tailed, get the most; at least
-    ``n0 sqrt(c_min / c)`` and ``min_replicates``; the baseline that divides every ECM gets
-    ``baseline_boost`` times more. Capped at ``max_replicates``."""
-    c_min = min(costs.values())
-
-    def n(c: Config) -> int:
-        k = max(st.min_replicates, int(round(st.replicates * math.sqrt(c_min / costs[c.key]))),
-                int(round(st.replicate_budget_s / costs[c.key])))
-        if c.key == baseline:
-            k *= st.baseline_boost
-        return min(k, max(st.max_replicates, st.min_replicates))
-
-    return n
-
-
 def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed: int) -> dict:
     """Warm up the learned proposal and the peer resampler; run the app's accountant on a short pilot."""
     T = problem.T
     learned = LearnedProposal(T, num_bins=50, prior=problem.w)
     resampler = SecondMomentResampler(st.resampler_bins, history=st.resampler_history)
     g = torch.Generator().manual_seed(seed)
+    clock = _clock(st)
     warm = problem.sds(problem.sampler("none", "per_upstream", st.floor), st.warmup_K)
+    t_warm, update_s = clock(), []
     for _ in range(st.warmup_steps):
         pipe.zero_grad(grid)
         out, _, _ = problem.gradient(grid, warm, st.warmup_R, g)
+        t_u = clock()
         learned.update(out.draws.t, out.estimate.sq_norms)
+        update_s.append(clock() - t_u)
         per_pixel = out.estimate.sq_norms / out.grad[0].numel()  # mean squared residual: the peer's "loss"
         binned_resampler_update(resampler, out.draws.t, per_pixel, T)
+    warmup_s = clock() - t_warm
     # the app's accountant on the app's estimator (default proposal, per-upstream strata, K = 4, R = 2): the
     # parameter-space components from the app's probes, and (for the record) the render-space proxy
     autok = AutoK(k_init=4, k_min=2, k_max=st.k_max, every=st.pilot_steps, decay=0.8)
@@ -297,6 +289,7 @@ def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed:
     meter = CostMeter()
     est = problem.sds(problem.sampler(st.proposal, "per_upstream", st.floor, learned), 4)
     probe_s = []
+    t_pilot = clock()
     for _ in range(st.pilot_steps):
         pipe.zero_grad(grid)
         out, secs, comps = problem.gradient(grid, est, 2, g, probe=True, meter=meter)
@@ -304,8 +297,11 @@ def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed:
         autok.observe(comps.between, comps.within)
         autok_x.observe(out.estimate.between, out.estimate.within)
     k_acc, k_x = autok.step(meter), autok_x.step(meter)
+    pilot_s = clock() - t_pilot
     return {"learned": learned, "resampler": resampler, "k_accountant": k_acc,
-            "accountant": {"k": k_acc, "between_param": autok.between, "within_param": autok.within,
+            "accountant": {"k": k_acc, "warmup_s": warmup_s, "pilot_s": pilot_s,
+                           "proposal_update_s": statistics.median(update_s) if update_s else 0.0,
+                           "between_param": autok.between, "within_param": autok.within,
                            "k_render_space_proxy": k_x, "between_x": autok_x.between, "within_x": autok_x.within,
                            "c_upstream_s": meter.median("upstream"), "c_draw_s": meter.median("draw"),
                            "probe_s": statistics.median(probe_s),
@@ -332,8 +328,29 @@ def _estimate_fn(pipe: Pipeline, problem: Problem, grid: Any, samplers: Samplers
     return estimate
 
 
-def _predicted_cost(c: Config, c_up: float, c_draw: float) -> float:
-    return c.R * (c_up + c.K * c_draw)
+def _charges(acc: dict, st: BenchSettings, proposal_every: int = 10, probe_every: int = 10) -> dict[str, dict]:
+    """Every extra a method pays, in seconds per estimate (one estimate = one optimiser step):
+
+    - the learned proposal's warm-up (``warmup_steps`` x ``warmup_R`` renders x ``warmup_K`` draws), once per
+      run, amortised over ``amortise_steps`` steps, and its refresh every ``proposal_every`` steps (the app's
+      default), for every row using the learned proposal; improved-diffusion's resampler needs the same
+      warm-up (its per-bin loss history);
+    - the accountant's pilot (``pilot_steps`` probed steps), amortised likewise, and its probes every
+      ``probe_every`` steps (two extra backward passes each), for the app's estimator (learned proposal +
+      strata), whose ``K`` the accountant chooses.
+    """
+    warm = acc["warmup_s"] / st.amortise_steps
+    upd = acc["proposal_update_s"] / proposal_every
+    learned = {"learned-proposal warm-up (amortised)": warm, "proposal refresh": upd}
+    out: dict[str, dict] = {}
+    for m in ("importance", "importance+stratified", "learned-importance", "learned-importance+stratified"):
+        if st.proposal == "learned" or m.startswith("learned-"):
+            out[m] = dict(learned)
+    out.setdefault("importance+stratified", {})
+    out["importance+stratified"].update({"accountant pilot (amortised)": acc["pilot_s"] / st.amortise_steps,
+                                         "accountant probes": acc["probe_s"] / probe_every})
+    out["improved-diffusion"] = {"resampler warm-up (amortised)": warm}
+    return out
 
 
 def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path, st: BenchSettings, out: Path,
@@ -366,12 +383,15 @@ def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path,
     k_acc = pilot["k_accountant"]
     if k_acc not in st.Ks:
         configs.append(Config("importance+stratified", 2, k_acc))
-    c_up, c_draw = pilot["accountant"]["c_upstream_s"], pilot["accountant"]["c_draw_s"]
-    costs = {c.key: _predicted_cost(c, c_up, c_draw) for c in configs}
-    rows = measure(configs, estimate, reference, _replicates_for(costs, st),
-                   seed=st.seed + 11, state_dir=out / f"state-{name}", progress=progress,
-                   desc=f"replicates ({name})", clock=_clock(st))
-    summary = add_figures(rows, baseline=("uniform", 2, 1), k_max=st.k_max)
+    # peers as they are (K = 1) and with carv's reuse at the same K as carv's headline
+    configs += [Config(m, 2, k_acc) for m in PEER_METHODS if k_acc != 1]
+    spec = RelativeError(target=st.rel_error, n_min=st.min_replicates, n_max=st.max_replicates,
+                         baseline=Config("uniform", 2, 1).key, baseline_factor=10.0)
+    rows = measure(configs, estimate, reference, spec, seed=st.seed + 11, state_dir=out / f"state-{name}",
+                   progress=progress, desc=f"replicates ({name})", clock=_clock(st), reference_variance=ref_var,
+                   keep_replicates=True)
+    summary = pooled_figures(rows, baseline=("uniform", 2, 1), charges=_charges(pilot["accountant"], st),
+                             seed=st.seed, k_max=st.k_max, smoke=st.smoke)
     for r in rows:
         r["checkpoint"] = name
     res = {"checkpoint": name, "step": st.checkpoint_steps[CHECKPOINTS.index(name)], "rows": rows,
@@ -425,20 +445,23 @@ def _cost_sweep(pipe: Pipeline, problem: Problem, snap: Path, mid: dict, st: Ben
     for size, ns in st.cost_settings:
         estimate = _estimate_fn(pipe, problem, grid, samplers, size, ns)
         configs = [Config("uniform", 2, 1)] + [Config("importance+stratified", 2, k) for k in st.Ks]
-        ref, _ = reference_mean(estimate, Config("importance+stratified", st.reference_R, st.reference_K),
+        ref = reference_mean(estimate, Config("importance+stratified", st.reference_R, st.reference_K),
                                 max(4, st.reference_estimates // 2), st.seed + 13, progress,
                                 desc=f"reference ({size}px, {ns} samples)")
         boost = st.baseline_boost
+        ref, ref_var = ref
         rows = measure(configs, estimate, ref,
                        lambda c, n=st.cost_replicates, b=boost: n * (b if c.method == "uniform" else 1),
                        seed=st.seed + 17,
                        state_dir=out / f"state-cost-{size}-{ns}", progress=progress,
-                       desc=f"cost ratio ({size}px, {ns} samples)", clock=_clock(st))
-        summ = add_figures(rows, baseline=("uniform", 2, 1), k_max=st.k_max)
+                       desc=f"cost ratio ({size}px, {ns} samples)", clock=_clock(st), reference_variance=ref_var,
+                       keep_replicates=True)
+        summ = pooled_figures(rows, baseline=("uniform", 2, 1), k_max=st.k_max, seed=st.seed, smoke=st.smoke)
         best = max((r for r in rows if r["method"] != "uniform"), key=lambda r: r["ecm"])
         c_up, c_draw = summ["c_upstream_s"], summ["c_draw_s"]
         points.append({"render_size": size, "n_samples": ns, "c_upstream_s": c_up, "c_draw_s": c_draw,
                        "cost_ratio": c_up / c_draw, "measured_best_ecm": best["ecm"], "measured_best_k": best["K"],
+                       "measured_best_of_n": len(configs) - 1, "measured_best_ecm_se": best.get("ecm_se"),
                        "predicted_best_ecm": predicted_best_ecm(comps, c_up / c_draw, st.k_max)[0],
                        "predicted_best_k": predicted_best_ecm(comps, c_up / c_draw, st.k_max)[1],
                        "rows": rows})
@@ -625,7 +648,6 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
 
     # ---- tables, plots, JSON
     for name in CHECKPOINTS:
-        _add_ecm_se(per_ckpt[name]["rows"])
         a = per_ckpt[name]["auto_k"]
         mine = {r["K"]: r for r in per_ckpt[name]["rows"] if r["method"] == "importance+stratified" and r["R"] == 2}
         if a.get("wnv_ratio") is not None:  # its standard error from the two rows' variance errors
@@ -660,20 +682,34 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     peers_beaten = {}
     for name in CHECKPOINTS:
         rows = per_ckpt[name]["rows"]
+        k_acc = per_ckpt[name]["auto_k"]["k_accountant"]
+        head_row = next(r for r in rows if (r["method"], r["R"], r["K"]) == ("importance+stratified", 2, k_acc))
+        peers = {f"{r['method']} K={r['K']}": {"ecm": r["ecm"], "ecm_se": r.get("ecm_se")}
+                 for r in rows if r["method"] in PEER_METHODS and r["R"] == 2}
         best_peer = max((r for r in rows if r["method"] in PEER_METHODS), key=lambda r: r["ecm"])
-        peers_beaten[name] = {"best_peer": {k: best_peer[k] for k in ("method", "R", "K", "ecm")},
-                              "best_carv_ecm": best[name]["ecm"], "beaten": best[name]["ecm"] > best_peer["ecm"]}
+        peers_beaten[name] = {"peers_at_R2": peers, "carv_headline_ecm": head_row["ecm"],
+                              "carv_headline_ecm_se": head_row.get("ecm_se"),
+                              "best_peer": {k: best_peer[k] for k in ("method", "R", "K", "ecm")},
+                              "beaten_by_headline": head_row["ecm"] > best_peer["ecm"]}
+    k_mid = per_ckpt["middle"]["auto_k"]["k_accountant"]
+    head = headline(per_ckpt["middle"]["rows"], {"method": "importance+stratified", "R": 2, "K": k_mid,
+                                                 "snapshot": "middle"},
+                    chosen_by="a priori: the app's estimator (learned proposal + per-upstream strata, R = 2) at the "
+                              "accountant's K from its pilot at the middle snapshot, named before measuring")
+    best_n = best_of_n([r for r in all_rows if r["method"] in CARV_METHODS])
     q_ecm = [r["ecm_psnr"]["ecm"] for r in quality]
     q_ecm_iou = [r["ecm_iou"]["ecm"] for r in quality]
     result = {
-        "command": command or ("carv bench text-to-3d" + (" --quick" if quick else "")),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine_info(processor=platform.processor() or platform.machine(), loadavg_start=load_start,
-                                loadavg_end=loadavg()),
+        **run_record(command or ("carv bench text-to-3d" + (" --quick" if quick else "")), load_start),
+        "smoke": SMOKE_NOTE if st.smoke else None,
+        "headline": head,
+        "best_of_n": best_n,
+        "headline_per_snapshot": {n: {k: v for k, v in peers_beaten[n].items() if k.startswith("carv_headline")}
+                                  for n in CHECKPOINTS},
         "settings": asdict(st),
-        "rows": [{k: r.get(k) for k in ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates",
-                                         "bias2", "cost_s", "c_upstream_s", "c_draw_s", "ecm", "ecm_se", "re",
-                                         "bound_fraction", "n")}
+        "rows": [{k: r.get(k) for k in ("checkpoint", "method", "R", "K", "n", "variance", "variance_se",
+                                         "var_replicates", "bias2", "reference_variance", "cost_s", "cost_stages_s",
+                                         "charged", "cost_wall_s", "ecm", "ecm_se", "ecm_ci", "re", "bound_fraction")}
                  for r in all_rows if r["method"] in CARV_METHODS + PEER_METHODS],
         "extra_rows": [r for r in all_rows if r["method"] not in CARV_METHODS + PEER_METHODS],
         "cost_ratio": statistics.median(per_ckpt[n]["summary"]["cost_ratio"] for n in CHECKPOINTS),
@@ -707,16 +743,23 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         for name in CHECKPOINTS:
             rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]
             print_table(rows, cols[1:], title=f"text-to-3D gradient variance at the {name} snapshot (R = 2 rows)",
-                        highlight={(best[name]["method"], 2, best[name]["K"])})
+                        highlight={("importance+stratified", 2, per_ckpt[name]["auto_k"]["k_accountant"])},
+                        smoke=st.smoke)
+        note = f" ({SMOKE_NOTE})" if st.smoke else ""
         for name in CHECKPOINTS:
             a = per_ckpt[name]["auto_k"]
-            print(f"{name}: best ECM {best[name]['ecm']:.2f}x ({best[name]['method']} R={best[name]['R']} "
-                  f"K={best[name]['K']}); c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; accountant "
-                  f"K = {a['k_accountant']} (best measured {a['k_best_measured']}, Var*C ratio "
-                  f"{a['wnv_ratio'] if a['wnv_ratio'] is None else round(a['wnv_ratio'], 3)})")
+            pb = peers_beaten[name]
+            print(f"{name}: carv's estimator at the accountant's K = {a['k_accountant']}: ECM "
+                  f"{pb['carv_headline_ecm']:.2f}x +- {pb['carv_headline_ecm_se'] or 0:.2f}{note}; best of "
+                  f"{sum(r['method'] in CARV_METHODS for r in per_ckpt[name]['rows'])} carv rows "
+                  f"{best[name]['ecm']:.2f}x "
+                  f"(upper bound){note}; c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; best peer "
+                  f"{pb['best_peer']['method']} K={pb['best_peer']['K']} {pb['best_peer']['ecm']:.2f}x{note}")
+        print(f"headline (a priori, middle snapshot): ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
+              f"best of {best_n['n']} rows: {best_n['value']:.2f}x (upper bound){note}")
         qs = result["quality_summary"]
         print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
-              f"{qs['ecm_psnr_geomean']}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
+              f"{qs['ecm_psnr_geomean']}{note}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
               f"carv {qs['final_psnr_mean']['carv']:.2f} dB")
         print(f"run folder: {out} ({result['seconds_this_invocation'] / 60:.1f} min in this invocation)")
     return result
@@ -755,7 +798,7 @@ def report_markdown(res: dict) -> str:
                 best = max(by.values(), key=lambda r: r["ecm"])
                 re1 = by[1]["re"] if 1 in by else None
                 lines.append(f"| {m} | {R} | " + " | ".join(cells) + f" | {_f(best['ecm'])} +- "
-                             f"{_f(best.get('ecm_se'))} (K={best['K']}) | {_f(re1)} |")
+                             f"{_f(best.get('ecm_se'))} (K={best['K']}, best of {len(by)}: upper bound) | {_f(re1)} |")
         a = res["auto_k"][name]
         acc = res["accountant"][name]
         comps = res["components"][name].get("importance+stratified", {})
