@@ -54,8 +54,8 @@ def demo(
     from carv.apps.toy import ToyConfig
     from carv.bench.demo import run_demo
 
-    cmd = "carv demo" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
-    run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads), command=cmd)
+    run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads),
+             command=_command_line())
 
 
 @bench_app.command("overhead")
@@ -276,8 +276,14 @@ def bench_text_to_3d_cmd(
     the a-priori headline and best-of-N, RE, bound fraction, cost-ratio sweep, quality at equal wall-clock."""
     from carv.bench.text_to_3d import bench_text_to_3d
 
-    cmd = "carv bench text-to-3d" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
-    bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=cmd)
+    bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=_command_line())
+
+
+def _command_line() -> str:
+    """The exact command this process runs, as a user would type it (for the benchmark JSON's run record)."""
+    import shlex
+
+    return shlex.join(["carv", *sys.argv[1:]])
 
 
 @bench_app.command("allocator")
