@@ -117,15 +117,28 @@ class HierarchicalEstimator:
     """
 
     def __init__(self, sampler: TimestepSampler, K: int = 1, noise: str = "iid", distributed: bool = False):
-        if not isinstance(sampler, TimestepSampler):
-            raise TypeError(f"sampler: expected a carv.TimestepSampler, got {type(sampler).__name__}")
-        if distributed and sampler.stratify != "global":
-            raise ValueError(f"distributed: strata are split across processes only with stratify='global', "
-                             f"the sampler has stratify={sampler.stratify!r}")
+        self.distributed = bool(distributed)
         self.sampler = sampler
         self.noise = noise
-        self.distributed = bool(distributed)
         self.K = K
+
+    @property
+    def sampler(self) -> TimestepSampler:
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, sampler: TimestepSampler) -> None:
+        """Replace the sampler between steps (e.g. an annealed timestep range); checked like the constructor's."""
+        if not isinstance(sampler, TimestepSampler):
+            raise TypeError(f"sampler: expected a carv.TimestepSampler, got {type(sampler).__name__}")
+        if self.distributed and sampler.stratify != "global":
+            raise ValueError(f"distributed: strata are split across processes only with stratify='global', "
+                             f"the sampler has stratify={sampler.stratify!r}")
+        old = getattr(self, "_sampler", None)
+        if old is not None and sampler.num_timesteps != old.num_timesteps:
+            raise ValueError(f"sampler: has {sampler.num_timesteps} timesteps but the one it replaces has "
+                             f"{old.num_timesteps}")
+        self._sampler = sampler
 
     @property
     def K(self) -> int:
@@ -188,7 +201,8 @@ def _dist_rank_world() -> tuple[int, int]:
 class UsesEstimator:
     """Mixin for objectives that draw through ``self.estimator`` (a :class:`HierarchicalEstimator`).
 
-    ``K`` (settable, so an accountant can re-choose it between steps) and ``sampler`` are the estimator's,
+    ``K`` (settable, so an accountant can re-choose it between steps) and ``sampler`` (settable, e.g. to anneal
+    the timestep range) are the estimator's,
     so the objective never holds a second copy that could drift from what is actually drawn.
     """
 
@@ -205,3 +219,7 @@ class UsesEstimator:
     @property
     def sampler(self) -> TimestepSampler:
         return self.estimator.sampler
+
+    @sampler.setter
+    def sampler(self, sampler: TimestepSampler) -> None:
+        self.estimator.sampler = sampler

@@ -56,6 +56,7 @@ __all__ = [
     "SecondMomentResampler",
     "percent_range",
     "annealed_range",
+    "scheduled_value",
 ]
 
 STRATIFY_MODES = ("none", "per_upstream", "global", "lattice", "grid")
@@ -249,6 +250,19 @@ class TimestepSampler:
         self._importance: Tensor | None = None
         self._set_support(t_min, t_max)
         self.set_importance(importance)
+
+    @classmethod
+    def from_percent(cls, num_timesteps: int, min_step_percent: float = 0.02, max_step_percent: float = 0.98,
+                     **kwargs) -> TimestepSampler:
+        """A sampler whose support is given as fractions of ``T``, as threestudio's ``min_step_percent`` /
+        ``max_step_percent`` (:func:`percent_range`: ``(0.02, 0.98)`` of 1000 is ``20..980``, inclusive, so the
+        support is threestudio's ``randint(min_step, max_step + 1)``). Other arguments as the constructor's."""
+        t_min, t_max = percent_range(num_timesteps, min_step_percent, max_step_percent)
+        return cls(num_timesteps, t_min, t_max, **kwargs)
+
+    def set_t_percent(self, min_step_percent: float, max_step_percent: float) -> None:
+        """:meth:`set_t_range` with fractions of ``T`` (threestudio's ``set_min_max_steps``)."""
+        self.set_t_range(*percent_range(self.num_timesteps, min_step_percent, max_step_percent))
 
     # ---------------------------------------------------------------- tables
     def _set_support(self, t_min: int, t_max: int) -> None:
@@ -521,6 +535,28 @@ def annealed_range(step: int, num_timesteps: int, start: tuple[float, float], en
     lo = (1 - a) * _fraction("start[0]", start[0]) + a * _fraction("end[0]", end[0])
     hi = (1 - a) * _fraction("start[1]", start[1]) + a * _fraction("end[1]", end[1])
     return percent_range(num_timesteps, lo, hi)
+
+
+def scheduled_value(spec, global_step: int, epoch: int = 0) -> float:
+    """A constant, or a threestudio-style linear schedule at ``global_step`` (or ``epoch``).
+
+    ``spec`` is a number, ``[start_value, end_value, end_step]`` (starting at step 0) or ``[start_step,
+    start_value, end_value, end_step]``: the value moves linearly from ``start_value`` at ``start_step`` to
+    ``end_value`` at ``end_step`` and stays there. As in threestudio, an integer ``end_step`` counts global
+    steps and a float ``end_step`` counts epochs (threestudio ``utils/misc.py: C``).
+    """
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return float(spec)
+    if not isinstance(spec, (list, tuple)) or len(spec) not in (3, 4) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+        raise ValueError(f"spec: expected a number, [start_value, end_value, end_step] or [start_step, start_value, "
+                         f"end_value, end_step], got {spec!r}")
+    start_step, start_value, end_value, end_step = (0, *spec) if len(spec) == 3 else spec
+    if end_step <= start_step:
+        raise ValueError(f"spec: end_step must be after start_step, got {spec!r}")
+    now = global_step if isinstance(end_step, int) else epoch
+    frac = min(1.0, max(0.0, (now - start_step) / (end_step - start_step)))
+    return float(start_value + (end_value - start_value) * frac)
 
 
 # --------------------------------------------------------------------------- helpers

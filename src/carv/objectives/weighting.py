@@ -16,14 +16,15 @@ from carv.schedules import VPSchedule
 __all__ = ["Weighting", "WEIGHTINGS", "weight_table"]
 
 Weighting = str | Callable[[Tensor], Tensor]
-WEIGHTINGS = ("sds", "uniform", "snr")
+WEIGHTINGS = ("sds", "uniform", "snr", "fantasia3d")
 
 
 def weight_table(weighting: Weighting, schedule: VPSchedule) -> Tensor:
     """``w(t)`` for every timestep (float64, length ``T``).
 
     ``"sds"``: ``1 - alphabar_t`` (DreamFusion); ``"uniform"``: 1; ``"snr"``: ``alphabar_t / (1 - alphabar_t)``
-    (the eps-loss weighting that makes the loss an x_0 error); or a callable of the integer timestep tensor.
+    (the eps-loss weighting that makes the loss an x_0 error); ``"fantasia3d"``: ``sqrt(alphabar_t) (1 - alphabar_t)``
+    (threestudio's ``weighting_strategy: fantasia3d``); or a callable of the integer timestep tensor.
     """
     T = schedule.num_timesteps
     ac = schedule.alphas_cumprod
@@ -38,6 +39,8 @@ def weight_table(weighting: Weighting, schedule: VPSchedule) -> Tensor:
         w = torch.ones(T, dtype=torch.float64)
     elif weighting == "snr":
         w = ac / (1.0 - ac)
+    elif weighting == "fantasia3d":
+        w = ac.sqrt() * (1.0 - ac)
     else:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS} or a callable of t, got {weighting!r}")
     if not torch.isfinite(w).all() or (w < 0).any():
