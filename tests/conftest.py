@@ -16,3 +16,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """A tiny random-weight Stable Diffusion pipeline saved (safetensors) into a temporary folder, once per session."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from carv.teachers.tiny_sd import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")

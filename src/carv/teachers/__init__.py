@@ -5,6 +5,7 @@
 
 from carv.teachers.base import NonFiniteTeacherError, Teacher, check_finite
 from carv.teachers.gaussian_mixture import GaussianMixtureTeacher
+from carv.teachers.prompts import PromptEmbeddings
 from carv.teachers.unet import CompactUNet, UNetTeacher, load_unet_teacher, save_unet_teacher
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DiffusersTeacher",
     "GaussianMixtureTeacher",
     "NonFiniteTeacherError",
+    "PromptEmbeddings",
     "Teacher",
     "UNetTeacher",
     "check_finite",

@@ -7,7 +7,12 @@ matching, attribution features) only needs :meth:`Teacher.predict_eps` and :attr
 Classifier-free guidance is the one piece of logic shared by every teacher, so it lives here:
 ``eps_u + scale * (eps_c - eps_u)``, with the conditional and unconditional halves evaluated in one
 batched call. A teacher supports guidance by returning the unconditional condition from
-:meth:`Teacher.null_cond`.
+:meth:`Teacher.null_cond` (or the caller passes its own, e.g. one negative embedding per view).
+
+Guidance conventions. carv (and DreamFusion, diffusers) write guidance as ``eps_u + s (eps_c - eps_u)``, so
+``s = 1`` is the plain conditional model. threestudio writes ``eps_c + s (eps_c - eps_u)``, which is
+``eps_u + (s + 1)(eps_c - eps_u)``: **carv at s + 1 equals threestudio at s** (threestudio's default 100 is
+carv's 101). :func:`guidance_scale_for` converts a scale given in either convention to carv's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from torch import Tensor
 
 from carv.schedules import VPSchedule
 
-__all__ = ["Teacher", "NonFiniteTeacherError", "check_finite"]
+__all__ = ["GUIDANCE_CONVENTIONS", "Teacher", "NonFiniteTeacherError", "check_finite", "guidance_scale_for",
+           "is_guided", "slice_cond"]
+
+GUIDANCE_CONVENTIONS = ("dreamfusion", "threestudio")
 
 
 class NonFiniteTeacherError(FloatingPointError, ValueError):
@@ -46,6 +54,32 @@ def concat_cond(a: Any, b: Any) -> Any:
     return torch.cat([a, b], 0)
 
 
+def slice_cond(cond: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a condition (a tensor, a dict of conditions, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: slice_cond(v, start, stop) for k, v in cond.items()}
+    return cond[start:stop]
+
+
+def guidance_scale_for(guidance_scale: float, convention: str = "dreamfusion") -> float:
+    """carv's scale for ``guidance_scale`` given in ``convention``: ``"dreamfusion"`` (carv's own,
+    ``eps_u + s (eps_c - eps_u)``) returns it unchanged, ``"threestudio"`` (``eps_c + s (eps_c - eps_u)``)
+    returns ``s + 1``."""
+    if convention not in GUIDANCE_CONVENTIONS:
+        raise ValueError(f"guidance_convention: expected one of {GUIDANCE_CONVENTIONS}, got {convention!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale: expected a non-negative number, got {guidance_scale!r}")
+    return float(guidance_scale) + (1.0 if convention == "threestudio" else 0.0)
+
+
+def is_guided(guidance_scale: float, cond: Any) -> bool:
+    """Whether :meth:`Teacher.guided_eps` runs the conditional and the unconditional branch (two network rows
+    per draw) rather than the conditional model alone."""
+    return guidance_scale != 1.0 and cond is not None
+
+
 def repeat_cond(cond: Any, repeats: int) -> Any:
     """Repeat each batch row of a condition ``repeats`` times (``[R, ...] -> [R*repeats, ...]``)."""
     if cond is None:
@@ -70,11 +104,14 @@ class Teacher(torch.nn.Module):
         """The unconditional counterpart of ``cond`` (same batch size), or ``None`` if unsupported."""
         return None
 
-    def guided_eps(self, x_t: Tensor, t: Tensor, cond: Any = None, guidance_scale: float = 1.0) -> Tensor:
-        """Noise prediction with classifier-free guidance ``eps_u + scale (eps_c - eps_u)``."""
-        if guidance_scale == 1.0 or cond is None:
+    def guided_eps(self, x_t: Tensor, t: Tensor, cond: Any = None, guidance_scale: float = 1.0,
+                   uncond: Any = None) -> Tensor:
+        """Noise prediction with classifier-free guidance ``eps_u + scale (eps_c - eps_u)``.
+
+        ``uncond`` (same batch as ``cond``, e.g. a negative embedding per view) replaces :meth:`null_cond`."""
+        if not is_guided(guidance_scale, cond):
             return self.predict_eps(x_t, t, cond)
-        null = self.null_cond(cond)
+        null = uncond if uncond is not None else self.null_cond(cond)
         if null is None:
             raise ValueError(
                 f"guidance_scale: {type(self).__name__} has no unconditional branch, so only "

@@ -10,6 +10,18 @@ diffusers is an optional extra (``pip install carv[diffusers]``); it is imported
 - ``sample`` (``x_0``): ``eps = (x_t - a x_0) / s``.
 
 Models with learned variance (twice the input channels out) keep the first half.
+
+Precision: the UNet may hold float16 / bfloat16 weights (threestudio's default is half precision). Inputs
+are cast to the UNet's dtype and its output back to the caller's, and the conversions above run in the
+caller's dtype, so float32 latents in give float32 noise out.
+
+Conditioning: ``cond`` is ``encoder_hidden_states`` ``[B, L, D]`` (a conditional UNet), ``class_labels``
+(a ``UNet2DModel``), or a dict of UNet keyword arguments (``{"encoder_hidden_states": ..., "class_labels":
+..., "added_cond_kwargs": {...}}``); carv's objectives slice and repeat dicts of tensors like tensors.
+
+:meth:`DiffusersTeacher.from_pipeline` builds the teacher from a Stable Diffusion 1.x / 2.x pipeline and
+keeps its VAE and text encoder: :meth:`~DiffusersTeacher.encode_prompt` (view-dependent, threestudio's rule,
+see :mod:`carv.teachers.prompts`) and :meth:`~DiffusersTeacher.encode_images` (the latent upstream step).
 """
 
 from __future__ import annotations
@@ -17,10 +29,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import Teacher
+from carv.teachers.prompts import DIRECTIONS, PromptEmbeddings, view_prompts
 
 __all__ = ["DiffusersTeacher"]
 
@@ -66,29 +80,52 @@ class DiffusersTeacher(Teacher):
         if n_train != self.schedule.num_timesteps:
             raise ValueError(f"scheduler: num_train_timesteps={n_train} but alphas_cumprod has "
                              f"{self.schedule.num_timesteps} entries")
+        self.uncond = None
+        self.set_uncond(uncond)
+        self.in_channels = unet.config.in_channels
+        self.vae = self.text_encoder = self.tokenizer = None
+        if freeze:
+            self.unet.requires_grad_(False)
+
+    def set_uncond(self, uncond: Tensor | int | None) -> None:
+        """The unconditional condition guidance uses when the caller passes none (``[1, L, D]`` or ``[L, D]``
+        for a conditional UNet, a class label for a ``UNet2DModel``; None disables guidance). Per-view
+        negatives ``[B, L, D]`` are passed per call instead (``ScoreDistillation(..., uncond=...)``)."""
         if uncond is not None and self.kind == "condition":
             uncond = torch.as_tensor(uncond)
             if uncond.ndim == 2:
                 uncond = uncond[None]
             if uncond.ndim != 3 or uncond.shape[0] != 1:
-                raise ValueError(f"uncond: expected an embedding [1, L, D] or [L, D], got {tuple(uncond.shape)}")
-            self.register_buffer("uncond", uncond.detach())
+                raise ValueError(f"uncond: expected an embedding [1, L, D] or [L, D] (pass per-view negatives "
+                                 f"[B, L, D] per call as uncond=...), got {tuple(uncond.shape)}")
+            if "uncond" in self._buffers:
+                self._buffers["uncond"] = uncond.detach()
+            else:
+                self.__dict__.pop("uncond", None)
+                self.register_buffer("uncond", uncond.detach())
         else:
+            self._buffers.pop("uncond", None)
             self.uncond = uncond
-        self.in_channels = unet.config.in_channels
-        if freeze:
-            self.unet.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's parameter dtype (inputs are cast to it)."""
+        return next(self.unet.parameters()).dtype
 
     def _forward(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
-        if self.kind == "condition":
-            if cond is None:
-                raise ValueError("cond: a UNet2DConditionModel needs encoder_hidden_states [B, L, D], got None")
-            out = self.unet(x_t, t, encoder_hidden_states=cond.to(x_t.dtype)).sample
+        dtype = self.dtype
+        if isinstance(cond, dict):
+            kwargs = _cast_floats(cond, dtype)
+        elif self.kind == "condition":
+            kwargs = {"encoder_hidden_states": None if cond is None else cond.to(dtype)}
         else:
-            out = self.unet(x_t, t, class_labels=cond).sample
+            kwargs = {"class_labels": cond}
+        if self.kind == "condition" and kwargs.get("encoder_hidden_states") is None:
+            raise ValueError("cond: a UNet2DConditionModel needs encoder_hidden_states [B, L, D], got None")
+        out = self.unet(x_t.to(dtype), t, **kwargs).sample
         if out.shape[1] == 2 * self.in_channels:
             out = out[:, : self.in_channels]
-        return out
+        return out.to(x_t.dtype)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         out = self._forward(x_t, t, cond)
@@ -103,7 +140,131 @@ class DiffusersTeacher(Teacher):
     def null_cond(self, cond: Any) -> Any:
         if self.uncond is None or cond is None:
             return None
+        if isinstance(cond, dict):  # replace the text (or class) condition, keep every other UNet argument
+            key = "encoder_hidden_states" if self.kind == "condition" else "class_labels"
+            if key not in cond:
+                return None
+            return {**cond, key: self.null_cond(cond[key])}
         B = cond.shape[0]
         if self.kind == "condition":
             return self.uncond.to(cond.device, cond.dtype).expand(B, *self.uncond.shape[1:])
         return torch.full((B,), int(self.uncond), dtype=torch.long, device=cond.device)
+
+    # ---------------------------------------------------------------- Stable Diffusion pipelines
+    @classmethod
+    def from_pipeline(cls, pipe: Any, negative_prompt: str = "", dtype: torch.dtype | None = None,
+                      prediction_type: str | None = None, scheduler: Any = None,
+                      device: torch.device | str | None = None) -> DiffusersTeacher:
+        """A teacher from a diffusers Stable Diffusion 1.x / 2.x pipeline (epsilon or v-prediction).
+
+        Keeps the pipeline's VAE, text encoder and tokenizer for :meth:`encode_images` and
+        :meth:`encode_prompt`; the unconditional embedding for guidance is ``negative_prompt`` encoded.
+        ``dtype`` casts the UNet, VAE and text encoder (e.g. ``torch.float16`` as threestudio's
+        ``half_precision_weights``); inputs stay in the caller's dtype. ``scheduler`` replaces
+        ``pipe.scheduler`` (any scheduler with ``alphas_cumprod``).
+        """
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        missing = [k for k in parts if getattr(pipe, k, None) is None]
+        if missing:
+            raise TypeError(f"pipe: expected a diffusers Stable Diffusion pipeline with unet, vae, text_encoder, "
+                            f"tokenizer and scheduler; {type(pipe).__name__} lacks {missing}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            if device is not None or dtype is not None:
+                part.to(device=device, dtype=dtype)
+            part.eval()
+        teacher = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler,
+                      prediction_type=prediction_type)
+        teacher.vae, teacher.text_encoder, teacher.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        teacher.vae.requires_grad_(False)
+        teacher.text_encoder.requires_grad_(False)
+        teacher.negative_prompt = negative_prompt
+        teacher.set_uncond(teacher.encode_text([negative_prompt]))
+        return teacher
+
+    @classmethod
+    def from_pretrained(cls, path: str, negative_prompt: str = "", dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, **kwargs) -> DiffusersTeacher:
+        """:meth:`from_pipeline` on ``StableDiffusionPipeline.from_pretrained(path)`` (a local folder as
+        ``save_pretrained`` writes it; nothing is downloaded when ``HF_HUB_OFFLINE=1``)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, use_safetensors=True,
+                                                       **kwargs)
+        return cls.from_pipeline(pipe, negative_prompt, dtype=dtype, device=device)
+
+    def _need(self, what: str) -> None:
+        if getattr(self, what) is None:
+            raise ValueError(f"{what}: this DiffusersTeacher has none; build it with DiffusersTeacher.from_pipeline")
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """Text-encoder hidden states ``[len(prompts), L, D]`` (float32), padded to the tokenizer's length."""
+        self._need("text_encoder")
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of strings, got {prompts!r}")
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        dev = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tok.input_ids.to(dev))[0].float()
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None, view_dependent: bool = True,
+                      negative_prompts_vd: dict[str, str] | None = None, front_threshold: float = 45.0,
+                      back_threshold: float = 45.0, overhead_threshold: float = 60.0) -> PromptEmbeddings:
+        """Embeddings of ``prompt`` and ``negative_prompt`` (default: the teacher's), plain and per direction.
+
+        With ``view_dependent`` the direction prompts are ``"<prompt>, side view"`` etc. (threestudio's rule,
+        :mod:`carv.teachers.prompts`); ``negative_prompts_vd`` ({direction: text}) overrides the negative of
+        some directions. Use ``emb.for_views(elevation, azimuth)`` for per-view ``(cond, uncond)``.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+        neg = getattr(self, "negative_prompt", "") if negative_prompt is None else negative_prompt
+        neg_vd = dict.fromkeys(DIRECTIONS, neg)
+        for k, v in (negative_prompts_vd or {}).items():
+            if k not in DIRECTIONS:
+                raise ValueError(f"negative_prompts_vd: keys must be among {DIRECTIONS}, got {k!r}")
+            neg_vd[k] = v
+        pos_vd = view_prompts(prompt) if view_dependent else [prompt] * len(DIRECTIONS)
+        if not view_dependent:
+            neg_vd = dict.fromkeys(DIRECTIONS, neg)
+        emb = self.encode_text([prompt, neg, *pos_vd, *(neg_vd[d] for d in DIRECTIONS)])
+        n = len(DIRECTIONS)
+        return PromptEmbeddings(emb[0:1], emb[1:2], emb[2:2 + n], emb[2 + n:], front_threshold=front_threshold,
+                                back_threshold=back_threshold, overhead_threshold=overhead_threshold,
+                                prompt=prompt, negative_prompt=neg)
+
+    def encode_images(self, rgb: Tensor, size: int | None = 512, chunk: int | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """VAE latents ``[B, 4, size/8, size/8]`` of images ``rgb [B, 3, H, W]`` in ``[0, 1]`` (differentiable).
+
+        The images are resized (bilinear) to ``size`` (None keeps them), mapped to ``[-1, 1]``, encoded in
+        the VAE's dtype, scaled by its ``scaling_factor`` and returned in ``rgb``'s dtype. With a
+        ``generator`` the latents are sampled from the VAE's posterior (as threestudio does); without one
+        they are its mean (deterministic). ``chunk`` encodes at most that many images at a time.
+        """
+        self._need("vae")
+        if not isinstance(rgb, Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"rgb: expected images [B, 3, H, W] in [0, 1], got "
+                             f"{tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive integer or None, got {chunk!r}")
+        if size is not None and tuple(rgb.shape[-2:]) != (size, size):
+            rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False)
+        vdtype = next(self.vae.parameters()).dtype
+        step = chunk or rgb.shape[0]
+        parts = []
+        for i in range(0, rgb.shape[0], step):
+            post = self.vae.encode((rgb[i:i + step] * 2.0 - 1.0).to(vdtype)).latent_dist
+            parts.append(post.sample(generator) if generator is not None else post.mean)
+        return (torch.cat(parts) * self.vae.config.scaling_factor).to(rgb.dtype)
+
+
+def _cast_floats(cond: Any, dtype: torch.dtype) -> Any:
+    if isinstance(cond, dict):
+        return {k: _cast_floats(v, dtype) for k, v in cond.items()}
+    if isinstance(cond, Tensor) and cond.is_floating_point():
+        return cond.to(dtype)
+    return cond

@@ -1,0 +1,84 @@
+"""View-dependent prompt embeddings, shaped like threestudio's ``PromptProcessorOutput``.
+
+Text-to-3D pipelines condition each render on a prompt that names the direction it is seen from. The rule
+follows threestudio (``threestudio/models/prompt_processors/base.py``, v0.2.x): every view starts as
+``"side"``; a view with ``|azimuth| < front_threshold`` (azimuth wrapped to ``[-180, 180)``, 0 = the object's
+front, as carv's cameras) becomes ``"front"``, one with ``|azimuth| > 180 - back_threshold`` becomes
+``"back"``, and one with ``elevation > overhead_threshold`` becomes ``"overhead"`` (later rules win).
+The prompts are ``"<prompt>, <direction> view"``; the negative prompt is the same for every direction
+unless ``negative_prompts_vd`` says otherwise, and it is kept per view, so guidance uses one
+unconditional embedding per upstream sample.
+
+:class:`PromptEmbeddings` holds the encoded embeddings and answers threestudio's
+``get_text_embeddings(elevation, azimuth, camera_distances, view_dependent_prompting)`` (which returns the
+conditional rows followed by the unconditional rows, ``[2B, L, D]``, as threestudio does) and carv's
+:meth:`PromptEmbeddings.for_views` (``(cond [B, L, D], uncond [B, L, D])``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["DIRECTIONS", "PromptEmbeddings", "direction_index", "view_prompts"]
+
+DIRECTIONS = ("side", "front", "back", "overhead")
+
+
+def view_prompts(prompt: str) -> list[str]:
+    """The four direction prompts, in :data:`DIRECTIONS` order."""
+    return [f"{prompt}, {d} view" for d in DIRECTIONS]
+
+
+def direction_index(elevation: Tensor, azimuth: Tensor, front_threshold: float = 45.0,
+                    back_threshold: float = 45.0, overhead_threshold: float = 60.0) -> Tensor:
+    """Index into :data:`DIRECTIONS` for each view (angles in degrees, shape ``[B]``)."""
+    elevation, azimuth = torch.as_tensor(elevation), torch.as_tensor(azimuth)
+    if elevation.shape != azimuth.shape or elevation.ndim != 1:
+        raise ValueError(f"elevation, azimuth: expected two tensors of shape [B], got {tuple(elevation.shape)} and "
+                         f"{tuple(azimuth.shape)}")
+    az = (azimuth.double() + 180.0) % 360.0 - 180.0
+    idx = torch.zeros(az.shape, dtype=torch.long, device=az.device)
+    idx[(az > -front_threshold) & (az < front_threshold)] = DIRECTIONS.index("front")
+    idx[(az > 180.0 - back_threshold) | (az < -180.0 + back_threshold)] = DIRECTIONS.index("back")
+    idx[elevation.double() > overhead_threshold] = DIRECTIONS.index("overhead")
+    return idx
+
+
+@dataclass
+class PromptEmbeddings:
+    """Encoded prompt and negative prompt: plain ``[1, L, D]`` and per direction ``[4, L, D]``.
+
+    Field names follow threestudio's ``PromptProcessorOutput`` so that code written for either reads both.
+    """
+
+    text_embeddings: Tensor
+    uncond_text_embeddings: Tensor
+    text_embeddings_vd: Tensor
+    uncond_text_embeddings_vd: Tensor
+    directions: tuple[str, ...] = DIRECTIONS
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    prompt: str = ""
+    negative_prompt: str = ""
+    direction2idx: dict[str, int] = field(default_factory=lambda: {d: i for i, d in enumerate(DIRECTIONS)})
+    use_perp_neg: bool = False
+
+    def for_views(self, elevation: Tensor, azimuth: Tensor,
+                  view_dependent_prompting: bool = True) -> tuple[Tensor, Tensor]:
+        """``(cond, uncond)``, each ``[B, L, D]``: one conditional and one negative embedding per view."""
+        B = torch.as_tensor(elevation).shape[0]
+        if not view_dependent_prompting:
+            return (self.text_embeddings.expand(B, -1, -1), self.uncond_text_embeddings.expand(B, -1, -1))
+        idx = direction_index(elevation, azimuth, self.front_threshold, self.back_threshold,
+                              self.overhead_threshold).to(self.text_embeddings_vd.device)
+        return self.text_embeddings_vd[idx], self.uncond_text_embeddings_vd[idx]
+
+    def get_text_embeddings(self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor | None = None,
+                            view_dependent_prompting: bool = True) -> Tensor:
+        """threestudio's call: the ``B`` conditional rows, then the ``B`` unconditional rows (``[2B, L, D]``)."""
+        cond, uncond = self.for_views(elevation, azimuth, view_dependent_prompting)
+        return torch.cat([cond, uncond], 0)
