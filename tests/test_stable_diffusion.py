@@ -1,0 +1,330 @@
+"""Stable Diffusion drop-in, on a tiny random-weight pipeline built offline, saved and loaded (conftest):
+from_pipeline, latent SDS through the VAE and a differentiable render against the gradient computed by hand,
+epsilon / v-prediction, per-view and dict conditioning, bfloat16 weights with float32 inputs, max_batch with
+guidance, the NaN policy, the guidance conventions, percent ranges and fantasia3d weighting."""
+
+import pytest
+import torch
+
+from carv import ScoreDistillation, TimestepSampler, weight_table
+from carv.render import VoxelGrid, random_cameras, render
+from carv.teachers import NonFiniteTeacherError
+from carv.timesteps import scheduled_value
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models run fastest on one thread on a shared machine."""
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_path):
+    return diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None,
+                                                             feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def teacher(pipe):
+    from carv.teachers import DiffusersTeacher
+
+    return DiffusersTeacher.from_pipeline(pipe, negative_prompt="blurry")
+
+
+def unet_eps(pipe, x_t, t, emb):
+    with torch.no_grad():
+        return pipe.unet(x_t, t, encoder_hidden_states=emb).sample
+
+
+def hand_sds(pipe, teacher, x, out, cond, uncond, scale, weighting="sds"):
+    """The SDS gradient for the draws in ``out.draws``, from direct UNet calls: [R, ...]."""
+    R, K = out.draws.t.shape
+    t, eps = out.draws.t.reshape(-1), out.draws.eps.reshape(R * K, *x.shape[1:])
+    ac = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64)[t]
+    a, s = ac.sqrt().float().view(-1, 1, 1, 1), (1 - ac).sqrt().float().view(-1, 1, 1, 1)
+    x_t = a * x.detach().repeat_interleave(K, 0) + s * eps
+    ec = unet_eps(pipe, x_t, t, cond.repeat_interleave(K, 0))
+    eu = unet_eps(pipe, x_t, t, uncond.repeat_interleave(K, 0))
+    g = eu + scale * (ec - eu)
+    w = weight_table(weighting, teacher.schedule).float()[t].view(-1, 1, 1, 1)
+    f = w * (g - eps) * out.draws.weight.reshape(-1, 1, 1, 1)
+    return f.reshape(R, K, *x.shape[1:]).mean(1)
+
+
+def test_from_pipeline_refuses_a_unet_and_names_the_fix(pipe):
+    from carv.teachers import DiffusersTeacher
+
+    with pytest.raises(TypeError, match="pipe: .*lacks"):
+        DiffusersTeacher.from_pipeline(pipe.unet)
+    with pytest.raises(TypeError, match="from_pipeline"):
+        ScoreDistillation(pipe, TimestepSampler(1000))
+
+
+def test_latent_sds_through_vae_and_render_matches_hand_gradient(pipe, teacher):
+    """render (voxel grid) -> VAE encode -> SDS (K = 4, guidance 100, importance + strata): the grid gradient equals
+    J_render^T J_vae^T (grad / R) with grad computed from direct UNet calls."""
+    torch.manual_seed(0)
+    grid = VoxelGrid(8, bound=1.0)
+    grid.add_blob_(radius=0.5, peak=5.0)
+    cams = random_cameras(2, torch.Generator().manual_seed(1), (0.0, 40.0), 3.0, 40.0)
+    emb = teacher.encode_prompt("a red mushroom")
+    cond, uncond = emb.for_views(cams.elevation_deg, cams.azimuth_deg)
+    sampler = TimestepSampler.from_percent(1000, 0.02, 0.98, importance=weight_table("sds", teacher.schedule),
+                                           floor=0.1, stratify="per_upstream")
+    sds = ScoreDistillation(teacher, sampler, K=4, guidance_scale=100.0)
+
+    rgb = render(grid, cams, 16, n_samples=8, bound=1.0).rgb
+    latents = teacher.encode_images(rgb, size=64)
+    assert latents.shape == (2, 4, 8, 8)
+    out = sds(latents, cond, torch.Generator().manual_seed(2), uncond=uncond)
+    out.loss.backward()
+    got = torch.cat([grid.density.grad.flatten(), grid.color.grad.flatten()])
+
+    grid.zero_grad(set_to_none=True)
+    rgb2 = render(grid, cams, 16, n_samples=8, bound=1.0).rgb
+    lat2 = teacher.encode_images(rgb2, size=64)
+    g = hand_sds(pipe, teacher, lat2, out, cond, uncond, 100.0)
+    assert torch.allclose(out.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+    want = torch.autograd.grad(lat2, [grid.density, grid.color], g / 2)
+    want = torch.cat([w.flatten() for w in want])
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert out.draws.t.min() >= 20 and out.draws.t.max() <= 980
+
+
+def test_epsilon_and_v_prediction(pipe):
+    from carv.teachers import DiffusersTeacher
+
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([30, 700])
+    c = torch.randn(2, 16, 32)
+    eps_t = DiffusersTeacher.from_pipeline(pipe)
+    assert eps_t.prediction_type == "epsilon"
+    with torch.no_grad():
+        assert torch.allclose(eps_t.predict_eps(x, t, c), unet_eps(pipe, x, t, c))
+    v_sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    v_t = DiffusersTeacher.from_pipeline(pipe, scheduler=v_sched)
+    assert v_t.prediction_type == "v_prediction"
+    ac = torch.as_tensor(v_sched.alphas_cumprod)[t].view(-1, 1, 1, 1).float()
+    v = unet_eps(pipe, x, t, c)
+    with torch.no_grad():
+        assert torch.allclose(v_t.predict_eps(x, t, c), ac.sqrt() * v + (1 - ac).sqrt() * x, atol=1e-6)
+
+
+def test_per_view_prompts_follow_threestudio_direction_rule(teacher):
+    emb = teacher.encode_prompt("a chair", negative_prompt="ugly")
+    # side (az 90), front (az 10), back (az -170), overhead (elevation 70)
+    el, az = torch.tensor([10.0, 10.0, 10.0, 70.0]), torch.tensor([90.0, 10.0, -170.0, 0.0])
+    cond, uncond = emb.for_views(el, az)
+    want = teacher.encode_text(["a chair, side view", "a chair, front view", "a chair, back view",
+                                "a chair, overhead view"])
+    assert torch.allclose(cond, want)
+    assert torch.allclose(uncond, teacher.encode_text(["ugly"] * 4))
+    both = emb.get_text_embeddings(el, az, torch.full((4,), 3.0))  # threestudio's call: cond rows, then uncond
+    assert torch.equal(both, torch.cat([cond, uncond]))
+    plain, _ = emb.for_views(el, az, view_dependent_prompting=False)
+    assert torch.allclose(plain, teacher.encode_text(["a chair"] * 4))
+
+
+def test_per_view_and_dict_conditioning_match_hand_and_each_other(pipe, teacher):
+    x = torch.randn(3, 4, 8, 8)
+    cond, uncond = torch.randn(3, 16, 32), torch.randn(3, 16, 32)
+    sds = ScoreDistillation(teacher, TimestepSampler(1000), K=2, guidance_scale=7.5, max_batch=4)
+    out = sds(x, cond, torch.Generator().manual_seed(0), uncond=uncond)
+    assert torch.allclose(out.grad, hand_sds(pipe, teacher, x, out, cond, uncond, 7.5), atol=1e-4)
+    out_d = sds(x, {"encoder_hidden_states": cond}, torch.Generator().manual_seed(0),
+                uncond={"encoder_hidden_states": uncond})
+    assert torch.allclose(out_d.grad, out.grad, atol=1e-6)
+    # without a per-call uncond, guidance uses the teacher's encoded negative prompt, for tensors and dicts alike
+    out_n = sds(x, cond, torch.Generator().manual_seed(0))
+    neg = teacher.encode_text(["blurry"]).expand(3, -1, -1)
+    assert torch.allclose(out_n.grad, hand_sds(pipe, teacher, x, out_n, cond, neg, 7.5), atol=1e-4)
+    out_nd = sds(x, {"encoder_hidden_states": cond}, torch.Generator().manual_seed(0))
+    assert torch.allclose(out_nd.grad, out_n.grad, atol=1e-6)
+
+
+def test_bfloat16_weights_with_float32_inputs(tiny_sd_path):
+    from carv.teachers import DiffusersTeacher
+
+    t32 = DiffusersTeacher.from_pretrained(str(tiny_sd_path))
+    t16 = DiffusersTeacher.from_pretrained(str(tiny_sd_path), dtype=torch.bfloat16)
+    assert t16.dtype == torch.bfloat16 and next(t16.vae.parameters()).dtype == torch.bfloat16
+    rgb = torch.rand(2, 3, 64, 64, requires_grad=True)
+    lat16, lat32 = t16.encode_images(rgb, size=64), t32.encode_images(rgb, size=64)
+    assert lat16.dtype == torch.float32 and lat16.shape == (2, 4, 8, 8)
+    emb = t16.encode_prompt("a lamp")
+    cond, uncond = emb.for_views(torch.tensor([10.0, 20.0]), torch.tensor([0.0, 90.0]))
+    assert cond.dtype == torch.float32
+    small = lat16
+    sds16 = ScoreDistillation(t16, TimestepSampler(1000), K=2, guidance_scale=7.5)
+    sds32 = ScoreDistillation(t32, TimestepSampler(1000), K=2, guidance_scale=7.5)
+    o16 = sds16(small, cond, torch.Generator().manual_seed(0), uncond=uncond)
+    o32 = sds32(small.detach(), cond, torch.Generator().manual_seed(0), uncond=uncond)
+    assert o16.grad.dtype == torch.float32 and torch.isfinite(o16.grad).all()
+    # bfloat16 keeps ~3 significant digits; guidance 7.5 amplifies the rounding of eps_c - eps_u
+    assert float((o16.grad - o32.grad).norm() / o32.grad.norm()) < 0.1
+    o16.loss.backward()
+    assert rgb.grad.dtype == torch.float32 and torch.isfinite(rgb.grad).all()
+    assert float((lat16 - lat32).detach().norm() / lat32.detach().norm()) < 0.05
+
+
+class UNetBatches:
+    def __init__(self, unet):
+        self.sizes = []
+        self.handle = unet.register_forward_pre_hook(lambda m, args: self.sizes.append(args[0].shape[0]))
+
+
+def test_max_batch_bounds_what_the_unet_sees_with_guidance(teacher):
+    x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
+    counter = UNetBatches(teacher.unet)
+    try:
+        for max_batch, guidance, bound in ((4, 7.5, 4), (5, 7.5, 4), ("auto", 7.5, 4), ("auto", 1.0, 2), (3, 1.0, 3),
+                                           (None, 7.5, 16)):
+            counter.sizes.clear()
+            sds = ScoreDistillation(teacher, TimestepSampler(1000), K=4, guidance_scale=guidance, max_batch=max_batch)
+            sds(x, cond, 0)
+            rows = 2 * 4 * (2 if guidance != 1.0 else 1)
+            assert max(counter.sizes) == bound, (max_batch, guidance, counter.sizes)
+            assert sum(counter.sizes) == rows
+        with pytest.raises(ValueError, match="max_batch: with guidance"):
+            ScoreDistillation(teacher, TimestepSampler(1000), K=2, guidance_scale=7.5, max_batch=1)(x, cond, 0)
+    finally:
+        counter.handle.remove()
+    with pytest.raises(ValueError, match="max_batch"):
+        ScoreDistillation(teacher, TimestepSampler(1000), max_batch=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        ScoreDistillation(teacher, TimestepSampler(1000), max_batch="big")
+
+
+def test_nan_policy_raise_or_skip_the_step(teacher):
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    cond = torch.randn(2, 16, 32)
+    real_forward = teacher._forward
+
+    def half_nan(x_t, t, c):
+        out = real_forward(x_t, t, c)
+        return torch.where((t > 500).view(-1, 1, 1, 1), torch.full_like(out, float("nan")), out)
+
+    teacher._forward = half_nan
+    try:
+        sampler = TimestepSampler(1000, t_min=600, t_max=700)
+        with pytest.raises(NonFiniteTeacherError, match=r"timesteps \[6"):
+            ScoreDistillation(teacher, sampler, K=2)(x, cond, 0)
+        sds = ScoreDistillation(teacher, sampler, K=2, nan_policy="skip")
+        out = sds(x, cond, 0)
+        assert out.skipped is not None and "NaN" in out.skipped and sds.skipped_steps == 1
+        assert torch.count_nonzero(out.grad) == 0
+        out.loss.backward()
+        assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+        sds.sampler = TimestepSampler(1000, t_min=10, t_max=400)  # the settable sampler: finite draws again
+        ok = sds(x, cond, 0)
+        assert ok.skipped is None and sds.skipped_steps == 1 and torch.isfinite(ok.grad).all()
+    finally:
+        teacher._forward = real_forward
+    with pytest.raises(ValueError, match="nan_policy"):
+        ScoreDistillation(teacher, TimestepSampler(1000), nan_policy="zero")
+
+
+def test_guidance_convention_carv_at_s_plus_1_is_threestudio_at_s(pipe, teacher):
+    x, cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    ts = ScoreDistillation(teacher, TimestepSampler(1000), K=2, guidance_scale=100.0,
+                           guidance_convention="threestudio")
+    df = ScoreDistillation(teacher, TimestepSampler(1000), K=2, guidance_scale=101.0)
+    a = ts(x, cond, torch.Generator().manual_seed(3), uncond=uncond)
+    b = df(x, cond, torch.Generator().manual_seed(3), uncond=uncond)
+    assert torch.equal(a.grad, b.grad)
+    # threestudio's formula eps_c + s (eps_c - eps_u), by hand
+    R, K = a.draws.t.shape
+    t, eps = a.draws.t.reshape(-1), a.draws.eps.reshape(R * K, 4, 8, 8)
+    x_t = teacher.schedule.add_noise(x.repeat_interleave(K, 0), t, eps)
+    ec = unet_eps(pipe, x_t, t, cond.repeat_interleave(K, 0))
+    eu = unet_eps(pipe, x_t, t, uncond.repeat_interleave(K, 0))
+    w = weight_table("sds", teacher.schedule).float()[t].view(-1, 1, 1, 1)
+    want = (w * (ec + 100.0 * (ec - eu) - eps)).reshape(R, K, 4, 8, 8).mean(1)
+    assert torch.allclose(a.grad, want, atol=2e-3 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="guidance_convention"):
+        ScoreDistillation(teacher, TimestepSampler(1000), guidance_convention="sd")
+
+
+def test_percent_ranges_annealing_and_fantasia3d(teacher):
+    s = TimestepSampler.from_percent(1000, 0.02, 0.98)
+    assert (s.t_min, s.t_max) == (20, 980)  # threestudio: int(T * percent), randint(min, max + 1)
+    d = s.sample(64, 4, 0)
+    assert d.t.min() >= 20 and d.t.max() <= 980
+    imp = weight_table("sds", teacher.schedule)
+    s2 = TimestepSampler.from_percent(1000, 0.02, 0.98, importance=imp, floor=0.1, stratify="per_upstream")
+    s2.set_t_percent(0.5, 0.6)
+    d2 = s2.sample(64, 4, 0)
+    assert d2.t.min() >= 500 and d2.t.max() <= 600
+    assert torch.allclose(s2.p[500:601], torch.full((101,), 1 / 101, dtype=torch.float64))
+    # the weights stay p/q on the new support, so E_q[v f] = E_p[f] exactly
+    f = torch.arange(1000, dtype=torch.float64)
+    assert torch.allclose((s2.q * s2.weights * f).sum(), (s2.p * f).sum())
+    with pytest.raises(ValueError, match="min_step_percent"):
+        TimestepSampler.from_percent(1000, -0.1, 0.5)
+    with pytest.raises(ValueError, match="t_min, t_max"):
+        s2.set_t_range(700, 600)
+    # threestudio-style schedules: [start_step, start_value, end_value, end_step]
+    spec = [0, 0.98, 0.5, 1000]
+    assert scheduled_value(spec, 0) == 0.98 and scheduled_value(spec, 500) == pytest.approx(0.74)
+    assert scheduled_value(spec, 5000) == 0.5 and scheduled_value([0.98, 0.5, 1000], 500) == pytest.approx(0.74)
+    assert scheduled_value([0, 1.0, 0.0, 2.0], 10**6, epoch=1) == pytest.approx(0.5)  # float end: epochs
+    assert scheduled_value(0.3, 7) == 0.3
+    with pytest.raises(ValueError, match="spec"):
+        scheduled_value([1, 2], 0)
+    ac = teacher.schedule.alphas_cumprod
+    assert torch.allclose(weight_table("fantasia3d", teacher.schedule), ac.sqrt() * (1 - ac))
+
+
+# ----------------------------------------------------------------------------------------- threestudio-shaped
+class ThreestudioPromptUtils:
+    """Only what threestudio's PromptProcessorOutput offers the guidance: get_text_embeddings -> [cond; uncond]."""
+
+    def __init__(self, emb):
+        self.emb = emb
+
+    def get_text_embeddings(self, elevation, azimuth, camera_distances, view_dependent_prompting=True):
+        return self.emb.get_text_embeddings(elevation, azimuth, camera_distances, view_dependent_prompting)
+
+
+def test_threestudio_guidance_loss_and_gradient_match_threestudio_formula(pipe, teacher):
+    from carv.integrations.threestudio import CarvGuidance
+
+    guidance = CarvGuidance({"guidance_scale": 100.0, "K": 4, "half_precision_weights": False,
+                             "max_step_percent": [0, 0.98, 0.5, 100], "seed": 1}, teacher=teacher, device="cpu")
+    prompt_utils = ThreestudioPromptUtils(teacher.encode_prompt("a snowman"))
+    el, az, dist = torch.tensor([15.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([3.0, 3.0])
+    latents_bhwc = torch.randn(2, 8, 8, 4, requires_grad=True)  # rgb_as_latents: threestudio's latent path
+    out = guidance(latents_bhwc, prompt_utils, el, az, dist, rgb_as_latents=True)
+    assert (out["K"], out["R"], out["min_step"], out["max_step"]) == (4, 2, 20, 980)
+    sds_out = out["sds_output"]
+    lat = latents_bhwc.detach().permute(0, 3, 1, 2)
+    cond, uncond = prompt_utils.emb.for_views(el, az)
+    grad = hand_sds(pipe, teacher, lat, sds_out, cond, uncond, 101.0)  # threestudio's s = 100 is carv's 101
+    assert torch.allclose(sds_out.grad, grad, atol=2e-3 * float(grad.abs().max()))
+    # loss_sds = 0.5 * mse(latents, (latents - grad).detach(), sum) / B, and d loss_sds / d latents = grad / B
+    g = sds_out.grad
+    assert float(out["loss_sds"].detach()) == pytest.approx(0.5 * float(g.pow(2).sum()) / 2, rel=1e-5)
+    out["loss_sds"].backward()
+    assert torch.allclose(latents_bhwc.grad, (g / 2).permute(0, 2, 3, 1), atol=1e-7)
+    assert float(out["grad_norm"]) == pytest.approx(float(g.norm()), rel=1e-6)
+    assert out["between"] is not None and out["within"] is not None and out["proposal"] == "learned"
+
+    # the rgb path: render [B, H, W, 3] -> 8x latent size -> VAE posterior sample -> SDS, gradient reaches rgb
+    rgb = torch.rand(2, 32, 32, 3, requires_grad=True)
+    out_rgb = guidance(rgb, prompt_utils, el, az, dist)
+    out_rgb["loss_sds"].backward()
+    assert rgb.grad.shape == rgb.shape and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+
+    # update_step: annealed max_step_percent (threestudio's [start_step, start, end, end_step]) and grad clipping
+    guidance.update_step(epoch=0, global_step=50)
+    assert guidance.max_step == 740 and guidance.sds.sampler.t_max == 740
+    out2 = guidance(latents_bhwc, prompt_utils, el, az, dist, rgb_as_latents=True)
+    assert out2["max_step"] == 740 and int(out2["sds_output"].draws.t.max()) <= 740
+    guidance.cfg.grad_clip = [0, 1e-3, 1e-3, 10]
+    guidance.update_step(epoch=0, global_step=60)
+    out3 = guidance(latents_bhwc, prompt_utils, el, az, dist, rgb_as_latents=True)
+    assert float(out3["grad_norm"]) <= 1e-3 * (2 * 4 * 8 * 8) ** 0.5 * (1 + 1e-5)  # every entry clipped to 1e-3
+
+    with pytest.raises(ValueError, match="cfg: unknown key"):
+        CarvGuidance({"guidance_scal": 100.0}, teacher=teacher, device="cpu")
