@@ -178,7 +178,8 @@ def test_max_batch_bounds_what_the_unet_sees_with_guidance(teacher):
     x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
     counter = UNetBatches(teacher.unet)
     try:
-        for max_batch, guidance, bound in ((4, 7.5, 4), (5, 7.5, 4), ("auto", 7.5, 4), ("auto", 1.0, 2), (3, 1.0, 3),
+        # "auto" at these 4x8x8 latents allows 65536 / 256 = 256 rows: one call; at 4x64x64 it is 4 rows (below)
+        for max_batch, guidance, bound in ((4, 7.5, 4), (5, 7.5, 4), ("auto", 7.5, 16), ("auto", 1.0, 8), (3, 1.0, 3),
                                            (None, 7.5, 16)):
             counter.sizes.clear()
             sds = ScoreDistillation(teacher, TimestepSampler(1000), K=4, guidance_scale=guidance, max_batch=max_batch)
@@ -186,6 +187,10 @@ def test_max_batch_bounds_what_the_unet_sees_with_guidance(teacher):
             rows = 2 * 4 * (2 if guidance != 1.0 else 1)
             assert max(counter.sizes) == bound, (max_batch, guidance, counter.sizes)
             assert sum(counter.sizes) == rows
+        counter.sizes.clear()
+        big_x, big_c = torch.randn(1, 4, 64, 64), torch.randn(1, 16, 32)
+        ScoreDistillation(teacher, TimestepSampler(1000), K=5, guidance_scale=7.5)(big_x, big_c, 0)
+        assert counter.sizes == [4, 4, 2]  # "auto": 65536 elements = 4 rows of 4x64x64, 10 rows in all
         with pytest.raises(ValueError, match="max_batch: with guidance"):
             ScoreDistillation(teacher, TimestepSampler(1000), K=2, guidance_scale=7.5, max_batch=1)(x, cond, 0)
     finally:
@@ -328,3 +333,57 @@ def test_threestudio_guidance_loss_and_gradient_match_threestudio_formula(pipe, 
 
     with pytest.raises(ValueError, match="cfg: unknown key"):
         CarvGuidance({"guidance_scal": 100.0}, teacher=teacher, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------- carv text-to-3d --teacher
+def test_text_to_3d_with_a_stable_diffusion_folder_end_to_end(tiny_sd_path, tmp_path):
+    """render -> VAE encode -> latent SDS through the same trainer, run folder and (with --compare) comparison."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from carv.cli import app
+
+    out = tmp_path / "run"
+    args = ["text-to-3d", "a snowman", "--teacher", str(tiny_sd_path), "--out", str(out), "--steps", "3",
+            "--R", "2", "--K", "2", "--grid-resolution", "12", "--render-size", "32", "--n-samples", "8",
+            "--guidance-scale", "7.5", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["teacher"] == str(tiny_sd_path)
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in ln]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["grad_x_norm"] > 0 for r in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["c_upstream_s"] > 0 and summary["c_draw_s"] > 0
+    for f in ("turntable.png", "comparison.png", "checkpoint.json"):
+        assert (out / f).is_file(), f
+    # the latents the teacher saw: 8x the UNet's latent size in, latents out
+    from carv.apps.latent_sds import LatentSceneProblem, load_sd_teacher
+    from carv.apps.text_to_3d import TextTo3DConfig, problem_for
+
+    problem = problem_for(TextTo3DConfig(prompt="a snowman", render_size=32, n_samples=8, n_eval_views=2,
+                                          teacher=str(tiny_sd_path)), load_sd_teacher(tiny_sd_path))
+    assert isinstance(problem, LatentSceneProblem) and problem.vae_size == 64
+    grid = problem.new_grid(12, 5.0)
+    cams = problem.cameras(2, torch.Generator().manual_seed(0))
+    latents, opacity = problem.teacher_input(grid, cams)
+    assert latents.shape == (2, 4, 8, 8) and opacity.shape == (2, 1, 32, 32)
+    cond = problem.condition(cams)
+    assert cond["cond"].shape == cond["uncond"].shape == (2, 16, 32)
+
+
+def test_text_to_3d_refuses_unknown_teacher_folders(tmp_path):
+    from typer.testing import CliRunner
+
+    from carv.cli import app
+
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["text-to-3d", "--teacher", str(tmp_path / "empty"), "--steps", "1"])
+    assert res.exit_code != 0 and "model_index.json" in res.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["x", "y"]}')
+    res = CliRunner().invoke(app, ["text-to-3d", "--teacher", str(other), "--steps", "1"])
+    assert res.exit_code != 0 and "FluxPipeline" in res.output

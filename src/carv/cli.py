@@ -244,6 +244,8 @@ def text_to_3d_cmd(
     restart: bool = typer.Option(False, "--restart", help="Start over instead of continuing the run folder."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),
     seed: int = typer.Option(None, min=0, help="Random seed (default 0)."),
+    teacher: Path = typer.Option(None, "--teacher", help="A local diffusers Stable Diffusion folder: latent SDS "
+                                 "(render -> VAE encode -> SDS) instead of the scenes teacher."),
 ):
     """Text-to-3D: score-distil a voxel grid from the procedural-scenes teacher (carv estimator by default).
 
@@ -254,7 +256,8 @@ def text_to_3d_cmd(
                  proposal=proposal, stratify=stratify,
                  guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
                  sparsity_weight=sparsity, grid_resolution=grid_resolution, render_size=render_size,
-                 n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed)
+                 n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed,
+                 teacher=None if teacher is None else str(teacher))
     try:
         text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, restart=restart,
                             compare_at=compare_at)

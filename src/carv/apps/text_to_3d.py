@@ -168,6 +168,8 @@ class TextTo3DConfig:
     checkpoint_every: int = 50
     seed: int = 0
     threads: int | None = None
+    # a local diffusers Stable Diffusion folder: latent SDS (render -> VAE encode -> SDS), see carv.apps.latent_sds
+    teacher: str | None = None
 
     # ---------------------------------------------------------------- presets
     @property
@@ -261,6 +263,10 @@ class TextTo3DConfig:
                              f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r}")
         if self.t_lo_end is not None:
             self.t_range(self.anneal_steps)
+        if self.teacher is not None:
+            from carv.apps.latent_sds import check_sd_folder
+
+            check_sd_folder(self.teacher)
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
@@ -358,6 +364,16 @@ class SceneProblem:
             opacity = F.interpolate(opacity, size=(self.image_size, self.image_size), mode="area")
         return rgb * 2.0 - 1.0, opacity
 
+    def teacher_input(self, grid: VoxelGrid, cameras: Cameras, generator: torch.Generator | None = None,
+                      render_size: int | None = None, n_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(what the teacher sees, opacity)``: here the renders of :meth:`render` (a latent teacher encodes
+        them)."""
+        return self.render(grid, cameras, generator, render_size, n_samples)
+
+    def condition(self, cameras: Cameras) -> dict[str, Any]:
+        """The teacher's condition per view: ``{"cond": ...}`` (and ``"uncond"`` for per-view negatives)."""
+        return {"cond": scene_cond(self.prompt, cameras, self.prompts)}
+
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,
                  meter: CostMeter | None = None, upstream: UpstreamSampler | None = None,
@@ -377,15 +393,15 @@ class SceneProblem:
         for the drawn cameras, so it adds no timestep/noise variance; the probe measures the SDS part).
         """
         cams = self.cameras(R, generator, upstream, elevation_range)  # camera sampling: negligible
-        cond = scene_cond(self.prompt, cams, self.prompts)
+        cond = self.condition(cams)
         held: dict[str, Tensor] = {}
 
         def renders() -> Tensor:
-            x, held["opacity"] = self.render(grid, cams, generator, render_size, n_samples)
+            x, held["opacity"] = self.teacher_input(grid, cams, generator, render_size, n_samples)
             return x
 
         def objective(x: Tensor) -> SDSOutput:
-            out = sds(x, cond, generator, keep_draws=probe)
+            out = sds(x, cond["cond"], generator, keep_draws=probe, uncond=cond.get("uncond"))
             if regulariser is not None:
                 out.loss = out.loss + regulariser(held["opacity"])
             return out
@@ -419,9 +435,18 @@ class SceneProblem:
 def problem_for(cfg: TextTo3DConfig, teacher: UNetTeacher | None = None,
                 clock: Callable[[], float] = time.perf_counter) -> SceneProblem:
     """The :class:`SceneProblem` of a configuration: its renderer, guidance, held-out views, and the
-    objective's timestep range (at step 0) and training elevations as the problem's defaults."""
+    objective's timestep range (at step 0) and training elevations as the problem's defaults. With
+    ``cfg.teacher`` (a Stable Diffusion folder) it is :class:`carv.apps.latent_sds.LatentSceneProblem`, and
+    ``teacher`` is that teacher already loaded (or None)."""
+    kw = dict(t_range=cfg.t_range(0), train_elevation=(cfg.elev_lo, cfg.elev_hi))
+    if cfg.teacher is not None:
+        from carv.apps.latent_sds import LatentSceneProblem, load_sd_teacher
+
+        sd = teacher if teacher is not None else load_sd_teacher(cfg.teacher)
+        return LatentSceneProblem(cfg.prompt, sd, cfg.render_size, cfg.n_samples, cfg.guidance_scale,
+                                  cfg.n_eval_views, clock, **kw)
     return SceneProblem(cfg.prompt, teacher, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
-                        clock, t_range=cfg.t_range(0), train_elevation=(cfg.elev_lo, cfg.elev_hi))
+                        clock, **kw)
 
 
 def _grid_grad(grid: VoxelGrid) -> Tensor:
@@ -806,13 +831,15 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(out_dir) if out_dir is not None else Path("runs/text-to-3d") / _slug(get_scene(prompt).prompt)
+    default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
+    out = Path(out_dir) if out_dir is not None else default_root / _slug(get_scene(prompt).prompt)
     if restart:
         for sub in ([out] + [out / m for m in METHODS]):
             stale = [q.name for q in sub.glob(f"{CHECKPOINT_STEM}-*.safetensors")]
             for f in [CHECKPOINT_JSON, "metrics.jsonl", *stale]:
                 (sub / f).unlink(missing_ok=True)
-    teacher = teacher if teacher is not None else load_scenes_teacher()
+    if teacher is None and cfg.teacher is None:
+        teacher = load_scenes_teacher()
     problem = problem_for(cfg, teacher)
     if not compare:
         trainer = Trainer(cfg, out, problem)

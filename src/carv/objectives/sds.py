@@ -10,8 +10,10 @@ however large ``K`` is. The teacher is frozen and its Jacobian is skipped (as in
 
 Teacher batches. ``max_batch`` bounds the rows the network actually sees in one call, the guidance-doubled
 rows included (with guidance each draw is two rows: conditional and unconditional). The default ``"auto"``
-is what the same step needs at ``K = 1`` (``R`` draws, ``2 R`` rows with guidance), so raising ``K`` adds
-network calls but not network memory; ``None`` evaluates all ``R K`` draws in one call.
+allows the larger of what the same step needs at ``K = 1`` (``R`` rows, ``2 R`` with guidance) and
+:data:`AUTO_BATCH_ELEMENTS` input elements (4 rows of Stable Diffusion's ``4 x 64 x 64`` latents), so raising
+``K`` adds network calls but hardly any network memory, while small inputs (a toy problem, a 32 px teacher)
+are not split into many small calls; ``None`` evaluates all ``R K`` draws in one call.
 
 Non-finite teacher outputs (NaN/inf, common with half-precision weights). ``nan_policy="raise"`` (the
 default) raises :class:`~carv.teachers.base.NonFiniteTeacherError` naming the timesteps. ``"skip"`` drops
@@ -50,6 +52,7 @@ __all__ = ["NAN_POLICIES", "ScoreDistillation", "SDSOutput", "batched_teacher_ep
            "residual_estimate"]
 
 NAN_POLICIES = ("raise", "skip")
+AUTO_BATCH_ELEMENTS = 1 << 16  # max_batch="auto": input elements per network call beyond what K = 1 needs
 
 
 @dataclass
@@ -147,7 +150,8 @@ class ScoreDistillation(UsesEstimator):
         guidance_scale: classifier-free guidance scale, in ``guidance_convention``.
         noise: ``"iid"``, ``"antithetic"`` or ``"crn"``.
         max_batch: the most rows the teacher network sees in one call, guidance rows included; ``"auto"``
-            (default): what ``K = 1`` needs, so memory does not grow with ``K``; None: no chunking.
+            (default): the larger of what ``K = 1`` needs and 65536 input elements, so memory hardly grows
+            with ``K`` (see the module doc); None: no chunking. On a large GPU raise it for throughput.
         distributed: split global strata across ``torch.distributed`` processes (see
             :class:`~carv.estimator.HierarchicalEstimator`); all-reduce the gradients as DDP does.
         nan_policy: ``"raise"`` (default) or ``"skip"`` (drop the step and report it; see the module doc).
@@ -178,10 +182,11 @@ class ScoreDistillation(UsesEstimator):
         self.nan_policy = nan_policy
         self.skipped_steps = 0
 
-    def teacher_batch(self, R: int, guided: bool) -> int | None:
-        """The largest network batch a call with ``R`` upstream samples may use (``max_batch`` resolved)."""
+    def teacher_batch(self, x: Tensor, guided: bool) -> int | None:
+        """The largest network batch a call on upstream samples ``x`` ``[R, ...]`` may use (``max_batch`` resolved)."""
         if self.max_batch == "auto":
-            return R * (2 if guided else 1)
+            R, per_row = x.shape[0], max(1, x[0].numel())
+            return max(R * (2 if guided else 1), AUTO_BATCH_ELEMENTS // per_row)
         return self.max_batch
 
     def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | int | None = None,
@@ -193,8 +198,8 @@ class ScoreDistillation(UsesEstimator):
         for guidance (e.g. per-view negative embeddings), replacing the teacher's own.
         """
         cond_k, uncond_k = repeat_cond(cond, self.K), repeat_cond(uncond, self.K)
-        max_batch = self.teacher_batch(x.shape[0] if isinstance(x, Tensor) and x.ndim else 1,
-                                       is_guided(self.guidance_scale, cond))
+        max_batch = self.teacher_batch(x, is_guided(self.guidance_scale, cond)) if isinstance(x, Tensor) and x.ndim \
+            else None  # residual_estimate names a bad x
 
         def residual(x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:  # w(t) (eps_hat(x_t, t, c) - eps)
             eps_hat = batched_teacher_eps(self.teacher, x_t, t, cond_k, self.guidance_scale, max_batch, uncond_k)

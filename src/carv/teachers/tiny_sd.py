@@ -4,9 +4,10 @@ Nothing is downloaded: the UNet (``UNet2DConditionModel``, cross-attention width
 (``AutoencoderKL`` with four small down blocks, so 64 px images give 8x8 latents, like SD's factor 8), the
 text encoder (``CLIPTextModel`` from a ``CLIPTextConfig``) and a ``CLIPTokenizer`` made from a generated
 byte-level vocabulary (every byte symbol, alone and word-final; no merges) are made from configs with
-random weights. The teacher it gives is meaningless as a model, but it exercises exactly the code paths a
-real Stable Diffusion 1.x / 2.x pipeline does (shapes, dtypes, VAE scaling, tokenizer padding, guidance,
-save/load). Needs ``diffusers`` and ``transformers``.
+random weights. Attention sits only in the lowest-resolution block (at SD's 64x64 latents, attention at
+full resolution would make the tiny model slow on CPU). The teacher it gives is meaningless as a model,
+but it exercises the code paths a real Stable Diffusion 1.x / 2.x pipeline does (shapes, dtypes, VAE
+scaling, tokenizer padding, guidance, save/load). Needs ``diffusers`` and ``transformers``.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, samp
 
     torch.manual_seed(seed)  # the modules' initialisers draw from the global generator; seed it for reproducibility
     unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=TEXT_WIDTH,
-                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+                                block_out_channels=(16, 32, 32), norm_num_groups=8, cross_attention_dim=TEXT_WIDTH,
+                                attention_head_dim=4,
+                                down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
                         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
