@@ -324,6 +324,29 @@ def bench_allocator_cmd(
     bench_allocator_text_to_3d(out, bs, grid, json_path, replicates, pilot_steps, threads, seed=seed, command=cmd)
 
 
+@bench_app.command("sd")
+def bench_sd_cmd(
+    pipeline: Path = typer.Option(None, help="A local diffusers Stable Diffusion folder (default: the tiny "
+                                  "random-weight pipeline, built offline)."),
+    smoke: bool = typer.Option(False, "--smoke", help="A few replicates, K <= 4 for memory: checks the script "
+                               "runs (a few minutes on CPU)."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the results JSON here."),
+    out: Path = typer.Option(Path("runs/bench-sd"), help="Output folder (sd_bench.json, the tiny pipeline)."),
+    device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    half: bool = typer.Option(True, "--half/--no-half", help="float16 weights on CUDA (threestudio's default)."),
+    threads: int = typer.Option(None, min=1, help="torch threads."),
+    seed: int = typer.Option(0, min=0, help="Random seed."),
+):
+    """Latent SDS with a Stable Diffusion pipeline: upstream/draw cost split, variance and ECM of uniform vs
+    importance + strata at R = 2, and peak memory against K with the default chunking."""
+    from carv.bench.sd import run_sd_bench
+
+    cmd = "carv bench sd" + (f" --pipeline {pipeline}" if pipeline else "") + (" --smoke" if smoke else "") + (
+        f" --threads {threads}" if threads else "")
+    run_sd_bench(None if pipeline is None else str(pipeline), smoke, json_path, out, device, half, threads, seed,
+                 command=cmd)
+
+
 def main() -> None:
     """Entry point. An operating-system error (a run folder that cannot be created or written, a full
     disk, a missing input file) ends with one line naming the path instead of a traceback; the run

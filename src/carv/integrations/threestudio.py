@@ -1,9 +1,10 @@
 """A threestudio-shaped score-distillation guidance backed by carv's estimator.
 
-It follows the call shapes of threestudio's ``StableDiffusionGuidance`` (threestudio v0.2.3,
-``threestudio/models/guidance/stable_diffusion_guidance.py``) and its ``PromptProcessorOutput``
-(``threestudio/models/prompt_processors/base.py``): the same config names, ``__call__(rgb [B, H, W, C],
-prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, **kwargs)`` returning a dict with
+It follows the call shapes of threestudio's ``StableDiffusionGuidance``
+(``threestudio/models/guidance/stable_diffusion_guidance.py`` of threestudio-project/threestudio at commit 02d05b0)
+and its ``PromptProcessorOutput`` (``threestudio/models/prompt_processors/base.py`` at commit 0113b37): the
+same config names, ``__call__(rgb [B, H, W, C], prompt_utils, elevation, azimuth, camera_distances,
+rgb_as_latents=False, **kwargs)`` returning a dict with
 ``loss_sds``, ``grad_norm``, ``min_step`` and ``max_step``, and ``update_step(epoch, global_step,
 on_load_weights=False)``. threestudio itself is not a dependency: the class works with any object that
 has threestudio's ``prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,

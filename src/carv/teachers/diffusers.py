@@ -171,8 +171,10 @@ class DiffusersTeacher(Teacher):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-            if device is not None or dtype is not None:
-                part.to(device=device, dtype=dtype)
+            if dtype is not None:
+                part.to(dtype=dtype)
+            if device is not None:
+                part.to(device)
             part.eval()
         teacher = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler,
                       prediction_type=prediction_type)

@@ -1,7 +1,7 @@
 """View-dependent prompt embeddings, shaped like threestudio's ``PromptProcessorOutput``.
 
 Text-to-3D pipelines condition each render on a prompt that names the direction it is seen from. The rule
-follows threestudio (``threestudio/models/prompt_processors/base.py``, v0.2.x): every view starts as
+follows threestudio (``threestudio/models/prompt_processors/base.py`` at commit 0113b37): every view starts as
 ``"side"``; a view with ``|azimuth| < front_threshold`` (azimuth wrapped to ``[-180, 180)``, 0 = the object's
 front, as carv's cameras) becomes ``"front"``, one with ``|azimuth| > 180 - back_threshold`` becomes
 ``"back"``, and one with ``elevation > overhead_threshold`` becomes ``"overhead"`` (later rules win).
