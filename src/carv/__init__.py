@@ -6,6 +6,7 @@ measure the apps' pipelines side by side), ``cli``.
 """
 
 from carv import accounting
+from carv.accountant import Accountant
 from carv.accounting import Allocator, AutoK, CostMeter, allocate
 from carv.estimator import Draws, Estimate, HierarchicalEstimator
 from carv.objectives.attribution import GradientFeatures
@@ -18,6 +19,7 @@ from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepDraws
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accountant",
     "Allocator",
     "AutoK",
     "CostMeter",

@@ -336,15 +336,17 @@ def bench_sd_cmd(
     half: bool = typer.Option(True, "--half/--no-half", help="float16 weights on CUDA (threestudio's default)."),
     threads: int = typer.Option(None, min=1, help="torch threads."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
+    only: str = typer.Option(None, help="Run only one part: 'memory' or 'ecm'."),
 ):
     """Latent SDS with a Stable Diffusion pipeline: upstream/draw cost split, variance and ECM of uniform vs
     importance + strata at R = 2, and peak memory against K with the default chunking."""
     from carv.bench.sd import run_sd_bench
 
-    cmd = "carv bench sd" + (f" --pipeline {pipeline}" if pipeline else "") + (" --smoke" if smoke else "") + (
-        f" --threads {threads}" if threads else "")
-    run_sd_bench(None if pipeline is None else str(pipeline), smoke, json_path, out, device, half, threads, seed,
-                 command=cmd)
+    try:
+        run_sd_bench(None if pipeline is None else str(pipeline), smoke, json_path, out, device, half, threads, seed,
+                     command=None, only=only)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def main() -> None:

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from carv._machine import machine_info
+from carv._machine import loadavg
 from carv.accounting import CostMeter, timed_estimate
-from carv.bench.harness import Config, add_figures, measure, reference_mean
+from carv.bench.harness import Config, measure, pooled_figures, reference_mean, run_record
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
 from carv.render import VoxelGrid, random_cameras, render
@@ -133,7 +133,7 @@ def _memory_rows(teacher, pipeline: str, Ks, latent_size: int, R: int, guidance_
 
 # --------------------------------------------------------------------------- cost split and ECM
 def _ecm_rows(teacher, device: torch.device, render_size: int, grid_res: int, reps: int, n_ref: int,
-              guidance_scale: float, seed: int, progress: bool) -> tuple[list[dict], dict]:
+              guidance_scale: float, seed: int, progress: bool, smoke: bool = False) -> tuple[list[dict], dict]:
     emb = teacher.encode_prompt("a hamburger")
     vae_size = 8 * int(teacher.unet.config.sample_size)
     torch.manual_seed(seed)  # only the grid's initial values
@@ -162,10 +162,12 @@ def _ecm_rows(teacher, device: torch.device, render_size: int, grid_res: int, re
 
     configs = [Config("uniform", 2, k) for k in (1, 2, 4, 8)] + [Config("importance+strata", 2, k) for k in (2, 4, 8)]
     ref, ref_var = reference_mean(estimate, Config("uniform", 8, 8), n_ref, seed=seed + 1, progress=progress)
-    rows = measure(configs, estimate, ref, reps, seed=seed, progress=progress, desc="sd replicates")
+    rows = measure(configs, estimate, ref, reps, seed=seed, progress=progress, desc="sd replicates",
+                   reference_variance=ref_var, keep_replicates=True)
+    summary = pooled_figures(rows, baseline=("uniform", 2, 1), bootstrap=200 if reps >= 10 else 0, seed=seed,
+                             smoke=smoke)
     for r in rows:
-        r["variance"] = max(r["variance"] - ref_var, 1e-30)  # the reference's own variance removed
-    summary = add_figures(rows, baseline=("uniform", 2, 1))
+        r.pop("replicates", None)
     summary["variance_of_reference"] = ref_var
     return rows, summary
 
@@ -173,8 +175,9 @@ def _ecm_rows(teacher, device: torch.device, render_size: int, grid_res: int, re
 def run_sd_bench(pipeline: str | None = None, smoke: bool = False, json_path: str | Path | None = None,
                  out_dir: str | Path = "runs/bench-sd", device: str | None = None, half: bool = True,
                  threads: int | None = None, seed: int = 0, progress: bool = True,
-                 command: str = "carv bench sd") -> dict:
+                 command: str | None = None, only: str | None = None) -> dict:
     """Run both measurements (see the module doc); writes ``sd_bench.json`` into ``out_dir`` (and ``json_path``)."""
+    load_start = loadavg()
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -188,25 +191,32 @@ def run_sd_bench(pipeline: str | None = None, smoke: bool = False, json_path: st
         mem_ks, reps, n_ref, render_size, grid_res, mem_none = (1, 4), 3, 3, 32, 16, (1,)
     else:
         mem_ks, reps, n_ref, render_size, grid_res, mem_none = (1, 4, 16, 64), 40, 24, 64, 48, (1, 4, 16)
+    if only not in (None, "memory", "ecm"):
+        raise ValueError(f"only: expected None, 'memory' or 'ecm', got {only!r}")
     t0 = time.perf_counter()
-    rows, summary = _ecm_rows(teacher, dev, render_size, grid_res, reps, n_ref, 100.0, seed, progress)
+    rows, summary = ([], {}) if only == "memory" else _ecm_rows(teacher, dev, render_size, grid_res, reps, n_ref,
+                                                                  100.0, seed, progress, smoke)
     t_ecm = time.perf_counter() - t0
-    memory = _memory_rows(teacher, path, mem_ks, mem_latent, 1, 100.0, "auto")
-    memory += _memory_rows(teacher, path, mem_none, mem_latent, 1, 100.0, None)
-    res = {"command": command, "pipeline": pipeline or "tiny random-weight pipeline (carv.teachers.tiny_sd)",
+    memory = []
+    if only != "ecm":
+        memory = _memory_rows(teacher, path, mem_ks, mem_latent, 1, 100.0, "auto")
+        memory += _memory_rows(teacher, path, mem_none, mem_latent, 1, 100.0, None)
+    res = {"run": run_record(command, load_start),
+           "pipeline": pipeline or "tiny random-weight pipeline (carv.teachers.tiny_sd)",
            "device": str(dev), "dtype": str(teacher.dtype), "latent_size": latent, "render_size": render_size,
            "guidance_scale": 100.0, "rows": rows, "summary": summary, "memory": memory, "ecm_seconds": t_ecm,
-           "machine": machine_info(), "smoke": smoke}
+           "smoke": smoke}
     (out / "sd_bench.json").write_text(json.dumps(res, indent=2))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(res, indent=2))
     if progress:
-        s = summary
-        print(f"c_up {s['c_upstream_s'] * 1e3:.1f} ms per render, c_draw {s['c_draw_s'] * 1e3:.1f} ms per guided "
-              f"draw (ratio {s['cost_ratio']:.2f})")
+        c_up, c_draw, ratio = summary.get("c_upstream_s"), summary.get("c_draw_s"), summary.get("cost_ratio")
+        if c_up and c_draw:
+            print(f"c_up {c_up * 1e3:.1f} ms per render, c_draw {c_draw * 1e3:.1f} ms per guided draw "
+                  f"(ratio {ratio:.2f}; marginal seconds from the pooled stage model)")
         for r in rows:
-            print(f"{r['method']:>18} R={r['R']} K={r['K']:<2} variance {r['variance']:.4g} cost {r['cost_s']:.3f} s "
-                  f"ECM {r['ecm']:.2f}")
+            print(f"{r['method']:>18} R={r['R']} K={r['K']:<2} variance {r['variance']:.4g} "
+                  f"(se {r['variance_se']:.2g}) cost {r['cost_s']:.3f} s ECM {r['ecm']:.2f}")
         for m in memory:
             print(f"memory K={m['K']:<2} max_batch={m['max_batch']}: {m['peak_mib']:.0f} MiB ({m['measure']})")
     return res

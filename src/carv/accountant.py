@@ -1,0 +1,206 @@
+"""One object for the per-step accounting loop: time the stages, probe the variance when due, set the next
+``(R, K)``.
+
+Without it a user wires five things by hand each step (stage timers, a variance probe, ``AutoK.observe``,
+``AutoK.step``, ``sds.K = ...``). With it::
+
+    acc = carv.Accountant(sds, params=list(model.parameters()))
+    for step in range(n_steps):
+        with acc.step() as st:                 # times the whole step
+            x = render(model, cameras(acc.R))  # acc.R upstream samples (2 on a probe step when R would be 1)
+            out = st.objective(x, cond)        # the objective call is the "draw" stage
+            st.backward(out, x)                # out.loss.backward(), plus the probe's two extra VJPs when due
+            optimizer.step()
+        # here sds.K (and acc.R) hold the next step's choice
+
+Costs. The ``"draw"`` stage is the objective call (its ``R K`` teacher draws, per draw); everything else
+inside the step (render, encode, backward, optimiser) is ``"upstream"`` (per upstream sample), the two stages
+of the cost model ``C = R (c_up + K c_draw)``. The probe's extra backward passes are timed apart
+(``"probe"``) and not charged to either stage; they are reported so that a benchmark can charge them.
+
+Variance. Every ``probe_every`` steps the step's own draws are split into between- and within-sample
+components in the space of ``params`` (the gradient the optimiser consumes) by
+:class:`~carv.accounting.ComponentProbe`; without ``params`` the objective's free components of the
+upstream output (a cheaper, often poor proxy) are used. A probe needs ``R >= 2`` and ``K >= 2``: on a
+probe step :attr:`R` asks for at least 2 upstream samples and ``K`` is at least 2.
+
+Choice. Every ``choose_every`` steps (after a probe has been seen) the components (exponential moving
+averages, :class:`~carv.accounting.AutoK`) and the stage medians set the next ``(R, K)``: with ``budget``
+(seconds per step, or ``"plain"`` for the plain estimator's step ``R = 2, K = 1`` at the measured costs, i.e.
+equal per-step compute) by :func:`carv.accounting.allocate`; without it ``K = optimal_k(...)`` and ``R``
+stays. Every step's estimator is an ordinary fixed-``(R, K)`` estimator, so each step stays unbiased.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from carv.accounting import AutoK, ComponentProbe, CostMeter, allocate
+
+__all__ = ["Accountant", "AccountantStep"]
+
+
+class AccountantStep:
+    """The handle of one step (from :meth:`Accountant.step`): call the objective and the backward through it."""
+
+    def __init__(self, acc: Accountant):
+        self.acc = acc
+        self.draw_s = 0.0
+        self.probe_s = 0.0
+        self.R: int | None = None
+        self.K: int | None = None
+        self.out: Any = None
+        self.components: tuple[float, float] | None = None
+
+    def objective(self, x: Tensor, *args, **kwargs) -> Any:
+        """``objective(x, *args, **kwargs)`` timed as the draw stage (with ``keep_draws`` on a probe step)."""
+        acc = self.acc
+        self.R, self.K = int(x.shape[0]), acc.objective.K
+        probe = acc.probe_due and self.R >= 2 and self.K >= 2
+        if probe and acc.params is not None:
+            kwargs["keep_draws"] = True
+        t0 = acc._now()
+        self.out = acc.objective(x, *args, **kwargs)
+        self.draw_s += acc._now() - t0
+        self._probe = probe
+        return self.out
+
+    def backward(self, out: Any, x: Tensor | None = None) -> None:
+        """``out.loss.backward()``; on a probe step first the two extra vector-Jacobian products through ``x``
+        (the upstream output passed to :meth:`objective`) that give the parameter-space components."""
+        acc = self.acc
+        if getattr(out, "skipped", None) is not None:
+            out.loss.backward()
+            return
+        if self._probe and acc.params is not None:
+            if x is None:
+                raise ValueError("x: a probe step needs the upstream output passed to objective(x, ...)")
+            t0 = acc._now()
+            pr = ComponentProbe(self.R, self.K)
+            u, h = pr.cotangents(out.estimate.draws, acc.generator)
+            ju = torch.autograd.grad(x, acc.params, u, retain_graph=True, allow_unused=True)
+            jh = torch.autograd.grad(x, acc.params, h, retain_graph=True, allow_unused=True)
+            self.components = tuple(pr.components(ju, jh))
+            out.estimate.draws = None
+            self.probe_s += acc._now() - t0
+        elif self._probe and out.estimate.between is not None:
+            self.components = (out.estimate.between, out.estimate.within)
+        out.loss.backward()
+
+
+class Accountant:
+    """The per-step accounting loop around a user's own upstream and objective (see the module doc).
+
+    Args:
+        objective: a carv objective with a settable ``K`` (``ScoreDistillation``, ``DistributionMatching``), or
+            anything callable with ``K`` that returns an output with ``loss`` and ``estimate``.
+        params: the parameters whose gradient the optimiser consumes (for the probe); None: the objective's
+            own components of the upstream output.
+        R: upstream samples per step to start with.
+        probe_every, choose_every: steps between probes and between choices of ``(R, K)``.
+        k_range, r_range: the allowed ``K`` and ``R`` (both inclusive; ``K >= 2`` keeps the within part
+            measurable).
+        budget: seconds per step, ``"plain"`` (the plain estimator's ``R = 2, K = 1`` step at the measured
+            costs) or None (choose ``K`` only).
+        device: synchronise CUDA before reading the clock.
+        decay: the moving averages' decay.
+    """
+
+    def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2, probe_every: int = 10,
+                 choose_every: int = 20, k_range: tuple[int, int] = (2, 64), r_range: tuple[int, int] = (1, 64),
+                 budget: float | str | None = None, device: torch.device | str | None = None, decay: float = 0.8,
+                 generator: torch.Generator | None = None, clock: Callable[[], float] = time.perf_counter):
+        for name, v in (("R", R), ("probe_every", probe_every), ("choose_every", choose_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if not hasattr(objective, "K"):
+            raise TypeError(f"objective: expected a carv objective with a settable K, got {type(objective).__name__}")
+        if budget is not None and budget != "plain" and not (
+                isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
+            raise ValueError(f"budget: expected seconds per step > 0, 'plain' or None, got {budget!r}")
+        self.objective = objective
+        self.params = list(params) if params is not None else None
+        self._R = R
+        self.probe_every, self.choose_every = probe_every, choose_every
+        self.k_range, self.r_range, self.budget = tuple(k_range), tuple(r_range), budget
+        k_init = min(max(objective.K, k_range[0]), k_range[1])
+        self.autok = AutoK(k_init=k_init, k_min=k_range[0], k_max=k_range[1], every=1, decay=decay)
+        self.meter = CostMeter(device)
+        self.generator = generator
+        self.clock = clock
+        self.steps = 0
+        self.probes = 0
+        self.probe_seconds = 0.0
+        self.history: list[dict] = []
+
+    def _now(self) -> float:
+        if self.meter._sync:
+            torch.cuda.synchronize(self.meter.device)
+        return self.clock()
+
+    @property
+    def probe_due(self) -> bool:
+        return self.steps % self.probe_every == 0
+
+    @property
+    def R(self) -> int:
+        """Upstream samples for the next step (at least 2 on a probe step)."""
+        return max(self._R, 2) if self.probe_due else self._R
+
+    @property
+    def K(self) -> int:
+        return self.objective.K
+
+    @contextmanager
+    def step(self) -> Iterator[AccountantStep]:
+        if self.probe_due and self.objective.K < 2:
+            self.objective.K = 2
+        st = AccountantStep(self)
+        t0 = self._now()
+        yield st
+        total = self._now() - t0
+        if st.R is None:
+            raise ValueError("step: call st.objective(x, ...) inside the step")
+        self.meter.add("upstream", max(total - st.draw_s - st.probe_s, 0.0), count=st.R)
+        self.meter.add("draw", st.draw_s, count=st.R * st.K)
+        self.probe_seconds += st.probe_s
+        self.steps += 1
+        if st.components is not None:
+            self.probes += 1
+            self.autok.observe(*st.components)
+        row = {"step": self.steps, "R": st.R, "K": st.K, "upstream_s": total - st.draw_s - st.probe_s,
+               "draw_s": st.draw_s, "probe_s": st.probe_s, "components": st.components}
+        if self.steps % self.choose_every == 0 and self.autok.between is not None:
+            self._choose(row)
+        self.history.append(row)
+
+    def _choose(self, row: dict) -> None:
+        c_up, c_draw = self.meter.median("upstream"), self.meter.median("draw")
+        b, w = self.autok.between, self.autok.within
+        if self.budget is None:
+            K = self.autok.step(self.meter)
+            R = self._R
+        else:
+            budget = 2 * (c_up + c_draw) if self.budget == "plain" else float(self.budget)
+            R, K = allocate(b, w, c_up, c_draw, budget=budget, r_range=self.r_range, k_range=self.k_range)
+            row["budget_s"] = budget
+        self._R = R
+        self.objective.K = K
+        row.update(next_R=R, next_K=K, between=b, within=w, cost_upstream=c_up, cost_draw=c_draw)
+
+    def state_dict(self) -> dict:
+        return {"R": self._R, "K": self.objective.K, "steps": self.steps, "probes": self.probes,
+                "probe_seconds": self.probe_seconds, "autok": self.autok.state_dict(), "meter": self.meter.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._R, self.steps, self.probes = state["R"], state["steps"], state["probes"]
+        self.probe_seconds = state["probe_seconds"]
+        self.objective.K = state["K"]
+        self.autok.load_state_dict(state["autok"])
+        self.meter.load_state_dict(state["meter"])

@@ -1,0 +1,133 @@
+"""carv.Accountant: one object for the per-step loop (stage timing, probes when due, the next (R, K))."""
+
+import pytest
+import torch
+
+from carv import Accountant, ScoreDistillation, TimestepSampler, VPSchedule
+from carv.accounting import ComponentProbe, allocate, optimal_k
+from carv.teachers import GaussianMixtureTeacher
+
+T = 1000
+SCHED = VPSchedule.from_betas(1e-4, 0.02, T)
+TEACHER = GaussianMixtureTeacher(torch.tensor([[-1.0, 0.5], [1.0, 1.0], [0.0, -1.5]]), 0.25, None, SCHED)
+
+
+class FakeClock:
+    """Seconds advance only when the test says so, so stage costs are exact."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class Charged:
+    """The objective, charging the fake clock ``per_draw`` seconds per teacher draw."""
+
+    def __init__(self, sds, clock, per_draw=0.002):
+        self.sds, self.clock, self.per_draw = sds, clock, per_draw
+
+    @property
+    def K(self):
+        return self.sds.K
+
+    @K.setter
+    def K(self, K):
+        self.sds.K = K
+
+    def __call__(self, x, *args, **kwargs):
+        self.clock.t += self.per_draw * x.shape[0] * self.sds.K
+        return self.sds(x, *args, **kwargs)
+
+
+def make(K=4, per_draw=0.002, **kw):
+    theta = torch.randn(2, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    sds = ScoreDistillation(TEACHER, TimestepSampler(T, stratify="per_upstream"), K=K)
+    clock = FakeClock()
+    acc = Accountant(Charged(sds, clock, per_draw), params=[theta], clock=clock,
+                     generator=torch.Generator().manual_seed(1), **kw)
+    return theta, sds, clock, acc
+
+
+def run_step(acc, theta, clock, g, up_s=0.03):
+    with acc.step() as st:
+        R = acc.R
+        clock.t += up_s / 2 * R  # the "render"
+        x = theta[None] * 1.5 + 0.5 * torch.randn(R, 2, generator=g)
+        out = st.objective(x, None, g)
+        st.backward(out, x)
+        clock.t += up_s / 2 * R  # "backward + optimiser"
+    return st
+
+
+def test_stage_costs_probe_and_the_chosen_k():
+    theta, sds, clock, acc = make(K=4, probe_every=2, choose_every=4, k_range=(2, 32))
+    g = torch.Generator().manual_seed(2)
+    comps = []
+    for _ in range(8):
+        st = run_step(acc, theta, clock, g)
+        if st.components is not None:
+            comps.append(st.components)
+    # costs: everything outside the objective is upstream (per render), the objective is the draw stage (per draw)
+    assert acc.meter.median("upstream") == pytest.approx(0.03)
+    assert acc.meter.median("draw") == pytest.approx(0.002)
+    assert acc.probes == 4 and len(comps) == 4 and all(c[1] > 0 for c in comps)
+    # the choice after step 8 is optimal_k of the moving averages and the stage medians
+    b, w = acc.autok.between, acc.autok.within
+    assert acc.history[-1]["next_K"] == optimal_k(b, w, 0.03, 0.002, k_max=32, k_min=2) == sds.K
+    assert acc.history[-1]["next_R"] == 2
+
+
+def test_probe_components_are_the_component_probe_of_the_step():
+    """The Accountant's probe is ComponentProbe on the step's own draws (same cotangents, same VJPs)."""
+    theta, sds, clock, acc = make(K=4, probe_every=1)
+    g = torch.Generator().manual_seed(5)
+    noise = 0.5 * torch.randn(2, 2, generator=g)
+    with acc.step() as st:
+        x = theta[None] * 1.5 + noise
+        out = st.objective(x, None, g)
+        draws = out.estimate.draws.clone()
+        st.backward(out, x)
+    pr = ComponentProbe(2, 4)
+    u, h = pr.cotangents(draws, torch.Generator().manual_seed(1))
+    x2 = theta[None] * 1.5 + noise
+    ju = torch.autograd.grad(x2, [theta], u, retain_graph=True)
+    jh = torch.autograd.grad(x2, [theta], h)
+    assert st.components == pytest.approx(tuple(pr.components(ju, jh)))
+    assert theta.grad is not None  # the step's own backward ran too
+
+
+def test_budget_mode_allocates_r_and_k_at_equal_per_step_compute():
+    theta, sds, clock, acc = make(K=4, per_draw=0.001, probe_every=1, choose_every=3, budget="plain",
+                                  r_range=(1, 8), k_range=(2, 64))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        run_step(acc, theta, clock, g, up_s=0.05)
+    row = acc.history[-1]
+    assert row["budget_s"] == pytest.approx(2 * (0.05 + 0.001))
+    c_up, c_draw = acc.meter.median("upstream"), acc.meter.median("draw")
+    assert (c_up, c_draw) == (pytest.approx(0.05), pytest.approx(0.001))
+    want = allocate(acc.autok.between, acc.autok.within, c_up, c_draw, budget=row["budget_s"], r_range=(1, 8),
+                    k_range=(2, 64))
+    assert (row["next_R"], row["next_K"]) == want == (acc._R, sds.K)
+
+
+def test_r1_probe_steps_ask_for_two_upstream_samples_and_bad_args():
+    theta, sds, clock, acc = make(K=1, R=1, probe_every=5)
+    assert acc.R == 2 and acc.steps == 0  # step 0 is a probe step
+    with acc.step() as st:
+        assert sds.K == 2  # K >= 2 on a probe step
+        x = theta[None].expand(acc.R, -1) * 1.0
+        st.backward(st.objective(x, None, 0), x)
+    assert acc.R == 1  # the next step is not a probe step
+    with pytest.raises(ValueError, match="probe_every"):
+        Accountant(sds, probe_every=0)
+    with pytest.raises(ValueError, match="budget"):
+        Accountant(sds, budget="lots")
+    with pytest.raises(TypeError, match="objective"):
+        Accountant(object())
+    state = acc.state_dict()
+    acc2 = Accountant(sds)
+    acc2.load_state_dict(state)
+    assert acc2.steps == 1 and acc2.meter.median("draw") == acc.meter.median("draw")
