@@ -58,6 +58,8 @@ def test_from_pipeline_refuses_a_unet_and_names_the_fix(pipe):
 
     with pytest.raises(TypeError, match="pipe: .*lacks"):
         DiffusersTeacher.from_pipeline(pipe.unet)
+    with pytest.raises(TypeError, match=r"from_pipeline\(pipe\)"):
+        DiffusersTeacher(pipe, pipe.scheduler)
     with pytest.raises(TypeError, match="from_pipeline"):
         ScoreDistillation(pipe, TimestepSampler(1000))
 

@@ -68,8 +68,9 @@ class DiffusersTeacher(Teacher):
         elif isinstance(unet, UNet2DModel):
             self.kind = "unet2d"
         else:
+            hint = "; for a pipeline use DiffusersTeacher.from_pipeline(pipe)" if hasattr(unet, "unet") else ""
             raise TypeError(f"unet: expected a diffusers UNet2DModel or UNet2DConditionModel, "
-                            f"got {type(unet).__name__}")
+                            f"got {type(unet).__name__}{hint}")
         self.unet = unet
         self.schedule = VPSchedule.from_diffusers(scheduler)
         cfg_pt = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
