@@ -174,3 +174,21 @@ def test_bad_inputs_are_named():
         sds(torch.zeros(3))
     with pytest.raises(ValueError, match="x_t: expected shape"):
         sds(torch.zeros(2, 3))
+
+
+def test_skip_policy_drops_the_step_for_both_residual_objectives():
+    from carv import DistributionMatching
+
+    x = X.clone().requires_grad_()
+    sampler = TimestepSampler(T, t_min=950, t_max=960)
+    sds = ScoreDistillation(NaNTeacher(), sampler, K=2, nan_policy="skip")
+    dmd = DistributionMatching(NaNTeacher(), NaNTeacher(), sampler, K=2, weighting="sds", nan_policy="skip")
+    for obj in (sds, dmd):
+        out = obj(x, generator=0)
+        assert "NaN" in out.skipped and obj.skipped_steps == 1 and torch.count_nonzero(out.grad) == 0
+        out.loss.backward()
+        assert torch.count_nonzero(x.grad) == 0
+    with pytest.raises(NonFiniteTeacherError):
+        DistributionMatching(NaNTeacher(), NaNTeacher(), sampler, K=2, weighting="sds")(x, generator=0)
+    with pytest.raises(ValueError, match="nan_policy"):
+        DistributionMatching(NaNTeacher(), NaNTeacher(), sampler, nan_policy="nan_to_num")

@@ -57,6 +57,7 @@ class AccountantStep:
         self.K: int | None = None
         self.out: Any = None
         self.components: tuple[float, float] | None = None
+        self._probe = False
 
     def objective(self, x: Tensor, *args, **kwargs) -> Any:
         """``objective(x, *args, **kwargs)`` timed as the draw stage (with ``keep_draws`` on a probe step)."""

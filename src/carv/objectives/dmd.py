@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from carv.estimator import HierarchicalEstimator, UsesEstimator
-from carv.objectives.sds import SDSOutput, batched_teacher_eps, residual_estimate
+from carv.objectives.sds import SDSOutput, batched_teacher_eps, check_nan_policy, residual_estimate
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import Teacher, repeat_cond
@@ -53,12 +53,14 @@ class DistributionMatching(UsesEstimator):
         weighting: ``"dmd"`` (per-draw normalisation, see module doc), a weight-table name or a callable of ``t``.
         guidance_scale: classifier-free guidance on the real score (1 = none); the fake score is unguided.
         noise: ``"iid"``, ``"antithetic"`` or ``"crn"``.
-        max_batch: largest network batch (the ``R*K`` draws are chunked to fit memory).
+        max_batch: largest network batch, guidance rows included (the ``R*K`` draws are chunked to fit memory).
+        nan_policy: ``"raise"`` (default) or ``"skip"`` (drop the step whole and report it, as
+            :class:`~carv.objectives.sds.ScoreDistillation`).
     """
 
     def __init__(self, teacher: Teacher, fake_score: Teacher, sampler: TimestepSampler, K: int = 1,
                  weighting: Weighting = "dmd", guidance_scale: float = 1.0, noise: str = "iid",
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, nan_policy: str = "raise"):
         for name, v in (("teacher", teacher), ("fake_score", fake_score)):
             if not isinstance(v, Teacher):
                 raise TypeError(f"{name}: expected a carv Teacher, got {type(v).__name__}")
@@ -74,6 +76,7 @@ class DistributionMatching(UsesEstimator):
             raise ValueError(f"guidance_scale: expected a non-negative number, got {guidance_scale!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch: expected a positive integer or None, got {max_batch!r}")
+        check_nan_policy(nan_policy)
         if isinstance(weighting, str) and weighting not in DMD_WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {DMD_WEIGHTINGS} or a callable of t, got {weighting!r}")
         self.teacher, self.fake_score = teacher, fake_score
@@ -82,6 +85,8 @@ class DistributionMatching(UsesEstimator):
         self.w = None if weighting == "dmd" else weight_table(weighting, teacher.schedule)
         self.guidance_scale = float(guidance_scale)
         self.max_batch = max_batch
+        self.nan_policy = nan_policy
+        self.skipped_steps = 0
 
     def weight(self, t: Tensor, eps: Tensor, eps_real: Tensor) -> Tensor:
         """``w`` per draw, shaped to broadcast against ``eps``."""
@@ -99,7 +104,10 @@ class DistributionMatching(UsesEstimator):
             eps_fake = batched_teacher_eps(self.fake_score, x_t, t, cond_k, 1.0, self.max_batch)
             return self.weight(t, eps, eps_real) * (eps_real - eps_fake)
 
-        return residual_estimate(self.estimator, self.teacher.schedule, x, residual, generator, keep_draws)
+        out = residual_estimate(self.estimator, self.teacher.schedule, x, residual, generator, keep_draws,
+                                self.nan_policy)
+        self.skipped_steps += out.skipped is not None
+        return out
 
 
 class DenoisingLoss:
