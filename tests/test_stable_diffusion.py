@@ -389,3 +389,23 @@ def test_text_to_3d_refuses_unknown_teacher_folders(tmp_path):
     (other / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["x", "y"]}')
     res = CliRunner().invoke(app, ["text-to-3d", "--teacher", str(other), "--steps", "1"])
     assert res.exit_code != 0 and "FluxPipeline" in res.output
+
+
+def test_threestudio_guidance_auto_k_runs_the_accountant_from_update_step(teacher):
+    from carv.accounting import optimal_k
+    from carv.integrations.threestudio import CarvGuidance
+
+    guidance = CarvGuidance({"K": 2, "auto_k": True, "probe_every": 1, "choose_every": 2, "k_max": 8,
+                             "proposal": "none", "stratify": "none"}, teacher=teacher, device="cpu")
+    prompt_utils = ThreestudioPromptUtils(teacher.encode_prompt("a lamp"))
+    el, az, dist = torch.tensor([15.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([3.0, 3.0])
+    for step in range(3):
+        guidance.update_step(epoch=0, global_step=step)  # closes the previous step, opens this one
+        latents = torch.randn(2, 8, 8, 4, requires_grad=True, generator=torch.Generator().manual_seed(step))
+        guidance(latents, prompt_utils, el, az, dist, rgb_as_latents=True)["loss_sds"].backward()
+    acc = guidance.accountant
+    assert acc.steps == 2 and acc.probes == 2 and acc.current is not None
+    row = acc.history[-1]
+    want = optimal_k(acc.autok.between, acc.autok.within, acc.meter.median("upstream"), acc.meter.median("draw"),
+                     k_max=8, k_min=2)
+    assert row["next_K"] == want == guidance.K

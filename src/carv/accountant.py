@@ -70,6 +70,9 @@ class AccountantStep:
         self.out = acc.objective(x, *args, **kwargs)
         self.draw_s += acc._now() - t0
         self._probe = probe
+        est = getattr(self.out, "estimate", None)
+        if probe and acc.params is None and est is not None and est.between is not None:
+            self.components = (est.between, est.within)  # the free proxy: components of the upstream output
         return self.out
 
     def backward(self, out: Any, x: Tensor | None = None) -> None:
@@ -90,8 +93,6 @@ class AccountantStep:
             self.components = tuple(pr.components(ju, jh))
             out.estimate.draws = None
             self.probe_s += acc._now() - t0
-        elif self._probe and out.estimate.between is not None:
-            self.components = (out.estimate.between, out.estimate.within)
         out.loss.backward()
 
 
@@ -139,6 +140,7 @@ class Accountant:
         self.probes = 0
         self.probe_seconds = 0.0
         self.history: list[dict] = []
+        self._open: tuple[AccountantStep, float] | None = None
 
     def _now(self) -> float:
         if self.meter._sync:
@@ -160,11 +162,32 @@ class Accountant:
 
     @contextmanager
     def step(self) -> Iterator[AccountantStep]:
+        """One optimisation step: ``with acc.step() as st: ...`` (:meth:`begin` and :meth:`end` around the body)."""
+        st = self.begin()
+        yield st
+        self.end()
+
+    @property
+    def current(self) -> AccountantStep | None:
+        """The open step (between :meth:`begin` and :meth:`end`), or None."""
+        return self._open[0] if self._open is not None else None
+
+    def begin(self) -> AccountantStep:
+        """Open a step (for loops that cannot use ``with``, e.g. framework hooks); close it with :meth:`end`."""
+        if self._open is not None:
+            raise ValueError("begin: a step is already open; call end() first")
         if self.probe_due and self.objective.K < 2:
             self.objective.K = 2
         st = AccountantStep(self)
-        t0 = self._now()
-        yield st
+        self._open = (st, self._now())
+        return st
+
+    def end(self) -> None:
+        """Close the open step: record its stage costs and components, and choose the next ``(R, K)`` when due."""
+        if self._open is None:
+            raise ValueError("end: no step is open; call begin() first")
+        st, t0 = self._open
+        self._open = None
         total = self._now() - t0
         if st.R is None:
             raise ValueError("step: call st.objective(x, ...) inside the step")

@@ -68,6 +68,10 @@ class CarvGuidanceConfig:
     max_batch: Any = "auto"
     nan_policy: str = "raise"
     seed: int = 0
+    auto_k: bool = False  # re-choose K with carv.Accountant (needs a batch of >= 2 renders to measure)
+    k_max: int = 32
+    probe_every: int = 10
+    choose_every: int = 20
 
 
 class CarvGuidance:
@@ -112,6 +116,12 @@ class CarvGuidance:
         self.generator = torch.Generator(self.device).manual_seed(c.seed)
         self.grad_clip_val: float | None = None
         self.steps = 0
+        self.accountant = None
+        if c.auto_k:
+            from carv.accountant import Accountant
+
+            self.accountant = Accountant(self.sds, params=None, probe_every=c.probe_every,
+                                         choose_every=c.choose_every, k_range=(2, max(2, c.k_max)), device=self.device)
 
     def _importance(self) -> Tensor | None:
         if self.cfg.proposal == "none":
@@ -147,7 +157,11 @@ class CarvGuidance:
             latents = self.encode_images(F.interpolate(rgb_bchw, (size, size), mode="bilinear", align_corners=False))
         emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances, self.cfg.view_dependent_prompting)
         cond, uncond = emb[:B], emb[B:]
-        out = self.sds(latents, cond, self.generator, uncond=uncond)
+        if self.accountant is not None:  # the step opened by update_step (or here, if it is not called)
+            st = self.accountant.current or self.accountant.begin()
+            out = st.objective(latents, cond, self.generator, uncond=uncond)
+        else:
+            out = self.sds(latents, cond, self.generator, uncond=uncond)
         grad = out.grad
         if self.grad_clip_val is not None:
             grad = grad.clamp(-self.grad_clip_val, self.grad_clip_val)
@@ -162,8 +176,16 @@ class CarvGuidance:
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         """Per-step updates, as threestudio's: grad clipping and the annealed timestep range from their
-        schedules, and carv's learned proposal (refreshed every ``proposal_every`` steps)."""
+        schedules; carv's learned proposal (refreshed every ``proposal_every`` steps); with ``auto_k`` the
+        accountant closes the previous step (its time from this call to the last one is the step's cost: the
+        guidance call is the draw stage, everything else the upstream stage) and may set a new ``K``.
+        The components are those of the latents (the accountant has no access to the scene's parameters)."""
         c = self.cfg
+        if self.accountant is not None and not on_load_weights:
+            if self.accountant.current is not None and self.accountant.current.R is not None:
+                self.accountant.end()
+            if self.accountant.current is None:
+                self.accountant.begin()
         if c.grad_clip is not None:
             self.grad_clip_val = scheduled_value(c.grad_clip, global_step, epoch)
         lo, hi = percent_to_steps(self.num_train_timesteps, scheduled_value(c.min_step_percent, global_step, epoch),
