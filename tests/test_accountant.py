@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from carv import Accountant, ScoreDistillation, TimestepSampler, VPSchedule
-from carv.accounting import ComponentProbe, allocate, optimal_k
+from carv.accounting import ComponentProbe, optimal_k
 from carv.teachers import GaussianMixtureTeacher
 
 T = 1000
@@ -62,7 +62,7 @@ def run_step(acc, theta, clock, g, up_s=0.03):
 
 
 def test_stage_costs_probe_and_the_chosen_k():
-    theta, sds, clock, acc = make(K=4, probe_every=2, choose_every=4, k_range=(2, 32))
+    theta, sds, clock, acc = make(K=4, budget=None, probe_every=2, choose_every=4, k_range=(2, 32))
     g = torch.Generator().manual_seed(2)
     comps = []
     for _ in range(8):
@@ -73,15 +73,17 @@ def test_stage_costs_probe_and_the_chosen_k():
     assert acc.meter.median("upstream") == pytest.approx(0.03)
     assert acc.meter.median("draw") == pytest.approx(0.002)
     assert acc.probes == 4 and len(comps) == 4 and all(c[1] > 0 for c in comps)
-    # the choice after step 8 is optimal_k of the moving averages and the stage medians
-    b, w = acc.autok.between, acc.autok.within
-    assert acc.history[-1]["next_K"] == optimal_k(b, w, 0.03, 0.002, k_max=32, k_min=2) == sds.K
-    assert acc.history[-1]["next_R"] == 2
+    # the allocator saw every probe; its re-choice after step 8 (4 observations >= warm-up 3) is optimal_k of the
+    # medians and the stage medians, and it is what the objective now uses
+    a = acc.allocator
+    assert a.n_observed == 4 and acc.history[-1]["rechosen"] and not acc.history[3]["rechosen"]
+    want = optimal_k(a.between, a.within, 0.03, 0.002, k_max=32, k_min=2)
+    assert acc.history[-1]["next_K"] == want == sds.K and acc.history[-1]["next_R"] == 2 == acc.R
 
 
 def test_probe_components_are_the_component_probe_of_the_step():
     """The Accountant's probe is ComponentProbe on the step's own draws (same cotangents, same VJPs)."""
-    theta, sds, clock, acc = make(K=4, probe_every=1)
+    theta, sds, clock, acc = make(K=4, budget=None, probe_every=1)
     g = torch.Generator().manual_seed(5)
     noise = 0.5 * torch.randn(2, 2, generator=g)
     with acc.step() as st:
@@ -98,23 +100,31 @@ def test_probe_components_are_the_component_probe_of_the_step():
     assert theta.grad is not None  # the step's own backward ran too
 
 
-def test_budget_mode_allocates_r_and_k_at_equal_per_step_compute():
-    theta, sds, clock, acc = make(K=4, per_draw=0.001, probe_every=1, choose_every=3, budget="plain",
-                                  r_range=(1, 8), k_range=(2, 64))
+def test_budget_mode_lets_the_allocator_set_r_and_k_at_equal_per_step_compute():
+    theta, sds, clock, acc = make(K=4, per_draw=0.001, budget="baseline", probe_every=2, choose_every=2,
+                                  r_range=(1, 8), k_range=(1, 64), warmup=1)
     g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        run_step(acc, theta, clock, g, up_s=0.05)
-    row = acc.history[-1]
-    assert row["budget_s"] == pytest.approx(2 * (0.05 + 0.001))
+    shapes = []
+    for _ in range(6):
+        shapes.append(acc.shape)
+        st = run_step(acc, theta, clock, g, up_s=0.05)
+        assert (st.R, st.K) == shapes[-1]  # the step ran at the (R, K) the accountant announced
+    a = acc.allocator
     c_up, c_draw = acc.meter.median("upstream"), acc.meter.median("draw")
     assert (c_up, c_draw) == (pytest.approx(0.05), pytest.approx(0.001))
-    want = allocate(acc.autok.between, acc.autok.within, c_up, c_draw, budget=row["budget_s"], r_range=(1, 8),
-                    k_range=(2, 64))
-    assert (row["next_R"], row["next_K"]) == want == (acc._R, sds.K)
+    last = a.history[-1]
+    R, K = last["R"], last["K"]
+    assert (last["cost_upstream"], last["cost_draw"]) == (c_up, c_draw)  # the allocator read the accountant's meter
+    assert (a.R, a.K) == (R, K) == (acc.history[-1]["next_R"], sds.K)
+    assert R == 1 and K > 4  # render-dominated cost at the plain step's budget: one render, many draws
+    for i in (2, 4):  # probe steps run at the allocator's probe shape of the pair then chosen, e.g. (1, 8) -> (2, 4)
+        R0, K0 = acc.history[i - 1]["next_R"], acc.history[i - 1]["next_K"]
+        assert shapes[i] == (max(R0, 2), max(2, round(R0 * K0 / max(R0, 2))))
+    assert shapes[5] == (acc.history[4]["next_R"], acc.history[4]["next_K"])  # an ordinary step at the choice
 
 
 def test_r1_probe_steps_ask_for_two_upstream_samples_and_bad_args():
-    theta, sds, clock, acc = make(K=1, R=1, probe_every=5)
+    theta, sds, clock, acc = make(K=1, R=1, budget=None, probe_every=5, k_range=(1, 64))
     assert acc.R == 2 and acc.steps == 0  # step 0 is a probe step
     with acc.step() as st:
         assert sds.K == 2  # K >= 2 on a probe step

@@ -405,7 +405,7 @@ def test_threestudio_guidance_auto_k_runs_the_accountant_from_update_step(teache
         guidance(latents, prompt_utils, el, az, dist, rgb_as_latents=True)["loss_sds"].backward()
     acc = guidance.accountant
     assert acc.steps == 2 and acc.probes == 2 and acc.current is not None
-    row = acc.history[-1]
-    want = optimal_k(acc.autok.between, acc.autok.within, acc.meter.median("upstream"), acc.meter.median("draw"),
-                     k_max=8, k_min=2)
+    row, a = acc.history[-1], acc.allocator
+    assert row["rechosen"]
+    want = optimal_k(a.between, a.within, acc.meter.median("upstream"), acc.meter.median("draw"), k_max=8, k_min=2)
     assert row["next_K"] == want == guidance.K

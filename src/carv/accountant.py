@@ -18,17 +18,18 @@ inside the step (render, encode, backward, optimiser) is ``"upstream"`` (per ups
 of the cost model ``C = R (c_up + K c_draw)``. The probe's extra backward passes are timed apart
 (``"probe"``) and not charged to either stage; they are reported so that a benchmark can charge them.
 
-Variance. Every ``probe_every`` steps the step's own draws are split into between- and within-sample
-components in the space of ``params`` (the gradient the optimiser consumes) by
-:class:`~carv.accounting.ComponentProbe`; without ``params`` the objective's free components of the
-upstream output (a cheaper, often poor proxy) are used. A probe needs ``R >= 2`` and ``K >= 2``: on a
-probe step :attr:`R` asks for at least 2 upstream samples and ``K`` is at least 2.
+Variance. On the steps the :class:`~carv.accounting.Allocator` marks as probe steps (every ``probe_every``
+steps) the step's own draws are split into between- and within-sample components in the space of
+``params`` (the gradient the optimiser consumes) by :class:`~carv.accounting.ComponentProbe`; without
+``params`` the objective's free components of the upstream output (a cheaper, often poor proxy) are used.
+A probe needs ``R >= 2`` and ``K >= 2``: on a probe step :attr:`R` and ``K`` follow the allocator's
+``probe_shape()`` (e.g. ``(1, 8) -> (2, 4)``), and its extra cost is charged by the allocator.
 
-Choice. Every ``choose_every`` steps (after a probe has been seen) the components (exponential moving
-averages, :class:`~carv.accounting.AutoK`) and the stage medians set the next ``(R, K)``: with ``budget``
-(seconds per step, or ``"plain"`` for the plain estimator's step ``R = 2, K = 1`` at the measured costs, i.e.
-equal per-step compute) by :func:`carv.accounting.allocate`; without it ``K = optimal_k(...)`` and ``R``
-stays. Every step's estimator is an ordinary fixed-``(R, K)`` estimator, so each step stays unbiased.
+Choice. The :class:`~carv.accounting.Allocator` (issue 12's online allocator: medians of the observed
+components, re-choices every ``choose_every`` steps after a warm-up) sets the next ``(R, K)`` from them and
+the stage medians: with ``budget="baseline"`` (default) at the plain estimator's measured step cost (equal
+per-step compute), with a number of seconds per step, or with ``budget=None`` ``K`` alone at fixed ``R``.
+Every step's estimator is an ordinary fixed-``(R, K)`` estimator, so each step stays unbiased.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from carv.accounting import AutoK, ComponentProbe, CostMeter, allocate
+from carv.accounting import Allocator, ComponentProbe, CostMeter
 
 __all__ = ["Accountant", "AccountantStep"]
 
@@ -104,35 +105,31 @@ class Accountant:
             anything callable with ``K`` that returns an output with ``loss`` and ``estimate``.
         params: the parameters whose gradient the optimiser consumes (for the probe); None: the objective's
             own components of the upstream output.
-        R: upstream samples per step to start with.
-        probe_every, choose_every: steps between probes and between choices of ``(R, K)``.
-        k_range, r_range: the allowed ``K`` and ``R`` (both inclusive; ``K >= 2`` keeps the within part
-            measurable).
-        budget: seconds per step, ``"plain"`` (the plain estimator's ``R = 2, K = 1`` step at the measured
-            costs) or None (choose ``K`` only).
+        R: upstream samples per step to start with (``K`` starts at the objective's).
+        budget: the :class:`~carv.accounting.Allocator`'s: ``"baseline"`` (default), seconds per step, or None.
+        probe_every, choose_every: steps between probes and between re-choices of ``(R, K)``.
+        k_range, r_range: the allowed ``K`` and ``R`` (both inclusive).
+        allocator: an :class:`~carv.accounting.Allocator` to use instead of building one from the above.
         device: synchronise CUDA before reading the clock.
-        decay: the moving averages' decay.
+        generator: for the probe's random split of the draws.
     """
 
-    def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2, probe_every: int = 10,
-                 choose_every: int = 20, k_range: tuple[int, int] = (2, 64), r_range: tuple[int, int] = (1, 64),
-                 budget: float | str | None = None, device: torch.device | str | None = None, decay: float = 0.8,
-                 generator: torch.Generator | None = None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2,
+                 budget: float | str | None = "baseline", probe_every: int = 10, choose_every: int = 10,
+                 k_range: tuple[int, int] = (1, 64), r_range: tuple[int, int] = (1, 64),
+                 allocator: Allocator | None = None, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None, clock: Callable[[], float] = time.perf_counter,
+                 warmup: int = 3):
         for name, v in (("R", R), ("probe_every", probe_every), ("choose_every", choose_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if not hasattr(objective, "K"):
             raise TypeError(f"objective: expected a carv objective with a settable K, got {type(objective).__name__}")
-        if budget is not None and budget != "plain" and not (
-                isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
-            raise ValueError(f"budget: expected seconds per step > 0, 'plain' or None, got {budget!r}")
         self.objective = objective
         self.params = list(params) if params is not None else None
-        self._R = R
-        self.probe_every, self.choose_every = probe_every, choose_every
-        self.k_range, self.r_range, self.budget = tuple(k_range), tuple(r_range), budget
-        k_init = min(max(objective.K, k_range[0]), k_range[1])
-        self.autok = AutoK(k_init=k_init, k_min=k_range[0], k_max=k_range[1], every=1, decay=decay)
+        self.allocator = allocator if allocator is not None else Allocator(
+            budget, r_range=r_range, k_range=k_range, r_init=R, k_init=min(max(objective.K, k_range[0]), k_range[1]),
+            every=choose_every, probe_every=probe_every, warmup=warmup)
         self.meter = CostMeter(device)
         self.generator = generator
         self.clock = clock
@@ -149,12 +146,21 @@ class Accountant:
 
     @property
     def probe_due(self) -> bool:
-        return self.steps % self.probe_every == 0
+        return self.allocator.probe_due()
+
+    def _shape(self) -> tuple[int, int]:
+        a = self.allocator
+        return a.probe_shape() if a.probe_due() else (a.R, a.K)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(R, K)`` of the coming step (the allocator's probe shape on a probe step); :meth:`begin` sets ``K``."""
+        return self._shape()
 
     @property
     def R(self) -> int:
-        """Upstream samples for the next step (at least 2 on a probe step)."""
-        return max(self._R, 2) if self.probe_due else self._R
+        """Upstream samples for the coming step (the allocator's probe shape on a probe step)."""
+        return self._shape()[0]
 
     @property
     def K(self) -> int:
@@ -176,14 +182,14 @@ class Accountant:
         """Open a step (for loops that cannot use ``with``, e.g. framework hooks); close it with :meth:`end`."""
         if self._open is not None:
             raise ValueError("begin: a step is already open; call end() first")
-        if self.probe_due and self.objective.K < 2:
-            self.objective.K = 2
+        self.objective.K = self._shape()[1]
         st = AccountantStep(self)
         self._open = (st, self._now())
         return st
 
     def end(self) -> None:
-        """Close the open step: record its stage costs and components, and choose the next ``(R, K)`` when due."""
+        """Close the open step: record its stage costs and components, and let the allocator choose the next
+        ``(R, K)``."""
         if self._open is None:
             raise ValueError("end: no step is open; call begin() first")
         st, t0 = self._open
@@ -193,38 +199,29 @@ class Accountant:
             raise ValueError("step: call st.objective(x, ...) inside the step")
         self.meter.add("upstream", max(total - st.draw_s - st.probe_s, 0.0), count=st.R)
         self.meter.add("draw", st.draw_s, count=st.R * st.K)
+        if st.probe_s > 0:
+            self.meter.add("probe", st.probe_s)
         self.probe_seconds += st.probe_s
         self.steps += 1
         if st.components is not None:
             self.probes += 1
-            self.autok.observe(*st.components)
+            self.allocator.observe(*st.components)
+        n_choices = len(self.allocator.history)
+        R, K = self.allocator.step(self.meter)
+        self.objective.K = K
         row = {"step": self.steps, "R": st.R, "K": st.K, "upstream_s": total - st.draw_s - st.probe_s,
-               "draw_s": st.draw_s, "probe_s": st.probe_s, "components": st.components}
-        if self.steps % self.choose_every == 0 and self.autok.between is not None:
-            self._choose(row)
+               "draw_s": st.draw_s, "probe_s": st.probe_s, "components": st.components, "next_R": R, "next_K": K,
+               "rechosen": len(self.allocator.history) > n_choices}
         self.history.append(row)
 
-    def _choose(self, row: dict) -> None:
-        c_up, c_draw = self.meter.median("upstream"), self.meter.median("draw")
-        b, w = self.autok.between, self.autok.within
-        if self.budget is None:
-            K = self.autok.step(self.meter)
-            R = self._R
-        else:
-            budget = 2 * (c_up + c_draw) if self.budget == "plain" else float(self.budget)
-            R, K = allocate(b, w, c_up, c_draw, budget=budget, r_range=self.r_range, k_range=self.k_range)
-            row["budget_s"] = budget
-        self._R = R
-        self.objective.K = K
-        row.update(next_R=R, next_K=K, between=b, within=w, cost_upstream=c_up, cost_draw=c_draw)
-
     def state_dict(self) -> dict:
-        return {"R": self._R, "K": self.objective.K, "steps": self.steps, "probes": self.probes,
-                "probe_seconds": self.probe_seconds, "autok": self.autok.state_dict(), "meter": self.meter.state_dict()}
+        return {"K": self.objective.K, "steps": self.steps, "probes": self.probes,
+                "probe_seconds": self.probe_seconds, "allocator": self.allocator.state_dict(),
+                "meter": self.meter.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._R, self.steps, self.probes = state["R"], state["steps"], state["probes"]
+        self.steps, self.probes = state["steps"], state["probes"]
         self.probe_seconds = state["probe_seconds"]
         self.objective.K = state["K"]
-        self.autok.load_state_dict(state["autok"])
+        self.allocator.load_state_dict(state["allocator"])
         self.meter.load_state_dict(state["meter"])

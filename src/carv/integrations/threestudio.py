@@ -120,8 +120,10 @@ class CarvGuidance:
         if c.auto_k:
             from carv.accountant import Accountant
 
-            self.accountant = Accountant(self.sds, params=None, probe_every=c.probe_every,
-                                         choose_every=c.choose_every, k_range=(2, max(2, c.k_max)), device=self.device)
+            # threestudio's batch (R) is fixed by its data loader: the accountant chooses K alone
+            self.accountant = Accountant(self.sds, params=None, budget=None, probe_every=c.probe_every,
+                                         choose_every=c.choose_every, k_range=(2, max(2, c.k_max)), device=self.device,
+                                         warmup=1)
 
     def _importance(self) -> Tensor | None:
         if self.cfg.proposal == "none":
