@@ -39,7 +39,7 @@ from torch import Tensor
 
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
-from carv.timesteps import LearnedProposal, TimestepSampler, percent_to_steps, scheduled_value
+from carv.timesteps import LearnedProposal, TimestepSampler, percent_range, scheduled_value
 
 __all__ = ["CarvGuidance", "register", "REGISTRY_NAME"]
 
@@ -105,7 +105,7 @@ class CarvGuidance:
         self.num_train_timesteps = T
         self.learned = (LearnedProposal(T, prior=weight_table(c.weighting_strategy, teacher.schedule))
                         if c.proposal == "learned" else None)
-        self.min_step, self.max_step = percent_to_steps(T, scheduled_value(c.min_step_percent, 0),
+        self.min_step, self.max_step = percent_range(T, scheduled_value(c.min_step_percent, 0),
                                                         scheduled_value(c.max_step_percent, 0))
         sampler = TimestepSampler(T, self.min_step, self.max_step, importance=self._importance(),
                                   floor=c.floor if c.proposal != "none" else 0.0, stratify=c.stratify,
@@ -190,7 +190,7 @@ class CarvGuidance:
                 self.accountant.begin()
         if c.grad_clip is not None:
             self.grad_clip_val = scheduled_value(c.grad_clip, global_step, epoch)
-        lo, hi = percent_to_steps(self.num_train_timesteps, scheduled_value(c.min_step_percent, global_step, epoch),
+        lo, hi = percent_range(self.num_train_timesteps, scheduled_value(c.min_step_percent, global_step, epoch),
                                   scheduled_value(c.max_step_percent, global_step, epoch))
         if (lo, hi) != (self.min_step, self.max_step):
             self.min_step, self.max_step = lo, hi
