@@ -1,0 +1,199 @@
+"""Run folders: manifest, lock, fresh start, atomic writes, checksummed checkpoints, metrics checked on resume."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from carv import _runfolder as rf
+from carv._runfolder import (
+    CorruptFileError,
+    RunFolder,
+    RunFolderError,
+    RunFolderWarning,
+    RunState,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+
+
+def _ckpt_run(path, steps=(1, 2, 3), keep=2):
+    st = RunState(path, keep=keep)
+    st.start()
+    for s in steps:
+        st.append({"step": s, "v": float(s)})
+        st.save(s, {"w": torch.full((4,), float(s))}, {"step": s})
+    return st
+
+
+# ----------------------------------------------------------------------------- manifest and lock
+def test_another_commands_folder_is_refused(tmp_path):
+    with RunFolder(tmp_path / "r", "carv text-to-3d", {"lr": 0.1}):
+        (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunFolderError, match=r"holds a `carv text-to-3d` run, not a `carv distill` run.*--fresh"):
+        RunFolder(tmp_path / "r", "carv distill", {"lr": 0.1}).__enter__()
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == "{}\n"  # nothing was touched
+    # a non-empty folder that no carv command made is refused too
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not a carv run folder"):
+        RunFolder(tmp_path / "other", "carv demo", {}).__enter__()
+
+
+def test_a_different_configuration_is_refused_naming_the_fields_and_fresh(tmp_path):
+    with RunFolder(tmp_path, "carv distill", {"R": 8, "steps": 10}, resumable=("steps",)):
+        pass
+    with RunFolder(tmp_path, "carv distill", {"R": 8, "steps": 50}, resumable=("steps",)):
+        pass  # a resumable key may change
+    with pytest.raises(RunFolderError, match=r"R: 8 -> 4.*--fresh"):
+        RunFolder(tmp_path, "carv distill", {"R": 4, "steps": 50}, resumable=("steps",)).__enter__()
+    assert read_json(tmp_path / rf.MANIFEST)["config"] == {"R": 8, "steps": 50}
+
+
+def test_second_process_is_refused_naming_the_holders_pid_and_a_dead_holder_is_taken_over(tmp_path):
+    with RunFolder(tmp_path, "carv demo", {}):
+        with pytest.raises(RunFolderError, match=rf"in use by another carv process \(PID {os.getpid()}\)"):
+            RunFolder(tmp_path, "carv demo", {}).__enter__()
+        # from another process too
+        code = ("import sys; from carv._runfolder import RunFolder\n"
+                "try:\n    RunFolder(sys.argv[1], 'carv demo', {}).__enter__()\n"
+                "except ValueError as e:\n    print(e); sys.exit(3)\n")
+        res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+        assert res.returncode == 3 and f"PID {os.getpid()}" in res.stdout
+    # a process killed with -9 leaves its lock file behind; the kernel dropped its lock, so it is taken over
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time; from carv._runfolder import RunFolder\n"
+                          "RunFolder(sys.argv[1], 'carv demo', {}).__enter__(); print('locked', flush=True)\n"
+                          "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "locked"
+    with pytest.raises(RunFolderError, match=f"PID {p.pid}"):
+        RunFolder(tmp_path, "carv demo", {}).__enter__()
+    p.kill()
+    p.wait()
+    assert (tmp_path / rf.LOCK).read_text().split()[0] == str(p.pid)  # stale lock file
+    with RunFolder(tmp_path, "carv demo", {}):
+        assert (tmp_path / rf.LOCK).read_text().split()[0] == str(os.getpid())
+
+
+def test_fresh_moves_the_old_run_aside_before_writing_anything(tmp_path):
+    run = tmp_path / "run"
+    with RunFolder(run, "carv distill", {"R": 8}):
+        _ckpt_run(run)
+    with RunFolder(run, "carv distill", {"R": 4}, fresh=True) as f:
+        assert f.previous is not None and f.previous.parent == tmp_path
+        assert sorted(p.name for p in run.iterdir()) == [rf.LOCK, rf.MANIFEST]  # nothing of the old run left
+        assert RunState(run).load() is None
+    old = f.previous
+    assert read_json(old / rf.MANIFEST)["config"] == {"R": 8}  # nothing lost
+    assert RunState(old).load()[1] == {"step": 3}
+    # the next plain run is the fresh run's (R = 4); the old configuration is refused there
+    with pytest.raises(RunFolderError, match="R: 4 -> 8"):
+        RunFolder(run, "carv distill", {"R": 8}).__enter__()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def test_a_failed_write_leaves_the_old_file_and_names_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    rf.atomic_write_json(path, {"a": 1})
+
+    def full(p, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(rf, "_write_bytes", full)
+    with pytest.raises(OSError) as e:
+        rf.atomic_write_json(path, {"a": 2})
+    assert e.value.errno == errno.ENOSPC and "summary.json" in e.value.filename
+    assert read_json(path) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left behind
+
+
+def test_bad_json_names_the_file(tmp_path):
+    (tmp_path / "state.json").write_bytes(b'{"step": 3, "x": \xff')
+    with pytest.raises(CorruptFileError, match="state.json"):
+        read_json(tmp_path / "state.json", "state")
+    (tmp_path / "cut.json").write_text('{"step": 3, "x"')
+    with pytest.raises(CorruptFileError, match="cut.json"):
+        read_json(tmp_path / "cut.json")
+
+
+# ----------------------------------------------------------------------------- checksummed checkpoints
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "bitflip_data", "bitflip_header"])
+def test_damaged_tensor_files_are_named_never_loaded(tmp_path, damage):
+    path = tmp_path / "c.safetensors"
+    save_tensors(path, {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 3)}, {"k": "v"})
+    data = bytearray(path.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    if damage == "empty":
+        data = b""
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "random":
+        data = torch.randint(0, 256, (len(data),), generator=g, dtype=torch.uint8).numpy().tobytes()
+    elif damage == "bitflip_data":  # 200 flipped bytes in the tensor data: loads fine without the checksum
+        for i in torch.randperm(len(data) - 200, generator=g)[:200].tolist():
+            data[200 + i] ^= 0xFF
+    else:
+        data[30] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="c.safetensors"):
+        load_tensors(path)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+    _ckpt_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0000002.safetensors",
+                                                                       "checkpoint-0000003.safetensors"]
+    newest = tmp_path / "checkpoint-0000003.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    st = RunState(tmp_path)
+    with pytest.warns(RunFolderWarning, match=r"checkpoint-0000003.*fails its checksum.*previous good.*step 2"):
+        tensors, state = st.load()
+    assert state == {"step": 2} and torch.equal(tensors["w"], torch.full((4,), 2.0))
+    assert [r["step"] for r in st.rows] == [1, 2]  # metrics back to checkpoint 2's rows
+    assert (tmp_path / "checkpoint-0000003.safetensors.corrupt").is_file()  # kept, never tried again
+    # when no checkpoint verifies: a clear error naming them, every time (never a silent start from scratch)
+    (tmp_path / "checkpoint-0000002.safetensors").write_bytes(b"")
+    for _ in range(2):
+        with pytest.raises(CorruptFileError, match=r"checkpoint-0000002.*No good checkpoint.*--fresh"):
+            RunState(tmp_path).load()
+
+
+# ----------------------------------------------------------------------------- metrics against the checkpoint
+@pytest.mark.parametrize("damage", ["emptied", "deleted", "middle_line_cut", "row_missing", "bad_bytes"])
+def test_metrics_that_lost_rows_are_rebuilt_from_the_checkpoint_with_a_warning(tmp_path, damage):
+    _ckpt_run(tmp_path, steps=(1, 2, 3, 4))
+    m = tmp_path / "metrics.jsonl"
+    lines = m.read_text().splitlines(keepends=True)
+    if damage == "emptied":
+        m.write_text("")
+    elif damage == "deleted":
+        m.unlink()
+    elif damage == "middle_line_cut":
+        m.write_text("".join(lines[:1] + [lines[1][:7] + "\n"] + lines[2:]))
+    elif damage == "row_missing":
+        m.write_text("".join(lines[:2] + lines[3:]))
+    else:
+        m.write_bytes(b"".join(ln.encode() for ln in lines[:2]) + b"\xff\xfe\n" + lines[3].encode())
+    st = RunState(tmp_path)
+    with pytest.warns(RunFolderWarning, match=r"metrics.jsonl.*checkpoint step 4.*rebuilt"):
+        st.load()
+    assert [json.loads(ln)["step"] for ln in m.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_rows_after_the_checkpoint_are_dropped_quietly(tmp_path):
+    st = _ckpt_run(tmp_path, steps=(1, 2))
+    st.append({"step": 3, "v": 3.0})  # written after the last checkpoint: redone on resume
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st2 = RunState(tmp_path)
+        st2.load()
+    assert [r["step"] for r in st2.rows] == [1, 2]
