@@ -191,9 +191,11 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher):
     run_distill(tmp_path / "resumed", half, progress=False, teacher=teacher)
     res = run_distill(tmp_path / "resumed", cfg, progress=False, teacher=teacher)  # 'steps' may change on resume
     assert res["steps"] == 4
+    from carv._runfolder import RunState
+
     a, b = Distiller(cfg, teacher), Distiller(cfg, teacher)
-    a.load_state(tmp_path / "straight")
-    b.load_state(tmp_path / "resumed")
+    a.load_state(RunState(tmp_path / "straight").load())
+    b.load_state(RunState(tmp_path / "resumed").load())
     for pa, pb in zip(a.generator.parameters(), b.generator.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert torch.equal(a.learned.m2, b.learned.m2)
@@ -230,7 +232,8 @@ def test_cli_distill_smoke(tmp_path, tiny_teacher):
                                    "--eval-every", "1", "--grid-every", "1", "--checkpoint-steps", "0,2",
                                    "--config", str(tmp_path / "cfg.json")])
     assert res.exit_code == 0, res.output
-    for f in ("config.json", "metrics.jsonl", "state.safetensors", "final.safetensors", "quality.png",
+    for f in ("config.json", "metrics.jsonl", "carv-run.json", "checkpoint-0000002.safetensors", "final.safetensors",
+              "quality.png",
               "samples/step_000002.png", "checkpoints/step_000000.safetensors"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "config.json").read_text())
@@ -304,3 +307,34 @@ def test_equal_time_interleaving_advances_runs_together():
         other = "costly" if k == "cheap" else "cheap"
         assert c - runs[k].cost <= clocks[other] + 1e-9
         clocks[k] = c
+
+
+def test_fresh_after_an_interrupted_fresh_run_never_resumes_the_old_run(tmp_path, tiny_teacher, monkeypatch):
+    """Issue 11, case 1: `--fresh` moves the old run aside before writing; if the fresh run is interrupted, the
+    next plain rerun of it continues the *fresh* run, and the old run (complete) is kept beside the folder."""
+    from carv._runfolder import RunFolderError
+    from carv.apps.distill import Distiller, run_distill
+
+    _, teacher = tiny_teacher
+    out = tmp_path / "D"
+    run_distill(out, tiny_cfg(R=3), progress=False, teacher=teacher)  # the old run: finished, R = 3
+    fresh_cfg = tiny_cfg(R=2)
+    step = Distiller.step
+
+    def interrupted(self):
+        if self.step_count == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(out, fresh_cfg, progress=False, teacher=teacher, fresh=True)
+    monkeypatch.setattr(Distiller, "step", step)
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("D.old-")]
+    assert len(old) == 1 and (old[0] / "final.safetensors").is_file()  # the old run, whole
+    assert not (out / "final.safetensors").exists() and not (out / "samples" / "step_000004.png").exists()
+    with pytest.raises(RunFolderError, match=r"R: 2 -> 3.*--fresh"):  # the old settings no longer resume here
+        run_distill(out, tiny_cfg(R=3), progress=False, teacher=teacher)
+    res = run_distill(out, fresh_cfg, progress=False, teacher=teacher)
+    assert res["steps"] == 4
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4]

@@ -56,9 +56,11 @@ def test_cli_runs_a_tiny_config_and_resumes_after_interruption(tmp_path, monkeyp
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     for f in ("config.json", "metrics.jsonl", "turntable.png", "comparison.png", "quality_vs_time.png",
-              "k_and_proposal.png", "checkpoint-0000003.safetensors", "checkpoint.json", "summary.json"):
+              "k_and_proposal.png", "checkpoint-0000003.safetensors", "carv-run.json", "summary.json"):
         assert (out / f).is_file(), f
-    assert len(list(out.glob("checkpoint-*.safetensors"))) == 1  # older checkpoints are removed
+    # the newest two checkpoints are kept (the older one is the fallback if the newest is damaged)
+    assert sorted(p.name for p in out.glob("checkpoint-*.safetensors")) == [
+        "checkpoint-0000002.safetensors", "checkpoint-0000003.safetensors"]
     # rerun with more steps: it continues from the checkpoint at step 3 instead of restarting
     res = runner.invoke(app, [*args[:5], "5", *args[6:]])
     assert res.exit_code == 0, res.output
@@ -236,20 +238,25 @@ def test_measure_times_estimates_with_the_given_clock():
 
 
 def test_resume_drops_the_evaluation_taken_after_the_checkpoint(tmp_path):
-    """An evaluation logged at the checkpoint's step but after the checkpoint is redone on resume: kept once."""
-    from carv._jsonl import append_jsonl, read_jsonl
-    from carv.apps.text_to_3d import _truncate_metrics
+    """Rows logged after the checkpoint (an evaluation at the checkpoint's step, later steps, a partial last
+    line of a killed run) are dropped on resume: that work is redone, and each row appears once."""
+    from carv._runfolder import RunState
 
-    path = tmp_path / "metrics.jsonl"
+    st = RunState(tmp_path)
+    st.start()
     ev0 = {"kind": "eval", "step": 0, "elapsed_s": 0.0, "psnr": 15.0}
-    rows = [ev0, {"kind": "step", "step": 1}, {"kind": "step", "step": 2},
-            {"kind": "eval", "step": 2, "elapsed_s": 20.5, "psnr": 17.0}, {"kind": "step", "step": 3}]
+    rows = [ev0, {"kind": "step", "step": 1}, {"kind": "step", "step": 2}]
     for r in rows:
-        append_jsonl(path, r)
-    with open(path, "a") as f:
+        st.append(r)
+    st.save(2, {"x": torch.zeros(1)}, {"step": 2})
+    for r in ({"kind": "eval", "step": 2, "elapsed_s": 20.5, "psnr": 17.0}, {"kind": "step", "step": 3}):
+        st.append(r)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "st')  # the partial last line of a killed run
-    _truncate_metrics(path, 2, [ev0])
-    assert read_jsonl(path) == rows[:3]
+    again = RunState(tmp_path)
+    _, state = again.load()
+    assert state == {"step": 2} and again.rows == rows
+    assert [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
 
 
 def test_equal_step_compute_counts_unreached_pairs_at_their_bound():

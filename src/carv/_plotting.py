@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from carv._runfolder import save_figure
+
 __all__ = ["save_image_grid"]
 
 
@@ -45,6 +47,5 @@ def save_image_grid(rows: list[Tensor], row_names: list[str], path: str | Path, 
     if title:
         fig.suptitle(title, fontsize=fontsize + 1)
     fig.subplots_adjust(left=left, right=0.99, top=0.86 if title else 0.95, bottom=0.02, wspace=0.04, hspace=0.08)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -16,6 +16,15 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train-teacher")
 
 
+def _bad_parameter(e: ValueError) -> None:
+    """Bad input -> typer's usage error; a run-folder refusal stays one plain line (see :func:`main`)."""
+    from carv._runfolder import CorruptFileError, RunFolderError
+
+    if isinstance(e, (RunFolderError, CorruptFileError)):
+        raise e
+    raise typer.BadParameter(str(e)) from e
+
+
 @train_app.command("digits")
 def train_digits(
     out: Path = typer.Option(None, help="Output folder (default: the package's assets folder)."),
@@ -46,6 +55,7 @@ def demo(
     json_path: Path = typer.Option(None, "--json", help="Also write the results JSON here."),
     threads: int = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Random seed."),
+    fresh: bool = typer.Option(False, "--fresh", help="Move the folder's earlier run aside and start over."),
 ):
     """Embedded default: SDS of a point set through a costly map toward a Gaussian-mixture teacher.
 
@@ -55,7 +65,7 @@ def demo(
     from carv.bench.demo import run_demo
 
     run_demo(out, quick=quick, json_path=json_path, cfg=ToyConfig(seed=seed, threads=threads),
-             command=_command_line())
+             command=_command_line(), fresh=fresh)
 
 
 @bench_app.command("overhead")
@@ -126,15 +136,16 @@ def attribute_cmd(
     num_train: int = typer.Option(None, min=1, help="Use only the first N training images (default: all 1442)."),
     threads: int = typer.Option(None, min=1, help="torch threads."),
     seed: int = typer.Option(0, help="Random seed (draws)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Move the folder's earlier contents aside first."),
 ):
     """Top-k training examples of a digit by gradient-feature cosine similarity: grid PNG + scores JSON."""
     from carv.apps.attribute import AttributeConfig, attribute
 
     cfg = AttributeConfig(K=k, method=method, crn=crn, top_k=top_k, num_train=num_train, seed=seed, threads=threads)
     try:
-        attribute(query, out, label=label, cfg=cfg)
+        attribute(query, out, label=label, cfg=cfg, fresh=fresh)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        _bad_parameter(e)
 
 
 @app.command("distill")
@@ -174,9 +185,9 @@ def distill_cmd(
                  eval_per_class=eval_per_class, grid_every=grid_every, checkpoint_steps=checkpoint_steps,
                  threads=threads, seed=seed)
     try:
-        res = distill_from_cli(out, config, flags, teacher, resume=not fresh)
+        res = distill_from_cli(out, config, flags, teacher, fresh=fresh)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        _bad_parameter(e)
     f = res["final"]
     typer.echo(f"{res['steps']} steps, {res['compute_s']:.0f} s of compute: FD {f['fd']:.1f}, "
                f"accuracy {f['accuracy']:.3f}; run folder {res['run_dir']}")
@@ -241,7 +252,8 @@ def text_to_3d_cmd(
     render_size: int = typer.Option(None, "--render-size", help="Render size before resizing to 32 px (64)."),
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per ray (default 48)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints (50)."),
-    restart: bool = typer.Option(False, "--restart", help="Start over instead of continuing the run folder."),
+    fresh: bool = typer.Option(False, "--fresh", help="Move the folder's earlier run aside and start over."),
+    restart: bool = typer.Option(False, "--restart", hidden=True, help="Deprecated alias of --fresh."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),
     seed: int = typer.Option(None, min=0, help="Random seed (default 0)."),
     teacher: Path = typer.Option(None, "--teacher", help="A local diffusers Stable Diffusion folder: latent SDS "
@@ -259,10 +271,12 @@ def text_to_3d_cmd(
                  n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed,
                  teacher=None if teacher is None else str(teacher))
     try:
-        text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, restart=restart,
+        if restart:
+            typer.echo("warning: --restart is deprecated; use --fresh (the same everywhere)", err=True)
+        text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, fresh=fresh or restart,
                             compare_at=compare_at)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        _bad_parameter(e)
 
 
 @bench_app.command("text-to-3d")
@@ -349,12 +363,26 @@ def bench_sd_cmd(
         raise typer.BadParameter(str(e)) from e
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
 def main() -> None:
     """Entry point. An operating-system error (a run folder that cannot be created or written, a full
     disk, a missing input file) ends with one line naming the path instead of a traceback; the run
-    folder, where one was started, keeps its checkpoints, so the same command resumes once it is fixed."""
+    folder, where one was started, keeps its checkpoints, so the same command resumes once it is fixed.
+    A run folder that cannot be used (another command's, another configuration, in use by another
+    process, damaged beyond its fallback checkpoint) ends with one line too; repairs print one warning line."""
+    import warnings
+
+    from carv._runfolder import CorruptFileError, RunFolderError
+
+    warnings.showwarning = _one_line_warning
     try:
         app()
+    except (RunFolderError, CorruptFileError) as e:
+        sys.stderr.write(f"Error: {e}\n")
+        raise SystemExit(2) from None
     except OSError as e:
         if e.filename is None:  # raised by carv with its own message (e.g. missing teacher weights)
             sys.stderr.write(f"Error: {e}\n")

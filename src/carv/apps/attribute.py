@@ -23,15 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._progress import progress_bar
+from carv._runfolder import (
+    CorruptFileError,
+    RunFolder,
+    RunFolderWarning,
+    atomic_write_json,
+    load_tensors,
+    save_figure,
+    save_tensors,
+)
 from carv._validate import check_positive_int
 from carv.objectives.attribution import GradientFeatures, cosine_scores
 from carv.objectives.weighting import weight_table
@@ -130,17 +139,23 @@ def _features(cfg: AttributeConfig, teacher) -> GradientFeatures:
 
 
 def attribute(query: str | int | Path, out_dir: str | Path = "runs/attribute", label: int | None = None,
-              cfg: AttributeConfig | None = None, progress: bool = True) -> dict:
-    """Top-k training examples of ``query`` (test index or image path); writes the run folder, returns scores."""
-    from carv.teachers.digits import digits_split_indices, load_digits_data, load_digits_teacher
+              cfg: AttributeConfig | None = None, progress: bool = True, fresh: bool = False) -> dict:
+    """Top-k training examples of ``query`` (test index or image path); writes the run folder, returns scores.
 
+    The folder is locked while in use and named ``carv attribute`` in its manifest; it serves any query and
+    configuration (the feature cache is keyed by the configuration). ``fresh=True`` moves it aside first."""
     cfg = cfg or AttributeConfig()
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     x_q, y_q, qinfo = _resolve_query(query, label)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunFolder(out_dir, "carv attribute", {}, fresh=fresh):
+        return _attribute(Path(out_dir), x_q, y_q, qinfo, cfg, progress)
+
+
+def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConfig, progress: bool) -> dict:
+    from carv.teachers.digits import digits_split_indices, load_digits_data, load_digits_teacher
+
     teacher = load_digits_teacher()
     feats = _features(cfg, teacher)
     x_tr, y_tr = load_digits_data("train")
@@ -151,7 +166,12 @@ def attribute(query: str | int | Path, out_dir: str | Path = "runs/attribute", l
     key = {k: v for k, v in asdict(cfg).items() if k not in ("top_k", "chunk", "threads")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache = out / f"train_features_{digest}.safetensors"
-    done = load_file(str(cache)) if cache.is_file() else {}
+    done = {}
+    if cache.is_file():
+        try:
+            done = load_tensors(cache, "feature cache")[0]
+        except CorruptFileError as e:  # a cache: recompute it
+            warnings.warn(f"{e}; recomputing the training features", RunFolderWarning, stacklevel=2)
     batch = feats.draw(x_tr, y_tr, torch.Generator().manual_seed(cfg.seed))
     t0 = time.perf_counter()
     starts = list(range(0, n, cfg.chunk))
@@ -160,7 +180,7 @@ def attribute(query: str | int | Path, out_dir: str | Path = "runs/attribute", l
         if name not in done:
             sl = slice(s, s + cfg.chunk)
             done[name] = feats.features_of(tuple(b[sl] for b in batch)).contiguous()
-            save_file(done, str(cache), metadata={"config": json.dumps(key)})
+            save_tensors(cache, done, metadata={"config": json.dumps(key)})
     train_feats = torch.cat([done[f"chunk_{s}"] for s in starts])
     q_feats = feats(x_q, torch.tensor([y_q]), torch.Generator().manual_seed(cfg.seed))
     scores = cosine_scores(q_feats, train_feats)[0]
@@ -174,7 +194,7 @@ def attribute(query: str | int | Path, out_dir: str | Path = "runs/attribute", l
         "num_train": n,
         "seconds": time.perf_counter() - t0,
     }
-    (out / "scores.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "scores.json", result)
     save_attribution_grid(x_q[0], x_tr[top.indices], top.values, y_tr[top.indices], out / "attribution.png",
                           title=f"query: {qinfo['kind']} digit, label {y_q} ({cfg.method}, K={cfg.K}"
                                 f"{', CRN' if cfg.crn else ''}, {n} training images)")
@@ -208,5 +228,5 @@ def save_attribution_grid(query: Tensor, images: Tensor, scores: Tensor, labels:
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -41,12 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from carv._jsonl import append_jsonl, filter_jsonl
 from carv._progress import progress_bar
+from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, save_figure, save_tensors
 from carv._validate import check_positive_int
 from carv.accounting import CostMeter, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
@@ -63,8 +61,6 @@ __all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plo
 PROPOSALS = ("none", "weight", "learned")
 UPSTREAM_CHOICES = ("iid", "strata")
 EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
-STATE_FILE = "state.safetensors"
-STATE_JSON = "state.json"
 # fields that may change when a run is resumed (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "time_budget_s", "eval_every", "grid_every", "checkpoint_steps", "threads")
 
@@ -369,19 +365,17 @@ class Distiller:
     def save_checkpoint(self, path: str | Path) -> None:
         """Generator + fake score (+ learned proposal) weights as safetensors: what a fixed-checkpoint
         measurement needs. The step and config are in the metadata."""
-        _atomic_save({k: v.detach().contiguous() for k, v in self._weights().items()}, Path(path),
-                     {"format": "carv.distill_checkpoint/1", "meta": json.dumps(self._meta())})
+        save_tensors(path, self._weights(), {"format": "carv.distill_checkpoint/1", "meta": json.dumps(self._meta())})
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no distillation checkpoint at {str(path)!r}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        tensors, meta = load_tensors(path, "path")  # verifies the checksum
         if meta.get("format") != "carv.distill_checkpoint/1":
             raise ValueError(f"path: {str(path)!r} is not a carv distillation checkpoint "
                              f"(format={meta.get('format')!r})")
-        self._load_weights(load_file(str(path)))
+        self._load_weights(tensors)
         info = json.loads(meta["meta"])
         self.step_count, self.compute_s, self.warmed = info["step"], info["compute_s"], info["warmed"]
         return info
@@ -396,25 +390,25 @@ class Distiller:
         if self.cfg.proposal == "learned":
             self.sampler.set_importance(self._learned_importance())
 
-    def save_state(self, folder: str | Path) -> None:
-        """Everything needed to resume bit-for-bit: weights, optimiser moments, RNG, proposal, clocks."""
-        folder = Path(folder)
-        tensors = {k: v.detach().contiguous() for k, v in self._weights().items()}
+    def save_state(self, run: RunState) -> None:
+        """Everything needed to resume bit-for-bit (weights, optimiser moments, RNG, proposal, clocks) as a
+        checksummed checkpoint of ``run`` (which also keeps a copy of the metrics so far)."""
+        tensors = dict(self._weights())
         for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
             for i, st in opt.state_dict()["state"].items():
                 for k, v in st.items():
-                    tensors[f"{name}.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
+                    tensors[f"{name}.{i}.{k}"] = torch.as_tensor(v).detach().clone()
         tensors["rng"] = self.rng.get_state()
-        _atomic_save(tensors, folder / STATE_FILE, {"format": "carv.distill_state/1"})
-        info = {**self._meta(), "meter": self.meter.state_dict(), "last": self.last}
-        tmp = folder / (STATE_JSON + ".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(folder / STATE_JSON)
+        run.save(self.step_count, tensors, {**self._meta(), "meter": self.meter.state_dict(), "last": self.last})
 
-    def load_state(self, folder: str | Path) -> dict[str, Any]:
-        folder = Path(folder)
-        info = json.loads((folder / STATE_JSON).read_text())
-        t = load_file(str(folder / STATE_FILE))
+    def load_state(self, loaded: tuple[dict[str, Tensor], dict[str, Any]], where: str | Path = "") -> dict[str, Any]:
+        """Restore from ``RunState.load()``'s ``(tensors, state)``; refuses a state of another configuration."""
+        t, info = loaded
+        old, new = info.get("config", {}), json.loads(json.dumps(asdict(self.cfg)))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if diff:
+            raise ValueError(f"out: {str(where)!r} holds a run with a different config (fields {diff}); "
+                             "use another --out, the same settings, or --fresh to start over")
         self._load_weights(t)
         for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
             sd = opt.state_dict()
@@ -441,13 +435,6 @@ def _threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
 
 
 def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", real_fd: float | None = None) -> None:
@@ -484,65 +471,50 @@ def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", rea
         ax.legend(fontsize=7)
     fig.suptitle(title or "quality vs compute", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _prepare_folder(out: Path, cfg: DistillConfig, resume: bool) -> bool:
-    """Write/compare ``config.json``; returns True if a saved state should be resumed."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    has_state = (out / STATE_JSON).is_file() and (out / STATE_FILE).is_file()
-    if resume and cfg_path.is_file() and has_state:
-        old = json.loads(cfg_path.read_text())
-        new = json.loads(json.dumps(asdict(cfg)))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-        if diff:
-            raise ValueError(f"out: {str(out)!r} holds a run with a different config (fields {diff}); "
-                             "use another folder, or resume=False to start over")
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        return True
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    for stale in ("metrics.jsonl",):
-        (out / stale).unlink(missing_ok=True)
-    return False
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the resumed state (they will be written again)."""
-    filter_jsonl(path, lambda r: r["step"] <= step)
+def _open_run(run_dir: Path, d: Distiller) -> RunState:
+    """The run's checkpoints and metrics in ``run_dir``; resumes ``d`` from the newest good checkpoint."""
+    run = RunState(run_dir)
+    loaded = run.load()
+    if loaded is not None:
+        d.load_state(loaded, run_dir)
+    return run
 
 
 def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None = None, progress: bool = True,
-                resume: bool = True, teacher: UNetTeacher | None = None) -> dict:
-    """Train one run into ``out_dir`` (resuming a saved state there unless ``resume=False``).
+                resume: bool = True, teacher: UNetTeacher | None = None, fresh: bool = False) -> dict:
+    """Train one run into ``out_dir``, resuming the run saved there (``fresh=True``, or the older spelling
+    ``resume=False``, moves that run aside first and starts over).
 
-    Writes ``config.json``, ``metrics.jsonl`` (one line per evaluation: step, compute seconds, FD,
-    accuracy, fake loss, stage costs), ``samples/step_*.png``, ``checkpoints/step_*.safetensors`` (at
-    ``checkpoint_steps``), ``final.safetensors``, ``quality.png`` and the resume state. Returns a summary.
+    The folder is a :class:`carv._runfolder.RunFolder` (locked; a manifest naming ``carv distill`` and the
+    configuration). Writes ``config.json``, ``metrics.jsonl`` (one line per evaluation: step, compute seconds,
+    FD, accuracy, fake loss, stage costs), ``samples/step_*.png``, ``checkpoints/step_*.safetensors`` (at
+    ``checkpoint_steps``), ``final.safetensors``, ``quality.png`` and checksummed resume checkpoints
+    (``checkpoint-<step>.safetensors``). Returns a summary.
     """
     cfg = cfg or DistillConfig()
     cfg.validate()
-    with _threads(cfg.threads):
-        return _run_distill(out_dir, cfg, progress, resume, teacher)
+    with _threads(cfg.threads), RunFolder(out_dir, "carv distill", asdict(cfg), RESUMABLE_CHANGES,
+                                          fresh=fresh or not resume) as folder:
+        if folder.previous is not None and progress:
+            print(f"--fresh: moved the earlier run in {str(out_dir)!r} to {str(folder.previous)!r}")
+        return _run_distill(Path(out_dir), cfg, progress, teacher)
 
 
-def _run_distill(out_dir: str | Path, cfg: DistillConfig, progress: bool, resume: bool,
-                 teacher: UNetTeacher | None) -> dict:
-    out = Path(out_dir)
-    resumed = _prepare_folder(out, cfg, resume)
+def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTeacher | None) -> dict:
+    atomic_write_json(out / "config.json", asdict(cfg))
     d = Distiller(cfg, teacher)
-    metrics = out / "metrics.jsonl"
-    if resumed:
-        d.load_state(out)
-        _truncate_metrics(metrics, d.step_count)
+    metrics = _open_run(out, d)
 
     def evaluate() -> dict:
         q, _ = d.evaluate()
         row = {"step": d.step_count, "compute_s": round(d.compute_s, 3), **q, **d.last,
                **{f"c_{k}_s": v for k, v in d.meter.summary().items()}}
-        append_jsonl(metrics, row)
+        metrics.append(row)
         return row
 
     def checkpoint_and_grid() -> None:
@@ -567,18 +539,17 @@ def _run_distill(out_dir: str | Path, cfg: DistillConfig, progress: bool, resume
             if d.step_count % cfg.eval_every == 0:
                 row = evaluate()
                 bar.set_postfix(fd=f"{row['fd']:.1f}", acc=f"{row['accuracy']:.3f}")
-                d.save_state(out)
+                d.save_state(metrics)
             checkpoint_and_grid()
     except KeyboardInterrupt:
-        d.save_state(out)
-        _truncate_metrics(metrics, d.step_count)
+        d.save_state(metrics)
         raise
     finally:
         bar.close()
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    rows = metrics.rows
     if rows[-1]["step"] != d.step_count:
         rows.append(evaluate())
-    d.save_state(out)
+    d.save_state(metrics)
     d.save_checkpoint(out / "final.safetensors")
     d.save_grid(out / "samples" / "final.png", f"DMD generator after {d.step_count} steps: rows = class 0..9")
     quality = [{"method": "run", "seed": cfg.seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
@@ -594,7 +565,7 @@ def _teacher_from(path: str | Path | None) -> UNetTeacher:
 
 
 def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
-                     teacher: str | Path | None = None, resume: bool = True) -> dict:
+                     teacher: str | Path | None = None, fresh: bool = False) -> dict:
     """``carv distill``: a config from a JSON file (or the defaults) with the non-None ``flags`` applied."""
     d: dict[str, Any] = {}
     if config is not None:
@@ -613,4 +584,4 @@ def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str
             except ValueError as e:
                 raise ValueError(f"checkpoint_steps: expected comma-separated integers, got {v!r}") from e
         d[k] = v
-    return run_distill(out, DistillConfig.from_dict(d), resume=resume, teacher=_teacher_from(teacher))
+    return run_distill(out, DistillConfig.from_dict(d), fresh=fresh, teacher=_teacher_from(teacher))

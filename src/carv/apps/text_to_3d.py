@@ -51,7 +51,6 @@ where ``K ~ 3-4`` is best (``carv bench text-to-3d`` measures both).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -61,13 +60,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from carv._jsonl import append_jsonl, filter_jsonl, read_jsonl
 from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
+from carv._runfolder import RunFolder, RunState, atomic_write_json, save_figure
 from carv._validate import check_positive_int
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
@@ -103,8 +101,6 @@ DEFAULT_PROMPT = "a red mushroom"
 METHODS = ("carv", "baseline")
 PROPOSALS = ("none", "weight", "learned")
 EVAL_SEED = 20_251_127  # held-out cameras: never drawn by a training generator (those are seeded by `seed`)
-CHECKPOINT_STEM = "checkpoint"  # checkpoint-<step>.safetensors (tensors) + checkpoint.json (the rest)
-CHECKPOINT_JSON = "checkpoint.json"
 # config fields a resumed run may change (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
@@ -202,6 +198,14 @@ class TextTo3DConfig:
         except ValueError as e:
             raise ValueError(f"t_lo, t_hi, t_lo_end, t_hi_end: {e} (t_lo={self.t_lo!r}, t_hi={self.t_hi!r}, "
                              f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r})") from None
+
+    def identity(self) -> dict:
+        """The configuration with the presets resolved, so that a default spelled out equals the default
+        (``--proposal learned`` is the carv run's own proposal); what run folders and checkpoints compare."""
+        d = asdict(self)
+        d.update(proposal=self.resolved_proposal, stratify=self.resolved_stratify,
+                 K=self.K if self.K is not None else ("auto" if self.method == "carv" else 1))
+        return d
 
     def validate(self) -> None:
         get_scene(self.prompt)  # ValueError listing the allowed prompts
@@ -501,8 +505,14 @@ class Trainer:
         self.next_eval = 0.0
         self.evals: list[dict] = []
         self.resumed_from: int | None = None
-        if self.out is not None and resume and (self.out / CHECKPOINT_JSON).is_file():
-            self._load()
+        # checkpoints and metrics (checksummed; a damaged newest checkpoint falls back to the previous one)
+        self.state = RunState(self.out) if self.out is not None else None
+        if self.state is not None:
+            loaded = self.state.load() if resume else None
+            if loaded is not None:
+                self._load(loaded)
+            elif not resume:
+                self.state.start()
 
     # ---------------------------------------------------------------- properties
     @property
@@ -601,9 +611,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint
     def save(self) -> None:
-        if self.out is None:
+        """Checkpoint the whole state (checksummed, with the metrics so far) into the run folder."""
+        if self.state is None:
             raise ValueError("out_dir: this trainer has no run folder to checkpoint into")
-        self.out.mkdir(parents=True, exist_ok=True)
         tensors = {"grid.density": self.grid.density.detach(), "grid.color": self.grid.color.detach(),
                    "rng": self.generator.get_state()}
         opt_state = self.opt.state_dict()
@@ -616,8 +626,8 @@ class Trainer:
         if self.importance is not None:
             tensors["sampler.importance"] = self.importance
         meta = {
-            "version": 1,
-            "config": asdict(self.cfg),
+            "version": 2,
+            "config": self.cfg.identity(),
             "step": self.step_count,
             "elapsed_s": self.elapsed,
             "next_eval": self.next_eval,
@@ -629,30 +639,16 @@ class Trainer:
             "meter": self.meter.state_dict(),
             "evals": self.evals,
         }
-        # tensors under a name per step, then the JSON that points at them (an atomic rename), then the old
-        # tensors go: an interruption at any point leaves a consistent checkpoint
-        name = f"{CHECKPOINT_STEM}-{self.step_count:07d}.safetensors"
-        tmp = self.out / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.out / name)
-        meta["tensors"] = name
-        tmpj = self.out / (CHECKPOINT_JSON + ".tmp")
-        tmpj.write_text(json.dumps(meta))
-        tmpj.replace(self.out / CHECKPOINT_JSON)
-        for old in self.out.glob(f"{CHECKPOINT_STEM}-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        self.state.save(self.step_count, tensors, meta)
 
-    def _load(self) -> None:
-        meta = json.loads((self.out / CHECKPOINT_JSON).read_text())
-        saved = meta["config"]
-        now = asdict(self.cfg)
+    def _load(self, loaded: tuple[dict[str, Tensor], dict]) -> None:
+        tensors, meta = loaded
+        saved, now = meta["config"], self.cfg.identity()
         diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
             raise ValueError(f"out_dir: {str(self.out)!r} holds a run with a different configuration ({details}); "
-                             f"use another --out, the same settings, or --restart")
-        tensors = load_file(str(self.out / meta["tensors"]))
+                             f"use another --out, the same settings, or --fresh")
         with torch.no_grad():
             self.grid.density.copy_(tensors["grid.density"])
             self.grid.color.copy_(tensors["grid.color"])
@@ -716,7 +712,7 @@ def plot_quality_curves(curves: dict[str, list[dict]], path: str | Path, title: 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -746,45 +742,32 @@ def plot_run_diagnostics(trainer: Trainer, steps: list[dict], path: str | Path) 
     axs[1].legend(fontsize=7)
     axs[1].grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------- the main job
-def _truncate_metrics(path: Path, step: int, evals: list[dict]) -> None:
-    """Drop metric lines written after the checkpoint being resumed (that work is redone): step rows after
-    ``step``, and evaluation rows the checkpoint does not hold (an evaluation taken at ``step`` but after the
-    checkpoint is taken again on resume, and must not appear twice)."""
-    saved = {(e["step"], e["elapsed_s"]) for e in evals}
-    filter_jsonl(path, lambda r: (r.get("step"), r.get("elapsed_s")) in saved if r.get("kind") == "eval"
-                 else r.get("step", 0) <= step)
+def _prepare(trainer: Trainer) -> RunState:
+    """Write the run's ``config.json``; the trainer's :class:`RunState` already holds the metrics (restored
+    to the checkpoint's rows on resume)."""
+    atomic_write_json(trainer.out / "config.json", {**asdict(trainer.cfg), "proposal_resolved":
+                                                    trainer.cfg.resolved_proposal, "stratify_resolved":
+                                                    trainer.cfg.resolved_stratify})
+    return trainer.state
 
 
-def _prepare(trainer: Trainer) -> Path:
-    out = trainer.out
-    out.mkdir(parents=True, exist_ok=True)
-    if trainer.resumed_from is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    else:
-        _truncate_metrics(out / "metrics.jsonl", trainer.resumed_from, trainer.evals)
-    (out / "config.json").write_text(json.dumps({**asdict(trainer.cfg), "proposal_resolved":
-                                                 trainer.cfg.resolved_proposal, "stratify_resolved":
-                                                 trainer.cfg.resolved_stratify}, indent=2))
-    return out / "metrics.jsonl"
-
-
-def _train_step(trainer: Trainer, metrics: Path) -> None:
+def _train_step(trainer: Trainer, metrics: RunState) -> None:
     if trainer.eval_due():
-        append_jsonl(metrics, trainer.evaluate())
+        metrics.append(trainer.evaluate())
         trainer.mark_evaluated()
-    append_jsonl(metrics, trainer.step())
+    metrics.append(trainer.step())
     if trainer.step_count % trainer.cfg.checkpoint_every == 0:
         trainer.save()
 
 
-def _finish(trainer: Trainer, metrics: Path) -> dict:
+def _finish(trainer: Trainer, metrics: RunState) -> dict:
     if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
-        append_jsonl(metrics, trainer.evaluate())
+        metrics.append(trainer.evaluate())
     trainer.save()
     return trainer.evals[-1]
 
@@ -807,14 +790,21 @@ def _write_run_outputs(trainer: Trainer, title: str) -> None:
                     f"(16 views), mask IoU {ev['iou']:.3f}")
     plot_quality_curves({trainer.cfg.method: trainer.evals}, out / "quality_vs_time.png",
                         f"{p.prompt!r}: quality on held-out views vs training time")
-    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "step"]
+    steps = [r for r in trainer.state.rows if r.get("kind") == "step"]
     plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")
 
 
 def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = None,
-                   cfg: TextTo3DConfig | None = None, compare: bool = False, restart: bool = False,
-                   progress: bool = True, teacher: UNetTeacher | None = None, compare_at: str = "step") -> dict:
+                   cfg: TextTo3DConfig | None = None, compare: bool = False, fresh: bool = False,
+                   progress: bool = True, teacher: UNetTeacher | None = None, compare_at: str = "step",
+                   restart: bool | None = None) -> dict:
     """The main job: distil ``prompt`` into a voxel grid; write (and resume) a run folder; return a summary.
+
+    The folder (default ``runs/text-to-3d/<prompt>``, or ``<prompt>-compare`` with ``compare=True``) is a
+    :class:`carv._runfolder.RunFolder`: locked, with a manifest naming the command and configuration, and
+    checksummed checkpoints; ``fresh=True`` moves an earlier run there aside first (``restart`` is its
+    deprecated alias). A plain run's folder and a comparison's are never the same folder (the manifest
+    names the command).
 
     With ``compare=True`` the run folder gets ``carv/`` and ``baseline/`` sub-runs, interleaved step by step
     in one process (machine load hits both alike), and ``turntables.png`` side by side plus
@@ -829,15 +819,22 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     cfg.validate()
     if compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
+    fresh = bool(fresh or restart)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
-    out = Path(out_dir) if out_dir is not None else default_root / _slug(get_scene(prompt).prompt)
-    if restart:
-        for sub in ([out] + [out / m for m in METHODS]):
-            stale = [q.name for q in sub.glob(f"{CHECKPOINT_STEM}-*.safetensors")]
-            for f in [CHECKPOINT_JSON, "metrics.jsonl", *stale]:
-                (sub / f).unlink(missing_ok=True)
+    slug = _slug(get_scene(prompt).prompt) + ("-compare" if compare else "")
+    out = Path(out_dir) if out_dir is not None else default_root / slug
+    command = "carv text-to-3d --compare" if compare else "carv text-to-3d"
+    identity = {**cfg.identity(), **({"compare_at": compare_at} if compare else {})}
+    with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh) as folder:
+        if folder.previous is not None and progress:
+            print(f"--fresh: moved the earlier run in {str(out)!r} to {str(folder.previous)!r}")
+        return _run_in_folder(out, cfg, compare, progress, teacher, compare_at)
+
+
+def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool,
+                   teacher: UNetTeacher | None, compare_at: str) -> dict:
     if teacher is None and cfg.teacher is None:
         teacher = load_scenes_teacher()
     problem = problem_for(cfg, teacher)
@@ -857,7 +854,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                    "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
                    "c_draw_s": trainer.meter.median("draw"), "resumed_from": trainer.resumed_from,
                    "machine": machine_info(loadavg=loadavg())}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "summary.json", summary)
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
                   f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
@@ -917,7 +914,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": carv_t.R,
                "K_final": carv_t.K, "allocator_history": carv_t.alloc.history if carv_t.alloc is not None else None,
                "machine": machine_info(loadavg=loadavg())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "summary.json", summary)
     if progress:
         for m in METHODS:
             f = finals[m]
@@ -936,7 +933,7 @@ def _slug(prompt: str) -> str:
 
 
 def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
-                        compare: bool = False, restart: bool = False, progress: bool = True,
+                        compare: bool = False, fresh: bool = False, progress: bool = True,
                         compare_at: str = "step") -> dict:
     """The ``carv text-to-3d`` command: flags (None = default) -> config -> :func:`run_text_to_3d`."""
     prompt = DEFAULT_PROMPT if prompt is None else prompt
@@ -966,5 +963,5 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
         given["t_lo_end"] = given.get("t_lo", TextTo3DConfig.t_lo)
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})
     cfg.validate()
-    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, restart=restart, progress=progress,
+    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, fresh=fresh, progress=progress,
                           compare_at=compare_at)

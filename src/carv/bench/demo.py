@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from carv._machine import loadavg
+from carv._runfolder import RunFolder
 from carv.accounting import CostMeter, optimal_k
 from carv.apps.toy import METHODS, ToyConfig, ToyProblem
 from carv.bench.harness import (
@@ -46,7 +47,8 @@ __all__ = ["run_demo"]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, json_path: str | Path | None = None,
-             progress: bool = True, cfg: ToyConfig | None = None, command: str | None = None) -> dict:
+             progress: bool = True, cfg: ToyConfig | None = None, command: str | None = None,
+             fresh: bool = False) -> dict:
     """Measure every method x K side by side on the toy problem; write a run folder; return the results.
 
     ``quick`` is a smoke run: fewer replicates at a looser relative error, the same protocol, and every
@@ -61,8 +63,13 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, json_path: 
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the run folder: locked, with a manifest (carv._runfolder); fresh=True moves an earlier run aside first
+    with RunFolder(out_dir, "carv demo", {**asdict(cfg), "quick": quick}, ("threads",), fresh=fresh):
+        return _run_demo(Path(out_dir), quick, json_path, progress, cfg, command)
+
+
+def _run_demo(out: Path, quick: bool, json_path: str | Path | None, progress: bool, cfg: ToyConfig,
+              command: str | None) -> dict:
     load_start = loadavg()
     prob = ToyProblem(cfg)
     clock = time.process_time  # CPU seconds of this process: other jobs on a shared machine do not move them

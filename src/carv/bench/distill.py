@@ -35,17 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from carv._jsonl import append_jsonl
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
+from carv._runfolder import RunFolder, RunState
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
     DistillConfig,
     Distiller,
-    _prepare_folder,
+    _open_run,
     _teacher_from,
     _threads,
-    _truncate_metrics,
     plot_quality,
 )
 from carv.bench.harness import (
@@ -431,7 +430,7 @@ def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = Fals
     base = base or DistillConfig()
     base = dataclasses.replace(base, eval_per_class=s.eval_per_class)
     base.validate()
-    with _threads(base.threads):
+    with _threads(base.threads), RunFolder(out_dir, "carv bench distill", {"quick": quick}):
         return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher)
 
 
@@ -459,22 +458,17 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
                "carv": dataclasses.replace(base, R=8, K=int(k_carv), proposal=s.carv_proposal,
                                            stratify=s.carv_stratify)}
     runs: dict[tuple[str, int], Distiller] = {}
-    logs: dict[tuple[str, int], Path] = {}
+    logs: dict[tuple[str, int], RunState] = {}  # each run's checksummed checkpoints and metrics
     for seed in s.seeds:
         for m, mcfg in methods.items():
             rc = dataclasses.replace(mcfg, seed=seed, steps=10**9, time_budget_s=s.budget_s)
-            run_dir = out / "train" / f"{m}_seed{seed}"
-            resumed = _prepare_folder(run_dir, rc, resume=True)
             dist = Distiller(rc, teacher)
-            if resumed:
-                dist.load_state(run_dir)
-                _truncate_metrics(run_dir / "metrics.jsonl", dist.step_count)
-            runs[(m, seed)], logs[(m, seed)] = dist, run_dir / "metrics.jsonl"
+            runs[(m, seed)], logs[(m, seed)] = dist, _open_run(out / "train" / f"{m}_seed{seed}", dist)
     marks = time_marks(s.budget_s, s.eval_every_s)
 
     def evaluate(key: tuple[str, int], dist: Distiller) -> None:
         q, x = dist.evaluate()
-        append_jsonl(logs[key], {"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
+        logs[key].append({"step": dist.step_count, "compute_s": round(dist.compute_s, 3), **q, **dist.last,
                          **{f"c_{k}_s": v for k, v in dist.meter.summary().items()},
                          "loadavg_1min": round(os.getloadavg()[0], 2)})
 
@@ -486,19 +480,18 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
             for mark, label in ((s.budget_s / 2, "middle"), (s.budget_s, "end")):
                 if mark in crossed:
                     dist.save_checkpoint(ck_dir / f"{label}.safetensors")
-        dist.save_state(logs[key].parent)
+        dist.save_state(logs[key])
 
     for key, dist in runs.items():
-        if dist.step_count == 0 and not (logs[key].is_file() and logs[key].read_text().strip()):
+        if dist.step_count == 0 and not logs[key].rows:
             evaluate(key, dist)
     interleave_equal_time(runs, s.budget_s, marks, after_step, seed=seed0, progress=progress)
     for key, dist in runs.items():
-        dist.save_grid(logs[key].parent / "final.png",
+        dist.save_grid(logs[key].path / "final.png",
                        f"{key[0]} (R={dist.cfg.R}, K={dist.cfg.K}), seed {key[1]}, {s.budget_s:.0f} s of compute")
     quality = []
-    for (m, seed), path in logs.items():
-        for ln in path.read_text().splitlines():
-            r = json.loads(ln)
+    for (m, seed), run in logs.items():
+        for r in run.rows:
             quality.append({"method": m, "seed": seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
                             "accuracy": r["accuracy"], "K": runs[(m, seed)].cfg.K})
     train_costs = {f"{m}_seed{seed}": {**dist.meter.summary(), "steps": dist.step_count}

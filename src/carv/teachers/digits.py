@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from carv._runfolder import save_figure
 from carv.schedules import VPSchedule
 from carv.teachers.training import ddim_sample, train_ddpm
 from carv.teachers.unet import CompactUNet, UNetTeacher, load_unet_teacher
@@ -225,5 +226,5 @@ def save_sample_grid(images: Tensor, path: str | Path, nrow: int, title: str | N
     if title:
         ax.set_title(title, fontsize=8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
