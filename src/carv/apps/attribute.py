@@ -41,7 +41,7 @@ from carv._runfolder import (
     save_figure,
     save_tensors,
 )
-from carv._validate import check_positive_int
+from carv._validate import check_positive_int, check_seed
 from carv.objectives.attribution import GradientFeatures, cosine_scores
 from carv.objectives.weighting import weight_table
 from carv.timesteps import TimestepSampler
@@ -67,6 +67,8 @@ class AttributeConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        check_seed(self.seed)
+        check_seed(self.proj_seed, "proj_seed")
         for name in ("K", "top_k", "proj_dim", "chunk"):
             v = getattr(self, name)
             check_positive_int(v, name)

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, save_figure, save_tensors
-from carv._validate import check_positive_int
+from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
+from carv._validate import check_field_types, check_int, check_number, check_positive_int, check_seed
 from carv.accounting import CostMeter, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
@@ -105,6 +105,14 @@ class DistillConfig:
     threads: int | None = 1
 
     def validate(self) -> None:
+        check_field_types(self)  # a mistyped config-file value is named before anything else looks at it
+        check_seed(self.seed)
+        for name in ("guidance_scale", "generator_lr", "fake_lr", "floor"):
+            check_number(getattr(self, name), name)  # finite: inf would only surface as a NaN "from the teacher"
+        if self.time_budget_s is not None:
+            check_number(self.time_budget_s, "time_budget_s", 0, lo_open=True)
+        for name, hi in (("R", 4096), ("K", 10**7), ("fake_batch", 4096), ("eval_per_class", 10**4)):
+            check_int(getattr(self, name), name, 1, hi)
         for name in ("steps", "R", "K", "proposal_refresh", "fake_batch", "eval_every", "eval_per_class",
                      "grid_every"):
             check_positive_int(getattr(self, name), name)
@@ -160,7 +168,7 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(names)}")
         d = dict(d)
-        if "betas" in d:
+        if isinstance(d.get("betas"), list):
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
@@ -561,7 +569,12 @@ def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTea
 
 
 def _teacher_from(path: str | Path | None) -> UNetTeacher:
-    return load_digits_teacher(path=path) if path is not None else load_digits_teacher()
+    if path is None:
+        return load_digits_teacher()
+    try:
+        return load_digits_teacher(path=path)
+    except ValueError as e:
+        raise ValueError(f"--teacher: {e}") from None
 
 
 def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
@@ -572,7 +585,7 @@ def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str
         p = Path(config)
         if not p.is_file():
             raise ValueError(f"config: no such file {str(p)!r}")
-        d = json.loads(p.read_text())
+        d = read_json(p, "--config")
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(d).__name__}")
     for k, v in flags.items():

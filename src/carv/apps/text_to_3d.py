@@ -66,7 +66,7 @@ from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, save_figure
-from carv._validate import check_positive_int
+from carv._validate import check_field_types, check_int, check_positive_int, check_seed
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
@@ -208,6 +208,7 @@ class TextTo3DConfig:
         return d
 
     def validate(self) -> None:
+        check_field_types(self)  # a mistyped config value is named before anything else looks at it
         get_scene(self.prompt)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
@@ -215,8 +216,12 @@ class TextTo3DConfig:
                      "grid_resolution", "anneal_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
+        # sizes beyond these would only end in an allocator error (a 512^3 grid with Adam is 4 GB)
+        for name, hi in (("grid_resolution", 256), ("render_size", 512), ("n_samples", 1024),
+                         ("n_eval_views", 256), ("R", 4096), ("K", 10**7), ("k_max", 10**7)):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1, hi)
         if self.K is not None:
             check_positive_int(self.K, "K")
         if self.threads is not None:
@@ -272,7 +277,7 @@ class TextTo3DConfig:
 
             check_sd_folder(self.teacher)
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
-                                          or not self.budget_s > 0):
+                                          or not math.isfinite(self.budget_s) or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from carv._validate import check_seed
 from carv.accounting import CostMeter, timed_estimate
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
@@ -67,6 +68,7 @@ class ToyConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        check_seed(self.seed)
         for name in ("num_points", "width", "layers", "modes", "R", "replicates", "reference_estimates",
                      "reference_R", "reference_K", "pilot_steps", "max_replicates", "amortise_steps"):
             v = getattr(self, name)

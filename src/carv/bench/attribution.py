@@ -59,6 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._machine import loadavg
+from carv._validate import check_seed
 from carv.accounting import CostMeter
 from carv.bench.harness import SMOKE_NOTE, Config, measure, reference_mean, run_record
 from carv.bench.report import markdown_table, plot_metric_vs_k, print_table
@@ -120,6 +121,7 @@ class AttributionBenchConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        check_seed(self.seed)
         for name in ("num_train", "budgets", "reference_evals", "reference_K", "replicates", "pilot_examples",
                      "pilot_K", "pilot_bins", "top_k", "max_batch", "proj_dim", "baseline_factor", "dtrak_batch_size"):
             v = getattr(self, name)

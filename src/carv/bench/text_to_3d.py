@@ -57,6 +57,7 @@ from torch import Tensor
 
 from carv._machine import loadavg
 from carv._progress import progress_bar
+from carv._validate import check_seed
 from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
 from carv.bench.harness import (
@@ -169,6 +170,7 @@ class BenchSettings:
         return cls(**base)
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if len(self.checkpoint_steps) != 3 or list(self.checkpoint_steps) != sorted(set(self.checkpoint_steps)) or \
                 self.checkpoint_steps[0] < 0:
             raise ValueError(f"checkpoint_steps: expected three increasing non-negative step counts, "

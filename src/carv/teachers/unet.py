@@ -229,14 +229,23 @@ def load_unet_teacher(path: str | Path, device: str | torch.device = "cpu") -> U
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no teacher weights at {str(path)!r}")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"path: {str(path)!r} is not a safetensors file (empty, truncated or another format: "
+                         f"{e})") from None
     if metadata.get("format") != "carv.unet_teacher/1":
         raise ValueError(f"path: {str(path)!r} is not a carv UNet teacher file (format={metadata.get('format')!r})")
-    tensors = load_file(str(path))
-    model = CompactUNet(**json.loads(metadata["config"]))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    schedule = VPSchedule(tensors["schedule.alphas_cumprod"])
-    return UNetTeacher(model, schedule, json.loads(metadata.get("meta", "{}"))).to(device)
+    try:
+        tensors = load_file(str(path))
+        model = CompactUNet(**json.loads(metadata["config"]))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        schedule = VPSchedule(tensors["schedule.alphas_cumprod"])
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"path: {str(path)!r} is a damaged or incomplete carv UNet teacher file "
+                         f"({type(e).__name__}: {e})") from None
+    return UNetTeacher(model, schedule, meta).to(device)
