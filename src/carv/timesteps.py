@@ -323,11 +323,11 @@ class TimestepSampler:
         self._q, self._importance = q, imp
         cdf = torch.cumsum(q, 0)
         cdf = cdf / cdf[-1]
-        self._cdf = cdf.to(self.device)
-        self._guide = GuideTable(self._cdf)
         w = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(q))
-        self._w64 = w
-        self._w = w.to(self.device, self.dtype)
+        self._cdf64, self._w64 = cdf, w
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[GuideTable, Tensor]] = {}
+        self._cdf = cdf.to(self.device)
+        self._guide, self._w = self._tables_on(self.device, self.dtype)
 
     @property
     def p(self) -> Tensor:
@@ -359,10 +359,20 @@ class TimestepSampler:
             self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
-        self._cdf = self._cdf.to(self.device)
-        self._guide = GuideTable(self._cdf)
-        self._w = self._w64.to(self.device, self.dtype)
+        self._cdf = self._cdf64.to(self.device)
+        self._guide, self._w = self._tables_on(self.device, self.dtype)
         return self
+
+    def _tables_on(self, device: torch.device, dtype: torch.dtype) -> tuple[GuideTable, Tensor]:
+        """The guide table and weights on ``device`` (built from the CPU float64 masters, cached per device;
+        the sampler's own ``device`` and tables are never changed by a draw on another device)."""
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            if key[0].type == "meta":
+                raise ValueError("device: the meta device holds no data, and timesteps are drawn from data "
+                                 "(the proposal's CDF); pass inputs on a real device (cpu, cuda, ...)")
+            self._tables[key] = (GuideTable(self._cdf64.to(key[0])), self._w64.to(key[0], dtype))
+        return self._tables[key]
 
     # ---------------------------------------------------------------- drawing
     def sample(
@@ -372,12 +382,20 @@ class TimestepSampler:
         generator: torch.Generator | int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | str | None = None,
     ) -> TimestepDraws:
-        """Draw ``[R, K]`` timesteps and their weights ``p(t)/q(t)``."""
-        x = stratified_uniform(R, K, self.stratify, generator, self.device, torch.float64, rank, world_size,
-                               scale=self._guide.M)
-        t = self._guide.from_scaled(x)
-        return TimestepDraws(t=t, weight=torch.index_select(self._w, 0, t.reshape(-1)).reshape(t.shape))
+        """Draw ``[R, K]`` timesteps and their weights ``p(t)/q(t)`` on ``device`` (default: the sampler's).
+
+        Drawing on another device uses cached copies of the tables there; the sampler itself is unchanged.
+        """
+        if device is None or torch.device(device) == self.device:
+            guide, w, device = self._guide, self._w, self.device
+        else:
+            guide, w = self._tables_on(torch.device(device), self.dtype)
+        x = stratified_uniform(R, K, self.stratify, generator, device, torch.float64, rank, world_size,
+                               scale=guide.M)
+        t = guide.from_scaled(x)
+        return TimestepDraws(t=t, weight=torch.index_select(w, 0, t.reshape(-1)).reshape(t.shape))
 
     def __repr__(self) -> str:
         return (
