@@ -363,3 +363,46 @@ def test_bench_charges_every_extra_to_the_methods_that_pay_it():
     assert both["learned-proposal warm-up (amortised)"] == pytest.approx(0.1)
     assert ch["improved-diffusion"] == {"resampler warm-up (amortised)": 0.1}
     assert "uniform" not in ch and "stratified" not in ch and "threestudio" not in ch and "vdm" not in ch
+
+
+def test_full_disk_ends_with_one_line_and_the_run_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
+    """Issue 11: an OSError on a write (here ENOSPC at the second checkpoint) ends with one line naming the
+    path (exit 2, no traceback); the same command then resumes from the first checkpoint and ends bit-identical
+    to an uninterrupted run."""
+    import errno
+    import sys
+
+    from carv import _runfolder as rf
+    from carv.cli import main
+
+    args = ["carv", "text-to-3d", "a snowman", "--steps", "4", "--K", "2", "--checkpoint-every", "2",
+            "--grid-resolution", "16", "--render-size", "32", "--n-samples", "16", "--threads", "1"]
+    save, calls = rf.save_tensors, []
+
+    def full(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(path, *a, **k)
+
+    def run(out):
+        monkeypatch.setattr(sys, "argv", [*args, "--out", str(out)])
+        try:
+            main()
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    monkeypatch.setattr(rf, "save_tensors", full)
+    assert run(tmp_path / "cut") == 2
+    text = capsys.readouterr().err
+    err = [ln for ln in text.splitlines() if "Error" in ln]
+    assert "Traceback" not in text and len(err) == 1 and err[0].startswith("Error: No space left on device")
+    assert "checkpoint-0000004" in err[0], err
+    monkeypatch.setattr(rf, "save_tensors", save)
+    assert run(tmp_path / "cut") == 0 and run(tmp_path / "straight") == 0
+    a, b = rf.RunState(tmp_path / "cut").load(), rf.RunState(tmp_path / "straight").load()
+    assert a[1]["step"] == b[1]["step"] == 4
+    assert torch.equal(a[0]["grid.density"], b[0]["grid.density"]) and torch.equal(a[0]["grid.color"],
+                                                                                    b[0]["grid.color"])
+    assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4]

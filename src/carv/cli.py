@@ -383,6 +383,16 @@ def main() -> None:
     except (RunFolderError, CorruptFileError) as e:
         sys.stderr.write(f"Error: {e}\n")
         raise SystemExit(2) from None
+    except MemoryError as e:  # refused before allocating (a teacher chunk that cannot fit), or the allocator's
+        sys.stderr.write(f"Error: out of memory: {str(e) or 'an allocation failed'}. Lower the sizes (--K, "
+                         f"--render-size, --n-samples, --grid-resolution, max_batch); finished work is kept.\n")
+        raise SystemExit(2) from None
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        sys.stderr.write(f"Error: out of memory ({str(e).splitlines()[0][:160]}). Lower the sizes (--K, "
+                         f"--render-size, --n-samples, --grid-resolution, max_batch); finished work is kept.\n")
+        raise SystemExit(2) from None
     except OSError as e:
         if e.filename is None:  # raised by carv with its own message (e.g. missing teacher weights)
             sys.stderr.write(f"Error: {e}\n")
