@@ -59,6 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._machine import loadavg
+from carv._runfolder import RunFolder
 from carv._validate import check_seed
 from carv.accounting import CostMeter
 from carv.bench.harness import SMOKE_NOTE, Config, measure, reference_mean, run_record
@@ -348,8 +349,13 @@ def run_attribution_bench(out_dir: str | Path = "runs/bench-attribution", quick:
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the run folder: locked, with a manifest (carv._runfolder); the resumable state below has its own fingerprints
+    with RunFolder(out_dir, "carv bench attribution", {"quick": quick}):
+        return _run_attribution_bench(Path(out_dir), quick, json_path, progress, cfg, command)
+
+
+def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None, progress: bool,
+                           cfg: AttributionBenchConfig, command: str | None) -> dict:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     common = {k: getattr(cfg, k) for k in ("num_train", "num_test_queries", "num_sample_queries", "weighting",
                                            "params", "proj_dim", "proj_seed", "seed")}

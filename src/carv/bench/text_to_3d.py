@@ -57,6 +57,7 @@ from torch import Tensor
 
 from carv._machine import loadavg
 from carv._progress import progress_bar
+from carv._runfolder import RunFolder
 from carv._validate import check_seed
 from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
@@ -897,4 +898,6 @@ def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     clock = time.process_time if settings.clock == "process" else time.perf_counter
-    return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress, command)
+    with RunFolder(out_dir, "carv bench text-to-3d", {"quick": quick, "seed": settings.seed}):
+        return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress,
+                         command)
