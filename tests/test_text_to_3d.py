@@ -396,8 +396,8 @@ def test_full_disk_ends_with_one_line_and_the_run_resumes_to_the_same_result(tmp
     monkeypatch.setattr(rf, "save_tensors", full)
     assert run(tmp_path / "cut") == 2
     text = capsys.readouterr().err
-    err = [ln for ln in text.splitlines() if "Error" in ln]
-    assert "Traceback" not in text and len(err) == 1 and err[0].startswith("Error: No space left on device")
+    err = [ln.split("Error: ", 1)[1] for ln in text.splitlines() if "Error: " in ln]
+    assert "Traceback" not in text and len(err) == 1 and err[0].startswith("No space left on device")
     assert "checkpoint-0000004" in err[0], err
     monkeypatch.setattr(rf, "save_tensors", save)
     assert run(tmp_path / "cut") == 0 and run(tmp_path / "straight") == 0

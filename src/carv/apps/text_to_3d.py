@@ -847,11 +847,13 @@ def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool
         trainer = Trainer(cfg, out, problem)
         metrics = _prepare(trainer)
         bar = progress_bar(None, progress, total=cfg.steps, initial=trainer.step_count, desc=f"text-to-3d {cfg.method}")
-        while not trainer.done:
-            _train_step(trainer, metrics)
-            bar.update(1)
-            bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
-        bar.close()
+        try:  # an error message after an interruption starts on its own line
+            while not trainer.done:
+                _train_step(trainer, metrics)
+                bar.update(1)
+                bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
+        finally:
+            bar.close()
         final = _finish(trainer, metrics)
         _write_run_outputs(trainer, cfg.method)
         summary = {"command": "carv text-to-3d", "prompt": problem.prompt, "method": cfg.method,

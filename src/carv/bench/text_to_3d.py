@@ -898,6 +898,7 @@ def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     clock = time.process_time if settings.clock == "process" else time.perf_counter
+    settings.validate()  # bad settings are named before the folder is touched
     with RunFolder(out_dir, "carv bench text-to-3d", {"quick": quick, "seed": settings.seed}):
         return run_bench(TextTo3DPipeline(cfg, clock=clock), out_dir, quick, json_path, settings, progress,
                          command)
