@@ -117,7 +117,9 @@ def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(t
     assert all(r["R"] == 2 and r["K"] == 1 for r in base)
     for f in ("turntables.png", "quality_vs_steps.png", "quality_vs_seconds.png"):
         assert (tmp_path / "c" / f).is_file(), f
-    meta = json.loads((tmp_path / "c" / "carv" / "checkpoint.json").read_text())
+    from carv._runfolder import RunState
+
+    meta = RunState(tmp_path / "c" / "carv").load()[1]  # the newest checksummed checkpoint's state
     assert meta["allocator"]["steps"] == 12 and meta["upstream"]["count"] > 0
     assert set(res["steps_ratio_equal_quality"]) == {"psnr", "iou"}
 

@@ -127,9 +127,8 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     frozen grid (the initial blob, or the ``grid.density`` / ``grid.color`` of a run's checkpoint), with the
     weight proposal and per-render strata, iid cameras, CPU-time costs. ``budgets``: multiples of one render
     with one draw (2 = the plain estimator's step at R = 2)."""
-    from safetensors.torch import load_file
-
     from carv._machine import loadavg, machine_info
+    from carv._runfolder import load_tensors
     from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
 
     if threads is not None:
@@ -139,7 +138,7 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
                            clock=time.process_time)
     grid = problem.new_grid(cfg.grid_resolution, cfg.init_blob)
     if grid_path is not None:
-        t = load_file(str(grid_path))
+        t, _ = load_tensors(grid_path, "grid")  # a run's checkpoint, checksum verified
         with torch.no_grad():
             grid.density.copy_(t["grid.density"])
             grid.color.copy_(t["grid.color"])
