@@ -116,10 +116,13 @@ def stratified_uniform(
 def inverse_cdf(u: Tensor, cdf: Tensor) -> Tensor:
     """Smallest index ``i`` with ``cdf[i] > u`` (int64), for ``u`` in ``[0, 1)``.
 
-    ``cdf`` is non-decreasing with ``cdf[-1] == 1``; zero-probability entries are never returned.
+    ``cdf`` is non-decreasing with ``cdf[-1] == 1`` up to rounding; zero-probability entries are never
+    returned. A ``u`` at or above ``cdf[-1]`` (a normalised ``cumsum`` can end just below 1) maps to the last
+    entry with positive probability, not to a zero-probability tail.
     """
     idx = torch.searchsorted(cdf, u.to(cdf.dtype).contiguous(), right=True)
-    return idx.clamp_(max=cdf.numel() - 1)
+    last = torch.searchsorted(cdf, cdf[-1:], right=False)  # first index where the cdf reaches its end
+    return torch.minimum(idx, last)
 
 
 class GuideTable:
