@@ -359,8 +359,9 @@ def test_text_to_3d_with_a_stable_diffusion_folder_end_to_end(tiny_sd_path, tmp_
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["grad_x_norm"] > 0 for r in steps)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["c_upstream_s"] > 0 and summary["c_draw_s"] > 0
-    for f in ("turntable.png", "comparison.png", "checkpoint.json"):
+    for f in ("turntable.png", "comparison.png", "carv-run.json"):
         assert (out / f).is_file(), f
+    assert list(out.glob("checkpoint-*.safetensors")), "no checksummed checkpoint was written"
     # the latents the teacher saw: 8x the UNet's latent size in, latents out
     from carv.apps.latent_sds import LatentSceneProblem, load_sd_teacher
     from carv.apps.text_to_3d import TextTo3DConfig, problem_for
