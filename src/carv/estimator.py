@@ -25,91 +25,15 @@ from carv.noise import check_noise_mode, draw_noise
 from carv.teachers.base import check_finite
 from carv.timesteps import TimestepSampler
 
-__all__ = ["Draws", "Estimate", "HierarchicalEstimator", "UsesEstimator", "reduce_draws", "check_upstream",
-           "TEACHER_MEMORY_BUDGET", "ACTIVATION_FACTOR", "default_max_batch", "check_chunk_fits"]
-
-# Memory-safe defaults for teacher batches. A teacher's activations are far larger than its input: the
-# scenes teacher (3x32x32) peaks at about 1.5 MB per UNet row, ~130x its 12 KB input. Without a max_batch
-# the R*K draws are chunked so that one chunk's estimated activations stay within TEACHER_MEMORY_BUDGET.
-TEACHER_MEMORY_BUDGET = 1 << 30  # bytes of teacher activations one default chunk may take
-ACTIVATION_FACTOR = 128          # assumed activation bytes per input byte of one teacher row
-
-
-def _row_bytes(sample_shape, dtype: torch.dtype, guided: bool) -> int:
-    numel = 1
-    for s in sample_shape:
-        numel *= int(s)
-    return numel * torch.empty((), dtype=dtype).element_size() * ACTIVATION_FACTOR * (2 if guided else 1)
-
-
-def default_max_batch(sample_shape, dtype: torch.dtype = torch.float32, guided: bool = False,
-                      budget: int = TEACHER_MEMORY_BUDGET) -> int:
-    """Draws per teacher chunk when none is given: ``budget`` over the estimated activation bytes of one draw
-    (``ACTIVATION_FACTOR`` x its input bytes, doubled under classifier-free guidance), at least 1. Depends on
-    the sample size only (never on the free memory), so a run's chunks, and hence its draws, are reproducible."""
-    return max(1, budget // _row_bytes(sample_shape, dtype, guided))
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # noqa: BLE001 - no usable CUDA context: no check
-            return None
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for ln in f:
-                    if ln.startswith("MemAvailable:"):
-                        return int(ln.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
-def check_chunk_fits(rows: int, sample_shape, dtype: torch.dtype, device: torch.device, guided: bool,
-                     name: str = "max_batch") -> None:
-    """Raise ``MemoryError`` *before* allocating when one chunk of ``rows`` draws is estimated to need more
-    memory than the device has free (noise, noised inputs and residuals: 4 copies of the input, plus the
-    teacher's activations), naming ``name`` and what to do."""
-    free = _free_bytes(device)
-    if free is None:
-        return
-    per = _row_bytes(sample_shape, dtype, guided) + 4 * _row_bytes(sample_shape, dtype, False) // ACTIVATION_FACTOR
-    need = rows * per
-    if need > free:
-        raise MemoryError(f"{name}: one chunk of {rows} teacher draws of shape {tuple(sample_shape)} needs about "
-                          f"{need / 2**30:.1f} GiB (estimated), but only {free / 2**30:.1f} GiB is free on "
-                          f"{device}; pass a smaller {name}" + (" (even one draw does not fit)" if rows == 1 else ""))
-
-
-def check_upstream(x, name: str = "x") -> None:
-    """Raise naming ``name`` unless ``x`` is a real floating-point ``[R, ...]`` tensor of finite values on a
-    real device: bad input is reported as the input's fault before any teacher is called (a NaN in ``x``
-    would otherwise come back as a NaN from the teacher, and a complex ``x`` would lose its imaginary part)."""
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise ValueError(f"{name}: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
-    if x.is_complex() or not x.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a real floating-point tensor (float16/bfloat16/float32/float64), "
-                        f"got dtype {x.dtype}")
-    if x.device.type == "meta":
-        raise ValueError(f"{name}: is on the meta device (no data); carv draws timesteps and noise for real "
-                         f"inputs, pass {name} on a real device (cpu, cuda, ...)")
-    bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise ValueError(f"{name}: the input holds NaN or inf in upstream sample(s) {rows[:20]} of {x.shape[0]} "
-                         f"(before any teacher call)")
-
+__all__ = ["Draws", "Estimate", "HierarchicalEstimator", "UsesEstimator", "reduce_draws"]
 
 @dataclass
 class Draws:
-    """One batch of draws: ``t`` and ``weight`` are ``[R, K]``, ``eps`` is ``[R, K, *sample_shape]`` (None when
-    the noise was drawn chunk by chunk and never held whole, see :func:`chunked_residual_estimate`)."""
+    """One batch of draws: ``t`` and ``weight`` are ``[R, K]``, ``eps`` is ``[R, K, *sample_shape]``."""
 
     t: Tensor
     weight: Tensor
-    eps: Tensor | None
+    eps: Tensor
 
     @property
     def R(self) -> int:
@@ -231,9 +155,6 @@ class HierarchicalEstimator:
              rank: int | None = None, world_size: int | None = None, noise: bool = True) -> Draws:
         """Timesteps, weights and noises for ``R`` upstream samples of shape ``sample_shape``.
 
-        ``noise=False`` draws only the timesteps and weights (``eps`` is None); :meth:`draw_noise` then makes
-        the noise of a range of columns at a time, so that ``R*K`` noises never need to be held at once.
-
         ``rank`` / ``world_size`` split global strata across processes explicitly; with
         ``distributed=True`` they default to the ``torch.distributed`` rank and world size.
         """
@@ -261,14 +182,8 @@ class HierarchicalEstimator:
         else:
             ts = self.sampler.sample(R, K, g, rank, world_size, device=device)
             t, w = ts.t, ts.weight
-        eps = draw_noise(R, K, sample_shape, self.noise, g, device, dtype) if noise else None
+        eps = draw_noise(R, K, sample_shape, self.noise, g, device, dtype)
         return Draws(t=t, weight=w.to(dtype), eps=eps)
-
-    def draw_noise(self, R: int, k: int, sample_shape: tuple[int, ...] | torch.Size, generator: torch.Generator,
-                   device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Noise ``[R, k, *sample_shape]`` for ``k`` more columns of every row, laid out by the noise mode
-        (antithetic pairs stay inside a block when ``k`` is even; CRN shares the block's noises across rows)."""
-        return draw_noise(R, k, sample_shape, self.noise, generator, device, dtype)
 
     def reduce(self, values: Tensor, draws: Draws, stats: bool = True, keep_draws: bool = False,
                what: str = "integrand") -> Estimate:
