@@ -91,7 +91,7 @@ class AccountantStep:
             u, h = pr.cotangents(out.estimate.draws, acc.generator)
             ju = torch.autograd.grad(x, acc.params, u, retain_graph=True, allow_unused=True)
             jh = torch.autograd.grad(x, acc.params, h, retain_graph=True, allow_unused=True)
-            self.components = tuple(pr.components(ju, jh))
+            self.components = tuple(pr.components(ju, jh, clip=False))  # signed: averaged by the allocator
             out.estimate.draws = None
             self.probe_s += acc._now() - t0
         out.loss.backward()

@@ -41,7 +41,9 @@ the optimiser step (a per-step cost, amortised over the ``R`` renders of a step)
 The accountant reads the variance components of the *parameter* gradient (the vector Adam consumes),
 measured every ``probe_every`` steps by :class:`carv.accounting.ComponentProbe` from the step's own
 draws with two extra backward passes through the renders (about 6% of the training time at the
-defaults; it is charged to the run's clock, not to the stage costs). The render-space components that
+defaults; it is charged to the run's clock, not to the stage costs). The probe's between estimate is
+passed (and logged as ``between_param``) signed, unclipped: one probe's estimate is noisy and often
+negative, and only the allocator's average over probes is clipped at 0. The render-space components that
 every step reports for free are a poor proxy here: their within/between ratio is tens of times the
 parameter-space one (the render's Jacobian averages the per-pixel noise of the teacher's residual
 away far more than the differences between views), so an accountant reading them picks ``K = k_max``
@@ -424,7 +426,7 @@ class SceneProblem:
             params = [grid.density, grid.color]
             ju = torch.autograd.grad(x, params, u, retain_graph=True)
             jh = torch.autograd.grad(x, params, h)
-            comps = pr.components(ju, jh)
+            comps = pr.components(ju, jh, clip=False)  # signed: the allocator averages many probes
             out.estimate.draws = None
         secs["probe"] = self.clock() - t3
         return out, secs, comps
