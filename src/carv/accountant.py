@@ -25,11 +25,12 @@ steps) the step's own draws are split into between- and within-sample components
 A probe needs ``R >= 2`` and ``K >= 2``: on a probe step :attr:`R` and ``K`` follow the allocator's
 ``probe_shape()`` (e.g. ``(1, 8) -> (2, 4)``), and its extra cost is charged by the allocator.
 
-Choice. The :class:`~carv.accounting.Allocator` (issue 12's online allocator: medians of the observed
-components, re-choices every ``choose_every`` steps after a warm-up) sets the next ``(R, K)`` from them and
-the stage medians: with ``budget="baseline"`` (default) at the plain estimator's measured step cost (equal
-per-step compute), with a number of seconds per step, or with ``budget=None`` ``K`` alone at fixed ``R``.
-Every step's estimator is an ordinary fixed-``(R, K)`` estimator, so each step stays unbiased.
+Choice. The :class:`~carv.accounting.Allocator` (issue 12's online allocator: winsorised means of the
+signed observed components, re-choices every ``choose_every`` steps after a warm-up) sets the next
+``(R, K)`` from them and the stage medians: with ``budget="baseline"`` (default) at the plain estimator's
+measured step cost (equal per-step compute), with a number of seconds per step, or with ``budget=None``
+``K`` alone at fixed ``R``. Every step's estimator is an ordinary fixed-``(R, K)`` estimator, so each step
+stays unbiased.
 """
 
 from __future__ import annotations
