@@ -100,7 +100,7 @@ def test_allocate_bad_input_is_named(kwargs, name):
 
 # ------------------------------------------------------------------ the online Allocator
 def _synthetic_run(alloc, sb, sw, cu, cd, steps, seed, D=64, outlier_every=10, outlier=1e3, clip=True,
-                   component_probe=False):
+                   component_probe=False, return_probes=False, cost_probe=0.0):
     """A pipeline with known components: per-upstream value b_r + mean_k w_rk (tr Cov = D sb, D sw); the
     meter is fed the known costs; probe steps measure the components from their own R x K batch, and every
     ``outlier_every``-th measurement is blown up ``outlier`` times. ``component_probe``: measure as the apps
@@ -118,6 +118,9 @@ def _synthetic_run(alloc, sb, sw, cu, cd, steps, seed, D=64, outlier_every=10, o
         meter.add("upstream", cu * R, count=R)
         meter.add("draw", cd * R * K, count=R * K)
         spent += R * (cu + K * cd)
+        if probe and cost_probe:
+            meter.add("probe", cost_probe)
+            spent += cost_probe
         if probe:
             y = math.sqrt(sb / D) * torch.randn(R, 1, D, generator=g) + \
                 math.sqrt(sw / D) * torch.randn(R, K, D, generator=g)
@@ -131,7 +134,7 @@ def _synthetic_run(alloc, sb, sw, cu, cd, steps, seed, D=64, outlier_every=10, o
             scale = outlier if n_probe % outlier_every == 1 else 1.0  # the very first one is an outlier
             alloc.observe(c.between * scale, c.within * scale)
         alloc.step(meter)
-    return spent / steps
+    return (spent / steps, n_probe) if return_probes else spent / steps
 
 
 # the plain estimator's step (R = 1 wins), 6 times that with a larger between part (R >= 2 wins)
@@ -240,6 +243,45 @@ def test_allocator_chooses_many_renders_when_the_between_part_is_large():
     with pytest.raises(ValueError, match="within"):
         alloc.observe(1.0, -1.0)
     alloc.observe(-0.5, 1.0)  # a signed between estimate is accepted
+
+
+def test_allocator_probes_less_once_settled_and_spends_the_saving_on_draws():
+    """At the plain estimator's budget the choice is one render with as many draws as fit, whatever the
+    components: after 3 re-choices that keep the pair the probe interval doubles (10 -> 80), so a 400-step
+    run probes 8-16 times instead of 40, the charge for the probes (their two extra backward passes cost two
+    renders here) falls and K rises; the average step still costs the budget, probes included. A re-choice
+    that moves the pair resets the interval."""
+    from carv.accounting import Allocator, CostMeter
+
+    sb, sw, cu, cd = 1.0, 400.0, 0.032, 0.004
+    B = 2 * (cu + cd)
+    fixed = Allocator(budget="baseline", r_init=2, k_init=1, probe_every=10, probe_every_max=10)
+    avg_f, n_f = _synthetic_run(fixed, sb, sw, cu, cd, steps=400, seed=3, return_probes=True, cost_probe=2 * cu)
+    adapt = Allocator(budget="baseline", r_init=2, k_init=1, probe_every=10)
+    avg_a, n_a = _synthetic_run(adapt, sb, sw, cu, cd, steps=400, seed=3, return_probes=True, cost_probe=2 * cu)
+    assert n_f == 40 and 8 <= n_a <= 16, (n_f, n_a)
+    assert adapt.interval == 80 and max(h["probe_every"] for h in adapt.history) == 80
+    assert avg_f <= B * 1.02 and avg_a <= B * 1.02
+    assert (adapt.R, fixed.R) == (1, 1) and adapt.K > fixed.K  # the saving buys draws
+    # a move resets the interval: the components change so that the pair moves
+    m = CostMeter()
+    m.add("upstream", cu)
+    m.add("draw", cd)
+    a = Allocator(budget=20 * B, r_init=2, k_init=1, probe_every=4, every=1, warmup=1)
+    for _ in range(12):
+        if a.probe_due():
+            a.observe(1.0, 1.0)
+        a.step(m)
+    assert a.interval > 4
+    a.observations.clear()
+    a.observe(1e-6, 1e3)  # now within dominates: fewer renders, more draws
+    a.step(m)
+    assert a.interval == 4 and a.history[-1]["previous"] != [a.R, a.K]
+    b = Allocator(budget=20 * B, r_init=2, k_init=1, probe_every=4, every=1, warmup=1)
+    b.load_state_dict(a.state_dict())
+    assert (b.interval, b.next_probe, b.unchanged) == (a.interval, a.next_probe, a.unchanged)
+    with pytest.raises(ValueError, match="probe_every_max"):
+        Allocator(probe_every=10, probe_every_max=5)
 
 
 def test_allocator_free_budget_is_auto_k_and_an_outlier_does_not_pin_k(caplog):

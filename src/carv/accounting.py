@@ -392,6 +392,13 @@ class Allocator:
     probe_every``, ``C_probe`` the probe step's cost including the meter's ``probe_stage`` median), so the
     average step over a probe period costs ``B``.
 
+    **Probing less once settled.** A probe step costs more than an ordinary one, and at a budget where the
+    choice no longer moves its cost buys nothing (at the plain estimator's budget the choice is one render
+    with as many draws as fit, whatever the components). After ``settle`` re-choices in a row that keep the
+    pair, the interval between probes doubles, up to ``probe_every_max`` (default ``8 * probe_every``); a
+    re-choice that moves the pair resets it to ``probe_every``. The charge of the probes' extra cost
+    follows the interval in use.
+
     **Robust start.** No re-choice before ``warmup`` observations; the estimates are winsorised means of the
     last ``window`` observations (:func:`winsorised_mean`: each clipped to the median +- 10 robust standard
     deviations, then averaged), so one outlier cannot pin ``K`` for a run (unlike an average that the first
@@ -422,6 +429,7 @@ class Allocator:
     def __init__(self, budget: float | str | None = "baseline", *, baseline: tuple[int, int] = (2, 1),
                  r_range: tuple[int, int] = (1, 64), k_range: tuple[int, int] = (1, 256), r_init: int = 2,
                  k_init: int = 1, every: int = 10, warmup: int = 3, window: int = 9, probe_every: int = 10,
+                 probe_every_max: int | None = None, settle: int = 3,
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe"):
         if not (budget is None or budget == "baseline"):
             _check_nonneg(budget=budget)
@@ -434,7 +442,7 @@ class Allocator:
             raise ValueError(f"baseline: expected a pair (R, K) of positive integers, got {baseline!r}")
         self.baseline = (int(baseline[0]), int(baseline[1]))
         for name, v in (("r_init", r_init), ("k_init", k_init), ("every", every), ("warmup", warmup),
-                        ("window", window), ("probe_every", probe_every)):
+                        ("window", window), ("probe_every", probe_every), ("settle", settle)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if not self.r_min <= r_init <= self.r_max:
@@ -443,9 +451,18 @@ class Allocator:
             raise ValueError(f"k_init: need k_range[0] <= k_init <= k_range[1], got {k_init} for {k_range}")
         if budget is not None and probe_every < 2:
             raise ValueError(f"probe_every: a budget needs ordinary steps between probes (>= 2), got {probe_every}")
+        if probe_every_max is None:
+            probe_every_max = 8 * probe_every
+        if isinstance(probe_every_max, bool) or not isinstance(probe_every_max, int) or probe_every_max < probe_every:
+            raise ValueError(f"probe_every_max: expected an integer >= probe_every ({probe_every}), "
+                             f"got {probe_every_max!r}")
         self.budget = budget
         self.R, self.K = r_init, k_init
         self.every, self.warmup, self.window, self.probe_every = every, warmup, window, probe_every
+        self.probe_every_max, self.settle = probe_every_max, settle
+        self.interval = probe_every  # steps between probes now (doubles while the choice stays put)
+        self.next_probe = 0  # the step of the next probe
+        self.unchanged = 0  # re-choices in a row that kept the pair
         self.upstream_stage, self.draw_stage, self.probe_stage = upstream_stage, draw_stage, probe_stage
         self.observations: list[tuple[float, float]] = []  # the last `window` (between, within)
         self.n_observed = 0
@@ -459,8 +476,9 @@ class Allocator:
         return self.R < 2 or self.K < 2
 
     def probe_due(self) -> bool:
-        """Whether the coming step should measure the components (every ``probe_every`` steps, from step 0)."""
-        return self.steps % self.probe_every == 0
+        """Whether the coming step should measure the components (from step 0, every ``interval`` steps:
+        ``probe_every``, doubling up to ``probe_every_max`` while the choice stays put)."""
+        return self.steps >= self.next_probe
 
     def probe_shape(self) -> tuple[int, int]:
         """``(R, K)`` of a probe step: ``R`` raised to 2 where needed and the step's ``R K`` draws shared out
@@ -501,8 +519,10 @@ class Allocator:
     def step_cost(self, R: int, K: int, cost_upstream: float, cost_draw: float) -> float:
         return R * (cost_upstream + K * cost_draw)
 
-    def choose(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0) -> tuple[int, int, float | None]:
-        """``(R, K, budget_of_ordinary_steps)`` from the current estimates and the given costs."""
+    def choose(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0,
+               interval: int | None = None) -> tuple[int, int, float | None]:
+        """``(R, K, budget_of_ordinary_steps)`` from the current estimates and the given costs, with the probes'
+        extra cost charged at one probe every ``interval`` steps (default: the interval in use)."""
         sb, sw = self.between, self.within
         if self.budget is None:
             k = optimal_k(sb, sw, cost_upstream, cost_draw, k_max=self.k_max, k_min=self.k_min)
@@ -511,7 +531,7 @@ class Allocator:
             B = self.step_cost(*self.baseline, cost_upstream, cost_draw)
         else:
             B = float(self.budget)
-        P = self.probe_every
+        P = self.interval if interval is None else interval
         b_eff, pair = B, (self.R, self.K)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
             R_p = max(pair[0], 2)
@@ -525,6 +545,8 @@ class Allocator:
 
     def step(self, meter: CostMeter) -> tuple[int, int]:
         """Call once per optimisation step (after :meth:`observe`); returns ``(R, K)`` for the next step."""
+        if self.steps >= self.next_probe:  # this step was (due to be) a probe step
+            self.next_probe = self.steps + self.interval
         self.steps += 1
         if self.n_observed < self.warmup or self.steps % self.every:
             return self.R, self.K
@@ -540,6 +562,23 @@ class Allocator:
         entry = {"step": self.steps, "R": R, "K": K, "previous": [self.R, self.K], "between": self.between,
                  "within": self.within, "cost_upstream": c_up, "cost_draw": c_draw, "cost_probe": c_probe,
                  "budget": b_eff}
+        # "kept": the components have not moved the choice. A pair that moved only because a longer probe
+        # interval left more budget for the ordinary steps is kept (else the interval would oscillate).
+        kept = (R, K) == (self.R, self.K)
+        last = self.history[-1].get("charged_every", self.interval) if self.history else self.interval
+        if not kept and last != self.interval:
+            kept = self.choose(c_up, c_draw, c_probe, interval=last)[:2] == (self.R, self.K)
+        entry["charged_every"] = self.interval  # the probe interval this choice was charged at
+        if kept:
+            self.unchanged += 1
+            if self.unchanged >= self.settle and self.interval < self.probe_every_max:
+                self.interval = min(2 * self.interval, self.probe_every_max)
+                self.next_probe = min(self.next_probe, self.steps + self.interval)
+                self.unchanged = 0
+        else:
+            self.unchanged, self.interval = 0, self.probe_every
+            self.next_probe = min(self.next_probe, self.steps + self.interval)
+        entry["probe_every"] = self.interval
         self.history.append(entry)
         _log.info("Allocator step %d: (R, K) %s -> (%d, %d); between %.4g within %.4g, c_up %.4g s, "
                   "c_draw %.4g s, ordinary-step budget %s", self.steps, tuple(entry["previous"]), R, K,
@@ -551,13 +590,18 @@ class Allocator:
     def state_dict(self) -> dict:
         """JSON-serialisable state (no tensors)."""
         return {"R": self.R, "K": self.K, "observations": [list(o) for o in self.observations],
-                "n_observed": self.n_observed, "steps": self.steps, "history": [dict(h) for h in self.history]}
+                "n_observed": self.n_observed, "steps": self.steps, "history": [dict(h) for h in self.history],
+                "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged}
 
     def load_state_dict(self, state: dict) -> None:
         self.R, self.K = int(state["R"]), int(state["K"])
         self.observations = [(float(b), float(w)) for b, w in state["observations"]][-self.window:]
         self.n_observed, self.steps = int(state["n_observed"]), int(state["steps"])
         self.history = [dict(h) for h in state["history"]]
+        # states saved before the probe interval adapted: the fixed schedule they ran on
+        self.interval = int(state.get("interval", self.probe_every))
+        self.next_probe = int(state.get("next_probe", -(-self.steps // self.probe_every) * self.probe_every))
+        self.unchanged = int(state.get("unchanged", 0))
 
 
 class AutoK(Allocator):
