@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from carv.accounting import optimal_k
 from carv.apps.toy import ToyConfig, ToyProblem
 from carv.bench.demo import run_demo
-from carv.bench.harness import Config, add_figures, fit_components, measure
+from carv.bench.harness import Config, fit_components, measure
 
 TINY = dict(num_points=16, width=16, layers=1, Ks=[1, 4], replicates=6, reference_estimates=3, reference_R=4,
             reference_K=4, pilot_steps=3)
@@ -58,13 +59,9 @@ def test_measured_variance_scales_like_theory():
         assert r["variance"] == pytest.approx(theory, abs=4 * r["variance_se"])
     b, w = fit_components(rows, "m")
     assert b == pytest.approx(4.0, rel=0.15) and w == pytest.approx(16.0, rel=0.15)
-    rows.append({"method": "uniform", "R": 1, "K": 1, "variance": rows[0]["variance"], "cost_s": 1.0})
-    for r in rows:
-        r.setdefault("cost_s", 1.0)
-    summary = add_figures(rows, baseline=("uniform", 1, 1), c_upstream=1.0, c_draw=0.1)
     # K* = sqrt((c_up / c_draw)(w / b)) = sqrt(10 * 4) = 6.3 for the true components; with b and w each
     # within the 15% asserted above, w / b lies in [2.96, 5.41] and K* in [5.4, 7.4]: the accountant's K is 5-7
-    assert summary["methods"]["m"]["auto_k"] in (5, 6, 7)
+    assert optimal_k(b, w, 1.0, 0.1, k_max=64) in (5, 6, 7)
 
 
 def test_bad_config_is_named():

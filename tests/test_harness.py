@@ -109,13 +109,14 @@ def test_reference_variance_is_subtracted_known_answer():
 
 
 def test_replicate_counts_follow_the_stated_relative_error(tmp_path):
-    """RelativeError fixes each configuration's count from its first n_min squared errors:
+    """RelativeError(rule="fixed") fixes each configuration's count from its first n_min squared errors:
     ceil((CV / target)^2), the baseline at target / sqrt(baseline_factor); a resumed run keeps the counts."""
     def estimate(c, g, meter):
         return torch.randn(c.K, generator=g, dtype=torch.float64)  # err2 ~ chi2_K: CV = sqrt(2 / K)
 
     cfgs = [Config("base", 1, 2), Config("m", 1, 8)]
-    spec = RelativeError(target=0.15, n_min=12, n_max=300, baseline="base|R=1|K=2", baseline_factor=4.0)
+    spec = RelativeError(target=0.15, n_min=12, n_max=300, baseline="base|R=1|K=2", baseline_factor=4.0,
+                         rule="fixed")
 
     def est_any(c, g, meter):
         return torch.cat([estimate(c, g, meter), torch.zeros(8 - c.K, dtype=torch.float64)])
@@ -131,6 +132,8 @@ def test_replicate_counts_follow_the_stated_relative_error(tmp_path):
     assert by["base"]["n"] > 4 * by["m"]["n"]
     again = measure(cfgs, est_any, torch.zeros(8), spec, progress=False, state_dir=tmp_path / "s")
     assert [r["n"] for r in again] == [r["n"] for r in rows]
+    with pytest.raises(ValueError, match="rule"):
+        RelativeError(rule="adaptive")
     with pytest.raises(ValueError, match="target"):
         RelativeError(target=1.5)
     with pytest.raises(ValueError, match="err2"):
@@ -163,3 +166,64 @@ def test_headline_and_best_of_n_are_different_objects():
     assert b["n"] == 3 and b["value"] == 2.4 and b["config"]["K"] == 8 and "upper bound" in b["note"]
     with pytest.raises(ValueError, match="config"):
         headline(rows, {"method": "a", "R": 2, "K": 16}, chosen_by="x")
+
+
+def _lognormal_err2(sigma):
+    """A 1-value estimate whose squared error against 0 is lognormal(0, sigma): heavy-tailed like the
+    squared error of a K = 1 estimate (CV sqrt(exp(sigma^2) - 1) = 1.31 at sigma = 1)."""
+    def estimate(c, g, meter):
+        return (0.5 * sigma * torch.randn(1, generator=g, dtype=torch.float64)).exp()
+    return estimate
+
+
+def test_sequential_rule_reaches_the_stated_relative_error_on_heavy_tails(tmp_path):
+    """250 independent heavy-tailed rows (lognormal squared errors, CV 1.31), target 10%: the rows' variance
+    (mean squared error) must be within 10% of the true mean in the RMS over rows. The fixed rule (count from
+    the first 8 values, whose CV is biased low) misses it: RMS relative error about 0.15 (simulated); the
+    sequential rule about 0.10. The RMS over 250 rows has a standard error of about 4.5% of itself, so the
+    bounds 0.118 and 0.125 are more than 3 standard errors from either expected value."""
+    sigma, target = 1.0, 0.1
+    mu = math.exp(sigma**2 / 2)
+    cfgs = [Config(f"row{i}", 1, 1) for i in range(250)]
+    rms = {}
+    for rule in ("fixed", "sequential"):
+        spec = RelativeError(target=target, n_min=8, n_max=3000, rule=rule)
+        rows = measure(cfgs, _lognormal_err2(sigma), torch.zeros(1), spec, seed=3, progress=False)
+        rel = torch.tensor([r["variance"] / mu - 1 for r in rows])
+        rms[rule] = float(rel.pow(2).mean().sqrt())
+    # a run stopped part-way (time budget) and resumed makes the same decisions as one uninterrupted run
+    spec = RelativeError(target=target, n_min=8, n_max=3000)
+    few = cfgs[:6]
+    whole = measure(few, _lognormal_err2(sigma), torch.zeros(1), spec, seed=3, progress=False)
+    measure(few, _lognormal_err2(sigma), torch.zeros(1), spec, seed=3, progress=False, state_dir=tmp_path / "s",
+            time_budget_s=0.0)
+    resumed = measure(few, _lognormal_err2(sigma), torch.zeros(1), spec, seed=3, progress=False,
+                      state_dir=tmp_path / "s")
+    assert [r["n"] for r in resumed] == [r["n"] for r in whole]
+    assert [r["variance"] for r in resumed] == pytest.approx([r["variance"] for r in whole], rel=1e-12)
+    assert rms["sequential"] < 1.18 * target, rms
+    assert rms["fixed"] > 1.25 * target, rms
+
+
+def test_settings_from_json_names_unknown_and_mistyped_fields(tmp_path):
+    from dataclasses import dataclass
+
+    from carv.bench.harness import settings_from_json
+
+    @dataclass
+    class S:
+        n: int = 3
+        ks: tuple[int, ...] = (1, 2)
+        seed: int = 0
+
+    p = tmp_path / "s.json"
+    p.write_text('{"n": 5, "ks": [4, 8]}')
+    assert settings_from_json(S, p, seed=7) == S(n=5, ks=(4, 8), seed=7)
+    p.write_text('{"m": 5}')
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['m'\]"):
+        settings_from_json(S, p)
+    p.write_text('{"n": "5"}')
+    with pytest.raises(ValueError, match="n: expected int"):
+        settings_from_json(S, p)
+    with pytest.raises(ValueError, match="no such file"):
+        settings_from_json(S, tmp_path / "missing.json")

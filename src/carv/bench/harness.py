@@ -30,9 +30,6 @@
   asks for more replicates of the same configurations extends a saved run (replicate ``r`` of a
   configuration always uses the same seed, so the result equals a fresh run with the larger count).
 - **Run record.** :func:`run_record` gives the command, the machine and the load average for the JSON.
-
-:func:`add_figures` is the older per-configuration-cost figure set (kept for the overhead-free
-callers); benchmarks report :func:`pooled_figures`.
 """
 
 from __future__ import annotations
@@ -56,11 +53,12 @@ from torch import Tensor
 
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
-from carv.accounting import CostMeter, ecm, efficiency_bound, fraction_of_bound, optimal_k, relative_efficiency
+from carv.accounting import CostMeter, efficiency_bound, fraction_of_bound, optimal_k, relative_efficiency
 from carv.bench.report import SMOKE as SMOKE_NOTE
 
-__all__ = ["Config", "RelativeError", "measure", "add_figures", "pooled_figures", "fit_components",
-           "reference_mean", "headline", "best_of_n", "run_record", "SMOKE_NOTE", "replicates_for_rel_error"]
+__all__ = ["Config", "RelativeError", "measure", "pooled_figures", "fit_components",
+           "reference_mean", "headline", "best_of_n", "run_record", "SMOKE_NOTE", "replicates_for_rel_error",
+           "settings_from_json"]
 
 
 @dataclass(frozen=True)
@@ -78,13 +76,19 @@ class Config:
 class RelativeError:
     """Replicate counts chosen for a stated relative error of each row's variance.
 
-    After ``n_min`` rounds, configuration ``c`` gets ``n = ceil((CV_c / target(c))^2)`` replicates in
-    all, clipped to ``[n_min, n_max]``, where ``CV_c`` is the coefficient of variation of its squared
-    errors over those rounds (the relative standard error of a mean of ``n`` of them is ``CV / sqrt(n)``).
-    ``target(c)`` is ``target`` except for ``baseline`` (a configuration key), whose target is
-    ``target / baseline_factor ** 0.5`` (about ``baseline_factor`` times the replicates: the baseline is
-    the denominator of every ECM, and usually the cheapest row). The counts are fixed once, from the
-    first ``n_min`` rounds, and saved with the state.
+    Configuration ``c`` needs ``n = ceil((CV_c / target(c))^2)`` replicates, clipped to ``[n_min, n_max]``,
+    where ``CV_c`` is the coefficient of variation of its squared errors (the relative standard error of
+    a mean of ``n`` of them is ``CV / sqrt(n)``). ``target(c)`` is ``target`` except for ``baseline`` (a
+    configuration key), whose target is ``target / baseline_factor ** 0.5`` (about ``baseline_factor``
+    times the replicates: the baseline is the denominator of every ECM, and usually the cheapest row).
+
+    ``rule="sequential"`` (default) re-estimates ``CV_c`` from all of ``c``'s replicates after every round
+    from ``n_min`` on and stops ``c`` at the first round where it has ``n`` replicates: a heavy-tailed row
+    (a ``K = 1`` estimate whose squared errors have CV ~1.4) whose first rounds missed the tail gets more
+    replicates as soon as a large value arrives. ``rule="fixed"`` fixes every count once from the first
+    ``n_min`` rounds, which under-replicates such rows (their CV from a few values is biased low: tested in
+    ``tests/test_harness.py``). Both are deterministic in the seeds (replicate ``r`` of a configuration
+    always has the same seed), so a resumed run makes the same decisions.
     """
 
     target: float = 0.1
@@ -92,8 +96,11 @@ class RelativeError:
     n_max: int = 400
     baseline: str | None = None
     baseline_factor: float = 10.0
+    rule: str = "sequential"
 
     def __post_init__(self):
+        if self.rule not in ("sequential", "fixed"):
+            raise ValueError(f"rule: expected 'sequential' or 'fixed', got {self.rule!r}")
         if not (isinstance(self.target, (int, float)) and 0 < self.target < 1):
             raise ValueError(f"target: expected a relative error in (0, 1), got {self.target!r}")
         if not (isinstance(self.n_min, int) and self.n_min >= 2):
@@ -265,6 +272,7 @@ def measure(
     state_dir = Path(state_dir) if state_dir is not None else None
     start_round = 0
     fixed = adaptive is None
+    stopped: set[str] = set()  # sequential rule: configurations whose count is final
     if state_dir is not None and (state_dir / "measure_state.json").is_file():
         saved = json.loads((state_dir / "measure_state.json").read_text())
         if _extends(saved["fingerprint"], fingerprint):
@@ -273,7 +281,9 @@ def measure(
                 accs[c.key].load(saved["accs"][c.key], {"sum_g": tensors[f"sum_g.{i}"]})
             start_round = min(a.n for a in accs.values())  # replicate r of a configuration is its round r
             if adaptive is not None and saved.get("n_of"):
-                n_of, fixed = {k: int(v) for k, v in saved["n_of"].items()}, True
+                n_of = {k: int(v) for k, v in saved["n_of"].items()}
+                stopped = set(saved.get("stopped", keys))
+                fixed = len(stopped) == len(keys)
     rounds = max(n_of.values())
     order_rng = random.Random(_seed("order", seed))
     orders = [order_rng.sample(range(len(configs)), len(configs)) for _ in range(rounds)]
@@ -311,12 +321,22 @@ def measure(
             bar.update(1)
         r += 1
         if not fixed and r >= adaptive.n_min:
-            n_of = {k: adaptive.count(k, accs[k].err2) for k in keys}
-            fixed, rounds = True, max(n_of.values())
+            if adaptive.rule == "fixed":
+                n_of = {k: adaptive.count(k, accs[k].err2) for k in keys}
+                fixed = True
+            else:  # sequential: a configuration stops at the first round where it has the count its CV asks
+                for k in keys:
+                    if k not in stopped and accs[k].n >= adaptive.count(k, accs[k].err2):
+                        stopped.add(k)
+                        n_of[k] = accs[k].n
+                fixed = len(stopped) == len(keys)
+            rounds = max(n_of.values())
             bar.total = sum(n_of.values())
             bar.refresh()
         if state_dir is not None:
-            _save_state(state_dir, fingerprint, r, configs, accs, n_of if fixed else None)
+            seq = adaptive is not None and adaptive.rule == "sequential"
+            _save_state(state_dir, fingerprint, r, configs, accs, n_of if (fixed or seq) else None,
+                        sorted(stopped) if seq else None)
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s and r >= 2:
             break
     bar.close()
@@ -344,7 +364,7 @@ def _extends(saved: dict, new: dict) -> bool:
 
 
 def _save_state(state_dir: Path, fingerprint: dict, round_: int, configs: Sequence[Config], accs: dict,
-                n_of: dict | None = None) -> None:
+                n_of: dict | None = None, stopped: list[str] | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     scalars, tensors = {}, {}
     for i, c in enumerate(configs):
@@ -355,7 +375,10 @@ def _save_state(state_dir: Path, fingerprint: dict, round_: int, configs: Sequen
     save_file(tensors, str(tmp))
     tmp.replace(state_dir / "measure_state.safetensors")
     tmpj = state_dir / "measure_state.json.tmp"
-    tmpj.write_text(json.dumps({"fingerprint": fingerprint, "round": round_, "accs": scalars, "n_of": n_of}))
+    doc = {"fingerprint": fingerprint, "round": round_, "accs": scalars, "n_of": n_of}
+    if stopped is not None:
+        doc["stopped"] = stopped
+    tmpj.write_text(json.dumps(doc))
     tmpj.replace(state_dir / "measure_state.json")
 
 
@@ -405,46 +428,6 @@ def fit_components(rows: Sequence[dict], method: str) -> tuple[float, float] | N
             cands.append((resid, (coef, 0.0) if j == 0 else (0.0, coef)))
         b, w = min(cands)[1]
     return max(b, 0.0), max(w, 0.0)
-
-
-def add_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform", 2, 1), uniform: str = "uniform",
-                c_upstream: float | None = None, c_draw: float | None = None, k_max: int = 64) -> dict:
-    """Add ``ecm`` (against ``baseline``), ``re`` (against ``uniform`` at the same R, K) and, where the
-    components can be fitted, ``bound_fraction`` to each row; return a summary with the fitted
-    components, the stage costs and the K the accountant picks per method."""
-    by = {(r["method"], r["R"], r["K"]): r for r in rows}
-    if baseline not in by:
-        raise ValueError(f"baseline: no row for {baseline}; rows have {sorted(by)[:10]}...")
-    base = by[baseline]
-    if c_upstream is None:
-        ups = [r["c_upstream_s"] for r in rows if "c_upstream_s" in r]
-        c_upstream = statistics.median(ups) if ups else None
-    if c_draw is None:
-        draws = [r["c_draw_s"] for r in rows if "c_draw_s" in r]
-        c_draw = statistics.median(draws) if draws else None
-    summary: dict = {"baseline": list(baseline), "c_upstream_s": c_upstream, "c_draw_s": c_draw,
-                     "cost_ratio": (c_upstream / c_draw) if c_upstream and c_draw else None, "methods": {}}
-    for r in rows:
-        r["ecm"] = ecm(base["variance"], base["cost_s"], r["variance"], r["cost_s"])
-        u = by.get((uniform, r["R"], r["K"]))
-        r["re"] = relative_efficiency(u["variance"], r["variance"]) if u else None
-    for m in dict.fromkeys(r["method"] for r in rows):
-        comps = fit_components(rows, m)
-        if comps is None or c_upstream is None or c_draw is None:
-            continue
-        b, w = comps
-        bound = efficiency_bound(b, w, c_upstream, c_draw)
-        info = {"between": b, "within": w, "bound": bound}
-        if b > 0 or w == 0:
-            info["auto_k"] = optimal_k(b, w, c_upstream, c_draw, k_max=k_max)
-        else:
-            info["auto_k"] = k_max
-        summary["methods"][m] = info
-        for r in rows:
-            if r["method"] == m:
-                model_cost = r["R"] * (c_upstream + r["K"] * c_draw)
-                r["bound_fraction"] = fraction_of_bound(bound, r["variance"], model_cost)
-    return summary
 
 
 # ------------------------------------------------------------------------------- the pooled protocol
@@ -574,7 +557,9 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
             r["ecm_se"] = float(col.std(ddof=1)) if col.size > 1 else None
             r["ecm_ci"] = [float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))] if col.size else None
         u_i = by.get((uniform, r["R"], r["K"]))
-        r["re"] = relative_efficiency(float(var[u_i]), float(var[i])) if u_i is not None and var[i] > 0 else None
+        # (a row whose variance minus the reference's is not positive, possible at a handful of replicates, has none)
+        r["re"] = (relative_efficiency(float(var[u_i]), float(var[i])) if u_i is not None and var[i] > 0
+                   and var[u_i] > 0 else None)
         if smoke:
             r["smoke"] = True
     c_up = _marginal_cost(uc["stages"].get("upstream", {}))
@@ -638,6 +623,38 @@ def best_of_n(rows: Sequence[dict], value: str = "ecm", where: Callable[[dict], 
     r = max(cand, key=lambda q: q[value])
     return {"n": len(cand), "config": _config_of(r), "value": r[value], "se": r.get(f"{value}_se"), "metric": value,
             "note": f"maximum over {len(cand)} noisy rows: an upper bound, not a measurement of one configuration"}
+
+
+def settings_from_json(cls, path: str | Path, what: str = "--config", **fixed):
+    """A benchmark's settings dataclass ``cls`` from a JSON object of its fields (the rest keep their defaults),
+    with ``fixed`` fields (e.g. ``seed``, ``threads`` from flags) on top. Unknown keys and mistyped values are
+    refused with a message naming them; JSON lists become tuples where the field is a tuple. The file lets a
+    smaller configuration than the default be run, committed and named in the benchmark's command."""
+    import dataclasses
+
+    from carv._runfolder import read_json
+    from carv._validate import check_field_types
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: no such file {str(p)!r}")
+    d = read_json(p, what)
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown} of {cls.__name__}; allowed: {sorted(fields)}")
+    def conv(name, v):
+        ann = fields[name].type if isinstance(fields[name].type, str) else str(fields[name].type)
+        if ann.startswith("tuple") and isinstance(v, list):
+            return tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        return v
+    d = {k: conv(k, v) for k, v in d.items()}
+    d.update({k: v for k, v in fixed.items() if v is not None})
+    cfg = cls(**d)
+    check_field_types(cfg)
+    return cfg
 
 
 def run_record(command: str | None = None, load_start: list[float] | None = None, **extra) -> dict:
