@@ -60,19 +60,19 @@ def _matches(v, ann: str) -> bool:
     if m:
         if not isinstance(v, (list, tuple)):
             return False
-        inner = [a.strip() for a in m.group(2).split(",")]
+        inner = [a.strip() for a in _split_union(m.group(2), ",")]  # top-level commas only (nested tuples)
         if m.group(1) == "list" or (len(inner) == 2 and inner[1] == "..."):
             return all(_matches(x, inner[0]) for x in v)
         return len(v) == len(inner) and all(_matches(x, a) for x, a in zip(v, inner, strict=True))
     return True  # an annotation this check does not know: the config's own validate() decides
 
 
-def _split_union(ann: str) -> list[str]:
+def _split_union(ann: str, sep: str = "|") -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in ann:
         depth += ch == "["
         depth -= ch == "]"
-        if ch == "|" and depth == 0:
+        if ch == sep and depth == 0:
             parts.append(cur)
             cur = ""
         else:

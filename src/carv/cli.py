@@ -116,12 +116,21 @@ def bench_attribution(
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...]} (method, crn, budget, ...) here."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is faster on a shared machine)."),
     seed: int = typer.Option(0, help="Random seed."),
+    config: Path = typer.Option(None, "--config", help="JSON object of AttributionBenchConfig fields (a smaller "
+                                                       "configuration than the default; the rest keep defaults)."),
 ):
     """Digits attribution: feature variance, ranking stability (Spearman, top-10) and ECM at equal correlation
     for iid / grid / stratified / importance / learned draws, independent or shared (CRN), per budget."""
     from carv.bench.attribution import AttributionBenchConfig, run_attribution_bench
+    from carv.bench.harness import settings_from_json
 
-    run_attribution_bench(out, quick=quick, json_path=json_path, cfg=AttributionBenchConfig(seed=seed, threads=threads))
+    try:
+        cfg = (settings_from_json(AttributionBenchConfig, config, seed=seed, threads=threads) if config is not None
+               else AttributionBenchConfig(seed=seed, threads=threads))
+        cfg.validate()
+    except ValueError as e:
+        _bad_parameter(e)
+    run_attribution_bench(out, quick=quick, json_path=json_path, cfg=cfg, command=_command_line())
 
 
 @app.command("attribute")
@@ -204,6 +213,9 @@ def bench_distill_cmd(
                                                                       "(all five configurations, upstream strata "
                                                                       "included), stored under 'upstream_strata'."),
     replicates: int = typer.Option(None, min=2, help="With --upstream-only: replicates per configuration."),
+    config: Path = typer.Option(None, "--config", help="JSON object of BenchSettings fields (a smaller "
+                                                       "configuration, e.g. {\"train\": false}: the start "
+                                                       "checkpoint's variance rows only)."),
 ):
     """DMD on digits: generator-gradient variance of R8K1 / R8K16 / +strat / +is+strat / +strat+upstream at
     three checkpoints, and FD / accuracy of baseline vs carv training at equal wall-clock over 3 seeds."""
@@ -216,7 +228,10 @@ def bench_distill_cmd(
         cmd = f"carv bench distill --upstream-only --replicates {s.replicates} --threads {threads}"
         bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), _teacher_from(teacher), command=cmd)
         return
-    bench_from_cli(out, quick, json_path, teacher, threads)
+    try:
+        bench_from_cli(out, quick, json_path, teacher, threads, config)
+    except ValueError as e:
+        _bad_parameter(e)
 
 
 @app.command("text-to-3d")
@@ -287,13 +302,19 @@ def bench_text_to_3d_cmd(
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...], 'cost_ratio', 'auto_k', 'quality'}."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
+    config: Path = typer.Option(None, "--config", help="JSON object of BenchSettings fields (a smaller "
+                                                       "configuration than the default; the rest keep defaults)."),
 ):
     """Text-to-3D SDS: parameter-gradient variance (uniform / importance / stratified / both; peers at K = 1 and
     at carv's K) at three snapshots, ECM (pooled stage costs, pilots and probes charged, bootstrap error bars),
     the a-priori headline and best-of-N, RE, bound fraction, cost-ratio sweep, quality at equal wall-clock."""
     from carv.bench.text_to_3d import bench_text_to_3d
 
-    bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=_command_line())
+    try:
+        bench_text_to_3d(out, quick=quick, json_path=json_path, threads=threads, seed=seed, command=_command_line(),
+                         config=config)
+    except ValueError as e:
+        _bad_parameter(e)
 
 
 def _command_line() -> str:
