@@ -183,6 +183,20 @@ def test_binned_resampler_fills_every_bin_from_stratified_warmup():
     t = torch.arange(0, 1000, 20).repeat(2)  # one draw in each of 50 bins, twice
     binned_resampler_update(res, t, torch.ones(100), 1000)
     assert res.ready and torch.allclose(res.importance(), torch.ones(50, dtype=torch.float64))
+    # on the objective's support (t in 20..500, 481 values the bins do not divide): stratified draws of twice
+    # the bins per render fill every bin, and the table maps back to length T with zeros outside the support
+    from carv.bench.text_to_3d import binned_importance
+    from carv.timesteps import TimestepSampler
+    res = SecondMomentResampler(50, history=10)
+    samp = TimestepSampler(1000, 20, 500, stratify="per_upstream")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        t = samp.sample(1, 100, generator=g).t
+        binned_resampler_update(res, t, (t.double() - 20) / 481 + 1, 1000, (20, 500))
+    assert res.ready
+    table = binned_importance(res.importance(), 1000, (20, 500))
+    assert table.shape == (1000,) and table[:20].eq(0).all() and table[501:].eq(0).all() and table[20:501].gt(0).all()
+    assert table[499] > table[21]  # the loss grows with t, and so does its second moment
     with pytest.raises(ValueError, match="warmup_K, resampler_bins"):
         BenchSettings(warmup_K=30).validate()
     with pytest.raises(ValueError, match="Rs, Ks"):

@@ -139,7 +139,10 @@ class BenchSettings:
     floor: float = 0.1
     pilot_steps: int = 10  # accountant pilot (the app's estimator at K = k_init, R = 2)
     warmup_R: int = 2
-    warmup_K: int = 50  # warm-up draws per render for the learned proposal and the peer resampler
+    # warm-up draws per render for the learned proposal and the peer resampler: twice the resampler's bins, so
+    # that stratified draws over a support whose width the bins do not divide (the objective's t range) still
+    # give every bin its history (each bin gets 2 +- 1 draws per render)
+    warmup_K: int = 100
     warmup_steps: int = 5
     resampler_bins: int = 50
     resampler_history: int = 10
@@ -159,13 +162,16 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None
     smoke: bool = False  # a --quick run: every ratio it prints says "smoke run, not a measurement"
+    # which snapshots to measure (the headline's "middle" must be one); an empty cost_settings skips the cost-ratio
+    # sweep and an empty quality_prompts the quality pairs (a smaller configuration than the default)
+    snapshots: tuple[str, ...] = CHECKPOINTS
 
     @classmethod
     def quick(cls, **kw) -> BenchSettings:
-        base = dict(checkpoint_steps=(20, 60, 150), Rs=(2,), Ks=(1, 4, 8), min_replicates=4,
+        base = dict(checkpoint_steps=(10, 30, 60), Rs=(2,), Ks=(1, 4, 8), min_replicates=4,
                     rel_error=0.4, max_replicates=12, reference_R=4, reference_K=8, reference_estimates=6,
                     pilot_steps=6, warmup_steps=5, quality_prompts=("a red mushroom",), quality_seeds=(0,),
-                    quality_budget_s=15.0, cost_settings=((32, 24), (64, 48)), cost_replicates=4,
+                    quality_budget_s=10.0, cost_settings=((32, 24),), cost_replicates=4,
                     extra_proposal_rows=False, baseline_boost=2, smoke=True)
         base.update(kw)
         return cls(**base)
@@ -198,8 +204,11 @@ class BenchSettings:
                              f"{self.resampler_bins} bins")
         if self.clock not in ("process", "wall"):
             raise ValueError(f"clock: expected 'process' (CPU seconds) or 'wall', got {self.clock!r}")
-        if not self.quality_prompts or not self.quality_seeds:
-            raise ValueError("quality_prompts, quality_seeds: need at least one of each")
+        if self.quality_prompts and not self.quality_seeds:
+            raise ValueError("quality_seeds: need at least one seed when quality_prompts are given")
+        if not self.snapshots or any(n not in CHECKPOINTS for n in self.snapshots) or "middle" not in self.snapshots:
+            raise ValueError(f"snapshots: expected a subset of {list(CHECKPOINTS)} with 'middle' (the headline's), "
+                             f"got {self.snapshots!r}")
 
 
 # --------------------------------------------------------------------------- samplers of every method
@@ -226,13 +235,27 @@ class Samplers:
         imp = resampler.importance()
         if imp is None:
             raise RuntimeError("resampler: not warmed up (some bin has fewer losses than its history)")
+        support = _support(problem)
         self.samplers["improved-diffusion"] = TimestepSampler(
-            T, importance=imp.repeat_interleave(T // resampler.num_timesteps), floor=s.resampler_floor)
+            T, support[0], support[1], importance=binned_importance(imp, T, support), floor=s.resampler_floor)
 
 
-def binned_resampler_update(resampler: SecondMomentResampler, t: Tensor, loss: Tensor, T: int) -> None:
-    """Feed per-draw losses to a resampler whose "timesteps" are ``resampler.num_timesteps`` equal bins."""
-    resampler.update(t.reshape(-1) * resampler.num_timesteps // T, loss.reshape(-1))
+def binned_resampler_update(resampler: SecondMomentResampler, t: Tensor, loss: Tensor, T: int,
+                            support: tuple[int, int] | None = None) -> None:
+    """Feed per-draw losses to a resampler whose "timesteps" are ``resampler.num_timesteps`` equal bins of
+    the objective's ``support`` (inclusive ``(t_min, t_max)``; default the full ``0..T-1``)."""
+    lo, hi = support if support is not None else (0, T - 1)
+    resampler.update((t.reshape(-1) - lo) * resampler.num_timesteps // (hi - lo + 1), loss.reshape(-1))
+
+
+def binned_importance(imp: Tensor, T: int, support: tuple[int, int] | None = None) -> Tensor:
+    """A resampler's per-bin table (bins of ``support``, as in :func:`binned_resampler_update`) as a
+    length-``T`` importance table (zero outside the support, which the sampler's range excludes anyway)."""
+    lo, hi = support if support is not None else (0, T - 1)
+    t = torch.arange(lo, hi + 1)
+    table = torch.zeros(T, dtype=imp.dtype)
+    table[t] = imp[(t - lo) * imp.numel() // (hi - lo + 1)]
+    return table
 
 
 # --------------------------------------------------------------------------- stage 1 + 2: variance
@@ -240,15 +263,15 @@ def _snapshots(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> 
     """Train the baseline for the last checkpoint step; save the grid at each checkpoint step."""
     snap_dir = out / "snapshots"
     snap_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: snap_dir / f"{name}-step{n}.safetensors" for name, n in zip(CHECKPOINTS, st.checkpoint_steps,
-                                                                                 strict=True)}
+    steps = {name: n for name, n in zip(CHECKPOINTS, st.checkpoint_steps, strict=True) if name in st.snapshots}
+    paths = {name: snap_dir / f"{name}-step{n}.safetensors" for name, n in steps.items()}
     if all(p.is_file() for p in paths.values()):
         return paths
-    trainer = pipe.trainer(st.prompt, "baseline", st.seed, out / "baseline-run", max(st.checkpoint_steps), None, 1e9)
-    bar = progress_bar(None, progress, total=max(st.checkpoint_steps), initial=trainer.step_count,
-                       desc="baseline run (snapshots)")
+    last = max(steps.values())
+    trainer = pipe.trainer(st.prompt, "baseline", st.seed, out / "baseline-run", last, None, 1e9)
+    bar = progress_bar(None, progress, total=last, initial=trainer.step_count, desc="baseline run (snapshots)")
     while True:
-        for name, n in zip(CHECKPOINTS, st.checkpoint_steps, strict=True):
+        for name, n in steps.items():
             if trainer.step_count == n and not paths[name].is_file():
                 save_file({k: v.detach().contiguous() for k, v in pipe.grid_tensors(trainer).items()},
                           str(paths[name]), metadata={"step": str(n), "prompt": st.prompt})
@@ -261,6 +284,12 @@ def _snapshots(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> 
     bar.close()
     trainer.save()
     return paths
+
+
+def _support(problem: Problem) -> tuple[int, int]:
+    """The objective's timestep support: the problem's ``t_range`` (the app's ``t_lo, t_hi``) or ``0..T-1``."""
+    tr = getattr(problem, "t_range", None)
+    return (int(tr[0]), int(tr[1])) if tr is not None else (0, problem.T - 1)
 
 
 def _clock(st: BenchSettings) -> Callable[[], float]:
@@ -283,7 +312,7 @@ def _pilot(pipe: Pipeline, problem: Problem, grid: Any, st: BenchSettings, seed:
         learned.update(out.draws.t, out.estimate.sq_norms)
         update_s.append(clock() - t_u)
         per_pixel = out.estimate.sq_norms / out.grad[0].numel()  # mean squared residual: the peer's "loss"
-        binned_resampler_update(resampler, out.draws.t, per_pixel, T)
+        binned_resampler_update(resampler, out.draws.t, per_pixel, T, _support(problem))
     warmup_s = clock() - t_warm
     # the app's accountant on the app's estimator (default proposal, per-upstream strata, K = 4, R = 2): the
     # parameter-space components from the app's probes, and (for the record) the render-space proxy
@@ -429,7 +458,8 @@ def _auto_k_check(rows: list[dict], summary: dict, k_acc: int, st: BenchSettings
         b, w = comps
         pred = {k: work_normalised_variance(b, w, summary["c_upstream_s"], summary["c_draw_s"], k)
                 for k in range(1, st.k_max + 1)}
-        res["predicted_wnv_ratio"] = pred[k_acc] / min(pred.values())
+        lowest = min(pred.values())
+        res["predicted_wnv_ratio"] = pred[k_acc] / lowest if lowest > 0 else None  # (both components fitted at 0)
     return res
 
 
@@ -644,23 +674,25 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     t_start = time.perf_counter()
     load_start = loadavg()
     problem = pipe.problem(st.prompt)
+    names = [n for n in CHECKPOINTS if n in st.snapshots]
     snaps = _snapshots(pipe, st, out, progress)
-    per_ckpt = {name: _measure_checkpoint(pipe, problem, name, snaps[name], st, out, progress) for name in CHECKPOINTS}
-    sweep = _cost_sweep(pipe, problem, snaps["middle"], per_ckpt["middle"], st, out, progress)
-    quality = _quality(pipe, st, out, progress)
+    per_ckpt = {name: _measure_checkpoint(pipe, problem, name, snaps[name], st, out, progress) for name in names}
+    sweep = (_cost_sweep(pipe, problem, snaps["middle"], per_ckpt["middle"], st, out, progress) if st.cost_settings
+             else {"points": [], "components_default": {}})
+    quality = _quality(pipe, st, out, progress) if st.quality_prompts else []
 
     # ---- tables, plots, JSON
-    for name in CHECKPOINTS:
+    for name in names:
         a = per_ckpt[name]["auto_k"]
         mine = {r["K"]: r for r in per_ckpt[name]["rows"] if r["method"] == "importance+stratified" and r["R"] == 2}
         if a.get("wnv_ratio") is not None:  # its standard error from the two rows' variance errors
             ra, rb = mine[a["k_accountant"]], mine[a["k_best_measured"]]
             a["wnv_ratio_se"] = a["wnv_ratio"] * math.hypot(ra["variance_se"] / ra["variance"],
                                                             rb["variance_se"] / rb["variance"])
-    all_rows = [r for name in CHECKPOINTS for r in per_ckpt[name]["rows"]]
+    all_rows = [r for name in names for r in per_ckpt[name]["rows"]]
     cols = ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates", "bias2", "cost_s", "re",
             "ecm", "bound_fraction")
-    for name in CHECKPOINTS:
+    for name in names:
         rows = per_ckpt[name]["rows"]
         plot_variance_vs_cost([r for r in rows if r["method"] in CARV_METHODS + PEER_METHODS],
                               out / f"variance_vs_cost-{name}.png",
@@ -669,21 +701,23 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
                                   "CPU time, 1 thread)" if st.clock == "process" else "wall-clock)"))
         plot_ecm_vs_k([r for r in rows if r["method"] not in PEER_METHODS], out / f"ecm_vs_k-{name}.png", R=2,
                       title=f"text-to-3D ({name}): ECM vs K at R = 2 (baseline uniform R=2, K=1)")
-    plot_ecm_vs_cost_ratio(sweep, out / "ecm_vs_cost_ratio.png", st.k_max)
-    plot_quality(quality, out / "quality_vs_compute.png")
+    if sweep["points"]:
+        plot_ecm_vs_cost_ratio(sweep, out / "ecm_vs_cost_ratio.png", st.k_max)
+    if quality:
+        plot_quality(quality, out / "quality_vs_compute.png")
     (out / "table.md").write_text(markdown_table(all_rows, cols) + "\n")
 
     best = {name: max((r for r in per_ckpt[name]["rows"] if r["method"] in CARV_METHODS), key=lambda r: r["ecm"])
-            for name in CHECKPOINTS}
+            for name in names}
     reuse_gain = {}
-    for name in CHECKPOINTS:
+    for name in names:
         rows = per_ckpt[name]["rows"]
         by = {(r["method"], r["R"], r["K"]): r for r in rows}
         # importance + stratification over reuse alone at the same (R=2, K): ECM ratio at each K
         reuse_gain[name] = {k: by[("importance+stratified", 2, k)]["ecm"] / by[("uniform", 2, k)]["ecm"]
                             for k in st.Ks if ("uniform", 2, k) in by and ("importance+stratified", 2, k) in by}
     peers_beaten = {}
-    for name in CHECKPOINTS:
+    for name in names:
         rows = per_ckpt[name]["rows"]
         k_acc = per_ckpt[name]["auto_k"]["k_accountant"]
         head_row = next(r for r in rows if (r["method"], r["R"], r["K"]) == ("importance+stratified", 2, k_acc))
@@ -708,20 +742,20 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "headline": head,
         "best_of_n": best_n,
         "headline_per_snapshot": {n: {k: v for k, v in peers_beaten[n].items() if k.startswith("carv_headline")}
-                                  for n in CHECKPOINTS},
+                                  for n in names},
         "settings": asdict(st),
         "rows": [{k: r.get(k) for k in ("checkpoint", "method", "R", "K", "n", "variance", "variance_se",
                                          "var_replicates", "bias2", "reference_variance", "cost_s", "cost_stages_s",
                                          "charged", "cost_wall_s", "ecm", "ecm_se", "ecm_ci", "re", "bound_fraction")}
                  for r in all_rows if r["method"] in CARV_METHODS + PEER_METHODS],
         "extra_rows": [r for r in all_rows if r["method"] not in CARV_METHODS + PEER_METHODS],
-        "cost_ratio": statistics.median(per_ckpt[n]["summary"]["cost_ratio"] for n in CHECKPOINTS),
-        "cost_ratio_per_checkpoint": {n: per_ckpt[n]["summary"]["cost_ratio"] for n in CHECKPOINTS},
-        "auto_k": {n: per_ckpt[n]["auto_k"] for n in CHECKPOINTS},
-        "accountant": {n: per_ckpt[n]["accountant"] for n in CHECKPOINTS},
-        "components": {n: per_ckpt[n]["summary"]["methods"] for n in CHECKPOINTS},
-        "reference": {n: per_ckpt[n]["reference"] for n in CHECKPOINTS},
-        "best": {n: {k: best[n][k] for k in ("method", "R", "K", "ecm")} for n in CHECKPOINTS},
+        "cost_ratio": statistics.median(per_ckpt[n]["summary"]["cost_ratio"] for n in names),
+        "cost_ratio_per_checkpoint": {n: per_ckpt[n]["summary"]["cost_ratio"] for n in names},
+        "auto_k": {n: per_ckpt[n]["auto_k"] for n in names},
+        "accountant": {n: per_ckpt[n]["accountant"] for n in names},
+        "components": {n: per_ckpt[n]["summary"]["methods"] for n in names},
+        "reference": {n: per_ckpt[n]["reference"] for n in names},
+        "best": {n: {k: best[n][k] for k in ("method", "R", "K", "ecm")} for n in names},
         "importance_stratification_over_reuse": reuse_gain,
         "peers": peers_beaten,
         "cost_sweep": [{k: v for k, v in p.items() if k != "rows"} for p in sweep["points"]],
@@ -729,13 +763,15 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "quality_summary": {"ecm_psnr_geomean": _geomean(q_ecm), "ecm_iou_geomean": _geomean(q_ecm_iou),
                             "ecm_psnr_each": q_ecm, "n_pairs": len(quality),
                             "final_psnr_mean": {m: statistics.mean(r["final"][m]["psnr"] for r in quality)
-                                                for m in ("baseline", "carv")},
+                                                for m in ("baseline", "carv")} if quality else None,
                             "final_iou_mean": {m: statistics.mean(r["final"][m]["iou"] for r in quality)
-                                               for m in ("baseline", "carv")}},
+                                               for m in ("baseline", "carv")} if quality else None},
+        "objective": asdict(pipe.cfg) if dataclasses.is_dataclass(getattr(pipe, "cfg", None)) else None,
+        "snapshots": names,
         "proposal": st.proposal,
         # wall-clock of this invocation only: a resumed run reloads what earlier invocations measured
         "seconds_this_invocation": time.perf_counter() - t_start,
-        "proposal_tables": {n: per_ckpt[n]["proposals"] for n in CHECKPOINTS},
+        "proposal_tables": {n: per_ckpt[n]["proposals"] for n in names},
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(report_markdown(result))
@@ -743,13 +779,13 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
     if progress:
-        for name in CHECKPOINTS:
+        for name in names:
             rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]
             print_table(rows, cols[1:], title=f"text-to-3D gradient variance at the {name} snapshot (R = 2 rows)",
                         highlight={("importance+stratified", 2, per_ckpt[name]["auto_k"]["k_accountant"])},
                         smoke=st.smoke)
         note = f" ({SMOKE_NOTE})" if st.smoke else ""
-        for name in CHECKPOINTS:
+        for name in names:
             a = per_ckpt[name]["auto_k"]
             pb = peers_beaten[name]
             print(f"{name}: carv's estimator at the accountant's K = {a['k_accountant']}: ECM "
@@ -761,9 +797,10 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         print(f"headline (a priori, middle snapshot): ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
               f"best of {best_n['n']} rows: {best_n['value']:.2f}x (upper bound){note}")
         qs = result["quality_summary"]
-        print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
-              f"{qs['ecm_psnr_geomean']}{note}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
-              f"carv {qs['final_psnr_mean']['carv']:.2f} dB")
+        if quality:
+            print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
+                  f"{qs['ecm_psnr_geomean']}{note}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
+                  f"carv {qs['final_psnr_mean']['carv']:.2f} dB")
         print(f"run folder: {out} ({result['seconds_this_invocation'] / 60:.1f} min in this invocation)")
     return result
 
@@ -809,7 +846,7 @@ def report_markdown(res: dict) -> str:
                       f"{a['k_best_measured']}; Var*C at the accountant's K / best = {_f(a['wnv_ratio'], 3)} +- "
                       f"{_f(a.get('wnv_ratio_se'), 3)} measured, {_f(a.get('predicted_wnv_ratio'), 3)} from the "
                       f"fitted components (within 10%: {a['within_10pct']} / "
-                      f"{a.get('predicted_wnv_ratio', 9) <= 1.10}); K from the render-space proxy: "
+                      f"{(a.get('predicted_wnv_ratio') or 9) <= 1.10}); K from the render-space proxy: "
                       f"{acc.get('k_render_space_proxy')}; fitted parameter-space components "
                       f"(importance+stratified): between {_f(comps.get('between'), 5)}, within "
                       f"{_f(comps.get('within'), 5)}, auto K {comps.get('auto_k')}.", ""]
@@ -890,8 +927,15 @@ class TextTo3DPipeline:
 def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool = False,
                      json_path: str | Path | None = None, threads: int | None = None, seed: int = 0,
                      progress: bool = True, settings=None, cfg: TextTo3DConfig | None = None,
-                     command: str | None = None) -> dict:
-    """``carv bench text-to-3d``: :func:`carv.bench.text_to_3d.run_bench` with this pipeline wired in."""
+                     command: str | None = None, config: str | Path | None = None) -> dict:
+    """``carv bench text-to-3d``: :func:`carv.bench.text_to_3d.run_bench` with this pipeline wired in
+    (``config``: a JSON file of :class:`BenchSettings` fields, for a smaller configuration than the default)."""
+    if config is not None:
+        from carv.bench.harness import settings_from_json
+
+        if quick or settings is not None:
+            raise ValueError("--config, --quick: give one of them (--quick is its own small configuration)")
+        settings = settings_from_json(BenchSettings, config, seed=seed, threads=threads)
     if settings is None:
         settings = BenchSettings.quick(seed=seed, threads=threads) if quick else BenchSettings(seed=seed,
                                                                                                  threads=threads)
