@@ -270,6 +270,22 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
         assert (tmp_path / "bench" / f).is_file(), f
 
 
+def test_bench_start_checkpoint_only(tmp_path, tiny_teacher):
+    """BenchSettings(train=False) (``carv bench distill --config`` with ``{"train": false}``): the start
+    checkpoint's rows with their headline and best-of-N, no training runs and no quality rows."""
+    from carv.bench.distill import BenchSettings, bench_distill
+
+    _, teacher = tiny_teacher
+    s = BenchSettings(seeds=[0], replicates=2, max_replicates=3, reference_estimates=2, reference_R=4,
+                      pilot_estimates=1, train=False)
+    res = bench_distill(tmp_path / "bench", progress=False, settings=s, base=tiny_cfg(fake_warmup=1), teacher=teacher,
+                        config_path="cfg.json")
+    assert res["checkpoints"] == ["start"] and {r["checkpoint"] for r in res["rows"]} == {"start"}
+    assert res["quality"] == [] and not (tmp_path / "bench" / "train" / "baseline_seed0" / "metrics.jsonl").exists()
+    assert res["headline"]["config"]["method"] == "R8K16+is+strat" and res["best_of_n"]["n"] == 5
+    assert res["command"].endswith("--config cfg.json")
+
+
 def test_bad_configs_are_named():
     from carv.apps.distill import DistillConfig
 

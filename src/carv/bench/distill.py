@@ -323,9 +323,10 @@ def write_outputs(result: dict, out: Path, json_path: str | Path | None, progres
     smoke = bool(result.get("smoke"))
     (out / "table.md").write_text(markdown_table(result["rows"], ROW_COLUMNS, smoke=smoke) + "\n")
     plot_variance(result["rows"], out / "variance.png")
-    plot_quality(result["quality"], out / "quality.png", real_fd=result.get("real_fd_floor"),
-                 title=f"DMD on digits at equal compute: baseline R8K1 uniform vs carv R8K{result['carv_K']} "
-                       f"(learned IS + stratified)")
+    if result["quality"]:
+        plot_quality(result["quality"], out / "quality.png", real_fd=result.get("real_fd_floor"),
+                     title=f"DMD on digits at equal compute: baseline R8K1 uniform vs carv R8K{result['carv_K']} "
+                           f"(learned IS + stratified)")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
@@ -366,6 +367,20 @@ class BenchSettings:
     carv_proposal: str = "learned"
     carv_stratify: str = "per_upstream"
     k_max: int = 32
+    train: bool = True               # False: the start checkpoint's variance rows only (no training, no quality)
+
+    def validate(self) -> None:
+        for name in ("replicates", "max_replicates", "reference_estimates", "reference_R", "pilot_estimates",
+                     "amortise_steps", "k_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ("rel_error", "baseline_rel_error"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"{name}: expected a relative error in (0, 1), got {v!r}")
+        if not self.seeds:
+            raise ValueError("seeds: need at least one seed")
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -413,7 +428,7 @@ def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillCo
 
 def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = False, json_path: str | Path | None = None,
                   progress: bool = True, settings: BenchSettings | None = None, base: DistillConfig | None = None,
-                  teacher: UNetTeacher | None = None) -> dict:
+                  teacher: UNetTeacher | None = None, config_path: str | Path | None = None) -> dict:
     """The side-by-side distillation benchmark (``carv bench distill``); resumes from ``out_dir``.
 
     1. At the start checkpoint (the teacher-initialised generator and fake score): parameter-gradient
@@ -425,17 +440,22 @@ def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = Fals
        (fake-score updates included); FD and accuracy at fixed compute marks. The baseline run of the
        first seed saves its middle and end checkpoints.
     3. The same variance measurement at the middle and end checkpoints.
+
+    ``settings.train=False`` stops after step 1. ``config_path`` (the ``--config`` file the settings came
+    from) is named in the run record's command.
     """
     s = settings or (BenchSettings.quick() if quick else BenchSettings())
+    s.validate()
     base = base or DistillConfig()
     base = dataclasses.replace(base, eval_per_class=s.eval_per_class)
     base.validate()
     with _threads(base.threads), RunFolder(out_dir, "carv bench distill", {"quick": quick}):
-        return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher)
+        return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher, config_path)
 
 
 def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | None, progress: bool,
-                   s: BenchSettings, base: DistillConfig, teacher: UNetTeacher | None) -> dict:
+                   s: BenchSettings, base: DistillConfig, teacher: UNetTeacher | None,
+                   config_path: str | Path | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = teacher if teacher is not None else load_digits_teacher()
@@ -452,6 +472,55 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     rows, diag = {}, {}
     rows["start"], diag["start"] = _checkpoint_rows(d0, "start", s, base, out, seed0, progress)
     k_carv = s.carv_K if s.carv_K is not None else diag["start"]["accountant_k_training"]
+    if s.train:
+        quality, train_costs = _train_and_measure(out, s, base, teacher, k_carv, seed0, ck_dir, rows, diag, progress)
+    else:  # the start checkpoint only: no training runs, no quality comparison
+        quality, train_costs = [], {}
+    labels = [k for k in ("start", "middle", "end") if k in rows]
+
+    all_rows = [r for label in labels for r in rows[label]]
+    real_fd = _real_fd_floor(s.eval_per_class) if quality else None
+    summary = summarise(all_rows, diag, quality, train_costs, real_fd)
+    as_method = [dict(r, method=r["config"]) for r in all_rows]
+    metric = "ecm_step" if all("ecm_step" in r for r in as_method) else "ecm"
+    carv_cfg = f"R8K{int(k_carv)}+is+strat" if f"R8K{int(k_carv)}+is+strat" in CONFIGS else "R8K16+is+strat"
+    start_rows = [r for r in as_method if r["checkpoint"] == "start"]
+    head = headline(start_rows, {"method": carv_cfg, "R": 8, "K": CONFIGS[carv_cfg]["K"], "checkpoint": "start"},
+                    value=metric, chosen_by="a priori: the estimator carv's training runs use (learned proposal + "
+                                            "strata at K = 16, BenchSettings.carv_K), at the start checkpoint",
+                    charged=["stages (pooled per-stage medians)", "fake-score update per step (every row)",
+                             *sorted(next(r for r in start_rows if r["method"] == carv_cfg).get("charged", {}))])
+    best = best_of_n(as_method, value=metric, where=lambda r: r["method"] != BASELINE)
+    cmd = "carv bench distill" + (" --quick" if quick else "")
+    if base.threads:
+        cmd += f" --threads {base.threads}"
+    if config_path is not None:
+        cmd += f" --config {config_path}"
+    result = {
+        **run_record(cmd, load_start),
+        "smoke": SMOKE_NOTE if quick else None,
+        "headline": head,
+        "best_of_n": best,
+        "wall_s": time.perf_counter() - t_start,
+        "settings": asdict(s),
+        "base_config": asdict(base),
+        "carv_K": int(k_carv),
+        "checkpoints": labels,
+        "rows": all_rows,
+        "diagnostics": diag,
+        "quality": quality,
+        "training_costs": train_costs,
+        "real_fd_floor": real_fd,
+        "summary": summary,
+    }
+    write_outputs(result, out, json_path, progress)
+    return result
+
+
+def _train_and_measure(out: Path, s: BenchSettings, base: DistillConfig, teacher: UNetTeacher, k_carv: int,
+                       seed0: int, ck_dir: Path, rows: dict, diag: dict, progress: bool) -> tuple[list, dict]:
+    """Steps 2 and 3 of :func:`bench_distill`: equal wall-clock training of baseline and carv for every seed,
+    then the variance rows at the middle and end checkpoints (into ``rows`` / ``diag``)."""
 
     # 2. equal wall-clock training
     methods = {"baseline": dataclasses.replace(base, R=8, K=1, proposal="none", stratify="none"),
@@ -502,39 +571,7 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
         dk = Distiller(dataclasses.replace(base, seed=seed0), teacher)
         dk.load_checkpoint(ck_dir / f"{label}.safetensors")
         rows[label], diag[label] = _checkpoint_rows(dk, label, s, base, out, seed0, progress)
-
-    all_rows = [r for label in ("start", "middle", "end") for r in rows[label]]
-    real_fd = _real_fd_floor(s.eval_per_class)
-    summary = summarise(all_rows, diag, quality, train_costs, real_fd)
-    as_method = [dict(r, method=r["config"]) for r in all_rows]
-    metric = "ecm_step" if all("ecm_step" in r for r in as_method) else "ecm"
-    carv_cfg = f"R8K{int(k_carv)}+is+strat" if f"R8K{int(k_carv)}+is+strat" in CONFIGS else "R8K16+is+strat"
-    start_rows = [r for r in as_method if r["checkpoint"] == "start"]
-    head = headline(start_rows, {"method": carv_cfg, "R": 8, "K": CONFIGS[carv_cfg]["K"], "checkpoint": "start"},
-                    value=metric, chosen_by="a priori: the estimator carv's training runs use (learned proposal + "
-                                            "strata at K = 16, BenchSettings.carv_K), at the start checkpoint",
-                    charged=["stages (pooled per-stage medians)", "fake-score update per step (every row)",
-                             *sorted(next(r for r in start_rows if r["method"] == carv_cfg).get("charged", {}))])
-    best = best_of_n(as_method, value=metric, where=lambda r: r["method"] != BASELINE)
-    result = {
-        **run_record("carv bench distill" + (" --quick" if quick else "") + f" --threads {base.threads}"
-                     if base.threads else "carv bench distill" + (" --quick" if quick else ""), load_start),
-        "smoke": SMOKE_NOTE if quick else None,
-        "headline": head,
-        "best_of_n": best,
-        "wall_s": time.perf_counter() - t_start,
-        "settings": asdict(s),
-        "base_config": asdict(base),
-        "carv_K": int(k_carv),
-        "rows": all_rows,
-        "diagnostics": diag,
-        "quality": quality,
-        "training_costs": train_costs,
-        "real_fd_floor": real_fd,
-        "summary": summary,
-    }
-    write_outputs(result, out, json_path, progress)
-    return result
+    return quality, train_costs
 
 
 def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", json_path: str | Path | None = None,
@@ -586,10 +623,18 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
 
 
 def bench_from_cli(out: str | Path, quick: bool, json_path: str | Path | None, teacher: str | Path | None,
-                   threads: int) -> dict:
-    """``carv bench distill``."""
+                   threads: int, config: str | Path | None = None) -> dict:
+    """``carv bench distill`` (``config``: a JSON file of :class:`BenchSettings` fields)."""
+    from carv.bench.harness import settings_from_json
+
+    settings = None
+    if config is not None:
+        if quick:
+            raise ValueError("--config, --quick: give one of them (--quick is its own small configuration)")
+        settings = settings_from_json(BenchSettings, config)
+        settings.validate()
     return bench_distill(out, quick=quick, json_path=json_path, base=DistillConfig(threads=threads),
-                         teacher=_teacher_from(teacher))
+                         teacher=_teacher_from(teacher), settings=settings, config_path=config)
 
 
 def _real_fd_floor(per_class: int) -> float:
