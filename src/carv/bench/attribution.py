@@ -164,8 +164,10 @@ class AttributionBenchConfig:
             raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
 
 
-QUICK = dict(num_train=24, num_test_queries=3, num_sample_queries=3, budgets=[1, 4, 16, 64], baseline_budgets=[128],
-             reference_evals=512, replicates=2, small_k_replicates=8, pilot_examples=8)
+# a smoke run: about 25 k per-example gradient evaluations in all (3-4 minutes at one thread on a shared 2-core CPU)
+QUICK = dict(num_train=16, num_test_queries=2, num_sample_queries=2, budgets=[1, 4, 16], baseline_budgets=[32],
+             reference_evals=128, reference_K=64, replicates=2, small_k_replicates=4, baseline_factor=2,
+             pilot_examples=4, pilot_K=16)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
