@@ -57,3 +57,28 @@ def test_generator_detects_a_disagreement_and_keeps_prose(tmp_path):
     assert stale_blocks(new, tmp_path) == ["demo:headline"]
     with pytest.raises(ValueError, match="kind"):
         stale_blocks("<!-- generated: demo:nope -->\nx\n<!-- /generated -->", tmp_path)
+
+
+def test_sd_memory_and_rerun_blocks_come_from_the_json(tmp_path):
+    from carv.bench.report import render_block
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    mem = {"run": {"command": "carv bench sd --only memory", "machine": {}, "date": "d"}, "guidance_scale": 100.0,
+           "memory": [{"K": 1, "max_batch": "auto", "peak_mib": 100.0, "seconds": 1.0},
+                      {"K": 4, "max_batch": "auto", "peak_mib": 200.0, "seconds": 2.0},
+                      {"K": 1, "max_batch": None, "peak_mib": 110.0, "seconds": 1.0}]}
+    (docs / "sd_memory.json").write_text(json.dumps(mem))
+    table = render_block("sd", "memory", tmp_path)
+    assert "| 1 | 2 | 100 | 1.00 | 110 | 1.0 |" in table and "| 4 | 8 | 200 | 2.00 | not run | 2.0 |" in table
+
+    def run(value, se, cmd):
+        return {"command": cmd, "machine": {"loadavg_start": [1.0], "loadavg_end": [1.0]},
+                "headline": {"config": {"method": "m", "R": 2, "K": 4}, "value": value, "se": se, "chosen_by": "x",
+                             "charged": ["stages"]},
+                "best_of_n": {"n": 3, "config": {"method": "m", "R": 2, "K": 8}, "value": 3.0}}
+    res = {**run(2.0, 0.3, "first"), "reruns": [run(2.4, 0.4, "second"), run(4.0, 0.4, "third")]}
+    (docs / "text_to_3d_bench.json").write_text(json.dumps(res))
+    table = render_block("text-to-3d", "reruns", tmp_path)
+    assert "| 2 | `second` |" in table and "+0.80 (agree)" in table  # (2.4 - 2.0) / 0.5
+    assert "+4.00 (disagree)" in table  # (4.0 - 2.0) / 0.5

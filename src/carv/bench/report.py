@@ -120,7 +120,8 @@ def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "
 
 
 def plot_ecm_vs_k(rows: Sequence[dict], path: str | Path, R: int | None = None, title: str = "") -> None:
-    """ECM against K (log2 axis) per method, at one R (default: the most common R)."""
+    """ECM against K (log2 axis) per method, at one R (default: the most common R), with +-1 SE error bars
+    (``ecm_se``) where the rows have them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,8 +133,10 @@ def plot_ecm_vs_k(rows: Sequence[dict], path: str | Path, R: int | None = None, 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for m in _methods(rows):
         rs = sorted((r for r in rows if r["method"] == m and r["R"] == R), key=lambda r: r["K"])
-        if rs:
-            ax.plot([r["K"] for r in rs], [r["ecm"] for r in rs], "o-", label=m)
+        if rs:  # error bars: the row's ecm_se (bootstrap over rounds, cost noise included) where measured
+            se = [r.get("ecm_se") or 0.0 for r in rs]
+            ax.errorbar([r["K"] for r in rs], [r["ecm"] for r in rs], yerr=se if any(se) else None, fmt="o-",
+                        capsize=3, label=m)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (draws per upstream sample)")
@@ -194,6 +197,8 @@ def plot_metric_vs_k(rows: Sequence[dict], path: str | Path, metric: str, ylabel
 # hand-written prose and is kept as it is, so other sections (and their authors) live beside them.
 BENCHMARKS = {"demo": "docs/demo_bench.json", "text-to-3d": "docs/text_to_3d_bench.json",
               "attribution": "docs/attribution_bench.json", "distill": "docs/distill_bench.json"}
+# measurements that are not ECM benchmarks (no headline / best-of-N) but whose tables are generated too
+TABLES = {"sd": "docs/sd_memory.json"}
 PENDING = "not yet measured under the protocol"
 ROW_COLUMNS = ("method", "R", "K", "n", "variance", "variance_se", "cost_s", "cost_wall_s", "re", "ecm", "ecm_se",
                "bound_fraction")
@@ -283,7 +288,59 @@ def _gen_summary(name: str, res: dict | None, root: Path) -> str:
     return "\n".join([head, sep, *body])
 
 
-GENERATORS = {"headline": _gen_headline, "run": _gen_run, "rows": _gen_rows, "summary": _gen_summary}
+def _gen_memory(name: str, res: dict | None, root: Path) -> str:
+    """``carv bench sd --only memory``: peak memory of one latent SDS step against K, per ``max_batch``."""
+    if res is None or not res.get("memory"):
+        return "No memory rows in the JSON yet."
+    run = res.get("run") or {}
+    m = run.get("machine") or {}
+    by = {(r["K"], r["max_batch"]): r for r in res["memory"]}
+    ks = sorted({r["K"] for r in res["memory"]})
+    rows_per_draw = 2 if res.get("guidance_scale") else 1
+    k1 = by.get((ks[0], "auto"))
+    lines = ["Command:", "", f"    {run.get('command', 'not recorded')}", "",
+             f"Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
+             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); date {run.get('date', 'not recorded')}; "
+             f"load average (1 min) {_load(run)}; {res.get('pipeline', '')}, {res.get('device', '')}.", "",
+             f"| K | UNet rows | peak MiB, `max_batch=\"auto\"` (default) | x K = {ks[0]} | peak MiB, "
+             f"`max_batch=None` | step seconds (auto) |", "| --- | --- | --- | --- | --- | --- |"]
+    for k in ks:
+        a, n = by.get((k, "auto")), by.get((k, None))
+        auto = f"{a['peak_mib']:.0f}" if a else "not run"
+        ratio = f"{a['peak_mib'] / k1['peak_mib']:.2f}" if a and k1 else "-"
+        none = f"{n['peak_mib']:.0f}" if n else "not run"
+        secs = f"{a['seconds']:.1f}" if a else "-"
+        lines.append(f"| {k} | {rows_per_draw * k} | {auto} | {ratio} | {none} | {secs} |")
+    return "\n".join(lines)
+
+
+def _gen_reruns(name: str, res: dict | None, root: Path) -> str:
+    """The benchmark's run and its independent reruns (``res["reruns"]``: other seeds, run one after the
+    other), headline by headline, and whether each rerun's headline agrees with the first within the
+    error bars: ``z = (value_i - value_0) / sqrt(se_0^2 + se_i^2)``, agreement at ``|z| <= 2``."""
+    if res is None or "headline" not in res:
+        return f"Reruns: {PENDING}."
+    runs = [res, *res.get("reruns", [])]
+    head = "| run | command | headline (a priori) | ECM | best of N (upper bound) | load (1 min) | z vs run 1 |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
+    h0 = res["headline"]
+    for i, r in enumerate(runs):
+        h, b = r["headline"], r["best_of_n"]
+        if i == 0:
+            z = "-"
+        elif h0.get("se") and h.get("se"):
+            zv = (h["value"] - h0["value"]) / math.hypot(h0["se"], h["se"])
+            z = f"{zv:+.2f} ({'agree' if abs(zv) <= 2 else 'disagree'})"
+        else:
+            z = "no error bars"
+        lines.append(f"| {i + 1} | `{r.get('command')}` | {_config(h['config'])} | "
+                     f"{_ratio(h['value'], h.get('se'), h.get('ci95'))} | {_ratio(b['value'])} of N = {b['n']} | "
+                     f"{_load(r)} | {z} |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"headline": _gen_headline, "run": _gen_run, "rows": _gen_rows, "summary": _gen_summary,
+              "memory": _gen_memory, "reruns": _gen_reruns}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -294,9 +351,10 @@ def render_block(name: str, kind: str, root: str | Path = ".") -> str:
     """The Markdown of one generated block, from ``root/docs/*.json``."""
     if kind not in GENERATORS:
         raise ValueError(f"kind: unknown generated block {kind!r} (for {name!r}); allowed: {sorted(GENERATORS)}")
-    if name not in BENCHMARKS and name != "all":
-        raise ValueError(f"name: unknown benchmark {name!r}; allowed: {sorted(BENCHMARKS)} or 'all'")
-    res = _read_json(Path(root) / BENCHMARKS[name]) if name in BENCHMARKS else None
+    paths = {**BENCHMARKS, **TABLES}
+    if name not in paths and name != "all":
+        raise ValueError(f"name: unknown benchmark {name!r}; allowed: {sorted(paths)} or 'all'")
+    res = _read_json(Path(root) / paths[name]) if name in paths else None
     return GENERATORS[kind](name, res, Path(root)).rstrip("\n") + "\n"
 
 
