@@ -308,15 +308,26 @@ def test_cli_bench_attribution_passes_flags(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(out, quick, json_path, cfg):
-        seen.update(out=out, quick=quick, json_path=json_path, threads=cfg.threads)
+    def fake(out, quick, json_path, cfg, command=None):
+        seen.update(out=out, quick=quick, json_path=json_path, threads=cfg.threads, num_train=cfg.num_train,
+                    command=command)
         return {}
 
     monkeypatch.setattr(mod, "run_attribution_bench", fake)
     res = CliRunner().invoke(app, ["bench", "attribution", "--quick", "--json", str(tmp_path / "x.json"),
                                    "--out", str(tmp_path / "o"), "--threads", "1"])
     assert res.exit_code == 0, res.output
-    assert seen == {"out": tmp_path / "o", "quick": True, "json_path": tmp_path / "x.json", "threads": 1}
+    assert {k: seen[k] for k in ("out", "quick", "json_path", "threads")} == {
+        "out": tmp_path / "o", "quick": True, "json_path": tmp_path / "x.json", "threads": 1}
+    # --config: a JSON object of AttributionBenchConfig fields, named in the run record's command
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"num_train": 12}')
+    res = CliRunner().invoke(app, ["bench", "attribution", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert seen["num_train"] == 12 and seen["command"].startswith("carv")  # sys.argv: pytest's here
+    cfg.write_text('{"num_trains": 12}')
+    res = CliRunner().invoke(app, ["bench", "attribution", "--config", str(cfg)])
+    assert res.exit_code != 0 and "num_trains" in res.output
 
 
 def test_cli_attribute_smoke_resume_and_image_query(tmp_path):

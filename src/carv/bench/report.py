@@ -265,10 +265,21 @@ def _gen_run(name: str, res: dict | None, root: Path) -> str:
     return "\n".join(lines)
 
 
+# each benchmark's row columns (its JSON's row fields)
+ROW_COLUMNS_OF = {
+    "text-to-3d": ("checkpoint", "method", "R", "K", "n", "variance", "variance_se", "bias2", "cost_s", "cost_wall_s",
+                   "re", "ecm", "ecm_se", "bound_fraction"),
+    "attribution": ("method", "crn", "budget", "n", "variance", "spearman", "spearman_se", "ecm", "ecm_bound",
+                    "ecm_wall", "ecm_pilot_bench", "ecm_pilot_trainset"),
+    "distill": ("checkpoint", "config", "R", "K", "n", "variance", "variance_se", "reduction_vs_R8K1", "cost_s",
+                "cost_wall_s", "ecm", "ecm_se", "ecm_step"),
+}
+
+
 def _gen_rows(name: str, res: dict | None, root: Path) -> str:
     if res is None or protocol_status(res) == PENDING:
         return f"Rows: {PENDING}."
-    return markdown_table(res["rows"], ROW_COLUMNS, smoke=bool(res.get("smoke")))
+    return markdown_table(res["rows"], ROW_COLUMNS_OF.get(name, ROW_COLUMNS), smoke=bool(res.get("smoke")))
 
 
 def _gen_summary(name: str, res: dict | None, root: Path) -> str:
