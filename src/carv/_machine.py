@@ -1,4 +1,5 @@
-"""What a run folder records about the machine it ran on (so ratios can be read against their load)."""
+"""What a run folder records about the machine it ran on (so ratios can be read against their load), and how
+much memory it has free (so work that cannot fit is refused before allocating, naming what to lower)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import platform
 
 import torch
 
-__all__ = ["machine_info", "loadavg"]
+__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError"]
 
 
 def loadavg() -> list[float]:
@@ -19,3 +20,49 @@ def machine_info(**extra) -> dict:
     """Platform, CPU count, torch version and thread count, followed by ``extra`` fields."""
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), **extra}
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: the driver's free memory; CPU: the kernel's
+    MemAvailable, lowered to the cgroup's limit when one is set), or None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no usable CUDA context: nothing to check against
+            return None
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("MemAvailable:"):
+                    free = int(ln.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            free = min(free if free is not None else 1 << 62, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+class MemoryBudgetError(MemoryError, ValueError):
+    """Work refused before allocating because it cannot fit the free memory; the message names what to lower."""
+
+
+def check_fits(nbytes: int, device: torch.device | str, name: str, what: str) -> None:
+    """Raise :class:`MemoryBudgetError` naming ``name`` when ``nbytes`` (an estimate of ``what``) exceed the free
+    memory of ``device``, before anything is allocated. No check where the free memory cannot be told, nor below
+    64 MiB (so the common small call reads no system file)."""
+    if nbytes < 64 << 20:
+        return
+    free = free_memory(device)
+    if free is not None and nbytes > free:
+        raise MemoryBudgetError(f"{name}: {what} needs about {nbytes / 2**30:.2f} GiB (estimated), but only "
+                                f"{free / 2**30:.2f} GiB is free on {torch.device(device)}")

@@ -69,10 +69,17 @@ def variance_components(y: Tensor, row_mean: Tensor | None = None, *, clip: bool
     if R < 2 or K < 2:
         raise ValueError(f"y: need R >= 2 and K >= 2 to separate the components, got R={R}, K={K}")
     within, row_mean = within_row_variance(y, row_mean)
-    centred = row_mean - row_mean.mean(0)
-    total = float(torch.linalg.vecdot(centred.reshape(-1), centred.reshape(-1))) / (R - 1)
+    return VarianceComponents(between_component(row_mean, within, K, clip), within)
+
+
+def between_component(row_mean: Tensor, within: float, K: int, clip: bool = True) -> float:
+    """``sigma_b^2`` from the ``R`` row means (``[R, ...]``, ``R >= 2``) and the within component: the sample
+    variance (trace) of the means minus ``within / K``, clipped at 0 unless ``clip=False``."""
+    R = row_mean.shape[0]
+    centred = (row_mean - row_mean.mean(0)).reshape(-1)
+    total = float(torch.linalg.vecdot(centred, centred)) / (R - 1)
     between = total - within / K
-    return VarianceComponents(max(between, 0.0) if clip else between, within)
+    return max(between, 0.0) if clip else between
 
 
 def within_row_variance(y: Tensor, row_mean: Tensor | None = None) -> tuple[float, Tensor]:

@@ -11,29 +11,65 @@ Every combination is unbiased: each ``(t, eps)`` is marginally ``(q, N(0, I))`` 
 ``p(t)/q(t)``. With ``noise="antithetic"`` the two members of an ``(eps, -eps)`` pair share one
 timestep (stratification then runs over the ``K/2`` pairs); with ``noise="crn"`` every row shares the
 same ``K`` timesteps and noises.
+
+Memory. When the ``R K`` noises of one call would take more than :data:`DRAW_MEMORY_BUDGET` bytes,
+:func:`carv.objectives.sds.residual_estimate` streams: :meth:`HierarchicalEstimator.draw` with ``noise=False``
+draws every timestep and weight (``R K`` scalars) but no noise, and :meth:`Draws.next_noise` then draws the noise
+of ``block`` columns of every row at a time (:meth:`HierarchicalEstimator.block_columns`), which
+:class:`StreamingReduction` folds into the same :class:`Estimate`. Which draws a seed gives depends only on
+``R``, ``K``, the sample shape and dtype (the block width is a function of these, never of ``max_batch`` or the
+free memory); when the noise fits the budget the whole ``[R, K, ...]`` noise is one block, drawn exactly as
+before streaming existed.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from carv.accounting import VarianceComponents, variance_components, within_row_variance
+from carv.accounting import VarianceComponents, between_component, variance_components, within_row_variance
 from carv.noise import check_noise_mode, draw_noise
 from carv.teachers.base import check_finite
 from carv.timesteps import TimestepSampler
 
-__all__ = ["Draws", "Estimate", "HierarchicalEstimator", "UsesEstimator", "reduce_draws"]
+__all__ = ["DRAW_MEMORY_BUDGET", "Draws", "Estimate", "HierarchicalEstimator", "StreamingReduction", "UsesEstimator",
+           "check_upstream", "reduce_draws"]
+
+DRAW_MEMORY_BUDGET = 32 << 20  # bytes of noise one block of draws may hold; larger R*K draws are streamed
+
+
+def check_upstream(x, name: str = "x") -> None:
+    """Raise naming ``name`` unless ``x`` is a real floating-point ``[R, ...]`` tensor of finite values on a real
+    device, so that bad input is reported as the input's fault before any teacher is called (a NaN in ``x``
+    would come back as the teacher's NaN; a complex ``x`` would silently lose its imaginary part)."""
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError(f"{name}: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.is_complex() or not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got dtype {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device (no data); carv draws timesteps and noise for real "
+                         f"inputs, pass {name} on a real device (cpu, cuda, ...)")
+    if not bool(torch.isfinite(x.detach()).all()):
+        bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(dim=1)
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{name}: the input holds NaN or inf in upstream sample(s) {rows[:20]} of {x.shape[0]} "
+                         f"(found before any teacher call)")
 
 @dataclass
 class Draws:
-    """One batch of draws: ``t`` and ``weight`` are ``[R, K]``, ``eps`` is ``[R, K, *sample_shape]``."""
+    """One batch of draws: ``t`` and ``weight`` are ``[R, K]``, ``eps`` is ``[R, K, *sample_shape]``, or None when
+    it is drawn block by block (``draw(noise=False)``): then :meth:`next_noise` gives the next columns' noise."""
 
     t: Tensor
     weight: Tensor
-    eps: Tensor
+    eps: Tensor | None
+    _stream: Callable[[int], Tensor] | None = field(default=None, repr=False)
+    _cursor: int = field(default=0, repr=False)
 
     @property
     def R(self) -> int:
@@ -42,6 +78,14 @@ class Draws:
     @property
     def K(self) -> int:
         return self.t.shape[1]
+
+    def next_noise(self, k: int) -> Tensor:
+        """The noise ``[R, k, *sample_shape]`` of the next ``k`` columns of every row (columns in order, each
+        once; antithetic blocks need ``k`` even). From ``eps`` when it is held, else drawn now."""
+        if not isinstance(k, int) or k < 1 or self._cursor + k > self.K:
+            raise ValueError(f"k: expected 1..{self.K - self._cursor} more columns, got {k!r}")
+        k0, self._cursor = self._cursor, self._cursor + k
+        return self.eps[:, k0:k0 + k] if self.eps is not None else self._stream(k)
 
 
 @dataclass
@@ -102,6 +146,59 @@ def reduce_draws(values: Tensor, weight: Tensor, t: Tensor | None = None, stats:
     return est
 
 
+class StreamingReduction:
+    """:func:`reduce_draws` of ``[R, K, ...]`` values given a block of columns at a time (:meth:`add`), holding only
+    ``[R, ...]`` running moments and the ``[R, K]`` squared norms, never the ``R K`` values.
+
+    The per-row means and within-row sums of squares are combined across blocks exactly (Chan et al.'s pairwise
+    update, in float64), so the result equals :func:`reduce_draws` of the concatenated blocks up to rounding; it
+    depends on the block widths only through rounding, never on how a teacher chunked its calls.
+    """
+
+    def __init__(self, R: int, K: int, sample_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+                 device: torch.device, stats: bool = True, what: str = "integrand"):
+        self.R, self.K, self.shape, self.dtype, self.stats, self.what = R, K, tuple(sample_shape), dtype, stats, what
+        self.n = 0
+        self.mean = torch.zeros(R, max(1, _numel(sample_shape)), dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(R, dtype=torch.float64, device=device)
+        self.sq = torch.empty(R, K, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
+                              device=device)
+
+    def add(self, values: Tensor, weight: Tensor, t: Tensor | None = None) -> None:
+        """Fold in the next block: ``values`` ``[R, k, ...]`` with its ``weight`` and ``t`` (``[R, k]``)."""
+        R, k = weight.shape
+        if R != self.R or values.shape[:2] != weight.shape or self.n + k > self.K:
+            raise ValueError(f"values: expected the next [R, k, ...] block with R = {self.R} and at most "
+                             f"{self.K - self.n} more columns, got {tuple(values.shape)}")
+        flat = values.reshape(R, k, -1)
+        if t is not None:
+            check_finite(flat.reshape(R * k, -1), t.reshape(-1), self.what)
+        self.sq[:, self.n:self.n + k] = flat.detach().pow(2).sum(-1).to(self.sq.dtype)
+        y = (flat.detach() * weight.reshape(R, k, 1).to(flat.dtype)).double()
+        mb = y.mean(1)
+        m2b = (y - mb[:, None]).pow(2).sum((1, 2))
+        n_tot = self.n + k
+        delta = mb - self.mean
+        self.mean += delta * (k / n_tot)
+        self.m2 += m2b + delta.pow(2).sum(-1) * (self.n * k / n_tot)
+        self.n = n_tot
+
+    def result(self) -> Estimate:
+        if self.n != self.K:
+            raise ValueError(f"values: {self.n} of the K = {self.K} columns were added")
+        per_upstream = self.mean.to(self.dtype).reshape(self.R, *self.shape)
+        est = Estimate(per_upstream=per_upstream, R=self.R, K=self.K, sq_norms=self.sq)
+        if self.stats and self.K >= 2:
+            est.within = float(self.m2.sum()) / (self.R * (self.K - 1))
+            if self.R >= 2:
+                est.between = between_component(self.mean, est.within, self.K)
+        return est
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
 class HierarchicalEstimator:
     """Draw ``R x K`` ``(t, eps)`` pairs and reduce per-draw values into per-upstream means.
 
@@ -150,10 +247,26 @@ class HierarchicalEstimator:
         check_noise_mode(self.noise, K)
         self._K = K
 
+    def block_columns(self, R: int, sample_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
+                      budget: int | None = None) -> int:
+        """How many columns of the ``R x K`` draws one block holds: ``K`` when their noise fits ``budget`` bytes
+        (default :data:`DRAW_MEMORY_BUDGET`), else as many as fit (at least 1, even with antithetic noise).
+        A function of the sizes only, so a seed gives the same draws on every machine and at every ``max_batch``."""
+        budget = DRAW_MEMORY_BUDGET if budget is None else budget
+        per_column = R * _numel(sample_shape) * dtype.itemsize
+        if per_column * self.K <= budget:
+            return self.K
+        k = max(1, budget // max(1, per_column))
+        return max(2, k - k % 2) if self.noise == "antithetic" else k
+
     def draw(self, R: int, sample_shape: tuple[int, ...] | torch.Size, generator: torch.Generator | int | None = None,
              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
              rank: int | None = None, world_size: int | None = None, noise: bool = True) -> Draws:
         """Timesteps, weights and noises for ``R`` upstream samples of shape ``sample_shape``.
+
+        ``noise=False`` draws the timesteps and weights only (``eps`` is None); :meth:`Draws.next_noise` then
+        draws the noise of the next columns from the same generator, so ``R K`` noises are never held at once.
+        Drawing all ``K`` columns in one :meth:`Draws.next_noise` call gives exactly the ``eps`` of ``noise=True``.
 
         ``rank`` / ``world_size`` split global strata across processes explicitly; with
         ``distributed=True`` they default to the ``torch.distributed`` rank and world size.
@@ -182,8 +295,11 @@ class HierarchicalEstimator:
         else:
             ts = self.sampler.sample(R, K, g, rank, world_size, device=device)
             t, w = ts.t, ts.weight
-        eps = draw_noise(R, K, sample_shape, self.noise, g, device, dtype)
-        return Draws(t=t, weight=w.to(dtype), eps=eps)
+        shape, mode = tuple(sample_shape), self.noise
+        if not noise:
+            return Draws(t=t, weight=w.to(dtype), eps=None,
+                         _stream=lambda k: draw_noise(R, k, shape, mode, g, device, dtype))
+        return Draws(t=t, weight=w.to(dtype), eps=draw_noise(R, K, shape, mode, g, device, dtype))
 
     def reduce(self, values: Tensor, draws: Draws, stats: bool = True, keep_draws: bool = False,
                what: str = "integrand") -> Estimate:

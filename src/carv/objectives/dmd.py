@@ -33,7 +33,7 @@ from carv.estimator import HierarchicalEstimator, UsesEstimator
 from carv.objectives.sds import SDSOutput, batched_teacher_eps, check_nan_policy, residual_estimate
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
-from carv.teachers.base import Teacher, repeat_cond
+from carv.teachers.base import Teacher, check_cond_batch, repeat_cond
 from carv.timesteps import TimestepSampler
 
 __all__ = ["DistributionMatching", "DenoisingLoss", "DMD_WEIGHTINGS"]
@@ -97,9 +97,11 @@ class DistributionMatching(UsesEstimator):
     def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | int | None = None,
                  keep_draws: bool = False) -> SDSOutput:
         """``x``: generator samples ``[R, ...]`` (with grad); ``loss.backward()`` gives the generator gradient."""
-        cond_k = repeat_cond(cond, self.K)
+        if isinstance(x, Tensor) and x.ndim:
+            check_cond_batch(cond, x.shape[0], "cond")  # residual_estimate names a bad x
 
-        def residual(x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:  # w (eps_real - eps_fake)
+        def residual(x_t: Tensor, t: Tensor, eps: Tensor, k: int) -> Tensor:  # w (eps_real - eps_fake)
+            cond_k = repeat_cond(cond, k)
             eps_real = batched_teacher_eps(self.teacher, x_t, t, cond_k, self.guidance_scale, self.max_batch)
             eps_fake = batched_teacher_eps(self.fake_score, x_t, t, cond_k, 1.0, self.max_batch)
             return self.weight(t, eps, eps_real) * (eps_real - eps_fake)

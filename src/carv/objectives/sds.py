@@ -13,7 +13,9 @@ rows included (with guidance each draw is two rows: conditional and unconditiona
 allows the larger of what the same step needs at ``K = 1`` (``R`` rows, ``2 R`` with guidance) and
 :data:`AUTO_BATCH_ELEMENTS` input elements (4 rows of Stable Diffusion's ``4 x 64 x 64`` latents), so raising
 ``K`` adds network calls but hardly any network memory, while small inputs (a toy problem, a 32 px teacher)
-are not split into many small calls; ``None`` evaluates all ``R K`` draws in one call.
+are not split into many small calls; ``None`` evaluates each block of draws in one call (all ``R K`` unless
+they stream, see :func:`residual_estimate`). A call whose estimated activations cannot fit the free memory is
+refused before it is made (:class:`MemoryBudgetError`, naming ``max_batch``).
 
 Non-finite teacher outputs (NaN/inf, common with half-precision weights). ``nan_policy="raise"`` (the
 default) raises :class:`~carv.teachers.base.NonFiniteTeacherError` naming the timesteps. ``"skip"`` drops
@@ -34,12 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from carv.estimator import Draws, Estimate, HierarchicalEstimator, UsesEstimator
+from carv._machine import MemoryBudgetError, check_fits
+from carv.estimator import Draws, Estimate, HierarchicalEstimator, StreamingReduction, UsesEstimator, check_upstream
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import (
     NonFiniteTeacherError,
     Teacher,
+    check_cond_batch,
     check_finite,
     guidance_scale_for,
     is_guided,
@@ -48,11 +52,15 @@ from carv.teachers.base import (
 )
 from carv.timesteps import TimestepSampler
 
-__all__ = ["NAN_POLICIES", "ScoreDistillation", "SDSOutput", "batched_teacher_eps", "check_max_batch",
-           "residual_estimate"]
+__all__ = ["NAN_POLICIES", "MemoryBudgetError", "ScoreDistillation", "SDSOutput", "batched_teacher_eps",
+           "check_max_batch", "residual_estimate"]
 
 NAN_POLICIES = ("raise", "skip")
 AUTO_BATCH_ELEMENTS = 1 << 16  # max_batch="auto": input elements per network call beyond what K = 1 needs
+# Assumed activation bytes per input byte of one network row, for the check before a teacher call: the scenes
+# teacher (3x32x32) peaks at about 1.5 MB per UNet row, ~130x its 12 KB input (larger UNets need more, so the
+# check only catches calls that certainly cannot fit; the allocator's own error remains for the rest).
+ACTIVATION_FACTOR = 128
 
 
 @dataclass
@@ -86,17 +94,23 @@ def batched_teacher_eps(teacher: Teacher, x_t: Tensor, t: Tensor, cond: Any, gui
 
     With guidance every draw costs two network rows (conditional and unconditional), so a chunk holds
     ``max_batch // 2`` draws; ``max_batch`` must then be at least 2. ``uncond`` (one row per draw, like
-    ``cond``) replaces the teacher's own unconditional condition.
+    ``cond``) replaces the teacher's own unconditional condition. A chunk whose estimated activations
+    (:data:`ACTIVATION_FACTOR` times its input) cannot fit the free memory is refused before the call, naming
+    ``max_batch``.
     """
     n = x_t.shape[0]
     rows = 2 if is_guided(guidance_scale, cond) else 1
-    if max_batch is None or n * rows <= max_batch:
+    per = n if max_batch is None else max_batch // rows
+    if per < 1:
+        raise ValueError(f"max_batch: with guidance each draw is 2 network rows (conditional and "
+                         f"unconditional), so max_batch must be >= 2, got {max_batch}")
+    per = min(per, n)
+    check_fits(per * rows * x_t[0].numel() * x_t.element_size() * ACTIVATION_FACTOR, x_t.device, "max_batch",
+               f"a teacher call of {per * rows} network rows of shape {tuple(x_t.shape[1:])} "
+               f"(max_batch={max_batch!r}); pass a smaller max_batch, e.g. 'auto'")
+    if per >= n:
         eps = teacher.guided_eps(x_t, t, cond, guidance_scale, uncond)
     else:
-        per = max_batch // rows
-        if per < 1:
-            raise ValueError(f"max_batch: with guidance each draw is 2 network rows (conditional and "
-                             f"unconditional), so max_batch must be >= 2, got {max_batch}")
         parts = []
         for i in range(0, n, per):
             parts.append(teacher.guided_eps(x_t[i:i + per], t[i:i + per], slice_cond(cond, i, i + per),
@@ -106,27 +120,53 @@ def batched_teacher_eps(teacher: Teacher, x_t: Tensor, t: Tensor, cond: Any, gui
     return eps
 
 
-def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x: Tensor,
-                      residual: Callable[[Tensor, Tensor, Tensor], Tensor],
+Residual = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x: Tensor, residual: Residual,
                       generator: torch.Generator | int | None = None, keep_draws: bool = False,
                       nan_policy: str = "raise") -> SDSOutput:
     """The piece every teacher-residual objective shares (SDS, distribution matching).
 
     Draw ``R x K`` ``(t, eps)`` through ``estimator``, noise ``x`` to ``x_t = a_t x + s_t eps``, evaluate
-    ``residual(x_t, t, eps)`` (flat ``[R*K, ...]``, no grad) and reduce it (importance weights, mean over
-    ``K``, finiteness check, variance components). ``loss`` is the surrogate whose gradient with respect
-    to ``x[r]`` is ``grad[r] / R``, so one backward pass serves all ``K`` draws of an upstream sample.
+    ``residual(x_t, t, eps, k)`` (flat ``[R*k, ...]`` for ``k`` columns of every row, row-major, no grad; so
+    ``repeat_cond(cond, k)`` gives each draw its upstream sample's condition) and reduce it (importance weights,
+    mean over ``K``, finiteness check, variance components). ``loss`` is the surrogate whose gradient with
+    respect to ``x[r]`` is ``grad[r] / R``, so one backward pass serves all ``K`` draws of an upstream sample.
+
+    ``x`` is checked first (:func:`~carv.estimator.check_upstream`: real floating point, finite, on a real
+    device), so bad input is never blamed on the teacher. Memory: when the ``R K`` noises exceed
+    :data:`~carv.estimator.DRAW_MEMORY_BUDGET` the draws are streamed in blocks of columns
+    (:meth:`~carv.estimator.HierarchicalEstimator.block_columns`): noise, noised inputs and residuals exist for
+    one block at a time, so memory stays bounded however large ``K`` is; ``draws.eps`` is then None. Below the
+    budget everything is one block, bit for bit what it was before streaming. ``keep_draws=True`` needs every
+    weighted draw at once, so it never streams (and is refused before allocating when that cannot fit).
     """
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise ValueError(f"x: expected a tensor of shape [R, ...], got {getattr(x, 'shape', type(x).__name__)}")
-    R, K = x.shape[0], estimator.K
-    d = estimator.draw(R, x.shape[1:], generator, x.device, x.dtype)
-    t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *x.shape[1:])
+    check_upstream(x)
+    R, K, shape = x.shape[0], estimator.K, tuple(x.shape[1:])
+    block = K if keep_draws else estimator.block_columns(R, shape, x.dtype)
+    if keep_draws:
+        check_fits(5 * R * K * x[0].numel() * x.element_size(), x.device, "keep_draws",
+                   f"holding all R*K = {R * K} draws of shape {shape} (keep_draws=True)")
+    d = estimator.draw(R, shape, generator, x.device, x.dtype, noise=block == K)
+    x0 = x.detach()
     try:
         with torch.no_grad():
-            x_t = schedule.add_noise(x.detach().repeat_interleave(K, 0), t, eps)
-            f = residual(x_t, t, eps).reshape(R, K, *x.shape[1:])
-            est = estimator.reduce(f, d, keep_draws=keep_draws)
+            if block == K:
+                t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *shape)
+                x_t = schedule.add_noise(x0.repeat_interleave(K, 0), t, eps)
+                f = residual(x_t, t, eps, K).reshape(R, K, *shape)
+                est = estimator.reduce(f, d, keep_draws=keep_draws)
+            else:
+                acc = StreamingReduction(R, K, shape, x.dtype, x.device)
+                for k0 in range(0, K, block):
+                    k = min(block, K - k0)
+                    t, eps = d.t[:, k0:k0 + k].reshape(-1), d.next_noise(k).reshape(R * k, *shape)
+                    x_t = schedule.add_noise(x0.repeat_interleave(k, 0), t, eps)
+                    f = residual(x_t, t, eps, k).reshape(R, k, *shape)
+                    acc.add(f, d.weight[:, k0:k0 + k], d.t[:, k0:k0 + k])
+                    del x_t, eps, f
+                est = acc.result()
     except NonFiniteTeacherError as e:
         if nan_policy != "skip":
             raise
@@ -151,7 +191,7 @@ class ScoreDistillation(UsesEstimator):
         noise: ``"iid"``, ``"antithetic"`` or ``"crn"``.
         max_batch: the most rows the teacher network sees in one call, guidance rows included; ``"auto"``
             (default): the larger of what ``K = 1`` needs and 65536 input elements, so memory hardly grows
-            with ``K`` (see the module doc); None: no chunking. On a large GPU raise it for throughput.
+            with ``K`` (see the module doc); None: one call per block of draws. On a large GPU raise it for throughput.
         distributed: split global strata across ``torch.distributed`` processes (see
             :class:`~carv.estimator.HierarchicalEstimator`); all-reduce the gradients as DDP does.
         nan_policy: ``"raise"`` (default) or ``"skip"`` (drop the step and report it; see the module doc).
@@ -197,12 +237,14 @@ class ScoreDistillation(UsesEstimator):
         or a dict of such tensors); ``uncond`` (same shape) is the unconditional condition per upstream sample
         for guidance (e.g. per-view negative embeddings), replacing the teacher's own.
         """
-        cond_k, uncond_k = repeat_cond(cond, self.K), repeat_cond(uncond, self.K)
-        max_batch = self.teacher_batch(x, is_guided(self.guidance_scale, cond)) if isinstance(x, Tensor) and x.ndim \
-            else None  # residual_estimate names a bad x
+        if isinstance(x, Tensor) and x.ndim:  # residual_estimate checks x itself before any draw
+            check_cond_batch(cond, x.shape[0], "cond")
+            check_cond_batch(uncond, x.shape[0], "uncond")
 
-        def residual(x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:  # w(t) (eps_hat(x_t, t, c) - eps)
-            eps_hat = batched_teacher_eps(self.teacher, x_t, t, cond_k, self.guidance_scale, max_batch, uncond_k)
+        def residual(x_t: Tensor, t: Tensor, eps: Tensor, k: int) -> Tensor:  # w(t) (eps_hat(x_t, t, c) - eps)
+            max_batch = self.teacher_batch(x, is_guided(self.guidance_scale, cond))
+            eps_hat = batched_teacher_eps(self.teacher, x_t, t, repeat_cond(cond, k), self.guidance_scale,
+                                          max_batch, repeat_cond(uncond, k))
             return broadcast_to(self.w.to(x_t.device, x_t.dtype)[t], x_t) * (eps_hat - eps)
 
         out = residual_estimate(self.estimator, self.teacher.schedule, x, residual, generator, keep_draws,

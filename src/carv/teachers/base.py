@@ -25,7 +25,7 @@ from torch import Tensor
 from carv.schedules import VPSchedule
 
 __all__ = ["GUIDANCE_CONVENTIONS", "Teacher", "NonFiniteTeacherError", "check_finite", "guidance_scale_for",
-           "is_guided", "slice_cond"]
+           "is_guided", "check_cond_batch", "repeat_cond", "slice_cond"]
 
 GUIDANCE_CONVENTIONS = ("dreamfusion", "threestudio")
 
@@ -61,6 +61,22 @@ def slice_cond(cond: Any, start: int, stop: int) -> Any:
     if isinstance(cond, dict):
         return {k: slice_cond(v, start, stop) for k, v in cond.items()}
     return cond[start:stop]
+
+
+def check_cond_batch(cond: Any, batch: int, name: str = "cond") -> None:
+    """Raise ``ValueError`` naming ``name`` (and the dict key) unless every tensor of ``cond`` (a tensor, a dict of
+    them, or None) has ``batch`` rows: one condition per upstream sample."""
+    if cond is None:
+        return
+    if isinstance(cond, dict):
+        for k, v in cond.items():
+            check_cond_batch(v, batch, f"{name}[{k!r}]")
+        return
+    if not isinstance(cond, Tensor):
+        raise TypeError(f"{name}: expected a tensor [R, ...], a dict of them, or None, got {type(cond).__name__}")
+    if cond.ndim == 0 or cond.shape[0] != batch:
+        raise ValueError(f"{name}: expected one row per upstream sample, i.e. shape [{batch}, ...] (x has R = "
+                         f"{batch}), got shape {tuple(cond.shape)}")
 
 
 def guidance_scale_for(guidance_scale: float, convention: str = "dreamfusion") -> float:
