@@ -9,6 +9,7 @@ from carv.cli import app
 
 runner = CliRunner()
 HUGE = str(2**64)
+TYPER_SEED = "Invalid value for '--seed'"  # typer's own range check (0..2**63 - 1)
 
 
 def _err(res) -> str:
@@ -18,10 +19,15 @@ def _err(res) -> str:
 @pytest.mark.parametrize("args, needle", [
     (["text-to-3d", "--seed", HUGE], "seed: expected an integer seed in 0..9223372036854775807"),
     (["distill", "--seed", HUGE], "seed: expected an integer seed"),
-    (["demo", "--seed", HUGE], "seed: expected an integer seed"),
+    (["demo", "--seed", HUGE], TYPER_SEED),
     (["attribute", "3", "--seed", HUGE], "seed: expected an integer seed"),
-    (["bench", "text-to-3d", "--quick", "--seed", HUGE], "seed: expected an integer seed"),
-    (["bench", "attribution", "--quick", "--seed", HUGE], "seed: expected an integer seed"),
+    (["bench", "text-to-3d", "--quick", "--seed", HUGE], TYPER_SEED),
+    (["bench", "attribution", "--quick", "--seed", HUGE], TYPER_SEED),
+    (["bench", "allocator", "--seed", HUGE], TYPER_SEED),
+    (["bench", "allocator", "--cameras", "--seed", HUGE], TYPER_SEED),
+    (["bench", "sd", "--smoke", "--seed", HUGE], TYPER_SEED),
+    (["train-teacher", "digits", "--seed", HUGE], TYPER_SEED),
+    (["train-teacher", "scenes", "--seed", HUGE], TYPER_SEED),
     (["text-to-3d", "--guidance-scale", "inf"], "guidance_scale: expected a finite non-negative number"),
     (["text-to-3d", "--budget", "nan"], "budget_s"),
     (["text-to-3d", "--grid-resolution", "100000"], "grid_resolution: expected an integer in 1..256"),

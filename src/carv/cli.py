@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from carv._validate import SEED_MAX  # 64-bit seeds with headroom for sub-streams; bigger ones are named by typer
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="carv: cheaper Monte Carlo estimates with frozen diffusion teachers.")
 bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (write tables, plots, JSON).")
@@ -28,7 +30,7 @@ def _bad_parameter(e: ValueError) -> None:
 @train_app.command("digits")
 def train_digits(
     out: Path = typer.Option(None, help="Output folder (default: the package's assets folder)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
 ):
     """Class-conditional DDPM + feature classifier on scikit-learn's digits (16x16)."""
     from carv.apps.assets import train_digits_assets
@@ -39,7 +41,7 @@ def train_digits(
 @train_app.command("scenes")
 def train_scenes(
     out: Path = typer.Option(None, help="Output folder (default: the package's assets folder)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
 ):
     """Prompt- and view-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
     from carv.teachers.scenes import train_and_save
@@ -54,7 +56,7 @@ def demo(
                                                       "few replicates (about a minute on 2 cores)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results JSON here."),
     threads: int = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     fresh: bool = typer.Option(False, "--fresh", help="Move the folder's earlier run aside and start over."),
 ):
     """Embedded default: SDS of a point set through a costly map toward a Gaussian-mixture teacher.
@@ -115,7 +117,7 @@ def bench_attribution(
     quick: bool = typer.Option(False, "--quick", help="Fewer examples, budgets and replicates (a few minutes)."),
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...]} (method, crn, budget, ...) here."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is faster on a shared machine)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     config: Path = typer.Option(None, "--config", help="JSON object of AttributionBenchConfig fields (a smaller "
                                                        "configuration than the default; the rest keep defaults)."),
 ):
@@ -301,7 +303,7 @@ def bench_text_to_3d_cmd(
                                                       "K in {1, 4, 8}, few replicates, one quality pair."),
     json_path: Path = typer.Option(None, "--json", help="Write {'rows': [...], 'cost_ratio', 'auto_k', 'quality'}."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),
-    seed: int = typer.Option(0, min=0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     config: Path = typer.Option(None, "--config", help="JSON object of BenchSettings fields (a smaller "
                                                        "configuration than the default; the rest keep defaults)."),
 ):
@@ -335,7 +337,7 @@ def bench_allocator_cmd(
     pilot_steps: int = typer.Option(60, min=5, help="Steps of the allocator's own run at the frozen grid."),
     json_path: Path = typer.Option(None, "--json", help="Also write the result here."),
     threads: int = typer.Option(1, min=1, help="torch threads."),
-    seed: int = typer.Option(0, min=0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     cameras: bool = typer.Option(False, "--cameras", help="Instead: between-render variance with and without "
                                                           "camera strata (lattice across steps, strata at R = 2)."),
 ):
@@ -370,7 +372,7 @@ def bench_sd_cmd(
     device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     half: bool = typer.Option(True, "--half/--no-half", help="float16 weights on CUDA (threestudio's default)."),
     threads: int = typer.Option(None, min=1, help="torch threads."),
-    seed: int = typer.Option(0, min=0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     only: str = typer.Option(None, help="Run only one part: 'memory' or 'ecm'."),
 ):
     """Latent SDS with a Stable Diffusion pipeline: upstream/draw cost split, variance and ECM of uniform vs
