@@ -109,9 +109,32 @@ def test_a_failed_write_leaves_the_old_file_and_names_the_path(tmp_path, monkeyp
     monkeypatch.setattr(rf, "_write_bytes", full)
     with pytest.raises(OSError) as e:
         rf.atomic_write_json(path, {"a": 2})
-    assert e.value.errno == errno.ENOSPC and "summary.json" in e.value.filename
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)  # the file, not its temporary name
     assert read_json(path) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left behind
+
+
+def test_every_writer_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """Benchmark state, teacher weights and figures go through atomic_path too: a failed fsync (a full disk)
+    names the destination and leaves no temporary file."""
+    import torch
+
+    from carv.schedules import VPSchedule
+    from carv.teachers.unet import CompactUNet, save_unet_teacher
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rf.os, "fsync", full)
+    target = tmp_path / "teacher.safetensors"
+    with pytest.raises(OSError) as e:
+        save_unet_teacher(target, CompactUNet(in_channels=1, base_channels=4, channel_mults=(1,)),
+                          VPSchedule.from_betas(1e-4, 0.02, 10))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    with pytest.raises(OSError) as e:
+        rf.save_tensors(tmp_path / "state.safetensors", {"a": torch.zeros(2)})
+    assert e.value.filename == str(tmp_path / "state.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_json_names_the_file(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from carv._runfolder import atomic_write_text
 from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import (
     CLASSIFIER_FILE,
@@ -122,5 +123,5 @@ def train_digits_assets(out_dir: str | Path | None = None, seed: int = 0, grid_p
                     "fd_1000_train_images_vs_test": fd_train_test},
         "total_time_s": time.perf_counter() - t_start,
     }
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     return stats

@@ -21,7 +21,6 @@ measures the between-render variance with and without camera strata (``carv benc
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from carv._runfolder import atomic_write_json
 from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
 from carv.bench.harness import Config, measure, reference_mean
 
@@ -174,9 +174,9 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     doc = {"command": command or "carv bench allocator", "pipeline": "text-to-3d", "prompt": problem.prompt,
            "grid": str(grid_path) if grid_path is not None else "initial blob",
            "machine": machine_info(loadavg=loadavg()), "results": results}
-    (out / "result.json").write_text(json.dumps(doc, indent=2))
+    atomic_write_json(out / "result.json", doc)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(doc, indent=2))
+        atomic_write_json(json_path, doc)
     return doc
 
 
@@ -241,9 +241,9 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
            "steps": steps, "replicates": replicates, "reference": {"R": 4, "K": 8, "estimates": 8, "variance": ref_var},
            "machine": machine_info(loadavg=loadavg()), "rows": res_rows, "variance_ratios": ratios}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(doc, indent=2))
+    atomic_write_json(out / "result.json", doc)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(doc, indent=2))
+        atomic_write_json(json_path, doc)
     if progress:
         for r in res_rows:
             print(f"{r['config']:>16}: variance {r['variance']:.4g} (SE {r['variance_se']:.2g})")

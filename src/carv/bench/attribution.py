@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._machine import loadavg
-from carv._runfolder import RunFolder
+from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv._validate import check_seed
 from carv.accounting import CostMeter
 from carv.bench.harness import SMOKE_NOTE, Config, measure, reference_mean, run_record
@@ -358,7 +358,7 @@ def run_attribution_bench(out_dir: str | Path = "runs/bench-attribution", quick:
 
 def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None, progress: bool,
                            cfg: AttributionBenchConfig, command: str | None) -> dict:
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write_json(out / "config.json", asdict(cfg))
     common = {k: getattr(cfg, k) for k in ("num_train", "num_test_queries", "num_sample_queries", "weighting",
                                            "params", "proj_dim", "proj_seed", "seed")}
     fp_pilot = _fingerprint({**common, **{k: getattr(cfg, k) for k in ("pilot_examples", "pilot_K", "pilot_bins")}})
@@ -376,9 +376,10 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         pilot_info = json.loads((out / "pilot.json").read_text())
     else:
         learned, pilot_info = prob.pilot(torch.Generator().manual_seed(cfg.seed + 2))
-        save_file(learned.state_dict(), str(pilot_file))
+        with atomic_path(pilot_file) as tmp:
+            save_file(learned.state_dict(), str(tmp))
         pilot_info["fingerprint"] = fp_pilot
-        (out / "pilot.json").write_text(json.dumps(pilot_info, indent=2))
+        atomic_write_json(out / "pilot.json", pilot_info)
 
     def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
         method, kind, *output = c.method.split("|")
@@ -398,8 +399,9 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         ref_info = {"method": "stratified", "crn": False, "estimates": n_ref, "K": cfg.reference_K,
                     "evals_per_point": cfg.reference_evals, "variance_of_reference": ref_var,
                     "seconds": time.perf_counter() - t_ref, "fingerprint": fp_ref}
-        save_file({"features": reference.contiguous()}, str(ref_file))
-        (out / "reference.json").write_text(json.dumps(ref_info, indent=2))
+        with atomic_path(ref_file) as tmp:
+            save_file({"features": reference.contiguous()}, str(tmp))
+        atomic_write_json(out / "reference.json", ref_info)
     q_test = cfg.num_test_queries
 
     def metrics_against(ref_scores: Tensor):
@@ -447,8 +449,9 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
             ref2_info = {"method": "stratified", "output": "squared_norm", "estimates": n_ref, "K": cfg.reference_K,
                          "evals_per_point": cfg.reference_evals, "variance_of_reference": ref2_var,
                          "seconds": time.perf_counter() - t2, "fingerprint": fp_ref}
-            save_file({"features": reference2.contiguous()}, str(ref2_file))
-            (out / "reference_squared_norm.json").write_text(json.dumps(ref2_info, indent=2))
+            with atomic_path(ref2_file) as tmp:
+                save_file({"features": reference2.contiguous()}, str(tmp))
+            atomic_write_json(out / "reference_squared_norm.json", ref2_info)
         cfgs2 = [Config(_key(m, crn, "squared_norm"), N, K)
                  for m, crn in ((BASELINE, False), ("stratified", True), ("d-trak", True)) for K in cfg.budgets]
         cfgs2 += [Config(_key(BASELINE, False, "squared_norm"), N, K) for K in cfg.baseline_budgets
@@ -474,10 +477,8 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         "dtrak_objective": {"reference": ref2_info, "summary": summary_dtrak, "rows": rows_dtrak},
         "seconds": time.perf_counter() - t_start,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    with open(out / "metrics.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     cols = ("method", "crn", "K", "n", "variance", "spearman", "spearman_se", f"top{cfg.top_k}", "ecm",
             "ecm_bound", "ecm_wall", "ecm_pilot_bench", "ecm_pilot_trainset")
     pivots = "\n\n".join(f"**{title}**\n\n" + pivot_markdown(rows, m, f, se) for title, m, f, se in (
@@ -491,7 +492,7 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         ("ECM incl. the once-per-example projection", "ecm_total", "{:.2f}", False)))
     dtrak_md = ("\n\n**D-TRAK's own objective (squared norm of the output), against its own reference**\n\n"
                 + markdown_table(rows_dtrak, cols, smoke=quick)) if rows_dtrak else ""
-    (out / "table.md").write_text(pivots + "\n\n**All rows**\n\n" + markdown_table(rows, cols, smoke=quick)
+    atomic_write_text(out / "table.md", pivots + "\n\n**All rows**\n\n" + markdown_table(rows, cols, smoke=quick)
                                   + dtrak_md + "\n")
     _plots(rows, out, cfg)
     if json_path is not None:
@@ -506,7 +507,7 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
                      "dtrak_objective": {"reference": ref2_info, "summary": summary_dtrak,
                                          "rows": slim_rows(rows_dtrak)}})
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(slim, indent=2))
+        atomic_write_json(json_path, slim)
     if progress:
         note = f" ({SMOKE_NOTE})" if quick else ""
         print_table(rows, cols, title="carv bench attribution: digits teacher, gradient-feature rankings", smoke=quick)
@@ -633,5 +634,5 @@ def _plot_pilot(out: Path) -> None:
     ax.set_title("pilot: sqrt(E||grad L||^2 | t) (the learned proposal's shape)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "pilot_grad_norm_vs_t.png")
+    save_figure(fig, out / "pilot_grad_norm_vs_t.png")
     plt.close(fig)

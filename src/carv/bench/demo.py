@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from carv._machine import loadavg
-from carv._runfolder import RunFolder
+from carv._runfolder import RunFolder, atomic_write_json, atomic_write_text
 from carv.accounting import CostMeter, optimal_k
 from carv.apps.toy import METHODS, ToyConfig, ToyProblem
 from carv.bench.harness import (
@@ -140,19 +140,17 @@ def _run_demo(out: Path, quick: bool, json_path: str | Path | None, progress: bo
                   "charged_to": sorted(charges)},
         "best_k_per_method": best_k,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    with open(out / "metrics.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     cols = ("method", "R", "K", "n", "variance", "variance_se", "cost_s", "cost_wall_s", "re", "ecm", "ecm_se",
             "bound_fraction")
-    (out / "table.md").write_text(markdown_table(rows, cols, smoke=quick) + "\n")
+    atomic_write_text(out / "table.md", markdown_table(rows, cols, smoke=quick) + "\n")
     plot_variance_vs_cost(rows, out / "variance_vs_cost.png", "toy SDS: parameter-gradient variance vs compute",
                           cost_label="cost per estimate (CPU s, pooled stage model + charges)")
     plot_ecm_vs_k(grid, out / "ecm_vs_k.png", R=cfg.R, title=f"toy SDS: ECM vs K (R = {cfg.R}, baseline uniform K=1)")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        atomic_write_json(json_path, result)
     if progress:
         note = f" ({SMOKE_NOTE})" if quick else ""
         print_table(rows, cols, title="carv demo: SDS of a point set through a costly map (GMM teacher)",

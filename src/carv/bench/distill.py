@@ -37,7 +37,7 @@ from torch import Tensor
 
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder, RunState
+from carv._runfolder import RunFolder, RunState, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
     DistillConfig,
@@ -125,8 +125,9 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
     if ref is None:
         ref, ref_var = reference_mean(estimate, reference, reference_estimates, seed, progress,
                                       desc=f"reference ({label})")
-        save_file({"mean": ref.contiguous()}, str(ref_path))
-        (state_dir / "reference.json").write_text(json.dumps({"key": key, "variance": ref_var}))
+        with atomic_path(ref_path) as tmp:
+            save_file({"mean": ref.contiguous()}, str(tmp))
+        atomic_write_json(state_dir / "reference.json", {"key": key, "variance": ref_var}, indent=None)
     configs = [Config(name, spec["R"], spec["K"]) for name, spec in CONFIGS.items()]
     rows = measure(configs, estimate, ref, replicates, seed=seed + 1, state_dir=state_dir, progress=progress,
                    desc=f"replicates ({label})", reference_variance=ref_var, keep_replicates=True)
@@ -306,7 +307,7 @@ def plot_variance(rows: Sequence[dict], path: str | Path, title: str = "") -> No
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -316,12 +317,10 @@ ROW_COLUMNS = ("checkpoint", "config", "R", "K", "n", "variance", "variance_se",
 
 def write_outputs(result: dict, out: Path, json_path: str | Path | None, progress: bool) -> None:
     """``results.json``, ``metrics.jsonl``, ``table.md``, ``variance.png``, ``quality.png`` (+ ``json_path``)."""
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    with open(out / "metrics.jsonl", "w") as f:
-        for r in result["rows"]:
-            f.write(json.dumps(r) + "\n")
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in result["rows"]))
     smoke = bool(result.get("smoke"))
-    (out / "table.md").write_text(markdown_table(result["rows"], ROW_COLUMNS, smoke=smoke) + "\n")
+    atomic_write_text(out / "table.md", markdown_table(result["rows"], ROW_COLUMNS, smoke=smoke) + "\n")
     plot_variance(result["rows"], out / "variance.png")
     if result["quality"]:
         plot_quality(result["quality"], out / "quality.png", real_fd=result.get("real_fd_floor"),
@@ -329,7 +328,7 @@ def write_outputs(result: dict, out: Path, json_path: str | Path | None, progres
                            f"(learned IS + stratified)")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        atomic_write_json(json_path, result)
     if progress:
         print_table(result["rows"], ROW_COLUMNS, title="carv bench distill: generator-gradient variance", smoke=smoke)
         h, b = result.get("headline"), result.get("best_of_n")
@@ -612,7 +611,7 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
         doc = json.loads(p.read_text()) if p.is_file() else {}
         doc["upstream_strata"] = result
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(doc, indent=2))
+        atomic_write_json(p, doc)
     if progress:
         print_table(rows, ROW_COLUMNS, title="carv bench distill --upstream-only: generator-gradient variance")
         if "between_with_upstream_strata" in diag:

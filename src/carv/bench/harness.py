@@ -53,6 +53,7 @@ from torch import Tensor
 
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
+from carv._runfolder import atomic_path, atomic_write_json
 from carv.accounting import CostMeter, efficiency_bound, fraction_of_bound, optimal_k, relative_efficiency
 from carv.bench.report import SMOKE as SMOKE_NOTE
 
@@ -371,15 +372,12 @@ def _save_state(state_dir: Path, fingerprint: dict, round_: int, configs: Sequen
         s, t = accs[c.key].to_state()
         scalars[c.key] = s
         tensors[f"sum_g.{i}"] = t["sum_g"].contiguous()
-    tmp = state_dir / "measure_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(state_dir / "measure_state.safetensors")
-    tmpj = state_dir / "measure_state.json.tmp"
+    with atomic_path(state_dir / "measure_state.safetensors") as tmp:  # fsynced, then renamed: never half-written
+        save_file(tensors, str(tmp))
     doc = {"fingerprint": fingerprint, "round": round_, "accs": scalars, "n_of": n_of}
     if stopped is not None:
         doc["stopped"] = stopped
-    tmpj.write_text(json.dumps(doc))
-    tmpj.replace(state_dir / "measure_state.json")
+    atomic_write_json(state_dir / "measure_state.json", doc, indent=None)
 
 
 def _row(c: Config, a: _Acc, ref: Tensor, reference_variance: float = 0.0) -> dict:

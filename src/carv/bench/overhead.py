@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from carv._runfolder import atomic_write_json
 from carv.accounting import AutoK, CostMeter, variance_components
 from carv.estimator import reduce_draws
 from carv.schedules import VPSchedule
@@ -118,5 +118,5 @@ def run_overhead(json_path: str | Path | None = None, quick: bool = False) -> di
     }
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
+        atomic_write_json(json_path, res)
     return res

@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from carv._runfolder import atomic_write_text, save_figure
+
 __all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k",
            "plot_metric_vs_k", "RATIO_COLUMNS", "SMOKE", "render_block", "generate_benchmarks_md", "stale_blocks",
            "write_benchmarks_md", "protocol_status"]
@@ -115,7 +117,7 @@ def plot_variance_vs_cost(rows: Sequence[dict], path: str | Path, title: str = "
             ax.plot([], [], color="grey", ls=styles[R], label=f"R = {R}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -145,7 +147,7 @@ def plot_ecm_vs_k(rows: Sequence[dict], path: str | Path, R: int | None = None, 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -187,7 +189,7 @@ def plot_metric_vs_k(rows: Sequence[dict], path: str | Path, metric: str, ylabel
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -390,5 +392,5 @@ def write_benchmarks_md(path: str | Path = "BENCHMARKS.md", root: str | Path = "
     text = p.read_text()
     stale = stale_blocks(text, root)
     if not check and stale:
-        p.write_text(generate_benchmarks_md(text, root))
+        atomic_write_text(p, generate_benchmarks_md(text, root))
     return stale

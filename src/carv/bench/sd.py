@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from carv._machine import loadavg
+from carv._runfolder import atomic_write_json
 from carv.accounting import CostMeter, timed_estimate
 from carv.bench.harness import Config, measure, pooled_figures, reference_mean, run_record
 from carv.objectives.sds import ScoreDistillation
@@ -206,9 +207,9 @@ def run_sd_bench(pipeline: str | None = None, smoke: bool = False, json_path: st
            "device": str(dev), "dtype": str(teacher.dtype), "latent_size": latent, "render_size": render_size,
            "guidance_scale": 100.0, "rows": rows, "summary": summary, "memory": memory, "ecm_seconds": t_ecm,
            "smoke": smoke}
-    (out / "sd_bench.json").write_text(json.dumps(res, indent=2))
+    atomic_write_json(out / "sd_bench.json", res)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(res, indent=2))
+        atomic_write_json(json_path, res)
     if progress:
         c_up, c_draw, ratio = summary.get("c_upstream_s"), summary.get("c_draw_s"), summary.get("cost_ratio")
         if c_up and c_draw:

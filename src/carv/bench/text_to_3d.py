@@ -57,7 +57,7 @@ from torch import Tensor
 
 from carv._machine import loadavg
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder
+from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv._validate import check_seed
 from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
@@ -273,8 +273,9 @@ def _snapshots(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> 
     while True:
         for name, n in steps.items():
             if trainer.step_count == n and not paths[name].is_file():
-                save_file({k: v.detach().contiguous() for k, v in pipe.grid_tensors(trainer).items()},
-                          str(paths[name]), metadata={"step": str(n), "prompt": st.prompt})
+                with atomic_path(paths[name]) as tmp:
+                    save_file({k: v.detach().contiguous() for k, v in pipe.grid_tensors(trainer).items()},
+                              str(tmp), metadata={"step": str(n), "prompt": st.prompt})
         if trainer.done:
             break
         trainer.step()
@@ -399,7 +400,7 @@ def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path,
         pilot["accountant"] = json.loads(pilot_path.read_text())
         pilot["k_accountant"] = pilot["accountant"]["k"]
     else:
-        pilot_path.write_text(json.dumps(pilot["accountant"], indent=2))
+        atomic_write_json(pilot_path, pilot["accountant"])
     samplers = Samplers(problem, st, pilot["learned"], pilot["resampler"])
     estimate = _estimate_fn(pipe, problem, grid, samplers)
     # reference: the app's estimator with many renders and draws (unbiased for the full-range objective)
@@ -434,7 +435,7 @@ def _measure_checkpoint(pipe: Pipeline, problem: Problem, name: str, snap: Path,
            "proposals": {"learned": pilot["learned_importance"].tolist(),
                          "resampler": pilot["resampler_importance"].tolist()},
            "loadavg": loadavg()}
-    res_path.write_text(json.dumps(res, indent=2))
+    atomic_write_json(res_path, res)
     return res
 
 
@@ -500,7 +501,7 @@ def _cost_sweep(pipe: Pipeline, problem: Problem, snap: Path, mid: dict, st: Ben
                        "rows": rows})
     res = {"points": points, "components_default": {m: list(c) if c else None for m, c in comps.items()},
            "loadavg": loadavg()}
-    res_path.write_text(json.dumps(res, indent=2))
+    atomic_write_json(res_path, res)
     return res
 
 
@@ -540,7 +541,7 @@ def plot_ecm_vs_cost_ratio(sweep: dict, path: Path, k_max: int) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -589,7 +590,7 @@ def _quality(pipe: Pipeline, st: BenchSettings, out: Path, progress: bool) -> li
                 continue
             r = run_pair(pipe, prompt, seed, st.quality_budget_s, path.with_suffix(""), progress)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(r, indent=2))
+            atomic_write_json(path, r)
             results.append(r)
     return results
 
@@ -619,7 +620,7 @@ def plot_quality(results: list[dict], path: Path) -> None:
         axs[0, j].legend(fontsize=6)
     fig.suptitle("quality vs compute at equal wall-clock\nbaseline (dashed: uniform, K=1) vs carv (solid)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -670,7 +671,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         torch.set_num_threads(st.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(asdict(st), indent=2))
+    atomic_write_json(out / "settings.json", asdict(st))
     t_start = time.perf_counter()
     load_start = loadavg()
     problem = pipe.problem(st.prompt)
@@ -705,7 +706,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         plot_ecm_vs_cost_ratio(sweep, out / "ecm_vs_cost_ratio.png", st.k_max)
     if quality:
         plot_quality(quality, out / "quality_vs_compute.png")
-    (out / "table.md").write_text(markdown_table(all_rows, cols) + "\n")
+    atomic_write_text(out / "table.md", markdown_table(all_rows, cols) + "\n")
 
     best = {name: max((r for r in per_ckpt[name]["rows"] if r["method"] in CARV_METHODS), key=lambda r: r["ecm"])
             for name in names}
@@ -773,11 +774,11 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "seconds_this_invocation": time.perf_counter() - t_start,
         "proposal_tables": {n: per_ckpt[n]["proposals"] for n in names},
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(report_markdown(result))
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "report.md", report_markdown(result))
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        atomic_write_json(json_path, result)
     if progress:
         for name in names:
             rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]

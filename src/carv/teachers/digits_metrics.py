@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from carv._runfolder import atomic_path
 from carv.teachers.digits import CLASSIFIER_FILE, assets_dir, load_digits_data
 
 __all__ = [
@@ -159,8 +160,8 @@ def save_digits_classifier(
     """Write weights + config (+ free-form ``meta``) to one safetensors file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.config), "meta": json.dumps(meta or {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _load(path: Path) -> DigitsClassifier:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
+from carv._runfolder import atomic_write_text
 from carv.render.cameras import (
     DEFAULT_ELEVATION_RANGE,
     DEFAULT_FOV_DEG,
@@ -333,7 +334,7 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
                     "n": int(samples.shape[0]), "sampling_time_s": sample_time},
         "total_time_s": time.perf_counter() - t_start,
     }
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2, default=_json_default) + "\n")
     return stats
 
 

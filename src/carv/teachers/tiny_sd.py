@@ -12,12 +12,13 @@ scaling, tokenizer padding, guidance, save/load). Needs ``diffusers`` and ``tran
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from carv._runfolder import atomic_write_json, atomic_write_text
 
 __all__ = ["build_tiny_sd_pipeline", "save_tiny_sd_pipeline"]
 
@@ -47,8 +48,8 @@ def _tokenizer(folder: Path) -> Any:
         vocab[s + "</w>"] = len(vocab)
     for s in ("<|startoftext|>", "<|endoftext|>"):
         vocab[s] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    atomic_write_json(folder / "vocab.json", vocab, indent=None)
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKEN_LENGTH,
                          pad_token="<|endoftext|>")
 

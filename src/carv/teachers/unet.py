@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from carv._runfolder import atomic_path
 from carv.schedules import VPSchedule
 from carv.teachers.base import Teacher
 
@@ -220,8 +221,8 @@ def save_unet_teacher(path: str | Path, model: CompactUNet, schedule: VPSchedule
     tensors["schedule.alphas_cumprod"] = schedule.alphas_cumprod.clone()
     metadata = {"format": "carv.unet_teacher/1", "config": json.dumps(model.config),
                 "meta": json.dumps(meta or {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_unet_teacher(path: str | Path, device: str | torch.device = "cpu") -> UNetTeacher:
