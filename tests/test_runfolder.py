@@ -220,3 +220,49 @@ def test_rows_after_the_checkpoint_are_dropped_quietly(tmp_path):
         st2 = RunState(tmp_path)
         st2.load()
     assert [r["step"] for r in st2.rows] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- case 5 against the CLI
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != rf.LOCK}
+
+
+def test_compare_on_a_plain_run_and_a_changed_distill_run_are_refused_naming_fresh(tmp_path):
+    """Issue 11, case 5: --compare on a plain text-to-3d folder used to add carv/ and baseline/ beside the old
+    run; distill's refusal said "resume=False" instead of naming --fresh. Both are refused before any work, the
+    folder untouched."""
+    from dataclasses import asdict
+
+    from typer.testing import CliRunner
+
+    from carv.apps.distill import DistillConfig
+    from carv.apps.text_to_3d import TextTo3DConfig
+    from carv.cli import app
+
+    def err(res):
+        return " ".join(res.output.replace("│", " ").split()) + " " + str(res.exception or "")
+
+    plain = tmp_path / "plain"
+    with RunFolder(plain, "carv text-to-3d", TextTo3DConfig().identity()):
+        pass
+    before = _tree(plain)
+    res = CliRunner().invoke(app, ["text-to-3d", "--compare", "--out", str(plain)])
+    assert res.exit_code != 0 and "not a `carv text-to-3d --compare` run" in err(res) and "--fresh" in err(res)
+    assert _tree(plain) == before and sorted(before) == [rf.MANIFEST]
+
+    d = tmp_path / "distill"
+    with RunFolder(d, "carv distill", asdict(DistillConfig())):
+        pass
+    res = CliRunner().invoke(app, ["distill", "--R", "4", "--out", str(d)])
+    assert res.exit_code != 0 and "R: 8 -> 4" in err(res) and "--fresh" in err(res), err(res)
+    assert "resume=" not in err(res)
+
+
+def test_a_default_given_explicitly_is_the_same_configuration():
+    """Case 5: `--proposal learned` (the default) was refused as a change "None -> 'learned'"."""
+    from carv.apps.text_to_3d import TextTo3DConfig
+
+    base = TextTo3DConfig().identity()
+    for field, value in (("proposal", "learned"), ("stratify", "per_upstream"), ("upstream", "lattice")):
+        assert TextTo3DConfig(**{field: value}).identity() == base, field
+    assert TextTo3DConfig(method="baseline", proposal="none").identity() == TextTo3DConfig(method="baseline").identity()

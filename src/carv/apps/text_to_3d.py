@@ -205,7 +205,7 @@ class TextTo3DConfig:
         """The configuration with the presets resolved, so that a default spelled out equals the default
         (``--proposal learned`` is the carv run's own proposal); what run folders and checkpoints compare."""
         d = asdict(self)
-        d.update(proposal=self.resolved_proposal, stratify=self.resolved_stratify,
+        d.update(proposal=self.resolved_proposal, stratify=self.resolved_stratify, upstream=self.resolved_upstream,
                  K=self.K if self.K is not None else ("auto" if self.method == "carv" else 1))
         return d
 
