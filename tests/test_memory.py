@@ -165,6 +165,17 @@ def test_renders_that_cannot_fit_are_refused_naming_the_flags(tmp_path, monkeypa
     monkeypatch.setattr(machine, "free_memory", lambda device: 1 << 30)
     res = CliRunner().invoke(app, ["text-to-3d", "--render-size", "512", "--n-samples", "1024",
                                    "--out", str(tmp_path / "run")])
-    text = " ".join(res.output.replace("│", " ").split())
-    assert res.exit_code != 0 and "render_size, n_samples (--render-size, --n-samples, --R)" in text, text
+    assert isinstance(res.exception, MemoryError)  # main() prints it as one "Error: out of memory: ..." line
+    text = str(res.exception)
+    assert "render_size, n_samples (--render-size, --n-samples, --R)" in text, text
     assert "GiB is free" in text and not (tmp_path / "run").exists()
+
+
+def test_main_prints_a_refused_render_as_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "carv", "text-to-3d", "--render-size", "512", "--n-samples", "1024",
+                          "--R", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: out of memory: render_size"), lines

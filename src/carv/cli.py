@@ -19,10 +19,11 @@ app.add_typer(train_app, name="train-teacher")
 
 
 def _bad_parameter(e: ValueError) -> None:
-    """Bad input -> typer's usage error; a run-folder refusal stays one plain line (see :func:`main`)."""
+    """Bad input -> typer's usage error; a run-folder refusal or work refused for memory stays one plain line
+    (see :func:`main`)."""
     from carv._runfolder import CorruptFileError, RunFolderError
 
-    if isinstance(e, (RunFolderError, CorruptFileError)):
+    if isinstance(e, (RunFolderError, CorruptFileError, MemoryError)):
         raise e
     raise typer.BadParameter(str(e)) from e
 
