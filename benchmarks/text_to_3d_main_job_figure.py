@@ -6,14 +6,13 @@ Each run folder is one written by ``carv text-to-3d`` or ``benchmarks/text_to_3d
 checkpoint is rendered at elevation 20, as ``turntable.png`` is; the label gets its final held-out PSNR/IoU).
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from carv._plotting import save_image_grid
+from carv._runfolder import RunState
 from carv.apps.text_to_3d import DEFAULT_PROMPT, SceneProblem, turntable
 from carv.render import VoxelGrid
 
@@ -24,8 +23,7 @@ def main(out: str, runs: list[str]) -> None:
     rows, names = [turntable(problem, None)], ["ground truth"]
     for item in runs:
         label, _, folder = item.partition("=")
-        meta = json.loads((Path(folder) / "checkpoint.json").read_text())
-        t = load_file(str(Path(folder) / meta["tensors"]))
+        t, meta = RunState(Path(folder)).load()  # the newest checkpoint that verifies
         grid = VoxelGrid(int(t["grid.density"].shape[-1]), bound=1.0)
         with torch.no_grad():
             grid.density.copy_(t["grid.density"])

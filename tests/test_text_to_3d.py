@@ -322,6 +322,94 @@ def test_the_annealed_timestep_range_is_the_samplers_support_at_every_step():
         TextTo3DConfig(t_lo=0.7, t_hi=0.5).validate()
 
 
+def test_learning_rate_decays_geometrically_and_adam_uses_it_at_every_step():
+    """lr_end = lr / 16 over anneal_steps = 4: the rate halves every step (0.1, 0.05, 0.025, ...), then stays at
+    lr_end; the Adam step the trainer takes uses that step's rate (the grid moves by at most it per element)."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=6, R=2, K=2, seed=0, lr=0.1, lr_end=0.1 / 16,
+                         anneal_steps=4, **TINY)
+    want = [0.1, 0.05, 0.025, 0.0125, 0.00625, 0.00625]
+    assert [cfg.lr_at(n) for n in range(6)] == pytest.approx(want, rel=1e-12)
+    assert TextTo3DConfig().lr_at(10**6) == TextTo3DConfig().lr == 0.1  # no decay by default
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
+                                              cfg.guidance_scale, 4))
+    for n in range(cfg.steps):
+        before = torch.cat([trainer.grid.density.detach().flatten(), trainer.grid.color.detach().flatten()])
+        trainer.step()
+        assert trainer.opt.param_groups[0]["lr"] == pytest.approx(want[n], rel=1e-12)
+        after = torch.cat([trainer.grid.density.detach().flatten(), trainer.grid.color.detach().flatten()])
+        moved = float((after - before).abs().max())
+        # Adam's first step moves by exactly lr where the gradient is non-zero; later ones by at most ~lr
+        assert 0.5 * want[n] < moved <= 1.0001 * want[n] if n == 0 else moved <= 3.2 * want[n], (n, moved)
+    with pytest.raises(ValueError, match="lr_end"):
+        TextTo3DConfig(lr_end=0.0).validate()
+
+
+def test_coarse_to_fine_upsamples_the_grid_and_adams_moments_and_resumes_across_the_switch(tmp_path):
+    """coarse_resolution = 9 for coarse_steps = 3: steps 1-3 train a 9^3 grid, step 4 a 16^3 grid that is the
+    trilinear resampling of the coarse one (a smooth raw field -- linear in x, y, z -- is reproduced exactly, and
+    renders of the two grids agree), Adam's moments are resampled and its step count kept; a run checkpointed
+    before the switch and resumed ends identical to an uninterrupted one."""
+    from carv.render import VoxelGrid
+
+    coarse = VoxelGrid(9)
+    c = coarse.voxel_centers()
+    with torch.no_grad():
+        coarse.density.copy_((4 + c @ torch.tensor([1.0, 2.0, -1.5]))[None, None])
+        coarse.color.copy_(c.permute(3, 0, 1, 2)[None])
+    fine = coarse.upsampled(16)
+    cf = fine.voxel_centers()
+    torch.testing.assert_close(fine.density[0, 0], 4 + cf @ torch.tensor([1.0, 2.0, -1.5]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fine.color[0], cf.permute(3, 0, 1, 2), atol=1e-5, rtol=0)
+    pts = torch.rand(500, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for a, b in zip(coarse(pts), fine(pts), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=5, R=2, K=2, seed=0, coarse_resolution=9, coarse_steps=3,
+                         checkpoint_every=3, **TINY)
+    problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
+    full = Trainer(cfg, tmp_path / "full", problem, resume=False)
+    res, before = [], None
+    while not full.done:
+        if full.step_count == 3:
+            before = (full.grid, {k: v.clone() for k, v in full.opt.state_dict()["state"][0].items()})
+        full.step()
+        res.append(full.grid.resolution)
+        if full.step_count == 3:
+            full.save()
+    assert res == [9, 9, 9, 16, 16]
+    # the upsampling itself (no step): parameters and Adam's moments resampled, its step count kept
+    cut = Trainer(cfg, tmp_path / "full", problem)  # resumes the step-3 checkpoint: still 9^3
+    assert (cut.step_count, cut.grid.resolution) == (3, 9)
+    cut.upsample(16)
+    torch.testing.assert_close(cut.grid.density, before[0].upsampled(16).density)
+    st = cut.opt.state_dict()["state"][0]
+    assert float(st["step"]) == float(before[1]["step"]) == 3
+    torch.testing.assert_close(st["exp_avg"], VoxelGrid.resample_volume(before[1]["exp_avg"], 16))
+    resumed = Trainer(cfg, tmp_path / "full", problem)
+    while not resumed.done:
+        resumed.step()
+    assert torch.equal(resumed.grid.density, full.grid.density) and torch.equal(resumed.grid.color, full.grid.color)
+    with pytest.raises(ValueError, match="coarse_resolution"):
+        TextTo3DConfig(coarse_resolution=64).validate()
+
+
+def test_initial_colour_is_the_grey_level_every_voxel_renders_with():
+    """init_color = 0.8: every voxel's activated colour is 0.8 (the raw value is its logit), so a render of the
+    blob alone is lighter than the background; the default 0.5 is the background's grey."""
+    p = SceneProblem("a red mushroom", _teacher(), 32, 16, 3.0, 2)
+    grid = p.new_grid(12, 5.0, 0.85, 0.8)
+    _, rgb = grid(torch.rand(100, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    torch.testing.assert_close(rgb, torch.full_like(rgb, 0.8))
+    x, op = p.render(grid, p.eval_cameras)
+    inside = op > 0.2
+    assert bool(((x + 1) / 2).mean(1, keepdim=True)[inside].gt(0.5 + 0.3 * 0.2).all())
+    _, rgb = p.new_grid(12, 5.0, 0.85)(torch.rand(10, 3, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(rgb, torch.full_like(rgb, 0.5))
+    for bad in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match="init_color"):
+            TextTo3DConfig(init_color=bad).validate()
+
+
 def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
     """Same seed, same cameras and jitter: (gradient with the regulariser) - (gradient without) equals the
     gradient of sum(sparsity_weight * opacity + opaque_weight * H(opacity)) / R over the step's renders."""

@@ -150,11 +150,17 @@ class TextTo3DConfig:
     elev_hi: float = 25.0
     # the scene representation and the renderer
     grid_resolution: int = 48
+    # coarse-to-fine: train a coarse_resolution^3 grid for the first coarse_steps steps, then upsample it
+    # (trilinearly, Adam's moments too) to grid_resolution^3; None: grid_resolution from the start
+    coarse_resolution: int | None = None
+    coarse_steps: int = 100
     render_size: int = 64
     n_samples: int = 48
     init_blob: float = 5.0  # peak raw density of the initial blob (0: start from an empty grid)
     init_radius: float = 0.85  # radius of the initial blob (the grid spans [-1, 1]^3)
+    init_color: float = 0.5  # every voxel's colour at step 0 (grey level in (0, 1); 0.5 is the background's grey)
     lr: float = 0.1
+    lr_end: float | None = None  # Adam's learning rate decays geometrically from lr to lr_end at anneal_steps
     tv_weight: float = 0.0
     # opacity regularisers on the training renders, per pixel in the units of the SDS gradient (see
     # Trainer.regulariser): sparsity charges opacity (no background-coloured haze), opaque its binary entropy
@@ -201,6 +207,13 @@ class TextTo3DConfig:
             raise ValueError(f"t_lo, t_hi, t_lo_end, t_hi_end: {e} (t_lo={self.t_lo!r}, t_hi={self.t_hi!r}, "
                              f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r})") from None
 
+    def lr_at(self, step: int) -> float:
+        """Adam's learning rate at optimisation step ``step``: ``lr (lr_end / lr) ** min(step / anneal_steps, 1)``
+        (a geometric decay that stays at ``lr_end`` after ``anneal_steps``), or ``lr`` when ``lr_end`` is None."""
+        if self.lr_end is None:
+            return float(self.lr)
+        return float(self.lr) * (float(self.lr_end) / float(self.lr)) ** min(step / self.anneal_steps, 1.0)
+
     def identity(self) -> dict:
         """The configuration with the presets resolved, so that a default spelled out equals the default
         (``--proposal learned`` is the carv run's own proposal); what run folders and checkpoints compare."""
@@ -215,7 +228,7 @@ class TextTo3DConfig:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         for name in ("steps", "R", "r_max", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
-                     "grid_resolution", "anneal_steps",
+                     "grid_resolution", "anneal_steps", "coarse_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
         check_seed(self.seed)
@@ -230,6 +243,8 @@ class TextTo3DConfig:
             check_positive_int(self.threads, "threads")
         if self.grid_resolution < 4:
             raise ValueError(f"grid_resolution: expected an integer >= 4, got {self.grid_resolution}")
+        if self.coarse_resolution is not None:
+            check_int(self.coarse_resolution, "coarse_resolution", 4, self.grid_resolution)
         if self.render_size < 32 or self.render_size % 32:
             raise ValueError(f"render_size: expected a multiple of the teacher's 32 px (32, 64, 96, ...), "
                              f"got {self.render_size}")
@@ -258,10 +273,13 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
-        for name in ("lr", "eval_every_s", "init_radius"):
+        for name in ("lr", "eval_every_s", "init_radius") + (("lr_end",) if self.lr_end is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        if isinstance(self.init_color, bool) or not isinstance(self.init_color, (int, float)) or not (
+                0 < self.init_color < 1):
+            raise ValueError(f"init_color: expected a grey level strictly between 0 and 1, got {self.init_color!r}")
         for name in ("elev_lo", "elev_hi"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -90 < v < 90:
@@ -347,10 +365,16 @@ class SceneProblem:
         self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
 
     # ---------------------------------------------------------------- pieces
-    def new_grid(self, resolution: int, init_blob: float, init_radius: float = 0.5) -> VoxelGrid:
+    def new_grid(self, resolution: int, init_blob: float, init_radius: float = 0.5,
+                 init_color: float = 0.5) -> VoxelGrid:
+        """A fresh grid: an initial density blob (``init_blob`` peak raw density, 0 for none) and every
+        voxel's colour ``init_color`` (a grey level in (0, 1); the raw colour is its logit)."""
         grid = VoxelGrid(resolution, bound=1.0)
         if init_blob > 0:
             grid.add_blob_(radius=init_radius, peak=init_blob)
+        if init_color != 0.5:
+            with torch.no_grad():
+                grid.color.fill_(math.log(init_color / (1.0 - init_color)))
         return grid
 
     def sampler(self, proposal: str, stratify: str, floor: float, learned: LearnedProposal | None = None,
@@ -506,7 +530,7 @@ class Trainer:
         if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
                 get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
-        self.grid = p.new_grid(cfg.grid_resolution, cfg.init_blob, cfg.init_radius)
+        self.grid = p.new_grid(self.resolution_at(0), cfg.init_blob, cfg.init_radius, cfg.init_color)
         self.opt = torch.optim.Adam(self.grid.parameters(), lr=cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None
@@ -566,6 +590,28 @@ class Trainer:
     def K(self) -> int:
         return self.sds.K
 
+    def resolution_at(self, step: int) -> int:
+        """The grid's resolution during optimisation step ``step`` (coarse-to-fine: ``coarse_resolution`` before
+        ``coarse_steps``)."""
+        cfg = self.cfg
+        return cfg.coarse_resolution if cfg.coarse_resolution is not None and step < cfg.coarse_steps \
+            else cfg.grid_resolution
+
+    def upsample(self, resolution: int) -> None:
+        """Replace the grid by its trilinear upsampling to ``resolution^3`` and carry Adam's state over: the first
+        and second moments are resampled the same way (the step counts stay), so the optimiser continues at the
+        same effective step size instead of restarting (a fresh Adam would move every voxel by ``lr`` at once)."""
+        old, state = self.grid, self.opt.state_dict()
+        self.grid = old.upsampled(resolution)
+        opt = torch.optim.Adam(self.grid.parameters(), lr=self.opt.param_groups[0]["lr"])
+        for st in state["state"].values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = VoxelGrid.resample_volume(st[k], resolution).clamp_min(0.0 if k == "exp_avg_sq" else
+                                                                                   -float("inf"))
+        opt.load_state_dict(state)
+        self.opt = opt
+
     def plain_step_cost(self) -> float | None:
         """This run's measured cost of one plain step, ``R (c_up + c_draw)`` from its meter's medians (None
         before both stages are timed): the budget carv's allocator spends when compared at equal per-step
@@ -585,6 +631,8 @@ class Trainer:
         """One optimisation step; returns its metrics row."""
         cfg, p = self.cfg, self.problem
         t0 = p.clock()
+        if self.grid.resolution != self.resolution_at(self.step_count):  # coarse-to-fine
+            self.upsample(self.resolution_at(self.step_count))
         self.opt.zero_grad(set_to_none=True)
         probe = self.alloc is not None and self.alloc.probe_due()
         if self.alloc is not None:  # a probe step runs at R, K >= 2 (its extra cost is charged by the allocator)
@@ -593,6 +641,8 @@ class Trainer:
         else:
             R, K = self.R, self.sds.K
         self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step_count)
         # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
         out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
                                       upstream=None if probe else self.upstream, regulariser=self.regulariser,
@@ -678,6 +728,10 @@ class Trainer:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
             raise ValueError(f"out_dir: {str(self.out)!r} holds a run with a different configuration ({details}); "
                              f"use another --out, the same settings, or --fresh")
+        D = int(tensors["grid.density"].shape[-1])
+        if D != self.grid.resolution:  # saved before the coarse-to-fine upsampling
+            self.grid = VoxelGrid(D, bound=self.grid.bound)
+            self.opt = torch.optim.Adam(self.grid.parameters(), lr=self.cfg.lr)
         with torch.no_grad():
             self.grid.density.copy_(tensors["grid.density"])
             self.grid.color.copy_(tensors["grid.color"])

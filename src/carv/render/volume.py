@@ -356,6 +356,24 @@ class VoxelGrid(nn.Module):
         self.density += (peak * (1 - r / radius)).clamp_min(0.0)[None, None]
         return self
 
+    @staticmethod
+    def resample_volume(volume: Tensor, resolution: int) -> Tensor:
+        """A ``[1, C, D, D, D]`` volume of raw values trilinearly resampled to ``resolution^3`` with voxel centres on
+        the box corners (``align_corners=True``, as :meth:`forward` reads it), so the corners keep their values."""
+        return F.interpolate(volume, size=(resolution,) * 3, mode="trilinear", align_corners=True)
+
+    @torch.no_grad()
+    def upsampled(self, resolution: int) -> VoxelGrid:
+        """A new grid at ``resolution^3`` (same box and activations) whose raw density and colour are this grid's
+        trilinearly resampled (coarse-to-fine optimisation: the new grid renders almost like this one)."""
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
+            raise ValueError(f"resolution: expected an integer >= 2, got {resolution!r}")
+        new = VoxelGrid(resolution, self.bound, self.density_activation, self.density_bias, self.density_scale,
+                        self.color_activation).to(self.density.device, self.density.dtype)
+        new.density.copy_(self.resample_volume(self.density.detach(), resolution))
+        new.color.copy_(self.resample_volume(self.color.detach(), resolution))
+        return new
+
     def tv_loss(self) -> Tensor:
         """Mean squared difference of neighbouring raw densities (a smoothness regulariser)."""
         d = self.density
