@@ -317,7 +317,7 @@ def test_the_annealed_timestep_range_is_the_samplers_support_at_every_step():
         assert int(t.min()) >= 20 and int(t.max()) <= want_hi[n]
         assert float(sampler.q[:20].sum()) == 0.0 and float(sampler.q[want_hi[n] + 1:].sum()) == 0.0
     with pytest.raises(ValueError, match="t_lo_end, t_hi_end"):
-        TextTo3DConfig(t_hi_end=0.5).validate()
+        TextTo3DConfig(t_lo_end=None).validate()
     with pytest.raises(ValueError, match="t_lo"):
         TextTo3DConfig(t_lo=0.7, t_hi=0.5).validate()
 
@@ -393,6 +393,41 @@ def test_coarse_to_fine_upsamples_the_grid_and_adams_moments_and_resumes_across_
         TextTo3DConfig(coarse_resolution=64).validate()
 
 
+def test_guidance_anneals_linearly_and_the_teacher_is_called_with_each_steps_scale():
+    """guidance 7 -> 3 over anneal_steps = 4: the teacher's classifier-free guidance at steps 0..5 is 7, 6, 5, 4, 3,
+    3 (recorded at the teacher call), and the SDS gradient is the guided one: eps_u + s (eps_c - eps_u)."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=6, R=2, K=2, seed=0, guidance_scale=7.0, guidance_end=3.0,
+                         anneal_steps=4, **TINY)
+    assert [cfg.guidance_at(n) for n in range(6)] == pytest.approx([7, 6, 5, 4, 3, 3])
+    assert TextTo3DConfig().guidance_at(10**6) == 3.0
+    teacher = _teacher()
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, teacher, cfg.render_size, cfg.n_samples,
+                                              cfg.guidance_scale, 4))
+    seen = []
+    real = type(teacher).guided_eps
+
+    def spy(self, x_t, t, cond=None, guidance_scale=1.0, uncond=None):
+        seen.append(guidance_scale)
+        return real(self, x_t, t, cond, guidance_scale, uncond)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(type(teacher), "guided_eps", spy):
+        for _ in range(cfg.steps):
+            n = len(seen)
+            trainer.step()
+            assert len(set(seen[n:])) == 1  # one scale per step
+        per_step = [seen[i] for i in range(len(seen)) if i == 0 or seen[i] != seen[i - 1]]
+    assert per_step == pytest.approx([7, 6, 5, 4, 3])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 300])
+    cond = torch.tensor([[0, 0], [0, 1]])
+    e_c, e_u = teacher.predict_eps(x, t, cond), teacher.predict_eps(x, t, teacher.null_cond(cond))
+    torch.testing.assert_close(teacher.guided_eps(x, t, cond, 5.0), e_u + 5.0 * (e_c - e_u), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="guidance_end"):
+        TextTo3DConfig(guidance_end=-1.0).validate()
+
+
 def test_initial_colour_is_the_grey_level_every_voxel_renders_with():
     """init_color = 0.8: every voxel's activated colour is 0.8 (the raw value is its logit), so a render of the
     blob alone is lighter than the background; the default 0.5 is the background's grey."""
@@ -435,19 +470,23 @@ def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
 
 def test_app_defaults_are_the_measured_objective_settings():
     """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
-    0.02-0.5 (20..500 of 1000), training cameras at elevation 15-25, blob radius 0.85, sparsity 0.03,
-    guidance 3; the problem built from them carries the range and elevations for the benchmark's samplers."""
+    0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras at
+    elevation 15-25, blob radius 0.85, sparsity 0.03, guidance 3, constant lr, no coarse-to-fine; the problem built
+    from them carries the step-0 range and the elevations for the benchmark's samplers."""
     cfg = TextTo3DConfig()
-    assert (cfg.t_lo, cfg.t_hi, cfg.t_lo_end, cfg.t_hi_end) == (0.02, 0.5, None, None)
-    assert cfg.t_range(0) == cfg.t_range(10_000) == (20, 500)
-    assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius) == (15, 25, 0.85)
+    assert (cfg.t_lo, cfg.t_hi, cfg.t_lo_end, cfg.t_hi_end, cfg.anneal_steps) == (0.02, 0.98, 0.02, 0.4, 200)
+    assert cfg.t_range(0) == (20, 980) and cfg.t_range(100) == (20, 690)
+    assert cfg.t_range(200) == cfg.t_range(10_000) == (20, 400)
+    assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius, cfg.init_color) == (15, 25, 0.85, 0.5)
     assert (cfg.sparsity_weight, cfg.opaque_weight) == (0.03, 0)
-    assert (cfg.guidance_scale, cfg.steps, cfg.R, cfg.lr) == (3.0, 300, 2, 0.1)
+    assert (cfg.guidance_scale, cfg.guidance_end, cfg.steps, cfg.R) == (3.0, None, 300, 2)
+    assert (cfg.lr, cfg.lr_end) == (0.1, None)
+    assert cfg.coarse_resolution is None
     from carv.apps.text_to_3d import problem_for
 
     p = problem_for(dataclasses.replace(cfg, n_eval_views=2), _teacher())
     s = p.sampler("learned", "per_upstream", 0.1)
-    assert (s.t_min, s.t_max) == (20, 500) and float(s.q[501:].sum()) == 0.0
+    assert (s.t_min, s.t_max) == (20, 980) and float(s.q[981:].sum()) == 0.0
     el = p.cameras(64, torch.Generator().manual_seed(0)).elevation_deg
     assert float(el.min()) >= 15 and float(el.max()) <= 25
     ev = p.eval_cameras.elevation_deg  # held-out views keep the teacher's 0-40

@@ -261,10 +261,11 @@ def text_to_3d_cmd(
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
     t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
-    t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep, a fraction of T (default 0.5)."),
+    t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep at step 0, a fraction of T (default 0.98)."),
     t_hi_end: float = typer.Option(None, "--t-hi-end", help="Anneal the highest timestep linearly to this "
-                                                             "fraction over --anneal-steps (default: none)."),
-    anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (300)."),
+                                                             "fraction over --anneal-steps (default 0.4; "
+                                                             "--t-hi-end equal to --t-hi: no annealing)."),
+    anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (200)."),
     sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03)."),
     grid_resolution: int = typer.Option(None, "--grid-resolution", help="Voxels per side (default 48)."),
     render_size: int = typer.Option(None, "--render-size", help="Render size before resizing to 32 px (64)."),

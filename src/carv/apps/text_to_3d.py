@@ -10,13 +10,17 @@ The pipeline (DreamFusion's loop, at CPU scale):
    resize. Its backward pass (render + resize) runs once per step.
 2. **Teacher**: :class:`carv.ScoreDistillation` with the frozen prompt- and view-conditioned DDPM
    (:func:`carv.teachers.scenes.load_scenes_teacher`), classifier-free guidance 3, SDS weighting
-   ``w = 1 - alphabar_t`` and the timestep range ``p = U{20..500}`` (``t_lo, t_hi = 0.02, 0.5``; the
-   objective). Its other settings (measured in BENCHMARKS.md, "Text-to-3D quality"): training cameras at
+   ``w = 1 - alphabar_t`` and a timestep range annealed per step (the objective at step ``n``: ``p = U{20..980}``
+   at step 0, its top moving linearly to 400 at step 200 and staying there: ``t_lo, t_hi = 0.02, 0.98`` ->
+   ``t_lo_end, t_hi_end = 0.02, 0.4`` over ``anneal_steps``; threestudio's ``max_step_percent`` schedule, applied
+   through ``TimestepSampler.set_t_range``). Its other settings (measured in BENCHMARKS.md, "Text-to-3D
+   quality"): training cameras at
    elevation 15-25 degrees (the teacher's labels carry no elevation, so a render from elevation 0 is pulled
    towards its average view), an initial density blob of radius 0.85, and a sparsity penalty on the renders'
    opacity (``sparsity_weight``), which removes background-grey haze that the SDS gradient alone cannot
-   tell from empty space. ``t_lo_end, t_hi_end, anneal_steps`` anneal the range linearly (threestudio's
-   ``max_step_percent`` schedule), applied per step through ``TimestepSampler.set_t_range``.
+   tell from empty space. Measured and left off by default: ``guidance_end`` (guidance annealed over
+   ``anneal_steps``), ``lr_end`` (Adam's rate decayed geometrically), ``init_color`` (a fresh voxel's colour) and
+   ``coarse_resolution, coarse_steps`` (coarse-to-fine grid).
 3. **carv** (the default, ``method="carv"``): ``K`` draws per render; the timestep proposal is
    :class:`carv.LearnedProposal` (``q ~ p sqrt(E||f||^2 | t)``, learned online from the squared residual
    norms every step computes anyway, the teacher's weight table ``w`` as its prior, refreshed every
@@ -138,13 +142,16 @@ class TextTo3DConfig:
     accountant_every: int = 20  # steps between re-choices of K
     probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
     guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
+    guidance_end: float | None = None  # guidance moves linearly from guidance_scale to this at anneal_steps
     # the objective's timestep range, as fractions of T (threestudio's min/max_step_percent): (t_lo, t_hi) at
     # step 0, moving linearly to (t_lo_end, t_hi_end) at step anneal_steps (None: no annealing)
+    # (default: U{20..980} at step 0 narrowing to U{20..400} at step 200, then fixed: the high-noise steps shape the
+    # silhouette early, the low-noise ones the details; measured in BENCHMARKS.md, "Text-to-3D quality")
     t_lo: float = 0.02
-    t_hi: float = 0.5
-    t_lo_end: float | None = None
-    t_hi_end: float | None = None
-    anneal_steps: int = 300
+    t_hi: float = 0.98
+    t_lo_end: float | None = 0.02
+    t_hi_end: float | None = 0.4
+    anneal_steps: int = 200
     # elevation range (degrees) of the training cameras; the held-out views keep the teacher's 0-40
     elev_lo: float = 15.0
     elev_hi: float = 25.0
@@ -206,6 +213,15 @@ class TextTo3DConfig:
         except ValueError as e:
             raise ValueError(f"t_lo, t_hi, t_lo_end, t_hi_end: {e} (t_lo={self.t_lo!r}, t_hi={self.t_hi!r}, "
                              f"t_lo_end={self.t_lo_end!r}, t_hi_end={self.t_hi_end!r})") from None
+
+    def guidance_at(self, step: int) -> float:
+        """The classifier-free guidance scale at optimisation step ``step``: linear from ``guidance_scale`` at step 0
+        to ``guidance_end`` at ``anneal_steps`` and constant after (``guidance_scale`` when ``guidance_end`` is
+        None)."""
+        if self.guidance_end is None:
+            return float(self.guidance_scale)
+        a = min(step / self.anneal_steps, 1.0)
+        return (1 - a) * float(self.guidance_scale) + a * float(self.guidance_end)
 
     def lr_at(self, step: int) -> float:
         """Adam's learning rate at optimisation step ``step``: ``lr (lr_end / lr) ** min(step / anneal_steps, 1)``
@@ -269,7 +285,8 @@ class TextTo3DConfig:
         if self.auto_k and self.probe_every < 2:
             raise ValueError(f"probe_every: the accountant needs ordinary steps between probes (>= 2), "
                              f"got {self.probe_every}")
-        for name in ("guidance_scale", "tv_weight", "init_blob", "sparsity_weight", "opaque_weight"):
+        for name in ("guidance_scale", "tv_weight", "init_blob", "sparsity_weight", "opaque_weight") + (
+                ("guidance_end",) if self.guidance_end is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
@@ -643,6 +660,7 @@ class Trainer:
         self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step_count)
+        self.sds.guidance_scale = cfg.guidance_at(self.step_count)
         # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
         out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
                                       upstream=None if probe else self.upstream, regulariser=self.regulariser,
@@ -1044,7 +1062,7 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
             raise ValueError(f"baseline: --baseline fixes uniform timesteps and K = 1; it conflicts with "
                              f"{', '.join('--' + c for c in clash)}")
         given["method"] = "baseline"
-    if "t_hi_end" in given and "t_lo_end" not in given:  # --t-hi-end anneals the top only
+    if "t_lo_end" not in given:  # the command line anneals the top only: the bottom stays at --t-lo
         given["t_lo_end"] = given.get("t_lo", TextTo3DConfig.t_lo)
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})
     cfg.validate()
