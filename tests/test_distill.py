@@ -283,6 +283,7 @@ def test_bench_start_checkpoint_only(tmp_path, tiny_teacher):
     assert res["checkpoints"] == ["start"] and {r["checkpoint"] for r in res["rows"]} == {"start"}
     assert res["quality"] == [] and not (tmp_path / "bench" / "train" / "baseline_seed0" / "metrics.jsonl").exists()
     assert res["headline"]["config"]["method"] == "R8K16+is+strat" and res["best_of_n"]["n"] == 5
+    assert res["headline"]["metric"] == "ecm_step" and res["headline"]["se"] is not None  # bootstrap error bar
     assert res["command"].endswith("--config cfg.json")
 
 

@@ -178,6 +178,12 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
             row["cost_step_s"] = row["cost_s"] + c_fake_step_s
             row["ecm_step"] = (base["variance"] * (base["cost_s"] + c_fake_step_s)
                                / (row["variance"] * row["cost_step_s"]))
+            # its error bar: the bootstrap's relative error of the per-estimate ECM (variances and stage costs
+            # resampled by rounds); the fake-score step is one measurement added to both costs, not resampled
+            if row.get("ecm_se") is not None and row["ecm"] > 0:
+                rel = row["ecm_step"] / row["ecm"]
+                row["ecm_step_se"] = row["ecm_se"] * rel
+                row["ecm_step_ci"] = [c * rel for c in row["ecm_ci"]] if row.get("ecm_ci") else None
     return out_rows, diag
 
 
