@@ -549,3 +549,30 @@ def test_full_disk_ends_with_one_line_and_the_run_resumes_to_the_same_result(tmp
     assert torch.equal(a[0]["grid.density"], b[0]["grid.density"]) and torch.equal(a[0]["grid.color"],
                                                                                     b[0]["grid.color"])
     assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4]
+
+
+def test_reference_solution_metrics_measure_the_distance_to_a_finished_run(tmp_path):
+    """--reference: evaluations also report PSNR / IoU against a finished run's held-out renders; the
+    reference grid scores itself exactly (IoU 1, the PSNR clamp), another grid less; bad folders are named."""
+    from carv.apps.text_to_3d import load_reference_grid, problem_for
+
+    cfg = TextTo3DConfig(prompt="a snowman", steps=3, K=2, checkpoint_every=3, **TINY)
+    run_text_to_3d("a snowman", tmp_path / "ref", cfg, progress=False, teacher=_teacher())
+    grid = load_reference_grid(tmp_path / "ref")
+    problem = problem_for(cfg, _teacher())
+    problem.set_reference(grid)
+    own = problem.evaluate(grid)
+    assert own["iou_ref"] == 1.0 and own["psnr_ref"] == pytest.approx(120.0)
+    other = problem.evaluate(problem.new_grid(cfg.grid_resolution, cfg.init_blob, cfg.init_radius))
+    assert other["psnr_ref"] < 60 and other["psnr"] == pytest.approx(
+        problem_for(cfg, _teacher()).evaluate(problem.new_grid(cfg.grid_resolution, cfg.init_blob,
+                                                               cfg.init_radius))["psnr"])
+    # a compare run against the reference: its evaluations and its equal-quality summary carry the _ref metrics
+    cmp_cfg = dataclasses.replace(cfg, steps=4, eval_every_s=1e-9, reference=str(tmp_path / "ref"), K=None)
+    res = run_text_to_3d("a snowman", tmp_path / "cmp", cmp_cfg, compare=True, progress=False, teacher=_teacher())
+    assert set(res["steps_ratio_equal_quality"]) == {"psnr", "iou", "psnr_ref", "iou_ref"}
+    evals = [r for r in _metrics(tmp_path / "cmp" / "baseline" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals and all("psnr_ref" in r and 0 <= r["iou_ref"] <= 1 for r in evals)
+    for bad, msg in ((tmp_path / "nothing", "not a directory"), (tmp_path, "no checkpoint")):
+        with pytest.raises(ValueError, match=f"reference: .*{msg}"):
+            dataclasses.replace(cfg, reference=str(bad)).validate()

@@ -277,6 +277,8 @@ def text_to_3d_cmd(
     seed: int = typer.Option(None, min=0, help="Random seed (default 0)."),
     teacher: Path = typer.Option(None, "--teacher", help="A local diffusers Stable Diffusion folder: latent SDS "
                                  "(render -> VAE encode -> SDS) instead of the scenes teacher."),
+    reference: Path = typer.Option(None, "--reference", help="A finished text-to-3d run folder (e.g. a long, "
+                                   "low-variance run): evaluations also report PSNR / IoU against its renders."),
 ):
     """Text-to-3D: score-distil a voxel grid from the procedural-scenes teacher (carv estimator by default).
 
@@ -288,7 +290,8 @@ def text_to_3d_cmd(
                  guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
                  sparsity_weight=sparsity, grid_resolution=grid_resolution, render_size=render_size,
                  n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed,
-                 teacher=None if teacher is None else str(teacher))
+                 teacher=None if teacher is None else str(teacher),
+                 reference=None if reference is None else str(reference))
     try:
         if restart:
             typer.echo("warning: --restart is deprecated; use --fresh (the same everywhere)", err=True)

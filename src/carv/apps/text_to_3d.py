@@ -71,7 +71,7 @@ from torch import Tensor
 from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder, RunState, atomic_write_json, save_figure
+from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, save_figure
 from carv._validate import check_field_types, check_int, check_positive_int, check_seed
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
@@ -181,6 +181,9 @@ class TextTo3DConfig:
     threads: int | None = None
     # a local diffusers Stable Diffusion folder: latent SDS (render -> VAE encode -> SDS), see carv.apps.latent_sds
     teacher: str | None = None
+    # a finished text-to-3d run folder whose newest checkpoint is the objective's reference solution (e.g. a
+    # long, low-variance run): every evaluation also reports psnr_ref / iou_ref against its held-out renders
+    reference: str | None = None
 
     # ---------------------------------------------------------------- presets
     @property
@@ -313,6 +316,8 @@ class TextTo3DConfig:
             from carv.apps.latent_sds import check_sd_folder
 
             check_sd_folder(self.teacher)
+        if self.reference is not None:
+            reference_checkpoint(self.reference)  # ValueError naming `reference`
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or not math.isfinite(self.budget_s) or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
@@ -338,6 +343,32 @@ def check_render_memory(cfg: TextTo3DConfig) -> None:
     views = f"{R} views" if what == "a training step" else f"{max(cfg.n_eval_views, 16)} views"
     check_fits(need[what], "cpu", "render_size, n_samples (--render-size, --n-samples, --R)",
                f"{what} renders {views} x {cfg.render_size}^2 rays x {cfg.n_samples} samples per ray, which")
+
+
+def reference_checkpoint(path: str | Path) -> Path:
+    """The newest checkpoint file of a text-to-3d run folder (``reference``); ValueError naming the argument."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"reference: expected a text-to-3d run folder, got {str(path)!r} (not a directory)")
+    files = sorted(folder.glob("checkpoint-*.safetensors"), reverse=True)
+    if not files:
+        raise ValueError(f"reference: {str(path)!r} holds no checkpoint-*.safetensors (not a text-to-3d run "
+                         f"folder, or the run has not saved yet)")
+    return files[0]
+
+
+def load_reference_grid(path: str | Path) -> VoxelGrid:
+    """The voxel grid of a run folder's newest checkpoint (checksum verified), as a reference solution."""
+    f = reference_checkpoint(path)
+    tensors, _ = load_tensors(f)
+    if "grid.density" not in tensors or "grid.color" not in tensors:
+        raise ValueError(f"reference: {str(f)!r} is not a text-to-3d checkpoint (no grid.density / grid.color)")
+    density = tensors["grid.density"]
+    grid = VoxelGrid(int(density.shape[-1]), bound=1.0)
+    with torch.no_grad():
+        grid.density.copy_(density)
+        grid.color.copy_(tensors["grid.color"])
+    return grid
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -380,6 +411,18 @@ class SceneProblem:
                         n_samples=rs["n_samples"], bound=self.scene.aabb, background=BACKGROUND,
                         supersample=rs["supersample"])
         self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
+        self.ref_rgb: Tensor | None = None  # a reference solution's held-out renders (set_reference)
+        self.ref_opacity: Tensor | None = None
+
+    @torch.no_grad()
+    def set_reference(self, grid: VoxelGrid | None) -> None:
+        """Evaluate also against ``grid``'s held-out renders (``psnr_ref``, ``iou_ref``): the distance to the
+        objective's own solution (a long, low-variance run), not to the ground truth (None: stop)."""
+        if grid is None:
+            self.ref_rgb = self.ref_opacity = None
+            return
+        x, self.ref_opacity = self.render(grid, self.eval_cameras)
+        self.ref_rgb = (x + 1.0) / 2.0
 
     # ---------------------------------------------------------------- pieces
     def new_grid(self, resolution: int, init_blob: float, init_radius: float = 0.5,
@@ -496,14 +539,23 @@ class SceneProblem:
 
     @torch.no_grad()
     def evaluate(self, grid: VoxelGrid) -> dict[str, float]:
-        """PSNR (dB, colour in [0, 1], MSE pooled over the held-out views) and mask IoU (opacity > 0.5)."""
+        """PSNR (dB, colour in [0, 1], MSE pooled over the held-out views) and mask IoU (opacity > 0.5) against
+        the ground truth; with a reference (:meth:`set_reference`) also ``psnr_ref`` / ``iou_ref`` against it."""
         x, opacity = self.render(grid, self.eval_cameras)
         rgb = (x + 1.0) / 2.0
-        mse = float((rgb - self.gt_rgb).pow(2).mean())
-        pred, true = opacity > 0.5, self.gt_opacity > 0.5
-        union = int((pred | true).sum())
-        iou = float((pred & true).sum()) / union if union else 1.0
-        return {"psnr": -10.0 * math.log10(max(mse, 1e-12)), "iou": iou, "mse": mse}
+        psnr, iou, mse = _psnr_iou(rgb, opacity, self.gt_rgb, self.gt_opacity)
+        row = {"psnr": psnr, "iou": iou, "mse": mse}
+        if self.ref_rgb is not None:
+            row["psnr_ref"], row["iou_ref"], _ = _psnr_iou(rgb, opacity, self.ref_rgb, self.ref_opacity)
+        return row
+
+
+def _psnr_iou(rgb: Tensor, opacity: Tensor, rgb_true: Tensor, opacity_true: Tensor) -> tuple[float, float, float]:
+    mse = float((rgb - rgb_true).pow(2).mean())
+    pred, true = opacity > 0.5, opacity_true > 0.5
+    union = int((pred | true).sum())
+    iou = float((pred & true).sum()) / union if union else 1.0
+    return -10.0 * math.log10(max(mse, 1e-12)), iou, mse
 
 
 def problem_for(cfg: TextTo3DConfig, teacher: UNetTeacher | None = None,
@@ -703,8 +755,11 @@ class Trainer:
         return self.elapsed >= self.next_eval
 
     def mark_evaluated(self) -> None:
-        while self.next_eval <= self.elapsed:
-            self.next_eval += self.cfg.eval_every_s
+        """The next evaluation at the first multiple of ``eval_every_s`` after now (one jump, not a loop: with
+        a tiny ``eval_every_s`` a loop of additions would take ``elapsed / eval_every_s`` iterations)."""
+        if self.next_eval <= self.elapsed:
+            every = self.cfg.eval_every_s
+            self.next_eval = (math.floor(self.elapsed / every) + 1) * every
 
     # ---------------------------------------------------------------- checkpoint
     def save(self) -> None:
@@ -939,6 +994,8 @@ def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool
     if teacher is None and cfg.teacher is None:
         teacher = load_scenes_teacher()
     problem = problem_for(cfg, teacher)
+    if cfg.reference is not None:
+        problem.set_reference(load_reference_grid(cfg.reference))
     if not compare:
         trainer = Trainer(cfg, out, problem)
         metrics = _prepare(trainer)
@@ -1007,8 +1064,9 @@ def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool
     for x, name in (("step", "steps"), ("elapsed_s", "seconds")):
         plot_quality_curves(curves, out / f"quality_vs_{name}.png",
                             f"{problem.prompt!r}: held-out quality vs training {name}", x=x)
-    ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in ("psnr", "iou")}
-    steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in ("psnr", "iou")}
+    keys = ("psnr", "iou") + (("psnr_ref", "iou_ref") if cfg.reference is not None else ())
+    ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in keys}
+    steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in keys}
     step_s = {m: t.elapsed / max(t.step_count, 1) for m, t in trainers.items()}
     summary = {"command": "carv text-to-3d --compare", "compare_at": compare_at, "prompt": problem.prompt,
                "seed": cfg.seed,
