@@ -636,11 +636,14 @@ def equal_step_compute(summaries: list[dict]) -> dict:
     its steps, ``reached`` false), so its ratio is an upper bound and the geometric means are upper bounds
     whenever a pair is unreached."""
     pairs, steps_r, secs_r = [], [], []
+    by_metric: dict[str, list[float]] = {}
     for sm in summaries:
         if sm.get("compare_at") != "step":
             raise ValueError(f"summaries: expected equal per-step compute runs (compare_at 'step'), got "
                              f"{sm.get('compare_at')!r}")
-        for metric in ("psnr", "iou"):
+        # psnr / iou against the ground truth; psnr_ref / iou_ref (runs with --reference) against the
+        # objective's own long-run solution
+        for metric in [m for m in ("psnr", "iou", "psnr_ref", "iou_ref") if m in sm["steps_ratio_equal_quality"]]:
             st, sec = sm["steps_ratio_equal_quality"][metric], sm["ecm_equal_quality"][metric]
             reached = st["t_method_s"] is not None
             carv_steps = st["t_method_s"] if reached else sm["steps"]["carv"]
@@ -651,9 +654,11 @@ def equal_step_compute(summaries: list[dict]) -> dict:
                           "target": st["target"]})
             if st["t_base_s"] and carv_steps:
                 steps_r.append(st["t_base_s"] / carv_steps)
+                by_metric.setdefault(metric, []).append(st["t_base_s"] / carv_steps)
             if sec["t_base_s"] and carv_secs:
                 secs_r.append(sec["t_base_s"] / carv_secs)
     return {"pairs": pairs, "steps_ratio_geomean": _geomean(steps_r), "seconds_ratio_geomean": _geomean(secs_r),
+            "steps_ratio_geomean_by_metric": {m: _geomean(v) for m, v in by_metric.items()},
             "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
             "note": "unreached pairs enter at their bound (the carv run's total), so ratios are upper bounds there"}
 
