@@ -228,7 +228,7 @@ def _tree(folder):
 
 
 def test_compare_on_a_plain_run_and_a_changed_distill_run_are_refused_naming_fresh(tmp_path):
-    """Issue 11, case 5: --compare on a plain text-to-3d folder used to add carv/ and baseline/ beside the old
+    """Issue 11, cases 3 and 5: --compare on a plain text-to-3d folder used to add carv/ and baseline/ beside the old
     run; distill's refusal said "resume=False" instead of naming --fresh. Both are refused before any work, the
     folder untouched."""
     from dataclasses import asdict
@@ -256,6 +256,14 @@ def test_compare_on_a_plain_run_and_a_changed_distill_run_are_refused_naming_fre
     res = CliRunner().invoke(app, ["distill", "--R", "4", "--out", str(d)])
     assert res.exit_code != 0 and "R: 8 -> 4" in err(res) and "--fresh" in err(res), err(res)
     assert "resume=" not in err(res)
+
+    # case 3: another command's folder (they used to delete its metrics.jsonl and config.json, exit 0)
+    for args, folder, held in ((["distill"], plain, "carv text-to-3d"), (["demo", "--quick"], plain, "carv text-to-3d"),
+                               (["text-to-3d"], d, "carv distill")):
+        before = _tree(folder)
+        res = CliRunner().invoke(app, [*args, "--out", str(folder)])
+        assert res.exit_code != 0 and f"holds a `{held}` run" in err(res), (args, err(res))
+        assert _tree(folder) == before
 
 
 def test_a_default_given_explicitly_is_the_same_configuration():
