@@ -274,3 +274,22 @@ def test_a_default_given_explicitly_is_the_same_configuration():
     for field, value in (("proposal", "learned"), ("stratify", "per_upstream"), ("upstream", "lattice")):
         assert TextTo3DConfig(**{field: value}).identity() == base, field
     assert TextTo3DConfig(method="baseline", proposal="none").identity() == TextTo3DConfig(method="baseline").identity()
+
+
+def test_damaged_benchmark_state_is_named_not_a_json_or_safetensors_traceback(tmp_path):
+    """Case 4 for the benchmarks' resumable state: a damaged measure_state.json / .safetensors names the file."""
+    from carv.bench.harness import Config, measure
+
+    def estimate(c, g, meter):
+        return torch.randn(2, generator=g, dtype=torch.float64)
+
+    cfgs, state = [Config("m", 1, 1)], tmp_path / "s"
+    measure(cfgs, estimate, torch.zeros(2), 3, progress=False, state_dir=state)
+    good = (state / "measure_state.json").read_bytes()
+    (state / "measure_state.json").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptFileError, match="benchmark state: .*measure_state.json"):
+        measure(cfgs, estimate, torch.zeros(2), 3, progress=False, state_dir=state)
+    (state / "measure_state.json").write_bytes(good)
+    (state / "measure_state.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CorruptFileError, match="benchmark state: .*measure_state.safetensors"):
+        measure(cfgs, estimate, torch.zeros(2), 3, progress=False, state_dir=state)

@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv._machine import loadavg
-from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
+from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, read_json, save_figure
 from carv._validate import check_seed
 from carv.accounting import CostMeter
 from carv.bench.harness import SMOKE_NOTE, Config, measure, reference_mean, run_record
@@ -369,11 +369,11 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
 
     # pilot for the learned proposal (saved, so a resumed run uses the same proposal)
     pilot_file = out / "learned_proposal.safetensors"
-    if pilot_file.is_file() and json.loads((out / "pilot.json").read_text()).get("fingerprint") == fp_pilot:
+    if pilot_file.is_file() and read_json(out / "pilot.json", "benchmark state").get("fingerprint") == fp_pilot:
         learned = LearnedProposal(prob.T, num_bins=cfg.pilot_bins, smoothing=1)
         learned.load_state_dict(load_file(str(pilot_file)))
         prob.learned = learned
-        pilot_info = json.loads((out / "pilot.json").read_text())
+        pilot_info = read_json(out / "pilot.json", "benchmark state")
     else:
         learned, pilot_info = prob.pilot(torch.Generator().manual_seed(cfg.seed + 2))
         with atomic_path(pilot_file) as tmp:
@@ -390,9 +390,9 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
     ref_cfg = Config(_key("stratified", False), prob.x.shape[0], cfg.reference_K)
     n_ref = cfg.reference_evals // cfg.reference_K
     t_ref = time.perf_counter()
-    if ref_file.is_file() and json.loads((out / "reference.json").read_text()).get("fingerprint") == fp_ref:
+    if ref_file.is_file() and read_json(out / "reference.json", "benchmark state").get("fingerprint") == fp_ref:
         reference = load_file(str(ref_file))["features"]
-        ref_info = json.loads((out / "reference.json").read_text())
+        ref_info = read_json(out / "reference.json", "benchmark state")
     else:
         reference, ref_var = reference_mean(estimate, ref_cfg, n_ref, seed=cfg.seed + 3, progress=progress,
                                             desc=f"reference ({cfg.reference_evals} evals/point)")
@@ -438,10 +438,10 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         # D-TRAK's own output function is a different objective: its own reference, its own iid baseline
         ref2_cfg = Config(_key("stratified", False, "squared_norm"), N, cfg.reference_K)
         ref2_file = out / "reference_squared_norm.safetensors"
-        if ref2_file.is_file() and json.loads((out / "reference_squared_norm.json").read_text()).get(
+        if ref2_file.is_file() and read_json(out / "reference_squared_norm.json", "benchmark state").get(
                 "fingerprint") == fp_ref:
             reference2 = load_file(str(ref2_file))["features"]
-            ref2_info = json.loads((out / "reference_squared_norm.json").read_text())
+            ref2_info = read_json(out / "reference_squared_norm.json", "benchmark state")
         else:
             t2 = time.perf_counter()
             reference2, ref2_var = reference_mean(estimate, ref2_cfg, n_ref, seed=cfg.seed + 5, progress=progress,
@@ -624,7 +624,7 @@ def _plot_pilot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    info = json.loads((out / "pilot.json").read_text())["rms_grad_norm_by_bin"]
+    info = read_json(out / "pilot.json", "benchmark state")["rms_grad_norm_by_bin"]
     ts, v = [int(k) for k in info], list(info.values())
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(ts, v, "o-")

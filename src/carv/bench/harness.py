@@ -35,7 +35,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import shlex
@@ -53,7 +52,7 @@ from torch import Tensor
 
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
-from carv._runfolder import atomic_path, atomic_write_json
+from carv._runfolder import CorruptFileError, atomic_path, atomic_write_json, read_json
 from carv.accounting import CostMeter, efficiency_bound, fraction_of_bound, optimal_k, relative_efficiency
 from carv.bench.report import SMOKE as SMOKE_NOTE
 
@@ -275,9 +274,9 @@ def measure(
     fixed = adaptive is None
     stopped: set[str] = set()  # sequential rule: configurations whose count is final
     if state_dir is not None and (state_dir / "measure_state.json").is_file():
-        saved = json.loads((state_dir / "measure_state.json").read_text())
+        saved = read_json(state_dir / "measure_state.json", "benchmark state")  # a damaged file is named
         if _extends(saved["fingerprint"], fingerprint):
-            tensors = load_file(str(state_dir / "measure_state.safetensors"))
+            tensors = _load_state_tensors(state_dir / "measure_state.safetensors")
             for i, c in enumerate(configs):
                 accs[c.key].load(saved["accs"][c.key], {"sum_g": tensors[f"sum_g.{i}"]})
             start_round = min(a.n for a in accs.values())  # replicate r of a configuration is its round r
@@ -362,6 +361,18 @@ def _extends(saved: dict, new: dict) -> bool:
     if "n" not in new:
         return same
     return same and "n" in saved and all(saved["n"].get(k, 0) <= n for k, n in new["n"].items())
+
+
+def _load_state_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptFileError(f"benchmark state: {str(path)!r} is damaged ({e}); delete it and its "
+                               f"measure_state.json to measure again") from None
 
 
 def _save_state(state_dir: Path, fingerprint: dict, round_: int, configs: Sequence[Config], accs: dict,
