@@ -390,14 +390,14 @@ class Allocator:
     - ``budget=None`` (free budget, the behaviour of :class:`AutoK`): ``R`` stays at ``r_init`` and ``K`` is
       :func:`optimal_k` (Var * C does not depend on ``R``).
 
-    **What one step cannot measure.** The components need ``R >= 2`` (between) and ``K >= 2`` (within). When the run
-    itself uses ``R = 1`` or ``K = 1`` the caller runs a *probe step* every ``probe_every`` steps
-    (:meth:`probe_due`) at :meth:`probe_shape` (``R`` at least 2, ``K`` at least 2) and measures the components
-    there (e.g. with :class:`ComponentProbe`), with the same number of draws shared over the renders; the probe
-    step's estimate is still an ordinary unbiased estimate and is used for the step. Its extra cost is
-    *charged*: in budget mode the ordinary steps get the budget ``(P B - C_probe) / (P - 1)`` (``P =
-    probe_every``, ``C_probe`` the probe step's cost including the meter's ``probe_stage`` median), so the
-    average step over a probe period costs ``B``.
+    **What one step cannot measure.** The components need ``R >= 2`` (between) and ``K >= 2`` (within). When the
+    run itself uses ``R = 1`` or ``K = 1`` the caller runs a *probe step* when :meth:`probe_due` says so (every
+    ``interval`` steps: ``probe_every``, more once settled, see below) at :meth:`probe_shape` (``R`` at least 2,
+    ``K`` at least 2) and measures the components there (e.g. with :class:`ComponentProbe`), with the same number
+    of draws shared over the renders; the probe step's estimate is still an ordinary unbiased estimate and is used
+    for the step. Its extra cost is *charged*: in budget mode the ordinary steps get the budget ``(P B - C_probe) /
+    (P - 1)`` (``P`` the interval in use, ``C_probe`` the probe step's cost including the meter's ``probe_stage``
+    median), so the average step over a probe period costs ``B``.
 
     **Probing less once settled.** A probe step costs more than an ordinary one, and at a budget where the
     choice no longer moves its cost buys nothing (at the plain estimator's budget the choice is one render
