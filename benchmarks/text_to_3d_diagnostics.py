@@ -31,14 +31,9 @@ from carv.teachers.scenes import scene_cond
 
 
 def load_grid(folder: Path) -> VoxelGrid:
-    from carv._runfolder import RunState
+    from carv.apps.text_to_3d import load_run_grid
 
-    tensors, _ = RunState(folder).load()
-    grid = VoxelGrid(int(tensors["grid.density"].shape[-1]), bound=1.0)
-    with torch.no_grad():
-        grid.density.copy_(tensors["grid.density"])
-        grid.color.copy_(tensors["grid.color"])
-    return grid
+    return load_run_grid(folder, "run")[0]
 
 
 def main(out: str, run: str | None) -> None:

@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from carv._plotting import save_image_grid
-from carv._runfolder import RunState
-from carv.apps.text_to_3d import DEFAULT_PROMPT, SceneProblem, turntable
-from carv.render import VoxelGrid
+from carv.apps.text_to_3d import DEFAULT_PROMPT, SceneProblem, load_run_grid, turntable
 
 
 def main(out: str, runs: list[str]) -> None:
@@ -23,11 +21,7 @@ def main(out: str, runs: list[str]) -> None:
     rows, names = [turntable(problem, None)], ["ground truth"]
     for item in runs:
         label, _, folder = item.partition("=")
-        t, meta = RunState(Path(folder)).load()  # the newest checkpoint that verifies
-        grid = VoxelGrid(int(t["grid.density"].shape[-1]), bound=1.0)
-        with torch.no_grad():
-            grid.density.copy_(t["grid.density"])
-            grid.color.copy_(t["grid.color"])
+        grid, meta = load_run_grid(Path(folder), "runs")  # the newest checkpoint that verifies, read-only
         ev = meta["evals"][-1]
         rows.append(turntable(problem, grid))
         names.append(f"{label}\n{ev['psnr']:.2f} dB, IoU {ev['iou']:.3f}")

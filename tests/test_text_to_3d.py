@@ -576,3 +576,26 @@ def test_reference_solution_metrics_measure_the_distance_to_a_finished_run(tmp_p
     for bad, msg in ((tmp_path / "nothing", "not a directory"), (tmp_path, "no checkpoint")):
         with pytest.raises(ValueError, match=f"reference: .*{msg}"):
             dataclasses.replace(cfg, reference=str(bad)).validate()
+
+
+def test_load_run_grid_is_read_only_and_falls_back_past_a_damaged_checkpoint(tmp_path):
+    """Reading someone else's run (a reference, a figure) never rewrites its metrics or renames its files, and
+    a damaged newest checkpoint falls back to the previous good one; none good is an error naming the argument."""
+    from carv.apps.text_to_3d import load_run_grid
+
+    cfg = TextTo3DConfig(prompt="a snowman", steps=4, K=2, checkpoint_every=2, **TINY)
+    run_text_to_3d("a snowman", tmp_path / "r", cfg, progress=False, teacher=_teacher())
+    files = sorted((tmp_path / "r").glob("checkpoint-*.safetensors"))
+    assert len(files) == 2
+    _, state = load_run_grid(tmp_path / "r")
+    newest_step = state["step"]
+    raw = bytearray(files[-1].read_bytes())
+    raw[-200:] = bytes(200)  # damage the newest checkpoint's tensor data
+    files[-1].write_bytes(bytes(raw))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    _, state = load_run_grid(tmp_path / "r")
+    assert state["step"] < newest_step
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+    files[0].write_bytes(b"")
+    with pytest.raises(ValueError, match="figure: no checkpoint .* verifies"):
+        load_run_grid(tmp_path / "r", "figure")

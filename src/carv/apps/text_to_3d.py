@@ -57,6 +57,7 @@ where ``K ~ 3-4`` is best (``carv bench text-to-3d`` measures both).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ from torch import Tensor
 from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, save_figure
+from carv._runfolder import CorruptFileError, RunFolder, RunState, atomic_write_json, load_tensors, save_figure
 from carv._validate import check_field_types, check_int, check_positive_int, check_seed
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
@@ -345,30 +346,46 @@ def check_render_memory(cfg: TextTo3DConfig) -> None:
                f"{what} renders {views} x {cfg.render_size}^2 rays x {cfg.n_samples} samples per ray, which")
 
 
-def reference_checkpoint(path: str | Path) -> Path:
-    """The newest checkpoint file of a text-to-3d run folder (``reference``); ValueError naming the argument."""
+def reference_checkpoint(path: str | Path, what: str = "reference") -> Path:
+    """The newest checkpoint file of a text-to-3d run folder; ValueError naming the argument ``what``."""
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"reference: expected a text-to-3d run folder, got {str(path)!r} (not a directory)")
+        raise ValueError(f"{what}: expected a text-to-3d run folder, got {str(path)!r} (not a directory)")
     files = sorted(folder.glob("checkpoint-*.safetensors"), reverse=True)
     if not files:
-        raise ValueError(f"reference: {str(path)!r} holds no checkpoint-*.safetensors (not a text-to-3d run "
+        raise ValueError(f"{what}: {str(path)!r} holds no checkpoint-*.safetensors (not a text-to-3d run "
                          f"folder, or the run has not saved yet)")
     return files[0]
 
 
+def load_run_grid(path: str | Path, what: str = "reference") -> tuple[VoxelGrid, dict]:
+    """``(grid, state)`` of a text-to-3d run folder's newest checkpoint that verifies (checksummed), read-only.
+
+    Unlike :meth:`carv._runfolder.RunState.load` (which resumes a run: it rewrites ``metrics.jsonl`` to the
+    checkpoint and renames damaged files) this leaves the folder as it is, for reading someone else's run
+    (a reference solution, a figure). ``what`` names the argument in errors."""
+    reference_checkpoint(path, what)  # a folder with checkpoints, or a clear error
+    bad = []
+    for f in sorted(Path(path).glob("checkpoint-*.safetensors"), reverse=True):
+        try:
+            tensors, meta = load_tensors(f)
+        except CorruptFileError as e:
+            bad.append(str(e))
+            continue
+        if "grid.density" not in tensors or "grid.color" not in tensors:
+            raise ValueError(f"{what}: {str(f)!r} is not a text-to-3d checkpoint (no grid.density / grid.color)")
+        density = tensors["grid.density"]
+        grid = VoxelGrid(int(density.shape[-1]), bound=1.0)
+        with torch.no_grad():
+            grid.density.copy_(density)
+            grid.color.copy_(tensors["grid.color"])
+        return grid, json.loads(meta.get("state", "{}"))
+    raise ValueError(f"{what}: no checkpoint in {str(path)!r} verifies ({'; '.join(bad)})")
+
+
 def load_reference_grid(path: str | Path) -> VoxelGrid:
-    """The voxel grid of a run folder's newest checkpoint (checksum verified), as a reference solution."""
-    f = reference_checkpoint(path)
-    tensors, _ = load_tensors(f)
-    if "grid.density" not in tensors or "grid.color" not in tensors:
-        raise ValueError(f"reference: {str(f)!r} is not a text-to-3d checkpoint (no grid.density / grid.color)")
-    density = tensors["grid.density"]
-    grid = VoxelGrid(int(density.shape[-1]), bound=1.0)
-    with torch.no_grad():
-        grid.density.copy_(density)
-        grid.color.copy_(tensors["grid.color"])
-    return grid
+    """The voxel grid of a run folder's newest good checkpoint, as a reference solution (``reference``)."""
+    return load_run_grid(path, "reference")[0]
 
 
 # --------------------------------------------------------------------------- the pipeline
