@@ -280,9 +280,11 @@ def test_bench_runs_end_to_end_writes_json_and_resumes(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     rows = data["rows"]
     assert {r["method"] for r in rows} == {"iid", "grid", "stratified", "stratified+importance", "stratified+learned",
-                                           "d-trak"}
+                                           "d-trak", "journey-trak"}
     assert {r["crn"] for r in rows} == {False, True}
-    assert len(rows) == 5 * 2 * 1 + 1 + 2  # + D-TRAK (its own seeded noise) + the baseline's extra budgets
+    # + D-TRAK (its own seeded noise: CRN) + journey-TRAK (its own fresh noise) + the baseline's extra budgets
+    assert len(rows) == 5 * 2 * 1 + 1 + 1 + 2
+    assert [r["crn"] for r in rows if r["method"] in ("d-trak", "journey-trak")] == [True, False]
     for r in rows:
         assert set(r) >= {"method", "crn", "budget", "n", "variance", "spearman", "ecm", "ecm_wall"}
         assert -1 <= r["spearman"] <= 1 and r["ecm"] > 0
@@ -449,6 +451,62 @@ def test_dtrak_noise_is_seeded_per_timestep_and_batch_position():
     assert torch.equal(eps, again) and not torch.equal(eps, other)
     _, _, t16, _, w16 = dtrak_draws(x0, y, K=16, num_timesteps=1000)
     assert t16.shape == (5, 17) and torch.allclose(w16, torch.full_like(w16, 17 / 16))  # sum / K
+
+
+# ------------------------------------------------------------------------------------ journey-TRAK as it is
+def test_journey_trak_timesteps_and_noise_as_its_featurizer_makes_them():
+    """MadryLab/journey-TRAK examples/featurize_cifar10.py: np.random.choice(np.arange(0, 1000), size=[batch, K],
+    replace=True), i.e. K iid uniform timesteps per example (none shared), and one fresh randn noise per example and
+    timestep (modelout_functions.py, vmap randomness="different"); weights 1 (its sum over timesteps / K)."""
+    from carv.objectives.attribution import JOURNEY_TRAK_NUM_TIMESTEPS, journey_trak_draws
+
+    assert JOURNEY_TRAK_NUM_TIMESTEPS == 5  # TrakConfig.num_timesteps
+    x0, y = tiny_data(n=5)
+    _, _, t, eps, w = journey_trak_draws(x0, y, K=4, num_timesteps=1000, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same stream, in its order: timesteps first, then the noise
+    assert torch.equal(t, torch.randint(0, 1000, (5, 4), generator=g))
+    assert torch.equal(eps, torch.randn(5, 4, 1, 8, 8, generator=g))
+    assert t.dtype == torch.long and torch.all(w == 1.0)
+    assert not torch.equal(t[0], t[1]) and not torch.equal(eps[0, 0], eps[1, 0])  # nothing shared across examples
+    seven, again, eight = (journey_trak_draws(x0, y, K=4, generator=s)[3] for s in (7, 7, 8))  # a seed is a stream
+    assert torch.equal(seven, again) and not torch.equal(seven, eight)
+    # repeated timesteps are allowed (replace=True): with K = 64 draws out of T = 20 some repeat in every row
+    _, _, t64, _, _ = journey_trak_draws(x0, y, K=64, num_timesteps=20, generator=0)
+    assert all(len(set(row.tolist())) < 64 for row in t64)
+    # uniform on 0..T-1: 2000 x 50 draws over T = 20, every count within 5 sigma of 5000 (binomial sd 68.9)
+    xs = torch.zeros(2000, 1, 2, 2)
+    _, _, tt, _, _ = journey_trak_draws(xs, torch.zeros(2000, dtype=torch.long), K=50, num_timesteps=20, generator=1)
+    counts = torch.bincount(tt.flatten(), minlength=20).double()
+    assert counts.numel() == 20 and torch.all((counts - 5000).abs() < 5 * math.sqrt(1e5 * 0.05 * 0.95))
+    _, _, tr, _, _ = journey_trak_draws(x0, y, K=8, num_timesteps=1000, generator=0, start_tstep=100, end_tstep=200)
+    assert int(tr.min()) >= 100 and int(tr.max()) < 200
+    with pytest.raises(ValueError, match="end_tstep"):
+        journey_trak_draws(x0, y, K=4, num_timesteps=1000, end_tstep=1001)
+    with pytest.raises(ValueError, match="K"):
+        journey_trak_draws(x0, y, K=0)
+
+
+def test_journey_trak_output_is_the_unweighted_mse_loss():
+    """Its output function is F.mse_loss(noise_pred, noise): the bench's journey-trak features use weighting
+    "uniform" whatever the bench's weighting, so one draw's loss is that mse (no w(t))."""
+    from carv.bench.attribution import AttributionBenchConfig, AttributionProblem
+
+    prob = AttributionProblem.__new__(AttributionProblem)  # only the feature factory is exercised
+    teacher = tiny_teacher()
+    prob.cfg = AttributionBenchConfig(weighting="sds", params="all", max_batch=64)
+    prob.teacher, prob.T, prob.learned, prob._features = teacher, T_TINY, None, {}
+    prob.projection = GradientFeatures(teacher, TimestepSampler(T_TINY), proj_dim=4).projection
+    f = prob.features("journey-trak", False)
+    x0, y = tiny_data(n=1)
+    t = torch.tensor([12])
+    eps = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = f.draw_loss(f.params, x0[0], y[0], t[0], eps[0])
+    params = {n: p.detach() for n, p in teacher.model.named_parameters()}
+    want = torch.nn.functional.mse_loss(
+        torch.func.functional_call(teacher.model, params, (teacher.schedule.add_noise(x0, t, eps), t, y)), eps)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    weighted = prob.features("iid", False).draw_loss(f.params, x0[0], y[0], t[0], eps[0])
+    assert float(weighted) != pytest.approx(float(want), rel=1e-3)  # the bench's own rows keep w(t)
 
 
 def test_dtrak_output_is_the_squared_norm_of_the_model_output():

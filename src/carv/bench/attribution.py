@@ -9,7 +9,13 @@ all parameters by default); a query's scores are the cosine similarities with th
 Estimators over the draws (``K`` evaluations per data point), each with independent draws per
 example and with common random numbers (one set of ``K`` draws shared by every example):
 
-- ``iid``: uniform iid timesteps (journey-TRAK style), the baseline without CRN;
+- ``iid``: uniform iid timesteps, fresh noise per example, the bench's loss weighting: the baseline without CRN;
+- ``journey-trak``: journey-TRAK as its users run it (MadryLab/journey-TRAK ``examples/featurize_cifar10.py``,
+  ``diffusion_trak/``): ``K`` timesteps iid uniform on ``0..T-1`` per example, one fresh noise per example and
+  timestep, and its output function, the *unweighted* DDPM loss ``F.mse_loss(noise_pred, noise)``
+  (:func:`~carv.objectives.attribution.journey_trak_draws`); with the bench's default ``weighting="sds"`` that is
+  a different objective from the reference's, so its error includes a bias (``bias2``) and its ranking converges
+  to another one; with ``weighting="uniform"`` it is the ``iid`` row with its own random stream;
 - ``grid``: evenly spaced timesteps at stratum midpoints (deterministic; a biased quadrature);
 - ``d-trak``: D-TRAK as its users run it (sail-sg/D-TRAK ``grad_unconditional.py``): its timesteps
   ``range(0, T, T // K)`` and one noise per timestep seeded by the timestep
@@ -70,6 +76,7 @@ from carv.objectives.attribution import (
     cosine_scores,
     dtrak_draws,
     dtrak_timesteps,
+    journey_trak_draws,
 )
 from carv.objectives.weighting import weight_table
 from carv.timesteps import LearnedProposal, TimestepSampler
@@ -85,7 +92,11 @@ METHODS = {
     "stratified+importance": ("per_upstream", "weight"),
     "stratified+learned": ("per_upstream", "learned"),
     "d-trak": ("d-trak", "none"),  # D-TRAK's own timesteps and seeded noise (dtrak_draws)
+    "journey-trak": ("journey-trak", "none"),  # journey-TRAK's iid timesteps, fresh noise, unweighted loss
 }
+# peers whose draws are their own (not the estimator's): D-TRAK's are shared by batch position (CRN by construction),
+# journey-TRAK's independent per example
+OWN_DRAWS = {"d-trak": True, "journey-trak": False}
 BASELINE = "iid"
 HEADLINE = {"method": "stratified", "crn": True, "K": 4}  # carv attribute's default sampler, at the target budget
 TRAIN_SPLIT = 1442
@@ -269,7 +280,7 @@ class AttributionProblem:
     def sampler(self, method: str) -> TimestepSampler:
         stratify, proposal = METHODS[method]
         cfg = self.cfg
-        if stratify == "d-trak":  # its draws are made by dtrak_draws; the sampler is unused
+        if stratify in OWN_DRAWS:  # its draws are made by dtrak_draws / journey_trak_draws; the sampler is unused
             return TimestepSampler(self.T)
         if proposal == "none":
             return TimestepSampler(self.T, stratify=stratify)
@@ -283,8 +294,10 @@ class AttributionProblem:
     def features(self, method: str, crn: bool, output: str = "loss") -> GradientFeatures:
         key = (method, crn, output)
         if key not in self._features:
+            # journey-TRAK differentiates its own output function: the unweighted DDPM loss
+            weighting = "uniform" if method == "journey-trak" else self.cfg.weighting
             self._features[key] = GradientFeatures(
-                self.teacher, self.sampler(method), K=1, noise="crn" if crn else "iid", weighting=self.cfg.weighting,
+                self.teacher, self.sampler(method), K=1, noise="crn" if crn else "iid", weighting=weighting,
                 params=self.cfg.params, max_batch=self.cfg.max_batch, projection=self.projection, output=output)
         return self._features[key]
 
@@ -296,6 +309,8 @@ class AttributionProblem:
             e_seed = int(torch.randint(0, 2**20, (1,), generator=generator))
             batch = dtrak_draws(self.x, self.y, K, self.T, e_seed=e_seed, batch_size=self.cfg.dtrak_batch_size)
             return feats.features_of(batch, meter)
+        if method == "journey-trak":  # its iid timesteps and fresh noise, from the replicate's generator
+            return feats.features_of(journey_trak_draws(self.x, self.y, K, self.T, generator), meter)
         feats.K = K
         return feats(self.x, self.y, generator, meter)
 
@@ -418,10 +433,11 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         return metrics
 
     N = prob.x.shape[0]
-    loss_methods = [m for m in cfg.methods if m != "d-trak"]
+    loss_methods = [m for m in cfg.methods if m not in OWN_DRAWS]
     configs = [Config(_key(m, crn), N, K) for m in loss_methods for crn in cfg.crn for K in cfg.budgets]
-    if "d-trak" in cfg.methods:  # its noise is shared by batch position: common random numbers by construction
-        configs += [Config(_key("d-trak", True), N, K) for K in cfg.budgets]
+    # the peers' own draws: D-TRAK's noise is shared by batch position (common random numbers by construction),
+    # journey-TRAK's fresh per example
+    configs += [Config(_key(m, OWN_DRAWS[m]), N, K) for m in OWN_DRAWS if m in cfg.methods for K in cfg.budgets]
     configs += [Config(_key(BASELINE, False), N, K) for K in cfg.baseline_budgets if K not in cfg.budgets]
     base_key = _key(BASELINE, False)
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from carv._rng import as_generator
 from carv._validate import check_positive_int
 from carv.accounting import CostMeter
 from carv.estimator import HierarchicalEstimator, UsesEstimator, reduce_draws
@@ -47,7 +48,7 @@ from carv.teachers.base import NonFiniteTeacherError, Teacher
 from carv.timesteps import TimestepSampler
 
 __all__ = ["GradientFeatures", "GaussianProjection", "AttributionBatch", "cosine_scores", "OUTPUTS",
-           "dtrak_timesteps", "dtrak_draws"]
+           "dtrak_timesteps", "dtrak_draws", "journey_trak_draws", "JOURNEY_TRAK_NUM_TIMESTEPS"]
 
 # the function whose gradient is the feature: "loss" (the weighted diffusion loss; TRAK / journey-TRAK) or
 # "squared_norm" (D-TRAK's default "mean-squared-l2-norm": the per-pixel mean of eps_theta(x_t, t, c)^2,
@@ -309,6 +310,48 @@ def dtrak_draws(x0: Tensor, labels: Tensor, K: int, num_timesteps: int = 1000, e
     t = ts.to(torch.long).expand(N, -1).clone()
     weight = torch.full((N, len(ts)), len(ts) / K, dtype=x0.dtype)
     return x0, labels, t, eps.to(x0.device), weight
+
+
+# journey-TRAK's featurizing default (MadryLab/journey-TRAK examples/featurize_cifar10.py and featurize_mscoco.py,
+# TrakConfig.num_timesteps; 20 in featurize_cifar10_parallel.py)
+JOURNEY_TRAK_NUM_TIMESTEPS = 5
+
+
+def journey_trak_draws(x0: Tensor, labels: Tensor, K: int, num_timesteps: int = 1000,
+                       generator: torch.Generator | int | None = None, start_tstep: int = 0,
+                       end_tstep: int | None = None) -> AttributionBatch:
+    """The draws of a journey-TRAK user when featurizing (Georgiev et al. 2023, "The Journey, Not the
+    Destination"; MadryLab/journey-TRAK), as an :data:`AttributionBatch`.
+
+    What its code does: ``examples/featurize_cifar10.py`` (and ``featurize_mscoco.py``) draws, per data-loader
+    batch, ``np.random.choice(np.arange(start_tstep, end_tstep), size=[batch, num_timesteps], replace=True)``:
+    ``K = num_timesteps`` timesteps iid uniform on ``start_tstep..end_tstep - 1`` (default ``0..999``), fresh for
+    every example (nothing shared across examples or batches). ``diffusion_trak/gradient_computers.py``
+    (``_compute_per_sample_grad_featurizing``) loops over the ``K`` timestep columns and ``vmap``s the gradient
+    over the batch with ``randomness="different"``; ``diffusion_trak/modelout_functions.py``
+    (``_get_output_featurizing``) draws one fresh ``torch.randn`` noise per example and timestep and returns
+    ``F.mse_loss(noise_pred, noise)``: the unweighted per-pixel DDPM loss (``GradientFeatures`` with
+    ``weighting="uniform"``, ``output="loss"``). The per-timestep gradients are summed (``_accumulate_vectorize``);
+    here the weights are 1, i.e. their mean, which is the sum divided by ``K``: a constant factor that cosine
+    scores ignore, kept off so that the features are on the scale of the other estimators'.
+
+    ``generator`` (a ``torch.Generator`` on the CPU, a seed, or None) stands in for numpy's and torch's global
+    generators (carv touches no global RNG): the timesteps ``torch.randint(start_tstep, end_tstep, (N, K))``
+    are drawn from it first, then the noise ``torch.randn(N, K, C, H, W)``.
+    """
+    x0, labels = _check_examples(x0, labels)
+    check_positive_int(K, "K")
+    check_positive_int(num_timesteps, "num_timesteps")
+    end = num_timesteps if end_tstep is None else end_tstep
+    if not (isinstance(start_tstep, int) and isinstance(end, int) and 0 <= start_tstep < end <= num_timesteps):
+        raise ValueError(f"start_tstep, end_tstep: expected 0 <= start_tstep < end_tstep <= {num_timesteps}, "
+                         f"got {start_tstep}, {end_tstep}")
+    g = as_generator(generator)
+    N = x0.shape[0]
+    t = torch.randint(start_tstep, end, (N, K), generator=g)
+    eps = torch.randn(N, K, *x0.shape[1:], generator=g, dtype=x0.dtype)
+    weight = torch.ones(N, K, dtype=x0.dtype)
+    return x0, labels, t.to(x0.device), eps.to(x0.device), weight.to(x0.device)
 
 
 def cosine_scores(query: Tensor, train: Tensor) -> Tensor:
