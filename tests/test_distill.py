@@ -270,6 +270,21 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
         assert (tmp_path / "bench" / f).is_file(), f
 
 
+def test_bench_measures_a_middle_checkpoint_that_is_the_end_once(tmp_path, tiny_teacher):
+    """When the step that crosses the middle mark also crosses the end (the warm-up, charged to the run, took the
+    budget: what the earlier --quick did), the two checkpoints are the same weights: measured once, as 'end'."""
+    from carv.bench.distill import BenchSettings, bench_distill
+
+    _, teacher = tiny_teacher
+    s = BenchSettings(seeds=[0], budget_s=1e-4, eval_every_s=5e-5, eval_per_class=2, replicates=2, max_replicates=2,
+                      reference_estimates=2, reference_R=4, pilot_estimates=1, carv_K=2, fake_warmup=3)
+    res = bench_distill(tmp_path / "bench", progress=False, settings=s, base=tiny_cfg(), teacher=teacher)
+    assert res["base_config"]["fake_warmup"] == 3  # the settings' warm-up replaces the app's
+    assert res["checkpoints"] == ["start", "end"] and "middle" not in res["diagnostics"]
+    assert "middle checkpoint is the end" in res["diagnostics"]["end"]["middle_is_end"]
+    assert BenchSettings.quick().fake_warmup < 100 and len(BenchSettings.quick().seeds) >= 2  # a paired SE
+
+
 def test_bench_start_checkpoint_only(tmp_path, tiny_teacher):
     """BenchSettings(train=False) (``carv bench distill --config`` with ``{"train": false}``): the start
     checkpoint's rows with their headline and best-of-N, no training runs and no quality rows."""

@@ -341,13 +341,13 @@ def write_outputs(result: dict, out: Path, json_path: str | Path | None, progres
         note = f" ({SMOKE_NOTE})" if smoke else ""
         if h and b:
             print(f"headline (a priori): {h['config']} {h['metric']} {h['value']:.2f}x +- {h['se'] or 0:.2f}{note}; "
-                  f"best of {b['n']} rows {b['value']:.2f}x (upper bound){note}")
+                  f"best of {b['n']} rows {b['value']:.2f}x +- {b.get('se') or 0:.2f} (upper bound){note}")
         q = result["summary"]["quality"]
         for metric in ("fd", "accuracy"):
             if metric in q and "mean_diff_carv_minus_baseline" in q[metric]:
                 print(f"final {metric}: baseline {q[metric]['baseline']}  carv {q[metric]['carv']}  "
                       f"carv - baseline = {q[metric]['mean_diff_carv_minus_baseline']:+.3f} "
-                      f"(SE {q[metric]['se_diff']:.3f}, paired by seed)")
+                      f"(SE {q[metric]['se_diff']:.3f}, paired by seed){note}")
         print(f"run folder: {out}")
 
 
@@ -373,6 +373,7 @@ class BenchSettings:
     carv_stratify: str = "per_upstream"
     k_max: int = 32
     train: bool = True               # False: the start checkpoint's variance rows only (no training, no quality)
+    fake_warmup: int | None = None   # the app's fake-score warm-up updates (None: DistillConfig's, 100)
 
     def validate(self) -> None:
         for name in ("replicates", "max_replicates", "reference_estimates", "reference_R", "pilot_estimates",
@@ -386,12 +387,19 @@ class BenchSettings:
                 raise ValueError(f"{name}: expected a relative error in (0, 1), got {v!r}")
         if not self.seeds:
             raise ValueError("seeds: need at least one seed")
+        if self.fake_warmup is not None and (isinstance(self.fake_warmup, bool) or not isinstance(self.fake_warmup, int)
+                                             or self.fake_warmup < 0):
+            raise ValueError(f"fake_warmup: expected a non-negative integer or None, got {self.fake_warmup!r}")
 
     @classmethod
     def quick(cls) -> BenchSettings:
-        return cls(seeds=[0, 1, 2], budget_s=25.0, eval_every_s=12.5, eval_per_class=30, replicates=6,
-                   rel_error=0.3, baseline_rel_error=0.15, max_replicates=20, reference_estimates=4, reference_R=32,
-                   pilot_estimates=4)
+        """The smoke run (``--quick``): about 2.5 CPU-minutes at one thread. Two seeds (the paired quality
+        difference has a standard error), 12 s of training per run after a warm-up of 20 fake-score updates
+        (the default 100, charged to the run, took the whole 25 s budget of the earlier quick run on a loaded
+        machine, so its middle and end checkpoints were the same weights), 4-12 replicates per row."""
+        return cls(seeds=[0, 1], budget_s=12.0, eval_every_s=6.0, eval_per_class=20, replicates=4,
+                   rel_error=0.3, baseline_rel_error=0.15, max_replicates=12, reference_estimates=3, reference_R=16,
+                   pilot_estimates=2, fake_warmup=20)
 
     def replicate_spec(self) -> RelativeError:
         return RelativeError(target=self.rel_error, n_min=max(self.replicates, 2),
@@ -452,7 +460,8 @@ def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = Fals
     s = settings or (BenchSettings.quick() if quick else BenchSettings())
     s.validate()
     base = base or DistillConfig()
-    base = dataclasses.replace(base, eval_per_class=s.eval_per_class)
+    base = dataclasses.replace(base, eval_per_class=s.eval_per_class,
+                               **({"fake_warmup": s.fake_warmup} if s.fake_warmup is not None else {}))
     base.validate()
     with _threads(base.threads), RunFolder(out_dir, "carv bench distill", {"quick": quick}):
         return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher, config_path)
@@ -571,11 +580,18 @@ def _train_and_measure(out: Path, s: BenchSettings, base: DistillConfig, teacher
     train_costs = {f"{m}_seed{seed}": {**dist.meter.summary(), "steps": dist.step_count}
                    for (m, seed), dist in runs.items()}
 
-    # 3. middle and end checkpoints
+    # 3. middle and end checkpoints; the middle one only when it differs from the end (the step that crossed the
+    # middle mark can cross the end too, e.g. when the fake-score warm-up, charged to the run, takes the budget)
+    loaded = {}
     for label in ("middle", "end"):
-        dk = Distiller(dataclasses.replace(base, seed=seed0), teacher)
-        dk.load_checkpoint(ck_dir / f"{label}.safetensors")
-        rows[label], diag[label] = _checkpoint_rows(dk, label, s, base, out, seed0, progress)
+        loaded[label] = Distiller(dataclasses.replace(base, seed=seed0), teacher)
+        loaded[label].load_checkpoint(ck_dir / f"{label}.safetensors")
+    same = loaded["middle"].step_count == loaded["end"].step_count
+    for label in ("end",) if same else ("middle", "end"):
+        rows[label], diag[label] = _checkpoint_rows(loaded[label], label, s, base, out, seed0, progress)
+    if same:
+        diag["end"]["middle_is_end"] = (f"the middle checkpoint is the end one (baseline step "
+                                        f"{loaded['end'].step_count}): measured once, as 'end'")
     return quality, train_costs
 
 
