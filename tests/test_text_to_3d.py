@@ -203,6 +203,26 @@ def test_binned_resampler_fills_every_bin_from_stratified_warmup():
         BenchSettings(Rs=(1, 4)).validate()
 
 
+def test_quick_settings_are_a_smoke_run_whose_warmup_fills_the_peer_resampler():
+    """--quick: the headline's snapshot only, no cost sweep, a baseline row, and a warm-up (warmup_steps x warmup_R
+    renders of warmup_K stratified draws) that gives every bin of improved-diffusion's resampler its history on the
+    objective's supports (the full range and the annealed ends), so that the smoke run does not stop 'not warmed up'."""
+    from carv.timesteps import TimestepSampler
+
+    q = BenchSettings.quick()
+    q.validate()
+    assert q.smoke and q.snapshots == ("middle",) and q.cost_settings == () and 2 in q.Rs and 1 in q.Ks
+    assert max(q.Ks) <= q.k_max < BenchSettings().k_max and len(q.quality_prompts) * len(q.quality_seeds) == 1
+    for support in ((20, 980), (20, 400), (20, 500)):
+        res = SecondMomentResampler(q.resampler_bins, history=q.resampler_history)
+        samp = TimestepSampler(1000, *support, stratify="per_upstream")
+        g = torch.Generator().manual_seed(0)
+        for _ in range(q.warmup_steps):
+            t = samp.sample(q.warmup_R, q.warmup_K, generator=g).t
+            binned_resampler_update(res, t, torch.ones(t.numel()), 1000, support)
+        assert res.ready, support
+
+
 def test_component_probe_recovers_parameter_space_components():
     """ComponentProbe (carv.accounting): two vector-Jacobian products of one R x K batch give unbiased
     parameter-space components. Linear upstream x_r = W_r theta (W_r random per sample, the 'camera'),

@@ -168,11 +168,16 @@ class BenchSettings:
 
     @classmethod
     def quick(cls, **kw) -> BenchSettings:
-        base = dict(checkpoint_steps=(10, 30, 60), Rs=(2,), Ks=(1, 4, 8), min_replicates=4,
-                    rel_error=0.4, max_replicates=12, reference_R=4, reference_K=8, reference_estimates=6,
-                    pilot_steps=6, warmup_steps=5, quality_prompts=("a red mushroom",), quality_seeds=(0,),
-                    quality_budget_s=10.0, cost_settings=((32, 24),), cost_replicates=4,
-                    extra_proposal_rows=False, baseline_boost=2, smoke=True)
+        """The smoke run (``--quick``, about 1.5 CPU-minutes at one thread): the headline's middle snapshot only
+        (baseline step 20), ``R = 2``, ``K`` in 1, 4 plus the accountant's (``k_max`` 8), the peers at ``K = 1`` and
+        at the accountant's ``K``, 3-8 replicates per row, a 4-estimate reference, a learned proposal and peer
+        resampler on 25 bins, one quality pair of 8 CPU-seconds per method and no cost-ratio sweep (the earlier
+        quick, three snapshots and a sweep, took 882 s of wall-clock on a loaded machine)."""
+        base = dict(snapshots=("middle",), checkpoint_steps=(5, 20, 40), Rs=(2,), Ks=(1, 4), min_replicates=3,
+                    rel_error=0.4, max_replicates=8, reference_R=4, reference_K=8, reference_estimates=4,
+                    pilot_steps=4, warmup_steps=5, warmup_K=50, resampler_bins=25, k_max=8,
+                    quality_prompts=("a red mushroom",), quality_seeds=(0,), quality_budget_s=8.0, cost_settings=(),
+                    cost_replicates=4, extra_proposal_rows=False, baseline_boost=2, smoke=True)
         base.update(kw)
         return cls(**base)
 
@@ -732,7 +737,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         best_peer = max((r for r in rows if r["method"] in PEER_METHODS), key=lambda r: r["ecm"])
         peers_beaten[name] = {"peers_at_R2": peers, "carv_headline_ecm": head_row["ecm"],
                               "carv_headline_ecm_se": head_row.get("ecm_se"),
-                              "best_peer": {k: best_peer[k] for k in ("method", "R", "K", "ecm")},
+                              "best_peer": {k: best_peer.get(k) for k in ("method", "R", "K", "ecm", "ecm_se")},
                               "beaten_by_headline": head_row["ecm"] > best_peer["ecm"]}
     k_mid = per_ckpt["middle"]["auto_k"]["k_accountant"]
     head = headline(per_ckpt["middle"]["rows"], {"method": "importance+stratified", "R": 2, "K": k_mid,
@@ -761,7 +766,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "accountant": {n: per_ckpt[n]["accountant"] for n in names},
         "components": {n: per_ckpt[n]["summary"]["methods"] for n in names},
         "reference": {n: per_ckpt[n]["reference"] for n in names},
-        "best": {n: {k: best[n][k] for k in ("method", "R", "K", "ecm")} for n in names},
+        "best": {n: {k: best[n].get(k) for k in ("method", "R", "K", "ecm", "ecm_se")} for n in names},
         "importance_stratification_over_reuse": reuse_gain,
         "peers": peers_beaten,
         "cost_sweep": [{k: v for k, v in p.items() if k != "rows"} for p in sweep["points"]],
@@ -797,16 +802,20 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
             print(f"{name}: carv's estimator at the accountant's K = {a['k_accountant']}: ECM "
                   f"{pb['carv_headline_ecm']:.2f}x +- {pb['carv_headline_ecm_se'] or 0:.2f}{note}; best of "
                   f"{sum(r['method'] in CARV_METHODS for r in per_ckpt[name]['rows'])} carv rows "
-                  f"{best[name]['ecm']:.2f}x "
+                  f"{best[name]['ecm']:.2f}x +- {best[name].get('ecm_se') or 0:.2f} "
                   f"(upper bound){note}; c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; best peer "
-                  f"{pb['best_peer']['method']} K={pb['best_peer']['K']} {pb['best_peer']['ecm']:.2f}x{note}")
+                  f"{pb['best_peer']['method']} K={pb['best_peer']['K']} {pb['best_peer']['ecm']:.2f}x +- "
+                  f"{pb['best_peer'].get('ecm_se') or 0:.2f}{note}")
         print(f"headline (a priori, middle snapshot): ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
-              f"best of {best_n['n']} rows: {best_n['value']:.2f}x (upper bound){note}")
+              f"best of {best_n['n']} rows: {best_n['value']:.2f}x +- {best_n.get('se') or 0:.2f} "
+              f"(upper bound){note}")
         qs = result["quality_summary"]
         if quality:
+            spread = ("one pair: no error bar" if qs["n_pairs"] < 2 else
+                      f"per pair {', '.join('-' if e is None else f'{e:.2f}' for e in qs['ecm_psnr_each'])}")
             print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
-                  f"{qs['ecm_psnr_geomean']}{note}; final PSNR baseline {qs['final_psnr_mean']['baseline']:.2f} dB, "
-                  f"carv {qs['final_psnr_mean']['carv']:.2f} dB")
+                  f"{_f(qs['ecm_psnr_geomean'])} ({spread}){note}; final PSNR baseline "
+                  f"{qs['final_psnr_mean']['baseline']:.2f} dB, carv {qs['final_psnr_mean']['carv']:.2f} dB")
         print(f"run folder: {out} ({result['seconds_this_invocation'] / 60:.1f} min in this invocation)")
     return result
 
