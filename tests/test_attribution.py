@@ -305,6 +305,17 @@ def test_bench_runs_end_to_end_writes_json_and_resumes(tmp_path):
     assert [r["variance"] for r in again["rows"]] == [r["variance"] for r in res["rows"]]
 
 
+def test_quick_config_is_a_valid_smoke_run_of_every_kind_of_row():
+    """--quick keeps one method of each kind (baseline, strata, learned proposal + pilot, both peers' own draws)
+    with independent and shared draws, and D-TRAK's own objective; it drops only same-kind samplers."""
+    from carv.bench.attribution import METHODS, QUICK
+
+    cfg = AttributionBenchConfig(**QUICK)
+    cfg.validate()
+    assert set(METHODS) - set(cfg.methods) == {"grid", "stratified+importance"}
+    assert cfg.crn == [False, True] and cfg.dtrak_objective and 4 in cfg.budgets  # the headline's budget
+
+
 def test_cli_bench_attribution_passes_flags(monkeypatch, tmp_path):
     import carv.bench.attribution as mod
 

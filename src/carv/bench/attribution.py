@@ -175,8 +175,13 @@ class AttributionBenchConfig:
             raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
 
 
-# a smoke run: about 25 k per-example gradient evaluations in all (3-4 minutes at one thread on a shared 2-core CPU)
-QUICK = dict(num_train=16, num_test_queries=2, num_sample_queries=2, budgets=[1, 4, 16], baseline_budgets=[32],
+# a smoke run: about 17 k per-example gradient evaluations in all (about 2 CPU-minutes at one thread): every
+# code path of the default (independent and shared draws, the learned proposal and its pilot, both peers, D-TRAK's
+# own objective) but not the grid and weight-importance rows (samplers of the same kind) and no baseline budget
+# beyond the methods' (with all seven methods and the baseline also at 32 it took 199 s of CPU, 4:56 of wall-clock
+# at load 4-5)
+QUICK = dict(num_train=16, num_test_queries=2, num_sample_queries=2, budgets=[1, 4, 16], baseline_budgets=[],
+             methods=["iid", "stratified", "stratified+learned", "d-trak", "journey-trak"],
              reference_evals=128, reference_K=64, replicates=2, small_k_replicates=4, baseline_factor=2,
              pilot_examples=4, pilot_K=16)
 
@@ -531,7 +536,8 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
             print_table(rows_dtrak, cols, title="D-TRAK's own objective (squared norm), own reference", smoke=quick)
         if head is not None:
             print(f"headline (a priori): {head['config']} ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
-                  f"best of {best['n']} rows at K = {HEADLINE['K']}: {best['value']:.2f}x (upper bound){note}")
+                  f"best of {best['n']} rows at K = {HEADLINE['K']}: {best['value']:.2f}x +- {best['se'] or 0:.2f} "
+                  f"(upper bound){note}")
         print(f"baseline curve monotone without patching: {summary['baseline_curve_monotone']}; run folder: {out}")
     return result
 
