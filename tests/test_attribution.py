@@ -316,6 +316,17 @@ def test_quick_config_is_a_valid_smoke_run_of_every_kind_of_row():
     assert cfg.crn == [False, True] and cfg.dtrak_objective and 4 in cfg.budgets  # the headline's budget
 
 
+def test_only_rows_names_rows_of_the_configuration_and_keeps_the_baseline():
+    from carv.bench.attribution import row_keys
+
+    assert row_keys(["iid", "d-trak", "journey-trak"], [False, True]) == ["iid|indep", "iid|crn", "d-trak|crn",
+                                                                          "journey-trak|indep"]
+    AttributionBenchConfig(methods=["iid", "stratified"], only_rows=["iid|indep", "stratified|crn"]).validate()
+    for bad in (["stratified|crn"], ["iid|indep", "d-trak|indep"], ["iid|indep", "grid|crn"], "iid|indep"):
+        with pytest.raises(ValueError, match="only_rows"):
+            AttributionBenchConfig(methods=["iid", "stratified", "d-trak"], only_rows=bad).validate()
+
+
 def test_cli_bench_attribution_passes_flags(monkeypatch, tmp_path):
     import carv.bench.attribution as mod
 

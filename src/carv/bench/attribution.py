@@ -111,6 +111,9 @@ class AttributionBenchConfig:
     baseline_budgets: list[int] = field(default_factory=lambda: [128, 256, 512])  # extra budgets, baseline only
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     crn: list[bool] = field(default_factory=lambda: [False, True])
+    # only these rows, as "method|indep" / "method|crn" (None: every method with every crn): a smaller configuration
+    # that keeps the baseline and the rows it is about
+    only_rows: list[str] | None = None
     weighting: str = "sds"           # the loss weighting w(t) = 1 - alphabar_t ("uniform": the plain DDPM loss)
     proposal_weighting: str | None = None  # the free proposal's table (None: the loss weighting)
     floor: float = 0.1
@@ -157,6 +160,12 @@ class AttributionBenchConfig:
             raise ValueError(f"methods, crn: the baseline ({BASELINE!r} with independent draws) must be measured")
         if not self.crn or any(not isinstance(c, bool) for c in self.crn):
             raise ValueError(f"crn: expected a non-empty list of booleans, got {self.crn!r}")
+        if self.only_rows is not None:
+            allowed = row_keys(self.methods, self.crn)
+            ok = isinstance(self.only_rows, list) and all(r in allowed for r in self.only_rows)
+            if not ok or _key(BASELINE, False) not in self.only_rows:
+                raise ValueError(f"only_rows: expected a list of {allowed} including the baseline "
+                                 f"{_key(BASELINE, False)!r}, got {self.only_rows!r}")
         if self.reference_evals % self.reference_K:
             raise ValueError(f"reference_evals: must be a multiple of reference_K={self.reference_K}, "
                              f"got {self.reference_evals}")
@@ -351,6 +360,13 @@ def _key(method: str, crn: bool, output: str = "loss") -> str:
     return f"{method}|{'crn' if crn else 'indep'}" + ("" if output == "loss" else f"|{output}")
 
 
+def row_keys(methods: list[str], crn: list[bool]) -> list[str]:
+    """The rows a configuration measures, as ``method|indep`` / ``method|crn``: every method with every ``crn``,
+    except the peers with their own draws (D-TRAK's are shared, journey-TRAK's independent)."""
+    return [_key(m, OWN_DRAWS[m]) if m in OWN_DRAWS else _key(m, c) for m in methods
+            for c in ([None] if m in OWN_DRAWS else crn)]
+
+
 def evaluations(method: str, K: int, T: int = 1000) -> int:
     """Evaluations per data point a row spends: ``K``, except D-TRAK's ``len(range(0, T, T // K))``."""
     return len(dtrak_timesteps(K, T)) if method == "d-trak" else K
@@ -438,11 +454,10 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         return metrics
 
     N = prob.x.shape[0]
-    loss_methods = [m for m in cfg.methods if m not in OWN_DRAWS]
-    configs = [Config(_key(m, crn), N, K) for m in loss_methods for crn in cfg.crn for K in cfg.budgets]
     # the peers' own draws: D-TRAK's noise is shared by batch position (common random numbers by construction),
     # journey-TRAK's fresh per example
-    configs += [Config(_key(m, OWN_DRAWS[m]), N, K) for m in OWN_DRAWS if m in cfg.methods for K in cfg.budgets]
+    keys = [k for k in row_keys(cfg.methods, cfg.crn) if cfg.only_rows is None or k in cfg.only_rows]
+    configs = [Config(k, N, K) for k in keys for K in cfg.budgets]
     configs += [Config(_key(BASELINE, False), N, K) for K in cfg.baseline_budgets if K not in cfg.budgets]
     base_key = _key(BASELINE, False)
 
