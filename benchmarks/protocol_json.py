@@ -2,7 +2,8 @@
 
     python3 benchmarks/protocol_json.py RUN.json docs/NAME_bench.json [--rerun RUN2.json ...] [--keep KEY ...]
 
-The new file is RUN.json (what ``carv bench ... --json RUN.json`` wrote) with:
+The new file is RUN.json (what ``carv bench ... --json RUN.json`` wrote; an attribution run folder's
+``results.json`` is first cut to that form by ``carv.bench.attribution.docs_json``) with:
 
 - ``reruns``: for each ``--rerun`` file (an independent rerun of the same benchmark, e.g. another seed, run
   after the first), its command, machine, date, headline, best-of-N and settings (``carv bench report``'s
@@ -48,7 +49,12 @@ def main() -> None:
     ap.add_argument("--keep", action="append", default=[])
     a = ap.parse_args()
     old = json.loads(a.docs.read_text()) if a.docs.is_file() else None
-    new = merge(json.loads(a.run.read_text()), old, [json.loads(p.read_text()) for p in a.rerun], a.keep)
+    run = json.loads(a.run.read_text())
+    if "problem" in run and "config" in run:  # an attribution run folder's results.json
+        from carv.bench.attribution import docs_json
+
+        run = docs_json(run)
+    new = merge(run, old, [json.loads(p.read_text()) for p in a.rerun], a.keep)
     a.docs.write_text(json.dumps(new, indent=2) + "\n")
     print(f"{a.docs}: headline {new['headline']['value']:.3f} ({len(new.get('reruns', []))} rerun(s)); kept "
           f"{a.keep + (['before_protocol'] if 'before_protocol' in new else [])}")

@@ -248,7 +248,9 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
     from carv.bench.distill import BenchSettings, bench_distill
 
     _, teacher = tiny_teacher
-    s = BenchSettings(seeds=[0, 1], budget_s=0.4, eval_every_s=0.2, eval_per_class=3, replicates=2, max_replicates=4,
+    # 2 s per run, so that one step (warm-up included) does not cross both the middle and the end mark even on a loaded
+    # machine (then the middle checkpoint is the end one and is measured once: the test below)
+    s = BenchSettings(seeds=[0, 1], budget_s=2.0, eval_every_s=1.0, eval_per_class=3, replicates=2, max_replicates=4,
                       reference_estimates=2, reference_R=4, pilot_estimates=1, carv_K=2)
     res = bench_distill(tmp_path / "bench", json_path=tmp_path / "out.json", progress=False, settings=s,
                         base=tiny_cfg(fake_warmup=1), teacher=teacher)

@@ -81,7 +81,7 @@ from carv.objectives.attribution import (
 from carv.objectives.weighting import weight_table
 from carv.timesteps import LearnedProposal, TimestepSampler
 
-__all__ = ["METHODS", "AttributionBenchConfig", "AttributionProblem", "spearman", "topk_overlap",
+__all__ = ["METHODS", "AttributionBenchConfig", "AttributionProblem", "spearman", "topk_overlap", "docs_json",
            "ecm_at_equal_metric", "pivot_markdown", "run_attribution_bench"]
 
 # name -> (stratify, proposal)
@@ -532,18 +532,8 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
                                   + dtrak_md + "\n")
     _plots(rows, out, cfg)
     if json_path is not None:
-        def slim_rows(rs):
-            return [{"method": r["method"], "crn": r["crn"], "budget": r["K"], "n": r["n"], "variance": r["variance"],
-                     "spearman": r["spearman"], "spearman_se": r.get("spearman_se"), "ecm": r["ecm"],
-                     "ecm_bound": r["ecm_bound"], "ecm_wall": r["ecm_wall"],
-                     "ecm_pilot_bench": r.get("ecm_pilot_bench"),
-                     "ecm_pilot_trainset": r.get("ecm_pilot_trainset")} for r in rs]
-        slim = {k: result[k] for k in ("command", "machine", "date", "smoke", "headline", "best_of_n")}
-        slim.update({"rows": slim_rows(rows), "summary": summary, "reference": ref_info,
-                     "dtrak_objective": {"reference": ref2_info, "summary": summary_dtrak,
-                                         "rows": slim_rows(rows_dtrak)}})
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(json_path, slim)
+        atomic_write_json(json_path, docs_json(result))
     if progress:
         note = f" ({SMOKE_NOTE})" if quick else ""
         print_table(rows, cols, title="carv bench attribution: digits teacher, gradient-feature rankings", smoke=quick)
@@ -555,6 +545,26 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
                   f"(upper bound){note}")
         print(f"baseline curve monotone without patching: {summary['baseline_curve_monotone']}; run folder: {out}")
     return result
+
+
+def docs_json(result: dict) -> dict:
+    """The ``--json`` file (what docs/attribution*_bench.json hold) from a run folder's ``results.json``: the run
+    record, headline, best-of-N, summary, reference and the rows without the per-example index lists."""
+    top = f"top{result['config']['top_k']}"
+
+    def slim_rows(rs):
+        return [{"method": r["method"], "crn": r["crn"], "budget": r["K"], "n": r["n"], "variance": r["variance"],
+                 "var_replicates": r.get("var_replicates"), "bias2": r.get("bias2"), "spearman": r["spearman"],
+                 "spearman_se": r.get("spearman_se"), top: r.get(top), "ecm": r["ecm"], "ecm_se": r.get("ecm_se"),
+                 "ecm_bound": r["ecm_bound"], "ecm_wall": r["ecm_wall"], "ecm_pilot_bench": r.get("ecm_pilot_bench"),
+                 "ecm_pilot_trainset": r.get("ecm_pilot_trainset")} for r in rs]
+    out = {k: result[k] for k in ("command", "machine", "date", "smoke", "headline", "best_of_n")}
+    dt = result["dtrak_objective"]
+    out.update({"config": result["config"], "rows": slim_rows(result["rows"]), "summary": result["summary"],
+                "reference": result["reference"], "seconds": result.get("seconds"),
+                "dtrak_objective": {"reference": dt["reference"], "summary": dt["summary"],
+                                    "rows": slim_rows(dt["rows"])}})
+    return out
 
 
 def _add_ecm(rows: list[dict], cfg: AttributionBenchConfig, n_examples: int) -> dict:
