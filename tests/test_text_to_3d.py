@@ -364,6 +364,51 @@ def test_learning_rate_decays_geometrically_and_adam_uses_it_at_every_step():
         TextTo3DConfig(lr_end=0.0).validate()
 
 
+def test_colour_learning_rate_scale_moves_the_colour_that_many_times_further_than_the_density():
+    """color_lr_scale = 4: Adam's first step moves every raw density element with a non-zero gradient by exactly lr
+    and every raw colour element by exactly 4 lr (Adam's first step is lr * sign(g) up to its eps); with lr_end the
+    colour's rate follows the same decay, 4 times higher."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=3, R=2, K=2, seed=0, lr=0.05, lr_end=0.05 / 4,
+                         anneal_steps=2, color_lr_scale=4.0, **TINY)
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
+                                              cfg.guidance_scale, 4))
+    d0, c0 = trainer.grid.density.detach().clone(), trainer.grid.color.detach().clone()
+    trainer.step()
+    dd, dc = (trainer.grid.density.detach() - d0).abs(), (trainer.grid.color.detach() - c0).abs()
+    assert float(dd.max()) == pytest.approx(0.05, rel=1e-3) and float(dc.max()) == pytest.approx(0.2, rel=1e-3)
+    big_d, big_c = dd[dd > 1e-3], dc[dc > 1e-3]  # moved elements (a gradient of Adam's eps' size moves less)
+    assert big_d.numel() > 100 and big_c.numel() > 100
+    assert float(big_d.median()) == pytest.approx(0.05, rel=1e-3)
+    assert float(big_c.median()) == pytest.approx(0.2, rel=1e-3)
+    for n, (lr_d, lr_c) in enumerate([(0.05, 0.2), (0.025, 0.1), (0.0125, 0.05)]):
+        trainer.set_lr(n)
+        assert [g["lr"] for g in trainer.opt.param_groups] == pytest.approx([lr_d, lr_c], rel=1e-12)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="color_lr_scale"):
+            TextTo3DConfig(color_lr_scale=bad).validate()
+
+
+def test_adam_beta2_is_the_memory_of_the_squared_gradients_of_both_groups():
+    """adam_beta2 = 0.9: after one step Adam's second moment of every raw density and colour element is
+    (1 - 0.9) g^2 of that step's gradient; after a second, 0.9 of that plus 0.1 g_2^2 (the trainer's optimiser
+    uses the configured beta2 for both parameter groups)."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=2, R=2, K=2, seed=0, adam_beta2=0.9, **TINY)
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
+                                              cfg.guidance_scale, 4))
+    params = (trainer.grid.density, trainer.grid.color)
+    want = None
+    for _ in range(2):
+        trainer.step()
+        g2 = [p.grad.detach() ** 2 for p in params]
+        want = [0.1 * g for g in g2] if want is None else [0.9 * w + 0.1 * g for w, g in zip(want, g2, strict=True)]
+        for p, w in zip(params, want, strict=True):
+            torch.testing.assert_close(trainer.opt.state[p]["exp_avg_sq"], w, rtol=1e-5, atol=1e-20)
+    assert [g["betas"] for g in trainer.opt.param_groups] == [(0.9, 0.9)] * 2
+    for bad in (0.0, 1.0, -0.5, True):
+        with pytest.raises(ValueError, match="adam_beta2"):
+            TextTo3DConfig(adam_beta2=bad).validate()
+
+
 def test_coarse_to_fine_upsamples_the_grid_and_adams_moments_and_resumes_across_the_switch(tmp_path):
     """coarse_resolution = 9 for coarse_steps = 3: steps 1-3 train a 9^3 grid, step 4 a 16^3 grid that is the
     trilinear resampling of the coarse one (a smooth raw field -- linear in x, y, z -- is reproduced exactly, and

@@ -169,6 +169,9 @@ class TextTo3DConfig:
     init_color: float = 0.5  # every voxel's colour at step 0 (grey level in (0, 1); 0.5 is the background's grey)
     lr: float = 0.1
     lr_end: float | None = None  # Adam's learning rate decays geometrically from lr to lr_end at anneal_steps
+    color_lr_scale: float = 1.0  # the colour's learning rate is this times the density's (lr_at(step) * scale)
+    # Adam's beta2 (beta1 is 0.9): how long a voxel remembers its past gradient sizes, about 1 / (1 - beta2) steps
+    adam_beta2: float = 0.999
     tv_weight: float = 0.0
     # opacity regularisers on the training renders, per pixel in the units of the SDS gradient (see
     # Trainer.regulariser): sparsity charges opacity (no background-coloured haze), opaque its binary entropy
@@ -294,10 +297,14 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
-        for name in ("lr", "eval_every_s", "init_radius") + (("lr_end",) if self.lr_end is not None else ()):
+        for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + (
+                ("lr_end",) if self.lr_end is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        b = self.adam_beta2
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+            raise ValueError(f"adam_beta2: expected a number strictly between 0 and 1, got {b!r}")
         if isinstance(self.init_color, bool) or not isinstance(self.init_color, (int, float)) or not (
                 0 < self.init_color < 1):
             raise ValueError(f"init_color: expected a grey level strictly between 0 and 1, got {self.init_color!r}")
@@ -617,7 +624,7 @@ class Trainer:
                 get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
         self.grid = p.new_grid(self.resolution_at(0), cfg.init_blob, cfg.init_radius, cfg.init_color)
-        self.opt = torch.optim.Adam(self.grid.parameters(), lr=cfg.lr)
+        self.opt = self.new_optimiser(self.grid)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None
         self.sds = p.sds(p.sampler(cfg.resolved_proposal, cfg.resolved_stratify, cfg.floor, self.learned),
@@ -689,7 +696,7 @@ class Trainer:
         same effective step size instead of restarting (a fresh Adam would move every voxel by ``lr`` at once)."""
         old, state = self.grid, self.opt.state_dict()
         self.grid = old.upsampled(resolution)
-        opt = torch.optim.Adam(self.grid.parameters(), lr=self.opt.param_groups[0]["lr"])
+        opt = self.new_optimiser(self.grid)
         for st in state["state"].values():
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in st:
@@ -697,6 +704,24 @@ class Trainer:
                                                                                    -float("inf"))
         opt.load_state_dict(state)
         self.opt = opt
+
+    def new_optimiser(self, grid: VoxelGrid) -> torch.optim.Adam:
+        """Adam over two parameter groups, the grid's raw density and its raw colour (their learning rates are
+        set per step by :meth:`set_lr`)."""
+        opt = torch.optim.Adam([{"params": [grid.density]}, {"params": [grid.color]}], lr=self.cfg.lr,
+                               betas=(0.9, float(self.cfg.adam_beta2)))
+        self._set_group_lr(opt, 0)
+        return opt
+
+    def _set_group_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
+        lr = self.cfg.lr_at(step)
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[1]["lr"] = lr * float(self.cfg.color_lr_scale)
+
+    def set_lr(self, step: int) -> None:
+        """The learning rates of optimisation step ``step``: ``lr_at(step)`` for the density and ``color_lr_scale``
+        times that for the colour."""
+        self._set_group_lr(self.opt, step)
 
     def plain_step_cost(self) -> float | None:
         """This run's measured cost of one plain step, ``R (c_up + c_draw)`` from its meter's medians (None
@@ -727,8 +752,7 @@ class Trainer:
         else:
             R, K = self.R, self.sds.K
         self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr_at(self.step_count)
+        self.set_lr(self.step_count)
         self.sds.guidance_scale = cfg.guidance_at(self.step_count)
         # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
         out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
@@ -821,7 +845,7 @@ class Trainer:
         D = int(tensors["grid.density"].shape[-1])
         if D != self.grid.resolution:  # saved before the coarse-to-fine upsampling
             self.grid = VoxelGrid(D, bound=self.grid.bound)
-            self.opt = torch.optim.Adam(self.grid.parameters(), lr=self.cfg.lr)
+            self.opt = self.new_optimiser(self.grid)
         with torch.no_grad():
             self.grid.density.copy_(tensors["grid.density"])
             self.grid.color.copy_(tensors["grid.color"])
