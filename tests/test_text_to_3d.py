@@ -409,6 +409,32 @@ def test_adam_beta2_is_the_memory_of_the_squared_gradients_of_both_groups():
             TextTo3DConfig(adam_beta2=bad).validate()
 
 
+def test_initial_blob_is_the_ellipsoid_of_its_centre_height_and_radius():
+    """init_center_z = -0.2, init_height = 0.8, init_radius = 0.6, init_blob = 4 on a 21^3 grid (voxel centres every
+    0.1): raw density 4 at the centre (0, 0, -0.2), half of it half-way to the top (0, 0, 0.2) and to the side
+    (0.3, 0, -0.2), and 0 on and beyond the ellipsoid's surface (0, 0, 0.6), (0.6, 0, -0.2), (0, 0, -1)."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", grid_resolution=21, init_blob=4.0, init_radius=0.6,
+                         init_center_z=-0.2, init_height=0.8, render_size=32, n_samples=16, n_eval_views=2)
+    trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), 32, 16, cfg.guidance_scale, 2))
+    d = trainer.grid.density.detach()[0, 0]  # [z, y, x]
+
+    def at(x, y, z):
+        i = lambda v: round((v + 1) / 0.1)  # noqa: E731
+        return float(d[i(z), i(y), i(x)])
+
+    assert at(0, 0, -0.2) == pytest.approx(4.0, abs=1e-5)
+    assert at(0, 0, 0.2) == pytest.approx(2.0, abs=1e-5) and at(0.3, 0, -0.2) == pytest.approx(2.0, abs=1e-5)
+    assert at(0, 0.3, -0.2) == pytest.approx(2.0, abs=1e-5) and at(0, 0, -0.6) == pytest.approx(2.0, abs=1e-5)
+    assert at(0, 0, 0.6) == at(0.6, 0, -0.2) == at(0, 0, -1.0) == 0.0
+    assert float(d.max()) == pytest.approx(4.0, abs=1e-5)
+    ball = Trainer(dataclasses.replace(cfg, init_center_z=0.0, init_height=None), None, trainer.problem).grid
+    c = ball.voxel_centers().norm(dim=-1)  # the default: a ball of radius init_radius at the origin
+    torch.testing.assert_close(ball.density.detach()[0, 0], (4.0 * (1 - c / 0.6)).clamp_min(0.0), rtol=0, atol=1e-5)
+    for name, bad in (("init_center_z", 1.5), ("init_height", 0.0), ("init_height", -0.3)):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(cfg, **{name: bad}).validate()
+
+
 def test_coarse_to_fine_upsamples_the_grid_and_adams_moments_and_resumes_across_the_switch(tmp_path):
     """coarse_resolution = 9 for coarse_steps = 3: steps 1-3 train a 9^3 grid, step 4 a 16^3 grid that is the
     trilinear resampling of the coarse one (a smooth raw field -- linear in x, y, z -- is reproduced exactly, and

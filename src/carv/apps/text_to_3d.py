@@ -166,6 +166,8 @@ class TextTo3DConfig:
     n_samples: int = 48
     init_blob: float = 5.0  # peak raw density of the initial blob (0: start from an empty grid)
     init_radius: float = 0.85  # radius of the initial blob (the grid spans [-1, 1]^3)
+    init_center_z: float = 0.0  # height of the blob's centre (the scenes stand on the floor z = -0.75)
+    init_height: float | None = None  # the blob's vertical semi-axis (None: init_radius, a ball)
     init_color: float = 0.5  # every voxel's colour at step 0 (grey level in (0, 1); 0.5 is the background's grey)
     lr: float = 0.1
     lr_end: float | None = None  # Adam's learning rate decays geometrically from lr to lr_end at anneal_steps
@@ -298,13 +300,17 @@ class TextTo3DConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
         for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + (
-                ("lr_end",) if self.lr_end is not None else ()):
+                ("lr_end",) if self.lr_end is not None else ()) + (
+                ("init_height",) if self.init_height is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
         b = self.adam_beta2
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
             raise ValueError(f"adam_beta2: expected a number strictly between 0 and 1, got {b!r}")
+        z = self.init_center_z
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not -1 <= z <= 1:
+            raise ValueError(f"init_center_z: expected a height inside the grid's box [-1, 1], got {z!r}")
         if isinstance(self.init_color, bool) or not isinstance(self.init_color, (int, float)) or not (
                 0 < self.init_color < 1):
             raise ValueError(f"init_color: expected a grey level strictly between 0 and 1, got {self.init_color!r}")
@@ -450,12 +456,14 @@ class SceneProblem:
 
     # ---------------------------------------------------------------- pieces
     def new_grid(self, resolution: int, init_blob: float, init_radius: float = 0.5,
-                 init_color: float = 0.5) -> VoxelGrid:
-        """A fresh grid: an initial density blob (``init_blob`` peak raw density, 0 for none) and every
-        voxel's colour ``init_color`` (a grey level in (0, 1); the raw colour is its logit)."""
+                 init_color: float = 0.5, init_center_z: float = 0.0, init_height: float | None = None) -> VoxelGrid:
+        """A fresh grid: an initial density blob (``init_blob`` peak raw density, 0 for none; an ellipsoid of
+        horizontal radius ``init_radius`` and vertical semi-axis ``init_height`` centred at height
+        ``init_center_z``) and every voxel's colour ``init_color`` (a grey level in (0, 1); the raw colour is its
+        logit)."""
         grid = VoxelGrid(resolution, bound=1.0)
         if init_blob > 0:
-            grid.add_blob_(radius=init_radius, peak=init_blob)
+            grid.add_blob_(radius=init_radius, peak=init_blob, center_z=init_center_z, height=init_height)
         if init_color != 0.5:
             with torch.no_grad():
                 grid.color.fill_(math.log(init_color / (1.0 - init_color)))
@@ -623,7 +631,8 @@ class Trainer:
         if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
                 get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
-        self.grid = p.new_grid(self.resolution_at(0), cfg.init_blob, cfg.init_radius, cfg.init_color)
+        self.grid = p.new_grid(self.resolution_at(0), cfg.init_blob, cfg.init_radius, cfg.init_color,
+                               cfg.init_center_z, cfg.init_height)
         self.opt = self.new_optimiser(self.grid)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None

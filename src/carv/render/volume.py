@@ -349,11 +349,15 @@ class VoxelGrid(nn.Module):
         return torch.stack([x, y, z], -1)
 
     @torch.no_grad()
-    def add_blob_(self, radius: float = 0.5, peak: float = 10.0) -> VoxelGrid:
-        """Add ``peak * (1 - r / radius)`` to the raw density inside a ball at the origin (a density
-        "blob" that gives score distillation a starting shape). Returns self."""
-        r = self.voxel_centers().norm(dim=-1)
-        self.density += (peak * (1 - r / radius)).clamp_min(0.0)[None, None]
+    def add_blob_(self, radius: float = 0.5, peak: float = 10.0, center_z: float = 0.0,
+                  height: float | None = None) -> VoxelGrid:
+        """Add ``peak * (1 - rho)`` to the raw density where ``rho < 1``, with ``rho`` the ellipsoidal distance
+        ``sqrt((x^2 + y^2) / radius^2 + (z - center_z)^2 / height^2)`` (a density "blob" that gives score
+        distillation a starting shape; ``height=None``: ``radius``, a ball). Returns self."""
+        h = radius if height is None else height
+        c = self.voxel_centers()
+        rho = ((c[..., 0] ** 2 + c[..., 1] ** 2) / radius ** 2 + (c[..., 2] - center_z) ** 2 / h ** 2).sqrt()
+        self.density += (peak * (1 - rho)).clamp_min(0.0)[None, None]
         return self
 
     @staticmethod
