@@ -559,6 +559,29 @@ def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
     assert Trainer(dataclasses.replace(cfg, sparsity_weight=0.0, opaque_weight=0.0), None, problem).regulariser is None
 
 
+def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulariser_uses_the_steps_weight():
+    """sparsity_weight 0.01 -> sparsity_end 0.05 from sparsity_start 2 to anneal_steps 6: 0, 0, 0.01, 0.02, 0.03,
+    0.04, 0.05, 0.05; without sparsity_end the weight is constant. The regulariser's value on a fixed opacity at
+    step n is sparsity_at(n) * sum(opacity) / R (its exact charge), and at step 0 it charges nothing."""
+    cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.01, sparsity_end=0.05,
+                         sparsity_start=2, anneal_steps=6, **TINY)
+    assert [cfg.sparsity_at(n) for n in range(8)] == pytest.approx([0, 0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.05])
+    assert TextTo3DConfig().sparsity_at(0) == TextTo3DConfig().sparsity_at(10**6) == 0.03
+    ramp = dataclasses.replace(cfg, sparsity_weight=0.0, sparsity_start=0)  # 0 -> 0.05 from step 0
+    assert [ramp.sparsity_at(n) for n in (0, 3, 6)] == pytest.approx([0.0, 0.025, 0.05])
+    problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
+    trainer = Trainer(cfg, None, problem)
+    opacity = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    for n in (0, 3, 7):
+        trainer.step_count = n
+        assert float(trainer.regulariser(opacity)) == pytest.approx(cfg.sparsity_at(n) * float(opacity.sum()) / 2,
+                                                                    rel=1e-6, abs=1e-9)
+    assert Trainer(ramp, None, problem).regulariser is not None  # 0 at step 0, but not for the whole run
+    for name, bad in (("sparsity_end", -0.1), ("sparsity_start", 7), ("sparsity_start", -1)):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(cfg, **{name: bad}).validate()
+
+
 def test_app_defaults_are_the_measured_objective_settings():
     """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
     0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras at

@@ -178,6 +178,10 @@ class TextTo3DConfig:
     # opacity regularisers on the training renders, per pixel in the units of the SDS gradient (see
     # Trainer.regulariser): sparsity charges opacity (no background-coloured haze), opaque its binary entropy
     sparsity_weight: float = 0.03
+    # the sparsity weight moves linearly from sparsity_weight at step sparsity_start to sparsity_end at anneal_steps
+    # (None: constant sparsity_weight); before sparsity_start it is 0 when sparsity_end is given
+    sparsity_end: float | None = None
+    sparsity_start: int = 0
     opaque_weight: float = 0.0
     # the run folder
     eval_every_s: float = 20.0  # training seconds between quality evaluations (16 held-out views)
@@ -239,6 +243,18 @@ class TextTo3DConfig:
             return float(self.lr)
         return float(self.lr) * (float(self.lr_end) / float(self.lr)) ** min(step / self.anneal_steps, 1.0)
 
+    def sparsity_at(self, step: int) -> float:
+        """The sparsity weight at optimisation step ``step``: ``sparsity_weight`` when ``sparsity_end`` is None;
+        else 0 before ``sparsity_start``, then linear from ``sparsity_weight`` at ``sparsity_start`` to
+        ``sparsity_end`` at ``anneal_steps`` and constant after."""
+        if self.sparsity_end is None:
+            return float(self.sparsity_weight)
+        if step < self.sparsity_start:
+            return 0.0
+        span = max(self.anneal_steps - self.sparsity_start, 1)
+        a = min((step - self.sparsity_start) / span, 1.0)
+        return (1 - a) * float(self.sparsity_weight) + a * float(self.sparsity_end)
+
     def identity(self) -> dict:
         """The configuration with the presets resolved, so that a default spelled out equals the default
         (``--proposal learned`` is the carv run's own proposal); what run folders and checkpoints compare."""
@@ -252,6 +268,7 @@ class TextTo3DConfig:
         get_scene(self.prompt)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        check_int(self.sparsity_start, "sparsity_start", 0, self.anneal_steps)
         for name in ("steps", "R", "r_max", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
                      "grid_resolution", "anneal_steps", "coarse_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
@@ -295,7 +312,8 @@ class TextTo3DConfig:
             raise ValueError(f"probe_every: the accountant needs ordinary steps between probes (>= 2), "
                              f"got {self.probe_every}")
         for name in ("guidance_scale", "tv_weight", "init_blob", "sparsity_weight", "opaque_weight") + (
-                ("guidance_end",) if self.guidance_end is not None else ()):
+                ("guidance_end",) if self.guidance_end is not None else ()) + (
+                ("sparsity_end",) if self.sparsity_end is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
@@ -677,14 +695,16 @@ class Trainer:
         ``opacity [R, 1, H, W] -> (sparsity_weight * sparsity_loss + opaque_weight * opaque_loss) * H W / R``:
         the weights are per pixel, on the scale of the SDS surrogate (whose gradient per render element is
         the residual ``/ R``), so ``sparsity_weight = 0.05`` charges a fully opaque pixel as much as an SDS
-        residual of 0.05 asks for it."""
+        residual of 0.05 asks for it. The sparsity weight is the current step's (:meth:`TextTo3DConfig.sparsity_at`
+        at ``step_count``, read when the regulariser is called)."""
         cfg = self.cfg
-        if cfg.sparsity_weight == 0 and cfg.opaque_weight == 0:
+        if cfg.sparsity_weight == 0 and not cfg.sparsity_end and cfg.opaque_weight == 0:
             return None
 
         def reg(opacity: Tensor) -> Tensor:
             scale = opacity[0].numel()  # mean over R H W pixels * H W = sum / R
-            return scale * (cfg.sparsity_weight * sparsity_loss(opacity) + cfg.opaque_weight * opaque_loss(opacity))
+            sparsity = cfg.sparsity_at(self.step_count)
+            return scale * (sparsity * sparsity_loss(opacity) + cfg.opaque_weight * opaque_loss(opacity))
 
         return reg
 
