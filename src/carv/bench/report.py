@@ -198,7 +198,9 @@ def plot_metric_vs_k(rows: Sequence[dict], path: str | Path, metric: str, ylabel
 # NAME is a benchmark (docs/NAME_bench.json); KIND is one of GENERATORS. Everything outside the blocks is
 # hand-written prose and is kept as it is, so other sections (and their authors) live beside them.
 BENCHMARKS = {"demo": "docs/demo_bench.json", "text-to-3d": "docs/text_to_3d_bench.json",
-              "attribution": "docs/attribution_bench.json", "distill": "docs/distill_bench.json"}
+              "attribution": "docs/attribution_bench.json",
+              # the same benchmark in a second configuration: budgets to 64 evaluations, journey-TRAK
+              "attribution-64": "docs/attribution_64_bench.json", "distill": "docs/distill_bench.json"}
 # measurements that are not ECM benchmarks (no headline / best-of-N) but whose tables are generated too
 TABLES = {"sd": "docs/sd_memory.json"}
 PENDING = "not yet measured under the protocol"
@@ -273,6 +275,8 @@ ROW_COLUMNS_OF = {
                    "re", "ecm", "ecm_se", "bound_fraction"),
     "attribution": ("method", "crn", "budget", "n", "variance", "spearman", "spearman_se", "ecm", "ecm_bound",
                     "ecm_wall", "ecm_pilot_bench", "ecm_pilot_trainset"),
+    "attribution-64": ("method", "crn", "budget", "n", "variance", "bias2", "spearman", "spearman_se", "top10", "ecm",
+                       "ecm_bound", "ecm_se", "ecm_wall"),
     "distill": ("checkpoint", "config", "R", "K", "n", "variance", "variance_se", "reduction_vs_R8K1", "cost_s",
                 "cost_wall_s", "ecm", "ecm_se", "ecm_step"),
 }
