@@ -333,7 +333,9 @@ def journey_trak_draws(x0: Tensor, labels: Tensor, K: int, num_timesteps: int = 
     ``F.mse_loss(noise_pred, noise)``: the unweighted per-pixel DDPM loss (``GradientFeatures`` with
     ``weighting="uniform"``, ``output="loss"``). The per-timestep gradients are summed (``_accumulate_vectorize``);
     here the weights are 1, i.e. their mean, which is the sum divided by ``K``: a constant factor that cosine
-    scores ignore, kept off so that the features are on the scale of the other estimators'.
+    scores ignore, kept off so that the features are on the scale of the other estimators'. Not reproduced: its
+    CIFAR-10 loader (``examples/utils.py``, ``get_cifar_loader``) also flips each image at random
+    (``transforms.RandomHorizontalFlip``) while featurizing; a flipped digit is another image.
 
     ``generator`` (a ``torch.Generator`` on the CPU, a seed, or None) stands in for numpy's and torch's global
     generators (carv touches no global RNG): the timesteps ``torch.randint(start_tstep, end_tstep, (N, K))``
