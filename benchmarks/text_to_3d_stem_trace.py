@@ -5,7 +5,8 @@
 Trains the main job's default configuration (``--set`` overrides a :class:`carv.apps.text_to_3d.TextTo3DConfig`
 field; one thread, no run folder) and every ``N`` steps (default 25) appends one JSON line with the mean
 activated density and the density-weighted mean colour of the grid's voxels in three regions taken from the
-ground truth baked at the grid's resolution: ``stem`` (ground-truth solid, below the cap's base z < 0),
+ground truth baked at the grid's resolution: ``stem`` (ground-truth solid, below the cap's base z < 0; its part
+below the learned cap's usual floor, z < -0.3: ``lower_stem``),
 ``cap`` (ground-truth solid, z >= 0) and ``under`` (ground-truth empty, below the cap's rim: z in (-0.7, -0.05),
 radius 0.3-0.75 from the axis: what the learned cap grows into), plus the held-out PSNR / mask IoU at the end.
 """
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
     solid = gt.density[0, 0] > 1.0
     rad = c[..., :2].norm(dim=-1)
     z = c[..., 2]
-    regions = {"stem": solid & (z < 0), "cap": solid & (z >= 0),
+    regions = {"stem": solid & (z < 0), "lower_stem": solid & (z < -0.3), "cap": solid & (z >= 0),
                "under": ~solid & (z > -0.7) & (z < -0.05) & (rad > 0.3) & (rad < 0.75)}
     with open(args.out, "w") as f:
         while True:

@@ -368,8 +368,10 @@ def test_colour_learning_rate_scale_moves_the_colour_that_many_times_further_tha
     """color_lr_scale = 4: Adam's first step moves every raw density element with a non-zero gradient by exactly lr
     and every raw colour element by exactly 4 lr (Adam's first step is lr * sign(g) up to its eps); with lr_end the
     colour's rate follows the same decay, 4 times higher."""
+    # sparsity from step 0: at step 0 every voxel has the background's grey, so only the sparsity term gives the
+    # density a gradient
     cfg = TextTo3DConfig(prompt="a red mushroom", steps=3, R=2, K=2, seed=0, lr=0.05, lr_end=0.05 / 4,
-                         anneal_steps=2, color_lr_scale=4.0, **TINY)
+                         anneal_steps=2, color_lr_scale=4.0, sparsity_start=0, **TINY)
     trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
                                               cfg.guidance_scale, 4))
     d0, c0 = trainer.grid.density.detach().clone(), trainer.grid.color.detach().clone()
@@ -541,7 +543,8 @@ def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
     gradient of sum(sparsity_weight * opacity + opaque_weight * H(opacity)) / R over the step's renders."""
     from carv.render import opaque_loss, sparsity_loss
 
-    cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.05, opaque_weight=0.02, **TINY)
+    cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.05, sparsity_start=0,
+                         opaque_weight=0.02, **TINY)
     problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
     trainer = Trainer(cfg, None, problem)
     grids = []
@@ -561,12 +564,15 @@ def test_opacity_regulariser_adds_its_exact_gradient_to_the_sds_gradient():
 
 def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulariser_uses_the_steps_weight():
     """sparsity_weight 0.01 -> sparsity_end 0.05 from sparsity_start 2 to anneal_steps 6: 0, 0, 0.01, 0.02, 0.03,
-    0.04, 0.05, 0.05; without sparsity_end the weight is constant. The regulariser's value on a fixed opacity at
-    step n is sparsity_at(n) * sum(opacity) / R (its exact charge), and at step 0 it charges nothing."""
+    0.04, 0.05, 0.05; without sparsity_end the weight is constant from sparsity_start on. The regulariser's value
+    on a fixed opacity at step n is sparsity_at(n) * sum(opacity) / R (its exact charge), and at step 0 it charges
+    nothing."""
     cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.01, sparsity_end=0.05,
                          sparsity_start=2, anneal_steps=6, **TINY)
     assert [cfg.sparsity_at(n) for n in range(8)] == pytest.approx([0, 0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.05])
-    assert TextTo3DConfig().sparsity_at(0) == TextTo3DConfig().sparsity_at(10**6) == 0.03
+    d = TextTo3DConfig()  # the default: none for the first 100 steps, then 0.03
+    assert d.sparsity_at(0) == d.sparsity_at(99) == 0.0 and d.sparsity_at(100) == d.sparsity_at(10**6) == 0.03
+    assert dataclasses.replace(d, sparsity_start=0).sparsity_at(0) == 0.03  # constant from step 0
     ramp = dataclasses.replace(cfg, sparsity_weight=0.0, sparsity_start=0)  # 0 -> 0.05 from step 0
     assert [ramp.sparsity_at(n) for n in (0, 3, 6)] == pytest.approx([0.0, 0.025, 0.05])
     problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
@@ -577,7 +583,7 @@ def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulari
         assert float(trainer.regulariser(opacity)) == pytest.approx(cfg.sparsity_at(n) * float(opacity.sum()) / 2,
                                                                     rel=1e-6, abs=1e-9)
     assert Trainer(ramp, None, problem).regulariser is not None  # 0 at step 0, but not for the whole run
-    for name, bad in (("sparsity_end", -0.1), ("sparsity_start", 7), ("sparsity_start", -1)):
+    for name, bad in (("sparsity_end", -0.1), ("sparsity_start", 7), ("sparsity_start", -1), ("sparsity_start", 1.5)):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(cfg, **{name: bad}).validate()
 
@@ -585,14 +591,17 @@ def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulari
 def test_app_defaults_are_the_measured_objective_settings():
     """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
     0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras at
-    elevation 15-25, blob radius 0.85, sparsity 0.03, guidance 3, constant lr, no coarse-to-fine; the problem built
+    elevation 15-25, blob radius 0.85, sparsity 0.03 from step 100 (none before), Adam's beta2 0.99, guidance 3,
+    constant lr, no coarse-to-fine; the problem built
     from them carries the step-0 range and the elevations for the benchmark's samplers."""
     cfg = TextTo3DConfig()
     assert (cfg.t_lo, cfg.t_hi, cfg.t_lo_end, cfg.t_hi_end, cfg.anneal_steps) == (0.02, 0.98, 0.02, 0.4, 200)
     assert cfg.t_range(0) == (20, 980) and cfg.t_range(100) == (20, 690)
     assert cfg.t_range(200) == cfg.t_range(10_000) == (20, 400)
     assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius, cfg.init_color) == (15, 25, 0.85, 0.5)
-    assert (cfg.sparsity_weight, cfg.opaque_weight) == (0.03, 0)
+    assert (cfg.sparsity_weight, cfg.sparsity_start, cfg.sparsity_end, cfg.opaque_weight) == (0.03, 100, None, 0)
+    assert cfg.adam_beta2 == 0.99 and cfg.color_lr_scale == 1.0
+    assert (cfg.init_blob, cfg.init_center_z, cfg.init_height) == (5.0, 0.0, None)
     assert (cfg.guidance_scale, cfg.guidance_end, cfg.steps, cfg.R) == (3.0, None, 300, 2)
     assert (cfg.lr, cfg.lr_end) == (0.1, None)
     assert cfg.coarse_resolution is None

@@ -266,7 +266,8 @@ def text_to_3d_cmd(
                                                              "fraction over --anneal-steps (default 0.4; "
                                                              "--t-hi-end equal to --t-hi: no annealing)."),
     anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (200)."),
-    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03)."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03, from "
+                                                            "step 100)."),
     grid_resolution: int = typer.Option(None, "--grid-resolution", help="Voxels per side (default 48)."),
     render_size: int = typer.Option(None, "--render-size", help="Render size before resizing to 32 px (64)."),
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per ray (default 48)."),
