@@ -12,6 +12,15 @@ turns them into pairs (unreached ones at their bound). With ``--json FILE`` (e.g
 the pairs, their geometric means, the per-seed geometric means with the standard error across seeds, the
 reference's and each run's finals are written as FILE's ``equal_step_compute`` entry (its other keys, and that
 entry's ``earlier`` / ``variance_sensitivity`` records, are kept). Every run resumes where it stopped.
+
+With ``--lr-grid 0.05,0.1,0.2,0.4 --tune-seed T`` each estimator gets its own learning rate, tuned on the same
+grid at a seed that is not measured: one ``--compare`` run per rate (both estimators at that rate) at seed
+``T`` into ``<root>/tune-<prompt>-s<T>-lr<rate>``; each estimator's rate is the one with the best smoothed final
+``--select`` metric (default psnr_ref: the distance to the objective's own solution) in its own runs. The
+measured seeds then run ``--compare --lr <carv's> --baseline-lr <baseline's>`` into
+``<root>/cmp-<prompt>-s<S>-lrtuned``; the JSON entry is ``equal_step_compute_lr_tuned`` (the tuning runs'
+finals and the chosen rates recorded beside the pairs). The tuning runs' cost is paid by both estimators alike
+and is not part of either's steps or seconds.
 """
 
 from __future__ import annotations
@@ -43,7 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("seeds", type=int, nargs="+")
     ap.add_argument("--root", default="runs/eqstep")
     ap.add_argument("--json", default=None, help="write the equal_step_compute entry into this JSON file")
+    ap.add_argument("--lr-grid", default=None, help="comma-separated learning rates: tune each estimator's on it")
+    ap.add_argument("--tune-seed", type=int, default=None, help="the seed the rates are tuned at (not measured)")
+    ap.add_argument("--select", default="psnr_ref", choices=("psnr_ref", "iou_ref", "psnr", "iou"),
+                    help="the smoothed final metric a rate is chosen by")
     args = ap.parse_args(argv)
+    grid = None
+    if args.lr_grid is not None:
+        try:
+            grid = sorted({float(x) for x in args.lr_grid.split(",")})
+        except ValueError:
+            ap.error(f"--lr-grid: expected comma-separated positive numbers, got {args.lr_grid!r}")
+        if not grid or min(grid) <= 0:
+            ap.error(f"--lr-grid: expected comma-separated positive numbers, got {args.lr_grid!r}")
+        if args.tune_seed is None or args.tune_seed in args.seeds:
+            ap.error("--tune-seed: with --lr-grid give a seed that is not among the measured seeds")
 
     import torch
 
@@ -60,15 +83,37 @@ def main(argv: list[str] | None = None) -> None:
     if not (ref / "summary.json").exists():
         run_text_to_3d(args.prompt, ref, dataclasses.replace(base, method="baseline", R=8), progress=False,
                        teacher=teacher)
+
+    def compare(out: Path, cfg: TextTo3DConfig) -> dict:
+        if (out / "summary.json").exists():
+            return read_json(out / "summary.json", "compare summary")
+        return run_text_to_3d(args.prompt, out, cfg, compare=True, progress=False, teacher=teacher)
+
+    tuning, suffix, lrs = None, "", {}
+    if grid is not None:
+        tuning = []
+        for lr in grid:
+            sm = compare(root / f"tune-{_slug(args.prompt)}-s{args.tune_seed}-lr{lr:g}",
+                         dataclasses.replace(base, seed=args.tune_seed, reference=str(ref), lr=lr))
+            q = sm["steps_ratio_equal_quality"][args.select]
+            tuning.append({"lr": lr, "baseline": q["target"], "carv": q["method_final"],
+                           "final": sm["final"]})
+            print(f"tuning lr {lr:g}: smoothed final {args.select} baseline {q['target']:.4f}, "
+                  f"carv {q['method_final']:.4f}")
+        lrs = {m: max(tuning, key=lambda r: r[m])["lr"] for m in ("carv", "baseline")}
+        print(f"chosen learning rates: {lrs}")
+        suffix = "-lrtuned"
     summaries = []
     for s in args.seeds:
-        out = root / f"cmp-{_slug(args.prompt)}-s{s}"
-        if (out / "summary.json").exists():
-            summaries.append(read_json(out / "summary.json", "compare summary"))
-            continue
-        sm = run_text_to_3d(args.prompt, out, dataclasses.replace(base, seed=s, reference=str(ref)), compare=True,
-                            progress=False, teacher=teacher)
+        out = root / f"cmp-{_slug(args.prompt)}-s{s}{suffix}"
+        cfg = dataclasses.replace(base, seed=s, reference=str(ref))
+        if lrs:
+            cfg = dataclasses.replace(cfg, lr=lrs["carv"], baseline_lr=lrs["baseline"])
+        done = (out / "summary.json").exists()
+        sm = compare(out, cfg)
         summaries.append(sm)
+        if done:
+            continue
         print(f"seed {s}:", json.dumps({k: v.get("ecm") for k, v in sm["steps_ratio_equal_quality"].items()}))
     res = equal_step_compute(summaries)
     res["steps_spread"] = _per_seed(res["pairs"], "baseline_steps", "carv_steps")
@@ -79,17 +124,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     ref_sm = read_json(ref / "summary.json", "reference summary")
     res["command"] = ("PYTHONPATH=src python3 benchmarks/equal_step_reference.py " + json.dumps(args.prompt) + " "
-                      + " ".join(map(str, args.seeds)) + f" --json {args.json}")
+                      + " ".join(map(str, args.seeds)) + f" --json {args.json}"
+                      + ("" if grid is None else f" --lr-grid {args.lr_grid} --tune-seed {args.tune_seed}"
+                         f" --select {args.select}"))
+    if tuning is not None:
+        res["lr_tuning"] = {"grid": grid, "tune_seed": args.tune_seed, "select": args.select, "runs": tuning,
+                            "chosen": lrs, "rule": "each estimator's rate with the best smoothed final "
+                            f"{args.select} in its own runs at the tuning seed"}
     res["reference"] = {"config": "baseline R=8 K=1, 300 steps, the objective's defaults", "final": ref_sm["final"],
                         "train_seconds": ref_sm["train_seconds"]}
     res["runs"] = [{"seed": sm["seed"], "final": sm["final"], "seconds_per_step": sm["seconds_per_step"],
                     "carv_R_K_final": [sm["R_final"], sm["K_final"]], "machine": sm["machine"]} for sm in summaries]
     doc = read_json(args.json, "benchmark JSON")
-    old = doc.get("equal_step_compute") or {}
+    entry = "equal_step_compute" if grid is None else "equal_step_compute_lr_tuned"
+    old = doc.get(entry) or {}
     for key in ("earlier", "variance_sensitivity"):  # records this script does not make: kept as they are
         if key in old:
             res[key] = old[key]
-    doc["equal_step_compute"] = res
+    doc[entry] = res
     atomic_write_json(args.json, doc)
 
 

@@ -124,6 +124,20 @@ def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(t
     assert set(res["steps_ratio_equal_quality"]) == {"psnr", "iou"}
 
 
+def test_compare_gives_the_baseline_its_own_learning_rate(tmp_path):
+    """``baseline_lr`` (``--baseline-lr``) sets the baseline's Adam rate in --compare, carv keeps ``lr``; a decay to
+    ``lr_end`` keeps its ratio for the baseline; None leaves both at ``lr``."""
+    from carv.apps.text_to_3d import _baseline_lr
+
+    assert _baseline_lr(TextTo3DConfig(lr=0.2)) == {}
+    assert _baseline_lr(TextTo3DConfig(lr=0.2, lr_end=0.05, baseline_lr=0.1)) == pytest.approx(
+        {"lr": 0.1, "lr_end": 0.025, "baseline_lr": None})
+    cfg = TextTo3DConfig(prompt="a snowman", steps=2, K=2, lr=0.2, baseline_lr=0.05, **TINY)
+    run_text_to_3d("a snowman", tmp_path / "c", cfg, compare=True, progress=False, teacher=_teacher())
+    lrs = {m: json.loads((tmp_path / "c" / m / "config.json").read_text())["lr"] for m in ("carv", "baseline")}
+    assert lrs == {"carv": 0.2, "baseline": 0.05}
+
+
 def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
     res = runner.invoke(app, ["text-to-3d", "a flying car", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0
@@ -135,7 +149,9 @@ def test_bad_prompts_and_flags_give_clear_errors(tmp_path):
                           (["--step-budget", "lots"], "step_budget"), (["--upstream", "sobol"], "upstream"),
                           (["--compare", "--compare-at", "flops"], "compare_at"),
                           (["--t-lo", "0.6"], "t_lo"), (["--t-hi-end", "1.5"], "end[1]"),
-                          (["--sparsity", "-1"], "sparsity_weight")):
+                          (["--sparsity", "-1"], "sparsity_weight"), (["--lr", "0"], "lr"),
+                          (["--baseline-lr", "0.2"], "baseline_lr"),
+                          (["--compare", "--baseline-lr", "-0.1"], "baseline_lr")):
         res = runner.invoke(app, ["text-to-3d", "a snowman", "--out", str(tmp_path / "y"), *flags])
         assert res.exit_code != 0, flags
         assert needle in res.output.replace("│", " "), (flags, res.output)

@@ -268,6 +268,9 @@ def text_to_3d_cmd(
     anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (200)."),
     sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03, from "
                                                             "step 100)."),
+    lr: float = typer.Option(None, "--lr", help="Adam's learning rate (default 0.1)."),
+    baseline_lr: float = typer.Option(None, "--baseline-lr", help="With --compare: the baseline's own learning "
+                                                                   "rate (default: --lr, the same for both)."),
     grid_resolution: int = typer.Option(None, "--grid-resolution", help="Voxels per side (default 48)."),
     render_size: int = typer.Option(None, "--render-size", help="Render size before resizing to 32 px (64)."),
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per ray (default 48)."),
@@ -289,7 +292,8 @@ def text_to_3d_cmd(
     flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
                  proposal=proposal, stratify=stratify,
                  guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
-                 sparsity_weight=sparsity, grid_resolution=grid_resolution, render_size=render_size,
+                 sparsity_weight=sparsity, lr=lr, baseline_lr=baseline_lr, grid_resolution=grid_resolution,
+                 render_size=render_size,
                  n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed,
                  teacher=None if teacher is None else str(teacher),
                  reference=None if reference is None else str(reference))

@@ -178,6 +178,9 @@ class TextTo3DConfig:
     # Adam's beta2 (beta1 is 0.9): how long a voxel remembers its past gradient sizes, about 1 / (1 - beta2) steps
     # (default 0.99, not torch's 0.999, which averages over ~1000 steps, longer than the run; measured in BENCHMARKS.md)
     adam_beta2: float = 0.99
+    # with --compare: the baseline's own learning rate (None: lr, one rule for both); lets each estimator run at
+    # the rate tuned for it on a common grid (a lower-variance gradient can afford a longer step)
+    baseline_lr: float | None = None
     tv_weight: float = 0.0
     # opacity regularisers on the training renders, per pixel in the units of the SDS gradient (see
     # Trainer.regulariser): sparsity charges opacity (no background-coloured haze), opaque its binary entropy
@@ -322,9 +325,8 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
-        for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + (
-                ("lr_end",) if self.lr_end is not None else ()) + (
-                ("init_height",) if self.init_height is not None else ()):
+        for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + tuple(
+                n for n in ("lr_end", "init_height", "baseline_lr") if getattr(self, n) is not None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
@@ -1042,8 +1044,9 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     ``quality_vs_steps.png`` and ``quality_vs_seconds.png``. ``compare_at="step"`` (the default): **equal
     per-step compute**, both make ``cfg.steps`` steps and carv's allocator spends the baseline's measured
     per-step cost (``R (c_up + c_draw)`` from the baseline's own meter, re-read every step). Both use the same
-    learning rate (``cfg.lr``: one rule for both). ``compare_at="wall-clock"``: the run with less training time
-    so far steps next, and the baseline stops once it has used as much time as the carv run.
+    learning rate (``cfg.lr``: one rule for both) unless ``cfg.baseline_lr`` gives the baseline its own (each
+    tuned on the same grid: ``benchmarks/equal_step_reference.py --lr-grid``). ``compare_at="wall-clock"``: the
+    run with less training time so far steps next, and the baseline stops once it has used as much time as the carv run.
     """
     cfg = dataclasses.replace(cfg) if cfg is not None else TextTo3DConfig()
     cfg.prompt = prompt
@@ -1062,6 +1065,15 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         if folder.previous is not None and progress:
             print(f"--fresh: moved the earlier run in {str(out)!r} to {str(folder.previous)!r}")
         return _run_in_folder(out, cfg, compare, progress, teacher, compare_at)
+
+
+def _baseline_lr(cfg: TextTo3DConfig) -> dict:
+    """The baseline's learning-rate fields in ``--compare``: ``cfg.baseline_lr`` in place of ``cfg.lr`` (a decay
+    to ``lr_end`` keeps its ratio ``lr_end / lr``), or nothing when it is None (both at ``cfg.lr``)."""
+    if cfg.baseline_lr is None:
+        return {}
+    end = None if cfg.lr_end is None else float(cfg.lr_end) * float(cfg.baseline_lr) / float(cfg.lr)
+    return {"lr": float(cfg.baseline_lr), "lr_end": end, "baseline_lr": None}
 
 
 def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool,
@@ -1098,7 +1110,8 @@ def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool
     equal_step = compare_at == "step"
     cfgs = {"carv": dataclasses.replace(cfg, method="carv"),
             "baseline": dataclasses.replace(cfg, method="baseline", K=None, proposal=None, stratify=None,
-                                            upstream=None, **({} if equal_step else dict(steps=10**9, budget_s=None)))}
+                                            upstream=None, **_baseline_lr(cfg),
+                                            **({} if equal_step else dict(steps=10**9, budget_s=None)))}
     trainers = {m: Trainer(c, out / m, problem) for m, c in cfgs.items()}
     metrics = {m: _prepare(t) for m, t in trainers.items()}
     carv_t, base_t = trainers["carv"], trainers["baseline"]
@@ -1189,6 +1202,8 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
     if baseline and compare:
         raise ValueError("baseline, compare: --compare already trains the baseline next to carv; pass one of them")
+    if "baseline_lr" in given and not compare:
+        raise ValueError("baseline_lr: --baseline-lr is the baseline's rate in --compare; without --compare use --lr")
     if baseline:
         clash = sorted(k for k in ("K", "proposal", "stratify") if k in given and not (k == "K" and given[k] == 1))
         if clash:
