@@ -359,3 +359,16 @@ def test_bench_allocator_vs_hindsight_on_a_synthetic_pipeline():
     # 200 replicates: the variance's relative standard error is sqrt(2 / 200) = 10% per row
     assert res["ratio_var_x_cost"] < 1.10 + 4 * 0.1 * math.sqrt(2)
     assert frontier(0.0721, cu, cd, (1, 2, 10, 40), (1, 16)) == [(2, 1), (1, 2), (1, 10)]
+
+
+def test_bench_allocator_cli_names_a_bad_pipeline_and_text_to_3d_only_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from carv.cli import app
+
+    for flags, needle in ((["--pipeline", "sd"], "pipeline"), (["--pipeline", "distill", "--cameras"], "--cameras"),
+                          (["--pipeline", "distill", "--budgets", "0.5"], "budgets")):
+        res = CliRunner().invoke(app, ["bench", "allocator", "--out", str(tmp_path / "x"), *flags])
+        text = " ".join(res.output.replace("│", " ").split())
+        assert res.exit_code != 0 and needle in text, (flags, res.output)
+    assert not (tmp_path / "x").exists()  # refused before anything ran or was written

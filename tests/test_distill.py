@@ -372,3 +372,28 @@ def test_fresh_after_an_interrupted_fresh_run_never_resumes_the_old_run(tmp_path
     res = run_distill(out, fresh_cfg, progress=False, teacher=teacher)
     assert res["steps"] == 4
     assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_parameter_components_predict_the_generator_gradient_variance(tiny_teacher):
+    """A distillation probe's components are those of the generator-parameter gradient: averaged over probes,
+    ``(sigma_b^2 + sigma_w^2 / K) / R`` equals the replicate variance of :meth:`Distiller.parameter_gradient` at
+    the same ``(R, K)`` within 4 standard errors (both SEs from the samples; a wrong factor of R = 2 is about
+    14 SE off at this count); R = 1 is refused, naming R."""
+    from carv.apps.distill import Distiller
+
+    _, teacher = tiny_teacher
+    d = Distiller(tiny_cfg(), teacher)
+    d.warmup()
+    R, K, n = 2, 4, 60
+    obj = d.make_objective(d.make_sampler("none", "none"), K)
+    g = torch.Generator().manual_seed(3)
+    gs = torch.stack([d.parameter_gradient(obj, R, g) for _ in range(n)]).double()
+    sq = (gs - gs.mean(0)).pow(2).sum(1) * n / (n - 1)
+    var, var_se = float(sq.mean()), float(sq.std() / n**0.5)
+    comps = [d.parameter_components(obj, R, g) for _ in range(n)]
+    pred = torch.tensor([(c.between + c.within / K) / R for c in comps], dtype=torch.float64)
+    z = (float(pred.mean()) - var) / math.hypot(var_se, float(pred.std() / n**0.5))
+    assert abs(z) < 4, (float(pred.mean()), var, z)
+    with pytest.raises(ValueError, match="R"):
+        d.parameter_components(obj, 1, g)

@@ -350,10 +350,19 @@ def bench_allocator_cmd(
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     cameras: bool = typer.Option(False, "--cameras", help="Instead: between-render variance with and without "
                                                           "camera strata (lattice across steps, strata at R = 2)."),
+    pipeline: str = typer.Option("text-to-3d", "--pipeline", help="text-to-3d (a frozen grid) or distill (the "
+                                                                  "one-step generator at its start checkpoint)."),
 ):
-    """Text-to-3D: the online Allocator's (R, K) against the best fixed (R, K) in hindsight at the same
-    per-step budget (Var * C by replicates against a reference); with --cameras, the camera strata."""
-    from carv.bench.allocator import bench_allocator_text_to_3d, bench_camera_strata_text_to_3d
+    """The online Allocator's (R, K) against the best fixed (R, K) in hindsight at the same per-step budget
+    (Var * C by replicates against a reference), on text-to-3D or distillation; with --cameras, the camera
+    strata."""
+    from carv.bench.allocator import bench_allocator_distill, bench_allocator_text_to_3d, bench_camera_strata_text_to_3d
+
+    if pipeline not in ("text-to-3d", "distill"):
+        raise typer.BadParameter(f"pipeline: expected 'text-to-3d' or 'distill', got {pipeline!r}")
+    if pipeline == "distill" and (cameras or grid is not None):
+        raise typer.BadParameter("pipeline: --cameras and --grid are text-to-3d options; drop them with "
+                                 "--pipeline distill")
 
     if cameras:
         cmd = f"carv bench allocator --cameras --replicates {replicates} --threads {threads}"
@@ -368,6 +377,12 @@ def bench_allocator_cmd(
         raise typer.BadParameter(f"budgets: expected numbers >= 1 (one render with one draw), got {budgets!r}")
     cmd = (f"carv bench allocator --budgets {budgets} --replicates {replicates} --pilot-steps {pilot_steps} "
            f"--threads {threads}" + (f" --grid {grid}" if grid else ""))
+    if pipeline == "distill":
+        if out == Path("runs/bench-allocator-text-to-3d"):
+            out = Path("runs/bench-allocator-distill")
+        bench_allocator_distill(out, bs, json_path, replicates, pilot_steps, threads, seed=seed,
+                                command=cmd + " --pipeline distill")
+        return
     bench_allocator_text_to_3d(out, bs, grid, json_path, replicates, pilot_steps, threads, seed=seed, command=cmd)
 
 

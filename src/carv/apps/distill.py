@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
 from carv._validate import check_field_types, check_int, check_number, check_positive_int, check_seed
-from carv.accounting import CostMeter, timed_estimate
+from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
 from carv.schedules import VPSchedule
@@ -339,6 +339,31 @@ class Distiller:
         z, c = self.latents(R, generator, upstream)  # latents and labels: negligible next to the generator pass
         timed_estimate(lambda: self.generator(z, c), lambda x: objective(x, c, generator), objective.K, meter)
         return torch.cat([p.grad.reshape(-1) for p in params])
+
+    def parameter_components(self, objective: DistributionMatching, R: int, generator: torch.Generator,
+                             meter: CostMeter | None = None, upstream: str = "iid") -> VarianceComponents:
+        """A probe step: one ``R x K`` estimate (timed like :meth:`parameter_gradient`, its gradient left in the
+        generator's ``.grad``) plus the between- and within-sample variance components of the *generator
+        parameter* gradient from two extra vector-Jacobian products (:class:`carv.accounting.ComponentProbe`;
+        ``R, K >= 2``). The between estimate is signed (unbiased), for :meth:`carv.accounting.Allocator.observe`,
+        which averages many probes. Their extra seconds go to ``meter`` as ``"probe"``."""
+        params = [p for p in self.generator.parameters()]
+        for p in params:
+            p.grad = None
+        pr = ComponentProbe(R, objective.K)  # ValueError naming R or K below 2
+        z, c = self.latents(R, generator, upstream)
+        x, out, _ = timed_estimate(lambda: self.generator(z, c),
+                                   lambda x: objective(x, c, generator, keep_draws=True), objective.K, meter,
+                                   retain_graph=True)
+        clock = meter.clock if meter is not None else time.perf_counter
+        t0 = clock()
+        u, h = pr.cotangents(out.estimate.draws, generator)
+        ju = torch.autograd.grad(x, params, u, retain_graph=True)
+        jh = torch.autograd.grad(x, params, h)
+        out.estimate.draws = None
+        if meter is not None:
+            meter.add("probe", clock() - t0)
+        return pr.components(ju, jh, clip=False)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -15,7 +15,8 @@ Protocol (DESIGN.md section 2, measurement protocol), at a frozen snapshot of a 
    from the pilot).
 
 :func:`allocator_vs_hindsight` knows nothing of any pipeline: the caller passes ``estimate`` and ``probe``;
-:func:`bench_allocator_text_to_3d` wires in the text-to-3D app, and :func:`bench_camera_strata_text_to_3d`
+:func:`bench_allocator_text_to_3d` wires in the text-to-3D app, :func:`bench_allocator_distill` the one-step
+distillation app (``--pipeline distill``), and :func:`bench_camera_strata_text_to_3d`
 measures the between-render variance with and without camera strata (``carv bench allocator --cameras``).
 """
 
@@ -33,7 +34,8 @@ from carv._runfolder import atomic_write_json
 from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
 from carv.bench.harness import Config, measure, reference_mean
 
-__all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_camera_strata_text_to_3d"]
+__all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_allocator_distill",
+           "bench_camera_strata_text_to_3d"]
 
 ProbeFn = Callable[[int, int, torch.Generator, CostMeter], VarianceComponents]
 EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
@@ -59,7 +61,7 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
                            clock: Callable[[], float] = time.process_time) -> dict[str, Any]:
     """One budget: ``budget_factor`` times the cost of one plain upstream sample with one draw,
     ``c_up + c_draw`` (2: the plain estimator's ``R = 2, K = 1`` step). Returns a JSON-able result."""
-    meter = CostMeter()
+    meter = CostMeter(clock=clock)  # the pilot's costs on the same clock as the replicates'
     # a short calibration at (1, 1) so that the budget is defined before the allocator's first choice
     for i in range(3):
         estimate(Config(method, 1, 1), torch.Generator().manual_seed(seed * 1000 + i), meter)
@@ -174,6 +176,64 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     doc = {"command": command or "carv bench allocator", "pipeline": "text-to-3d", "prompt": problem.prompt,
            "grid": str(grid_path) if grid_path is not None else "initial blob",
            "machine": machine_info(loadavg=loadavg()), "results": results}
+    atomic_write_json(out / "result.json", doc)
+    if json_path is not None:
+        atomic_write_json(json_path, doc)
+    return doc
+
+
+def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill", budgets=(2.0, 8.0),
+                            json_path: str | Path | None = None, replicates: int = 24, pilot_steps: int = 60,
+                            threads: int | None = 1, seed: int = 0, progress: bool = True,
+                            command: str | None = None, base=None, teacher=None) -> dict:
+    """``carv bench allocator --pipeline distill``: :func:`allocator_vs_hindsight` on one-step distillation at
+    its start checkpoint (the generator as initialised, the fake score warmed up: what ``carv bench distill``
+    measures first). Upstream = one generator sample (forward + backward), draw = one (teacher, fake score)
+    pair of calls; the parameter-space components come from :meth:`carv.apps.distill.Distiller.parameter_components`
+    (two extra vector-Jacobian products through the generator). Per-sample timestep strata, no learned
+    proposal (so no pilot to charge), iid latents and labels, CPU-time costs. The fake score's own update
+    per training step is the same for every ``(R, K)`` and is left out of the budget. ``budgets``: multiples
+    of one sample with one draw (8 = the plain estimator's ``R = 8, K = 1`` step, the distillation baseline)."""
+    import dataclasses
+
+    from carv._machine import loadavg, machine_info
+    from carv.apps.distill import DistillConfig, Distiller, _threads
+
+    base = base or DistillConfig()
+    base.validate()
+    with _threads(threads):
+        d = Distiller(dataclasses.replace(base, seed=seed), teacher)
+        d.warmup()  # the start checkpoint
+        objectives: dict[int, Any] = {}
+
+        def objective(K: int):
+            if K not in objectives:
+                objectives[K] = d.make_objective(d.make_sampler("none", "per_upstream"), K)
+            return objectives[K]
+
+        def estimate(c, gen, meter):
+            return d.parameter_gradient(objective(c.K), c.R, gen, meter)
+
+        def probe(R, K, gen, meter):
+            return d.parameter_components(objective(K), R, gen, meter)
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        results = []
+        for b in budgets:
+            res = allocator_vs_hindsight(estimate, probe, budget_factor=float(b), method="strata",
+                                         k_grid=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), r_range=(1, 32),
+                                         k_range=(1, 32), pilot_steps=pilot_steps, replicates=replicates,
+                                         reference=Config("strata", 32, 16), reference_estimates=8, seed=seed,
+                                         state_dir=out, progress=progress)
+            results.append(res)
+            if progress:
+                print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
+                      f"allocator {res['allocator_pair']}, best of {res['n_candidates']} fixed "
+                      f"{res['best_fixed_pair']}, Var*C ratio {res['ratio_var_x_cost']:.3f} "
+                      f"({res['ratio_var_x_cost_probes_charged']:.3f} with probes charged)")
+        doc = {"command": command or "carv bench allocator --pipeline distill", "pipeline": "distill",
+               "checkpoint": "start", "machine": machine_info(loadavg=loadavg()), "results": results}
     atomic_write_json(out / "result.json", doc)
     if json_path is not None:
         atomic_write_json(json_path, doc)
