@@ -372,3 +372,15 @@ def test_bench_allocator_cli_names_a_bad_pipeline_and_text_to_3d_only_flags(tmp_
         text = " ".join(res.output.replace("│", " ").split())
         assert res.exit_code != 0 and needle in text, (flags, res.output)
     assert not (tmp_path / "x").exists()  # refused before anything ran or was written
+
+
+def test_probe_shape_respects_probe_k_min():
+    from carv.accounting import Allocator
+
+    a = Allocator(0.1, r_init=1, k_init=1, probe_k_min=4)
+    assert a.probe_shape() == (2, 4)
+    a.R, a.K = 1, 16
+    assert a.probe_shape() == (2, 8)
+    assert Allocator(0.1, r_init=1, k_init=1).probe_shape() == (2, 2)
+    with pytest.raises(ValueError, match="probe_k_min"):
+        Allocator(0.1, probe_k_min=1)

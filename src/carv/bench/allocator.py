@@ -58,7 +58,7 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
                            pilot_steps: int = 60, probe_every: int = 10, every: int = 5, replicates: int = 24,
                            reference: Config | None = None, reference_estimates: int = 16, seed: int = 0,
                            state_dir: str | Path | None = None, progress: bool = True,
-                           clock: Callable[[], float] = time.process_time) -> dict[str, Any]:
+                           clock: Callable[[], float] = time.process_time, probe_k_min: int = 2) -> dict[str, Any]:
     """One budget: ``budget_factor`` times the cost of one plain upstream sample with one draw,
     ``c_up + c_draw`` (2: the plain estimator's ``R = 2, K = 1`` step). Returns a JSON-able result."""
     meter = CostMeter(clock=clock)  # the pilot's costs on the same clock as the replicates'
@@ -68,7 +68,7 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
     unit = meter.median("upstream") + meter.median("draw")
     budget = budget_factor * unit
     alloc = Allocator(budget, r_range=r_range, k_range=k_range, r_init=1, k_init=1, every=every,
-                      probe_every=probe_every)
+                      probe_every=probe_every, probe_k_min=probe_k_min)
     g = torch.Generator().manual_seed(seed + 17)
     t_probe_steps, t_ordinary = [], []
     for _ in range(pilot_steps):
@@ -117,7 +117,8 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
             "probe_extra_s_per_step": probe_extra, "reference": {"R": ref_cfg.R, "K": ref_cfg.K,
                                                                   "estimates": reference_estimates,
                                                                   "variance": ref_var},
-            "replicates": replicates, "pilot_steps": pilot_steps, "probe_every": probe_every, "rows": out_rows}
+            "replicates": replicates, "pilot_steps": pilot_steps, "probe_every": probe_every,
+            "probe_k_min": probe_k_min, "rows": out_rows}
 
 
 def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-to-3d", budgets=(2.0, 8.0),
@@ -190,7 +191,8 @@ def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill"
     its start checkpoint (the generator as initialised, the fake score warmed up: what ``carv bench distill``
     measures first). Upstream = one generator sample (forward + backward), draw = one (teacher, fake score)
     pair of calls; the parameter-space components come from :meth:`carv.apps.distill.Distiller.parameter_components`
-    (two extra vector-Jacobian products through the generator). Per-sample timestep strata, no learned
+    (two extra vector-Jacobian products through the generator), probes at ``K >= 4`` (``probe_k_min``: the
+    draws are stratified). Per-sample timestep strata, no learned
     proposal (so no pilot to charge), iid latents and labels, CPU-time costs. The fake score's own update
     per training step is the same for every ``(R, K)`` and is left out of the budget. ``budgets``: multiples
     of one sample with one draw (8 = the plain estimator's ``R = 8, K = 1`` step, the distillation baseline)."""
@@ -225,7 +227,7 @@ def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill"
                                          k_grid=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), r_range=(1, 32),
                                          k_range=(1, 32), pilot_steps=pilot_steps, replicates=replicates,
                                          reference=Config("strata", 32, 16), reference_estimates=8, seed=seed,
-                                         state_dir=out, progress=progress)
+                                         state_dir=out, progress=progress, probe_k_min=4)
             results.append(res)
             if progress:
                 print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
