@@ -20,7 +20,9 @@ grid at a seed that is not measured: one ``--compare`` run per rate (both estima
 measured seeds then run ``--compare --lr <carv's> --baseline-lr <baseline's>`` into
 ``<root>/cmp-<prompt>-s<S>-lrtuned``; the JSON entry is ``equal_step_compute_lr_tuned`` (the tuning runs'
 finals and the chosen rates recorded beside the pairs). The tuning runs' cost is paid by both estimators alike
-and is not part of either's steps or seconds.
+and is not part of either's steps or seconds. ``--rates 0.2,0.05`` instead fixes the two rates in advance (e.g. the
+ones another prompt's tuning chose) into ``<root>/cmp-<prompt>-s<S>-lr<carv>-<baseline>``; ``--entry KEY`` names
+the JSON entry (one per prompt).
 """
 
 from __future__ import annotations
@@ -56,7 +58,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune-seed", type=int, default=None, help="the seed the rates are tuned at (not measured)")
     ap.add_argument("--select", default="psnr_ref", choices=("psnr_ref", "iou_ref", "psnr", "iou"),
                     help="the smoothed final metric a rate is chosen by")
+    ap.add_argument("--rates", default=None, metavar="CARV,BASELINE",
+                    help="fixed learning rates (e.g. the ones another prompt's --lr-grid chose), no tuning")
+    ap.add_argument("--entry", default=None, help="the JSON key to write (default equal_step_compute, or "
+                                                  "equal_step_compute_lr_tuned with --lr-grid)")
     args = ap.parse_args(argv)
+    fixed = None
+    if args.rates is not None:
+        try:
+            fixed = [float(x) for x in args.rates.split(",")]
+        except ValueError:
+            fixed = []
+        if len(fixed) != 2 or min(fixed) <= 0:
+            ap.error(f"--rates: expected two positive numbers CARV,BASELINE, got {args.rates!r}")
+        if args.lr_grid is not None:
+            ap.error("--rates, --lr-grid: give fixed rates or a grid to tune on, not both")
     grid = None
     if args.lr_grid is not None:
         try:
@@ -103,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         lrs = {m: max(tuning, key=lambda r: r[m])["lr"] for m in ("carv", "baseline")}
         print(f"chosen learning rates: {lrs}")
         suffix = "-lrtuned"
+    elif fixed is not None:
+        lrs = {"carv": fixed[0], "baseline": fixed[1]}
+        suffix = f"-lr{fixed[0]:g}-{fixed[1]:g}"
     summaries = []
     for s in args.seeds:
         out = root / f"cmp-{_slug(args.prompt)}-s{s}{suffix}"
@@ -126,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     res["command"] = ("PYTHONPATH=src python3 benchmarks/equal_step_reference.py " + json.dumps(args.prompt) + " "
                       + " ".join(map(str, args.seeds)) + f" --json {args.json}"
                       + ("" if grid is None else f" --lr-grid {args.lr_grid} --tune-seed {args.tune_seed}"
-                         f" --select {args.select}"))
+                         f" --select {args.select}") + ("" if fixed is None else f" --rates {args.rates}")
+                      + ("" if args.entry is None else f" --entry {args.entry}"))
+    if fixed is not None:
+        res["rates"] = {"carv": fixed[0], "baseline": fixed[1], "rule": "fixed in advance (--rates)"}
     if tuning is not None:
         res["lr_tuning"] = {"grid": grid, "tune_seed": args.tune_seed, "select": args.select, "runs": tuning,
                             "chosen": lrs, "rule": "each estimator's rate with the best smoothed final "
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     res["runs"] = [{"seed": sm["seed"], "final": sm["final"], "seconds_per_step": sm["seconds_per_step"],
                     "carv_R_K_final": [sm["R_final"], sm["K_final"]], "machine": sm["machine"]} for sm in summaries]
     doc = read_json(args.json, "benchmark JSON")
-    entry = "equal_step_compute" if grid is None else "equal_step_compute_lr_tuned"
+    entry = args.entry or ("equal_step_compute" if grid is None else "equal_step_compute_lr_tuned")
     old = doc.get(entry) or {}
     for key in ("earlier", "variance_sensitivity"):  # records this script does not make: kept as they are
         if key in old:
