@@ -88,11 +88,9 @@ class AccountantStep:
             if x is None:
                 raise ValueError("x: a probe step needs the upstream output passed to objective(x, ...)")
             t0 = acc._now()
-            pr = ComponentProbe(self.R, self.K)
-            u, h = pr.cotangents(out.estimate.draws, acc.generator)
-            ju = torch.autograd.grad(x, acc.params, u, retain_graph=True, allow_unused=True)
-            jh = torch.autograd.grad(x, acc.params, h, retain_graph=True, allow_unused=True)
-            self.components = tuple(pr.components(ju, jh, clip=False))  # signed: averaged by the allocator
+            comps = ComponentProbe(self.R, self.K).measure(x, acc.params, out.estimate.draws, acc.generator,
+                                                           retain_graph=True)  # the loss's backward follows
+            self.components = tuple(comps)  # signed: averaged by the allocator
             out.estimate.draws = None
             self.probe_s += acc._now() - t0
         out.loss.backward()

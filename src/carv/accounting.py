@@ -721,6 +721,18 @@ class ComponentProbe:
         h = sign.reshape(c.shape) * (a * v).sum(1)
         return u, h
 
+    def measure(self, x: Tensor, params, values: Tensor, generator: torch.Generator | None = None, *,
+                retain_graph: bool = False, clip: bool = False) -> VarianceComponents:
+        """The whole probe on one batch: :meth:`cotangents` of ``values`` (``[R, K, ...]``), each pushed through the
+        upstream output ``x`` to ``params`` by a vector-Jacobian product, then :meth:`components` (signed by
+        default, for :meth:`Allocator.observe`). ``retain_graph=True`` keeps ``x``'s graph for a backward pass
+        still to come; parameters ``x`` does not depend on are skipped."""
+        u, h = self.cotangents(values, generator)
+        params = list(params)
+        ju = torch.autograd.grad(x, params, u, retain_graph=True, allow_unused=True)
+        jh = torch.autograd.grad(x, params, h, retain_graph=retain_graph, allow_unused=True)
+        return self.components(ju, jh, clip=clip)
+
     def components(self, projected_contrast, projected_half, *, clip: bool = True) -> VarianceComponents:
         """``(sigma_b^2, sigma_w^2)`` from the projected cotangents (tensors, or sequences of tensors such as
         one gradient per parameter). ``clip=False`` keeps the signed (unbiased) between estimate: pass that to

@@ -357,13 +357,11 @@ class Distiller:
                                    retain_graph=True)
         clock = meter.clock if meter is not None else time.perf_counter
         t0 = clock()
-        u, h = pr.cotangents(out.estimate.draws, generator)
-        ju = torch.autograd.grad(x, params, u, retain_graph=True)
-        jh = torch.autograd.grad(x, params, h)
+        comps = pr.measure(x, params, out.estimate.draws, generator)
         out.estimate.draws = None
         if meter is not None:
             meter.add("probe", clock() - t0)
-        return pr.components(ju, jh, clip=False)
+        return comps
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -584,12 +584,8 @@ class SceneProblem:
         t3 = self.clock()
         comps = None
         if probe:
-            pr = ComponentProbe(R, sds.K)
-            u, h = pr.cotangents(out.estimate.draws, generator)
-            params = [grid.density, grid.color]
-            ju = torch.autograd.grad(x, params, u, retain_graph=True)
-            jh = torch.autograd.grad(x, params, h)
-            comps = pr.components(ju, jh, clip=False)  # signed: the allocator averages many probes
+            # signed: the allocator averages many probes
+            comps = ComponentProbe(R, sds.K).measure(x, [grid.density, grid.color], out.estimate.draws, generator)
             out.estimate.draws = None
         secs["probe"] = self.clock() - t3
         return out, secs, comps
