@@ -338,7 +338,8 @@ def _command_line() -> str:
 
 @bench_app.command("allocator")
 def bench_allocator_cmd(
-    out: Path = typer.Option(Path("runs/bench-allocator-text-to-3d"), help="Run folder (replicates resume)."),
+    out: Path = typer.Option(None, help="Run folder (replicates resume; default "
+                                        "runs/bench-allocator-<pipeline>)."),
     grid: Path = typer.Option(None, help="A text-to-3D checkpoint (checkpoint-*.safetensors) to freeze; "
                                          "default: the initial blob."),
     budgets: str = typer.Option("2,8", help="Per-step budgets as multiples of one render with one draw "
@@ -363,6 +364,7 @@ def bench_allocator_cmd(
     if pipeline == "distill" and (cameras or grid is not None):
         raise typer.BadParameter("pipeline: --cameras and --grid are text-to-3d options; drop them with "
                                  "--pipeline distill")
+    out = out if out is not None else Path(f"runs/bench-allocator-{pipeline}")
 
     if cameras:
         cmd = f"carv bench allocator --cameras --replicates {replicates} --threads {threads}"
@@ -378,8 +380,6 @@ def bench_allocator_cmd(
     cmd = (f"carv bench allocator --budgets {budgets} --replicates {replicates} --pilot-steps {pilot_steps} "
            f"--threads {threads}" + (f" --grid {grid}" if grid else ""))
     if pipeline == "distill":
-        if out == Path("runs/bench-allocator-text-to-3d"):
-            out = Path("runs/bench-allocator-distill")
         bench_allocator_distill(out, bs, json_path, replicates, pilot_steps, threads, seed=seed,
                                 command=cmd + " --pipeline distill")
         return

@@ -161,22 +161,32 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
         return comps
 
     out = Path(out_dir)
+    results = _over_budgets(estimate, probe, budgets, out, progress, method="weight+strata", r_range=(1, 16),
+                            k_range=(1, 32), pilot_steps=pilot_steps, replicates=replicates,
+                            reference=Config("weight+strata", 4, 8), reference_estimates=8, seed=seed)
+    doc = {"command": command or "carv bench allocator", "pipeline": "text-to-3d", "prompt": problem.prompt,
+           "grid": str(grid_path) if grid_path is not None else "initial blob",
+           "machine": machine_info(loadavg=loadavg()), "results": results}
+    return _write(doc, out, json_path)
+
+
+def _over_budgets(estimate: EstimateFn, probe: ProbeFn, budgets, out: Path, progress: bool, **kw) -> list[dict]:
+    """:func:`allocator_vs_hindsight` at each budget (``kw`` its settings), replicates resumable under ``out``,
+    each result printed in one line."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for b in budgets:
-        results.append(allocator_vs_hindsight(estimate, probe, budget_factor=float(b), method="weight+strata",
-                                              r_range=(1, 16), k_range=(1, 32), pilot_steps=pilot_steps,
-                                              replicates=replicates, reference=Config("weight+strata", 4, 8),
-                                              reference_estimates=8, seed=seed, state_dir=out, progress=progress))
-        res = results[-1]
+        res = allocator_vs_hindsight(estimate, probe, budget_factor=float(b), state_dir=out, progress=progress, **kw)
+        results.append(res)
         if progress:
             print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
                   f"allocator {res['allocator_pair']}, "
                   f"best of {res['n_candidates']} fixed {res['best_fixed_pair']}, Var*C ratio "
                   f"{res['ratio_var_x_cost']:.3f} ({res['ratio_var_x_cost_probes_charged']:.3f} with probes charged)")
-    doc = {"command": command or "carv bench allocator", "pipeline": "text-to-3d", "prompt": problem.prompt,
-           "grid": str(grid_path) if grid_path is not None else "initial blob",
-           "machine": machine_info(loadavg=loadavg()), "results": results}
+    return results
+
+
+def _write(doc: dict, out: Path, json_path: str | Path | None) -> dict:
     atomic_write_json(out / "result.json", doc)
     if json_path is not None:
         atomic_write_json(json_path, doc)
@@ -220,26 +230,13 @@ def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill"
             return d.parameter_components(objective(K), R, gen, meter)
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        results = []
-        for b in budgets:
-            res = allocator_vs_hindsight(estimate, probe, budget_factor=float(b), method="strata",
-                                         k_grid=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), r_range=(1, 32),
-                                         k_range=(1, 32), pilot_steps=pilot_steps, replicates=replicates,
-                                         reference=Config("strata", 32, 16), reference_estimates=8, seed=seed,
-                                         state_dir=out, progress=progress, probe_k_min=4)
-            results.append(res)
-            if progress:
-                print(f"budget {b:g} x (c_up + c_draw) = {res['budget_s'] * 1e3:.1f} ms: "
-                      f"allocator {res['allocator_pair']}, best of {res['n_candidates']} fixed "
-                      f"{res['best_fixed_pair']}, Var*C ratio {res['ratio_var_x_cost']:.3f} "
-                      f"({res['ratio_var_x_cost_probes_charged']:.3f} with probes charged)")
+        results = _over_budgets(estimate, probe, budgets, out, progress, method="strata",
+                                k_grid=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), r_range=(1, 32), k_range=(1, 32),
+                                pilot_steps=pilot_steps, replicates=replicates, reference=Config("strata", 32, 16),
+                                reference_estimates=8, seed=seed, probe_k_min=4)
         doc = {"command": command or "carv bench allocator --pipeline distill", "pipeline": "distill",
                "checkpoint": "start", "machine": machine_info(loadavg=loadavg()), "results": results}
-    atomic_write_json(out / "result.json", doc)
-    if json_path is not None:
-        atomic_write_json(json_path, doc)
-    return doc
+    return _write(doc, out, json_path)
 
 
 def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-strata",
