@@ -14,11 +14,11 @@ radius 0.3-0.75 from the axis: what the learned cap grows into), plus the held-o
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 
 import torch
+from text_to_3d_tuning import parse_overrides  # this folder: the scripts run as benchmarks/<name>.py
 
 from carv.apps.text_to_3d import TextTo3DConfig, Trainer
 from carv.render import VoxelGrid
@@ -43,14 +43,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    over = {}
-    for item in args.set:
-        k, _, v = item.partition("=")
-        try:
-            over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            over[k] = v
-    cfg = TextTo3DConfig(threads=1, **over)
+    cfg = TextTo3DConfig(threads=1, **parse_overrides(args.set))
     tr = Trainer(cfg, None)
     D = tr.grid.resolution
     gt = VoxelGrid.from_field(tr.problem.scene, D)

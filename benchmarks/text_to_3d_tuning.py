@@ -26,6 +26,19 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: value}``, each value a Python literal where it parses as one (else the
+    string): the ``--set`` flags of the text-to-3D experiment scripts."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("name")
@@ -40,13 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from carv.apps.text_to_3d import DEFAULT_PROMPT, TextTo3DConfig, run_text_to_3d
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
+    overrides = parse_overrides(args.set)
     prompt = args.prompt or DEFAULT_PROMPT
     cfg = TextTo3DConfig(prompt=prompt, threads=args.threads, **overrides)
     torch.set_num_threads(args.threads)
