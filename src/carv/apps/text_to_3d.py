@@ -742,18 +742,16 @@ class Trainer:
         set per step by :meth:`set_lr`)."""
         opt = torch.optim.Adam([{"params": [grid.density]}, {"params": [grid.color]}], lr=self.cfg.lr,
                                betas=(0.9, float(self.cfg.adam_beta2)))
-        self._set_group_lr(opt, 0)
+        self.set_lr(0, opt)
         return opt
 
-    def _set_group_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
+    def set_lr(self, step: int, opt: torch.optim.Optimizer | None = None) -> None:
+        """The learning rates of optimisation step ``step`` in ``opt`` (default: the run's optimiser):
+        ``lr_at(step)`` for the density and ``color_lr_scale`` times that for the colour."""
+        opt = self.opt if opt is None else opt
         lr = self.cfg.lr_at(step)
         opt.param_groups[0]["lr"] = lr
         opt.param_groups[1]["lr"] = lr * float(self.cfg.color_lr_scale)
-
-    def set_lr(self, step: int) -> None:
-        """The learning rates of optimisation step ``step``: ``lr_at(step)`` for the density and ``color_lr_scale``
-        times that for the colour."""
-        self._set_group_lr(self.opt, step)
 
     def plain_step_cost(self) -> float | None:
         """This run's measured cost of one plain step, ``R (c_up + c_draw)`` from its meter's medians (None
