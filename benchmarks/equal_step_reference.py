@@ -63,24 +63,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--entry", default=None, help="the JSON key to write (default equal_step_compute, or "
                                                   "equal_step_compute_lr_tuned with --lr-grid)")
     args = ap.parse_args(argv)
+    def rates(text: str, flag: str, what: str) -> list[float]:
+        try:
+            out = [float(x) for x in text.split(",")]
+        except ValueError:
+            out = []
+        if not out or min(out) <= 0:
+            ap.error(f"{flag}: expected {what}, got {text!r}")
+        return out
+
     fixed = None
     if args.rates is not None:
-        try:
-            fixed = [float(x) for x in args.rates.split(",")]
-        except ValueError:
-            fixed = []
-        if len(fixed) != 2 or min(fixed) <= 0:
+        fixed = rates(args.rates, "--rates", "two positive numbers CARV,BASELINE")
+        if len(fixed) != 2:
             ap.error(f"--rates: expected two positive numbers CARV,BASELINE, got {args.rates!r}")
         if args.lr_grid is not None:
             ap.error("--rates, --lr-grid: give fixed rates or a grid to tune on, not both")
     grid = None
     if args.lr_grid is not None:
-        try:
-            grid = sorted({float(x) for x in args.lr_grid.split(",")})
-        except ValueError:
-            ap.error(f"--lr-grid: expected comma-separated positive numbers, got {args.lr_grid!r}")
-        if not grid or min(grid) <= 0:
-            ap.error(f"--lr-grid: expected comma-separated positive numbers, got {args.lr_grid!r}")
+        grid = sorted(set(rates(args.lr_grid, "--lr-grid", "comma-separated positive numbers")))
         if args.tune_seed is None or args.tune_seed in args.seeds:
             ap.error("--tune-seed: with --lr-grid give a seed that is not among the measured seeds")
 
