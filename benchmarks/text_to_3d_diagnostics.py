@@ -27,7 +27,6 @@ import torch
 from carv._plotting import save_image_grid
 from carv.apps.text_to_3d import DEFAULT_PROMPT, SceneProblem
 from carv.render import VoxelGrid, cameras_from_angles
-from carv.teachers.scenes import scene_cond
 
 
 def load_grid(folder: Path) -> VoxelGrid:
@@ -66,7 +65,7 @@ def main(out: str, run: str | None) -> None:
         # pixels where the stem shows: opaque in the stem-only render and the full render has the stem's colour there
         stem_x, _ = p.render(stem_only, cams)
         stem_mask = (stem_op[:, 0] > 0.5) & ((full_x - stem_x).abs().amax(1) < 0.05)
-        cond = scene_cond(p.prompt, cams, p.prompts)
+        cond = p.condition(cams)["cond"]
         rows, names = [(gt_x + 1) / 2, (x + 1) / 2], ["ground truth", "render"]
         res["stem_pixels"] = int(stem_mask.sum())
         res["render_stem_brightness"] = float(x.mean(1)[stem_mask].mean())

@@ -28,6 +28,8 @@ def _err(res) -> str:
     (["bench", "sd", "--smoke", "--seed", HUGE], TYPER_SEED),
     (["train-teacher", "digits", "--seed", HUGE], TYPER_SEED),
     (["train-teacher", "scenes", "--seed", HUGE], TYPER_SEED),
+    (["train-teacher", "scenes", "--elevation-bins", "-1"], "Invalid value for '--elevation-bins'"),
+    (["train-teacher", "scenes", "--init", "/no/such/teacher.safetensors"], "no teacher file at"),
     (["text-to-3d", "--guidance-scale", "inf"], "guidance_scale: expected a finite non-negative number"),
     (["text-to-3d", "--budget", "nan"], "budget_s"),
     (["text-to-3d", "--grid-resolution", "100000"], "grid_resolution: expected an integer in 1..256"),
@@ -72,6 +74,15 @@ def test_bad_teacher_files_are_named(tmp_path, content):
     assert res.exit_code != 0
     assert "--teacher" in _err(res) and "teacher.safetensors" in _err(res).replace(" ", ""), _err(res)
     assert "Traceback" not in res.output
+
+
+def test_a_bad_init_teacher_is_named_before_any_rendering(tmp_path):
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    res = runner.invoke(app, ["train-teacher", "scenes", "--init", str(bad), "--out", str(tmp_path / "run")])
+    assert res.exit_code != 0
+    assert "--init" in _err(res) and "not a safetensors file" in _err(res), _err(res)
+    assert not (tmp_path / "run" / "scenes_teacher.safetensors").exists()
 
 
 def test_a_teacher_file_without_its_config_is_named(tmp_path):

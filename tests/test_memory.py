@@ -84,7 +84,8 @@ def test_scenes_teacher_at_huge_K_draws_and_calls_in_bounded_chunks(K, noise_siz
                             guidance_scale=3.0)
     assert sds.max_batch == "auto"  # the default (text-to-3d's SceneProblem.sds passes none)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)))
+    cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)),
+                      elevation_edges=load_scenes_teacher().meta.get("elevation_edges"))
     full = 2 * K * x[0].numel() * 4
     before = _rss()
     with pytest.raises(Stop):

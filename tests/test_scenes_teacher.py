@@ -5,15 +5,20 @@ import functools
 import pytest
 import torch
 
-from carv.render import PROMPTS, SCENES, VIEW_NAMES, cameras_from_angles, random_cameras
+from carv.render import PROMPTS, SCENES, VIEW_NAMES, cameras_from_angles, elevation_label, random_cameras
 from carv.teachers.scenes import (
     BACKGROUND,
+    ELEVATION_EDGES,
     IMAGE_SIZE,
+    _load_for_finetune,
     assets_dir,
+    elevation_edges_for,
     load_scenes_teacher,
+    make_scenes_schedule,
     render_views,
     scene_cond,
 )
+from carv.teachers.unet import CompactUNet, save_unet_teacher
 
 # Held-out protocol: 2 fresh views per prompt (camera seed 2024, never used in training), rendered
 # from the analytic fields without supersampling (cheaper than, and slightly sharper than, the training
@@ -29,6 +34,11 @@ def _teacher():
     return load_scenes_teacher()
 
 
+def _edges():
+    """The committed teacher's elevation bins (None: it has (prompt, view) labels only)."""
+    return _teacher().meta.get("elevation_edges")
+
+
 @functools.lru_cache(maxsize=1)
 def _heldout():
     g = torch.Generator().manual_seed(2024)
@@ -36,7 +46,7 @@ def _heldout():
     for prompt in PROMPTS:
         cams = random_cameras(2, g)
         xs.append(render_views(prompt, cams, baked=False, supersample=1))
-        cs.append(scene_cond(prompt, cams))
+        cs.append(scene_cond(prompt, cams, elevation_edges=_edges()))
     x0, cond = torch.cat(xs), torch.cat(cs)
     T = _teacher().schedule.num_timesteps
     t = ((torch.arange(N_T) + 0.5) * T / N_T).long().repeat(x0.shape[0])
@@ -66,7 +76,9 @@ def test_committed_teacher_loads_with_its_conventions():
     assert teacher.meta["views"] == list(VIEW_NAMES)
     assert teacher.meta["render"]["image_size"] == IMAGE_SIZE
     assert teacher.meta["render"]["background"] == BACKGROUND
-    assert teacher.model.cond_classes == (len(PROMPTS), 3)
+    n_elev = () if _edges() is None else (len(_edges()) - 1,)
+    assert teacher.model.cond_classes == (len(PROMPTS), 3) + n_elev
+    assert teacher.meta["cond_columns"] == ["prompt", "view"] + (["elevation"] if n_elev else [])
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -100,13 +112,14 @@ def test_teacher_uses_the_view():
     cams = cameras_from_angles([0.0, 180.0], [20.0, 20.0])
     prompts = [p for p in PROMPTS if SCENES[p].front_point is not None]
     x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in prompts])
-    cond = torch.cat([scene_cond(p, cams) for p in prompts])
+    cond = torch.cat([scene_cond(p, cams, elevation_edges=_edges()) for p in prompts])
     ts = torch.tensor([100, 200, 300])
     t = ts.repeat(x0.shape[0])
     x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     x_t = teacher.schedule.add_noise(x0, t, eps)
-    swapped = torch.stack([cond[:, 0], 2 - cond[:, 1]], 1)
+    swapped = cond.clone()
+    swapped[:, 1] = 2 - cond[:, 1]
     right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
     wrong = (teacher.predict_eps(x_t, t, swapped) - eps).pow(2).flatten(1).mean(1)
     d = wrong - right
@@ -117,19 +130,87 @@ def test_teacher_uses_the_view():
 
 def test_guided_prediction_is_finite():
     teacher = _teacher()
-    cond = scene_cond("a snowman", [0.0, 90.0, 180.0])
+    cond = scene_cond("a snowman", cameras_from_angles([0.0, 90.0, 180.0], 20.0), elevation_edges=_edges())
     x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     eps = teacher.guided_eps(x, torch.tensor([10, 500, 990]), cond, guidance_scale=5.0)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
 
 
 def test_scene_cond_maps_prompt_and_camera_to_labels():
-    cams = cameras_from_angles([0.0, 60.0, -100.0, 170.0], 20.0)
-    cond = scene_cond("  A Purple  Chair", cams)
+    cams = cameras_from_angles([0.0, 60.0, -100.0, 170.0], [0.0, 9.99, 10.0, 39.0])
     k = PROMPTS.index("a purple chair")
+    cond = scene_cond("  A Purple  Chair", cams, elevation_edges=None)
     assert cond.tolist() == [[k, 0], [k, 1], [k, 1], [k, 2]]
-    assert scene_cond("a snowman", [10.0, -150.0]).tolist() == [[PROMPTS.index("a snowman"), 0]] + [
-        [PROMPTS.index("a snowman"), 2]]
+    cond = scene_cond("  A Purple  Chair", cams, elevation_edges=(0.0, 10.0, 20.0, 30.0, 40.0))
+    assert cond.tolist() == [[k, 0, 0], [k, 1, 0], [k, 1, 1], [k, 2, 3]]
+    assert scene_cond("a snowman", [10.0, -150.0], elevation_edges=None).tolist() == [
+        [PROMPTS.index("a snowman"), 0], [PROMPTS.index("a snowman"), 2]]
+    with pytest.raises(TypeError, match="cameras: a teacher with elevation labels needs Cameras"):
+        scene_cond("a snowman", [10.0, -150.0], elevation_edges=(0.0, 20.0, 40.0))
+
+
+def test_elevation_label_bins_and_clamps():
+    el = torch.tensor([-5.0, 0.0, 9.99, 10.0, 25.0, 39.9, 40.0, 70.0])
+    assert elevation_label(el, (0.0, 10.0, 20.0, 30.0, 40.0)).tolist() == [0, 0, 0, 1, 2, 3, 3, 3]
+    assert elevation_label(el, (0.0, 40.0)).tolist() == [0] * 8
+    for bad in [(10.0,), (0.0, 0.0), (20.0, 10.0), (0.0, float("nan"))]:
+        with pytest.raises(ValueError, match="edges: expected at least 2 finite, strictly increasing"):
+            elevation_label(el, bad)
+    assert elevation_edges_for(4) == (0.0, 10.0, 20.0, 30.0, 40.0)
+    assert elevation_edges_for(0) is None and elevation_edges_for(None) == ELEVATION_EDGES
+    with pytest.raises(ValueError, match="elevation_bins: expected a non-negative integer"):
+        elevation_edges_for(-1)
+
+
+def test_finetune_init_adds_a_zero_elevation_column_that_changes_nothing(tmp_path):
+    """A teacher continued with an added elevation label starts from exactly the file's predictions, for every
+    elevation label (the new embedding is zero), and keeps the file's other weights."""
+    torch.manual_seed(0)
+    small = dict(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(),
+                 cond_classes=(len(PROMPTS), 3))
+    src = CompactUNet(**small)
+    torch.nn.init.normal_(src.conv_out.weight, std=0.1)  # a non-zero output so that the check means something
+    save_unet_teacher(tmp_path / "t.safetensors", src, make_scenes_schedule())
+    model = CompactUNet(**{**small, "cond_classes": (len(PROMPTS), 3, 4)})
+    _load_for_finetune(model, tmp_path / "t.safetensors")
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, 100, 300, 600, 999])
+    base = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 0], [len(PROMPTS), 3]])
+    with torch.no_grad():
+        want = src(x, t, base)
+        assert want.abs().mean() > 1e-3
+        for e in range(5):  # every bin and the null label
+            got = model(x, t, torch.cat([base, torch.full((5, 1), e)], 1))
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    wider = CompactUNet(**{**small, "cond_classes": (len(PROMPTS) + 1, 3)})
+    with pytest.raises(ValueError, match="init: .* has label columns .* not a prefix"):
+        _load_for_finetune(wider, tmp_path / "t.safetensors")
+
+
+@torch.no_grad()
+def test_teacher_uses_the_elevation():
+    """Renders from elevation 5 and 35 (az 0, 90) denoise better with their own elevation label than with the
+    other one (t = 100, 300, 500; paired, 3 standard errors). Skipped for a teacher without elevation labels."""
+    edges = _edges()
+    if edges is None:
+        pytest.skip("the committed teacher has no elevation label")
+    teacher = _teacher()
+    cams = cameras_from_angles([0.0, 90.0, 0.0, 90.0], [5.0, 5.0, 35.0, 35.0])
+    x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in PROMPTS])
+    cond = torch.cat([scene_cond(p, cams, elevation_edges=edges) for p in PROMPTS])
+    ts = torch.tensor([100, 300, 500])
+    t = ts.repeat(x0.shape[0])
+    x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    x_t = teacher.schedule.add_noise(x0, t, eps)
+    other = cond.clone()
+    other[:, 2] = (len(edges) - 2) - cond[:, 2]  # bin 0 <-> the top bin
+    right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
+    wrong = (teacher.predict_eps(x_t, t, other) - eps).pow(2).flatten(1).mean(1)
+    d = wrong - right
+    se = d.std() / d.numel() ** 0.5
+    print(f"elevation 5 <-> 35: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
+    assert d.mean() > 3 * se
 
 
 def test_scene_cond_rejects_unknown_prompts():

@@ -43,11 +43,31 @@ def train_digits(
 def train_scenes(
     out: Path = typer.Option(None, help="Output folder (default: the package's assets folder)."),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
+    steps: int = typer.Option(None, min=1, help="Training steps (default: the committed teacher's)."),
+    elevation_bins: int = typer.Option(None, min=0, help="Equal elevation bins over the training range as a "
+                                                         "third label (0: prompt and view labels only; "
+                                                         "default: the committed teacher's)."),
+    lr: float = typer.Option(None, min=0.0, help="Peak learning rate (default: the committed teacher's)."),
+    warmup: int = typer.Option(None, min=0, help="Linear warm-up steps (default: the committed teacher's)."),
+    init: Path = typer.Option(None, help="Continue from this teacher file (a missing elevation label starts at "
+                                         "zero: training starts from exactly that teacher)."),
 ):
-    """Prompt- and view-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
-    from carv.teachers.scenes import train_and_save
+    """Prompt-, view- and elevation-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
+    from carv.teachers.scenes import elevation_edges_for, train_and_save
 
-    train_and_save(out_dir=out, seed=seed)
+    overrides = {k: v for k, v in {"steps": steps, "lr": lr, "warmup": warmup}.items() if v is not None}
+    try:
+        edges = elevation_edges_for(elevation_bins)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--elevation-bins") from e
+    if init is not None and not init.is_file():
+        raise typer.BadParameter(f"no teacher file at {str(init)!r}", param_hint="--init")
+    try:
+        train_and_save(out_dir=out, seed=seed, elevation_edges=edges, init=init, **overrides)
+    except ValueError as e:
+        if str(e).startswith("init:"):
+            raise typer.BadParameter(str(e), param_hint="--init") from None
+        raise
 
 
 @app.command("demo")

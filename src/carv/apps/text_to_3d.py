@@ -444,6 +444,8 @@ class SceneProblem:
         self.prompt = self.scene.prompt
         self.teacher = teacher if teacher is not None else load_scenes_teacher()
         self.prompts = list(self.teacher.meta.get("prompts", []))
+        # the teacher's elevation bins (None: a teacher with (prompt, view) labels only)
+        self.elevation_edges = self.teacher.meta.get("elevation_edges")
         if self.prompt not in self.prompts:
             raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {self.prompts}")
         self.image_size = int(self.teacher.meta.get("render", {}).get("image_size", RENDER_SETTINGS["image_size"]))
@@ -546,7 +548,7 @@ class SceneProblem:
 
     def condition(self, cameras: Cameras) -> dict[str, Any]:
         """The teacher's condition per view: ``{"cond": ...}`` (and ``"uncond"`` for per-view negatives)."""
-        return {"cond": scene_cond(self.prompt, cameras, self.prompts)}
+        return {"cond": scene_cond(self.prompt, cameras, self.prompts, self.elevation_edges)}
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,

@@ -11,6 +11,7 @@ from carv.render.cameras import (
     Cameras,
     cameras_from_angles,
     cameras_from_unit,
+    elevation_label,
     random_cameras,
     turntable_cameras,
     view_label,
@@ -20,6 +21,7 @@ from carv.render.volume import RenderOutput, VoxelGrid, composite, opaque_loss, 
 
 __all__ = [
     "Cameras", "cameras_from_angles", "cameras_from_unit", "random_cameras", "turntable_cameras", "view_label",
+    "elevation_label",
     "VIEW_NAMES",
     "DEFAULT_RADIUS", "DEFAULT_FOV_DEG", "DEFAULT_ELEVATION_RANGE",
     "VoxelGrid", "RenderOutput", "render", "render_rays", "composite", "sparsity_loss", "opaque_loss",

@@ -39,6 +39,7 @@ __all__ = [
     "turntable_cameras",
     "cameras_from_angles",
     "view_label",
+    "elevation_label",
 ]
 
 VIEW_NAMES: tuple[str, ...] = ("front", "side", "back")
@@ -92,6 +93,20 @@ def view_label(azimuth_deg: Tensor | float) -> Tensor:
     return torch.where(az > 180.0 - BACK_HALF_WIDTH_DEG, torch.full_like(lab, 2), lab)
 
 
+def elevation_label(elevation_deg: Tensor | float, edges: Sequence[float]) -> Tensor:
+    """Map elevation (degrees) to a bin index of the increasing bin ``edges`` (``len(edges) - 1`` bins).
+
+    Bin ``i`` holds ``edges[i] <= el < edges[i + 1]``; elevations outside ``[edges[0], edges[-1]]`` go to the
+    nearest end bin (a camera just outside the teacher's training range gets its closest label).
+    """
+    e = [float(v) for v in edges]
+    if len(e) < 2 or any(not math.isfinite(v) for v in e) or any(b <= a for a, b in zip(e, e[1:], strict=False)):
+        raise ValueError(f"edges: expected at least 2 finite, strictly increasing elevations, got {edges!r}")
+    el = torch.as_tensor(elevation_deg, dtype=torch.float64)
+    inner = torch.tensor(e[1:-1], dtype=torch.float64, device=el.device)
+    return torch.bucketize(el, inner, right=True).long()
+
+
 @dataclass
 class Cameras:
     """A batch of ``B`` look-at pinhole cameras.
@@ -123,6 +138,10 @@ class Cameras:
     def view_labels(self) -> Tensor:
         """The teacher's view label of each camera (``[B]`` long; 0 front, 1 side, 2 back)."""
         return view_label(self.azimuth_deg).to(self.device)
+
+    def elevation_labels(self, edges: Sequence[float]) -> Tensor:
+        """The elevation bin of each camera (``[B]`` long) for bin ``edges`` (:func:`elevation_label`)."""
+        return elevation_label(self.elevation_deg, edges).to(self.device)
 
     def __getitem__(self, idx) -> Cameras:
         if isinstance(idx, int):

@@ -15,8 +15,12 @@ Data
 Labels
     ``cond [B, 2]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
     prompts), column 1 the view label ``0 front / 1 side / 2 back`` from the camera's azimuth
-    (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3).
-    :func:`scene_cond` builds it from a prompt and cameras; guidance uses both null labels.
+    (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3), and
+    (teachers trained with elevation bins, ``meta["elevation_edges"]``) column 2 the camera's elevation bin
+    (:data:`ELEVATION_EDGES`: 0-10, 10-20, 20-30, 30-40 degrees; null = 4). Without the elevation label the
+    teacher's prediction for a view averages over elevations 0-40, where the cap hides more or less of a
+    mushroom's stem; score distillation then asks for that average. :func:`scene_cond` builds the labels
+    from a prompt and cameras; guidance uses all null labels.
 
 Teacher
     :class:`~carv.teachers.unet.CompactUNet` (:data:`TEACHER_CONFIG`, about 1.2 M parameters,
@@ -49,6 +53,7 @@ from carv.render.cameras import (
     VIEW_NAMES,
     Cameras,
     cameras_from_angles,
+    elevation_label,
     random_cameras,
     view_label,
 )
@@ -63,6 +68,9 @@ __all__ = [
     "IMAGE_SIZE",
     "BACKGROUND",
     "TEACHER_CONFIG",
+    "ELEVATION_EDGES",
+    "elevation_edges_for",
+    "teacher_config",
     "TEACHER_TRAINING",
     "RENDER_SETTINGS",
     "render_views",
@@ -94,15 +102,32 @@ RENDER_SETTINGS = dict(
     elevation_range=list(DEFAULT_ELEVATION_RANGE),
 )
 N_VIEWS_PER_PROMPT = 512  # rendered once per training run; doubled by the horizontal flip
+# elevation bins of the teacher's third label column (degrees; the training range split into 4 equal bins)
+ELEVATION_EDGES: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0, 40.0)
 
-TEACHER_CONFIG = dict(
-    in_channels=3,
-    base_channels=32,
-    channel_mults=(1, 2, 2),
-    num_res_blocks=1,
-    attn_levels=(2,),
-    cond_classes=(len(PROMPTS), len(VIEW_NAMES)),
-)
+
+def elevation_edges_for(bins: int | None) -> tuple[float, ...] | None:
+    """Edges of ``bins`` equal elevation bins over the training range (None: :data:`ELEVATION_EDGES`; 0: None,
+    no elevation label)."""
+    if bins is None:
+        return ELEVATION_EDGES
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 0:
+        raise ValueError(f"elevation_bins: expected a non-negative integer (0: no elevation label), got {bins!r}")
+    if bins == 0:
+        return None
+    lo, hi = DEFAULT_ELEVATION_RANGE
+    return tuple(lo + (hi - lo) * i / bins for i in range(bins + 1))
+
+
+def teacher_config(elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> dict:
+    """The teacher's architecture; its label columns are (prompt, view) plus the elevation bin when
+    ``elevation_edges`` is given."""
+    cond = (len(PROMPTS), len(VIEW_NAMES)) + ((len(elevation_edges) - 1,) if elevation_edges is not None else ())
+    return dict(in_channels=3, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
+                cond_classes=cond)
+
+
+TEACHER_CONFIG = teacher_config()
 TEACHER_TRAINING = dict(steps=1500, batch_size=64, lr=2e-3, warmup=200, label_dropout=0.1, ema_decay=0.999)
 AMP_DTYPE = torch.bfloat16
 GRID_GUIDANCE = 3.0
@@ -125,10 +150,14 @@ def _prompt_list(prompts) -> list[str]:
 
 
 def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
-               prompts: Sequence[str] = PROMPTS) -> Tensor:
-    """Teacher labels ``[B, 2]`` (long) for one prompt seen from ``B`` cameras (or azimuths in degrees).
+               prompts: Sequence[str] = PROMPTS,
+               elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> Tensor:
+    """Teacher labels ``[B, 2]`` or ``[B, 3]`` (long) for one prompt seen from ``B`` cameras.
 
     ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
+    ``elevation_edges`` the teacher's elevation bins (``teacher.meta.get("elevation_edges")``; default: this
+    version's; None for a teacher with (prompt, view) labels only, which also accepts ``cameras`` as a list of
+    azimuths in degrees).
     """
     key = normalize_prompt(prompt)
     prompts = [normalize_prompt(p) for p in prompts]
@@ -136,11 +165,17 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
         raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {prompts}")
     if isinstance(cameras, Cameras):
         views, device = cameras.view_labels, cameras.device
+    elif elevation_edges is not None:
+        raise TypeError(f"cameras: a teacher with elevation labels needs Cameras (their elevations), got "
+                        f"{type(cameras).__name__}; pass elevation_edges=None for (prompt, view) labels only")
     else:
         az = torch.as_tensor(cameras, dtype=torch.float64).reshape(-1)
         views, device = view_label(az), az.device
     p = torch.full_like(views, prompts.index(key))
-    return torch.stack([p, views], -1).to(device)
+    cols = [p, views]
+    if elevation_edges is not None:
+        cols.append(elevation_label(cameras.elevation_deg, elevation_edges).to(views.device))
+    return torch.stack(cols, -1).to(device)
 
 
 @torch.no_grad()
@@ -158,8 +193,11 @@ def render_views(prompt: str, cameras: Cameras, baked: bool = True, **overrides)
 
 @torch.no_grad()
 def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Sequence[str] = PROMPTS,
-                   baked: bool = True, progress: bool = False, **overrides) -> tuple[Tensor, Tensor]:
-    """``(images [N, 3, 32, 32] in [-1, 1], labels [N, 2])``: ``n_per_prompt`` random views of each prompt."""
+                   baked: bool = True, progress: bool = False,
+                   elevation_edges: Sequence[float] | None = ELEVATION_EDGES,
+                   **overrides) -> tuple[Tensor, Tensor]:
+    """``(images [N, 3, 32, 32] in [-1, 1], labels [N, 2 or 3])``: ``n_per_prompt`` random views of each prompt
+    (labels from :func:`scene_cond` with ``elevation_edges``)."""
     if isinstance(n_per_prompt, bool) or not isinstance(n_per_prompt, int) or n_per_prompt < 1:
         raise ValueError(f"n_per_prompt: expected a positive integer, got {n_per_prompt!r}")
     cfg = {**RENDER_SETTINGS, **overrides}
@@ -169,21 +207,30 @@ def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Seque
         cams = random_cameras(n_per_prompt, generator, elevation_range=tuple(cfg["elevation_range"]),
                               radius=cfg["radius"], fov_deg=cfg["fov_deg"])
         xs.append(render_views(prompt, cams, baked=baked, **overrides))
-        ys.append(scene_cond(prompt, cams, all_prompts))
+        ys.append(scene_cond(prompt, cams, all_prompts, elevation_edges))
     return torch.cat(xs), torch.cat(ys)
 
 
 def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, progress: bool = True,
-                         log=None, **overrides) -> tuple[CompactUNet, dict]:
+                         log=None, elevation_edges: Sequence[float] | None = ELEVATION_EDGES,
+                         init: str | Path | None = None, **overrides) -> tuple[CompactUNet, dict]:
     """Render the dataset and train the teacher (``overrides`` replace :data:`TEACHER_TRAINING`
-    keywords, e.g. ``steps=100`` for a smoke run). Returns (EMA model, stats)."""
+    keywords, e.g. ``steps=100`` for a smoke run; ``elevation_edges=None`` trains (prompt, view) labels only).
+
+    ``init``: a teacher file to continue from (its weights; a missing elevation column is added with a zero
+    embedding, so training starts from exactly that teacher's predictions). Returns (EMA model, stats)."""
     unknown = set(overrides) - set(TEACHER_TRAINING)
     if unknown:
         raise ValueError(
             f"overrides: unknown training keyword(s) {sorted(unknown)}; allowed: {sorted(TEACHER_TRAINING)}"
         )
+    torch.manual_seed(seed)  # parameter init; the training loop uses its own generator
+    model = CompactUNet(**teacher_config(elevation_edges))
+    if init is not None:  # before the dataset's minutes of rendering: a bad file fails at once
+        _load_for_finetune(model, init)
     t0 = time.perf_counter()
-    images, labels = render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), progress=progress)
+    images, labels = render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), progress=progress,
+                                    elevation_edges=elevation_edges)
     render_time = time.perf_counter() - t0
 
     def sample_batch(batch_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -193,21 +240,48 @@ def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, 
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, labels[i]
 
-    torch.manual_seed(seed)  # parameter init; the training loop uses its own generator
-    model = CompactUNet(**TEACHER_CONFIG)
     cfg = {**TEACHER_TRAINING, **overrides}
     ema, stats = train_ddpm(model, make_scenes_schedule(), sample_batch, seed=seed, progress=progress, log=log,
-                            amp_dtype=AMP_DTYPE, **cfg)
+                            amp_dtype=AMP_DTYPE if fast_bfloat16() else None, **cfg)
     stats.update(num_params=sum(p.numel() for p in ema.parameters()), n_train_images=int(images.shape[0]),
                  dataset_render_time_s=render_time)
     return ema, stats
 
 
-def teacher_meta() -> dict:
+def fast_bfloat16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX). Where it does, bfloat16 autocast
+    makes a training step about 1.6x faster; where it does not (e.g. the AMD EPYC hosts here, no
+    ``avx512_bf16``) it is emulated and a step is about 20x slower than in float32 (50 s against 2.5 s)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _load_for_finetune(model: CompactUNet, path: str | Path) -> None:
+    """Copy a teacher file's weights into ``model``; label tables that ``model`` has and the file lacks (an
+    added elevation column) start at zero, so ``model`` predicts exactly what the file's teacher does."""
+    try:
+        src = load_unet_teacher(path).model
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"init: {e}") from None
+    want, have = model.cond_classes, src.cond_classes
+    if want[:len(have)] != have:
+        raise ValueError(f"init: {str(path)!r} has label columns {have}, which are not a prefix of {want}")
+    state = src.state_dict()
+    for i in range(len(have), len(want)):
+        nn_w = model.label_emb[i].weight
+        state[f"label_emb.{i}.weight"] = torch.zeros_like(nn_w)
+    model.load_state_dict(state)
+
+
+def teacher_meta(elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> dict:
     return {
         "prompts": list(PROMPTS),
         "views": list(VIEW_NAMES),
-        "cond_columns": ["prompt", "view"],
+        "cond_columns": ["prompt", "view"] + (["elevation"] if elevation_edges is not None else []),
+        "elevation_edges": None if elevation_edges is None else [float(e) for e in elevation_edges],
         "view_rule": "azimuth in degrees, wrapped to (-180, 180]: |az| < 45 front (0), |az| > 135 back (2), "
                      "else side (1); null labels = (n_prompts, 3)",
         "camera_convention": "+z up, objects face +x, azimuth from +x towards +y, camera looks at the origin",
@@ -256,13 +330,16 @@ def _default_grid_path(out_dir: Path) -> Path:
 
 
 def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
-                **overrides) -> tuple[Tensor, Tensor]:
+                elevation_edges: Sequence[float] | None = ELEVATION_EDGES, **overrides) -> tuple[Tensor, Tensor]:
     """Fresh renders (cameras from ``seed``, disjoint from training draws) for held-out checks."""
-    return render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), baked=baked, **overrides)
+    return render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), baked=baked,
+                          elevation_edges=elevation_edges, **overrides)
 
 
 def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: str | Path | None = None,
-                   progress: bool = True, n_per_prompt: int = N_VIEWS_PER_PROMPT, **overrides) -> dict:
+                   progress: bool = True, n_per_prompt: int = N_VIEWS_PER_PROMPT,
+                   elevation_edges: Sequence[float] | None = ELEVATION_EDGES, init: str | Path | None = None,
+                   **overrides) -> dict:
     """Render the dataset, train the teacher, evaluate it, and write
 
     - ``out_dir/scenes_teacher.safetensors`` (weights, architecture, schedule, prompts and view rule),
@@ -271,8 +348,9 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
       ``grid_path``, default ``docs/scenes_teacher_samples.png`` of the source checkout when ``out_dir``
       is the package assets folder, else ``out_dir/scenes_teacher_samples.png``.
 
-    ``out_dir`` defaults to the package assets folder. ``overrides`` go to the training loop (smoke
-    tests only). Returns the stats dict.
+    ``out_dir`` defaults to the package assets folder. ``overrides`` go to the training loop (e.g. ``steps``);
+    ``elevation_edges=None`` trains a teacher with (prompt, view) labels only; ``init`` continues from a teacher
+    file (:func:`train_scenes_teacher`). Returns the stats dict.
     """
 
     out = Path(out_dir) if out_dir is not None else assets_dir()
@@ -281,23 +359,26 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
     load_before = os.getloadavg()
     t_start = time.perf_counter()
 
-    model, t_stats = train_scenes_teacher(seed=seed, n_per_prompt=n_per_prompt, progress=progress, **overrides)
-    meta = {**teacher_meta(), "guidance_default": GRID_GUIDANCE, "seed": seed, **t_stats}
+    edges = elevation_edges
+    model, t_stats = train_scenes_teacher(seed=seed, n_per_prompt=n_per_prompt, progress=progress,
+                                          elevation_edges=edges, init=init, **overrides)
+    meta = {**teacher_meta(edges), "guidance_default": GRID_GUIDANCE, "seed": seed, **t_stats}
     save_unet_teacher(out / TEACHER_FILE, model, make_scenes_schedule(), meta=meta)
     teacher = load_scenes_teacher(path=out / TEACHER_FILE)
     load_after_train = os.getloadavg()
 
     # --- evaluation on fresh views (never seen in training)
-    x_ho, y_ho = heldout_set(seed=seed + 12345)
+    x_ho, y_ho = heldout_set(seed=seed + 12345, elevation_edges=edges)
     ho_mse, ho_se = heldout_denoising_mse(teacher, x_ho, y_ho)
     ho_uncond, ho_uncond_se = heldout_denoising_mse(teacher, x_ho, teacher.null_cond(y_ho))
-    x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999))
+    x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999), elevation_edges=edges)
     lin_mse, lin_se = heldout_denoising_mse(GaussianLinearTeacher(x_tr, teacher.schedule), x_ho, y_ho)
 
     # --- sample grid: per prompt, ground truth front/side/back then 2 samples per view
     views = [0, 1, 2]
     gt_cams = cameras_from_angles([0.0, 90.0, 180.0], 20.0)
-    cond = torch.stack([torch.tensor([p, v]) for p in range(len(PROMPTS)) for v in views for _ in range(2)])
+    sample_cams = cameras_from_angles([0.0, 0.0, 90.0, 90.0, 180.0, 180.0], 20.0)
+    cond = torch.cat([scene_cond(prompt, sample_cams, PROMPTS, edges) for prompt in PROMPTS])
     t0 = time.perf_counter()
     samples = sample_scenes(teacher, cond, seed=seed + 1)
     sample_time = time.perf_counter() - t0
@@ -307,11 +388,19 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
         rows.append(torch.cat([gt, samples[p * 6:(p + 1) * 6]]))
     col_names = ["GT front", "GT side", "GT back"] + [f"{VIEW_NAMES[v]}" for v in views for _ in range(2)]
     title = (f"scenes teacher: ground truth (az 0/90/180, el 20) | DDIM {GRID_DDIM_STEPS} steps, "
-             f"guidance {GRID_GUIDANCE}, labels (prompt, view)")
+             f"guidance {GRID_GUIDANCE}, labels (prompt, view{', elevation 20' if edges is not None else ''})")
     save_sample_grid(rows, list(PROMPTS), col_names, grid, title)
 
+    command = "carv train-teacher scenes" + (f" --seed {seed}" if seed else "")
+    if init is not None:
+        command += f" --init {init}"
+    for key in ("steps", "lr", "warmup"):
+        if key in overrides and overrides[key] != TEACHER_TRAINING[key]:
+            command += f" --{key} {overrides[key]}"
+    if edges != ELEVATION_EDGES:
+        command += f" --elevation-bins {0 if edges is None else len(edges) - 1}"
     stats = {
-        "command": "carv train-teacher scenes" + (f" --seed {seed}" if seed else ""),
+        "command": command,
         "machine": {"platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -320,14 +409,15 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
                     "loadavg_after_teacher": [round(v, 2) for v in load_after_train],
                     "note": "2-core machine shared with other jobs; a load average above 2 means the "
                             "timings are inflated by contention"},
-        "teacher": {"config": TEACHER_CONFIG, "training": {**TEACHER_TRAINING, **overrides},
+        "teacher": {"config": teacher_config(edges), "elevation_edges": edges,
+                    "init": None if init is None else str(init), "training": {**TEACHER_TRAINING, **overrides},
                     "n_views_per_prompt": n_per_prompt, "render": RENDER_SETTINGS, **t_stats,
                     "heldout_denoising_mse": ho_mse, "heldout_denoising_mse_se": ho_se,
                     "heldout_denoising_mse_unconditional": ho_uncond,
                     "heldout_denoising_mse_unconditional_se": ho_uncond_se,
                     "heldout_denoising_mse_best_linear_baseline": lin_mse,
                     "heldout_denoising_mse_best_linear_baseline_se": lin_se,
-                    "denoising_mse_protocol": "conditional (prompt, view), 16 fresh views per prompt "
+                    "denoising_mse_protocol": "conditional (its own labels), 16 fresh views per prompt "
                                               f"(camera seed {seed + 12345}), 10 midpoint timesteps per "
                                               "image, noise seed 0; eps_hat = 0 scores 1.0"},
         "samples": {"ddim_steps": GRID_DDIM_STEPS, "guidance_scale": GRID_GUIDANCE,
