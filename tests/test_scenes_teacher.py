@@ -157,7 +157,8 @@ def test_elevation_label_bins_and_clamps():
         with pytest.raises(ValueError, match="edges: expected at least 2 finite, strictly increasing"):
             elevation_label(el, bad)
     assert elevation_edges_for(4) == (0.0, 10.0, 20.0, 30.0, 40.0)
-    assert elevation_edges_for(0) is None and elevation_edges_for(None) == ELEVATION_EDGES
+    assert elevation_edges_for(0) is None and elevation_edges_for(None) is None
+    assert elevation_edges_for(4) == ELEVATION_EDGES
     with pytest.raises(ValueError, match="elevation_bins: expected a non-negative integer"):
         elevation_edges_for(-1)
 

@@ -45,14 +45,14 @@ def train_scenes(
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     steps: int = typer.Option(None, min=1, help="Training steps (default: the committed teacher's)."),
     elevation_bins: int = typer.Option(None, min=0, help="Equal elevation bins over the training range as a "
-                                                         "third label (0: prompt and view labels only; "
-                                                         "default: the committed teacher's)."),
+                                                         "third label (default 0: prompt and view labels "
+                                                         "only, as the committed teacher)."),
     lr: float = typer.Option(None, min=0.0, help="Peak learning rate (default: the committed teacher's)."),
     warmup: int = typer.Option(None, min=0, help="Linear warm-up steps (default: the committed teacher's)."),
     init: Path = typer.Option(None, help="Continue from this teacher file (a missing elevation label starts at "
                                          "zero: training starts from exactly that teacher)."),
 ):
-    """Prompt-, view- and elevation-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
+    """Prompt- and view-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
     from carv.teachers.scenes import elevation_edges_for, train_and_save
 
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "warmup": warmup}.items() if v is not None}

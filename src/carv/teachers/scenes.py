@@ -16,16 +16,18 @@ Labels
     ``cond [B, 2]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
     prompts), column 1 the view label ``0 front / 1 side / 2 back`` from the camera's azimuth
     (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3), and
-    (teachers trained with elevation bins, ``meta["elevation_edges"]``) column 2 the camera's elevation bin
-    (:data:`ELEVATION_EDGES`: 0-10, 10-20, 20-30, 30-40 degrees; null = 4). Without the elevation label the
-    teacher's prediction for a view averages over elevations 0-40, where the cap hides more or less of a
-    mushroom's stem; score distillation then asks for that average. :func:`scene_cond` builds the labels
-    from a prompt and cameras; guidance uses all null labels.
+    (teachers trained with elevation bins, ``meta["elevation_edges"]``; not the committed one) column 2 the
+    camera's elevation bin (``--elevation-bins 4``: :data:`ELEVATION_EDGES`, 0-10, 10-20, 20-30, 30-40 degrees;
+    null = 4). The label was tried against the mushroom's missing stem (a view label alone averages over
+    elevations 0-40, where the cap hides more or less of it) and made score distillation worse (BENCHMARKS.md,
+    "Text-to-3D quality", fourth session), so the committed teacher has (prompt, view) labels only.
+    :func:`scene_cond` builds the labels from a prompt and cameras; guidance uses all null labels.
 
 Teacher
     :class:`~carv.teachers.unet.CompactUNet` (:data:`TEACHER_CONFIG`, about 1.2 M parameters,
     4.8 MB) on the linear DDPM schedule (1000 steps), trained by
-    :func:`~carv.teachers.training.train_ddpm` with bfloat16 autocast (:data:`TEACHER_TRAINING`).
+    :func:`~carv.teachers.training.train_ddpm` with bfloat16 autocast (:data:`TEACHER_TRAINING`; float32 on
+    CPUs without native bfloat16, :func:`fast_bfloat16`, so the bits differ there).
     ``carv train-teacher scenes`` (:func:`train_and_save`) reproduces the committed
     ``assets/scenes_teacher.safetensors``, its stats JSON and ``docs/scenes_teacher_samples.png``.
 """
@@ -71,6 +73,7 @@ __all__ = [
     "ELEVATION_EDGES",
     "elevation_edges_for",
     "teacher_config",
+    "fast_bfloat16",
     "TEACHER_TRAINING",
     "RENDER_SETTINGS",
     "render_views",
@@ -107,10 +110,10 @@ ELEVATION_EDGES: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0, 40.0)
 
 
 def elevation_edges_for(bins: int | None) -> tuple[float, ...] | None:
-    """Edges of ``bins`` equal elevation bins over the training range (None: :data:`ELEVATION_EDGES`; 0: None,
-    no elevation label)."""
+    """Edges of ``bins`` equal elevation bins over the training range (None or 0: None, no elevation label, as
+    the committed teacher)."""
     if bins is None:
-        return ELEVATION_EDGES
+        return None
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 0:
         raise ValueError(f"elevation_bins: expected a non-negative integer (0: no elevation label), got {bins!r}")
     if bins == 0:
@@ -119,7 +122,7 @@ def elevation_edges_for(bins: int | None) -> tuple[float, ...] | None:
     return tuple(lo + (hi - lo) * i / bins for i in range(bins + 1))
 
 
-def teacher_config(elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> dict:
+def teacher_config(elevation_edges: Sequence[float] | None = None) -> dict:
     """The teacher's architecture; its label columns are (prompt, view) plus the elevation bin when
     ``elevation_edges`` is given."""
     cond = (len(PROMPTS), len(VIEW_NAMES)) + ((len(elevation_edges) - 1,) if elevation_edges is not None else ())
@@ -127,7 +130,7 @@ def teacher_config(elevation_edges: Sequence[float] | None = ELEVATION_EDGES) ->
                 cond_classes=cond)
 
 
-TEACHER_CONFIG = teacher_config()
+TEACHER_CONFIG = teacher_config()  # the committed teacher's: (prompt, view) labels
 TEACHER_TRAINING = dict(steps=1500, batch_size=64, lr=2e-3, warmup=200, label_dropout=0.1, ema_decay=0.999)
 AMP_DTYPE = torch.bfloat16
 GRID_GUIDANCE = 3.0
@@ -151,7 +154,7 @@ def _prompt_list(prompts) -> list[str]:
 
 def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
                prompts: Sequence[str] = PROMPTS,
-               elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> Tensor:
+               elevation_edges: Sequence[float] | None = None) -> Tensor:
     """Teacher labels ``[B, 2]`` or ``[B, 3]`` (long) for one prompt seen from ``B`` cameras.
 
     ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
@@ -194,7 +197,7 @@ def render_views(prompt: str, cameras: Cameras, baked: bool = True, **overrides)
 @torch.no_grad()
 def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Sequence[str] = PROMPTS,
                    baked: bool = True, progress: bool = False,
-                   elevation_edges: Sequence[float] | None = ELEVATION_EDGES,
+                   elevation_edges: Sequence[float] | None = None,
                    **overrides) -> tuple[Tensor, Tensor]:
     """``(images [N, 3, 32, 32] in [-1, 1], labels [N, 2 or 3])``: ``n_per_prompt`` random views of each prompt
     (labels from :func:`scene_cond` with ``elevation_edges``)."""
@@ -212,7 +215,7 @@ def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Seque
 
 
 def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, progress: bool = True,
-                         log=None, elevation_edges: Sequence[float] | None = ELEVATION_EDGES,
+                         log=None, elevation_edges: Sequence[float] | None = None,
                          init: str | Path | None = None, **overrides) -> tuple[CompactUNet, dict]:
     """Render the dataset and train the teacher (``overrides`` replace :data:`TEACHER_TRAINING`
     keywords, e.g. ``steps=100`` for a smoke run; ``elevation_edges=None`` trains (prompt, view) labels only).
@@ -276,7 +279,7 @@ def _load_for_finetune(model: CompactUNet, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def teacher_meta(elevation_edges: Sequence[float] | None = ELEVATION_EDGES) -> dict:
+def teacher_meta(elevation_edges: Sequence[float] | None = None) -> dict:
     return {
         "prompts": list(PROMPTS),
         "views": list(VIEW_NAMES),
@@ -330,7 +333,7 @@ def _default_grid_path(out_dir: Path) -> Path:
 
 
 def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
-                elevation_edges: Sequence[float] | None = ELEVATION_EDGES, **overrides) -> tuple[Tensor, Tensor]:
+                elevation_edges: Sequence[float] | None = None, **overrides) -> tuple[Tensor, Tensor]:
     """Fresh renders (cameras from ``seed``, disjoint from training draws) for held-out checks."""
     return render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), baked=baked,
                           elevation_edges=elevation_edges, **overrides)
@@ -338,7 +341,7 @@ def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
 
 def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: str | Path | None = None,
                    progress: bool = True, n_per_prompt: int = N_VIEWS_PER_PROMPT,
-                   elevation_edges: Sequence[float] | None = ELEVATION_EDGES, init: str | Path | None = None,
+                   elevation_edges: Sequence[float] | None = None, init: str | Path | None = None,
                    **overrides) -> dict:
     """Render the dataset, train the teacher, evaluate it, and write
 
@@ -397,8 +400,8 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
     for key in ("steps", "lr", "warmup"):
         if key in overrides and overrides[key] != TEACHER_TRAINING[key]:
             command += f" --{key} {overrides[key]}"
-    if edges != ELEVATION_EDGES:
-        command += f" --elevation-bins {0 if edges is None else len(edges) - 1}"
+    if edges is not None:
+        command += f" --elevation-bins {len(edges) - 1}"
     stats = {
         "command": command,
         "machine": {"platform": platform.platform(),
