@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                         "train_seconds": ref_sm["train_seconds"]}
     res["runs"] = [{"seed": sm["seed"], "final": sm["final"], "seconds_per_step": sm["seconds_per_step"],
                     "carv_R_K_final": [sm["R_final"], sm["K_final"]], "machine": sm["machine"]} for sm in summaries]
-    doc = read_json(args.json, "benchmark JSON")
+    doc = read_json(args.json, "benchmark JSON") if Path(args.json).is_file() else {}  # a new file: this entry only
     entry = args.entry or ("equal_step_compute" if grid is None else "equal_step_compute_lr_tuned")
     old = doc.get(entry) or {}
     for key in ("earlier", "variance_sensitivity"):  # records this script does not make: kept as they are
