@@ -36,11 +36,8 @@ def ground_truth_grid(scene, resolution: int, floor: float = 1e-4):
     baked = scene.bake(resolution)
     grid = VoxelGrid(resolution, 1.0)
     with torch.no_grad():
-        s = (baked.density.clamp_min(floor) / grid.density_scale).double()
-        raw = torch.where(s > 20, s, torch.log(torch.expm1(s))) - grid.density_bias
-        grid.density.copy_(raw.clamp_min(-6.0).float())
-        c = baked.color.clamp(0.02, 0.98)
-        grid.color.copy_(torch.log(c / (1 - c)))
+        grid.density.copy_(grid.raw_density(baked.density.clamp_min(floor).double()).clamp_min(-6.0).float())
+        grid.color.copy_(grid.raw_color(baked.color.clamp(0.02, 0.98)))
     return grid
 
 

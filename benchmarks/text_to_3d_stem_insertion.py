@@ -37,11 +37,9 @@ def main(run: str, steps: int, out: str = "runs/stem-insertion") -> None:
         with torch.no_grad():
             tr.grid.density.copy_(tensors["grid.density"])
             tr.grid.color.copy_(tensors["grid.color"])
-            if variant == "stem-inserted":  # invert the grid's activations: density 10 softplus(raw - 6), sigmoid
-                d = gt.density[0, 0][stem].clamp(1e-3, 500) / tr.grid.density_scale
-                tr.grid.density[0, 0][stem] = torch.log(torch.expm1(d)) - tr.grid.density_bias
-                col = gt.color[0][:, stem].clamp(0.02, 0.98)
-                tr.grid.color[0][:, stem] = torch.log(col / (1 - col))
+            if variant == "stem-inserted":  # the ground truth's stem through the inverse of the grid's activations
+                tr.grid.density[0, 0][stem] = tr.grid.raw_density(gt.density[0, 0][stem].clamp(1e-3, 500))
+                tr.grid.color[0][:, stem] = tr.grid.raw_color(gt.color[0][:, stem].clamp(0.02, 0.98))
         e0 = tr.evaluate()
         while not tr.done:
             tr.step()

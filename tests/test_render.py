@@ -296,3 +296,16 @@ def test_opacity_regularisers_compute_their_formulas():
     x = torch.tensor([0.3, 0.5, 0.7], requires_grad=True)
     opaque_loss(x).backward()  # dH/dp = log((1 - p) / p): pushes p < 0.5 down and p > 0.5 up
     torch.testing.assert_close(x.grad, torch.log((1 - x.detach()) / x.detach()) / 3)
+
+
+@pytest.mark.parametrize("density_activation, color_activation",
+                         [("softplus", "sigmoid"), ("exp", "sigmoid"), ("relu", "clamp")])
+def test_raw_values_invert_the_activations(density_activation, color_activation):
+    """raw_density / raw_color give the raw parameters whose activations are the asked densities and colours,
+    across the softplus's two branches (s below and above 20)."""
+    g = VoxelGrid(4, density_activation=density_activation, density_bias=-6.0 if density_activation != "relu" else 0.0,
+                  color_activation=color_activation)
+    sigma = torch.tensor([1e-3, 0.025, 1.0, 60.0, 199.0, 201.0, 500.0], dtype=torch.float64)
+    torch.testing.assert_close(g.activate_density(g.raw_density(sigma)), sigma, rtol=1e-9, atol=0)
+    rgb = torch.tensor([0.02, 0.3, 0.5, 0.98], dtype=torch.float64)
+    torch.testing.assert_close(g.activate_color(g.raw_color(rgb)), rgb, rtol=1e-12, atol=0)

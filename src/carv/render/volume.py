@@ -330,6 +330,23 @@ class VoxelGrid(nn.Module):
     def activate_color(self, raw: Tensor) -> Tensor:
         return torch.sigmoid(raw) if self.color_activation == "sigmoid" else raw.clamp(0.0, 1.0)
 
+    def raw_density(self, sigma: Tensor) -> Tensor:
+        """The raw value whose activated density is ``sigma`` (the inverse of :meth:`activate_density`; ``sigma``
+        must be > 0 for ``softplus`` and ``exp``), e.g. to write a known scene into the grid's parameters."""
+        s = sigma / self.density_scale
+        if self.density_activation == "softplus":  # softplus^-1(s) = log(expm1(s)), = s to float precision past 20
+            z = torch.where(s > 20, s, torch.log(torch.expm1(s)))
+        elif self.density_activation == "exp":
+            z = torch.log(s)
+        else:
+            z = s
+        return z - self.density_bias
+
+    def raw_color(self, rgb: Tensor) -> Tensor:
+        """The raw value whose activated colour is ``rgb`` (the inverse of :meth:`activate_color`; in (0, 1) for
+        ``sigmoid``)."""
+        return torch.log(rgb / (1 - rgb)) if self.color_activation == "sigmoid" else rgb
+
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
         shape = points.shape[:-1]
         grid = (points / self.bound).reshape(1, 1, 1, -1, 3).to(self.density.dtype)
