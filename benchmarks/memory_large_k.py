@@ -58,7 +58,7 @@ def main() -> None:
                             guidance_scale=3.0)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)),
-                      elevation_edges=load_scenes_teacher().meta.get("elevation_edges"))
+                      elevation_edges=inner.meta.get("elevation_edges"))
     before, t0 = peak_mib(), time.process_time()
     try:
         sds(x, cond, generator=0)

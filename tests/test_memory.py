@@ -79,13 +79,14 @@ def test_scenes_teacher_at_huge_K_draws_and_calls_in_bounded_chunks(K, noise_siz
     from carv.render.cameras import random_cameras
     from carv.teachers.scenes import load_scenes_teacher, scene_cond
 
-    teacher = Recording(load_scenes_teacher(), limit=3)
+    base = load_scenes_teacher()
+    teacher = Recording(base, limit=3)
     sds = ScoreDistillation(teacher, TimestepSampler(teacher.schedule.num_timesteps, stratify="per_upstream"), K=K,
                             guidance_scale=3.0)
     assert sds.max_batch == "auto"  # the default (text-to-3d's SceneProblem.sds passes none)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)),
-                      elevation_edges=load_scenes_teacher().meta.get("elevation_edges"))
+                      elevation_edges=base.meta.get("elevation_edges"))
     full = 2 * K * x[0].numel() * 4
     before = _rss()
     with pytest.raises(Stop):

@@ -56,10 +56,7 @@ def train_scenes(
     from carv.teachers.scenes import elevation_edges_for, train_and_save
 
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "warmup": warmup}.items() if v is not None}
-    try:
-        edges = elevation_edges_for(elevation_bins)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--elevation-bins") from e
+    edges = elevation_edges_for(elevation_bins)  # typer's min=0 has refused anything it would
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"no teacher file at {str(init)!r}", param_hint="--init")
     try:

@@ -55,7 +55,6 @@ from carv.render.cameras import (
     VIEW_NAMES,
     Cameras,
     cameras_from_angles,
-    elevation_label,
     random_cameras,
     view_label,
 )
@@ -158,8 +157,8 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
     """Teacher labels ``[B, 2]`` or ``[B, 3]`` (long) for one prompt seen from ``B`` cameras.
 
     ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
-    ``elevation_edges`` the teacher's elevation bins (``teacher.meta.get("elevation_edges")``; default: this
-    version's; None for a teacher with (prompt, view) labels only, which also accepts ``cameras`` as a list of
+    ``elevation_edges`` the teacher's elevation bins (``teacher.meta.get("elevation_edges")``; default None: a
+    teacher with (prompt, view) labels only, as the committed one, which also accepts ``cameras`` as a list of
     azimuths in degrees).
     """
     key = normalize_prompt(prompt)
@@ -177,7 +176,7 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
     p = torch.full_like(views, prompts.index(key))
     cols = [p, views]
     if elevation_edges is not None:
-        cols.append(elevation_label(cameras.elevation_deg, elevation_edges).to(views.device))
+        cols.append(cameras.elevation_labels(elevation_edges))
     return torch.stack(cols, -1).to(device)
 
 
@@ -274,8 +273,7 @@ def _load_for_finetune(model: CompactUNet, path: str | Path) -> None:
         raise ValueError(f"init: {str(path)!r} has label columns {have}, which are not a prefix of {want}")
     state = src.state_dict()
     for i in range(len(have), len(want)):
-        nn_w = model.label_emb[i].weight
-        state[f"label_emb.{i}.weight"] = torch.zeros_like(nn_w)
+        state[f"label_emb.{i}.weight"] = torch.zeros_like(model.label_emb[i].weight)
     model.load_state_dict(state)
 
 
