@@ -105,24 +105,31 @@ def test_teacher_uses_the_prompt():
 
 
 @torch.no_grad()
-def test_teacher_uses_the_view():
-    """Front and back renders of the front/back-asymmetric scenes (az 0 / 180, el 20) denoise better
-    with their own view label than with the swapped one (t = 100, 200, 300; paired, 3 standard errors)."""
+def _label_swap_penalty(prompts, cams, ts, column: int, swap) -> torch.Tensor:
+    """Per-draw increase of the denoising MSE when label ``column`` is replaced by ``swap(label)``, on exact renders
+    of ``prompts`` from ``cams`` noised at each of the timesteps ``ts`` (noise seed 0; paired draws)."""
     teacher = _teacher()
-    cams = cameras_from_angles([0.0, 180.0], [20.0, 20.0])
-    prompts = [p for p in PROMPTS if SCENES[p].front_point is not None]
     x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in prompts])
     cond = torch.cat([scene_cond(p, cams, elevation_edges=_edges()) for p in prompts])
-    ts = torch.tensor([100, 200, 300])
+    ts = torch.tensor(ts)
     t = ts.repeat(x0.shape[0])
     x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     x_t = teacher.schedule.add_noise(x0, t, eps)
-    swapped = cond.clone()
-    swapped[:, 1] = 2 - cond[:, 1]
+    other = cond.clone()
+    other[:, column] = swap(cond[:, column])
     right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
-    wrong = (teacher.predict_eps(x_t, t, swapped) - eps).pow(2).flatten(1).mean(1)
-    d = wrong - right
+    wrong = (teacher.predict_eps(x_t, t, other) - eps).pow(2).flatten(1).mean(1)
+    return wrong - right
+
+
+@torch.no_grad()
+def test_teacher_uses_the_view():
+    """Front and back renders of the front/back-asymmetric scenes (az 0 / 180, el 20) denoise better
+    with their own view label than with the swapped one (t = 100, 200, 300; paired, 3 standard errors)."""
+    prompts = [p for p in PROMPTS if SCENES[p].front_point is not None]
+    d = _label_swap_penalty(prompts, cameras_from_angles([0.0, 180.0], [20.0, 20.0]), [100, 200, 300],
+                            column=1, swap=lambda v: 2 - v)
     se = d.std() / d.numel() ** 0.5
     print(f"front <-> back: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
@@ -195,20 +202,8 @@ def test_teacher_uses_the_elevation():
     edges = _edges()
     if edges is None:
         pytest.skip("the committed teacher has no elevation label")
-    teacher = _teacher()
-    cams = cameras_from_angles([0.0, 90.0, 0.0, 90.0], [5.0, 5.0, 35.0, 35.0])
-    x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in PROMPTS])
-    cond = torch.cat([scene_cond(p, cams, elevation_edges=edges) for p in PROMPTS])
-    ts = torch.tensor([100, 300, 500])
-    t = ts.repeat(x0.shape[0])
-    x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    x_t = teacher.schedule.add_noise(x0, t, eps)
-    other = cond.clone()
-    other[:, 2] = (len(edges) - 2) - cond[:, 2]  # bin 0 <-> the top bin
-    right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
-    wrong = (teacher.predict_eps(x_t, t, other) - eps).pow(2).flatten(1).mean(1)
-    d = wrong - right
+    d = _label_swap_penalty(PROMPTS, cameras_from_angles([0.0, 90.0, 0.0, 90.0], [5.0, 5.0, 35.0, 35.0]),
+                            [100, 300, 500], column=2, swap=lambda e: (len(edges) - 2) - e)  # bin 0 <-> the top bin
     se = d.std() / d.numel() ** 0.5
     print(f"elevation 5 <-> 35: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
