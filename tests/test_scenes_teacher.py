@@ -18,7 +18,7 @@ from carv.teachers.scenes import (
     render_views,
     scene_cond,
 )
-from carv.teachers.unet import CompactUNet, save_unet_teacher
+from carv.teachers.unet import ANGLE_CLASSES, CompactUNet, angle_label, load_unet_teacher, save_unet_teacher
 
 # Held-out protocol: 2 fresh views per prompt (camera seed 2024, never used in training), rendered
 # from the analytic fields without supersampling (cheaper than, and slightly sharper than, the training
@@ -152,7 +152,7 @@ def test_scene_cond_maps_prompt_and_camera_to_labels():
     assert cond.tolist() == [[k, 0, 0], [k, 1, 0], [k, 1, 1], [k, 2, 3]]
     assert scene_cond("a snowman", [10.0, -150.0], elevation_edges=None).tolist() == [
         [PROMPTS.index("a snowman"), 0], [PROMPTS.index("a snowman"), 2]]
-    with pytest.raises(TypeError, match="cameras: a teacher with elevation labels needs Cameras"):
+    with pytest.raises(TypeError, match="cameras: a teacher with elevation or camera labels needs Cameras"):
         scene_cond("a snowman", [10.0, -150.0], elevation_edges=(0.0, 20.0, 40.0))
 
 
@@ -207,6 +207,86 @@ def test_teacher_uses_the_elevation():
     se = d.std() / d.numel() ** 0.5
     print(f"elevation 5 <-> 35: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
+
+
+def test_angle_label_wraps_to_hundredths_of_a_degree():
+    got = angle_label(torch.tensor([0.0, 30.0, -30.0, 359.999, 360.0, 720.25, -0.004, 12.3449]))
+    assert got.tolist() == [0, 3000, 33000, 0, 0, 25, 0, 1234]
+    assert got.dtype == torch.long and (got < ANGLE_CLASSES).all()
+    with pytest.raises(ValueError, match="degrees: expected finite angles"):
+        angle_label(torch.tensor([float("nan")]))
+
+
+def test_scene_cond_appends_the_camera_angles():
+    cams = cameras_from_angles([0.0, 60.0, -100.0], [0.0, 12.5, 39.0])
+    k = PROMPTS.index("a blue table")
+    cond = scene_cond("a blue table", cams, camera=True)
+    assert cond.tolist() == [[k, 0, 0, 0], [k, 1, 6000, 1250], [k, 1, 26000, 3900]]
+    cond = scene_cond("a blue table", cams, elevation_edges=(0.0, 20.0, 40.0), camera=True)
+    assert cond[:, 2].tolist() == [0, 0, 1] and cond[:, 3:].tolist() == [[0, 0], [6000, 1250], [26000, 3900]]
+    with pytest.raises(TypeError, match="cameras: a teacher with elevation or camera labels needs Cameras"):
+        scene_cond("a blue table", [10.0], camera=True)
+
+
+def _small_angle_model(**kw):
+    cfg = dict(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(),
+               cond_classes=(len(PROMPTS), 3, ANGLE_CLASSES, ANGLE_CLASSES), angle_columns=(2, 3))
+    return CompactUNet(**{**cfg, **kw})
+
+
+def test_angle_columns_embed_nearby_angles_alike_and_null_as_nothing(tmp_path):
+    """An angle column's embedding is a smooth function of the angle (0 and 360 degrees alike, a hundredth of a
+    degree a small step, opposite azimuths far apart), its null code adds exactly nothing, and the column
+    survives a save/load round trip."""
+    torch.manual_seed(0)
+    model = _small_angle_model()
+    emb = model.label_emb[2]
+    torch.nn.init.normal_(emb.mlp[2].weight, std=0.5)  # trained-like, non-zero output layer
+    codes = angle_label(torch.tensor([0.0, 0.01, 359.99, 180.0]))
+    e = emb(codes)
+    near = (e[0] - e[1]).norm().item()
+    wrap = (e[0] - e[2]).norm().item()
+    far = (e[0] - e[3]).norm().item()
+    assert near < 0.01 * far and wrap < 0.01 * far
+    assert emb(torch.tensor([ANGLE_CLASSES])).abs().max() == 0
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 700])
+    cond = torch.tensor([[0, 0, 1000, 2000], [4, 2, 19000, 500]])
+    save_unet_teacher(tmp_path / "a.safetensors", model, make_scenes_schedule())
+    loaded = load_unet_teacher(tmp_path / "a.safetensors").model
+    assert loaded.angle_columns == (2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond), rtol=0, atol=0)
+    for bad, match in [(dict(angle_columns=(1,)), "column 1 must exist and have cond_classes"),
+                       (dict(angle_columns=(4,)), "column 4 must exist"),
+                       (dict(angle_columns=(2, 2)), "expected distinct columns")]:
+        with pytest.raises(ValueError, match=match):
+            _small_angle_model(**bad)
+
+
+def test_finetune_init_adds_camera_columns_that_change_nothing(tmp_path):
+    """A (prompt, view) teacher continued with camera columns predicts exactly what the file's teacher does, for
+    any camera and for the null camera, until training moves the new columns."""
+    torch.manual_seed(0)
+    src = _small_angle_model(cond_classes=(len(PROMPTS), 3), angle_columns=())
+    torch.nn.init.normal_(src.conv_out.weight, std=0.1)
+    save_unet_teacher(tmp_path / "t.safetensors", src, make_scenes_schedule())
+    model = _small_angle_model()
+    _load_for_finetune(model, tmp_path / "t.safetensors")
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, 300, 999])
+    base = torch.tensor([[0, 0], [5, 1], [len(PROMPTS), 3]])
+    with torch.no_grad():
+        want = src(x, t, base)
+        assert want.abs().mean() > 1e-3
+        for az, el in [(0, 0), (12345, 2000), (ANGLE_CLASSES, ANGLE_CLASSES)]:
+            got = model(x, t, torch.cat([base, torch.tensor([[az, el]] * 3)], 1))
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # a camera file cannot continue into a model that reads those columns as tables
+    save_unet_teacher(tmp_path / "c.safetensors", model, make_scenes_schedule())
+    with pytest.raises(ValueError, match="init: .* has label columns"):
+        _load_for_finetune(_small_angle_model(angle_columns=(2,), cond_classes=(len(PROMPTS), 3, ANGLE_CLASSES,
+                                                                                  7)), tmp_path / "c.safetensors")
 
 
 def test_scene_cond_rejects_unknown_prompts():

@@ -51,6 +51,8 @@ def train_scenes(
     warmup: int = typer.Option(None, min=0, help="Linear warm-up steps (default: the committed teacher's)."),
     init: Path = typer.Option(None, help="Continue from this teacher file (a missing elevation label starts at "
                                          "zero: training starts from exactly that teacher)."),
+    camera: bool = typer.Option(False, "--camera", help="Condition on the camera's azimuth and elevation "
+                                                        "(angle columns after the labels)."),
 ):
     """Prompt- and view-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
     from carv.teachers.scenes import elevation_edges_for, train_and_save
@@ -60,7 +62,7 @@ def train_scenes(
     if init is not None and not init.is_file():
         raise typer.BadParameter(f"no teacher file at {str(init)!r}", param_hint="--init")
     try:
-        train_and_save(out_dir=out, seed=seed, elevation_edges=edges, init=init, **overrides)
+        train_and_save(out_dir=out, seed=seed, elevation_edges=edges, init=init, camera=camera, **overrides)
     except ValueError as e:
         if str(e).startswith("init:"):
             raise typer.BadParameter(str(e), param_hint="--init") from None

@@ -446,6 +446,7 @@ class SceneProblem:
         self.prompts = list(self.teacher.meta.get("prompts", []))
         # the teacher's elevation bins (None: a teacher with (prompt, view) labels only)
         self.elevation_edges = self.teacher.meta.get("elevation_edges")
+        self.camera_columns = bool(self.teacher.meta.get("camera_columns", False))
         if self.prompt not in self.prompts:
             raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {self.prompts}")
         self.image_size = int(self.teacher.meta.get("render", {}).get("image_size", RENDER_SETTINGS["image_size"]))
@@ -548,7 +549,7 @@ class SceneProblem:
 
     def condition(self, cameras: Cameras) -> dict[str, Any]:
         """The teacher's condition per view: ``{"cond": ...}`` (and ``"uncond"`` for per-view negatives)."""
-        return {"cond": scene_cond(self.prompt, cameras, self.prompts, self.elevation_edges)}
+        return {"cond": scene_cond(self.prompt, cameras, self.prompts, self.elevation_edges, self.camera_columns)}
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,

@@ -8,9 +8,11 @@ Data
     96^3 bake of the analytic field (within ~45 dB of the analytic render). Background: a fixed
     mid-grey ``0.5`` (``0`` in the teacher's ``[-1, 1]`` range) -- it contrasts with every object
     (white snowman and lamp included) and it is what an empty or fresh :class:`VoxelGrid` renders
-    to, so the text-to-3D app must composite onto the same grey. Every scene is mirror-symmetric
-    left/right, so a horizontal flip (a render from ``-azimuth``, same view label) is used as free
-    augmentation.
+    to, so the text-to-3D app must composite onto the same grey. The (prompt, view) teachers use a
+    horizontal flip as augmentation (a render from ``-azimuth``, same view label); it is only
+    approximate, since the scenes' shapes are mirror-symmetric left/right but their light is not
+    (:mod:`carv.render.scenes`), so camera-conditioned teachers do not flip: they render twice the
+    views instead.
 
 Labels
     ``cond [B, 2]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
@@ -63,7 +65,14 @@ from carv.render.volume import render
 from carv.schedules import VPSchedule
 from carv.teachers.evaluation import GaussianLinearTeacher, heldout_denoising_mse
 from carv.teachers.training import ddim_sample, train_ddpm
-from carv.teachers.unet import CompactUNet, UNetTeacher, load_unet_teacher, save_unet_teacher
+from carv.teachers.unet import (
+    ANGLE_CLASSES,
+    CompactUNet,
+    UNetTeacher,
+    angle_label,
+    load_unet_teacher,
+    save_unet_teacher,
+)
 
 __all__ = [
     "IMAGE_SIZE",
@@ -121,12 +130,17 @@ def elevation_edges_for(bins: int | None) -> tuple[float, ...] | None:
     return tuple(lo + (hi - lo) * i / bins for i in range(bins + 1))
 
 
-def teacher_config(elevation_edges: Sequence[float] | None = None) -> dict:
-    """The teacher's architecture; its label columns are (prompt, view) plus the elevation bin when
-    ``elevation_edges`` is given."""
+def teacher_config(elevation_edges: Sequence[float] | None = None, camera: bool = False) -> dict:
+    """The teacher's architecture; its label columns are (prompt, view), then the elevation bin when
+    ``elevation_edges`` is given, then the camera's azimuth and elevation (angle columns) when ``camera``."""
     cond = (len(PROMPTS), len(VIEW_NAMES)) + ((len(elevation_edges) - 1,) if elevation_edges is not None else ())
-    return dict(in_channels=3, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
-                cond_classes=cond)
+    angles = (len(cond), len(cond) + 1) if camera else ()
+    cond = cond + ((ANGLE_CLASSES, ANGLE_CLASSES) if camera else ())
+    cfg = dict(in_channels=3, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
+               cond_classes=cond)
+    if camera:
+        cfg["angle_columns"] = angles
+    return cfg
 
 
 TEACHER_CONFIG = teacher_config()  # the committed teacher's: (prompt, view) labels
@@ -153,13 +167,14 @@ def _prompt_list(prompts) -> list[str]:
 
 def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
                prompts: Sequence[str] = PROMPTS,
-               elevation_edges: Sequence[float] | None = None) -> Tensor:
+               elevation_edges: Sequence[float] | None = None, camera: bool = False) -> Tensor:
     """Teacher labels ``[B, 2]`` or ``[B, 3]`` (long) for one prompt seen from ``B`` cameras.
 
     ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
     ``elevation_edges`` the teacher's elevation bins (``teacher.meta.get("elevation_edges")``; default None: a
     teacher with (prompt, view) labels only, as the committed one, which also accepts ``cameras`` as a list of
-    azimuths in degrees).
+    azimuths in degrees). ``camera`` (``teacher.meta.get("camera_columns")``): append the cameras' azimuth and
+    elevation as angle columns (:func:`carv.teachers.unet.angle_label`).
     """
     key = normalize_prompt(prompt)
     prompts = [normalize_prompt(p) for p in prompts]
@@ -167,9 +182,10 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
         raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {prompts}")
     if isinstance(cameras, Cameras):
         views, device = cameras.view_labels, cameras.device
-    elif elevation_edges is not None:
-        raise TypeError(f"cameras: a teacher with elevation labels needs Cameras (their elevations), got "
-                        f"{type(cameras).__name__}; pass elevation_edges=None for (prompt, view) labels only")
+    elif elevation_edges is not None or camera:
+        raise TypeError(f"cameras: a teacher with elevation or camera labels needs Cameras (their elevations), "
+                        f"got {type(cameras).__name__}; pass elevation_edges=None and camera=False for (prompt, "
+                        f"view) labels only")
     else:
         az = torch.as_tensor(cameras, dtype=torch.float64).reshape(-1)
         views, device = view_label(az), az.device
@@ -177,6 +193,8 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
     cols = [p, views]
     if elevation_edges is not None:
         cols.append(cameras.elevation_labels(elevation_edges))
+    if camera:
+        cols += [angle_label(cameras.azimuth_deg).to(device), angle_label(cameras.elevation_deg).to(device)]
     return torch.stack(cols, -1).to(device)
 
 
@@ -196,7 +214,7 @@ def render_views(prompt: str, cameras: Cameras, baked: bool = True, **overrides)
 @torch.no_grad()
 def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Sequence[str] = PROMPTS,
                    baked: bool = True, progress: bool = False,
-                   elevation_edges: Sequence[float] | None = None,
+                   elevation_edges: Sequence[float] | None = None, camera: bool = False,
                    **overrides) -> tuple[Tensor, Tensor]:
     """``(images [N, 3, 32, 32] in [-1, 1], labels [N, 2 or 3])``: ``n_per_prompt`` random views of each prompt
     (labels from :func:`scene_cond` with ``elevation_edges``)."""
@@ -209,13 +227,14 @@ def render_dataset(n_per_prompt: int, generator: torch.Generator, prompts: Seque
         cams = random_cameras(n_per_prompt, generator, elevation_range=tuple(cfg["elevation_range"]),
                               radius=cfg["radius"], fov_deg=cfg["fov_deg"])
         xs.append(render_views(prompt, cams, baked=baked, **overrides))
-        ys.append(scene_cond(prompt, cams, all_prompts, elevation_edges))
+        ys.append(scene_cond(prompt, cams, all_prompts, elevation_edges, camera))
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, progress: bool = True,
+def train_scenes_teacher(seed: int = 0, n_per_prompt: int | None = None, progress: bool = True,
                          log=None, elevation_edges: Sequence[float] | None = None,
-                         init: str | Path | None = None, **overrides) -> tuple[CompactUNet, dict]:
+                         init: str | Path | None = None, camera: bool = False,
+                         **overrides) -> tuple[CompactUNet, dict]:
     """Render the dataset and train the teacher (``overrides`` replace :data:`TEACHER_TRAINING`
     keywords, e.g. ``steps=100`` for a smoke run; ``elevation_edges=None`` trains (prompt, view) labels only).
 
@@ -226,21 +245,24 @@ def train_scenes_teacher(seed: int = 0, n_per_prompt: int = N_VIEWS_PER_PROMPT, 
         raise ValueError(
             f"overrides: unknown training keyword(s) {sorted(unknown)}; allowed: {sorted(TEACHER_TRAINING)}"
         )
+    if n_per_prompt is None:  # camera teachers do not flip, so they render twice the views instead
+        n_per_prompt = N_VIEWS_PER_PROMPT * (2 if camera else 1)
     torch.manual_seed(seed)  # parameter init; the training loop uses its own generator
-    model = CompactUNet(**teacher_config(elevation_edges))
+    model = CompactUNet(**teacher_config(elevation_edges, camera))
     if init is not None:  # before the dataset's minutes of rendering: a bad file fails at once
         _load_for_finetune(model, init)
     t0 = time.perf_counter()
     images, labels = render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), progress=progress,
-                                    elevation_edges=elevation_edges)
+                                    elevation_edges=elevation_edges, camera=camera)
     render_time = time.perf_counter() - t0
 
     def sample_batch(batch_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         i = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         x = images[i]
+        if camera:  # no flip: the mirror image is lit from the other side, not the view from -azimuth
+            return x, labels[i]
         flip = torch.rand(batch_size, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, labels[i]
+        return torch.where(flip[:, None, None, None], x.flip(-1), x), labels[i]
 
     cfg = {**TEACHER_TRAINING, **overrides}
     ema, stats = train_ddpm(model, make_scenes_schedule(), sample_batch, seed=seed, progress=progress, log=log,
@@ -269,20 +291,25 @@ def _load_for_finetune(model: CompactUNet, path: str | Path) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"init: {e}") from None
     want, have = model.cond_classes, src.cond_classes
-    if want[:len(have)] != have:
+    if want[:len(have)] != have or src.angle_columns != tuple(i for i in model.angle_columns if i < len(have)):
         raise ValueError(f"init: {str(path)!r} has label columns {have}, which are not a prefix of {want}")
     state = src.state_dict()
     for i in range(len(have), len(want)):
-        state[f"label_emb.{i}.weight"] = torch.zeros_like(model.label_emb[i].weight)
+        if i in model.angle_columns:  # a fresh angle MLP: its last layer is zero, so it adds nothing yet
+            state.update({f"label_emb.{i}.{k}": v for k, v in model.label_emb[i].state_dict().items()})
+        else:
+            state[f"label_emb.{i}.weight"] = torch.zeros_like(model.label_emb[i].weight)
     model.load_state_dict(state)
 
 
-def teacher_meta(elevation_edges: Sequence[float] | None = None) -> dict:
+def teacher_meta(elevation_edges: Sequence[float] | None = None, camera: bool = False) -> dict:
     return {
         "prompts": list(PROMPTS),
         "views": list(VIEW_NAMES),
-        "cond_columns": ["prompt", "view"] + (["elevation"] if elevation_edges is not None else []),
+        "cond_columns": ["prompt", "view"] + (["elevation"] if elevation_edges is not None else [])
+                        + (["azimuth_angle", "elevation_angle"] if camera else []),
         "elevation_edges": None if elevation_edges is None else [float(e) for e in elevation_edges],
+        "camera_columns": bool(camera),
         "view_rule": "azimuth in degrees, wrapped to (-180, 180]: |az| < 45 front (0), |az| > 135 back (2), "
                      "else side (1); null labels = (n_prompts, 3)",
         "camera_convention": "+z up, objects face +x, azimuth from +x towards +y, camera looks at the origin",
@@ -331,16 +358,17 @@ def _default_grid_path(out_dir: Path) -> Path:
 
 
 def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
-                elevation_edges: Sequence[float] | None = None, **overrides) -> tuple[Tensor, Tensor]:
+                elevation_edges: Sequence[float] | None = None, camera: bool = False,
+                **overrides) -> tuple[Tensor, Tensor]:
     """Fresh renders (cameras from ``seed``, disjoint from training draws) for held-out checks."""
     return render_dataset(n_per_prompt, torch.Generator().manual_seed(seed), baked=baked,
-                          elevation_edges=elevation_edges, **overrides)
+                          elevation_edges=elevation_edges, camera=camera, **overrides)
 
 
 def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: str | Path | None = None,
-                   progress: bool = True, n_per_prompt: int = N_VIEWS_PER_PROMPT,
+                   progress: bool = True, n_per_prompt: int | None = None,
                    elevation_edges: Sequence[float] | None = None, init: str | Path | None = None,
-                   **overrides) -> dict:
+                   camera: bool = False, **overrides) -> dict:
     """Render the dataset, train the teacher, evaluate it, and write
 
     - ``out_dir/scenes_teacher.safetensors`` (weights, architecture, schedule, prompts and view rule),
@@ -362,24 +390,24 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
 
     edges = elevation_edges
     model, t_stats = train_scenes_teacher(seed=seed, n_per_prompt=n_per_prompt, progress=progress,
-                                          elevation_edges=edges, init=init, **overrides)
-    meta = {**teacher_meta(edges), "guidance_default": GRID_GUIDANCE, "seed": seed, **t_stats}
+                                          elevation_edges=edges, init=init, camera=camera, **overrides)
+    meta = {**teacher_meta(edges, camera), "guidance_default": GRID_GUIDANCE, "seed": seed, **t_stats}
     save_unet_teacher(out / TEACHER_FILE, model, make_scenes_schedule(), meta=meta)
     teacher = load_scenes_teacher(path=out / TEACHER_FILE)
     load_after_train = os.getloadavg()
 
     # --- evaluation on fresh views (never seen in training)
-    x_ho, y_ho = heldout_set(seed=seed + 12345, elevation_edges=edges)
+    x_ho, y_ho = heldout_set(seed=seed + 12345, elevation_edges=edges, camera=camera)
     ho_mse, ho_se = heldout_denoising_mse(teacher, x_ho, y_ho)
     ho_uncond, ho_uncond_se = heldout_denoising_mse(teacher, x_ho, teacher.null_cond(y_ho))
-    x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999), elevation_edges=edges)
+    x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999), elevation_edges=edges, camera=camera)
     lin_mse, lin_se = heldout_denoising_mse(GaussianLinearTeacher(x_tr, teacher.schedule), x_ho, y_ho)
 
     # --- sample grid: per prompt, ground truth front/side/back then 2 samples per view
     views = [0, 1, 2]
     gt_cams = cameras_from_angles([0.0, 90.0, 180.0], 20.0)
     sample_cams = cameras_from_angles([0.0, 0.0, 90.0, 90.0, 180.0, 180.0], 20.0)
-    cond = torch.cat([scene_cond(prompt, sample_cams, PROMPTS, edges) for prompt in PROMPTS])
+    cond = torch.cat([scene_cond(prompt, sample_cams, PROMPTS, edges, camera) for prompt in PROMPTS])
     t0 = time.perf_counter()
     samples = sample_scenes(teacher, cond, seed=seed + 1)
     sample_time = time.perf_counter() - t0
@@ -400,6 +428,8 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
             command += f" --{key} {overrides[key]}"
     if edges is not None:
         command += f" --elevation-bins {len(edges) - 1}"
+    if camera:
+        command += " --camera"
     stats = {
         "command": command,
         "machine": {"platform": platform.platform(),
@@ -410,9 +440,10 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
                     "loadavg_after_teacher": [round(v, 2) for v in load_after_train],
                     "note": "2-core machine shared with other jobs; a load average above 2 means the "
                             "timings are inflated by contention"},
-        "teacher": {"config": teacher_config(edges), "elevation_edges": edges,
+        "teacher": {"config": teacher_config(edges, camera), "elevation_edges": edges, "camera_columns": camera,
                     "init": None if init is None else str(init), "training": {**TEACHER_TRAINING, **overrides},
-                    "n_views_per_prompt": n_per_prompt, "render": RENDER_SETTINGS, **t_stats,
+                    "n_views_per_prompt": t_stats["n_train_images"] // len(PROMPTS), "render": RENDER_SETTINGS,
+                    **t_stats,
                     "heldout_denoising_mse": ho_mse, "heldout_denoising_mse_se": ho_se,
                     "heldout_denoising_mse_unconditional": ho_uncond,
                     "heldout_denoising_mse_unconditional_se": ho_uncond_se,

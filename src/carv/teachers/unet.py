@@ -7,9 +7,14 @@ label conditioning, optional self-attention at low resolution, zero-initialised 
 in-place ops, dropout or buffers that change in ``forward``, so ``torch.func.functional_call`` +
 ``vmap(grad(...))`` give per-example gradients (used by attribution).
 
-Conditioning is a set of categorical labels, one column per label kind (``cond_classes=(8, 3)``:
-a prompt id and a view id). Each kind has one extra *null* index (equal to its number of classes)
-used for classifier-free guidance and for label dropout in training.
+Conditioning is a set of integer label columns, one per label kind (``cond_classes=(8, 3)``: a prompt id
+and a view id). Each kind has one extra *null* index (equal to its number of classes) used for
+classifier-free guidance and for label dropout in training. A column listed in ``angle_columns`` is an
+angle in hundredths of a degree wrapped to ``[0, 36000)`` (its ``cond_classes`` entry must be
+:data:`ANGLE_CLASSES`, null 36000): it is embedded by Fourier features of the angle and a small MLP instead
+of a lookup table, so nearby cameras share what the network learns (a camera-conditioned teacher: the
+azimuth and elevation themselves, not a coarse view bin). The MLP's last layer starts at zero, so a column
+added to a trained teacher leaves its predictions unchanged until training moves it.
 
 Weights are stored as safetensors with the architecture config and the schedule in the metadata,
 so :func:`load_unet_teacher` needs nothing but the file.
@@ -32,7 +37,18 @@ from carv._runfolder import atomic_path
 from carv.schedules import VPSchedule
 from carv.teachers.base import Teacher
 
-__all__ = ["CompactUNet", "UNetTeacher", "save_unet_teacher", "load_unet_teacher"]
+__all__ = ["ANGLE_CLASSES", "CompactUNet", "UNetTeacher", "angle_label", "save_unet_teacher", "load_unet_teacher"]
+
+ANGLE_CLASSES = 36000  # an angle column holds hundredths of a degree in [0, 36000); 36000 is its null
+ANGLE_FREQS = 6  # Fourier features cos/sin(k * angle), k = 1..6, of an angle column
+
+
+def angle_label(degrees: Tensor) -> Tensor:
+    """Angles in degrees -> the integer code of an angle column (hundredths of a degree in ``[0, 36000)``)."""
+    d = torch.as_tensor(degrees, dtype=torch.float64)
+    if not torch.isfinite(d).all():
+        raise ValueError("degrees: expected finite angles")
+    return torch.round(torch.remainder(d, 360.0) * 100.0).long() % ANGLE_CLASSES
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -69,6 +85,24 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class _AngleEmbedding(nn.Module):
+    """Embedding of an angle column: ``MLP([cos k a, sin k a], k = 1..ANGLE_FREQS)``, zero for the null code.
+    The last layer starts at zero (an added column leaves a trained teacher's predictions unchanged)."""
+
+    def __init__(self, emb_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * ANGLE_FREQS, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, code: Tensor) -> Tensor:
+        known = code < ANGLE_CLASSES
+        a = torch.where(known, code, 0).float() * (2 * math.pi / ANGLE_CLASSES)
+        k = torch.arange(1, ANGLE_FREQS + 1, device=code.device, dtype=torch.float32)
+        feats = torch.cat([torch.cos(a[..., None] * k), torch.sin(a[..., None] * k)], -1)
+        return self.mlp(feats) * known[..., None].to(feats.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, ch: int, heads: int = 4):
         super().__init__()
@@ -98,6 +132,7 @@ class CompactUNet(nn.Module):
         num_res_blocks: int = 1,
         attn_levels: Sequence[int] = (),
         cond_classes: Sequence[int] = (),
+        angle_columns: Sequence[int] = (),
     ):
         super().__init__()
         self.config = dict(
@@ -109,11 +144,24 @@ class CompactUNet(nn.Module):
             cond_classes=list(cond_classes),
         )
         self.cond_classes = tuple(int(c) for c in cond_classes)
+        self.angle_columns = tuple(int(i) for i in angle_columns)
+        for i in self.angle_columns:
+            if not 0 <= i < len(self.cond_classes) or self.cond_classes[i] != ANGLE_CLASSES:
+                raise ValueError(f"angle_columns: column {i} must exist and have cond_classes[{i}] == "
+                                 f"{ANGLE_CLASSES} (hundredths of a degree); cond_classes={self.cond_classes}")
+        if len(set(self.angle_columns)) != len(self.angle_columns):
+            raise ValueError(f"angle_columns: expected distinct columns, got {list(angle_columns)}")
+        if self.angle_columns:  # older files have no such key, so it is only written when used
+            self.config["angle_columns"] = list(self.angle_columns)
         ch = base_channels
         emb_dim = 4 * ch
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.ModuleList(nn.Embedding(n + 1, emb_dim) for n in self.cond_classes)
+        # one embedding per label column: a table, or for an angle column an MLP on its Fourier features
+        self.label_emb = nn.ModuleList(
+            _AngleEmbedding(emb_dim) if i in self.angle_columns else nn.Embedding(n + 1, emb_dim)
+            for i, n in enumerate(self.cond_classes)
+        )
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
