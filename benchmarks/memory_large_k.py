@@ -31,7 +31,7 @@ def main() -> None:
     from carv import ScoreDistillation, TimestepSampler
     from carv.render.cameras import random_cameras
     from carv.teachers.base import Teacher
-    from carv.teachers.scenes import load_scenes_teacher, scene_cond
+    from carv.teachers.scenes import load_scenes_teacher, teacher_cond
 
     inner = load_scenes_teacher()
 
@@ -57,8 +57,7 @@ def main() -> None:
     sds = ScoreDistillation(teacher, TimestepSampler(teacher.schedule.num_timesteps, stratify="per_upstream"), K=a.K,
                             guidance_scale=3.0)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)),
-                      elevation_edges=inner.meta.get("elevation_edges"))
+    cond = teacher_cond(inner, "a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)))
     before, t0 = peak_mib(), time.process_time()
     try:
         sds(x, cond, generator=0)

@@ -77,7 +77,7 @@ def test_scenes_teacher_at_huge_K_draws_and_calls_in_bounded_chunks(K, noise_siz
     the estimate draws it a block at a time and each network call stays within the default max_batch. The first
     teacher calls are made (the estimate is stopped there: every later block is the same size)."""
     from carv.render.cameras import random_cameras
-    from carv.teachers.scenes import load_scenes_teacher, scene_cond
+    from carv.teachers.scenes import load_scenes_teacher, teacher_cond
 
     base = load_scenes_teacher()
     teacher = Recording(base, limit=3)
@@ -85,8 +85,7 @@ def test_scenes_teacher_at_huge_K_draws_and_calls_in_bounded_chunks(K, noise_siz
                             guidance_scale=3.0)
     assert sds.max_batch == "auto"  # the default (text-to-3d's SceneProblem.sds passes none)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cond = scene_cond("a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)),
-                      elevation_edges=base.meta.get("elevation_edges"))
+    cond = teacher_cond(base, "a red mushroom", random_cameras(2, torch.Generator().manual_seed(1)))
     full = 2 * K * x[0].numel() * 4
     before = _rss()
     with pytest.raises(Stop):

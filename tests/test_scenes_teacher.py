@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from carv.render import PROMPTS, SCENES, VIEW_NAMES, cameras_from_angles, elevation_label, random_cameras
+from carv.render.cameras import Cameras
 from carv.teachers.scenes import (
     BACKGROUND,
     ELEVATION_EDGES,
@@ -17,6 +18,7 @@ from carv.teachers.scenes import (
     make_scenes_schedule,
     render_views,
     scene_cond,
+    teacher_cond,
 )
 from carv.teachers.unet import ANGLE_CLASSES, CompactUNet, angle_label, load_unet_teacher, save_unet_teacher
 
@@ -39,6 +41,11 @@ def _edges():
     return _teacher().meta.get("elevation_edges")
 
 
+def _camera() -> bool:
+    """Whether the committed teacher is camera-conditioned (azimuth and elevation angle columns)."""
+    return bool(_teacher().meta.get("camera_columns", False))
+
+
 @functools.lru_cache(maxsize=1)
 def _heldout():
     g = torch.Generator().manual_seed(2024)
@@ -46,7 +53,7 @@ def _heldout():
     for prompt in PROMPTS:
         cams = random_cameras(2, g)
         xs.append(render_views(prompt, cams, baked=False, supersample=1))
-        cs.append(scene_cond(prompt, cams, elevation_edges=_edges()))
+        cs.append(teacher_cond(_teacher(), prompt, cams))
     x0, cond = torch.cat(xs), torch.cat(cs)
     T = _teacher().schedule.num_timesteps
     t = ((torch.arange(N_T) + 0.5) * T / N_T).long().repeat(x0.shape[0])
@@ -77,8 +84,11 @@ def test_committed_teacher_loads_with_its_conventions():
     assert teacher.meta["render"]["image_size"] == IMAGE_SIZE
     assert teacher.meta["render"]["background"] == BACKGROUND
     n_elev = () if _edges() is None else (len(_edges()) - 1,)
-    assert teacher.model.cond_classes == (len(PROMPTS), 3) + n_elev
-    assert teacher.meta["cond_columns"] == ["prompt", "view"] + (["elevation"] if n_elev else [])
+    n_cam = (ANGLE_CLASSES, ANGLE_CLASSES) if _camera() else ()
+    assert teacher.model.cond_classes == (len(PROMPTS), 3) + n_elev + n_cam
+    assert teacher.model.angle_columns == tuple(range(2 + len(n_elev), 2 + len(n_elev) + len(n_cam)))
+    assert teacher.meta["cond_columns"] == (["prompt", "view"] + (["elevation"] if n_elev else [])
+                                            + (["azimuth_angle", "elevation_angle"] if n_cam else []))
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -105,19 +115,25 @@ def test_teacher_uses_the_prompt():
 
 
 @torch.no_grad()
-def _label_swap_penalty(prompts, cams, ts, column: int, swap) -> torch.Tensor:
+def _label_swap_penalty(prompts, cams, ts, column: int, swap, others: Cameras | None = None) -> torch.Tensor:
     """Per-draw increase of the denoising MSE when label ``column`` is replaced by ``swap(label)``, on exact renders
-    of ``prompts`` from ``cams`` noised at each of the timesteps ``ts`` (noise seed 0; paired draws)."""
+    of ``prompts`` from ``cams`` noised at each of the timesteps ``ts`` (noise seed 0; paired draws). With
+    ``others`` (a camera teacher), the camera columns are also replaced by those of ``others`` (one per camera)."""
     teacher = _teacher()
     x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in prompts])
-    cond = torch.cat([scene_cond(p, cams, elevation_edges=_edges()) for p in prompts])
+    cond = torch.cat([teacher_cond(teacher, p, cams) for p in prompts])
+    swapped = None if others is None else torch.cat([teacher_cond(teacher, p, others) for p in prompts])
     ts = torch.tensor(ts)
     t = ts.repeat(x0.shape[0])
     x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     x_t = teacher.schedule.add_noise(x0, t, eps)
     other = cond.clone()
-    other[:, column] = swap(cond[:, column])
+    if column is not None:
+        other[:, column] = swap(cond[:, column])
+    if swapped is not None:
+        swapped = swapped.repeat_interleave(len(ts), 0)
+        other[:, list(teacher.model.angle_columns)] = swapped[:, list(teacher.model.angle_columns)]
     right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
     wrong = (teacher.predict_eps(x_t, t, other) - eps).pow(2).flatten(1).mean(1)
     return wrong - right
@@ -126,10 +142,12 @@ def _label_swap_penalty(prompts, cams, ts, column: int, swap) -> torch.Tensor:
 @torch.no_grad()
 def test_teacher_uses_the_view():
     """Front and back renders of the front/back-asymmetric scenes (az 0 / 180, el 20) denoise better
-    with their own view label than with the swapped one (t = 100, 200, 300; paired, 3 standard errors)."""
+    with their own view label than with the swapped one (t = 100, 200, 300; paired, 3 standard errors); a camera
+    teacher also gets the other camera's angles."""
     prompts = [p for p in PROMPTS if SCENES[p].front_point is not None]
+    others = cameras_from_angles([180.0, 0.0], [20.0, 20.0]) if _camera() else None
     d = _label_swap_penalty(prompts, cameras_from_angles([0.0, 180.0], [20.0, 20.0]), [100, 200, 300],
-                            column=1, swap=lambda v: 2 - v)
+                            column=1, swap=lambda v: 2 - v, others=others)
     se = d.std() / d.numel() ** 0.5
     print(f"front <-> back: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
@@ -137,7 +155,7 @@ def test_teacher_uses_the_view():
 
 def test_guided_prediction_is_finite():
     teacher = _teacher()
-    cond = scene_cond("a snowman", cameras_from_angles([0.0, 90.0, 180.0], 20.0), elevation_edges=_edges())
+    cond = teacher_cond(teacher, "a snowman", cameras_from_angles([0.0, 90.0, 180.0], 20.0))
     x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     eps = teacher.guided_eps(x, torch.tensor([10, 500, 990]), cond, guidance_scale=5.0)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
@@ -287,6 +305,40 @@ def test_finetune_init_adds_camera_columns_that_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="init: .* has label columns"):
         _load_for_finetune(_small_angle_model(angle_columns=(2,), cond_classes=(len(PROMPTS), 3, ANGLE_CLASSES,
                                                                                   7)), tmp_path / "c.safetensors")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["azimuth", "elevation"])
+def test_teacher_uses_the_camera_angles(which):
+    """A camera teacher denoises renders better with their own camera angles than with another camera's inside the
+    same view label (azimuth 10 <-> 40 at elevation 20, or elevation 5 <-> 35 at azimuth 10 and 100; t = 100, 200,
+    300; paired, 3 standard errors) -- what a view label alone cannot say. Skipped for a teacher without them."""
+    if not _camera():
+        pytest.skip("the committed teacher has no camera columns")
+    if which == "azimuth":
+        cams, others = cameras_from_angles([10.0, 40.0], 20.0), cameras_from_angles([40.0, 10.0], 20.0)
+    else:
+        cams = cameras_from_angles([10.0, 100.0, 10.0, 100.0], [5.0, 5.0, 35.0, 35.0])
+        others = cameras_from_angles([10.0, 100.0, 10.0, 100.0], [35.0, 35.0, 5.0, 5.0])
+    d = _label_swap_penalty(PROMPTS, cams, [100, 200, 300], column=None, swap=None, others=others)
+    se = d.std() / d.numel() ** 0.5
+    print(f"{which} swapped within the view: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
+    assert d.mean() > 3 * se
+
+
+def test_teacher_cond_follows_the_teacher_file(tmp_path):
+    """teacher_cond reads the label conventions from the teacher's meta: (prompt, view) for the committed kind,
+    plus the angle columns for a camera teacher."""
+    cams = cameras_from_angles([0.0, 100.0], [10.0, 30.0])
+    t = _teacher()
+    assert teacher_cond(t, "a snowman", cams).tolist() == scene_cond(
+        "a snowman", cams, elevation_edges=_edges(), camera=_camera()).tolist()
+    model = _small_angle_model()
+    save_unet_teacher(tmp_path / "c.safetensors", model, make_scenes_schedule(),
+                      meta={"prompts": list(PROMPTS), "camera_columns": True})
+    cam_teacher = load_scenes_teacher(path=tmp_path / "c.safetensors")
+    k = PROMPTS.index("a snowman")
+    assert teacher_cond(cam_teacher, "a snowman", cams).tolist() == [[k, 0, 0, 1000], [k, 1, 10000, 3000]]
 
 
 def test_scene_cond_rejects_unknown_prompts():

@@ -91,7 +91,7 @@ from carv.render import (
     turntable_cameras,
 )
 from carv.render.cameras import Cameras
-from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, scene_cond
+from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, teacher_cond
 from carv.teachers.unet import UNetTeacher
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler, annealed_range
 from carv.upstream import UPSTREAM_MODES, UpstreamSampler
@@ -444,9 +444,6 @@ class SceneProblem:
         self.prompt = self.scene.prompt
         self.teacher = teacher if teacher is not None else load_scenes_teacher()
         self.prompts = list(self.teacher.meta.get("prompts", []))
-        # the teacher's elevation bins (None: a teacher with (prompt, view) labels only)
-        self.elevation_edges = self.teacher.meta.get("elevation_edges")
-        self.camera_columns = bool(self.teacher.meta.get("camera_columns", False))
         if self.prompt not in self.prompts:
             raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {self.prompts}")
         self.image_size = int(self.teacher.meta.get("render", {}).get("image_size", RENDER_SETTINGS["image_size"]))
@@ -549,7 +546,7 @@ class SceneProblem:
 
     def condition(self, cameras: Cameras) -> dict[str, Any]:
         """The teacher's condition per view: ``{"cond": ...}`` (and ``"uncond"`` for per-view negatives)."""
-        return {"cond": scene_cond(self.prompt, cameras, self.prompts, self.elevation_edges, self.camera_columns)}
+        return {"cond": teacher_cond(self.teacher, self.prompt, cameras)}
 
     def gradient(self, grid: VoxelGrid, sds: ScoreDistillation, R: int, generator: torch.Generator,
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,

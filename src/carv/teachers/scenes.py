@@ -87,6 +87,7 @@ __all__ = [
     "render_views",
     "render_dataset",
     "scene_cond",
+    "teacher_cond",
     "make_scenes_schedule",
     "train_scenes_teacher",
     "load_scenes_teacher",
@@ -196,6 +197,14 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
     if camera:
         cols += [angle_label(cameras.azimuth_deg).to(device), angle_label(cameras.elevation_deg).to(device)]
     return torch.stack(cols, -1).to(device)
+
+
+def teacher_cond(teacher: UNetTeacher, prompt: str, cameras: Cameras) -> Tensor:
+    """:func:`scene_cond` for ``teacher``: its prompt list, and elevation or camera columns when its meta says it
+    was trained with them (the one place that reads those conventions from a teacher file)."""
+    meta = teacher.meta
+    return scene_cond(prompt, cameras, meta.get("prompts", PROMPTS), meta.get("elevation_edges"),
+                      bool(meta.get("camera_columns", False)))
 
 
 @torch.no_grad()
