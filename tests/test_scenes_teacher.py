@@ -115,25 +115,24 @@ def test_teacher_uses_the_prompt():
 
 
 @torch.no_grad()
-def _label_swap_penalty(prompts, cams, ts, column: int, swap, others: Cameras | None = None) -> torch.Tensor:
-    """Per-draw increase of the denoising MSE when label ``column`` is replaced by ``swap(label)``, on exact renders
-    of ``prompts`` from ``cams`` noised at each of the timesteps ``ts`` (noise seed 0; paired draws). With
-    ``others`` (a camera teacher), the camera columns are also replaced by those of ``others`` (one per camera)."""
+def _label_swap_penalty(prompts, cams, ts, column: int | None = None, swap=None,
+                        others: Cameras | None = None) -> torch.Tensor:
+    """Per-draw increase of the denoising MSE when label ``column`` is replaced by ``swap(label)``, or (``others``)
+    when the labels are those of the cameras ``others`` (one per camera), on exact renders of ``prompts`` from
+    ``cams`` noised at each of the timesteps ``ts`` (noise seed 0; paired draws)."""
     teacher = _teacher()
     x0 = torch.cat([render_views(p, cams, baked=False, supersample=1) for p in prompts])
     cond = torch.cat([teacher_cond(teacher, p, cams) for p in prompts])
-    swapped = None if others is None else torch.cat([teacher_cond(teacher, p, others) for p in prompts])
     ts = torch.tensor(ts)
     t = ts.repeat(x0.shape[0])
     x0, cond = x0.repeat_interleave(len(ts), 0), cond.repeat_interleave(len(ts), 0)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     x_t = teacher.schedule.add_noise(x0, t, eps)
-    other = cond.clone()
-    if column is not None:
+    if others is not None:
+        other = torch.cat([teacher_cond(teacher, p, others) for p in prompts]).repeat_interleave(len(ts), 0)
+    else:
+        other = cond.clone()
         other[:, column] = swap(cond[:, column])
-    if swapped is not None:
-        swapped = swapped.repeat_interleave(len(ts), 0)
-        other[:, list(teacher.model.angle_columns)] = swapped[:, list(teacher.model.angle_columns)]
     right = (teacher.predict_eps(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
     wrong = (teacher.predict_eps(x_t, t, other) - eps).pow(2).flatten(1).mean(1)
     return wrong - right
@@ -143,11 +142,13 @@ def _label_swap_penalty(prompts, cams, ts, column: int, swap, others: Cameras | 
 def test_teacher_uses_the_view():
     """Front and back renders of the front/back-asymmetric scenes (az 0 / 180, el 20) denoise better
     with their own view label than with the swapped one (t = 100, 200, 300; paired, 3 standard errors); a camera
-    teacher also gets the other camera's angles."""
+    teacher gets the other camera's labels (its view label and angles)."""
     prompts = [p for p in PROMPTS if SCENES[p].front_point is not None]
-    others = cameras_from_angles([180.0, 0.0], [20.0, 20.0]) if _camera() else None
-    d = _label_swap_penalty(prompts, cameras_from_angles([0.0, 180.0], [20.0, 20.0]), [100, 200, 300],
-                            column=1, swap=lambda v: 2 - v, others=others)
+    cams = cameras_from_angles([0.0, 180.0], [20.0, 20.0])
+    if _camera():
+        d = _label_swap_penalty(prompts, cams, [100, 200, 300], others=cameras_from_angles([180.0, 0.0], 20.0))
+    else:
+        d = _label_swap_penalty(prompts, cams, [100, 200, 300], column=1, swap=lambda v: 2 - v)
     se = d.std() / d.numel() ** 0.5
     print(f"front <-> back: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
@@ -320,7 +321,7 @@ def test_teacher_uses_the_camera_angles(which):
     else:
         cams = cameras_from_angles([10.0, 100.0, 10.0, 100.0], [5.0, 5.0, 35.0, 35.0])
         others = cameras_from_angles([10.0, 100.0, 10.0, 100.0], [35.0, 35.0, 5.0, 5.0])
-    d = _label_swap_penalty(PROMPTS, cams, [100, 200, 300], column=None, swap=None, others=others)
+    d = _label_swap_penalty(PROMPTS, cams, [100, 200, 300], others=others)
     se = d.std() / d.numel() ** 0.5
     print(f"{which} swapped within the view: +{d.mean():.4f} +- {se:.4f} over {d.numel()} draws")
     assert d.mean() > 3 * se
