@@ -11,6 +11,8 @@ from carv.teachers.scenes import (
     BACKGROUND,
     ELEVATION_EDGES,
     IMAGE_SIZE,
+    REPRODUCE,
+    TEACHER_CONFIG,
     _load_for_finetune,
     assets_dir,
     elevation_edges_for,
@@ -90,6 +92,21 @@ def test_committed_teacher_loads_with_its_conventions():
     assert teacher.meta["cond_columns"] == (["prompt", "view"] + (["elevation"] if n_elev else [])
                                             + (["azimuth_angle", "elevation_angle"] if n_cam else []))
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_committed_teacher_is_the_documented_recipe():
+    """The committed file is what :data:`REPRODUCE` trains: its architecture is :data:`TEACHER_CONFIG`, and its
+    stats JSON records the same commands (and, as run, each one's held-out loss)."""
+    import json
+
+    teacher = _teacher()
+    model = teacher.model
+    assert model.cond_classes == tuple(TEACHER_CONFIG["cond_classes"])
+    assert model.angle_columns == tuple(TEACHER_CONFIG.get("angle_columns", ()))
+    stats = json.loads((assets_dir() / "scenes_teacher_stats.json").read_text())
+    assert stats["reproduce"] == list(REPRODUCE)
+    assert stats["teacher"]["config"]["cond_classes"] == list(TEACHER_CONFIG["cond_classes"])
+    assert stats["teacher"]["heldout_denoising_mse"] < HELDOUT_MSE_THRESHOLD
 
 
 def test_heldout_denoising_mse_is_far_below_trivial():

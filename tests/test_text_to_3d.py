@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, run_text_to_3d, text_to_3d_from_cli
 from carv.bench.text_to_3d import BenchSettings, binned_resampler_update, equal_quality_ecm, predicted_best_ecm
 from carv.cli import app
-from carv.teachers.scenes import load_scenes_teacher
+from carv.render.cameras import cameras_from_angles
+from carv.teachers.scenes import load_scenes_teacher, teacher_cond
 from carv.timesteps import SecondMomentResampler
 
 runner = CliRunner()
@@ -530,7 +531,7 @@ def test_guidance_anneals_linearly_and_the_teacher_is_called_with_each_steps_sca
     assert per_step == pytest.approx([7, 6, 5, 4, 3])
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([100, 300])
-    cond = torch.tensor([[0, 0], [0, 1]])
+    cond = teacher_cond(teacher, "a red mushroom", cameras_from_angles([0.0, 90.0], 20.0))  # front, side
     e_c, e_u = teacher.predict_eps(x, t, cond), teacher.predict_eps(x, t, teacher.null_cond(cond))
     torch.testing.assert_close(teacher.guided_eps(x, t, cond, 5.0), e_u + 5.0 * (e_c - e_u), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="guidance_end"):
@@ -606,15 +607,16 @@ def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulari
 
 def test_app_defaults_are_the_measured_objective_settings():
     """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
-    0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras at
-    elevation 15-25, blob radius 0.85, sparsity 0.03 from step 100 (none before), Adam's beta2 0.99, guidance 3,
+    0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras
+    over the camera-conditioned teacher's elevations 0-40, blob radius 0.85, sparsity 0.03 from step 100 (none
+    before), Adam's beta2 0.99, guidance 3,
     constant lr, no coarse-to-fine; the problem built
     from them carries the step-0 range and the elevations for the benchmark's samplers."""
     cfg = TextTo3DConfig()
     assert (cfg.t_lo, cfg.t_hi, cfg.t_lo_end, cfg.t_hi_end, cfg.anneal_steps) == (0.02, 0.98, 0.02, 0.4, 200)
     assert cfg.t_range(0) == (20, 980) and cfg.t_range(100) == (20, 690)
     assert cfg.t_range(200) == cfg.t_range(10_000) == (20, 400)
-    assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius, cfg.init_color) == (15, 25, 0.85, 0.5)
+    assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius, cfg.init_color) == (0, 40, 0.85, 0.5)
     assert (cfg.sparsity_weight, cfg.sparsity_start, cfg.sparsity_end, cfg.opaque_weight) == (0.03, 100, None, 0)
     assert cfg.adam_beta2 == 0.99 and cfg.color_lr_scale == 1.0
     assert (cfg.init_blob, cfg.init_center_z, cfg.init_height) == (5.0, 0.0, None)
@@ -627,6 +629,9 @@ def test_app_defaults_are_the_measured_objective_settings():
     s = p.sampler("learned", "per_upstream", 0.1)
     assert (s.t_min, s.t_max) == (20, 980) and float(s.q[981:].sum()) == 0.0
     el = p.cameras(64, torch.Generator().manual_seed(0)).elevation_deg
+    assert float(el.min()) >= 0 and float(el.max()) <= 40 and float(el.max() - el.min()) > 30
+    narrow = problem_for(dataclasses.replace(cfg, n_eval_views=2, elev_lo=15.0, elev_hi=25.0), _teacher())
+    el = narrow.cameras(64, torch.Generator().manual_seed(0)).elevation_deg
     assert float(el.min()) >= 15 and float(el.max()) <= 25
     ev = p.eval_cameras.elevation_deg  # held-out views keep the teacher's 0-40
     assert float(ev.min()) >= 0 and float(ev.max()) <= 40

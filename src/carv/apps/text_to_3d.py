@@ -4,19 +4,21 @@ The pipeline (DreamFusion's loop, at CPU scale):
 
 1. **Upstream** (the expensive part): render the learnable :class:`~carv.render.VoxelGrid` (density +
    colour, post-activated, 48^3 by default) from ``R`` random cameras (azimuth over 360 degrees,
-   elevation 15-25 by default inside the teacher's 0-40, radius 3, field of view 40), at ``render_size``
+   elevation over the teacher's 0-40 degrees, radius 3, field of view 40), at ``render_size``
    (64 px) with ``n_samples`` jittered samples per ray, composite onto the teacher's grey background,
    and resize (area) to the teacher's 32 px, as real pipelines render above the teacher's resolution and
    resize. Its backward pass (render + resize) runs once per step.
-2. **Teacher**: :class:`carv.ScoreDistillation` with the frozen prompt- and view-conditioned DDPM
-   (:func:`carv.teachers.scenes.load_scenes_teacher`), classifier-free guidance 3, SDS weighting
+2. **Teacher**: :class:`carv.ScoreDistillation` with the frozen prompt- and camera-conditioned DDPM
+   (:func:`carv.teachers.scenes.load_scenes_teacher`; labels: prompt, view bin, and the camera's azimuth and
+   elevation, :func:`carv.teachers.scenes.teacher_cond`), classifier-free guidance 3, SDS weighting
    ``w = 1 - alphabar_t`` and a timestep range annealed per step (the objective at step ``n``: ``p = U{20..980}``
    at step 0, its top moving linearly to 400 at step 200 and staying there: ``t_lo, t_hi = 0.02, 0.98`` ->
    ``t_lo_end, t_hi_end = 0.02, 0.4`` over ``anneal_steps``; threestudio's ``max_step_percent`` schedule, applied
    through ``TimestepSampler.set_t_range``). Its other settings (measured in BENCHMARKS.md, "Text-to-3D
-   quality"): training cameras at
-   elevation 15-25 degrees (the teacher's labels carry no elevation, so a render from elevation 0 is pulled
-   towards its average view), an initial density blob of radius 0.85, a sparsity penalty on the renders'
+   quality"): training cameras over the teacher's own 0-40 degrees of elevation (``elev_lo, elev_hi``; a
+   (prompt, view) teacher, which knows the camera only as a 90-degree view bin, did better at 15-25, since it
+   pulls every render towards its bin's average view: the stemless dome of earlier sessions), an initial
+   density blob of radius 0.85, a sparsity penalty on the renders'
    opacity (``sparsity_weight``) from step 100 on (``sparsity_start``; none while the shape forms), which removes
    background-grey haze that the SDS gradient alone cannot tell from empty space, and Adam with ``beta2 = 0.99``
    (``adam_beta2``; torch's 0.999 averages a voxel's squared gradients over about 1000 steps, longer than the
@@ -156,9 +158,10 @@ class TextTo3DConfig:
     t_lo_end: float | None = 0.02
     t_hi_end: float | None = 0.4
     anneal_steps: int = 200
-    # elevation range (degrees) of the training cameras; the held-out views keep the teacher's 0-40
-    elev_lo: float = 15.0
-    elev_hi: float = 25.0
+    # elevation range (degrees) of the training cameras; the held-out views keep the teacher's 0-40 (default: the
+    # same 0-40, which the camera-conditioned teacher knows; 15-25 was better for the earlier (prompt, view) teacher)
+    elev_lo: float = 0.0
+    elev_hi: float = 40.0
     # the scene representation and the renderer
     grid_resolution: int = 48
     # coarse-to-fine: train a coarse_resolution^3 grid for the first coarse_steps steps, then upsample it

@@ -15,23 +15,28 @@ Data
     views instead.
 
 Labels
-    ``cond [B, 2]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
+    ``cond [B, 2 + ...]`` long: column 0 the prompt index into ``meta["prompts"]`` (null = number of
     prompts), column 1 the view label ``0 front / 1 side / 2 back`` from the camera's azimuth
-    (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3), and
-    (teachers trained with elevation bins, ``meta["elevation_edges"]``; not the committed one) column 2 the
-    camera's elevation bin (``--elevation-bins 4``: :data:`ELEVATION_EDGES`, 0-10, 10-20, 20-30, 30-40 degrees;
-    null = 4). The label was tried against the mushroom's missing stem (a view label alone averages over
-    elevations 0-40, where the cap hides more or less of it) and made score distillation worse (BENCHMARKS.md,
-    "Text-to-3D quality", fourth session), so the committed teacher has (prompt, view) labels only.
-    :func:`scene_cond` builds the labels from a prompt and cameras; guidance uses all null labels.
+    (:func:`carv.render.cameras.view_label`: ``|az| < 45`` front, ``|az| > 135`` back; null = 3); then
+    (teachers trained with elevation bins, ``meta["elevation_edges"]``; not the committed one) the camera's
+    elevation bin (``--elevation-bins 4``: :data:`ELEVATION_EDGES`, 0-10, 10-20, 20-30, 30-40 degrees; null = 4);
+    then (camera-conditioned teachers, ``meta["camera_columns"]``, ``--camera``: **the committed one**) the camera's
+    azimuth and elevation in 0.01 degrees (:func:`carv.teachers.unet.angle_label`, embedded by Fourier features,
+    :class:`~carv.teachers.unet.CompactUNet`'s ``angle_columns``). A view label alone averages over 90 degrees of
+    azimuth and all of 0-40 of elevation, and score distillation then converges to that average (the mushroom
+    without its stem); an elevation bin did not fix it, the camera columns did (BENCHMARKS.md, "Text-to-3D
+    quality", fourth to sixth sessions). :func:`teacher_cond` builds a teacher's labels from a prompt and cameras
+    following its file's meta (:func:`scene_cond` underneath); guidance uses all null labels.
 
 Teacher
     :class:`~carv.teachers.unet.CompactUNet` (:data:`TEACHER_CONFIG`, about 1.2 M parameters,
     4.8 MB) on the linear DDPM schedule (1000 steps), trained by
     :func:`~carv.teachers.training.train_ddpm` with bfloat16 autocast (:data:`TEACHER_TRAINING`; float32 on
     CPUs without native bfloat16, :func:`fast_bfloat16`, so the bits differ there).
-    ``carv train-teacher scenes`` (:func:`train_and_save`) reproduces the committed
-    ``assets/scenes_teacher.safetensors``, its stats JSON and ``docs/scenes_teacher_samples.png``.
+    ``carv train-teacher scenes`` (:func:`train_and_save`) trains a teacher and writes its weights, its stats JSON
+    and its sample grid. The committed ``assets/scenes_teacher.safetensors`` (and ``docs/scenes_teacher_samples.png``)
+    is three runs, each continuing the last (:data:`REPRODUCE`): a (prompt, view) teacher of 1500 steps, then 1200
+    and 1000 steps with the camera columns at lower rates.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ __all__ = [
     "IMAGE_SIZE",
     "BACKGROUND",
     "TEACHER_CONFIG",
+    "REPRODUCE",
     "ELEVATION_EDGES",
     "elevation_edges_for",
     "teacher_config",
@@ -93,6 +99,7 @@ __all__ = [
     "load_scenes_teacher",
     "sample_scenes",
     "save_sample_grid",
+    "save_teacher_grid",
     "train_and_save",
 ]
 
@@ -144,7 +151,15 @@ def teacher_config(elevation_edges: Sequence[float] | None = None, camera: bool 
     return cfg
 
 
-TEACHER_CONFIG = teacher_config()  # the committed teacher's: (prompt, view) labels
+TEACHER_CONFIG = teacher_config(camera=True)  # the committed teacher's: (prompt, view, azimuth, elevation) labels
+# the commands that reproduce the committed teacher, each continuing the previous one's file (CPU, float32)
+REPRODUCE = (
+    "carv train-teacher scenes --out runs/teachers/v1",
+    "carv train-teacher scenes --init runs/teachers/v1/scenes_teacher.safetensors --camera --steps 1200 --lr 0.001 "
+    "--warmup 100 --out runs/teachers/c1",
+    "carv train-teacher scenes --init runs/teachers/c1/scenes_teacher.safetensors --camera --steps 1000 --lr 0.0005 "
+    "--warmup 50",
+)
 TEACHER_TRAINING = dict(steps=1500, batch_size=64, lr=2e-3, warmup=200, label_dropout=0.1, ema_decay=0.999)
 AMP_DTYPE = torch.bfloat16
 GRID_GUIDANCE = 3.0
@@ -173,7 +188,7 @@ def scene_cond(prompt: str, cameras: Cameras | Tensor | Sequence[float],
 
     ``prompts`` is the teacher's prompt list (``teacher.meta["prompts"]``; default: this version's).
     ``elevation_edges`` the teacher's elevation bins (``teacher.meta.get("elevation_edges")``; default None: a
-    teacher with (prompt, view) labels only, as the committed one, which also accepts ``cameras`` as a list of
+    teacher with (prompt, view) labels only, which also accepts ``cameras`` as a list of
     azimuths in degrees). ``camera`` (``teacher.meta.get("camera_columns")``): append the cameras' azimuth and
     elevation as angle columns (:func:`carv.teachers.unet.angle_label`).
     """
@@ -374,6 +389,31 @@ def heldout_set(seed: int = 12345, n_per_prompt: int = 16, baked: bool = True,
                           elevation_edges=elevation_edges, camera=camera, **overrides)
 
 
+def save_teacher_grid(teacher: UNetTeacher, path: str | Path, seed: int = 1) -> float:
+    """The teacher's sample grid PNG at ``path``: per prompt, the ground truth from the front, side and back
+    (azimuth 0/90/180, elevation 20), then two DDIM samples (:data:`GRID_DDIM_STEPS` steps, guidance
+    :data:`GRID_GUIDANCE`, noise seed ``seed``) per view, labelled as the teacher's file says
+    (:func:`teacher_cond`). Returns the sampling time in seconds."""
+    gt_cams = cameras_from_angles([0.0, 90.0, 180.0], 20.0)
+    sample_cams = cameras_from_angles([0.0, 0.0, 90.0, 90.0, 180.0, 180.0], 20.0)
+    prompts = teacher.meta.get("prompts", PROMPTS)
+    cond = torch.cat([teacher_cond(teacher, prompt, sample_cams) for prompt in prompts])
+    t0 = time.perf_counter()
+    samples = sample_scenes(teacher, cond, seed=seed)
+    sample_time = time.perf_counter() - t0
+    rows = [torch.cat([render_views(prompt, gt_cams), samples[p * 6:(p + 1) * 6]]) for p, prompt in enumerate(prompts)]
+    col_names = ["GT front", "GT side", "GT back"] + [VIEW_NAMES[v] for v in (0, 1, 2) for _ in range(2)]
+    labels = "prompt, view"
+    if teacher.meta.get("elevation_edges") is not None:
+        labels += ", elevation bin"
+    if teacher.meta.get("camera_columns", False):
+        labels += ", camera azimuth and elevation"
+    title = (f"scenes teacher: ground truth (az 0/90/180, el 20) | DDIM {GRID_DDIM_STEPS} steps, "
+             f"guidance {GRID_GUIDANCE}, labels ({labels}) at az 0/90/180, el 20")
+    save_sample_grid(rows, list(prompts), col_names, path, title)
+    return sample_time
+
+
 def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: str | Path | None = None,
                    progress: bool = True, n_per_prompt: int | None = None,
                    elevation_edges: Sequence[float] | None = None, init: str | Path | None = None,
@@ -412,22 +452,7 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
     x_tr, _ = render_dataset(32, torch.Generator().manual_seed(seed + 999), elevation_edges=edges, camera=camera)
     lin_mse, lin_se = heldout_denoising_mse(GaussianLinearTeacher(x_tr, teacher.schedule), x_ho, y_ho)
 
-    # --- sample grid: per prompt, ground truth front/side/back then 2 samples per view
-    views = [0, 1, 2]
-    gt_cams = cameras_from_angles([0.0, 90.0, 180.0], 20.0)
-    sample_cams = cameras_from_angles([0.0, 0.0, 90.0, 90.0, 180.0, 180.0], 20.0)
-    cond = torch.cat([scene_cond(prompt, sample_cams, PROMPTS, edges, camera) for prompt in PROMPTS])
-    t0 = time.perf_counter()
-    samples = sample_scenes(teacher, cond, seed=seed + 1)
-    sample_time = time.perf_counter() - t0
-    rows = []
-    for p, prompt in enumerate(PROMPTS):
-        gt = render_views(prompt, gt_cams)
-        rows.append(torch.cat([gt, samples[p * 6:(p + 1) * 6]]))
-    col_names = ["GT front", "GT side", "GT back"] + [f"{VIEW_NAMES[v]}" for v in views for _ in range(2)]
-    title = (f"scenes teacher: ground truth (az 0/90/180, el 20) | DDIM {GRID_DDIM_STEPS} steps, "
-             f"guidance {GRID_GUIDANCE}, labels (prompt, view{', elevation 20' if edges is not None else ''})")
-    save_sample_grid(rows, list(PROMPTS), col_names, grid, title)
+    sample_time = save_teacher_grid(teacher, grid, seed=seed + 1)
 
     command = "carv train-teacher scenes" + (f" --seed {seed}" if seed else "")
     if init is not None:
@@ -462,7 +487,7 @@ def train_and_save(out_dir: str | Path | None = None, seed: int = 0, grid_path: 
                                               f"(camera seed {seed + 12345}), 10 midpoint timesteps per "
                                               "image, noise seed 0; eps_hat = 0 scores 1.0"},
         "samples": {"ddim_steps": GRID_DDIM_STEPS, "guidance_scale": GRID_GUIDANCE,
-                    "n": int(samples.shape[0]), "sampling_time_s": sample_time},
+                    "n": 6 * len(PROMPTS), "sampling_time_s": sample_time},
         "total_time_s": time.perf_counter() - t_start,
     }
     atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2, default=_json_default) + "\n")
