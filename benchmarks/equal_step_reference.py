@@ -2,7 +2,7 @@
 
     PYTHONPATH=src nice -n 10 python3 benchmarks/equal_step_reference.py PROMPT SEED [SEED ...] [--root runs/eqstep]
 
-First a reference run (the plain estimator at R = 8, 300 steps: four times lower variance per step than the
+First a reference run (the plain estimator at R = 8, the default steps: four times lower variance per step than the
 R = 2 baseline, the objective's defaults otherwise) into ``<root>/ref-<prompt>``; then, per seed,
 ``carv text-to-3d --compare --reference <that run> --seed S`` (equal per-step compute, one thread, an
 evaluation every 6 s of training) into ``<root>/cmp-<prompt>-s<S>``. Each compare summary carries the
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         res["lr_tuning"] = {"grid": grid, "tune_seed": args.tune_seed, "select": args.select, "runs": tuning,
                             "chosen": lrs, "rule": "each estimator's rate with the best smoothed final "
                             f"{args.select} in its own runs at the tuning seed"}
-    res["reference"] = {"config": "baseline R=8 K=1, 300 steps, the objective's defaults", "final": ref_sm["final"],
-                        "train_seconds": ref_sm["train_seconds"]}
+    res["reference"] = {"config": f"baseline R=8 K=1, {base.steps} steps, the objective's defaults",
+                        "final": ref_sm["final"], "train_seconds": ref_sm["train_seconds"]}
     res["runs"] = [{"seed": sm["seed"], "final": sm["final"], "seconds_per_step": sm["seconds_per_step"],
                     "carv_R_K_final": [sm["R_final"], sm["K_final"]], "machine": sm["machine"]} for sm in summaries]
     doc = read_json(args.json, "benchmark JSON") if Path(args.json).is_file() else {}  # a new file: this entry only

@@ -388,7 +388,7 @@ def test_colour_learning_rate_scale_moves_the_colour_that_many_times_further_tha
     # sparsity from step 0: at step 0 every voxel has the background's grey, so only the sparsity term gives the
     # density a gradient
     cfg = TextTo3DConfig(prompt="a red mushroom", steps=3, R=2, K=2, seed=0, lr=0.05, lr_end=0.05 / 4,
-                         anneal_steps=2, color_lr_scale=4.0, sparsity_start=0, **TINY)
+                         anneal_steps=2, color_lr_scale=4.0, sparsity_weight=0.03, sparsity_start=0, **TINY)
     trainer = Trainer(cfg, None, SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples,
                                               cfg.guidance_scale, 4))
     d0, c0 = trainer.grid.density.detach().clone(), trainer.grid.color.detach().clone()
@@ -587,9 +587,12 @@ def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulari
     cfg = TextTo3DConfig(prompt="a red mushroom", R=2, K=2, seed=0, sparsity_weight=0.01, sparsity_end=0.05,
                          sparsity_start=2, anneal_steps=6, **TINY)
     assert [cfg.sparsity_at(n) for n in range(8)] == pytest.approx([0, 0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.05])
-    d = TextTo3DConfig()  # the default: none for the first 100 steps, then 0.03
+    assert all(TextTo3DConfig().sparsity_at(n) == 0.0 for n in (0, 99, 100, 10**6))  # the default: none
+    d = TextTo3DConfig(sparsity_weight=0.03)  # none for the first 100 steps (sparsity_start), then 0.03
     assert d.sparsity_at(0) == d.sparsity_at(99) == 0.0 and d.sparsity_at(100) == d.sparsity_at(10**6) == 0.03
     assert dataclasses.replace(d, sparsity_start=0).sparsity_at(0) == 0.03  # constant from step 0
+    assert Trainer(TextTo3DConfig(**TINY), None, SceneProblem("a red mushroom", _teacher(), 32, 16, 3.0, 2)
+                   ).regulariser is None  # the default charges no regulariser
     ramp = dataclasses.replace(cfg, sparsity_weight=0.0, sparsity_start=0)  # 0 -> 0.05 from step 0
     assert [ramp.sparsity_at(n) for n in (0, 3, 6)] == pytest.approx([0.0, 0.025, 0.05])
     problem = SceneProblem(cfg.prompt, _teacher(), cfg.render_size, cfg.n_samples, cfg.guidance_scale, 4)
@@ -608,8 +611,8 @@ def test_sparsity_schedule_is_zero_before_its_start_then_linear_and_the_regulari
 def test_app_defaults_are_the_measured_objective_settings():
     """The defaults BENCHMARKS.md's "Text-to-3D quality" section measured (ablation there): timestep range
     0.02-0.98 at step 0 annealed linearly to 0.02-0.4 at step 200 (20..980 -> 20..400 of 1000), training cameras
-    over the camera-conditioned teacher's elevations 0-40, blob radius 0.85, sparsity 0.03 from step 100 (none
-    before), Adam's beta2 0.99, guidance 3,
+    over the camera-conditioned teacher's elevations 0-40, blob radius 0.85, no sparsity penalty (0.03 from step
+    100 with the earlier teacher), Adam's beta2 0.99, guidance 3,
     constant lr, no coarse-to-fine; the problem built
     from them carries the step-0 range and the elevations for the benchmark's samplers."""
     cfg = TextTo3DConfig()
@@ -617,10 +620,10 @@ def test_app_defaults_are_the_measured_objective_settings():
     assert cfg.t_range(0) == (20, 980) and cfg.t_range(100) == (20, 690)
     assert cfg.t_range(200) == cfg.t_range(10_000) == (20, 400)
     assert (cfg.elev_lo, cfg.elev_hi, cfg.init_radius, cfg.init_color) == (0, 40, 0.85, 0.5)
-    assert (cfg.sparsity_weight, cfg.sparsity_start, cfg.sparsity_end, cfg.opaque_weight) == (0.03, 100, None, 0)
+    assert (cfg.sparsity_weight, cfg.sparsity_start, cfg.sparsity_end, cfg.opaque_weight) == (0.0, 100, None, 0)
     assert cfg.adam_beta2 == 0.99 and cfg.color_lr_scale == 1.0
     assert (cfg.init_blob, cfg.init_center_z, cfg.init_height) == (5.0, 0.0, None)
-    assert (cfg.guidance_scale, cfg.guidance_end, cfg.steps, cfg.R) == (3.0, None, 300, 2)
+    assert (cfg.guidance_scale, cfg.guidance_end, cfg.steps, cfg.R) == (3.0, None, 400, 2)
     assert (cfg.lr, cfg.lr_end) == (0.1, None)
     assert cfg.coarse_resolution is None
     from carv.apps.text_to_3d import problem_for

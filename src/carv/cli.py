@@ -260,7 +260,7 @@ def bench_distill_cmd(
 def text_to_3d_cmd(
     prompt: str = typer.Argument(None, help="A prompt of the scenes teacher (default: 'a red mushroom')."),
     out: Path = typer.Option(None, help="Run folder (default runs/text-to-3d/<prompt>); rerunning continues it."),
-    steps: int = typer.Option(None, min=1, help="Optimisation steps (default 300)."),
+    steps: int = typer.Option(None, min=1, help="Optimisation steps (default 400)."),
     budget: float = typer.Option(None, help="Also stop after this many seconds of training time."),
     baseline: bool = typer.Option(False, "--baseline", help="The plain estimator: uniform timesteps, K = 1."),
     compare: bool = typer.Option(False, "--compare", help="Also train the baseline, at equal per-step compute "
@@ -285,8 +285,8 @@ def text_to_3d_cmd(
                                                              "fraction over --anneal-steps (default 0.4; "
                                                              "--t-hi-end equal to --t-hi: no annealing)."),
     anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (200)."),
-    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity (0.03, from "
-                                                            "step 100)."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity from step "
+                                                            "100 (default 0: none)."),
     lr: float = typer.Option(None, "--lr", help="Adam's learning rate (default 0.1)."),
     baseline_lr: float = typer.Option(None, "--baseline-lr", help="With --compare: the baseline's own learning "
                                                                    "rate (default: --lr, the same for both)."),
