@@ -1,4 +1,4 @@
-"""The committed text-to-3D teacher (prompt + view conditioned DDPM on renders of the procedural scenes)."""
+"""The committed text-to-3D teacher (prompt, view and camera conditioned DDPM on renders of the procedural scenes)."""
 
 import functools
 

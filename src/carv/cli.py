@@ -54,7 +54,7 @@ def train_scenes(
     camera: bool = typer.Option(False, "--camera", help="Condition on the camera's azimuth and elevation "
                                                         "(angle columns after the labels)."),
 ):
-    """Prompt- and view-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
+    """Prompt-, view- and (with --camera) camera-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
     from carv.teachers.scenes import elevation_edges_for, train_and_save
 
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "warmup": warmup}.items() if v is not None}

@@ -1,4 +1,4 @@
-"""The text-to-3D teacher: a prompt- and view-conditioned DDPM on renders of the procedural scenes.
+"""The text-to-3D teacher: a prompt-, view- and camera-conditioned DDPM on renders of the procedural scenes.
 
 Data
     Ground-truth renders of the scenes of :mod:`carv.render.scenes` from random cameras
