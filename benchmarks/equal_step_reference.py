@@ -22,7 +22,9 @@ measured seeds then run ``--compare --lr <carv's> --baseline-lr <baseline's>`` i
 finals and the chosen rates recorded beside the pairs). The tuning runs' cost is paid by both estimators alike
 and is not part of either's steps or seconds. ``--rates 0.2,0.05`` instead fixes the two rates in advance (e.g. the
 ones another prompt's tuning chose) into ``<root>/cmp-<prompt>-s<S>-lr<carv>-<baseline>``; ``--entry KEY`` names
-the JSON entry (one per prompt).
+the JSON entry. ``--also PROMPT`` (repeatable) runs more prompts the same way (each its own reference, tuning and
+seeds) and pools them into the one entry: pairs carry their prompt, the per-seed spread is then across (prompt,
+seed) runs, and ``reference.per_prompt`` holds each prompt's reference.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ from pathlib import Path
 
 
 def _per_seed(pairs: list[dict], base: str, carv: str) -> dict:
-    """Geometric mean of each seed's ratios (``base / carv``) and the standard error of their log across seeds."""
+    """Geometric mean of each seed's ratios (``base / carv``) and the standard error of their log across seeds
+    (across (prompt, seed) runs when the pairs pool several prompts)."""
     logs: dict[int, list[float]] = {}
+    pooled = len({p["prompt"] for p in pairs}) > 1  # several prompts: one group per (prompt, seed)
     for p in pairs:
         if p[base] and p[carv]:
-            logs.setdefault(p["seed"], []).append(math.log(p[base] / p[carv]))
+            key = f"{p['prompt']} s{p['seed']}" if pooled else p["seed"]
+            logs.setdefault(key, []).append(math.log(p[base] / p[carv]))
     g = {s: sum(v) / len(v) for s, v in logs.items()}
     se = None
     if len(g) > 1:
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("prompt")
     ap.add_argument("seeds", type=int, nargs="+")
+    ap.add_argument("--also", action="append", default=[], metavar="PROMPT",
+                    help="another prompt, run the same way (its own reference, tuning and seeds) and pooled into the "
+                         "same entry; repeatable")
     ap.add_argument("--root", default="runs/eqstep")
     ap.add_argument("--json", default=None, help="write the equal_step_compute entry into this JSON file")
     ap.add_argument("--lr-grid", default=None, help="comma-separated learning rates: tune each estimator's on it")
@@ -95,46 +103,56 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     teacher = load_scenes_teacher()
     root = Path(args.root)
-    ref = root / f"ref-{_slug(args.prompt)}"
-    base = TextTo3DConfig(prompt=args.prompt, threads=1, eval_every_s=6.0)
-    if not (ref / "summary.json").exists():
-        run_text_to_3d(args.prompt, ref, dataclasses.replace(base, method="baseline", R=8), progress=False,
-                       teacher=teacher)
+    prompts = [args.prompt] + [p for p in args.also if p != args.prompt]
 
-    def compare(out: Path, cfg: TextTo3DConfig) -> dict:
-        if (out / "summary.json").exists():
-            return read_json(out / "summary.json", "compare summary")
-        return run_text_to_3d(args.prompt, out, cfg, compare=True, progress=False, teacher=teacher)
+    def run_prompt(prompt: str) -> tuple[Path, list[dict], list[dict] | None, dict]:
+        """One prompt's reference run, learning-rate tuning (with --lr-grid) and measured seeds."""
+        ref = root / f"ref-{_slug(prompt)}"
+        base = TextTo3DConfig(prompt=prompt, threads=1, eval_every_s=6.0)
+        if not (ref / "summary.json").exists():
+            run_text_to_3d(prompt, ref, dataclasses.replace(base, method="baseline", R=8), progress=False,
+                           teacher=teacher)
 
-    tuning, suffix, lrs = None, "", {}
-    if grid is not None:
-        tuning = []
-        for lr in grid:
-            sm = compare(root / f"tune-{_slug(args.prompt)}-s{args.tune_seed}-lr{lr:g}",
-                         dataclasses.replace(base, seed=args.tune_seed, reference=str(ref), lr=lr))
-            q = sm["steps_ratio_equal_quality"][args.select]
-            tuning.append({"lr": lr, "baseline": q["target"], "carv": q["method_final"],
-                           "final": sm["final"]})
-            print(f"tuning lr {lr:g}: smoothed final {args.select} baseline {q['target']:.4f}, "
-                  f"carv {q['method_final']:.4f}")
-        lrs = {m: max(tuning, key=lambda r: r[m])["lr"] for m in ("carv", "baseline")}
-        print(f"chosen learning rates: {lrs}")
-        suffix = "-lrtuned"
-    elif fixed is not None:
-        lrs = {"carv": fixed[0], "baseline": fixed[1]}
-        suffix = f"-lr{fixed[0]:g}-{fixed[1]:g}"
-    summaries = []
-    for s in args.seeds:
-        out = root / f"cmp-{_slug(args.prompt)}-s{s}{suffix}"
-        cfg = dataclasses.replace(base, seed=s, reference=str(ref))
-        if lrs:
-            cfg = dataclasses.replace(cfg, lr=lrs["carv"], baseline_lr=lrs["baseline"])
-        done = (out / "summary.json").exists()
-        sm = compare(out, cfg)
-        summaries.append(sm)
-        if done:
-            continue
-        print(f"seed {s}:", json.dumps({k: v.get("ecm") for k, v in sm["steps_ratio_equal_quality"].items()}))
+        def compare(out: Path, cfg: TextTo3DConfig) -> dict:
+            if (out / "summary.json").exists():
+                return read_json(out / "summary.json", "compare summary")
+            return run_text_to_3d(prompt, out, cfg, compare=True, progress=False, teacher=teacher)
+
+        tuning, suffix, lrs = None, "", {}
+        if grid is not None:
+            tuning = []
+            for lr in grid:
+                sm = compare(root / f"tune-{_slug(prompt)}-s{args.tune_seed}-lr{lr:g}",
+                             dataclasses.replace(base, seed=args.tune_seed, reference=str(ref), lr=lr))
+                q = sm["steps_ratio_equal_quality"][args.select]
+                tuning.append({"lr": lr, "baseline": q["target"], "carv": q["method_final"],
+                               "final": sm["final"]})
+                print(f"{prompt!r} tuning lr {lr:g}: smoothed final {args.select} baseline {q['target']:.4f}, "
+                      f"carv {q['method_final']:.4f}")
+            lrs = {m: max(tuning, key=lambda r: r[m])["lr"] for m in ("carv", "baseline")}
+            print(f"{prompt!r} chosen learning rates: {lrs}")
+            suffix = "-lrtuned"
+        elif fixed is not None:
+            lrs = {"carv": fixed[0], "baseline": fixed[1]}
+            suffix = f"-lr{fixed[0]:g}-{fixed[1]:g}"
+        summaries = []
+        for s in args.seeds:
+            out = root / f"cmp-{_slug(prompt)}-s{s}{suffix}"
+            cfg = dataclasses.replace(base, seed=s, reference=str(ref))
+            if lrs:
+                cfg = dataclasses.replace(cfg, lr=lrs["carv"], baseline_lr=lrs["baseline"])
+            done = (out / "summary.json").exists()
+            sm = compare(out, cfg)
+            summaries.append(sm)
+            if not done:
+                print(f"{prompt!r} seed {s}:",
+                      json.dumps({k: v.get("ecm") for k, v in sm["steps_ratio_equal_quality"].items()}))
+        return ref, summaries, tuning, lrs
+
+    per_prompt = {p: run_prompt(p) for p in prompts}
+    summaries = [sm for _, sms, _, _ in per_prompt.values() for sm in sms]
+    ref, _, tuning, lrs = per_prompt[args.prompt]
+    steps = TextTo3DConfig().steps
     res = equal_step_compute(summaries)
     res["steps_spread"] = _per_seed(res["pairs"], "baseline_steps", "carv_steps")
     res["seconds_spread"] = _per_seed(res["pairs"], "baseline_seconds", "carv_seconds")
@@ -142,22 +160,33 @@ def main(argv: list[str] | None = None) -> None:
                                           "steps_spread", "seconds_spread")}, indent=1))
     if args.json is None:
         return
-    ref_sm = read_json(ref / "summary.json", "reference summary")
+    refs = {p: read_json(r / "summary.json", "reference summary") for p, (r, _, _, _) in per_prompt.items()}
+    ref_sm = refs[args.prompt]
     res["command"] = ("PYTHONPATH=src python3 benchmarks/equal_step_reference.py " + json.dumps(args.prompt) + " "
-                      + " ".join(map(str, args.seeds)) + f" --json {args.json}"
+                      + " ".join(map(str, args.seeds))
+                      + ("" if args.root == "runs/eqstep" else f" --root {args.root}") + f" --json {args.json}"
                       + ("" if grid is None else f" --lr-grid {args.lr_grid} --tune-seed {args.tune_seed}"
                          f" --select {args.select}") + ("" if fixed is None else f" --rates {args.rates}")
-                      + ("" if args.entry is None else f" --entry {args.entry}"))
+                      + ("" if args.entry is None else f" --entry {args.entry}")
+                      + "".join(f" --also {json.dumps(p)}" for p in prompts[1:]))
     if fixed is not None:
         res["rates"] = {"carv": fixed[0], "baseline": fixed[1], "rule": "fixed in advance (--rates)"}
+    if len(prompts) > 1:
+        res["prompts"] = prompts
+    if tuning is not None and len(prompts) > 1:
+        res["lr_tuning_per_prompt"] = {p: {"runs": t, "chosen": c} for p, (_, _, t, c) in per_prompt.items()}
     if tuning is not None:
         res["lr_tuning"] = {"grid": grid, "tune_seed": args.tune_seed, "select": args.select, "runs": tuning,
                             "chosen": lrs, "rule": "each estimator's rate with the best smoothed final "
                             f"{args.select} in its own runs at the tuning seed"}
-    res["reference"] = {"config": f"baseline R=8 K=1, {base.steps} steps, the objective's defaults",
+    res["reference"] = {"config": f"baseline R=8 K=1, {steps} steps, the objective's defaults",
                         "final": ref_sm["final"], "train_seconds": ref_sm["train_seconds"]}
-    res["runs"] = [{"seed": sm["seed"], "final": sm["final"], "seconds_per_step": sm["seconds_per_step"],
-                    "carv_R_K_final": [sm["R_final"], sm["K_final"]], "machine": sm["machine"]} for sm in summaries]
+    if len(prompts) > 1:
+        res["reference"]["per_prompt"] = {p: {"final": r["final"], "train_seconds": r["train_seconds"]}
+                                          for p, r in refs.items()}
+    res["runs"] = [{"prompt": sm["prompt"], "seed": sm["seed"], "final": sm["final"],
+                    "seconds_per_step": sm["seconds_per_step"], "carv_R_K_final": [sm["R_final"], sm["K_final"]],
+                    "machine": sm["machine"]} for sm in summaries]
     doc = read_json(args.json, "benchmark JSON") if Path(args.json).is_file() else {}  # a new file: this entry only
     entry = args.entry or ("equal_step_compute" if grid is None else "equal_step_compute_lr_tuned")
     old = doc.get(entry) or {}
