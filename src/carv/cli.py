@@ -13,7 +13,8 @@ from carv._validate import SEED_MAX  # 64-bit seeds with headroom for sub-stream
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="carv: cheaper Monte Carlo estimates with frozen diffusion teachers.")
 bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (write tables, plots, JSON).")
-train_app = typer.Typer(no_args_is_help=True, help="Retrain the built-in teachers (reproduces committed weights).")
+train_app = typer.Typer(no_args_is_help=True, help="Retrain the built-in teachers (the commands in the README's "
+                                                   "'Built-in teachers' reproduce the committed weights).")
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train-teacher")
 
@@ -54,7 +55,11 @@ def train_scenes(
     camera: bool = typer.Option(False, "--camera", help="Condition on the camera's azimuth and elevation "
                                                         "(angle columns after the labels)."),
 ):
-    """Prompt-, view- and (with --camera) camera-conditioned DDPM on renders of the procedural scenes (32x32 RGB)."""
+    """Prompt-, view- and (with --camera) camera-conditioned DDPM on renders of the procedural scenes (32x32 RGB).
+
+    The committed teacher is three runs, each continuing the last with --init (carv.teachers.scenes.REPRODUCE):
+    a (prompt, view) teacher, then two --camera runs at lower learning rates.
+    """
     from carv.teachers.scenes import elevation_edges_for, train_and_save
 
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "warmup": warmup}.items() if v is not None}
