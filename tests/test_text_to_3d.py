@@ -170,6 +170,28 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     Trainer(dataclasses.replace(cfg, steps=9), tmp_path, teacher=_teacher())  # more steps: fine
 
 
+def test_resuming_with_other_teacher_weights_is_refused(tmp_path):
+    """A run folder records its teacher's weights digest: after the teacher file changes (retrained weights under
+    the same name) the same command refuses to continue, naming ``teacher_weights``, in the manifest and in the
+    checkpoint. The digest sees a single changed parameter and nothing else."""
+    import copy
+
+    from carv.teachers.unet import weights_digest
+
+    teacher = _teacher()
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.model.parameters()).view(-1)[0] += 1e-3
+    assert weights_digest(copy.deepcopy(teacher)) == weights_digest(teacher) != weights_digest(other)
+    cfg = TextTo3DConfig(prompt="a snowman", steps=1, K=2, **TINY)
+    run_text_to_3d("a snowman", tmp_path, cfg, progress=False, teacher=teacher)
+    with pytest.raises(ValueError, match="different configuration.*teacher_weights"):
+        run_text_to_3d("a snowman", tmp_path, dataclasses.replace(cfg, steps=2), progress=False, teacher=other)
+    with pytest.raises(ValueError, match="different configuration.*teacher_weights"):
+        Trainer(dataclasses.replace(cfg, steps=2), tmp_path, teacher=other)
+    Trainer(dataclasses.replace(cfg, steps=2), tmp_path, teacher=teacher)  # the same weights: resumes
+
+
 # ----------------------------------------------------------------------------- benchmark pieces
 def test_equal_quality_ecm_interpolates_first_crossings():
     base = [{"elapsed_s": t, "psnr": q} for t, q in ((0, 10.0), (10, 14.0), (20, 16.0), (30, 16.0))]

@@ -59,6 +59,7 @@ __all__ = [
     "save_tensors",
     "load_tensors",
     "fingerprint",
+    "tensors_digest",
 ]
 
 MANIFEST = "carv-run.json"
@@ -157,7 +158,10 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 # --------------------------------------------------------------------------- checksummed safetensors
-def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+def tensors_digest(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 (hex) of named tensors (name, dtype, shape and bytes, in name order) and string metadata: the
+    checksum checkpoints carry, and the teachers' weights digest (:func:`carv.teachers.unet.weights_digest`)."""
+    metadata = metadata or {}
     h = hashlib.sha256()
     for k in sorted(metadata):
         if k != _SHA_KEY:
@@ -175,7 +179,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
-    meta[_SHA_KEY] = _digest(tensors, meta)
+    meta[_SHA_KEY] = tensors_digest(tensors, meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -204,7 +208,7 @@ def load_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, 
     want = meta.get(_SHA_KEY)
     if want is None:
         raise CorruptFileError(f"{what}: {str(path)!r} has no checksum (not written by carv's run folder)")
-    if _digest(tensors, meta) != want:
+    if tensors_digest(tensors, meta) != want:
         raise CorruptFileError(f"{what}: {str(path)!r} fails its checksum (the file is damaged)")
     return tensors, meta
 

@@ -94,7 +94,7 @@ from carv.render import (
 )
 from carv.render.cameras import Cameras
 from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, teacher_cond
-from carv.teachers.unet import UNetTeacher
+from carv.teachers.unet import UNetTeacher, weights_digest
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler, annealed_range
 from carv.upstream import UPSTREAM_MODES, UpstreamSampler
 
@@ -638,6 +638,12 @@ def _grid_grad(grid: VoxelGrid) -> Tensor:
 
 
 # --------------------------------------------------------------------------- one run
+def teacher_digest(teacher) -> str | None:
+    """:func:`carv.teachers.unet.weights_digest` of a built-in-style teacher (a :class:`UNetTeacher`), else None
+    (a diffusers teacher's weights are not hashed: gigabytes, and its folder is checked by name)."""
+    return weights_digest(teacher) if isinstance(teacher, UNetTeacher) else None
+
+
 class Trainer:
     """One run's state: grid, optimiser, generator, proposal, accountant, cost meter, clocks, evaluations.
 
@@ -654,6 +660,8 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else None
         self.problem = problem if problem is not None else problem_for(cfg, teacher)
         p = self.problem
+        # the teacher's weights are part of a run's identity (a checkpoint never resumes with another teacher)
+        self.teacher_digest = teacher_digest(p.teacher)
         if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
                 get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
@@ -855,7 +863,7 @@ class Trainer:
             tensors["sampler.importance"] = self.importance
         meta = {
             "version": 2,
-            "config": self.cfg.identity(),
+            "config": self.identity(),
             "step": self.step_count,
             "elapsed_s": self.elapsed,
             "next_eval": self.next_eval,
@@ -869,9 +877,14 @@ class Trainer:
         }
         self.state.save(self.step_count, tensors, meta)
 
+    def identity(self) -> dict:
+        """What a checkpoint of this run must match to be resumed: the configuration's identity and the teacher's
+        weights digest (:func:`teacher_digest`; absent for teachers it does not cover)."""
+        return {**self.cfg.identity(), **({"teacher_weights": self.teacher_digest} if self.teacher_digest else {})}
+
     def _load(self, loaded: tuple[dict[str, Tensor], dict]) -> None:
         tensors, meta = loaded
-        saved, now = meta["config"], self.cfg.identity()
+        saved, now = meta["config"], self.identity()
         diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
@@ -1059,7 +1072,11 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     slug = _slug(get_scene(prompt).prompt) + ("-compare" if compare else "")
     out = Path(out_dir) if out_dir is not None else default_root / slug
     command = "carv text-to-3d --compare" if compare else "carv text-to-3d"
-    identity = {**cfg.identity(), **({"compare_at": compare_at} if compare else {})}
+    if teacher is None and cfg.teacher is None:
+        teacher = load_scenes_teacher()
+    digest = teacher_digest(teacher)
+    identity = {**cfg.identity(), **({"compare_at": compare_at} if compare else {}),
+                **({"teacher_weights": digest} if digest else {})}
     with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh) as folder:
         if folder.previous is not None and progress:
             print(f"--fresh: moved the earlier run in {str(out)!r} to {str(folder.previous)!r}")

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from carv._runfolder import atomic_path
+from carv._runfolder import atomic_path, tensors_digest
 from carv.schedules import VPSchedule
 from carv.teachers.base import Teacher
 
-__all__ = ["ANGLE_CLASSES", "CompactUNet", "UNetTeacher", "angle_label", "save_unet_teacher", "load_unet_teacher"]
+__all__ = ["ANGLE_CLASSES", "CompactUNet", "UNetTeacher", "angle_label", "save_unet_teacher", "load_unet_teacher",
+           "weights_digest"]
 
 ANGLE_CLASSES = 36000  # an angle column holds hundredths of a degree in [0, 36000); 36000 is its null
 ANGLE_FREQS = 6  # Fourier features cos/sin(k * angle), k = 1..6, of an angle column
@@ -271,6 +272,15 @@ def save_unet_teacher(path: str | Path, model: CompactUNet, schedule: VPSchedule
                 "meta": json.dumps(meta or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def weights_digest(teacher: UNetTeacher) -> str:
+    """A short content digest (16 hex digits of SHA-256) of a teacher's weights and schedule: two teachers have the
+    same digest exactly when every parameter, buffer and ``alphas_cumprod`` entry is bit-for-bit equal. Run folders
+    record it, so a run is never resumed with another teacher (retrained weights under the same file name)."""
+    tensors = {f"model.{k}": v for k, v in teacher.model.state_dict().items()}
+    tensors["schedule.alphas_cumprod"] = teacher.schedule.alphas_cumprod
+    return tensors_digest(tensors)[:16]
 
 
 def load_unet_teacher(path: str | Path, device: str | torch.device = "cpu") -> UNetTeacher:
