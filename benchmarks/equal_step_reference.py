@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     per_prompt = {p: run_prompt(p) for p in prompts}
     summaries = [sm for _, sms, _, _ in per_prompt.values() for sm in sms]
-    ref, _, tuning, lrs = per_prompt[args.prompt]
+    _, _, tuning, lrs = per_prompt[args.prompt]
     steps = TextTo3DConfig().steps
     res = equal_step_compute(summaries)
     res["steps_spread"] = _per_seed(res["pairs"], "baseline_steps", "carv_steps")

@@ -1094,9 +1094,7 @@ def _baseline_lr(cfg: TextTo3DConfig) -> dict:
 
 def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool,
                    teacher: UNetTeacher | None, compare_at: str) -> dict:
-    if teacher is None and cfg.teacher is None:
-        teacher = load_scenes_teacher()
-    problem = problem_for(cfg, teacher)
+    problem = problem_for(cfg, teacher)  # teacher: loaded by run_text_to_3d (None only for a diffusers cfg.teacher)
     if cfg.reference is not None:
         problem.set_reference(load_reference_grid(cfg.reference))
     if not compare:

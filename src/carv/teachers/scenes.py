@@ -152,7 +152,8 @@ def teacher_config(elevation_edges: Sequence[float] | None = None, camera: bool 
 
 
 TEACHER_CONFIG = teacher_config(camera=True)  # the committed teacher's: (prompt, view, azimuth, elevation) labels
-# the commands that reproduce the committed teacher, each continuing the previous one's file (CPU, float32)
+# the commands that reproduce the committed teacher, each continuing the previous one's file (bfloat16 autocast
+# where the CPU has it, else float32: the bits differ between machines)
 REPRODUCE = (
     "carv train-teacher scenes --out runs/teachers/v1",
     "carv train-teacher scenes --init runs/teachers/v1/scenes_teacher.safetensors --camera --steps 1200 --lr 0.001 "
