@@ -397,3 +397,52 @@ def test_parameter_components_predict_the_generator_gradient_variance(tiny_teach
     assert abs(z) < 4, (float(pred.mean()), var, z)
     with pytest.raises(ValueError, match="R"):
         d.parameter_components(obj, 1, g)
+
+
+def test_reuse_ceiling_bounds_the_between_part_of_a_stratified_estimator():
+    """``f(u, t) = u + t`` with ``u ~ N(0, 1)`` per sample and ``K`` stratified draws of ``t ~ U[0, 1)``: the
+    between part is exactly ``Var(u) = 1`` and the stratified within part ``1 / (12 K^3)`` falls faster than
+    ``1 / K``. From replicate rows at ``K = 4`` and ``16`` the floor must not exceed the true between part (by
+    more than its error) and must sit close to it; with iid-like ``1 / K`` rows the algebra is exact."""
+    from carv.bench.distill import reuse_ceiling
+
+    exact = [{"R": 1, "K": k, "variance": 1.0 + 0.5 / k, "variance_se": 0.0} for k in (1, 4, 16)]
+    c = reuse_ceiling(*exact)
+    assert c["between_floor"] == pytest.approx(1.0) and c["ceiling"] == pytest.approx(1.5)
+    assert c["reduction_at_4k"] == pytest.approx(1.5 / (1 + 0.5 / 16))
+
+    g = torch.Generator().manual_seed(3)
+    n = 20000
+
+    def row(k):
+        u = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        t = (torch.arange(k, dtype=torch.float64) + torch.rand(n, k, generator=g, dtype=torch.float64)) / k
+        est = (u + t).mean(1)
+        v = est.var().item()
+        return {"R": 1, "K": k, "variance": v, "variance_se": v * math.sqrt(2 / (n - 1))}
+
+    rows = [row(1), row(4), row(16)]
+    c = reuse_ceiling(*rows)
+    true_floor = 1.0 + (4 / (12 * 16**3) - 1 / (12 * 4**3)) / 3  # what the formula gives with exact variances
+    assert true_floor < 1.0  # strata: the bound is conservative (the floor is below the between part)
+    assert abs(c["between_floor"] - true_floor) < 4 * c["between_floor_se"]
+    assert c["between_floor"] < 1.0 + 3 * c["between_floor_se"]
+    assert c["ceiling"] > 0 and c["ceiling_se"] > 0
+    with pytest.raises(ValueError, match="v_k, v_4k"):
+        reuse_ceiling(rows[0], rows[1], rows[1])
+    below = reuse_ceiling(exact[0], {**exact[1], "variance": 1.0}, {**exact[2], "variance": 0.2})
+    assert below["ceiling"] is None  # a floor at or below 0 bounds nothing
+
+
+def test_bench_upstream_strata_measures_the_reuse_ceiling(tmp_path, tiny_teacher):
+    from carv.bench.distill import UPSTREAM_CONFIGS, BenchSettings, bench_upstream_strata
+
+    _, teacher = tiny_teacher
+    s = BenchSettings(seeds=[0], replicates=2, max_replicates=2, reference_estimates=2, reference_R=4,
+                      pilot_estimates=1)
+    res = bench_upstream_strata(tmp_path / "up", tmp_path / "up.json", s, tiny_cfg(fake_warmup=1), teacher,
+                                progress=False)
+    assert {r["config"] for r in res["rows"]} == set(UPSTREAM_CONFIGS)
+    c = res["diagnostics"]["reuse_ceiling_with_upstream_strata"]
+    assert {"between_floor", "between_floor_se", "ceiling", "reduction_at_4k"} <= set(c)
+    assert json.loads((tmp_path / "up.json").read_text())["upstream_strata"]["rows"] == res["rows"]

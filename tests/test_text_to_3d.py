@@ -6,6 +6,7 @@ Tiny configurations (16-24^3 grids, 32 px renders, 16 samples per ray) with the 
 import dataclasses
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -355,6 +356,41 @@ def test_equal_step_compute_counts_unreached_pairs_at_their_bound():
     assert all(p["carv_steps"] == 60 for p in res["pairs"] if not p["reached"])  # at the bound
     with pytest.raises(ValueError, match="summaries"):
         equal_step_compute([{**sm, "compare_at": "wall-clock"}])
+
+
+def test_equal_step_budget_sweep_reads_steps_off_the_shortest_run_that_reaches_the_target():
+    """Runs of 100, 200 and 400 steps per (prompt, seed): the target is the baseline's 400-step final, each
+    estimator's steps are the interpolated first crossing of its final-vs-length curve, an unreached carv
+    curve enters at 400, and seconds use the pooled per-step medians."""
+    from carv.bench.text_to_3d import equal_step_budget_sweep
+
+    def run(prompt, seed, n, base, carv, s_base=0.10, s_carv=0.12):
+        return {"compare_at": "step", "prompt": prompt, "seed": seed, "steps": {"carv": n, "baseline": n},
+                "train_seconds": {"carv": n * s_carv, "baseline": n * s_base},
+                "seconds_per_step": {"carv": s_carv, "baseline": s_base},
+                "final": {"baseline": {"psnr": base, "iou": base / 40}, "carv": {"psnr": carv, "iou": carv / 40}}}
+
+    fast = [run("a snowman", 0, 100, 18.0, 19.0), run("a snowman", 0, 200, 19.0, 20.5),
+            run("a snowman", 0, 400, 20.0, 21.0)]
+    never = [run("a snowman", 1, n, b, 15.0) for n, b in ((100, 18.0), (200, 19.0), (400, 20.0))]
+    res = equal_step_budget_sweep(fast + never)
+    assert res["n_pairs"] == 4 and res["n_unreached"] == 2
+    p = next(p for p in res["pairs"] if p["seed"] == 0 and p["metric"] == "psnr")
+    assert p["target"] == 20.0 and p["baseline_steps"] == pytest.approx(400.0)
+    assert p["carv_steps"] == pytest.approx(100 + 100 * (20.0 - 19.0) / (20.5 - 19.0))  # between 100 and 200
+    assert p["baseline_seconds"] == pytest.approx(400 * 0.10) and p["carv_seconds"] == pytest.approx(
+        p["carv_steps"] * 0.12)
+    q = next(p for p in res["pairs"] if p["seed"] == 1 and p["metric"] == "psnr")
+    assert not q["reached"] and q["carv_steps"] == 400.0  # at its bound: ratio 1, an upper bound
+    ratios = [p["baseline_steps"] / p["carv_steps"] for p in res["pairs"]]
+    assert res["steps_ratio_geomean"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / 4))
+    assert res["steps_ratio_log_se_across_runs"] > 0
+    alone = equal_step_budget_sweep(fast + [run("a duck", 0, 400, 20.0, 21.0)])
+    assert alone["skipped"] == [{"prompt": "a duck", "seed": 0, "lengths": [400]}]  # one length: no curve
+    with pytest.raises(ValueError, match="stopped early"):
+        equal_step_budget_sweep([{**fast[0], "steps": {"carv": 100, "baseline": 60}}])
+    with pytest.raises(ValueError, match="compare_at"):
+        equal_step_budget_sweep([{**fast[0], "compare_at": "wall-clock"}])
 
 
 def test_the_annealed_timestep_range_is_the_samplers_support_at_every_step():

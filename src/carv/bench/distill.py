@@ -64,8 +64,9 @@ from carv.teachers import digits_metrics as dm
 from carv.teachers.digits import NUM_CLASSES, load_digits_data, load_digits_teacher
 from carv.teachers.unet import UNetTeacher
 
-__all__ = ["CONFIGS", "checkpoint_variance", "time_marks", "interleave_equal_time", "summarise",
-           "plot_variance", "write_outputs", "components_from_rows", "BenchSettings", "bench_distill", "bench_from_cli",
+__all__ = ["CONFIGS", "UPSTREAM_CONFIGS", "checkpoint_variance", "time_marks", "interleave_equal_time", "summarise",
+           "plot_variance", "write_outputs", "components_from_rows", "reuse_ceiling", "BenchSettings", "bench_distill",
+           "bench_from_cli",
            "bench_upstream_strata"]
 
 # name -> estimator of the generator gradient (proposal "learned": LearnedProposal, see the app)
@@ -78,11 +79,42 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # + upstream strata: balanced labels across the 8 samples and randomised-QMC latents (carv.upstream)
     "R8K16+strat+upstream": {"R": 8, "K": 16, "proposal": "none", "stratify": "per_upstream", "upstream": "strata"},
 }
+# the upstream-strata benchmark adds a fourth K to the upstream-strata estimator: with the K = 16 row it bounds
+# the between-sample part that no K removes (bench_upstream_strata's ``ceiling``)
+UPSTREAM_CONFIGS: dict[str, dict[str, Any]] = {
+    **CONFIGS,
+    "R8K64+strat+upstream": {"R": 8, "K": 64, "proposal": "none", "stratify": "per_upstream", "upstream": "strata"},
+}
 BASELINE = "R8K1"
 # variance reduction against R8K1 the issues ask for (the paper: 982 -> 30.7 at (8, 16) with strata, 32x)
 TARGETS = {"R8K16": 16.0, "R8K16+strat": 30.0, "R8K16+strat+upstream": 32.0}
 
 EstimateFn = Callable[[Config, torch.Generator, CostMeter], Tensor]
+
+
+def reuse_ceiling(v1: dict, v_k: dict, v_4k: dict) -> dict[str, float]:
+    """The most any number of draws can reduce the variance of a stratified estimator, from its rows at ``K``
+    and ``4 K`` (same ``R``, same upstream and strata) and the ``R``-sample baseline row ``v1`` (K = 1).
+
+    ``Var(K) = B + W(K)`` with ``B`` the between-sample part (no ``K`` touches it) and ``W(K)`` the stratified
+    within part. With ``4 K`` strata refining the ``K`` ones (equal-probability strata of one proposal: the
+    quantiles at ``K`` are among those at ``4 K``), ``W(4 K)`` is at most ``W(K) / 4`` (4 draws per coarse
+    stratum, stratified further), so ``B >= (4 Var(4 K) - Var(K)) / 3`` and no ``K`` reduces the variance below
+    ``B``: ``ceiling = Var(v1) / B`` is an upper bound on the reduction against ``v1`` (and the measured
+    ``Var(4 K)`` reduction a lower one). Standard errors by the delta method from the rows' SEs (independent
+    replicates)."""
+    if not (v_k["R"] == v_4k["R"] and v_4k["K"] == 4 * v_k["K"]):
+        raise ValueError(f"v_k, v_4k: need rows (R, K) and (R, 4 K), got ({v_k['R']}, {v_k['K']}), "
+                         f"({v_4k['R']}, {v_4k['K']})")
+    floor = (4 * v_4k["variance"] - v_k["variance"]) / 3
+    floor_se = math.hypot(4 * v_4k["variance_se"], v_k["variance_se"]) / 3
+    out = {"between_floor": floor, "between_floor_se": floor_se,
+           "reduction_at_4k": v1["variance"] / v_4k["variance"], "ceiling": None, "ceiling_se": None}
+    if floor > 0:
+        c = v1["variance"] / floor
+        out["ceiling"] = c
+        out["ceiling_se"] = c * math.hypot(v1["variance_se"] / v1["variance"], floor_se / floor)
+    return out
 
 
 def components_from_rows(v1: dict, v16: dict) -> dict[str, float]:
@@ -104,11 +136,12 @@ def components_from_rows(v1: dict, v16: dict) -> dict[str, float]:
 def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, reference_estimates: int,
                         replicates: int | RelativeError, seed: int, state_dir: str | Path, progress: bool = True,
                         c_fake_step_s: float | None = None, k_max: int = 32,
-                        charges: Mapping[str, Mapping[str, float]] | None = None) -> tuple[list[dict], dict]:
-    """Variance of :data:`CONFIGS` at one checkpoint; returns (rows, diagnostics).
+                        charges: Mapping[str, Mapping[str, float]] | None = None,
+                        configs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[list[dict], dict]:
+    """Variance of ``configs`` (default :data:`CONFIGS`) at one checkpoint; returns (rows, diagnostics).
 
     ``estimate(config, generator, meter)`` returns the flat parameter gradient; ``config.method`` is a
-    key of :data:`CONFIGS` or ``reference.method``. The reference mean is cached in ``state_dir``
+    key of ``configs`` or ``reference.method``. The reference mean is cached in ``state_dir``
     (safetensors) and the replicates resume from there. ``c_fake_step_s``: seconds of fake-score
     training per generator step, folded into the upstream cost for the accountant's training K.
     """
@@ -128,8 +161,8 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
         with atomic_path(ref_path) as tmp:
             save_file({"mean": ref.contiguous()}, str(tmp))
         atomic_write_json(state_dir / "reference.json", {"key": key, "variance": ref_var}, indent=None)
-    configs = [Config(name, spec["R"], spec["K"]) for name, spec in CONFIGS.items()]
-    rows = measure(configs, estimate, ref, replicates, seed=seed + 1, state_dir=state_dir, progress=progress,
+    measured = [Config(name, spec["R"], spec["K"]) for name, spec in (configs or CONFIGS).items()]
+    rows = measure(measured, estimate, ref, replicates, seed=seed + 1, state_dir=state_dir, progress=progress,
                    desc=f"replicates ({label})", reference_variance=ref_var, keep_replicates=True)
     pooled = pooled_figures(rows, baseline=(BASELINE, 8, 1), uniform="R8K16", charges=charges, seed=seed,
                             k_max=k_max)
@@ -409,8 +442,10 @@ class BenchSettings:
 
 
 def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillConfig, out: Path, seed: int,
-                     progress: bool) -> tuple[list[dict], dict]:
-    """Parameter-gradient variance of the four configurations at ``d``'s current weights."""
+                     progress: bool, configs: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> tuple[list[dict], dict]:
+    """Parameter-gradient variance of ``configs`` (default :data:`CONFIGS`) at ``d``'s current weights."""
+    configs = configs or CONFIGS
     pilot_s = 0.0
     if not d.learned.ready:  # pilot: fill the learned proposal from uniform draws at this checkpoint
         pilot = d.make_objective(d.make_sampler("none", "per_upstream"), 16)
@@ -423,20 +458,20 @@ def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillCo
             d.learned.update(o.draws.t, o.estimate.sq_norms)
         pilot_s = time.process_time() - t0
     charges = {name: {"proposal pilot (amortised)": pilot_s / s.amortise_steps}
-               for name, spec in CONFIGS.items() if spec["proposal"] == "learned"}
+               for name, spec in configs.items() if spec["proposal"] == "learned"}
     objectives = {name: d.make_objective(d.make_sampler(spec["proposal"], spec["stratify"]), spec["K"])
-                  for name, spec in CONFIGS.items()}
+                  for name, spec in configs.items()}
     ref_obj = d.make_objective(d.make_sampler("learned", "per_upstream"), 16)
     objectives["reference"] = ref_obj
 
     def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
-        upstream = CONFIGS.get(c.method, {}).get("upstream", "iid")  # the reference: iid
+        upstream = configs.get(c.method, {}).get("upstream", "iid")  # the reference: iid
         return d.parameter_gradient(objectives[c.method], c.R, gen, meter, upstream)
 
     c_fake = d.time_fake_step(torch.Generator().manual_seed(seed + 8))
     return checkpoint_variance(estimate, label, Config("reference", s.reference_R, 16), s.reference_estimates,
                                s.replicate_spec(), seed, out / "state" / f"variance_{label}", progress,
-                               c_fake_step_s=c_fake, k_max=s.k_max, charges=charges)
+                               c_fake_step_s=c_fake, k_max=s.k_max, charges=charges, configs=configs)
 
 
 def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = False, json_path: str | Path | None = None,
@@ -599,8 +634,10 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
                           settings: BenchSettings | None = None, base: DistillConfig | None = None,
                           teacher: UNetTeacher | None = None, progress: bool = True,
                           command: str = "carv bench distill --upstream-only") -> dict:
-    """Step 1 of :func:`bench_distill` alone (the start checkpoint, every configuration of :data:`CONFIGS`
-    side by side in one run), plus the between-sample component with and without upstream strata: at
+    """Step 1 of :func:`bench_distill` alone (the start checkpoint, every configuration of
+    :data:`UPSTREAM_CONFIGS`, i.e. :data:`CONFIGS` and the upstream-strata estimator at ``K = 64``, side by side
+    in one run), plus :func:`reuse_ceiling` (the most any ``K`` could give with these strata) and the
+    between-sample component with and without upstream strata: at
     ``K = 16`` with per-sample timestep strata, ``Var = b / 8 + w_eff / 128`` and the two strata rows share
     ``w_eff`` (the same timestep sampler and draws per sample), so ``b`` with upstream strata is
     ``b_iid - 8 (Var[R8K16+strat] - Var[R8K16+strat+upstream])``. With ``json_path`` the result is stored
@@ -617,9 +654,10 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
         machine = machine_info(loadavg_start=load_start)  # inside: the thread count the run uses
         d0 = Distiller(dataclasses.replace(base, seed=s.seeds[0]), teacher)
         d0.warmup()
-        rows, diag = _checkpoint_rows(d0, "start", s, base, out, s.seeds[0], progress)
+        rows, diag = _checkpoint_rows(d0, "start", s, base, out, s.seeds[0], progress, UPSTREAM_CONFIGS)
     by = {r["config"]: r for r in rows}
     a, b = by["R8K16+strat"], by["R8K16+strat+upstream"]
+    diag["reuse_ceiling_with_upstream_strata"] = reuse_ceiling(by[BASELINE], b, by["R8K64+strat+upstream"])
     if "between" in diag:
         diag["between_with_upstream_strata"] = diag["between"] - 8 * (a["variance"] - b["variance"])
         diag["between_with_upstream_strata_se"] = math.hypot(diag["between_se"],
@@ -636,6 +674,11 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
         atomic_write_json(p, doc)
     if progress:
         print_table(rows, ROW_COLUMNS, title="carv bench distill --upstream-only: generator-gradient variance")
+        c = diag["reuse_ceiling_with_upstream_strata"]
+        print(f"strata + upstream strata: {c['reduction_at_4k']:.1f}x at K = 64; no K goes beyond "
+              + (f"{c['ceiling']:.1f}x (SE {c['ceiling_se']:.1f}): the between-sample floor "
+                 f"{c['between_floor']:.3g} (SE {c['between_floor_se']:.2g})" if c["ceiling"] is not None else
+                 "what the rows resolve (the between-sample floor is not above 0)"))
         if "between_with_upstream_strata" in diag:
             print(f"between-sample component: iid {diag['between']:.4g} (SE {diag['between_se']:.2g}), with "
                   f"upstream strata {diag['between_with_upstream_strata']:.4g} "

@@ -46,7 +46,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,7 +80,8 @@ from carv.teachers.unet import UNetTeacher
 from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepSampler
 
 __all__ = [
-    "equal_step_compute", "BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
+    "equal_step_compute", "equal_step_budget_sweep",
+    "BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
            "bench_text_to_3d"]
 
 # method -> (proposal, stratify); "importance" is the app's default proposal (see BenchSettings.proposal)
@@ -666,6 +667,77 @@ def equal_step_compute(summaries: list[dict]) -> dict:
             "steps_ratio_geomean_by_metric": {m: _geomean(v) for m, v in by_metric.items()},
             "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
             "note": "unreached pairs enter at their bound (the carv run's total), so ratios are upper bounds there"}
+
+
+_PAIR = ("baseline", "carv")  # the two sub-runs of a --compare summary
+
+
+def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("psnr", "iou")) -> dict:
+    """Equal per-step compute measured by run length (``benchmarks/equal_step_budget_sweep.py``): from
+    ``carv text-to-3d --compare`` summaries of several lengths ``S`` per (prompt, seed), each estimator's final
+    quality against ``S`` is a curve; the target is the baseline's final quality at the longest ``S``; each
+    estimator's steps to it are the first crossing of its curve, linear between lengths
+    (:func:`carv.accounting.equal_quality_ecm`, ``x="step"``, no smoothing: each point is its own run, the
+    schedule scaled with it). A carv curve that never reaches the target enters at the longest ``S``
+    (``reached`` false), so ratios are upper bounds wherever a pair is unreached; a shortest run that already
+    reaches it enters at that length (a bound too: fewer steps might have done). Seconds are steps times each
+    estimator's median training seconds per step pooled over all the runs (interleaved step by step, so load
+    hits both alike); the ratio of the runs' own wall-clock crossings is kept beside it as a check."""
+    runs: dict[tuple[str, int], dict[int, dict]] = {}
+    for sm in summaries:
+        if sm.get("compare_at") != "step":
+            raise ValueError(f"summaries: expected equal per-step compute runs (compare_at 'step'), got "
+                             f"{sm.get('compare_at')!r}")
+        if sm["steps"]["carv"] != sm["steps"]["baseline"]:
+            raise ValueError(f"summaries: a run stopped early ({sm['steps']}); finish it before the report")
+        runs.setdefault((sm["prompt"], sm.get("seed", 0)), {})[sm["steps"]["carv"]] = sm
+    if not runs:
+        raise ValueError("summaries: no runs")
+    per_step = {m: statistics.median(sm["seconds_per_step"][m] for g in runs.values() for sm in g.values())
+                for m in _PAIR}
+    pairs: list[dict] = []
+    skipped = []
+    for (prompt, seed), by_len in sorted(runs.items()):
+        lengths = sorted(by_len)
+        if len(lengths) < 2:
+            skipped.append({"prompt": prompt, "seed": seed, "lengths": lengths})
+            continue
+        for metric in metrics:
+            rows = {m: [{"step": n, "elapsed_s": by_len[n]["train_seconds"][m], metric: by_len[n]["final"][m][metric]}
+                        for n in lengths] for m in _PAIR}
+            st = equal_quality_ecm(rows["baseline"], rows["carv"], metric, window=1, x="step")
+            wall = equal_quality_ecm(rows["baseline"], rows["carv"], metric, window=1, x="elapsed_s")
+            reached = st["t_method_s"] is not None
+            carv_steps = st["t_method_s"] if reached else float(lengths[-1])
+            carv_wall = wall["t_method_s"] if wall["t_method_s"] is not None else rows["carv"][-1]["elapsed_s"]
+            pairs.append({"prompt": prompt, "seed": seed, "metric": metric, "target": st["target"],
+                          "baseline_steps": st["t_base_s"], "carv_steps": carv_steps, "reached": reached,
+                          "baseline_seconds": st["t_base_s"] * per_step["baseline"],
+                          "carv_seconds": carv_steps * per_step["carv"],
+                          "wall_clock_ratio": wall["t_base_s"] / carv_wall if carv_wall > 0 else None,
+                          "lengths": lengths, "final": {m: [r[metric] for r in rows[m]] for m in _PAIR}})
+    steps_r = [p["baseline_steps"] / p["carv_steps"] for p in pairs]
+    groups: dict[tuple[str, int], list[float]] = {}
+    for p, r in zip(pairs, steps_r, strict=True):
+        groups.setdefault((p["prompt"], p["seed"]), []).append(math.log(r))
+    g = [sum(v) / len(v) for v in groups.values()]
+    se = (math.sqrt(sum((x - sum(g) / len(g)) ** 2 for x in g) / (len(g) - 1) / len(g)) if len(g) > 1 else None)
+    by_prompt = {}
+    for prompt in sorted({p["prompt"] for p in pairs}):
+        mine = [(p, r) for p, r in zip(pairs, steps_r, strict=True) if p["prompt"] == prompt]
+        by_prompt[prompt] = {"steps_ratio_geomean": _geomean([r for _, r in mine]),
+                             "n_pairs": len(mine), "n_unreached": sum(not p["reached"] for p, _ in mine)}
+    return {"pairs": pairs, "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
+            "steps_ratio_geomean": _geomean(steps_r),
+            "seconds_ratio_geomean": _geomean([p["baseline_seconds"] / p["carv_seconds"] for p in pairs]),
+            "wall_clock_ratio_geomean_check": _geomean([p["wall_clock_ratio"] for p in pairs]),
+            "steps_ratio_log_se_across_runs": se,
+            "steps_ratio_geomean_by_metric": {m: _geomean([r for p, r in zip(pairs, steps_r, strict=True)
+                                                           if p["metric"] == m]) for m in metrics},
+            "by_prompt": by_prompt, "seconds_per_step_pooled_median": per_step, "skipped": skipped,
+            "rule": "the shortest run (schedule scaled with it) whose final quality reaches the baseline's final "
+                    "quality at the longest length; first crossing, linear between lengths; unreached pairs at "
+                    "the longest length (upper bounds)"}
 
 
 # --------------------------------------------------------------------------- the whole benchmark
