@@ -11,7 +11,9 @@ app's defaults otherwise (400 steps, the same schedule and learning rate). By th
 per-step variance is ``b / 4 + w / 64`` against the ``R = 2, K = 1`` baseline's ``b / 2 + w / 2`` (a lower bound
 for the baseline, whose uniform draws have more within-render variance): over 10x lower, at about 10x the cost
 per step. Its steps to the baseline's final quality, read exactly as the ``equal_step_compute`` pairs are (the
-smoothed first crossing of one 400-step run, :func:`carv.accounting.equal_quality_ecm` with ``x="step"``), bound
+smoothed first crossing of one 400-step run, :func:`carv.accounting.equal_quality_ecm` with ``x="step"``; the
+oracle's curve is read at the baseline's evaluation steps, so that the 3-evaluation smoothing spans the same
+steps on both), bound
 what *any* estimator at equal per-step compute can show on this objective, carv's included. With
 ``--lengths 160`` the oracle also runs 160-step runs with the schedule scaled (``anneal_steps`` 80), which bounds
 the run-length measure of ``benchmarks/equal_step_budget_sweep.py`` (a 2.5x target means reaching the baseline's
@@ -41,6 +43,19 @@ def _slug(prompt: str) -> str:
 def _evals(folder: Path) -> list[dict]:
     rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return [r for r in rows if r.get("kind") == "eval"]
+
+
+def _at_steps(rows: list[dict], steps: list[float], keys=("psnr", "iou")) -> list[dict]:
+    """``rows`` (evaluations by step) linearly interpolated at ``steps``: the oracle, evaluated every few steps
+    (its steps are slow and evaluations come every 20 s of training), read at the baseline's own evaluation steps,
+    so that the 3-evaluation smoothing spans the same steps on both curves."""
+    out = []
+    for s in steps:
+        lo = max((r for r in rows if r["step"] <= s), key=lambda r: r["step"])
+        hi = min((r for r in rows if r["step"] >= s), key=lambda r: r["step"], default=lo)
+        f = 0.0 if hi["step"] == lo["step"] else (s - lo["step"]) / (hi["step"] - lo["step"])
+        out.append({"step": s, **{k: lo[k] + f * (hi[k] - lo[k]) for k in ("elapsed_s", *keys)}})
+    return out
 
 
 def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int) -> Path:
@@ -106,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 c = _compare_run(croot, prompt, seed, args.threads)
             csum = json.loads((c / "summary.json").read_text())
             base, carv, oracle = _evals(c / "baseline"), _evals(c / "carv"), _evals(o)
+            oracle = _at_steps(oracle, [r["step"] for r in base])  # the same smoothing span as the baseline's
             row = {"prompt": prompt, "seed": seed, "oracle": dict(ORACLE), "metrics": {}}
             for key in ("psnr", "iou"):
                 res_o = equal_quality_ecm(base, oracle, key, x="step")
