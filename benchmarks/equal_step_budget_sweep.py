@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.root)
     if args.report:
         res = report(root)
-        cmd = " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = shlex.join(argv if argv is not None else sys.argv[1:])
         res["command"] = f"PYTHONPATH=src python3 benchmarks/equal_step_budget_sweep.py {cmd}"
         brief = {k: v for k, v in res.items() if k != "pairs"}
         print(json.dumps(brief, indent=1))

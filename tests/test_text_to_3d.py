@@ -204,8 +204,27 @@ def test_equal_quality_ecm_interpolates_first_crossings():
     r = equal_quality_ecm(base, slow, window=1)
     assert r["ecm"] is None and r["upper_bound"] == pytest.approx(20.0 / 30.0)
     # smoothed (trailing mean of 2): base -> 10, 12, 15, 16; fast -> 10, 14, 18.5: crossing at 10 + 10 * 2 / 4.5
-    r = equal_quality_ecm(base, fast, window=2)
+    r = equal_quality_ecm(base, fast, window=2, align="trailing")
     assert r["target"] == 16.0 and r["t_base_s"] == 30.0 and r["ecm"] == pytest.approx(30.0 / (10 + 20 / 4.5))
+    # centred: the same averages at 0, 5, 15, 25 (base) and 0, 5, 15 (fast): base reaches 16 at 25, fast 16 at
+    # 5 + 10 * 2 / 4.5
+    r = equal_quality_ecm(base, fast, window=2)
+    assert r["align"] == "center" and r["t_base_s"] == 25.0 and r["ecm"] == pytest.approx(25.0 / (5 + 20 / 4.5))
+    with pytest.raises(ValueError, match="align"):
+        equal_quality_ecm(base, fast, align="middle")
+
+
+def test_centred_smoothing_reads_the_true_ratio_where_a_trailing_one_is_pulled_to_1():
+    """Two straight lines, the method twice as steep, evaluated every 50 steps to step 400, window 3: the
+    method reaches any level in half the steps, and the centred reading says 2.00x; the trailing average
+    delays the method's crossing by one interval but not the baseline's (its own final is its target), 1.78x."""
+    base = [{"step": t, "elapsed_s": t, "psnr": t / 10} for t in range(0, 401, 50)]
+    fast = [{"step": t, "elapsed_s": t, "psnr": t / 5} for t in range(0, 401, 50)]
+    centred = equal_quality_ecm(base, fast, window=3, x="step")
+    assert centred["target"] == pytest.approx(35.0) and centred["t_base_s"] == pytest.approx(350.0)
+    assert centred["ecm"] == pytest.approx(2.0)
+    trailing = equal_quality_ecm(base, fast, window=3, x="step", align="trailing")
+    assert trailing["t_base_s"] == 400.0 and trailing["ecm"] == pytest.approx(400 / 225)
 
 
 def test_predicted_best_ecm_follows_the_cost_model():
