@@ -64,11 +64,13 @@ def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -
     return run_text_to_3d(prompt, out, cfg, compare=True, progress=False)
 
 
-def report(root: Path) -> dict:
+def report(root: Path, lengths=LENGTHS, seeds=None) -> dict:
     from carv.bench.text_to_3d import equal_step_budget_sweep
 
     summaries = [json.loads(f.read_text()) for f in sorted(root.glob("*/summary.json"))]
-    return equal_step_budget_sweep([sm for sm in summaries if sm.get("compare_at") == "step"], METRICS)
+    summaries = [sm for sm in summaries if sm.get("compare_at") == "step"
+                 and (seeds is None or sm.get("seed") in seeds)]
+    return equal_step_budget_sweep(summaries, METRICS, lengths)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = Path(args.root)
     if args.report:
-        res = report(root)
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+            lengths = sorted(int(x) for x in args.lengths.split(","))
+        except ValueError:
+            ap.error("--seeds, --lengths: expected comma-separated integers")
+        res = report(root, lengths, seeds)
         cmd = shlex.join(argv if argv is not None else sys.argv[1:])
         res["command"] = f"PYTHONPATH=src python3 benchmarks/equal_step_budget_sweep.py {cmd}"
         brief = {k: v for k, v in res.items() if k != "pairs"}

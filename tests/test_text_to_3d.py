@@ -406,6 +406,9 @@ def test_equal_step_budget_sweep_reads_steps_off_the_shortest_run_that_reaches_t
     assert res["steps_ratio_log_se_across_runs"] > 0
     alone = equal_step_budget_sweep(fast + [run("a duck", 0, 400, 20.0, 21.0)])
     assert alone["skipped"] == [{"prompt": "a duck", "seed": 0, "lengths": [400]}]  # one length: no curve
+    running = equal_step_budget_sweep(fast + never[:2], lengths=(100, 200, 400))  # seed 1 lacks its 400 steps
+    assert running["skipped"] == [{"prompt": "a snowman", "seed": 1, "lengths": [100, 200]}]
+    assert running["n_pairs"] == 2 and all(p["seed"] == 0 for p in running["pairs"])
     with pytest.raises(ValueError, match="stopped early"):
         equal_step_budget_sweep([{**fast[0], "steps": {"carv": 100, "baseline": 60}}])
     with pytest.raises(ValueError, match="compare_at"):

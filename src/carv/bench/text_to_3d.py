@@ -672,7 +672,8 @@ def equal_step_compute(summaries: list[dict]) -> dict:
 _PAIR = ("baseline", "carv")  # the two sub-runs of a --compare summary
 
 
-def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("psnr", "iou")) -> dict:
+def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("psnr", "iou"),
+                            lengths: Sequence[int] | None = None) -> dict:
     """Equal per-step compute measured by run length (``benchmarks/equal_step_budget_sweep.py``): from
     ``carv text-to-3d --compare`` summaries of several lengths ``S`` per (prompt, seed), each estimator's final
     quality against ``S`` is a curve; the target is the baseline's final quality at the longest ``S``; each
@@ -682,7 +683,11 @@ def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("ps
     (``reached`` false), so ratios are upper bounds wherever a pair is unreached; a shortest run that already
     reaches it enters at that length (a bound too: fewer steps might have done). Seconds are steps times each
     estimator's median training seconds per step pooled over all the runs (interleaved step by step, so load
-    hits both alike); the ratio of the runs' own wall-clock crossings is kept beside it as a check."""
+    hits both alike); the ratio of the runs' own wall-clock crossings is kept beside it as a check.
+
+    ``lengths``: the sweep's design; a (prompt, seed) without a run at every one of them (a sweep still
+    running) is left out and listed under ``skipped``, so that its longest finished run is never taken for
+    the target. Without it every (prompt, seed) with at least two lengths counts."""
     runs: dict[tuple[str, int], dict[int, dict]] = {}
     for sm in summaries:
         if sm.get("compare_at") != "step":
@@ -697,11 +702,13 @@ def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("ps
                 for m in _PAIR}
     pairs: list[dict] = []
     skipped = []
+    design = sorted(set(lengths)) if lengths is not None else None
     for (prompt, seed), by_len in sorted(runs.items()):
-        lengths = sorted(by_len)
-        if len(lengths) < 2:
-            skipped.append({"prompt": prompt, "seed": seed, "lengths": lengths})
+        have = sorted(by_len)
+        if len(have) < 2 or (design is not None and not set(design) <= set(have)):
+            skipped.append({"prompt": prompt, "seed": seed, "lengths": have})
             continue
+        lengths = design or have
         for metric in metrics:
             rows = {m: [{"step": n, "elapsed_s": by_len[n]["train_seconds"][m], metric: by_len[n]["final"][m][metric]}
                         for n in lengths] for m in _PAIR}
