@@ -73,6 +73,22 @@ def report(root: Path, lengths=LENGTHS, seeds=None) -> dict:
     return equal_step_budget_sweep(summaries, METRICS, lengths)
 
 
+def markdown(res: dict) -> str:
+    """The per-(prompt, seed) table of BENCHMARKS.md from the report."""
+    pairs = res["pairs"]
+    lengths = pairs[0]["lengths"] if pairs else []
+    head = " / ".join(str(n) for n in lengths)
+    lines = [f"| prompt, seed | metric | baseline final at S = {head} | carv final at S = {head} | baseline / carv "
+             "steps to the target | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    for p in pairs:
+        fmt = (lambda v: f"{v:.2f}") if p["metric"] == "psnr" else (lambda v: f"{v:.3f}")
+        lines.append(f"| {p['prompt']}, {p['seed']} | {p['metric']} | {' / '.join(map(fmt, p['final']['baseline']))} "
+                     f"| {' / '.join(map(fmt, p['final']['carv']))} | {p['baseline_steps']:.0f} / "
+                     f"{p['carv_steps']:.0f}{'' if p['reached'] else ' (never)'} | "
+                     f"{p['baseline_steps'] / p['carv_steps']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="runs/budget")
@@ -97,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         res["command"] = f"PYTHONPATH=src python3 benchmarks/equal_step_budget_sweep.py {cmd}"
         brief = {k: v for k, v in res.items() if k != "pairs"}
         print(json.dumps(brief, indent=1))
+        print(markdown(res))
         if args.json:
             path = Path(args.json)
             doc = json.loads(path.read_text()) if path.exists() else {}

@@ -116,8 +116,8 @@ def plot(curves: list[tuple[str, dict[str, list[dict]]]], path: Path) -> None:
             axs[i, j].set_xlabel("optimisation steps")
         lo_psnr = min(r["psnr"] for rows in runs.values() for r in rows if r["step"] >= 50)
         axs[0, j].set_ylim(lo_psnr - 0.5, None)
-        axs[1, j].set_ylim(max(0.0, min(r["iou"] for rows in runs.values() for r in rows if r["step"] >= 50) - 0.02),
-                           None)
+        iou = [r["iou"] for rows in runs.values() for r in rows if r["step"] >= 50]
+        axs[1, j].set_ylim(max(0.0, min(iou) - 0.02), min(1.0, max(iou) + 0.01))
         axs[0, j].set_title(label, fontsize=9)
     axs[0, 0].set_ylabel("PSNR, 16 held-out views (dB)")
     axs[1, 0].set_ylabel("mask IoU, 16 held-out views")
@@ -127,6 +127,28 @@ def plot(curves: list[tuple[str, dict[str, list[dict]]]], path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def markdown(res: dict) -> str:
+    """The per-run table of BENCHMARKS.md from the result."""
+    lines = ["| prompt, seed | baseline's final PSNR / IoU (smoothed) | oracle: steps ratio PSNR / IoU | carv: steps "
+             "ratio PSNR / IoU | per-step variance, baseline over oracle / over carv (lower bounds) | seconds per "
+             "step, oracle / baseline |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in res["runs"]:
+        m = r["metrics"]
+
+        def ratio(key, who, m=m):
+            v = m[key][f"{who}_ratio"]
+            reached = m[key]["oracle_reached"] if who == "oracle" else m[key]["carv_steps"] is not None
+            return f"{v:.2f}x" + ("" if reached else " (never reached)")
+        vo = r.get("variance_ratio_baseline_over_oracle_lower_bound")
+        vc = r.get("variance_ratio_baseline_over_carv_lower_bound")
+        sp = r["seconds_per_step"]
+        lines.append(f"| {r['prompt']}, {r['seed']} | {m['psnr']['target']:.2f} / {m['iou']['target']:.3f} | "
+                     f"{ratio('psnr', 'oracle')} / {ratio('iou', 'oracle')} | {ratio('psnr', 'carv')} / "
+                     f"{ratio('iou', 'carv')} | " + (f"{vo:.1f}x / {vc:.2f}x" if vo else "-")
+                     + f" | {sp['oracle']:.2f} / {sp['baseline']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
            "command": "PYTHONPATH=src python3 benchmarks/equal_step_ceiling.py "
                       + shlex.join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    print(markdown(res))
     if args.plot and curves:
         plot(curves, Path(args.plot))
     if args.json:
