@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     def gm(v):
         return math.exp(sum(map(math.log, v)) / len(v)) if v else None
 
+    def log_se(who):  # the standard error of the log ratio across (prompt, seed) runs, each run's metrics averaged
+        g = [statistics.fmean(math.log(m[f"{who}_ratio"]) for m in r["metrics"].values()) for r in out]
+        return statistics.stdev(g) / math.sqrt(len(g)) if len(g) > 1 else None
+
     res = {"rule": "oracle = carv's estimator at R = 4, K = 16 fixed, app defaults; steps to the baseline's final "
                    "smoothed quality in one 400-step run (centred 3-evaluation average, the oracle read at the "
                    "baseline's evaluation steps); unreached at the run's end",
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           for m in r["metrics"].values()]),
                         "carv_steps_ratio_geomean_same_runs": gm([m["trailing"]["carv_ratio"] for r in out
                                                                   for m in r["metrics"].values()])},
+           "oracle_log_se_across_runs": log_se("oracle"), "carv_log_se_across_runs": log_se("carv"),
            "n_pairs": len(ratios),
            "n_oracle_unreached": sum(not m["oracle_reached"] for r in out for m in r["metrics"].values()),
            "command": "PYTHONPATH=src python3 benchmarks/equal_step_ceiling.py "
