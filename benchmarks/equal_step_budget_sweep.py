@@ -41,26 +41,37 @@ SEEDS = (0, 1, 2)
 METRICS = ("psnr", "iou")
 
 
-def _slug(prompt: str) -> str:
-    return "-".join(prompt.split())
-
-
 def jobs(prompts, seeds, lengths) -> list[tuple[str, int, int]]:
     return [(p, s, n) for p in prompts for s in seeds for n in lengths]
 
 
-def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -> dict:
-    from carv.apps.text_to_3d import TextTo3DConfig, run_text_to_3d
+def run_dir(root: Path, prompt: str, seed: int, length: int, prefix: str = "") -> Path:
+    """``<root>/<prefix><prompt>-s<seed>-S<length>``: the folder of one run of the sweep (and of the oracle's)."""
+    from carv.apps.text_to_3d import _slug
 
-    out = root / f"{_slug(prompt)}-s{seed}-S{length}"
+    return root / f"{prefix}{_slug(prompt)}-s{seed}-S{length}"
+
+
+def scaled_config(prompt: str, seed: int, length: int, threads: int = 1, **fields):
+    """The app's defaults for a run of ``length`` steps with the schedule's shape kept (``anneal_steps`` scaled
+    as ``length * 200 / 400``); ``fields`` override others (the oracle's ``R`` and ``K``)."""
+    from carv.apps.text_to_3d import TextTo3DConfig
+
+    base = TextTo3DConfig()
+    anneal = max(1, round(length * base.anneal_steps / base.steps))
+    return TextTo3DConfig(prompt=prompt, seed=seed, steps=length, anneal_steps=anneal, threads=threads, **fields)
+
+
+def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -> dict:
+    from carv.apps.text_to_3d import run_text_to_3d
+
+    out = run_dir(root, prompt, seed, length)
     done = out / "summary.json"
     if done.exists():
         sm = json.loads(done.read_text())
         if sm.get("steps", {}).get("carv") == length and sm.get("steps", {}).get("baseline") == length:
             return sm
-    base = TextTo3DConfig()
-    anneal = max(1, round(length * base.anneal_steps / base.steps))
-    cfg = TextTo3DConfig(prompt=prompt, seed=seed, steps=length, anneal_steps=anneal, threads=threads)
+    cfg = scaled_config(prompt, seed, length, threads)
     return run_text_to_3d(prompt, out, cfg, compare=True, progress=False)
 
 

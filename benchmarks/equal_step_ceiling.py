@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import equal_step_budget_sweep as sweep  # noqa: E402  (the sweep's run folders, layout and scaled schedule)
+
 ORACLE = {"R": 4, "K": 16}
-
-
-def _slug(prompt: str) -> str:
-    return "-".join(prompt.split())
 
 
 def _evals(folder: Path) -> list[dict]:
@@ -59,26 +57,23 @@ def _at_steps(rows: list[dict], steps: list[float], keys=("psnr", "iou")) -> lis
     return out
 
 
-def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int) -> Path:
-    from carv.apps.text_to_3d import TextTo3DConfig, run_text_to_3d
+def _oracle_dir(root: Path, prompt: str, seed: int, length: int) -> Path:
+    return sweep.run_dir(root, prompt, seed, length, prefix="oracle-")
 
-    out = root / f"oracle-{_slug(prompt)}-s{seed}-S{length}"
+
+def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int) -> Path:
+    from carv.apps.text_to_3d import run_text_to_3d
+
+    out = _oracle_dir(root, prompt, seed, length)
     done = out / "summary.json"
     if not (done.exists() and json.loads(done.read_text()).get("steps") == length):
-        base = TextTo3DConfig()
-        over = {} if length == base.steps else {"steps": length,
-                                                "anneal_steps": max(1, round(length * base.anneal_steps / base.steps))}
-        cfg = TextTo3DConfig(prompt=prompt, seed=seed, threads=threads, **ORACLE, **over)
-        run_text_to_3d(prompt, out, cfg, progress=False)
+        run_text_to_3d(prompt, out, sweep.scaled_config(prompt, seed, length, threads, **ORACLE), progress=False)
     return out
 
 
 def _compare_run(root: Path, prompt: str, seed: int, threads: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from equal_step_budget_sweep import run_one
-
-    run_one(root, prompt, seed, 400, threads)
-    return root / f"{_slug(prompt)}-s{seed}-S400"
+    sweep.run_one(root, prompt, seed, 400, threads)
+    return sweep.run_dir(root, prompt, seed, 400)
 
 
 def _components(summary: dict, lo: int = 200) -> tuple[float, float] | None:
@@ -170,13 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         ap.error("--seeds, --lengths: expected comma-separated integers")
     from carv.accounting import equal_quality_ecm
+    from carv.bench.text_to_3d import geomean, log_spread
 
     root, croot = Path(args.root), Path(args.compare_root)
     out, curves = [], []
     for prompt in args.prompts.split("|"):
         for seed in seeds:
             if args.report_only:
-                o, c = root / f"oracle-{_slug(prompt)}-s{seed}-S400", croot / f"{_slug(prompt)}-s{seed}-S400"
+                o, c = _oracle_dir(root, prompt, seed, 400), sweep.run_dir(croot, prompt, seed, 400)
                 if not ((o / "summary.json").exists() and (c / "summary.json").exists()):
                     continue
             else:
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             osum = json.loads((o / "summary.json").read_text())
             row["seconds_per_step"] = {"oracle": osum["train_seconds"] / osum["steps"], **csum["seconds_per_step"]}
             for n in lengths:
-                if args.report_only and not (root / f"oracle-{_slug(prompt)}-s{seed}-S{n}" / "summary.json").exists():
+                if args.report_only and not (_oracle_dir(root, prompt, seed, n) / "summary.json").exists():
                     continue
                 f = json.loads((_oracle_run(root, prompt, seed, n, args.threads) / "summary.json").read_text())
                 row.setdefault("scaled_runs", {})[str(n)] = {"psnr": f["final"]["psnr"], "iou": f["final"]["iou"],
@@ -227,20 +223,18 @@ def main(argv: list[str] | None = None) -> None:
     ratios = [m["oracle_ratio"] for r in out for m in r["metrics"].values()]
     carv_r = [m["carv_ratio"] for r in out for m in r["metrics"].values()]
 
-    def gm(v):
-        return math.exp(sum(map(math.log, v)) / len(v)) if v else None
-
     def log_se(who):  # the standard error of the log ratio across (prompt, seed) runs, each run's metrics averaged
-        g = [statistics.fmean(math.log(m[f"{who}_ratio"]) for m in r["metrics"].values()) for r in out]
-        return statistics.stdev(g) / math.sqrt(len(g)) if len(g) > 1 else None
+        return log_spread({(r["prompt"], r["seed"]): [m[f"{who}_ratio"] for m in r["metrics"].values()]
+                           for r in out})[1]
 
     res = {"rule": "oracle = carv's estimator at R = 4, K = 16 fixed, app defaults; steps to the baseline's final "
                    "smoothed quality in one 400-step run (centred 3-evaluation average, the oracle read at the "
                    "baseline's evaluation steps); unreached at the run's end",
-           "runs": out, "oracle_steps_ratio_geomean": gm(ratios), "carv_steps_ratio_geomean_same_runs": gm(carv_r),
-           "trailing": {"oracle_steps_ratio_geomean": gm([m["trailing"]["oracle_ratio"] for r in out
+           "runs": out, "oracle_steps_ratio_geomean": geomean(ratios),
+           "carv_steps_ratio_geomean_same_runs": geomean(carv_r),
+           "trailing": {"oracle_steps_ratio_geomean": geomean([m["trailing"]["oracle_ratio"] for r in out
                                                           for m in r["metrics"].values()]),
-                        "carv_steps_ratio_geomean_same_runs": gm([m["trailing"]["carv_ratio"] for r in out
+                        "carv_steps_ratio_geomean_same_runs": geomean([m["trailing"]["carv_ratio"] for r in out
                                                                   for m in r["metrics"].values()])},
            "oracle_log_se_across_runs": log_se("oracle"), "carv_log_se_across_runs": log_se("carv"),
            "n_pairs": len(ratios),

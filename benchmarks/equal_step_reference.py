@@ -32,25 +32,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 
 def _per_seed(pairs: list[dict], base: str, carv: str) -> dict:
     """Geometric mean of each seed's ratios (``base / carv``) and the standard error of their log across seeds
     (across (prompt, seed) runs when the pairs pool several prompts)."""
-    logs: dict[int, list[float]] = {}
+    from carv.bench.text_to_3d import log_spread
+
+    groups: dict = {}
     pooled = len({p["prompt"] for p in pairs}) > 1  # several prompts: one group per (prompt, seed)
     for p in pairs:
         if p[base] and p[carv]:
             key = f"{p['prompt']} s{p['seed']}" if pooled else p["seed"]
-            logs.setdefault(key, []).append(math.log(p[base] / p[carv]))
-    g = {s: sum(v) / len(v) for s, v in logs.items()}
-    se = None
-    if len(g) > 1:
-        m = sum(g.values()) / len(g)
-        se = math.sqrt(sum((x - m) ** 2 for x in g.values()) / (len(g) - 1) / len(g))
-    return {"per_seed_geomean": {str(s): math.exp(x) for s, x in g.items()}, "log_se_across_seeds": se}
+            groups.setdefault(key, []).append(p[base] / p[carv])
+    g, se = log_spread(groups)
+    return {"per_seed_geomean": {str(s): v for s, v in g.items()}, "log_se_across_seeds": se}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -415,6 +415,16 @@ def test_equal_step_budget_sweep_reads_steps_off_the_shortest_run_that_reaches_t
         equal_step_budget_sweep([{**fast[0], "compare_at": "wall-clock"}])
 
 
+def test_log_spread_is_the_standard_error_of_the_groups_log_geomeans():
+    from carv.bench.text_to_3d import geomean, log_spread
+
+    g, se = log_spread({"a": [2.0, 8.0], "b": [1.0], "empty": []})
+    assert g == {"a": pytest.approx(4.0), "b": pytest.approx(1.0)}  # an empty group is left out
+    assert se == pytest.approx(math.log(2.0))  # logs ln 4 and 0: sd ln 4 / sqrt 2, over sqrt 2
+    assert log_spread({"a": [3.0]})[1] is None
+    assert geomean([2.0, 8.0, None, 0.0]) == pytest.approx(4.0) and geomean([]) is None
+
+
 def test_the_annealed_timestep_range_is_the_samplers_support_at_every_step():
     """t_hi moves linearly from 0.98 to 0.5 over anneal_steps = 4 and then stays; every draw of a step lies
     inside that step's range, and the importance proposal is restricted to it (q = 0 outside)."""

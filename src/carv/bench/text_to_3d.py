@@ -46,7 +46,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,7 +80,7 @@ from carv.teachers.unet import UNetTeacher
 from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepSampler
 
 __all__ = [
-    "equal_step_compute", "equal_step_budget_sweep",
+    "equal_step_compute", "equal_step_budget_sweep", "geomean", "log_spread",
     "BenchSettings", "Pipeline", "run_bench", "CARV_METHODS", "PEER_METHODS", "TextTo3DPipeline",
            "bench_text_to_3d"]
 
@@ -630,9 +630,23 @@ def plot_quality(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _geomean(xs: list[float]) -> float | None:
+def geomean(xs: list[float]) -> float | None:
+    """Geometric mean of the positive entries (None and non-positive ones left out); None when there are none."""
     xs = [x for x in xs if x is not None and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def log_spread(groups: Mapping[Any, Sequence[float]]) -> tuple[dict[Any, float], float | None]:
+    """Each group's geometric mean of its (positive) ratios, and the standard error across groups of those means'
+    logs (None with fewer than two groups): the spread of the equal-step benchmarks, whose groups are the
+    (prompt, seed) runs and whose ratios are that run's metrics."""
+    logs = {k: [math.log(r) for r in v] for k, v in groups.items() if v}
+    g = {k: sum(v) / len(v) for k, v in logs.items()}
+    se = None
+    if len(g) > 1:
+        m = sum(g.values()) / len(g)
+        se = math.sqrt(sum((x - m) ** 2 for x in g.values()) / (len(g) - 1) / len(g))
+    return {k: math.exp(x) for k, x in g.items()}, se
 
 
 def equal_step_compute(summaries: list[dict]) -> dict:
@@ -663,8 +677,8 @@ def equal_step_compute(summaries: list[dict]) -> dict:
                 by_metric.setdefault(metric, []).append(st["t_base_s"] / carv_steps)
             if sec["t_base_s"] and carv_secs:
                 secs_r.append(sec["t_base_s"] / carv_secs)
-    return {"pairs": pairs, "steps_ratio_geomean": _geomean(steps_r), "seconds_ratio_geomean": _geomean(secs_r),
-            "steps_ratio_geomean_by_metric": {m: _geomean(v) for m, v in by_metric.items()},
+    return {"pairs": pairs, "steps_ratio_geomean": geomean(steps_r), "seconds_ratio_geomean": geomean(secs_r),
+            "steps_ratio_geomean_by_metric": {m: geomean(v) for m, v in by_metric.items()},
             "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
             "note": "unreached pairs enter at their bound (the carv run's total), so ratios are upper bounds there"}
 
@@ -726,20 +740,19 @@ def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("ps
     steps_r = [p["baseline_steps"] / p["carv_steps"] for p in pairs]
     groups: dict[tuple[str, int], list[float]] = {}
     for p, r in zip(pairs, steps_r, strict=True):
-        groups.setdefault((p["prompt"], p["seed"]), []).append(math.log(r))
-    g = [sum(v) / len(v) for v in groups.values()]
-    se = (math.sqrt(sum((x - sum(g) / len(g)) ** 2 for x in g) / (len(g) - 1) / len(g)) if len(g) > 1 else None)
+        groups.setdefault((p["prompt"], p["seed"]), []).append(r)
+    se = log_spread(groups)[1]
     by_prompt = {}
     for prompt in sorted({p["prompt"] for p in pairs}):
         mine = [(p, r) for p, r in zip(pairs, steps_r, strict=True) if p["prompt"] == prompt]
-        by_prompt[prompt] = {"steps_ratio_geomean": _geomean([r for _, r in mine]),
+        by_prompt[prompt] = {"steps_ratio_geomean": geomean([r for _, r in mine]),
                              "n_pairs": len(mine), "n_unreached": sum(not p["reached"] for p, _ in mine)}
     return {"pairs": pairs, "n_pairs": len(pairs), "n_unreached": sum(not p["reached"] for p in pairs),
-            "steps_ratio_geomean": _geomean(steps_r),
-            "seconds_ratio_geomean": _geomean([p["baseline_seconds"] / p["carv_seconds"] for p in pairs]),
-            "wall_clock_ratio_geomean_check": _geomean([p["wall_clock_ratio"] for p in pairs]),
+            "steps_ratio_geomean": geomean(steps_r),
+            "seconds_ratio_geomean": geomean([p["baseline_seconds"] / p["carv_seconds"] for p in pairs]),
+            "wall_clock_ratio_geomean_check": geomean([p["wall_clock_ratio"] for p in pairs]),
             "steps_ratio_log_se_across_runs": se,
-            "steps_ratio_geomean_by_metric": {m: _geomean([r for p, r in zip(pairs, steps_r, strict=True)
+            "steps_ratio_geomean_by_metric": {m: geomean([r for p, r in zip(pairs, steps_r, strict=True)
                                                            if p["metric"] == m]) for m in metrics},
             "by_prompt": by_prompt, "seconds_per_step_pooled_median": per_step, "skipped": skipped,
             "rule": "the shortest run (schedule scaled with it) whose final quality reaches the baseline's final "
@@ -850,7 +863,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "peers": peers_beaten,
         "cost_sweep": [{k: v for k, v in p.items() if k != "rows"} for p in sweep["points"]],
         "quality": [{k: v for k, v in r.items() if k != "curves"} for r in quality],
-        "quality_summary": {"ecm_psnr_geomean": _geomean(q_ecm), "ecm_iou_geomean": _geomean(q_ecm_iou),
+        "quality_summary": {"ecm_psnr_geomean": geomean(q_ecm), "ecm_iou_geomean": geomean(q_ecm_iou),
                             "ecm_psnr_each": q_ecm, "n_pairs": len(quality),
                             "final_psnr_mean": {m: statistics.mean(r["final"][m]["psnr"] for r in quality)
                                                 for m in ("baseline", "carv")} if quality else None,
