@@ -559,22 +559,39 @@ def annealed_range(step: int, num_timesteps: int, start: tuple[float, float], en
 
 
 def scheduled_value(spec, global_step: int, epoch: int = 0) -> float:
-    """A constant, or a threestudio-style linear schedule at ``global_step`` (or ``epoch``).
+    """A constant, or a threestudio schedule at ``global_step`` (or ``epoch``), as threestudio's ``C()``
+    (``threestudio/utils/misc.py``).
 
-    ``spec`` is a number, ``[start_value, end_value, end_step]`` (starting at step 0) or ``[start_step,
+    ``spec`` is a number; ``[start_value, end_value, end_step]`` (starting at step 0); ``[start_step,
     start_value, end_value, end_step]``: the value moves linearly from ``start_value`` at ``start_step`` to
-    ``end_value`` at ``end_step`` and stays there. As in threestudio, an integer ``end_step`` counts global
-    steps and a float ``end_step`` counts epochs (threestudio ``utils/misc.py: C``).
+    ``end_value`` at ``end_step`` and stays there; or a piecewise schedule of 6 or more entries ``[start_step,
+    v0, v1, step1, v2, step2, v3, step3, ...]``: linear from ``v0`` at ``start_step`` to ``v1`` at ``step1``,
+    then to ``v2`` at ``step2``, and so on (a trailing odd entry is unused, as in threestudio). As in
+    threestudio, an integer end step counts global steps and a float one counts epochs. Any sequence of numbers
+    is taken (an OmegaConf ``ListConfig`` too).
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return float(spec)
-    if not isinstance(spec, (list, tuple)) or len(spec) not in (3, 4) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-        raise ValueError(f"spec: expected a number, [start_value, end_value, end_step] or [start_step, start_value, "
-                         f"end_value, end_step], got {spec!r}")
-    start_step, start_value, end_value, end_step = (0, *spec) if len(spec) == 3 else spec
+    try:
+        v = list(spec)
+    except TypeError:
+        v = None
+    if v is None or len(v) not in (3, 4) and len(v) < 6 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"spec: expected a number, [start_value, end_value, end_step], [start_step, start_value, "
+                         f"end_value, end_step] or a piecewise [start_step, v0, v1, step1, v2, step2, ...], "
+                         f"got {spec!r}")
+    if len(v) == 3:
+        v = [0, *v]
+    if len(v) >= 6:  # threestudio's segment choice: the last segment whose start step has been reached
+        i = 3
+        for j in range(3, len(v) - 2, 2):
+            if global_step >= v[j]:
+                i = j + 2
+        v = [v[0], v[1], v[2], v[3]] if i == 3 else [v[i - 2], v[i - 3], v[i - 1], v[i]]
+    start_step, start_value, end_value, end_step = v
     if end_step <= start_step:
-        raise ValueError(f"spec: end_step must be after start_step, got {spec!r}")
+        raise ValueError(f"spec: each end step must be after its start step, got {spec!r}")
     now = global_step if isinstance(end_step, int) else epoch
     frac = min(1.0, max(0.0, (now - start_step) / (end_step - start_step)))
     return float(start_value + (end_value - start_value) * frac)

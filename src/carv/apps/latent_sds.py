@@ -97,5 +97,6 @@ class LatentSceneProblem(SceneProblem):
         return self.teacher.encode_images(rgb, size=None), opacity
 
     def condition(self, cameras: Cameras) -> dict[str, Tensor]:
-        cond, uncond = self.embeddings.for_views(cameras.elevation_deg.cpu(), cameras.azimuth_deg.cpu())
+        cond, uncond = self.embeddings.for_views(cameras.elevation_deg.cpu(), cameras.azimuth_deg.cpu(),
+                                                 check_degrees=False)  # carv's cameras are in degrees
         return {"cond": cond, "uncond": uncond}

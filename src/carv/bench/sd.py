@@ -149,7 +149,8 @@ def _ecm_rows(teacher, device: torch.device, render_size: int, grid_res: int, re
                                                 guidance_scale=guidance_scale)
         sds = objectives[key]
         cams = random_cameras(c.R, gen, (0.0, 40.0), 3.0, 40.0).to(device)
-        cond, uncond = (e.to(device) for e in emb.for_views(cams.elevation_deg.cpu(), cams.azimuth_deg.cpu()))
+        cond, uncond = (e.to(device) for e in emb.for_views(cams.elevation_deg.cpu(), cams.azimuth_deg.cpu(),
+                                                                     check_degrees=False))
         seed_ = int(torch.randint(0, 2**62, (1,), generator=gen))
         grid.zero_grad(set_to_none=True)
 

@@ -1,16 +1,18 @@
 """A threestudio-shaped score-distillation guidance backed by carv's estimator.
 
-It follows the call shapes of threestudio's ``StableDiffusionGuidance``
-(``threestudio/models/guidance/stable_diffusion_guidance.py`` of threestudio-project/threestudio at commit 02d05b0)
-and its ``PromptProcessorOutput`` (``threestudio/models/prompt_processors/base.py`` at commit 0113b37): the
-same config names, ``__call__(rgb [B, H, W, C], prompt_utils, elevation, azimuth, camera_distances,
-rgb_as_latents=False, **kwargs)`` returning a dict with
+It follows threestudio's ``StableDiffusionGuidance`` (threestudio-project/threestudio at commit 28d9d80,
+``threestudio/models/guidance/stable_diffusion_guidance.py``): the same config names, ``__call__(rgb [B, H, W, C],
+prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, **kwargs)`` returning a dict with
 ``loss_sds``, ``grad_norm``, ``min_step`` and ``max_step``, and ``update_step(epoch, global_step,
-on_load_weights=False)``. threestudio itself is not a dependency: the class works with any object that
-has threestudio's ``prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,
+on_load_weights=False)``. threestudio itself is not a dependency: :class:`CarvGuidance` works with any object
+that has threestudio's ``prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,
 view_dependent_prompting)`` (conditional rows first, then unconditional: ``[2B, L, D]``), including carv's
-:class:`~carv.teachers.prompts.PromptEmbeddings` from ``teacher.encode_prompt(...)``. :func:`register`
-registers it with threestudio under ``"carv-stable-diffusion-guidance"`` when threestudio is importable.
+:class:`~carv.teachers.prompts.PromptEmbeddings` from ``teacher.encode_prompt(...)``.
+
+:func:`register` registers a threestudio class under ``"carv-stable-diffusion-guidance"``. That class is built
+the way threestudio builds every guidance: ``BaseObject.__init__(cfg)`` parses the config into its ``Config``
+dataclass, sets ``self.device = get_device()`` and calls ``configure()``, which loads the teacher from
+``cfg.pretrained_model_name_or_path``; threestudio's ``do_update_step`` reaches carv's :meth:`update_step`.
 
 What changes against threestudio's guidance (everything else is its behaviour):
 
@@ -20,17 +22,27 @@ What changes against threestudio's guidance (everything else is its behaviour):
 - ``guidance_scale`` is in threestudio's convention (``eps_c + s (eps_c - eps_u)``; carv's ``s + 1``);
 - non-finite teacher outputs follow ``nan_policy`` (``"raise"`` or ``"skip"``) instead of ``nan_to_num``,
   which biases the estimate toward zero;
-- the output also carries carv's statistics: ``K``, ``R``, ``between``, ``within``, ``proposal``,
-  ``skipped``.
+- the output dict (:func:`guidance_output`) holds only numbers and scalar tensors, so threestudio's systems can
+  pass every entry to Lightning's ``self.log``: carv adds ``K``, ``R``, ``skipped`` (1.0 when ``nan_policy="skip"``
+  dropped the step) and, when measurable, ``between`` and ``within``; the full
+  :class:`~carv.objectives.sds.SDSOutput` of the last call (draws, reason for a skip) is ``guidance.last_output``.
 
 ``loss_sds = 0.5 * ||latents - (latents - grad).detach()||^2 / B`` exactly as threestudio's, so its value
 and its gradient (``d loss_sds / d latents = grad / B``) match threestudio's for the same ``grad``.
+
+Images are resized (bilinear) to ``image_size`` = 512 px before the VAE, and ``rgb_as_latents`` inputs to
+``image_size / 8`` = 64, as threestudio does for every Stable Diffusion model.
+
+Every key of threestudio's shipped guidance configs is accepted. Keys for features carv does not implement
+(:data:`IGNORED_KEYS`: HiFA's image loss, SJC, token merging, VSD, zero123 / ControlNet / SDI conditioning) are
+ignored with one warning each when set to a value that would change anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,25 +53,69 @@ from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
 from carv.timesteps import LearnedProposal, TimestepSampler, percent_range, scheduled_value
 
-__all__ = ["CarvGuidance", "register", "REGISTRY_NAME"]
+__all__ = ["CarvGuidance", "CarvGuidanceConfig", "IGNORED_KEYS", "REGISTRY_NAME", "guidance_output", "register"]
 
 REGISTRY_NAME = "carv-stable-diffusion-guidance"
 PROPOSALS = ("none", "weight", "learned")
+WEIGHTINGS = {"sds": "sds", "dreamfusion": "sds", "uniform": "uniform", "fantasia3d": "fantasia3d"}
+_ANY = object()  # an ignored key that never warns: it only matters with another ignored key
+_ZERO123 = "zero123 image conditioning is not implemented (the guidance is text-conditioned SDS)"
+_SDI = "SDI's DDIM-inversion noise is not implemented (the guidance draws eps as SDS does)"
+_VSD = "VSD is not implemented (the guidance is SDS)"
+_CONTROLNET = "ControlNet conditioning is not implemented"
+
+# keys of threestudio's shipped guidance configs that carv accepts but does not act on:
+# {key: (values that change nothing, what is not done)}
+IGNORED_KEYS: dict[str, tuple[Any, str]] = {
+    "use_img_loss": ((False,), "HiFA's image-space loss (loss_sds_img) is not computed"),
+    "use_sjc": ((False,), "score Jacobian chaining is not implemented (the guidance is SDS)"),
+    "var_red": (_ANY, "used only with use_sjc"),
+    "token_merging": ((False,), "tomesd token merging is not applied"),
+    "token_merging_params": (({},), "token merging is not applied"),
+    "enable_sequential_cpu_offload": ((False,), "the teacher stays on the guidance's device"),
+    "max_items_eval": (_ANY, "guidance_eval images are not produced"),
+    "guidance_type": (("sds",), _VSD),
+    "vsd_phi_model_name_or_path": ((), _VSD),
+    "vsd_use_camera_condition": (_ANY, _VSD),
+    "pretrained_model_name_or_path_lora": ((), _VSD),
+    "return_rgb_1step_orig": ((False,), "one-step denoised images are not returned"),
+    "cond_image_path": ((), _ZERO123),
+    "cond_elevation_deg": ((), _ZERO123),
+    "cond_azimuth_deg": ((), _ZERO123),
+    "cond_camera_distance": ((), _ZERO123),
+    "pretrained_config": ((), _ZERO123),
+    "vram_O": (_ANY, _ZERO123),
+    "control_type": ((), _CONTROLNET),
+    "condition_scale": ((), _CONTROLNET),
+    "fixed_size": ((), _CONTROLNET),
+    "enable_sdi": ((False,), _SDI),
+    "inversion_guidance_scale": ((), _SDI),
+    "inversion_n_steps": ((), _SDI),
+    "inversion_eta": ((), _SDI),
+    "t_anneal": ((False,), _SDI),
+}
+WARNED: set[str] = set()  # the ignored keys already warned about in this process
 
 
 @dataclass
-class CarvGuidanceConfig:
-    """threestudio's ``StableDiffusionGuidance.Config`` fields that apply, then carv's own."""
+class _KnownConfig:
+    """threestudio's ``StableDiffusionGuidance.Config`` fields that carv honours, then carv's own."""
 
     pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-1-base"
     guidance_scale: float = 100.0  # threestudio's convention
-    grad_clip: Any = None  # a number or a [start_step, start, end, end_step] schedule (biases the estimate)
+    grad_clip: Any = None  # a number or a schedule (see carv.timesteps.scheduled_value); biases the estimate
     half_precision_weights: bool = True
     min_step_percent: Any = 0.02  # a number or a schedule
     max_step_percent: Any = 0.98
-    weighting_strategy: str = "sds"  # sds, uniform, fantasia3d
+    sqrt_anneal: bool = False  # HiFA: min = max step percent, annealed by sqrt(global_step / trainer_max_steps)
+    trainer_max_steps: int = 25000
+    weighting_strategy: str = "sds"  # sds (= dreamfusion), uniform, fantasia3d
     view_dependent_prompting: bool = True
+    enable_memory_efficient_attention: bool = False  # PyTorch 2's attention is already memory-efficient
+    enable_attention_slicing: bool = False
+    enable_channels_last_format: bool = False
     # carv
+    image_size: int = 512  # threestudio's resize for every SD model; rgb_as_latents inputs go to image_size / 8
     K: int = 4
     proposal: str = "learned"
     stratify: str = "per_upstream"
@@ -74,6 +130,29 @@ class CarvGuidanceConfig:
     choose_every: int = 20
 
 
+CarvGuidanceConfig = dataclasses.make_dataclass(
+    "CarvGuidanceConfig", [(k, Any, field(default=None)) for k in IGNORED_KEYS], bases=(_KnownConfig,))
+CarvGuidanceConfig.__module__ = __name__
+CarvGuidanceConfig.__doc__ = ("threestudio's ``StableDiffusionGuidance.Config`` fields, carv's own (``image_size``, "
+                              "``K``, ``proposal``, ...), then the :data:`IGNORED_KEYS` (default None).")
+
+
+def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int, out: Any, R: int) -> dict[str, Any]:
+    """The dict a guidance call returns: numbers and scalar tensors only (threestudio logs every entry).
+
+    ``loss_sds`` (with its graph), ``grad_norm``, ``min_step``, ``max_step`` (threestudio's keys); ``K``, ``R``,
+    ``skipped`` (1.0 when the step was dropped by ``nan_policy="skip"``, else 0.0) and the variance components
+    ``between`` / ``within`` of the latent-space estimate when they are measurable (``R >= 2``, ``K >= 2``)."""
+    d: dict[str, Any] = {"loss_sds": loss_sds, "grad_norm": grad.detach().norm(), "min_step": int(min_step),
+                         "max_step": int(max_step), "K": int(out.draws.K), "R": int(R),
+                         "skipped": float(out.skipped is not None)}
+    for name in ("between", "within"):
+        value = getattr(out.estimate, name)
+        if value is not None:
+            d[name] = float(value)
+    return d
+
+
 class CarvGuidance:
     """threestudio's SDS guidance call shape with carv's estimator (see the module doc).
 
@@ -83,15 +162,28 @@ class CarvGuidance:
             it is loaded from ``cfg.pretrained_model_name_or_path`` (float16 weights when
             ``half_precision_weights``).
         device: where the teacher runs (default: CUDA if available).
+
+    ``config`` is the parsed :class:`CarvGuidanceConfig` the guidance reads; ``cfg`` is the config as the host
+    framework holds it (the same object here; threestudio's OmegaConf config in the registered class).
     """
 
     Config = CarvGuidanceConfig
 
     def __init__(self, cfg: Any = None, teacher: Any = None, device: torch.device | str | None = None):
-        self.cfg = _parse_config(cfg)
-        c = self.cfg
+        self.cfg = parse_config(cfg, copy=True)
+        self.setup(self.cfg, teacher, device)
+
+    def setup(self, config: Any, teacher: Any = None, device: torch.device | str | None = None) -> None:
+        """Build the guidance from a config (everything ``__init__`` does after parsing; threestudio's
+        ``configure`` calls it)."""
+        c = self.config = parse_config(config)
         if c.proposal not in PROPOSALS:
             raise ValueError(f"proposal: expected one of {PROPOSALS}, got {c.proposal!r}")
+        if c.weighting_strategy not in WEIGHTINGS:
+            raise ValueError(f"weighting_strategy: expected one of {sorted(WEIGHTINGS)}, got {c.weighting_strategy!r}")
+        if isinstance(c.image_size, bool) or not isinstance(c.image_size, int) or c.image_size < 8 or c.image_size % 8:
+            raise ValueError(f"image_size: expected a positive multiple of 8, got {c.image_size!r}")
+        warn_ignored(c)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if teacher is None:
@@ -100,22 +192,28 @@ class CarvGuidance:
             dtype = torch.float16 if c.half_precision_weights else torch.float32
             teacher = DiffusersTeacher.from_pretrained(c.pretrained_model_name_or_path, dtype=dtype,
                                                        device=self.device)
+        if c.enable_attention_slicing:
+            teacher.unet.set_attention_slice(1)
+        if c.enable_channels_last_format:
+            teacher.unet.to(memory_format=torch.channels_last)
         self.teacher = teacher
+        self.weighting = WEIGHTINGS[c.weighting_strategy]
         T = teacher.schedule.num_timesteps
         self.num_train_timesteps = T
-        self.learned = (LearnedProposal(T, prior=weight_table(c.weighting_strategy, teacher.schedule))
+        self.learned = (LearnedProposal(T, prior=weight_table(self.weighting, teacher.schedule))
                         if c.proposal == "learned" else None)
-        self.min_step, self.max_step = percent_range(T, scheduled_value(c.min_step_percent, 0),
-                                                        scheduled_value(c.max_step_percent, 0))
+        self.min_step, self.max_step = self.step_range(0, 0)
         sampler = TimestepSampler(T, self.min_step, self.max_step, importance=self._importance(),
                                   floor=c.floor if c.proposal != "none" else 0.0, stratify=c.stratify,
                                   device=self.device)
-        self.sds = ScoreDistillation(teacher, sampler, K=c.K, weighting=c.weighting_strategy,
+        self.sds = ScoreDistillation(teacher, sampler, K=c.K, weighting=self.weighting,
                                      guidance_scale=c.guidance_scale, max_batch=c.max_batch, nan_policy=c.nan_policy,
                                      guidance_convention="threestudio")
         self.generator = torch.Generator(self.device).manual_seed(c.seed)
         self.grad_clip_val: float | None = None
         self.steps = 0
+        self.last_output = None
+        self._last_update: int | None = None
         self.accountant = None
         if c.auto_k:
             from carv.accountant import Accountant
@@ -126,11 +224,24 @@ class CarvGuidance:
                                          warmup=1)
 
     def _importance(self) -> Tensor | None:
-        if self.cfg.proposal == "none":
+        if self.config.proposal == "none":
             return None
-        if self.cfg.proposal == "weight" or not self.learned.ready:
-            return weight_table(self.cfg.weighting_strategy, self.teacher.schedule)
+        if self.config.proposal == "weight" or not self.learned.ready:
+            return weight_table(self.weighting, self.teacher.schedule)
         return self.learned.importance()
+
+    def step_range(self, epoch: int, global_step: int) -> tuple[int, int]:
+        """``(min_step, max_step)`` at this step, as threestudio's ``update_step``: the scheduled percents, or
+        with ``sqrt_anneal`` both at ``max - (max - min) sqrt(global_step / trainer_max_steps)`` (``max`` is
+        ``max_step_percent``, or its second entry when it is a schedule)."""
+        c = self.config
+        lo = scheduled_value(c.min_step_percent, global_step, epoch)
+        if not c.sqrt_anneal:
+            return percent_range(self.num_train_timesteps, lo, scheduled_value(c.max_step_percent, global_step, epoch))
+        hi = c.max_step_percent if isinstance(c.max_step_percent, (int, float)) else c.max_step_percent[1]
+        progress = (float(global_step) / c.trainer_max_steps) ** 0.5
+        now = (hi - lo) * (1.0 - progress) + lo
+        return percent_range(self.num_train_timesteps, now, now)
 
     @property
     def K(self) -> int:
@@ -142,7 +253,8 @@ class CarvGuidance:
 
     # ---------------------------------------------------------------- threestudio's interface
     def encode_images(self, imgs: Tensor) -> Tensor:
-        """threestudio's ``encode_images``: ``[B, 3, 512, 512]`` in ``[0, 1]`` -> latents (posterior sample)."""
+        """threestudio's ``encode_images``: images ``[B, 3, H, W]``, floats in ``[0, 1]`` -> latents (a sample of
+        the VAE's posterior, drawn with the guidance's generator)."""
         return self.teacher.encode_images(imgs, size=None, generator=self.generator)
 
     def __call__(self, rgb: Tensor, prompt_utils: Any, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
@@ -151,13 +263,13 @@ class CarvGuidance:
             raise ValueError(f"rgb: expected [B, H, W, C], got {getattr(rgb, 'shape', type(rgb).__name__)}")
         B = rgb.shape[0]
         rgb_bchw = rgb.permute(0, 3, 1, 2)
-        latent_size = self.teacher.unet.config.sample_size
+        size = self.config.image_size
         if rgb_as_latents:
-            latents = F.interpolate(rgb_bchw, (latent_size, latent_size), mode="bilinear", align_corners=False)
+            latents = F.interpolate(rgb_bchw, (size // 8, size // 8), mode="bilinear", align_corners=False)
         else:
-            size = 8 * latent_size
             latents = self.encode_images(F.interpolate(rgb_bchw, (size, size), mode="bilinear", align_corners=False))
-        emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances, self.cfg.view_dependent_prompting)
+        emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,
+                                               self.config.view_dependent_prompting)
         cond, uncond = emb[:B], emb[B:]
         if self.accountant is not None:  # the step opened by update_step (or here, if it is not called)
             st = self.accountant.current or self.accountant.begin()
@@ -171,27 +283,27 @@ class CarvGuidance:
         loss_sds = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
         if self.learned is not None and out.skipped is None:
             self.learned.update(out.draws.t, out.estimate.sq_norms)
-        est = out.estimate
-        return {"loss_sds": loss_sds, "grad_norm": grad.norm(), "min_step": self.min_step, "max_step": self.max_step,
-                "K": out.draws.K, "R": B, "between": est.between, "within": est.within, "proposal": self.cfg.proposal,
-                "skipped": out.skipped, "sds_output": out}
+        self.last_output = out
+        return guidance_output(loss_sds, grad, self.min_step, self.max_step, out, B)
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
-        """Per-step updates, as threestudio's: grad clipping and the annealed timestep range from their
-        schedules; carv's learned proposal (refreshed every ``proposal_every`` steps); with ``auto_k`` the
-        accountant closes the previous step (its time from this call to the last one is the step's cost: the
-        guidance call is the draw stage, everything else the upstream stage) and may set a new ``K``.
-        The components are those of the latents (the accountant has no access to the scene's parameters)."""
-        c = self.cfg
-        if self.accountant is not None and not on_load_weights:
+        """Per-step updates, as threestudio's: grad clipping and the timestep range from their schedules
+        (:meth:`step_range`); carv's learned proposal (refreshed every ``proposal_every`` steps); with ``auto_k``
+        the accountant closes the previous step (its time from this call to the last one is the step's cost:
+        the guidance call is the draw stage, everything else the upstream stage) and may set a new ``K``.
+        The components are those of the latents (the accountant has no access to the scene's parameters).
+        threestudio calls this once per batch, validation batches included: repeated calls at one
+        ``global_step`` change nothing."""
+        c = self.config
+        if self.accountant is not None and not on_load_weights and global_step != self._last_update:
             if self.accountant.current is not None and self.accountant.current.R is not None:
                 self.accountant.end()
             if self.accountant.current is None:
                 self.accountant.begin()
+        self._last_update = global_step
         if c.grad_clip is not None:
             self.grad_clip_val = scheduled_value(c.grad_clip, global_step, epoch)
-        lo, hi = percent_range(self.num_train_timesteps, scheduled_value(c.min_step_percent, global_step, epoch),
-                                  scheduled_value(c.max_step_percent, global_step, epoch))
+        lo, hi = self.step_range(epoch, global_step)
         if (lo, hi) != (self.min_step, self.max_step):
             self.min_step, self.max_step = lo, hi
             self.sds.sampler.set_t_range(lo, hi)
@@ -200,11 +312,13 @@ class CarvGuidance:
         self.steps = global_step
 
 
-def _parse_config(cfg: Any) -> CarvGuidanceConfig:
+def parse_config(cfg: Any, copy: bool = False) -> CarvGuidanceConfig:
+    """A :class:`CarvGuidanceConfig` from None, a config (itself, or a copy), a dict or an OmegaConf config
+    (unknown keys: ValueError)."""
     if cfg is None:
         return CarvGuidanceConfig()
     if isinstance(cfg, CarvGuidanceConfig):
-        return dataclasses.replace(cfg)
+        return dataclasses.replace(cfg) if copy else cfg
     if not isinstance(cfg, dict):
         try:  # an OmegaConf DictConfig, as threestudio passes
             from omegaconf import OmegaConf
@@ -220,20 +334,53 @@ def _parse_config(cfg: Any) -> CarvGuidanceConfig:
     return CarvGuidanceConfig(**cfg)
 
 
+def warn_ignored(config: CarvGuidanceConfig) -> list[str]:
+    """Warn (once per key and process) about :data:`IGNORED_KEYS` set to a value that would change something in
+    threestudio; returns the keys that are set so."""
+    active = []
+    for key, (noop, what) in IGNORED_KEYS.items():
+        value = getattr(config, key)
+        if value is None or noop is _ANY or value in noop:
+            continue
+        active.append(key)
+        if key not in WARNED:
+            WARNED.add(key)
+            warnings.warn(f"{key}={value!r} is ignored by carv's guidance: {what}", UserWarning, stacklevel=3)
+    return active
+
+
 def register() -> type:
-    """Register :class:`CarvGuidance` with threestudio as ``"carv-stable-diffusion-guidance"`` (call it from a
-    threestudio ``custom/`` extension's ``__init__.py``). Needs threestudio importable."""
+    """Register carv's guidance with threestudio as ``"carv-stable-diffusion-guidance"`` (call it from a
+    threestudio ``custom/`` extension's ``__init__.py``; calling it again returns the registered class). Needs
+    threestudio importable."""
     try:
         import threestudio
         from threestudio.utils.base import BaseObject
     except ImportError as e:
         raise ImportError("register: threestudio is not importable; CarvGuidance works without it, but "
                           "registering needs it installed") from e
+    known = getattr(threestudio, "__modules__", {})
+    if REGISTRY_NAME in known:
+        return known[REGISTRY_NAME]
+    return threestudio.register(REGISTRY_NAME)(threestudio_class(BaseObject))
 
-    class ThreestudioCarvGuidance(BaseObject, CarvGuidance):
+
+def threestudio_class(base_object: type) -> type:
+    """The threestudio guidance class on threestudio's ``BaseObject`` (what :func:`register` registers).
+
+    Its method order puts :class:`CarvGuidance` before ``BaseObject`` (so threestudio's ``do_update_step``
+    dispatches to carv's :meth:`~CarvGuidance.update_step`, not to ``Updateable``'s empty one), and its
+    ``__init__`` is ``BaseObject.__init__`` (threestudio's order: parse ``cfg`` into ``Config``, ``device =
+    get_device()``, ``configure()``), whose ``configure`` builds the guidance from that config."""
+
+    class ThreestudioCarvGuidance(CarvGuidance, base_object):
         Config = CarvGuidanceConfig
 
-        def configure(self) -> None:
-            CarvGuidance.__init__(self, self.cfg, device=self.device)
+        def __init__(self, cfg: Any = None, *args, **kwargs):
+            base_object.__init__(self, cfg, *args, **kwargs)
 
-    return threestudio.register(REGISTRY_NAME)(ThreestudioCarvGuidance)
+        def configure(self, teacher: Any = None) -> None:
+            self.setup(self.cfg, teacher=teacher, device=self.device)
+
+    ThreestudioCarvGuidance.__qualname__ = ThreestudioCarvGuidance.__name__
+    return ThreestudioCarvGuidance

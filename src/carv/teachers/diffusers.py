@@ -123,6 +123,10 @@ class DiffusersTeacher(Teacher):
             kwargs = {"class_labels": cond}
         if self.kind == "condition" and kwargs.get("encoder_hidden_states") is None:
             raise ValueError("cond: a UNet2DConditionModel needs encoder_hidden_states [B, L, D], got None")
+        if x_t.ndim != 4 or x_t.shape[1] != self.in_channels:
+            hint = (" (images? encode them to latents first: teacher.encode_images(rgb) for rgb in [0, 1])"
+                    if x_t.ndim == 4 and x_t.shape[1] == 3 else "")
+            raise ValueError(f"x_t: the UNet takes [B, {self.in_channels}, H, W], got {tuple(x_t.shape)}{hint}")
         out = self.unet(x_t.to(dtype), t, **kwargs).sample
         if out.shape[1] == 2 * self.in_channels:
             out = out[:, : self.in_channels]
@@ -202,14 +206,28 @@ class DiffusersTeacher(Teacher):
         if getattr(self, what) is None:
             raise ValueError(f"{what}: this DiffusersTeacher has none; build it with DiffusersTeacher.from_pipeline")
 
+    @property
+    def text_length(self) -> int:
+        """Tokens per prompt: the tokenizer's ``model_max_length``, capped by the text encoder's
+        ``max_position_embeddings`` (a tokenizer built from vocab/merges files has no length of its own)."""
+        self._need("tokenizer")
+        n = getattr(self.tokenizer, "model_max_length", None)
+        limit = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", None)
+        if limit is not None and (n is None or n > limit):
+            return int(limit)
+        if n is None or n > 1_000_000:
+            raise ValueError(f"tokenizer: model_max_length is {n!r} and the text encoder states no "
+                             f"max_position_embeddings; set tokenizer.model_max_length")
+        return int(n)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
         """Text-encoder hidden states ``[len(prompts), L, D]`` (float32), padded to the tokenizer's length."""
         self._need("text_encoder")
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings, got {prompts!r}")
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_length, truncation=True,
+                             return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
         return self.text_encoder(tok.input_ids.to(dev))[0].float()
 
@@ -241,8 +259,11 @@ class DiffusersTeacher(Teacher):
 
     def encode_images(self, rgb: Tensor, size: int | None = 512, chunk: int | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
-        """VAE latents ``[B, 4, size/8, size/8]`` of images ``rgb [B, 3, H, W]`` in ``[0, 1]`` (differentiable).
+        """VAE latents ``[B, 4, size/8, size/8]`` of images ``rgb [B, 3, H, W]``, floats in ``[0, 1]``
+        (differentiable).
 
+        Integer images (uint8 0-255) raise TypeError and values outside ``[0, 1]`` (beyond 1e-3; e.g. ``[-1, 1]``
+        or 0-255 floats) raise ValueError: divide 0-255 images by 255, map ``[-1, 1]`` ones by ``(x + 1) / 2``.
         The images are resized (bilinear) to ``size`` (None keeps them), mapped to ``[-1, 1]``, encoded in
         the VAE's dtype, scaled by its ``scaling_factor`` and returned in ``rgb``'s dtype. With a
         ``generator`` the latents are sampled from the VAE's posterior (as threestudio does); without one
@@ -252,6 +273,7 @@ class DiffusersTeacher(Teacher):
         if not isinstance(rgb, Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"rgb: expected images [B, 3, H, W] in [0, 1], got "
                              f"{tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__}")
+        check_unit_images(rgb)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected a positive integer or None, got {chunk!r}")
         if size is not None and tuple(rgb.shape[-2:]) != (size, size):
@@ -263,6 +285,19 @@ class DiffusersTeacher(Teacher):
             post = self.vae.encode((rgb[i:i + step] * 2.0 - 1.0).to(vdtype)).latent_dist
             parts.append(post.sample(generator) if generator is not None else post.mean)
         return (torch.cat(parts) * self.vae.config.scaling_factor).to(rgb.dtype)
+
+
+def check_unit_images(rgb: Tensor, tol: float = 1e-3) -> None:
+    """TypeError unless ``rgb`` is floating point, ValueError unless its values lie in ``[0, 1]`` (within ``tol``)."""
+    if not rgb.is_floating_point():
+        raise TypeError(f"rgb: expected floating-point images in [0, 1], got dtype {rgb.dtype}"
+                        + (" (0-255 images: pass rgb.float() / 255)" if rgb.dtype == torch.uint8 else ""))
+    if rgb.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(rgb.detach()))
+    if lo < -tol or hi > 1.0 + tol:
+        fix = "divide by 255" if hi > 2.0 else "map [-1, 1] images by (x + 1) / 2" if lo < -tol else "clamp them"
+        raise ValueError(f"rgb: expected floats in [0, 1], got values in [{lo:.4g}, {hi:.4g}] ({fix})")
 
 
 def _cast_floats(cond: Any, dtype: torch.dtype) -> Any:

@@ -17,12 +17,13 @@ conditional rows followed by the unconditional rows, ``[2B, L, D]``, as threestu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["DIRECTIONS", "PromptEmbeddings", "direction_index", "view_prompts"]
+__all__ = ["DIRECTIONS", "PromptEmbeddings", "check_degrees_batch", "direction_index", "view_prompts"]
 
 DIRECTIONS = ("side", "front", "back", "overhead")
 
@@ -34,7 +35,7 @@ def view_prompts(prompt: str) -> list[str]:
 
 def direction_index(elevation: Tensor, azimuth: Tensor, front_threshold: float = 45.0,
                     back_threshold: float = 45.0, overhead_threshold: float = 60.0) -> Tensor:
-    """Index into :data:`DIRECTIONS` for each view (angles in degrees, shape ``[B]``)."""
+    """Index into :data:`DIRECTIONS` for each view (angles in degrees, shape ``[B]``; not radians)."""
     elevation, azimuth = torch.as_tensor(elevation), torch.as_tensor(azimuth)
     if elevation.shape != azimuth.shape or elevation.ndim != 1:
         raise ValueError(f"elevation, azimuth: expected two tensors of shape [B], got {tuple(elevation.shape)} and "
@@ -45,6 +46,24 @@ def direction_index(elevation: Tensor, azimuth: Tensor, front_threshold: float =
     idx[(az > 180.0 - back_threshold) | (az < -180.0 + back_threshold)] = DIRECTIONS.index("back")
     idx[elevation.double() > overhead_threshold] = DIRECTIONS.index("overhead")
     return idx
+
+
+def check_degrees_batch(elevation: Tensor, azimuth: Tensor) -> None:
+    """ValueError when a batch of view angles looks like radians.
+
+    Decidable only for a batch of several views: it is refused when every ``|azimuth| <= 2 pi``, every
+    ``|elevation| <= pi / 2``, and the azimuths spread over more than 1 (57 degrees if radians; a degree batch
+    would have to sit within 6.3 degrees of the front, spread over more than 1 degree, and within 1.6 degrees of
+    the horizon). A single view, or views with equal azimuths, cannot be told apart and pass."""
+    el = torch.as_tensor(elevation, dtype=torch.float64).detach().cpu().flatten()
+    az = torch.as_tensor(azimuth, dtype=torch.float64).detach().cpu().flatten()
+    if az.numel() < 2 or el.numel() != az.numel():
+        return
+    spread = float(az.max() - az.min())
+    if spread > 1.0 and float(az.abs().max()) <= 2 * math.pi and float(el.abs().max()) <= math.pi / 2:
+        raise ValueError(f"azimuth: expected degrees, got {az.numel()} views with azimuths in "
+                         f"[{float(az.min()):.3g}, {float(az.max()):.3g}] and elevations within +-pi/2, which look "
+                         f"like radians (convert with torch.rad2deg, or pass check_degrees=False if they are degrees)")
 
 
 @dataclass
@@ -67,9 +86,14 @@ class PromptEmbeddings:
     direction2idx: dict[str, int] = field(default_factory=lambda: {d: i for i, d in enumerate(DIRECTIONS)})
     use_perp_neg: bool = False
 
-    def for_views(self, elevation: Tensor, azimuth: Tensor,
-                  view_dependent_prompting: bool = True) -> tuple[Tensor, Tensor]:
-        """``(cond, uncond)``, each ``[B, L, D]``: one conditional and one negative embedding per view."""
+    def for_views(self, elevation: Tensor, azimuth: Tensor, view_dependent_prompting: bool = True,
+                  check_degrees: bool = True) -> tuple[Tensor, Tensor]:
+        """``(cond, uncond)``, each ``[B, L, D]``: one conditional and one negative embedding per view.
+
+        ``elevation`` and ``azimuth`` are in degrees (``[B]`` each). With ``check_degrees`` a batch that can only
+        be a radian batch of a multi-view run is refused (:func:`check_degrees_batch`)."""
+        if check_degrees:
+            check_degrees_batch(elevation, azimuth)
         B = torch.as_tensor(elevation).shape[0]
         if not view_dependent_prompting:
             return (self.text_embeddings.expand(B, -1, -1), self.uncond_text_embeddings.expand(B, -1, -1))

@@ -1,0 +1,308 @@
+"""carv's guidance as threestudio builds, updates and logs it, without threestudio installed.
+
+The fixture ``threestudio`` below is a minimal threestudio written from the semantics of its source
+(threestudio-project/threestudio at 28d9d80: ``threestudio/__init__.py``'s ``register``/``find``,
+``threestudio/utils/base.py``'s ``Updateable`` / ``BaseObject`` and ``utils/config.py``'s ``parse_structured``):
+
+- ``BaseObject.__init__(cfg)`` calls ``super().__init__()`` first, then ``cfg = OmegaConf.structured(Config(**cfg))``
+  (so an unknown key is a TypeError), ``device = get_device()``, ``configure()``;
+- ``Updateable.do_update_step`` visits every public attribute that is an ``Updateable`` (recursively), then calls
+  ``self.update_step``; ``Updateable.update_step`` does nothing;
+- systems (a ``LightningModule`` that is also ``Updateable``) build the guidance in ``on_fit_start``, call
+  ``do_update_step`` at every batch start and pass every entry of the guidance's output to ``self.log``.
+
+The Lightning test runs a real ``lightning.Trainer`` for two steps. ``benchmarks/threestudio_check.py`` runs the
+same inside a real threestudio checkout.
+"""
+
+import sys
+import types
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+OmegaConf = pytest.importorskip("omegaconf").OmegaConf
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models run fastest on one thread on a shared machine."""
+
+
+def make_threestudio() -> types.ModuleType:
+    """A module with threestudio's registry and base classes (written from their documented semantics)."""
+    ts = types.ModuleType("threestudio")
+    ts.__modules__ = {}
+
+    def register(name):
+        def decorator(cls):
+            if name in ts.__modules__:
+                raise ValueError(f"Module {name} already exists! Names of extensions conflict!")
+            ts.__modules__[name] = cls
+            return cls
+
+        return decorator
+
+    ts.register, ts.find = register, lambda name: ts.__modules__[name]
+
+    def parse_structured(fields, cfg=None):
+        return OmegaConf.structured(fields(**cfg))
+
+    class Updateable:
+        def do_update_step(self, epoch, global_step, on_load_weights=False):
+            for attr in self.__dir__():
+                if attr.startswith("_"):
+                    continue
+                try:
+                    module = getattr(self, attr)
+                except Exception:  # noqa: BLE001 - threestudio skips attributes it cannot read
+                    continue
+                if isinstance(module, Updateable):
+                    module.do_update_step(epoch, global_step, on_load_weights=on_load_weights)
+            self.update_step(epoch, global_step, on_load_weights=on_load_weights)
+
+        def update_step(self, epoch, global_step, on_load_weights=False):
+            pass
+
+    class BaseObject(Updateable):
+        @dataclass
+        class Config:
+            pass
+
+        def __init__(self, cfg=None, *args, **kwargs):
+            super().__init__()
+            self.cfg = parse_structured(self.Config, cfg)
+            self.device = torch.device("cpu")  # threestudio's get_device(), on this machine
+            self.configure(*args, **kwargs)
+
+        def configure(self, *args, **kwargs):
+            pass
+
+    utils = types.ModuleType("threestudio.utils")
+    base = types.ModuleType("threestudio.utils.base")
+    base.Updateable, base.BaseObject, base.parse_structured = Updateable, BaseObject, parse_structured
+    ts.utils, utils.base = utils, base
+    return ts
+
+
+@pytest.fixture
+def threestudio(monkeypatch):
+    ts = make_threestudio()
+    for name, mod in (("threestudio", ts), ("threestudio.utils", ts.utils), ("threestudio.utils.base", ts.utils.base)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return ts
+
+
+def guidance_cfg(path, **extra):
+    """A threestudio ``system.guidance`` block (as OmegaConf holds it) for the tiny pipeline."""
+    return OmegaConf.create({"pretrained_model_name_or_path": str(path), "half_precision_weights": False,
+                             "guidance_scale": 100.0, "max_step_percent": [0, 0.98, 0.5, 100], "image_size": 64,
+                             **extra})
+
+
+def test_the_replica_dispatches_like_threestudio(threestudio):
+    """The fixture's own semantics: update_step reaches a subclass's override, and a mixin placed after
+    BaseObject is shadowed by Updateable's empty update_step (the trap carv's class must avoid)."""
+    Updateable, BaseObject = threestudio.utils.base.Updateable, threestudio.utils.base.BaseObject
+
+    class Mixin:
+        calls: list
+
+        def update_step(self, epoch, global_step, on_load_weights=False):
+            self.calls.append(global_step)
+
+    class Own(BaseObject):
+        def configure(self):
+            self.calls = []
+
+        def update_step(self, epoch, global_step, on_load_weights=False):
+            self.calls.append(global_step)
+
+    class Shadowed(BaseObject, Mixin):
+        def configure(self):
+            self.calls = []
+
+    class Holder(Updateable):
+        def __init__(self):
+            self.own, self.shadowed = Own({}), Shadowed({})
+
+    h = Holder()
+    h.do_update_step(0, 7)
+    assert h.own.calls == [7] and h.shadowed.calls == []
+
+
+def test_registered_guidance_builds_from_threestudio_config(threestudio, tiny_sd_path):
+    """Item 1: threestudio's BaseObject init order builds the guidance from its config, loading the teacher once,
+    from cfg.pretrained_model_name_or_path (no default model load: HF_HUB_OFFLINE=1 would make that an OSError)."""
+    from carv.integrations.threestudio import REGISTRY_NAME, CarvGuidance, register
+
+    cls = register()
+    assert threestudio.find(REGISTRY_NAME) is cls and register() is cls  # a second call is harmless
+    g = cls(guidance_cfg(tiny_sd_path, K=2))
+    assert isinstance(g, threestudio.utils.base.Updateable) and isinstance(g, CarvGuidance)
+    assert g.device == torch.device("cpu") and g.K == 2 and g.config.guidance_scale == 100.0
+    assert OmegaConf.is_config(g.cfg) and g.cfg.K == 2  # threestudio's systems read guidance.cfg
+    assert g.teacher.unet.config.sample_size == 8  # the tiny pipeline's UNet, not a default model
+    with pytest.raises(TypeError):  # threestudio's Config(**cfg): an unknown key is refused by threestudio
+        cls(guidance_cfg(tiny_sd_path, guidance_scal=1.0))
+
+
+def test_update_step_is_dispatched_by_do_update_step(threestudio, tiny_sd_path):
+    """Item 2: a system's do_update_step reaches carv's update_step: the max_step_percent schedule
+    [0, 0.98, 0.5, 100] gives max_step 980 -> 740 at step 50 -> 500 at step 100, in the sampler too."""
+    from carv.integrations.threestudio import register
+
+    class System(threestudio.utils.base.Updateable):
+        def __init__(self, guidance):
+            self.guidance = guidance
+
+    system = System(register()(guidance_cfg(tiny_sd_path, grad_clip=[0, 0.5, 2.0, 100])))
+    g = system.guidance
+    assert (g.min_step, g.max_step) == (20, 980)
+    system.do_update_step(0, 50)
+    assert g.max_step == 740 and g.sds.sampler.t_max == 740 and g.grad_clip_val == pytest.approx(1.25)
+    system.do_update_step(0, 100)
+    assert g.max_step == 500 and g.sds.sampler.t_max == 500 and g.grad_clip_val == pytest.approx(2.0)
+
+
+def test_every_output_goes_through_lightning_log_in_a_real_trainer(threestudio, tiny_sd_path):
+    """Item 3: a threestudio-shaped system (LightningModule + Updateable, guidance built in on_fit_start,
+    do_update_step at each batch start) logs every entry of the guidance's output with self.log, as
+    threestudio's magic3d / latentnerf / sjc / textmesh systems do, for two steps of a real Trainer at K = 2
+    with the learned proposal and auto_k (between / within measured), and at K = 1."""
+    lightning = pytest.importorskip("lightning")
+    from carv.integrations.threestudio import register
+    from carv.teachers import DiffusersTeacher
+
+    cls = register()
+    Updateable = threestudio.utils.base.Updateable
+    prompt_utils = DiffusersTeacher.from_pretrained(str(tiny_sd_path)).encode_prompt("a red mushroom")
+
+    class System(lightning.LightningModule, Updateable):
+        def __init__(self, cfg):
+            super().__init__()
+            self.guidance_cfg = cfg
+            self.colour = torch.nn.Parameter(torch.zeros(2, 16, 16, 3))
+
+        def on_fit_start(self):
+            self.guidance = cls(self.guidance_cfg)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            self.do_update_step(self.current_epoch, self.global_step)
+
+        def training_step(self, batch, batch_idx):
+            el, az, dist = batch[0], batch[1], torch.full((2,), 3.0)
+            out = self.guidance(torch.sigmoid(self.colour), prompt_utils, el, az, dist)
+            loss = 0.0
+            for name, value in out.items():
+                self.log(f"train/{name}", value)
+                if name.startswith("loss_"):
+                    loss = loss + value
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    views = torch.utils.data.TensorDataset(torch.tensor([[10.0, 30.0]] * 4), torch.tensor([[0.0, 140.0]] * 4))
+    for extra, measured in (({"K": 2, "auto_k": True, "probe_every": 1, "choose_every": 1}, True),
+                            ({"K": 1, "proposal": "none", "stratify": "none"}, False)):
+        system = System(guidance_cfg(tiny_sd_path, nan_policy="skip", **extra))
+        trainer = lightning.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(system, torch.utils.data.DataLoader(views, batch_size=None))
+        logged = trainer.callback_metrics
+        assert {"train/loss_sds", "train/grad_norm", "train/min_step", "train/max_step", "train/K", "train/R",
+                "train/skipped"} <= set(logged)
+        assert ("train/between" in logged) == ("train/within" in logged) == measured
+        assert float(logged["train/max_step"]) == 975.0  # [0, 0.98, 0.5, 100] at global step 1: 0.9752
+        assert system.guidance.steps == 1 and float(logged["train/R"]) == 2.0
+        assert system.colour.grad is not None and system.guidance.last_output.draws.t.shape[0] == 2
+
+
+def test_every_key_of_threestudios_guidance_configs_is_accepted(threestudio, tiny_sd_path):
+    """Item 4: the guidance blocks of threestudio's configs/*.yaml (hifa.yaml, sjc.yaml, the unified, VSD,
+    zero123, ControlNet and SDI ones) build; ignored features warn once, honoured keys are honoured."""
+    from carv.integrations import threestudio as ts_carv
+
+    hifa = {"weighting_strategy": "sds", "min_step_percent": 0.3, "max_step_percent": 0.98, "sqrt_anneal": True,
+            "use_img_loss": True, "trainer_max_steps": 10000}
+    sjc = {"use_sjc": True, "var_red": True, "min_step_percent": 0.01, "max_step_percent": 0.97,
+           "grad_clip": [0, 0.5, 2.0, 5000], "enable_memory_efficient_attention": True,
+           "enable_sequential_cpu_offload": False, "enable_attention_slicing": True,
+           "enable_channels_last_format": True, "token_merging": False, "token_merging_params": {"ratio": 0.5},
+           "max_items_eval": 4, "view_dependent_prompting": False, "weighting_strategy": "dreamfusion"}
+    others = {"guidance_type": "sds", "vsd_phi_model_name_or_path": None, "vsd_use_camera_condition": False,
+              "return_rgb_1step_orig": True, "pretrained_model_name_or_path_lora": "stabilityai/stable-diffusion-2-1",
+              "cond_image_path": "load/images/hamburger_rgba.png", "cond_elevation_deg": 0.0,
+              "cond_azimuth_deg": 0.0, "cond_camera_distance": 3.8, "pretrained_config": "x.yaml", "vram_O": True,
+              "control_type": "normal", "condition_scale": 1.0, "fixed_size": 512, "enable_sdi": True,
+              "inversion_guidance_scale": -7.5, "inversion_n_steps": 10, "inversion_eta": 0.3, "t_anneal": True}
+    assert set(others) | {"use_img_loss", "use_sjc", "var_red", "token_merging", "token_merging_params",
+                          "enable_sequential_cpu_offload", "max_items_eval"} == set(ts_carv.IGNORED_KEYS)
+    cls = ts_carv.register()
+    ts_carv.WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = cls(guidance_cfg(tiny_sd_path, **hifa))
+        cls(guidance_cfg(tiny_sd_path, **hifa))  # a second guidance: no second warning
+    assert [str(w.message).split("=")[0] for w in caught] == ["use_img_loss"]
+    # HiFA's sqrt anneal: min = max = (0.98 - 0.3) (1 - sqrt(2500 / 10000)) + 0.3 = 0.64 -> t = 640 only
+    g.update_step(0, 2500)
+    assert (g.min_step, g.max_step) == (640, 640)
+    el, az = torch.tensor([10.0, 20.0]), torch.tensor([0.0, 90.0])
+    pu = g.teacher.encode_prompt("a cat")
+    g(torch.rand(2, 16, 16, 3), pu, el, az, torch.full((2,), 3.0))
+    assert (g.last_output.draws.t == 640).all()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = cls(guidance_cfg(tiny_sd_path, **sjc))
+        cls(guidance_cfg(tiny_sd_path, **others))
+    warned = {str(w.message).split("=")[0] for w in caught}
+    assert warned == {"use_sjc", "token_merging_params", "return_rgb_1step_orig", "pretrained_model_name_or_path_lora",
+                      "cond_image_path", "cond_elevation_deg", "cond_azimuth_deg", "cond_camera_distance",
+                      "pretrained_config", "control_type", "condition_scale", "fixed_size", "enable_sdi",
+                      "inversion_guidance_scale", "inversion_n_steps", "inversion_eta", "t_anneal"}
+    assert g.teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert g.weighting == "sds" and g.config.view_dependent_prompting is False
+    with pytest.raises(ValueError, match="weighting_strategy"):
+        cls(guidance_cfg(tiny_sd_path, weighting_strategy="sdss"))
+
+
+def test_piecewise_schedules_follow_threestudio(threestudio, tiny_sd_path):
+    """Item 4: an 8-entry schedule [start_step, v0, v1, step1, v2, step2, v3, step3] moves linearly between its
+    points, as threestudio's C(): 0.98 at 0, 0.7 at 1000, 0.5 at 2000, 0.3 from 3000 on."""
+    from carv.integrations.threestudio import register
+    from carv.timesteps import scheduled_value
+
+    spec = [0, 0.98, 0.7, 1000, 0.5, 2000, 0.3, 3000]
+    want = {0: 0.98, 500: 0.84, 1000: 0.7, 1500: 0.6, 2000: 0.5, 2500: 0.4, 3000: 0.3, 9000: 0.3}
+    for step, value in want.items():
+        assert scheduled_value(spec, step) == pytest.approx(value)
+    assert scheduled_value([0, 1.0, 0.5, 100, 0.0, 200, 9], 150) == pytest.approx(0.25)  # trailing entry unused
+    g = register()(guidance_cfg(tiny_sd_path, max_step_percent=spec))
+    g.update_step(0, 1500)
+    assert g.max_step == 600 and g.sds.sampler.t_max == 600
+    with pytest.raises(ValueError, match="spec"):
+        scheduled_value([0, 1.0, 0.5, 100, 0.2], 0)
+
+
+def test_image_size_follows_threestudio_512(tiny_sd_path):
+    """Item 5: images go to 512 px (latents 64) by default, whatever the UNet's sample_size, as threestudio."""
+    from carv.integrations.threestudio import CarvGuidance, CarvGuidanceConfig
+
+    assert CarvGuidanceConfig().image_size == 512
+    g = CarvGuidance({"pretrained_model_name_or_path": str(tiny_sd_path), "half_precision_weights": False,
+                      "image_size": 32, "K": 1}, device="cpu")
+    el, az, dist = torch.tensor([10.0]), torch.tensor([0.0]), torch.full((1,), 3.0)
+    pu = g.teacher.encode_prompt("a cat")
+    g(torch.rand(1, 48, 48, 3), pu, el, az, dist)
+    assert g.last_output.grad.shape == (1, 4, 4, 4)  # 32 px -> 4x4 latents
+    g(torch.rand(1, 48, 48, 4), pu, el, az, dist, rgb_as_latents=True)
+    assert g.last_output.grad.shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match="image_size"):
+        CarvGuidance({"image_size": 100}, teacher=g.teacher, device="cpu")
