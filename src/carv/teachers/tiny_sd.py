@@ -39,7 +39,7 @@ def _byte_symbols() -> list[str]:
     return out
 
 
-def _tokenizer(folder: Path) -> Any:
+def _tokenizer(folder: Path, token_length: int = TOKEN_LENGTH) -> Any:
     from transformers import CLIPTokenizer
 
     syms = _byte_symbols()
@@ -50,12 +50,14 @@ def _tokenizer(folder: Path) -> Any:
         vocab[s] = len(vocab)
     atomic_write_json(folder / "vocab.json", vocab, indent=None)
     atomic_write_text(folder / "merges.txt", "#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKEN_LENGTH,
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=token_length,
                          pad_token="<|endoftext|>")
 
 
-def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 8) -> Any:
-    """A ``StableDiffusionPipeline`` with tiny random-weight parts (``sample_size``: the UNet's latent size)."""
+def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 8,
+                           token_length: int = TOKEN_LENGTH) -> Any:
+    """A ``StableDiffusionPipeline`` with tiny random-weight parts (``sample_size``: the UNet's latent size;
+    ``token_length``: tokens per prompt, SD's 77 for code that assumes it, as threestudio's prompt processor)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -69,10 +71,10 @@ def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, samp
                         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
     with tempfile.TemporaryDirectory() as d:
-        tokenizer = _tokenizer(Path(d))
+        tokenizer = _tokenizer(Path(d), token_length)
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH,
                                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                    max_position_embeddings=TOKEN_LENGTH,
+                                                    max_position_embeddings=token_length,
                                                     bos_token_id=tokenizer.bos_token_id,
                                                     eos_token_id=tokenizer.eos_token_id,
                                                     pad_token_id=tokenizer.pad_token_id))
@@ -85,8 +87,9 @@ def build_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, samp
 
 
 def save_tiny_sd_pipeline(path: str | Path, prediction_type: str = "epsilon", seed: int = 0,
-                          sample_size: int = 8) -> Path:
+                          sample_size: int = 8, token_length: int = TOKEN_LENGTH) -> Path:
     """Build the tiny pipeline and ``save_pretrained`` it (safetensors) into ``path``; returns ``path``."""
     path = Path(path)
-    build_tiny_sd_pipeline(prediction_type, seed, sample_size).save_pretrained(str(path), safe_serialization=True)
+    build_tiny_sd_pipeline(prediction_type, seed, sample_size, token_length).save_pretrained(
+        str(path), safe_serialization=True)
     return path
