@@ -449,3 +449,36 @@ def test_encode_images_takes_floats_in_unit_range_and_the_unet_takes_latents(tea
     emb.for_views(torch.tensor([0.2, 0.5]), torch.tensor([0.0, 3.1]), check_degrees=False)
     emb.for_views(torch.tensor([0.2]), torch.tensor([3.1]))  # one view: undecidable, accepted
     emb.for_views(torch.tensor([0.0, 30.0]), torch.tensor([-3.0, 3.0]))  # degree elevations above pi/2
+
+
+def test_text_to_3d_with_a_stable_diffusion_folder_takes_any_prompt(tiny_sd_path, tmp_path):
+    """Item 6: a prompt without a procedural scene runs with --teacher: turntable, step metrics, held-out opacity
+    and the accounting, no ground-truth comparison; without --teacher, or with --compare, it is refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from carv.cli import app
+
+    out = tmp_path / "cat"
+    args = ["text-to-3d", "a cat / on a mat", "--teacher", str(tiny_sd_path), "--out", str(out), "--steps", "2",
+            "--R", "2", "--K", "2", "--grid-resolution", "12", "--render-size", "32", "--n-samples", "8",
+            "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "no ground truth" in res.output
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    assert [r["step"] for r in rows if r.get("kind") == "step"] == [1, 2]
+    assert evals and all("psnr" not in r and 0.0 <= r["opacity"] <= 1.0 for r in evals)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt"] == "a cat / on a mat" and summary["c_upstream_s"] > 0 and summary["c_draw_s"] > 0
+    assert (out / "turntable.png").is_file() and (out / "k_and_proposal.png").is_file()
+    assert not (out / "comparison.png").exists()
+    from carv.apps.text_to_3d.run import slug
+
+    assert slug("a cat / on a mat") == "a-cat-on-a-mat"
+    res = CliRunner().invoke(app, ["text-to-3d", "a cat", "--steps", "1"])
+    assert res.exit_code != 0 and "allowed prompts" in res.output
+    res = CliRunner().invoke(app, ["text-to-3d", "a cat", "--teacher", str(tiny_sd_path), "--compare", "--steps", "1"])
+    assert res.exit_code != 0 and "ground truth" in res.output

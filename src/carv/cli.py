@@ -264,7 +264,8 @@ def bench_distill_cmd(
 
 @app.command("text-to-3d")
 def text_to_3d_cmd(
-    prompt: str = typer.Argument(None, help="A prompt of the scenes teacher (default: 'a red mushroom')."),
+    prompt: str = typer.Argument(None, help="A prompt of the scenes teacher (default: 'a red mushroom'); with "
+                                              "--teacher any prompt (ground-truth quality only for the scenes')."),
     out: Path = typer.Option(None, help="Run folder (default runs/text-to-3d/<prompt>); rerunning continues it."),
     steps: int = typer.Option(None, min=1, help="Optimisation steps (default 400)."),
     budget: float = typer.Option(None, help="Also stop after this many seconds of training time."),

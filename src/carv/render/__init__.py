@@ -16,7 +16,7 @@ from carv.render.cameras import (
     turntable_cameras,
     view_label,
 )
-from carv.render.scenes import PROMPTS, SCENES, Scene, get_scene, normalize_prompt, prompt_index
+from carv.render.scenes import PROMPTS, SCENES, Scene, find_scene, get_scene, normalize_prompt, prompt_index
 from carv.render.volume import RenderOutput, VoxelGrid, composite, opaque_loss, render, render_rays, sparsity_loss
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "VIEW_NAMES",
     "DEFAULT_RADIUS", "DEFAULT_FOV_DEG", "DEFAULT_ELEVATION_RANGE",
     "VoxelGrid", "RenderOutput", "render", "render_rays", "composite", "sparsity_loss", "opaque_loss",
-    "Scene", "SCENES", "PROMPTS", "get_scene", "normalize_prompt", "prompt_index",
+    "Scene", "SCENES", "PROMPTS", "find_scene", "get_scene", "normalize_prompt", "prompt_index",
 ]

@@ -368,6 +368,11 @@ def normalize_prompt(prompt: str) -> str:
     return " ".join(prompt.lower().split())
 
 
+def find_scene(prompt: str) -> Scene | None:
+    """The scene for ``prompt`` (case/whitespace-insensitive), or None when no procedural scene has it."""
+    return SCENES.get(normalize_prompt(prompt))
+
+
 def get_scene(prompt: str) -> Scene:
     """The scene for ``prompt`` (case/whitespace-insensitive); ValueError listing the prompts otherwise."""
     key = normalize_prompt(prompt)

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 from carv._validate import check_field_types, check_int, check_positive_int, check_seed
 from carv.apps.text_to_3d.latent import check_sd_folder
 from carv.apps.text_to_3d.problem import PROPOSALS, reference_checkpoint
-from carv.render import get_scene
+from carv.render import find_scene, get_scene
 from carv.timesteps import STRATIFY_MODES, annealed_range
 from carv.upstream import UPSTREAM_MODES
 
 __all__ = ["DEFAULT_PROMPT", "METHODS", "RESUMABLE_CHANGES", "STEP_BUDGETS", "COMPARE_AT", "TextTo3DConfig",
-           "check_render_memory", "config_from_cli"]
+           "check_render_memory", "config_from_cli", "check_prompt", "run_prompt"]
 
 DEFAULT_PROMPT = "a red mushroom"
 METHODS = ("carv", "baseline")
@@ -184,7 +184,7 @@ class TextTo3DConfig:
 
     def validate(self) -> None:
         check_field_types(self)  # a mistyped config value is named before anything else looks at it
-        get_scene(self.prompt)  # ValueError listing the allowed prompts
+        check_prompt(self.prompt, self.teacher)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         check_int(self.sparsity_start, "sparsity_start", 0, None if self.sparsity_end is None else self.anneal_steps)
@@ -293,11 +293,29 @@ def check_render_memory(cfg: TextTo3DConfig) -> None:
                f"{what} renders {views} x {cfg.render_size}^2 rays x {cfg.n_samples} samples per ray, which")
 
 
+def check_prompt(prompt: str, teacher: str | None) -> None:
+    """With the scenes teacher (``teacher`` None) a procedural scene's prompt; with a Stable Diffusion teacher any
+    non-empty prompt (ground-truth quality is measured only when a procedural scene exists for it)."""
+    if teacher is None:
+        get_scene(prompt)  # ValueError listing the allowed prompts
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt: expected a non-empty prompt, got {prompt!r}")
+
+
+def run_prompt(prompt: str) -> str:
+    """The prompt a run uses: the procedural scene's spelling when one exists, else ``prompt`` itself."""
+    scene = find_scene(prompt)
+    return scene.prompt if scene is not None else prompt
+
+
 def config_from_cli(prompt: str | None, flags: dict, baseline: bool = False, compare: bool = False,
                     compare_at: str = "step") -> TextTo3DConfig:
     """The ``carv text-to-3d`` command's configuration: flags (None = default) -> a validated config."""
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    get_scene(prompt)  # a bad prompt fails first, with the list of allowed prompts
+    check_prompt(prompt, flags.get("teacher"))  # a bad prompt fails first, with the list of allowed prompts
+    if compare and find_scene(prompt) is None:
+        raise ValueError(f"compare: --compare measures quality against the procedural scene's ground truth, and "
+                         f"{prompt!r} has none; drop --compare, or use one of the scenes' prompts")
     names = {f.name for f in dataclasses.fields(TextTo3DConfig)}
     unknown = sorted(set(flags) - names)
     if unknown:

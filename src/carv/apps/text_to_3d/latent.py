@@ -8,9 +8,15 @@ VAE (:meth:`~carv.teachers.diffusers.DiffusersTeacher.encode_images`, the poster
 (threestudio's direction rule) with one negative embedding per view. The render, the resize and the VAE
 encode are the upstream stage (forward + backward); the guided UNet draws are the draw stage.
 
-Held-out quality is still measured against the procedural scene's ground truth, so the prompt must be
-one of the scenes' prompts; a real Stable Diffusion model was never trained on those renders, so PSNR and
-IoU then say how close it gets to carv's toy ground truth, not how good its own 3D is.
+Any prompt is accepted. When a procedural scene exists for it, held-out quality (PSNR, mask IoU) is measured
+against that scene's ground truth (a real Stable Diffusion model was never trained on those renders, so the
+figures say how close it gets to carv's toy ground truth, not how good its own 3D is); otherwise the run
+writes its turntable, step metrics, held-out opacity and accounting without a ground-truth comparison (and
+``--compare``, which compares quality, is refused).
+
+The VAE input is the pipeline's own resolution (8 x the UNet's sample size): the model is used where it was
+trained. threestudio's guidance instead always resizes to 512 px; :mod:`carv.integrations.threestudio` does
+the same, to be a drop-in replacement.
 """
 
 from __future__ import annotations
@@ -65,13 +71,15 @@ def load_sd_teacher(path: str | Path, device: torch.device | str | None = None):
 
 
 class LatentSceneProblem(SceneProblem):
-    """:class:`~carv.apps.text_to_3d.SceneProblem` with a Stable Diffusion teacher on VAE latents."""
+    """:class:`~carv.apps.text_to_3d.SceneProblem` with a Stable Diffusion teacher on VAE latents (any prompt)."""
+
+    any_prompt = True
 
     def __init__(self, prompt: str, sd_teacher: Any, render_size: int = 64, n_samples: int = 48,
                  guidance_scale: float = 100.0, n_eval_views: int = 16, clock: Callable[[], float] = time.perf_counter,
                  t_range: tuple[int, int] | None = None, train_elevation: tuple[float, float] | None = None,
                  negative_prompt: str = ""):
-        # the held-out views and the ground truth come from the procedural scene, made as for the scenes teacher
+        # the held-out views (and, when the prompt has a procedural scene, the ground truth), as for the scenes teacher
         super().__init__(prompt, None, render_size, n_samples, guidance_scale, n_eval_views, clock, t_range=t_range,
                          train_elevation=train_elevation)
         self.teacher = sd_teacher

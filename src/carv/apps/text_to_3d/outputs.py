@@ -14,7 +14,14 @@ from carv.apps.text_to_3d.trainer import Trainer
 from carv.render import VoxelGrid, render, turntable_cameras
 from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS
 
-__all__ = ["turntable", "plot_quality_curves", "plot_run_diagnostics", "write_run_outputs"]
+__all__ = ["turntable", "plot_quality_curves", "plot_run_diagnostics", "quality_text", "write_run_outputs"]
+
+
+def quality_text(ev: dict) -> str:
+    """An evaluation row in words: held-out PSNR and mask IoU, or that the prompt has no ground truth."""
+    if "psnr" not in ev:
+        return f"no ground truth for this prompt (held-out opacity {ev.get('opacity', float('nan')):.3f})"
+    return f"held-out PSNR {ev['psnr']:.2f} dB, mask IoU {ev['iou']:.3f}"
 
 @torch.no_grad()
 def turntable(problem: SceneProblem, grid: VoxelGrid | None, n: int = 8, elevation: float = 20.0) -> Tensor:
@@ -90,11 +97,16 @@ def write_run_outputs(trainer: Trainer, title: str) -> None:
     out, p = trainer.out, trainer.problem
     tt = turntable(p, trainer.grid)
     ev = trainer.evals[-1]
-    save_image_grid([turntable(p, None), tt], ["ground truth", f"{trainer.cfg.method}\n{trainer.step_count} steps"],
-                    out / "turntable.png",
-                    title=f"{p.prompt!r}: {title}, turntable (elevation 20); held-out PSNR {ev['psnr']:.2f} dB, "
-                    f"mask IoU {ev['iou']:.3f}",
+    rows, names = [tt], [f"{trainer.cfg.method}\n{trainer.step_count} steps"]
+    if p.scene is not None:
+        rows, names = [turntable(p, None), *rows], ["ground truth", *names]
+    save_image_grid(rows, names, out / "turntable.png",
+                    title=f"{p.prompt!r}: {title}, turntable (elevation 20); {quality_text(ev)}",
                     col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
+    steps = [r for r in trainer.state.rows if r.get("kind") == "step"]
+    plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")
+    if p.gt_rgb is None:
+        return
     with torch.no_grad():
         x, op = p.render(trainer.grid, p.eval_cameras)
     n = min(8, x.shape[0])
@@ -104,5 +116,3 @@ def write_run_outputs(trainer: Trainer, title: str) -> None:
                     f"(16 views), mask IoU {ev['iou']:.3f}")
     plot_quality_curves({trainer.cfg.method: trainer.evals}, out / "quality_vs_time.png",
                         f"{p.prompt!r}: quality on held-out views vs training time")
-    steps = [r for r in trainer.state.rows if r.get("kind") == "step"]
-    plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")

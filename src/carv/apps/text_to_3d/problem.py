@@ -18,7 +18,7 @@ from carv._runfolder import CorruptFileError, load_tensors
 from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
-from carv.render import VoxelGrid, cameras_from_unit, get_scene, random_cameras, render
+from carv.render import VoxelGrid, cameras_from_unit, find_scene, random_cameras, render
 from carv.render.cameras import Cameras
 from carv.teachers.scenes import BACKGROUND, RENDER_SETTINGS, load_scenes_teacher, teacher_cond
 from carv.teachers.unet import UNetTeacher
@@ -81,6 +81,8 @@ class SceneProblem:
     Stateless with respect to the grid, so one problem serves several runs (and the benchmark).
     """
 
+    any_prompt = False  # the scenes teacher knows only its scenes' prompts
+
     def __init__(self, prompt: str, teacher: UNetTeacher | None = None, render_size: int = 64, n_samples: int = 48,
                  guidance_scale: float = 3.0, n_eval_views: int = 16, clock: Callable[[], float] = time.perf_counter,
                  t_range: tuple[int, int] | None = None, train_elevation: tuple[float, float] | None = None):
@@ -88,11 +90,11 @@ class SceneProblem:
         # the objective's timestep support and training-camera elevations when not given per call (the
         # benchmark's samplers and cameras); None: the full range / the teacher's elevations
         self.t_range, self.train_elevation = t_range, train_elevation
-        self.scene = get_scene(prompt)
-        self.prompt = self.scene.prompt
+        self.scene = find_scene(prompt)  # None: no ground truth (a Stable Diffusion teacher takes any prompt)
+        self.prompt = self.scene.prompt if self.scene is not None else prompt
         self.teacher = teacher if teacher is not None else load_scenes_teacher()
         self.prompts = list(self.teacher.meta.get("prompts", []))
-        if self.prompt not in self.prompts:
+        if self.prompt not in self.prompts and not self.any_prompt:
             raise ValueError(f"prompt: the teacher was not trained on {prompt!r}; allowed prompts: {self.prompts}")
         self.image_size = int(self.teacher.meta.get("render", {}).get("image_size", RENDER_SETTINGS["image_size"]))
         if render_size % self.image_size:
@@ -109,11 +111,13 @@ class SceneProblem:
         # held-out views: fixed cameras from their own seed, ground truth made like the teacher's data
         self.eval_cameras = random_cameras(n_eval_views, torch.Generator().manual_seed(EVAL_SEED),
                                            self.elevation_range, self.radius, self.fov)
-        with torch.no_grad():
-            gt = render(self.scene.bake(rs["bake_resolution"]), self.eval_cameras, self.image_size,
-                        n_samples=rs["n_samples"], bound=self.scene.aabb, background=BACKGROUND,
-                        supersample=rs["supersample"])
-        self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
+        self.gt_rgb = self.gt_opacity = None
+        if self.scene is not None:
+            with torch.no_grad():
+                gt = render(self.scene.bake(rs["bake_resolution"]), self.eval_cameras, self.image_size,
+                            n_samples=rs["n_samples"], bound=self.scene.aabb, background=BACKGROUND,
+                            supersample=rs["supersample"])
+            self.gt_rgb, self.gt_opacity = gt.rgb, gt.opacity
         self.ref_rgb: Tensor | None = None  # a reference solution's held-out renders (set_reference)
         self.ref_opacity: Tensor | None = None
 
@@ -241,11 +245,15 @@ class SceneProblem:
     @torch.no_grad()
     def evaluate(self, grid: VoxelGrid) -> dict[str, float]:
         """PSNR (dB, colour in [0, 1], MSE pooled over the held-out views) and mask IoU (opacity > 0.5) against
-        the ground truth; with a reference (:meth:`set_reference`) also ``psnr_ref`` / ``iou_ref`` against it."""
+        the ground truth; with a reference (:meth:`set_reference`) also ``psnr_ref`` / ``iou_ref`` against it.
+        A prompt without a procedural scene has no ground truth: then ``opacity`` (the held-out views' mean)."""
         x, opacity = self.render(grid, self.eval_cameras)
         rgb = (x + 1.0) / 2.0
-        psnr, iou, mse = _psnr_iou(rgb, opacity, self.gt_rgb, self.gt_opacity)
-        row = {"psnr": psnr, "iou": iou, "mse": mse}
+        if self.gt_rgb is None:
+            row = {"opacity": float(opacity.mean())}
+        else:
+            psnr, iou, mse = _psnr_iou(rgb, opacity, self.gt_rgb, self.gt_opacity)
+            row = {"psnr": psnr, "iou": iou, "mse": mse}
         if self.ref_rgb is not None:
             row["psnr_ref"], row["iou_ref"], _ = _psnr_iou(rgb, opacity, self.ref_rgb, self.ref_opacity)
         return row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -13,11 +14,17 @@ import torch
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json
-from carv.apps.text_to_3d.config import COMPARE_AT, DEFAULT_PROMPT, RESUMABLE_CHANGES, TextTo3DConfig, config_from_cli
-from carv.apps.text_to_3d.outputs import write_run_outputs
+from carv.apps.text_to_3d.config import (
+    COMPARE_AT,
+    DEFAULT_PROMPT,
+    RESUMABLE_CHANGES,
+    TextTo3DConfig,
+    config_from_cli,
+    run_prompt,
+)
+from carv.apps.text_to_3d.outputs import quality_text, write_run_outputs
 from carv.apps.text_to_3d.problem import SceneProblem, load_reference_grid
 from carv.apps.text_to_3d.trainer import Trainer, problem_for, teacher_digest
-from carv.render import get_scene
 from carv.teachers.scenes import load_scenes_teacher
 from carv.teachers.unet import UNetTeacher
 
@@ -70,7 +77,7 @@ def open_run(prompt: str, out_dir: str | Path | None, cfg: TextTo3DConfig | None
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
-    out = Path(out_dir) if out_dir is not None else default_root / (slug(get_scene(prompt).prompt)
+    out = Path(out_dir) if out_dir is not None else default_root / (slug(run_prompt(prompt))
                                                                     + ("-compare" if compare else ""))
     command = "carv text-to-3d --compare" if compare else "carv text-to-3d"
     if teacher is None and cfg.teacher is None:
@@ -105,7 +112,8 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
             while not trainer.done:
                 train_step(trainer, metrics)
                 bar.update(1)
-                bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
+                bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}"
+                                if trainer.evals and "psnr" in trainer.evals[-1] else "-")
         finally:
             bar.close()
         final = finish_run(trainer, metrics)
@@ -118,13 +126,14 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         atomic_write_json(out / "summary.json", summary)
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
-                  f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
+                  f"{quality_text(final)}, K = {trainer.K}; run folder: {out}")
         return summary
 
 
 def slug(prompt: str) -> str:
-    """A prompt as a folder name: its words joined by hyphens."""
-    return "-".join(prompt.split())
+    """A prompt as a folder name: its words joined by hyphens (characters other than letters, digits, ``.``,
+    ``_`` and ``-`` become hyphens too)."""
+    return re.sub(r"[^\w.-]+", "-", " ".join(prompt.split())).strip("-.") or "prompt"
 
 
 def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,

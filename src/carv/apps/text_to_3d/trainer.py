@@ -14,10 +14,10 @@ from torch import Tensor
 
 from carv._runfolder import RunState
 from carv.accounting import Allocator, CostMeter
-from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig
+from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig, run_prompt
 from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
 from carv.apps.text_to_3d.problem import SceneProblem
-from carv.render import VoxelGrid, get_scene, opaque_loss, sparsity_loss
+from carv.render import VoxelGrid, opaque_loss, sparsity_loss
 from carv.teachers.unet import UNetTeacher, weights_digest
 from carv.timesteps import LearnedProposal
 from carv.upstream import UpstreamSampler
@@ -65,7 +65,7 @@ class Trainer:
         # the teacher's weights are part of a run's identity (a checkpoint never resumes with another teacher)
         self.teacher_digest = teacher_digest(p.teacher)
         if (p.prompt, p.render_size, p.n_samples, p.guidance_scale) != (
-                get_scene(cfg.prompt).prompt, cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
+                run_prompt(cfg.prompt), cfg.render_size, cfg.n_samples, float(cfg.guidance_scale)):
             raise ValueError("problem: its prompt / render_size / n_samples / guidance_scale differ from the config's")
         self.grid = p.new_grid(self.resolution_at(0), cfg.init_blob, cfg.init_radius, cfg.init_color,
                                cfg.init_center_z, cfg.init_height)
