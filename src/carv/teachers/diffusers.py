@@ -176,7 +176,7 @@ class DiffusersTeacher(Teacher):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-            if dtype is not None:
+            if dtype is not None and next(part.parameters()).dtype != dtype:
                 part.to(dtype=dtype)
             if device is not None:
                 part.to(device)
