@@ -306,3 +306,19 @@ def test_image_size_follows_threestudio_512(tiny_sd_path):
     assert g.last_output.grad.shape == (1, 4, 4, 4)
     with pytest.raises(ValueError, match="image_size"):
         CarvGuidance({"image_size": 100}, teacher=g.teacher, device="cpu")
+
+
+def test_decode_latents_and_set_min_max_steps_as_threestudios_systems_call_them(tiny_sd_path):
+    """latentnerf / sjc call guidance.decode_latents(latents, h, w); imagedreamfusion calls set_min_max_steps."""
+    from carv.integrations.threestudio import CarvGuidance
+
+    g = CarvGuidance({"pretrained_model_name_or_path": str(tiny_sd_path), "half_precision_weights": False, "K": 1},
+                     device="cpu")
+    img = g.decode_latents(torch.randn(2, 4, 5, 5), latent_height=8, latent_width=8)
+    assert img.shape == (2, 3, 64, 64) and 0.0 <= float(img.min()) <= float(img.max()) <= 1.0
+    with torch.no_grad():  # by hand: 1 / scaling_factor, VAE decode, [-1, 1] -> [0, 1]
+        lat = torch.randn(1, 4, 8, 8)
+        want = (g.teacher.vae.decode(lat / g.teacher.vae.config.scaling_factor).sample * 0.5 + 0.5).clamp(0, 1)
+        assert torch.allclose(g.decode_latents(lat, 8, 8), want, atol=1e-6)
+    g.set_min_max_steps(0.1, 0.5)
+    assert (g.min_step, g.max_step) == (100, 500) and (g.sds.sampler.t_min, g.sds.sampler.t_max) == (100, 500)

@@ -257,6 +257,21 @@ class CarvGuidance:
         the VAE's posterior, drawn with the guidance's generator)."""
         return self.teacher.encode_images(imgs, size=None, generator=self.generator)
 
+    def decode_latents(self, latents: Tensor, latent_height: int = 64, latent_width: int = 64) -> Tensor:
+        """threestudio's ``decode_latents``: latents resized (bilinear) to ``latent_height x latent_width``, then
+        decoded to images ``[B, 3, 8 latent_height, 8 latent_width]`` in ``[0, 1]``."""
+        latents = F.interpolate(latents, (latent_height, latent_width), mode="bilinear", align_corners=False)
+        return self.teacher.decode_latents(latents)
+
+    def set_min_max_steps(self, min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> None:
+        """threestudio's ``set_min_max_steps``: the timestep range as fractions of ``T`` (the sampler follows)."""
+        self._set_range(*percent_range(self.num_train_timesteps, min_step_percent, max_step_percent))
+
+    def _set_range(self, lo: int, hi: int) -> None:
+        if (lo, hi) != (self.min_step, self.max_step):
+            self.min_step, self.max_step = lo, hi
+            self.sds.sampler.set_t_range(lo, hi)
+
     def __call__(self, rgb: Tensor, prompt_utils: Any, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
                  rgb_as_latents: bool = False, **kwargs) -> dict[str, Any]:
         if not isinstance(rgb, Tensor) or rgb.ndim != 4:
@@ -303,10 +318,7 @@ class CarvGuidance:
         self._last_update = global_step
         if c.grad_clip is not None:
             self.grad_clip_val = scheduled_value(c.grad_clip, global_step, epoch)
-        lo, hi = self.step_range(epoch, global_step)
-        if (lo, hi) != (self.min_step, self.max_step):
-            self.min_step, self.max_step = lo, hi
-            self.sds.sampler.set_t_range(lo, hi)
+        self._set_range(*self.step_range(epoch, global_step))
         if self.learned is not None and global_step % c.proposal_every == 0 and self.learned.ready:
             self.sds.sampler.set_importance(self._importance())
         self.steps = global_step

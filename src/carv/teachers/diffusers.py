@@ -262,7 +262,7 @@ class DiffusersTeacher(Teacher):
         """VAE latents ``[B, 4, size/8, size/8]`` of images ``rgb [B, 3, H, W]``, floats in ``[0, 1]``
         (differentiable).
 
-        Integer images (uint8 0-255) raise TypeError and values outside ``[0, 1]`` (beyond 1e-3; e.g. ``[-1, 1]``
+        Integer images (uint8 0-255) raise TypeError and values outside ``[0, 1]`` by more than 0.05 (``[-1, 1]``
         or 0-255 floats) raise ValueError: divide 0-255 images by 255, map ``[-1, 1]`` ones by ``(x + 1) / 2``.
         The images are resized (bilinear) to ``size`` (None keeps them), mapped to ``[-1, 1]``, encoded in
         the VAE's dtype, scaled by its ``scaling_factor`` and returned in ``rgb``'s dtype. With a
@@ -286,8 +286,19 @@ class DiffusersTeacher(Teacher):
             parts.append(post.sample(generator) if generator is not None else post.mean)
         return (torch.cat(parts) * self.vae.config.scaling_factor).to(rgb.dtype)
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images ``[B, 3, 8h, 8w]`` in ``[0, 1]`` from VAE latents ``[B, 4, h, w]`` (the inverse of
+        :meth:`encode_images`; differentiable), in ``latents``' dtype."""
+        self._need("vae")
+        if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != self.vae.config.latent_channels:
+            raise ValueError(f"latents: expected [B, {self.vae.config.latent_channels}, h, w], got "
+                             f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+        vdtype = next(self.vae.parameters()).dtype
+        img = self.vae.decode((latents / self.vae.config.scaling_factor).to(vdtype)).sample
+        return (img * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
 
-def check_unit_images(rgb: Tensor, tol: float = 1e-3) -> None:
+
+def check_unit_images(rgb: Tensor, tol: float = 0.05) -> None:
     """TypeError unless ``rgb`` is floating point, ValueError unless its values lie in ``[0, 1]`` (within ``tol``)."""
     if not rgb.is_floating_point():
         raise TypeError(f"rgb: expected floating-point images in [0, 1], got dtype {rgb.dtype}"
