@@ -57,6 +57,7 @@ from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
 from carv.upstream import UpstreamSampler, balanced_labels, sobol_normal
 
 __all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality", "resume_run",
+           "CARV_ESTIMATOR",
            "teacher_from_path"]
 
 PROPOSALS = ("none", "weight", "learned")
@@ -64,6 +65,9 @@ UPSTREAM_CHOICES = ("iid", "strata")
 EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
 # fields that may change when a run is resumed (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "time_budget_s", "eval_every", "grid_every", "checkpoint_steps", "threads")
+# carv's default estimator for `carv distill` (the benchmark's carv run): K = 16 draws per generator sample, the
+# learned timestep proposal and per-sample strata, at DistillConfig's R = 8
+CARV_ESTIMATOR = {"K": 16, "proposal": "learned", "stratify": "per_upstream"}
 
 
 @dataclass
@@ -591,16 +595,24 @@ def teacher_from_path(path: str | Path | None) -> UNetTeacher:
 
 
 def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
-                     teacher: str | Path | None = None, fresh: bool = False) -> dict:
-    """``carv distill``: a config from a JSON file (or the defaults) with the non-None ``flags`` applied."""
-    d: dict[str, Any] = {}
+                     teacher: str | Path | None = None, fresh: bool = False, baseline: bool = False) -> dict:
+    """``carv distill``: carv's default estimator (:data:`CARV_ESTIMATOR`; ``baseline=True``: the plain one,
+    :class:`DistillConfig`'s defaults), then a JSON file's fields, then the non-None ``flags``."""
+    if baseline:
+        clash = sorted(k for k in CARV_ESTIMATOR if flags.get(k) not in (None, DistillConfig.__dataclass_fields__[k]
+                                                                          .default))
+        if clash:
+            raise ValueError(f"baseline: --baseline is K = 1, uniform timesteps, no strata; it conflicts with "
+                             f"{', '.join('--' + c for c in clash)}")
+    d: dict[str, Any] = {} if baseline else dict(CARV_ESTIMATOR)
     if config is not None:
         p = Path(config)
         if not p.is_file():
             raise ValueError(f"config: no such file {str(p)!r}")
-        d = read_json(p, "--config")
-        if not isinstance(d, dict):
-            raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(d).__name__}")
+        given = read_json(p, "--config")
+        if not isinstance(given, dict):
+            raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(given).__name__}")
+        d.update(given)
     for k, v in flags.items():
         if v is None:
             continue

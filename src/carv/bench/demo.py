@@ -153,7 +153,8 @@ def _run_demo(out: Path, quick: bool, json_path: str | Path | None, progress: bo
         atomic_write_json(json_path, result)
     if progress:
         note = f" ({SMOKE_NOTE})" if quick else ""
-        print_table(rows, cols, title="carv demo: SDS of a point set through a costly map (GMM teacher)",
+        print_table(rows, [c for c in cols if c != "cost_wall_s"],  # the wall-clock check: in table.md
+                    title="carv demo: SDS of a point set through a costly map (GMM teacher)",
                     highlight={(head_cfg.method, head_cfg.R, head_cfg.K)}, smoke=quick)
         print(f"cost ratio c_up / c_draw = {summary['cost_ratio']:.2f}{note}; accountant's K (pilot, x-space) = "
               f"{k_accountant}; pilot {pilot_s:.2f} CPU s, charged {charge[next(iter(charge))] * 1e3:.2f} ms per "

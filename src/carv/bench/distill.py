@@ -40,6 +40,7 @@ from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
+    CARV_ESTIMATOR,
     DistillConfig,
     Distiller,
     plot_quality,
@@ -400,9 +401,9 @@ class BenchSettings:
     reference_estimates: int = 24    # of the reference configuration (R = reference_R, K = 16, +is+strat)
     reference_R: int = 64
     pilot_estimates: int = 16        # to learn the proposal at a checkpoint whose run has not learned one
-    carv_K: int | None = 16          # K of the carv training runs; None: the accountant's choice at the start
-    carv_proposal: str = "learned"
-    carv_stratify: str = "per_upstream"
+    carv_K: int | None = CARV_ESTIMATOR["K"]  # K of the carv training runs; None: the accountant's choice
+    carv_proposal: str = CARV_ESTIMATOR["proposal"]
+    carv_stratify: str = CARV_ESTIMATOR["stratify"]
     k_max: int = 32
     train: bool = True               # False: the start checkpoint's variance rows only (no training, no quality)
     fake_warmup: int | None = None   # the app's fake-score warm-up updates (None: DistillConfig's, 100)
