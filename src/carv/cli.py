@@ -203,8 +203,9 @@ def distill_cmd(
     steps: int = typer.Option(None, min=1, help="Generator steps (default 1000)."),
     time_budget_s: float = typer.Option(None, "--time-budget", help="Also stop after this many seconds of "
                                                                      "compute."),
-    baseline: bool = typer.Option(False, "--baseline", help="The plain estimator: K = 1, uniform timesteps, no "
-                                                            "strata (DistillConfig's defaults)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Start from the plain estimator (K = 1, uniform "
+                                                            "timesteps, no strata) instead of carv's; the flags "
+                                                            "below still apply."),
     R: int = typer.Option(None, "--R", min=1, help="Generator samples per step (default 8)."),
     K: int = typer.Option(None, "--K", min=1, help="Draws (t, eps) per generator sample (default 16; 1 with "
                                                    "--baseline)."),

@@ -636,13 +636,8 @@ def teacher_from_path(path: str | Path | None) -> UNetTeacher:
 def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
                      teacher: str | Path | None = None, fresh: bool = False, baseline: bool = False) -> dict:
     """``carv distill``: carv's default estimator (:data:`CARV_ESTIMATOR`; ``baseline=True``: the plain one,
-    :class:`DistillConfig`'s defaults), then a JSON file's fields, then the non-None ``flags``."""
-    if baseline:
-        clash = sorted(k for k in CARV_ESTIMATOR if flags.get(k) not in (None, DistillConfig.__dataclass_fields__[k]
-                                                                          .default))
-        if clash:
-            raise ValueError(f"baseline: --baseline is K = 1, uniform timesteps, no strata; it conflicts with "
-                             f"{', '.join('--' + c for c in clash)}")
+    :class:`DistillConfig`'s defaults), then a JSON file's fields, then the non-None ``flags``. A run folder
+    started with the plain defaults (before carv's became the command's) resumes with ``--baseline``."""
     d: dict[str, Any] = {} if baseline else dict(CARV_ESTIMATOR)
     if config is not None:
         p = Path(config)
