@@ -46,6 +46,7 @@ import contextlib
 import csv
 import importlib.machinery
 import os
+import shutil
 import sys
 import time
 import types
@@ -224,6 +225,7 @@ def run(threestudio, root: Path, out: Path, name: str, sd: Path, guidance: dict,
 
     base = OmegaConf.load(root / "configs" / "dreamfusion-sd.yaml")
     base.system.background = {}  # the neural environment map's options do not apply to a solid colour
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run folder and metrics.csv each time
     cfg = load_config(OmegaConf.to_yaml(base), from_string=True, **overrides(sd, guidance, batch_size, out / name))
     pl.seed_everything(cfg.seed, verbose=False)
     dm = threestudio.find(cfg.data_type)(cfg.data)

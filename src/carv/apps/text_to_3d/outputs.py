@@ -23,6 +23,7 @@ def quality_text(ev: dict) -> str:
         return f"no ground truth for this prompt (held-out opacity {ev.get('opacity', float('nan')):.3f})"
     return f"held-out PSNR {ev['psnr']:.2f} dB, mask IoU {ev['iou']:.3f}"
 
+
 @torch.no_grad()
 def turntable(problem: SceneProblem, grid: VoxelGrid | None, n: int = 8, elevation: float = 20.0) -> Tensor:
     """``[n, 3, S, S]`` in [0, 1] turntable views of ``grid`` (or of the ground truth when ``grid`` is None)."""
