@@ -82,3 +82,40 @@ def test_sd_memory_and_rerun_blocks_come_from_the_json(tmp_path):
     table = render_block("text-to-3d", "reruns", tmp_path)
     assert "| 2 | `second` |" in table and "+0.80 (agree)" in table  # (2.4 - 2.0) / 0.5
     assert "+4.00 (disagree)" in table  # (4.0 - 2.0) / 0.5
+
+
+def test_benchmarks_md_is_short_and_undated():
+    """At most 300 lines, and no calendar date, clock time or UTC anywhere (the run records in the JSON keep
+    their dates; the document shows what the software does now)."""
+    import re
+
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert len(text.splitlines()) <= 300
+    dated = re.findall(r"\b20\d\d-\d\d-\d\d\b|\b20\d{6}-\d{6}\b|\b\d{1,2}:\d\d\b|\bUTC\b", text)
+    assert not dated, dated
+
+
+def test_brief_summary_states_headline_bound_fraction_and_best_of_n(tmp_path):
+    """The README's summary block: the a-priori headline with its error bar, its fraction of the bound (the
+    headline's own, else its row's), the best of N as an upper bound, and the pending benchmarks named as such;
+    generated blocks never print the JSON's date."""
+    from carv.bench.report import render_block
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    res = {"command": "carv demo", "date": "2026-01-02 03:04 UTC",
+           "machine": {"loadavg_start": [1.0], "loadavg_end": [2.0]},
+           "headline": {"config": {"method": "m", "R": 2, "K": 4, "snapshot": "middle"}, "value": 2.0, "se": 0.1,
+                        "chosen_by": "a priori", "charged": ["stages"]},
+           "best_of_n": {"n": 5, "config": {"method": "m", "R": 2, "K": 8}, "value": 2.5},
+           "rows": [{"checkpoint": "early", "method": "m", "R": 2, "K": 4, "bound_fraction": 0.2},
+                    {"checkpoint": "middle", "method": "m", "R": 2, "K": 4, "bound_fraction": 0.7}]}
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    brief = render_block("all", "brief", tmp_path)
+    assert "| demo | m R = 2 K = 4 (snapshot = middle) | 2.00x +- 0.10 | 0.70 | 2.50x of N = 5 |" in brief
+    assert "| distill | no JSON | - | - | - |" in brief
+    res["headline"]["bound_fraction"] = 0.9  # the headline's own fraction wins over its row's
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    assert "| 0.90 |" in render_block("all", "brief", tmp_path)
+    for kind in ("run", "headline", "summary", "brief"):
+        assert "2026" not in render_block("demo", kind, tmp_path)

@@ -292,9 +292,9 @@ def _gen_run(name: str, res: dict | None, root: Path) -> str:
     if res is None:
         return "No JSON for this benchmark yet."
     m = res.get("machine") or {}
-    lines = ["Command:", "", f"    {res.get('command', 'not recorded')}", "",
-             f"Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
-             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); date {res.get('date', 'not recorded')}; "
+    lines = [f"- Command: `{res.get('command', 'not recorded')}`",
+             f"- Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
+             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); "
              f"load average (1 min) {_load(res)}; status: {protocol_status(res)}."]
     return "\n".join(lines)
 
@@ -335,6 +335,39 @@ def _gen_summary(name: str, res: dict | None, root: Path) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _headline_bound_fraction(res: dict) -> float | None:
+    """The headline's fraction of the efficiency bound: its own ``bound_fraction``, else that of the row it
+    was measured as (same method, ``R``, ``K`` and snapshot), else None (not measured)."""
+    h = res["headline"]
+    if h.get("bound_fraction") is not None:
+        return h["bound_fraction"]
+    c = h.get("config") or {}
+    snap = c.get("snapshot", c.get("checkpoint"))
+    for r in res.get("rows", []):
+        if (r.get("method"), r.get("R"), r.get("K")) == (c.get("method"), c.get("R"), c.get("K")) \
+                and (snap is None or r.get("checkpoint") == snap) and r.get("bound_fraction") is not None:
+            return r["bound_fraction"]
+    return None
+
+
+def _gen_brief(name: str, res: dict | None, root: Path) -> str:
+    """The README's summary: each benchmark's a-priori headline with its error bar and its fraction of the
+    efficiency bound, and the best of N rows as an upper bound (the commands are in BENCHMARKS.md)."""
+    head = "| benchmark | headline, fixed in advance | ECM | fraction of bound | best of N (upper bound) |"
+    lines = [head, "| --- | --- | --- | --- | --- |"]
+    for bench, path in BENCHMARKS.items():
+        r = _read_json(root / path)
+        st = protocol_status(r)
+        if st in (PENDING, "no JSON"):
+            lines.append(f"| {bench} | {st} | - | - | - |")
+            continue
+        h, b, f = r["headline"], r["best_of_n"], _headline_bound_fraction(r)
+        note = f" ({SMOKE})" if r.get("smoke") else ""
+        lines.append(f"| {bench} | {_config(h['config'])} | {_ratio(h['value'], h.get('se'))}{note} | "
+                     f"{'not measured' if f is None else f'{f:.2f}'} | {_ratio(b['value'])} of N = {b['n']}{note} |")
+    return "\n".join(lines)
+
+
 def _gen_memory(name: str, res: dict | None, root: Path) -> str:
     """``carv bench sd --only memory``: peak memory of one latent SDS step against K, per ``max_batch``."""
     if res is None or not res.get("memory"):
@@ -345,9 +378,9 @@ def _gen_memory(name: str, res: dict | None, root: Path) -> str:
     ks = sorted({r["K"] for r in res["memory"]})
     rows_per_draw = 2 if res.get("guidance_scale") else 1
     k1 = by.get((ks[0], "auto"))
-    lines = ["Command:", "", f"    {run.get('command', 'not recorded')}", "",
-             f"Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
-             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); date {run.get('date', 'not recorded')}; "
+    lines = [f"- Command: `{run.get('command', 'not recorded')}`",
+             f"- Machine: {m.get('platform', 'not recorded')}, {m.get('cpu_count', '?')} CPUs, torch "
+             f"{m.get('torch', '?')}, {m.get('threads', '?')} thread(s); "
              f"load average (1 min) {_load(run)}; {res.get('pipeline', '')}, {res.get('device', '')}.", "",
              f"| K | UNet rows | peak MiB, `max_batch=\"auto\"` (default) | x K = {ks[0]} | peak MiB, "
              f"`max_batch=None` | step seconds (auto) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -387,7 +420,7 @@ def _gen_reruns(name: str, res: dict | None, root: Path) -> str:
 
 
 GENERATORS = {"headline": _gen_headline, "run": _gen_run, "rows": _gen_rows, "summary": _gen_summary,
-              "memory": _gen_memory, "reruns": _gen_reruns}
+              "brief": _gen_brief, "memory": _gen_memory, "reruns": _gen_reruns}
 
 
 def _read_json(path: Path) -> dict | None:
