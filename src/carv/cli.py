@@ -13,8 +13,8 @@ from carv._validate import SEED_MAX  # 64-bit seeds with headroom for sub-stream
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="carv: cheaper Monte Carlo estimates with frozen diffusion teachers.")
 bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (write tables, plots, JSON).")
-train_app = typer.Typer(no_args_is_help=True, help="Retrain the built-in teachers (the commands in the README's "
-                                                   "'Built-in teachers' reproduce the committed weights).")
+train_app = typer.Typer(no_args_is_help=True, help="Retrain the built-in teachers (the commands in docs/teachers.md "
+                                                   "reproduce the committed weights).")
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train-teacher")
 

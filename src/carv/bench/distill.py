@@ -444,8 +444,8 @@ class BenchSettings:
     def quick(cls) -> BenchSettings:
         """The smoke run (``--quick``): about 2.5 CPU-minutes at one thread. Two seeds (the paired quality
         difference has a standard error), 12 s of training per run after a warm-up of 20 fake-score updates
-        (the default 100, charged to the run, took the whole 25 s budget of the earlier quick run on a loaded
-        machine, so its middle and end checkpoints were the same weights), 4-12 replicates per row."""
+        (the default 100, charged to the run, can take the whole 25 s budget on a loaded machine), 4-12
+        replicates per row."""
         return cls(seeds=[0, 1], budget_s=12.0, eval_every_s=6.0, eval_per_class=20, replicates=4,
                    rel_error=0.3, baseline_rel_error=0.15, max_replicates=12, reference_estimates=3, reference_R=16,
                    pilot_estimates=2, fake_warmup=20)

@@ -174,8 +174,7 @@ class BenchSettings:
         """The smoke run (``--quick``, about 1.5 CPU-minutes at one thread): the headline's middle snapshot only
         (baseline step 20), ``R = 2``, ``K`` in 1, 4 plus the accountant's (``k_max`` 8), the peers at ``K = 1`` and
         at the accountant's ``K``, 3-8 replicates per row, a 4-estimate reference, a learned proposal and peer
-        resampler on 25 bins, one quality pair of 8 CPU-seconds per method and no cost-ratio sweep (the earlier
-        quick, three snapshots and a sweep, took 882 s of wall-clock on a loaded machine)."""
+        resampler on 25 bins, one quality pair of 8 CPU-seconds per method and no cost-ratio sweep."""
         base = dict(snapshots=("middle",), checkpoint_steps=(5, 20, 40), Rs=(2,), Ks=(1, 4), min_replicates=3,
                     rel_error=0.4, max_replicates=8, reference_R=4, reference_K=8, reference_estimates=4,
                     pilot_steps=4, warmup_steps=5, warmup_K=50, resampler_bins=25, k_max=8,

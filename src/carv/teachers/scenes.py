@@ -24,8 +24,8 @@ Labels
     azimuth and elevation in 0.01 degrees (:func:`carv.teachers.unet.angle_label`, embedded by Fourier features,
     :class:`~carv.teachers.unet.CompactUNet`'s ``angle_columns``). A view label alone averages over 90 degrees of
     azimuth and all of 0-40 of elevation, and score distillation then converges to that average (the mushroom
-    without its stem); an elevation bin did not fix it, the camera columns did (BENCHMARKS.md, "Text-to-3D
-    quality", fourth to sixth sessions). :func:`teacher_cond` builds a teacher's labels from a prompt and cameras
+    without its stem); an elevation bin did not fix it, the camera columns did (docs/teachers.md).
+    :func:`teacher_cond` builds a teacher's labels from a prompt and cameras
     following its file's meta (:func:`scene_cond` underneath); guidance uses all null labels.
 
 Teacher
