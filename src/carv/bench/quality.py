@@ -19,7 +19,7 @@ def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", w
     interpolated between evaluations.
 
     ``align="center"`` (the default) places each average at the mean ``x`` of the evaluations it averages;
-    ``"trailing"`` at the last of them (what this function did before 2026-12-02's seventh session). On a rising
+    ``"trailing"`` at the last of them. On a rising
     curve a trailing average is the curve delayed by about ``(window - 1) / 2`` evaluation intervals, and that
     delay is not symmetric here: the baseline's crossing of its own smoothed final is its last evaluation
     whatever the delay, while the method's crossing is delayed by it, so the ratio is pulled towards 1 (for two

@@ -17,7 +17,7 @@ The pipeline (DreamFusion's loop, at CPU scale):
    through ``TimestepSampler.set_t_range``). Its other settings (measured in BENCHMARKS.md, "Text-to-3D
    quality"): training cameras over the teacher's own 0-40 degrees of elevation (``elev_lo, elev_hi``; a
    (prompt, view) teacher, which knows the camera only as a 90-degree view bin, did better at 15-25, since it
-   pulls every render towards its bin's average view: the stemless dome of earlier sessions), an initial
+   pulls every render towards its bin's average view: a dome without its stem), an initial
    density blob of radius 0.85, and Adam with ``beta2 = 0.99``
    (``adam_beta2``; torch's 0.999 averages a voxel's squared gradients over about 1000 steps, longer than the
    run). Measured and left off by default: ``sparsity_weight`` (a penalty on the renders' opacity from step
