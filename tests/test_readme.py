@@ -114,7 +114,4 @@ def test_documents_link_to_files_that_exist_and_carry_no_dates(doc):
     text = path.read_text()
     assert not DATED.findall(text), DATED.findall(text)
     missing = [t for t in _local_links(text) if not (path.parent / t).exists()]
-    pending = [t for t in missing if t.endswith(("stable_diffusion.md", "threestudio.md"))]
-    assert missing == pending, f"{doc} links to files that do not exist: {missing}"
-    if pending:
-        pytest.skip(f"{pending}: the Stable Diffusion and threestudio guides come from branch issue-22")
+    assert not missing, f"{doc} links to files that do not exist: {missing}"
