@@ -38,11 +38,10 @@ The pipeline (DreamFusion's loop, at CPU scale):
 :class:`Trainer` holds one run (grid, Adam, generator, proposal, accountant, cost meter, clocks) and
 checkpoints it (safetensors for tensors, JSON for the rest; nothing is pickled), so a rerun of the
 same command continues. :func:`run_text_to_3d` is the main job (``carv text-to-3d``): a run folder
-with ``config.json``, ``metrics.jsonl``, ``turntable.png``, ``comparison.png`` and plots; ``compare=True``
-also trains the baseline at equal training wall-clock (the two runs' steps are interleaved in one
-process so that machine load hits both alike) and writes side-by-side turntables and quality-versus-
-compute curves. The side-by-side benchmark (``carv bench text-to-3d``, :mod:`carv.bench.text_to_3d`)
-drives this pipeline; no benchmark code lives here.
+with ``config.json``, ``metrics.jsonl``, ``turntable.png``, ``comparison.png`` and plots. The comparison with the
+plain estimator (``carv text-to-3d --compare``, :func:`carv.bench.compare.compare_text_to_3d`) and the side-by-side
+benchmark (``carv bench text-to-3d``, :mod:`carv.bench.text_to_3d`) live in ``carv.bench`` and
+drive this pipeline; no benchmark code lives here.
 
 Accounting: the stage ``"upstream"`` is charged, per render, the render forward, its backward pass and
 the optimiser step (a per-step cost, amortised over the ``R`` renders of a step); ``"draw"`` is the
@@ -65,7 +64,8 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._runfolder import CorruptFileError, RunFolder, RunState, atomic_write_json, load_tensors, save_figure
 from carv._validate import check_field_types, check_int, check_positive_int, check_seed
-from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
+from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
 from carv.render import (
@@ -107,6 +107,13 @@ __all__ = [
     "problem_for",
     "Trainer",
     "run_text_to_3d",
+    "open_run",
+    "prepare_run",
+    "train_step",
+    "finish_run",
+    "write_run_outputs",
+    "config_from_cli",
+    "slug",
 ]
 
 DEFAULT_PROMPT = "a red mushroom"
@@ -992,7 +999,7 @@ def plot_run_diagnostics(trainer: Trainer, steps: list[dict], path: str | Path) 
 
 
 # --------------------------------------------------------------------------- the main job
-def _prepare(trainer: Trainer) -> RunState:
+def prepare_run(trainer: Trainer) -> RunState:
     """Write the run's ``config.json``; the trainer's :class:`RunState` already holds the metrics (restored
     to the checkpoint's rows on resume)."""
     atomic_write_json(trainer.out / "config.json", {**asdict(trainer.cfg), "proposal_resolved":
@@ -1001,7 +1008,8 @@ def _prepare(trainer: Trainer) -> RunState:
     return trainer.state
 
 
-def _train_step(trainer: Trainer, metrics: RunState) -> None:
+def train_step(trainer: Trainer, metrics: RunState) -> None:
+    """One step of a run: an evaluation first when due, the step, a checkpoint every ``checkpoint_every`` steps."""
     if trainer.eval_due():
         metrics.append(trainer.evaluate())
         trainer.mark_evaluated()
@@ -1010,14 +1018,16 @@ def _train_step(trainer: Trainer, metrics: RunState) -> None:
         trainer.save()
 
 
-def _finish(trainer: Trainer, metrics: RunState) -> dict:
+def finish_run(trainer: Trainer, metrics: RunState) -> dict:
+    """The final evaluation (unless the last step was evaluated) and checkpoint; returns the final evaluation."""
     if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
         metrics.append(trainer.evaluate())
     trainer.save()
     return trainer.evals[-1]
 
 
-def _write_run_outputs(trainer: Trainer, title: str) -> None:
+def write_run_outputs(trainer: Trainer, title: str) -> None:
+    """A finished run's pictures: turntable, held-out comparison, quality curve, K and proposal."""
     out, p = trainer.out, trainer.problem
     tt = turntable(p, trainer.grid)
     ev = trainer.evals[-1]
@@ -1039,38 +1049,27 @@ def _write_run_outputs(trainer: Trainer, title: str) -> None:
     plot_run_diagnostics(trainer, steps, out / "k_and_proposal.png")
 
 
-def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = None,
-                   cfg: TextTo3DConfig | None = None, compare: bool = False, fresh: bool = False,
-                   progress: bool = True, teacher: UNetTeacher | None = None, compare_at: str = "step",
-                   restart: bool | None = None) -> dict:
-    """The main job: distil ``prompt`` into a voxel grid; write (and resume) a run folder; return a summary.
+@contextmanager
+def open_run(prompt: str, out_dir: str | Path | None, cfg: TextTo3DConfig | None, *, fresh: bool = False,
+             progress: bool = True, teacher: UNetTeacher | None = None, compare_at: str | None = None,
+             ) -> Iterator[tuple[TextTo3DConfig, Path, SceneProblem]]:
+    """Open (and lock) a text-to-3D run folder; yields ``(cfg, out, problem)``.
 
-    The folder (default ``runs/text-to-3d/<prompt>``, or ``<prompt>-compare`` with ``compare=True``) is a
-    :class:`carv._runfolder.RunFolder`: locked, with a manifest naming the command and configuration, and
-    checksummed checkpoints; ``fresh=True`` moves an earlier run there aside first (``restart`` is its
-    deprecated alias). A plain run's folder and a comparison's are never the same folder (the manifest
-    names the command).
-
-    With ``compare=True`` the run folder gets ``carv/`` and ``baseline/`` sub-runs, interleaved step by step
-    in one process (machine load hits both alike), and ``turntables.png`` side by side plus
-    ``quality_vs_steps.png`` and ``quality_vs_seconds.png``. ``compare_at="step"`` (the default): **equal
-    per-step compute**, both make ``cfg.steps`` steps and carv's allocator spends the baseline's measured
-    per-step cost (``R (c_up + c_draw)`` from the baseline's own meter, re-read every step). Both use the same
-    learning rate (``cfg.lr``: one rule for both) unless ``cfg.baseline_lr`` gives the baseline its own (each
-    tuned on the same grid: ``benchmarks/equal_step_reference.py --lr-grid``). ``compare_at="wall-clock"``: the
-    run with less training time so far steps next, and the baseline stops once it has used as much time as the carv run.
-    """
+    The folder (default ``runs/text-to-3d/<prompt>``, or ``<prompt>-compare`` for a comparison, ``compare_at``
+    not None) is a :class:`carv._runfolder.RunFolder`: locked, with a manifest naming the command and
+    configuration, and checksummed checkpoints; ``fresh=True`` moves an earlier run there aside first. A plain
+    run's folder and a comparison's are never the same folder (the manifest names the command)."""
     cfg = dataclasses.replace(cfg) if cfg is not None else TextTo3DConfig()
     cfg.prompt = prompt
     cfg.validate()
-    if compare_at not in COMPARE_AT:
+    compare = compare_at is not None
+    if compare and compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
-    fresh = bool(fresh or restart)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
-    slug = _slug(get_scene(prompt).prompt) + ("-compare" if compare else "")
-    out = Path(out_dir) if out_dir is not None else default_root / slug
+    out = Path(out_dir) if out_dir is not None else default_root / (slug(get_scene(prompt).prompt)
+                                                                    + ("-compare" if compare else ""))
     command = "carv text-to-3d --compare" if compare else "carv text-to-3d"
     if teacher is None and cfg.teacher is None:
         teacher = load_scenes_teacher()
@@ -1080,36 +1079,35 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh) as folder:
         if folder.previous is not None and progress:
             print(f"--fresh: moved the earlier run in {str(out)!r} to {str(folder.previous)!r}")
-        return _run_in_folder(out, cfg, compare, progress, teacher, compare_at)
+        problem = problem_for(cfg, teacher)  # teacher: None only for a diffusers cfg.teacher
+        if cfg.reference is not None:
+            problem.set_reference(load_reference_grid(cfg.reference))
+        yield cfg, out, problem
 
 
-def _baseline_lr(cfg: TextTo3DConfig) -> dict:
-    """The baseline's learning-rate fields in ``--compare``: ``cfg.baseline_lr`` in place of ``cfg.lr`` (a decay
-    to ``lr_end`` keeps its ratio ``lr_end / lr``), or nothing when it is None (both at ``cfg.lr``)."""
-    if cfg.baseline_lr is None:
-        return {}
-    end = None if cfg.lr_end is None else float(cfg.lr_end) * float(cfg.baseline_lr) / float(cfg.lr)
-    return {"lr": float(cfg.baseline_lr), "lr_end": end, "baseline_lr": None}
+def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = None,
+                   cfg: TextTo3DConfig | None = None, fresh: bool = False, progress: bool = True,
+                   teacher: UNetTeacher | None = None, restart: bool | None = None) -> dict:
+    """The main job: distil ``prompt`` into a voxel grid; write (and resume) a run folder; return a summary.
 
-
-def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool,
-                   teacher: UNetTeacher | None, compare_at: str) -> dict:
-    problem = problem_for(cfg, teacher)  # teacher: loaded by run_text_to_3d (None only for a diffusers cfg.teacher)
-    if cfg.reference is not None:
-        problem.set_reference(load_reference_grid(cfg.reference))
-    if not compare:
+    The folder is opened by :func:`open_run` (``fresh=True`` moves an earlier run aside first; ``restart`` is its
+    deprecated alias). The side-by-side comparison with the plain estimator (``carv text-to-3d --compare``) is
+    :func:`carv.bench.compare.compare_text_to_3d`.
+    """
+    with open_run(prompt, out_dir, cfg, fresh=bool(fresh or restart), progress=progress, teacher=teacher) as opened:
+        cfg, out, problem = opened
         trainer = Trainer(cfg, out, problem)
-        metrics = _prepare(trainer)
+        metrics = prepare_run(trainer)
         bar = progress_bar(None, progress, total=cfg.steps, initial=trainer.step_count, desc=f"text-to-3d {cfg.method}")
         try:  # an error message after an interruption starts on its own line
             while not trainer.done:
-                _train_step(trainer, metrics)
+                train_step(trainer, metrics)
                 bar.update(1)
                 bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
         finally:
             bar.close()
-        final = _finish(trainer, metrics)
-        _write_run_outputs(trainer, cfg.method)
+        final = finish_run(trainer, metrics)
+        write_run_outputs(trainer, cfg.method)
         summary = {"command": "carv text-to-3d", "prompt": problem.prompt, "method": cfg.method,
                    "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,
                    "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
@@ -1121,84 +1119,15 @@ def _run_in_folder(out: Path, cfg: TextTo3DConfig, compare: bool, progress: bool
                   f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
         return summary
 
-    equal_step = compare_at == "step"
-    cfgs = {"carv": dataclasses.replace(cfg, method="carv"),
-            "baseline": dataclasses.replace(cfg, method="baseline", K=None, proposal=None, stratify=None,
-                                            upstream=None, **_baseline_lr(cfg),
-                                            **({} if equal_step else dict(steps=10**9, budget_s=None)))}
-    trainers = {m: Trainer(c, out / m, problem) for m, c in cfgs.items()}
-    metrics = {m: _prepare(t) for m, t in trainers.items()}
-    carv_t, base_t = trainers["carv"], trainers["baseline"]
-    spend_baseline = equal_step and carv_t.alloc is not None and cfg.step_budget == "baseline"
-    bar = progress_bar(None, progress, total=cfg.steps, initial=carv_t.step_count, desc="text-to-3d compare")
-    while True:
-        if equal_step:
-            if carv_t.done and base_t.done:
-                break
-            base_due = not base_t.done and (base_t.step_count <= carv_t.step_count or carv_t.done)
-        else:
-            if carv_t.done and base_t.elapsed >= carv_t.elapsed:
-                break
-            base_due = base_t.elapsed < carv_t.elapsed or carv_t.done
-        if base_due:
-            _train_step(base_t, metrics["baseline"])
-        else:
-            b = base_t.plain_step_cost() if spend_baseline else None
-            if b is not None:  # carv's allocator spends the baseline's measured per-step cost
-                carv_t.alloc.budget = b
-            _train_step(carv_t, metrics["carv"])
-            bar.update(1)
-        bar.set_postfix(R=carv_t.R, K=carv_t.K, base_steps=base_t.step_count)
-    bar.close()
-    finals = {m: _finish(t, metrics[m]) for m, t in trainers.items()}
-    for m, t in trainers.items():
-        _write_run_outputs(t, m)
-    gt = turntable(problem, None)
-    save_image_grid([gt, turntable(problem, base_t.grid), turntable(problem, carv_t.grid)],
-                    ["ground truth", f"baseline\n{base_t.step_count} steps", f"carv\n{carv_t.step_count} steps"],
-                    out / "turntables.png",
-                    title=(f"{problem.prompt!r} at equal per-step compute, {carv_t.step_count} steps each "
-                           f"({base_t.elapsed:.0f} s baseline, {carv_t.elapsed:.0f} s carv)" if equal_step else
-                           f"{problem.prompt!r} at equal training time ({carv_t.elapsed:.0f} s each)"),
-                    col_names=[f"az {int(a)}" for a in torch.arange(8) * 45])
-    curves = {"baseline (uniform, K=1)": base_t.evals,
-              "carv (allocator, learned q, strata, lattice cameras)": carv_t.evals}
-    for x, name in (("step", "steps"), ("elapsed_s", "seconds")):
-        plot_quality_curves(curves, out / f"quality_vs_{name}.png",
-                            f"{problem.prompt!r}: held-out quality vs training {name}", x=x)
-    keys = ("psnr", "iou") + (("psnr_ref", "iou_ref") if cfg.reference is not None else ())
-    ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in keys}
-    steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in keys}
-    step_s = {m: t.elapsed / max(t.step_count, 1) for m, t in trainers.items()}
-    summary = {"command": "carv text-to-3d --compare", "compare_at": compare_at, "prompt": problem.prompt,
-               "seed": cfg.seed,
-               "train_seconds": {m: t.elapsed for m, t in trainers.items()}, "seconds_per_step": step_s,
-               "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
-               "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": carv_t.R,
-               "K_final": carv_t.K, "allocator_history": carv_t.alloc.history if carv_t.alloc is not None else None,
-               "machine": machine_info(loadavg=loadavg())}
-    atomic_write_json(out / "summary.json", summary)
-    if progress:
-        for m in METHODS:
-            f = finals[m]
-            print(f"{m:>8}: {trainers[m].step_count:5d} steps, PSNR {f['psnr']:.2f} dB, mask IoU {f['iou']:.3f}")
-        print(f"seconds per step: baseline {step_s['baseline']:.3f}, carv {step_s['carv']:.3f} "
-              f"(carv at R = {carv_t.R}, K = {carv_t.K})")
-        for label, res in (("steps", steps_q["psnr"]), ("seconds", ecm_q["psnr"])):
-            print(f"baseline / carv {label} to the baseline's final PSNR: {res['ecm']:.2f}x" if res["ecm"] is not None
-                  else f"baseline / carv {label} to the baseline's final PSNR: {res['note']}")
-        print(f"run folder: {out}")
-    return summary
 
-
-def _slug(prompt: str) -> str:
+def slug(prompt: str) -> str:
+    """A prompt as a folder name: its words joined by hyphens."""
     return "-".join(prompt.split())
 
 
-def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
-                        compare: bool = False, fresh: bool = False, progress: bool = True,
-                        compare_at: str = "step") -> dict:
-    """The ``carv text-to-3d`` command: flags (None = default) -> config -> :func:`run_text_to_3d`."""
+def config_from_cli(prompt: str | None, flags: dict, baseline: bool = False, compare: bool = False,
+                    compare_at: str = "step") -> TextTo3DConfig:
+    """The ``carv text-to-3d`` command's configuration: flags (None = default) -> a validated config."""
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     get_scene(prompt)  # a bad prompt fails first, with the list of allowed prompts
     names = {f.name for f in dataclasses.fields(TextTo3DConfig)}
@@ -1228,5 +1157,12 @@ def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: d
         given["t_lo_end"] = given.get("t_lo", TextTo3DConfig.t_lo)
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})
     cfg.validate()
-    return run_text_to_3d(prompt, out_dir, cfg, compare=compare, fresh=fresh, progress=progress,
-                          compare_at=compare_at)
+    return cfg
+
+
+def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
+                        fresh: bool = False, progress: bool = True) -> dict:
+    """The ``carv text-to-3d`` command without ``--compare``: flags -> :func:`config_from_cli` ->
+    :func:`run_text_to_3d`."""
+    cfg = config_from_cli(prompt, flags, baseline=baseline)
+    return run_text_to_3d(cfg.prompt, out_dir, cfg, fresh=fresh, progress=progress)

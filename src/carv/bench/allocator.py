@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from carv._runfolder import atomic_write_json
-from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
+from carv.accounting import Allocator, CostMeter, VarianceComponents, largest_r_within
 from carv.bench.harness import Config, measure, reference_mean
 
 __all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_allocator_distill",
@@ -46,7 +46,7 @@ def frontier(budget: float, cost_upstream: float, cost_draw: float, k_grid: Sequ
     """For each ``K`` of ``k_grid``, ``(R, K)`` with the largest ``R`` in ``r_range`` that fits ``budget``."""
     out = []
     for K in k_grid:
-        R = _largest_r_within(budget, cost_upstream + K * cost_draw, r_range[1])  # the same rule as allocate
+        R = largest_r_within(budget, cost_upstream + K * cost_draw, r_range[1])  # the same rule as allocate
         if R >= r_range[0] and (R, K) not in out:
             out.append((R, K))
     return out
