@@ -36,7 +36,8 @@ The pure functions (:func:`stratified_uniform`, :func:`inverse_cdf`) compose wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -388,6 +389,20 @@ class TimestepSampler:
                                  "(the proposal's CDF); pass inputs on a real device (cpu, cuda, ...)")
             self._tables[key] = (GuideTable(self._cdf64.to(key[0])), self._w64.to(key[0], dtype))
         return self._tables[key]
+
+    @contextmanager
+    def iid(self) -> Iterator[TimestepSampler]:
+        """``with sampler.iid(): ...`` draws iid (``stratify="none"``) inside the block, then restores the mode.
+
+        What a variance probe step uses: :class:`~carv.accounting.ComponentProbe` is unbiased for the components
+        of iid draws, while under strata its within part carries the drift of the mean across neighbouring
+        strata (DESIGN.md section 2). The step's estimate stays unbiased (iid draws from the same ``q``)."""
+        old = self.stratify
+        self.stratify = "none"
+        try:
+            yield self
+        finally:
+            self.stratify = old
 
     # ---------------------------------------------------------------- drawing
     def sample(
