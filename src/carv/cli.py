@@ -249,11 +249,12 @@ def bench_distill_cmd(
     from carv.bench.distill import BenchSettings, bench_from_cli, bench_upstream_strata
 
     if upstream_only:
-        from carv.apps.distill import DistillConfig, _teacher_from
+        from carv.apps.distill import DistillConfig, teacher_from_path
 
         s = BenchSettings(replicates=replicates or 40, reference_estimates=8, reference_R=32)
         cmd = f"carv bench distill --upstream-only --replicates {s.replicates} --threads {threads}"
-        bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), _teacher_from(teacher), command=cmd)
+        bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), teacher_from_path(teacher),
+                              command=cmd)
         return
     try:
         bench_from_cli(out, quick, json_path, teacher, threads, config)

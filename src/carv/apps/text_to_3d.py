@@ -640,7 +640,8 @@ def problem_for(cfg: TextTo3DConfig, teacher: UNetTeacher | None = None,
                         clock, **kw)
 
 
-def _grid_grad(grid: VoxelGrid) -> Tensor:
+def grid_grad(grid: VoxelGrid) -> Tensor:
+    """The grid's parameter gradient (density, then colour) as one flat vector."""
     return torch.cat([grid.density.grad.reshape(-1), grid.color.grad.reshape(-1)])
 
 

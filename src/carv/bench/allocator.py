@@ -132,7 +132,7 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     with one draw (2 = the plain estimator's step at R = 2)."""
     from carv._machine import loadavg, machine_info
     from carv._runfolder import load_tensors
-    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -151,7 +151,7 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
         sds.K = c.K
         grid.zero_grad(set_to_none=True)
         problem.gradient(grid, sds, c.R, gen, meter=meter)
-        return _grid_grad(grid).clone()
+        return grid_grad(grid).clone()
 
     def probe(R, K, gen, meter):
         sds.K = K
@@ -208,12 +208,12 @@ def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill"
     of one sample with one draw (8 = the plain estimator's ``R = 8, K = 1`` step, the distillation baseline)."""
     import dataclasses
 
-    from carv._machine import loadavg, machine_info
-    from carv.apps.distill import DistillConfig, Distiller, _threads
+    from carv._machine import loadavg, machine_info, torch_threads
+    from carv.apps.distill import DistillConfig, Distiller
 
     base = base or DistillConfig()
     base.validate()
-    with _threads(threads):
+    with torch_threads(threads):
         d = Distiller(dataclasses.replace(base, seed=seed), teacher)
         d.warmup()  # the start checkpoint
         objectives: dict[int, Any] = {}
@@ -256,7 +256,7 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
     The within part is the same in each pair (same draws per render), so the variance difference is the
     between-render part that the strata remove."""
     from carv._machine import loadavg, machine_info
-    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
     from carv.upstream import UpstreamSampler
 
     if threads is not None:
@@ -274,14 +274,14 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
         if c.method == "reference":
             grid.zero_grad(set_to_none=True)
             problem.gradient(grid, sds, c.R, gen, meter=meter)
-            return _grid_grad(grid).clone()
+            return grid_grad(grid).clone()
         mode, R, n = modes[c.method]
         up = None if mode == "iid" else UpstreamSampler(2, mode, generator=gen)
         total = None
         for _ in range(n):
             grid.zero_grad(set_to_none=True)
             problem.gradient(grid, sds, R, gen, meter=meter, upstream=up)
-            g = _grid_grad(grid).clone()
+            g = grid_grad(grid).clone()
             total = g if total is None else total + g
         return total / n
 

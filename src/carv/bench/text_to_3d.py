@@ -60,7 +60,7 @@ from carv._progress import progress_bar
 from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv._validate import check_seed
 from carv.accounting import AutoK, CostMeter, work_normalised_variance
-from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
+from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, grid_grad, problem_for
 from carv.bench.harness import (
     SMOKE_NOTE,
     Config,
@@ -1026,7 +1026,7 @@ class TextTo3DPipeline:
         return grid
 
     def grid_gradient(self, grid: VoxelGrid) -> Tensor:
-        return _grid_grad(grid)
+        return grid_grad(grid)
 
     def zero_grad(self, grid: VoxelGrid) -> None:
         grid.zero_grad(set_to_none=True)
