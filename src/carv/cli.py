@@ -212,6 +212,7 @@ def distill_cmd(
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming the folder's saved run."),
 ):
     """One-step distribution-matching distillation of the digits teacher (DMD), gradient through carv."""
+    from carv.accounting import accounting_sentence
     from carv.apps.distill import distill_from_cli
 
     flags = dict(steps=steps, time_budget_s=time_budget, R=r, K=k, proposal=proposal, stratify=stratify,
@@ -227,6 +228,7 @@ def distill_cmd(
     f = res["final"]
     typer.echo(f"{res['steps']} steps, {res['compute_s']:.0f} s of compute: FD {f['fd']:.1f}, "
                f"accuracy {f['accuracy']:.3f}; run folder {res['run_dir']}")
+    typer.echo(accounting_sentence(res["accounting"]))
 
 
 @bench_app.command("distill")
