@@ -134,3 +134,11 @@ def test_probe_steps_draw_iid_and_read_the_known_components_under_strata():
     w_iid = A ** 2 / 12 + s2
     assert abs(float(wt.mean()) - w_iid) < 4 * float(wt.std()) / math.sqrt(600)
     assert abs(float(bt.mean()) - sb) < 4 * float(bt.std()) / math.sqrt(600)
+
+
+def test_beaten_by_headline_needs_a_margin_of_two_standard_errors():
+    from carv.bench.text_to_3d import beaten_by
+
+    assert beaten_by({"ecm": 1.6, "ecm_se": 0.1}, {"ecm": 1.0, "ecm_se": 0.1})
+    assert not beaten_by({"ecm": 1.25, "ecm_se": 0.26}, {"ecm": 1.0, "ecm_se": 0.05})  # within the noise
+    assert not beaten_by({"ecm": 1.0, "ecm_se": 0.0}, {"ecm": 1.2, "ecm_se": 0.0})
