@@ -1,20 +1,23 @@
-"""The regime sweep on the main text-to-3D job: carv's default against the plain estimator and the efficiency bound
-at render : draw cost ratios 1, native, 10 and 30 (issue 24; DESIGN.md section 2, "What the bound says").
+"""The regime sweep: carv's default against the plain estimator and the efficiency bound at render : draw cost
+ratios 1, native, 10 and 30 (issue 24; DESIGN.md section 2, "What the bound says"), on the main text-to-3D job
+(``--app text-to-3d``) or the embedded toy problem of ``carv demo`` (``--app demo``).
 
-For each seed: the app's default run (``carv text-to-3d`` with that seed) is trained to the middle snapshot
-(``--snapshot-step``, resumable) and, at that snapshot, with nothing the app does not pay (no warm-up, no pilot):
+For each seed the app's default run is made first (text-to-3D: ``carv text-to-3d`` with that seed, trained to the
+middle snapshot ``--snapshot-step``, resumable; demo: ``--snapshot-step`` steps of the default estimator through
+:class:`carv.Accountant` with its ProposalSelector, the toy's parameters fixed). Then, at that state, with nothing
+the app does not pay (no warm-up, no pilot):
 
 - the app's estimator is its own sampler as the run left it (proposal chosen by its ProposalSelector from its own
   draws, per-upstream strata), at the (R, K) its own allocator picks from its own components when the render
-  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`, probe costs charged as the app pays them);
+  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`; the probes' extra cost charged);
 - replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
   every ratio's (R, K), of uniform reuse at the same (R, K), and of the plain estimator (uniform, R = 2, K = 1);
-- cost of one estimate ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``.
+- the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``.
 
-Rows pool the seeds' variances (each seed its own snapshot and reference). Written to ``--json`` as
-``regime_sweep`` (keys kept) with the plot beside it. Resumable: rerun the same command.
+Rows pool the seeds' variances (each seed its own run and reference). ``--json`` gets ``regime_sweep`` (its other
+keys kept) and the plot beside it. Resumable: rerun the same command.
 
-    nice -n 10 python benchmarks/regime_sweep_text_to_3d.py --out /work/runs/issue-24/regime-t3d \\
+    nice -n 10 python benchmarks/regime_sweep.py --app text-to-3d --out /work/runs/issue-24/regime-t3d \\
         --json docs/text_to_3d_bench.json --seeds 0 1 2 --replicates 90 --baseline-replicates 300
 """
 
@@ -25,49 +28,44 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from carv._machine import loadavg
 from carv._runfolder import atomic_write_json
-from carv.apps.text_to_3d import TextTo3DConfig, Trainer
 from carv.bench.harness import Config, fit_components, measure, reference_mean, run_record
 from carv.bench.regime import plot_regime_sweep, regime_row, write_regime_sweep
 
 RATIOS = (1.0, "native", 10.0, 30.0)
 
 
-def snapshot(seed: int, steps: int, out: Path) -> Trainer:
+@dataclass
+class Snapshot:
+    """What the sweep needs from an app's default run: its allocator (components, calibrated costs), the proposal
+    it ended with and ``estimate(config, generator, meter)`` for the methods ``carv`` (its own sampler) and
+    ``uniform``."""
+
+    alloc: Any
+    proposal: str
+    estimate: Any
+
+
+def text_to_3d_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     """The app's default run with ``seed``, trained (or resumed) to ``steps`` steps and checkpointed."""
+    from carv.apps.text_to_3d import TextTo3DConfig, Trainer
+
     tr = Trainer(TextTo3DConfig(seed=seed), out, resume=True)
     while tr.step_count < steps:
         tr.step()
         if tr.step_count % 25 == 0 or tr.step_count == steps:
             tr.save()
-    return tr
-
-
-def app_choice(tr: Trainer, ratio: float) -> tuple[int, int, float]:
-    """``(R, K, overhead)``: the app's allocator's choice when a render costs ``ratio`` draws, and the fraction of
-    that step's cost its probes add (one probe step every ``interval`` steps, in draw-cost units)."""
-    a = tr.alloc
-    probe_ratio = a.calibration["probe_ratio"] if a.calibration else 0.0
-    R, K, _ = a.choose(ratio, 1.0, probe_ratio)
-    Rp = max(R, 2)
-    Kp = max(a.probe_k_min, round(R * K / Rp))
-    step = R * (ratio + K)
-    extra = max(Rp * (ratio + Kp) + probe_ratio - step, 0.0) / a.interval
-    return R, K, extra / step
-
-
-def estimate_fn(tr: Trainer):
-    """``estimate(config, generator, meter)``: one SDS parameter gradient at the snapshot, by the app's own sampler
-    (method ``carv``) or uniform timesteps (method ``uniform``)."""
     p = tr.problem
-    samplers = {"carv": tr.sds.sampler, "uniform": p.sampler("none", "none", tr.cfg.floor)}
-    samplers["uniform"].set_t_range(tr.sds.sampler.t_min, tr.sds.sampler.t_max)
-    sds = {m: p.sds(s, 1) for m, s in samplers.items()}
+    uniform = p.sampler("none", "none", tr.cfg.floor)
+    uniform.set_t_range(tr.sds.sampler.t_min, tr.sds.sampler.t_max)
+    sds = {"carv": p.sds(tr.sds.sampler, 1), "uniform": p.sds(uniform, 1)}
     for s in sds.values():
         s.guidance_scale = tr.cfg.guidance_at(tr.step_count)
 
@@ -78,33 +76,85 @@ def estimate_fn(tr: Trainer):
         p.gradient(tr.grid, obj, c.R, gen, meter=meter, elevation_range=(tr.cfg.elev_lo, tr.cfg.elev_hi))
         return torch.cat([tr.grid.density.grad.flatten(), tr.grid.color.grad.flatten()]).detach().clone()
 
-    return estimate
+    selector = getattr(tr, "selector", None)
+    return Snapshot(tr.alloc, selector.current if selector is not None else tr.cfg.resolved_proposal, estimate)
+
+
+def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+    """``steps`` steps of carv's default on the toy problem (parameters fixed): the Accountant chooses (R, K) at the
+    plain estimator's budget, the ProposalSelector the proposal, both from the run's own draws."""
+    from carv import Accountant, LearnedProposal, ProposalSelector
+    from carv.apps.toy import ToyConfig, ToyProblem
+    from carv.objectives.sds import ScoreDistillation
+
+    prob = ToyProblem(ToyConfig(seed=seed))
+    T = prob.cfg.num_timesteps
+    sampler = prob.sampler("weight", "per_upstream")
+    selector = ProposalSelector(T, weight=prob.w, learned=LearnedProposal(T, prior=prob.w), start="weight")
+    sds = ScoreDistillation(prob.teacher, sampler, K=1)
+    acc = Accountant(sds, params=[prob.theta], R=2, generator=torch.Generator().manual_seed(seed + 1))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        prob.theta.grad = None
+        with acc.step() as st:
+            x = prob.upstream(acc.R, g)
+            res = st.objective(x, generator=g)
+            st.backward(res, x)
+        selector.update(res.draws.t, res.estimate.sq_norms, sampler)
+        if step % 10 == 0:
+            selector.refresh(sampler)
+    samplers = {"carv": sampler, "uniform": prob.sampler("none", "none")}
+    objs = {m: ScoreDistillation(prob.teacher, s, K=1) for m, s in samplers.items()}
+
+    def estimate(c: Config, gen: torch.Generator, meter) -> torch.Tensor:
+        objs[c.method].K = c.K
+        return prob.gradient(objs[c.method], c.R, gen, meter)[0].flatten()
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
+                                         "switches": selector.history})
+    return Snapshot(acc.allocator, selector.current, estimate)
+
+
+SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot}
+
+
+def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
+    """``(R, K, overhead)``: the app's allocator's choice when a render costs ``ratio`` draws, and the fraction of
+    that step's cost its probes add (one probe step every ``interval`` steps, in draw-cost units)."""
+    probe_ratio = alloc.calibration["probe_ratio"] if alloc.calibration else 0.0
+    R, K, _ = alloc.choose(ratio, 1.0, probe_ratio)
+    Rp = max(R, 2)
+    Kp = max(alloc.probe_k_min, round(R * K / Rp))
+    step = R * (ratio + K)
+    extra = max(Rp * (ratio + Kp) + probe_ratio - step, 0.0) / alloc.interval
+    return R, K, extra / step
 
 
 def measure_seed(seed: int, args, out: Path) -> dict:
-    """One seed's snapshot, the app's choices at every ratio and the replicate rows."""
+    """One seed's run, the app's choices at every ratio and the replicate rows."""
     path = out / f"seed-{seed}" / "rows.json"
     if path.is_file():
         return json.loads(path.read_text())
-    tr = snapshot(seed, args.snapshot_step, out / f"seed-{seed}" / "run")
-    cal = tr.alloc.calibration
-    native = cal["cost_ratio"] if cal else tr.meter.median("upstream") / tr.meter.median("draw")
+    (out / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+    snap = SNAPSHOTS[args.app](seed, args.snapshot_step, out / f"seed-{seed}" / "run")
+    cal = snap.alloc.calibration
+    native = cal["cost_ratio"]
     ratios = [native if r == "native" else r for r in RATIOS]
-    choices = {str(r): app_choice(tr, r) for r in ratios}
+    choices = {str(r): app_choice(snap.alloc, r) for r in ratios}
     configs = [Config("uniform", 2, 1)]
     for R, K, _ in choices.values():
         configs += [c for c in (Config("carv", R, K), Config("uniform", R, K)) if c not in configs]
-    estimate = estimate_fn(tr)
-    ref, ref_var = reference_mean(estimate, Config("carv", 8, 16), args.reference_estimates, seed + 7,
+    ref, ref_var = reference_mean(snap.estimate, Config("carv", 8, 16), args.reference_estimates, seed + 7,
                                   desc=f"reference (seed {seed})")
     n_of = {c.key: args.baseline_replicates if (c.method, c.R, c.K) == ("uniform", 2, 1) else args.replicates
             for c in configs}
-    rows = measure(configs, estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
+    rows = measure(configs, snap.estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
                    state_dir=out / f"seed-{seed}" / "state", desc=f"replicates (seed {seed})",
                    clock=time.process_time, reference_variance=ref_var)
     res = {"seed": seed, "native_ratio": native, "ratios": ratios, "choices": choices, "rows": rows,
-           "proposal": tr.selector.current if getattr(tr, "selector", None) else tr.cfg.resolved_proposal,
-           "allocator_components": [tr.alloc.between, tr.alloc.within], "calibration": cal, "loadavg": loadavg()}
+           "proposal": snap.proposal, "allocator_components": [snap.alloc.between, snap.alloc.within],
+           "calibration": cal, "loadavg": loadavg()}
     atomic_write_json(path, res)
     return res
 
@@ -141,7 +191,8 @@ def sweep_rows(results: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("/work/runs/issue-24/regime-t3d"))
+    ap.add_argument("--app", choices=sorted(SNAPSHOTS), default="text-to-3d")
+    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--snapshot-step", type=int, default=150)
@@ -155,7 +206,7 @@ def main() -> None:
     results = [measure_seed(s, args, args.out) for s in args.seeds]
     rows = sweep_rows(results)
     atomic_write_json(args.out / "regime_sweep.json", {"rows": rows, "per_seed": results})
-    plot_regime_sweep(rows, args.out / "regime_sweep.png", "text-to-3D main job: carv default vs bound")
+    plot_regime_sweep(rows, args.out / "regime_sweep.png", f"{args.app}: carv default against the efficiency bound")
     for r in rows:
         print(f"cost ratio {r['cost_ratio']:5.1f}: K = {r['K']:2d}, ECM {r['headline_ecm']:.2f} +- "
               f"{r['headline_se']:.2f}, bound {r['bound_ecm']:.2f} ({r['bound_fraction']:.2f} of it); "
