@@ -142,3 +142,28 @@ def test_beaten_by_headline_needs_a_margin_of_two_standard_errors():
     assert beaten_by({"ecm": 1.6, "ecm_se": 0.1}, {"ecm": 1.0, "ecm_se": 0.1})
     assert not beaten_by({"ecm": 1.25, "ecm_se": 0.26}, {"ecm": 1.0, "ecm_se": 0.05})  # within the noise
     assert not beaten_by({"ecm": 1.0, "ecm_se": 0.0}, {"ecm": 1.2, "ecm_se": 0.0})
+
+
+def test_regime_row_is_the_ecm_at_simulated_costs_and_never_beats_its_bound(tmp_path):
+    import json
+
+    from carv.bench.regime import REGIME_KEYS, regime_row, write_regime_sweep
+
+    b, w, cd = 0.2, 1.0, 0.004
+    base = {"R": 2, "K": 1, "variance": (b + w) / 2, "variance_se": 0.01}
+    rows = []
+    for ratio in (1.0, 3.3, 10.0, 30.0):
+        fracs = []
+        for K in range(1, 40):
+            head = {"R": 1, "K": K, "variance": b + w / K, "variance_se": 0.01}
+            r = regime_row(ratio, cd, base, head, (b, w))
+            assert r["headline_ecm"] == pytest.approx((b + w) * (ratio + 1) / ((b + w / K) * (ratio + K)))
+            fracs.append(r["bound_fraction"])
+        assert max(fracs) <= 1 + 1e-12 and max(fracs) > 0.9  # the best integer K is close to the bound
+        rows.append(r)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"headline": {"value": 1.2}, "other": 1}))
+    data = write_regime_sweep(path, rows, {"command": "x"}, 3.3)
+    assert data["other"] == 1 and set(REGIME_KEYS) <= set(data["regime_sweep"][0])
+    assert data["headline"]["bound_fraction"] == pytest.approx(1.2 / rows[1]["bound_ecm"])
+    assert data["headline_app_default"]["cost_ratio"] == 3.3

@@ -356,6 +356,11 @@ class TimestepSampler:
         return self._q
 
     @property
+    def importance(self) -> Tensor | None:
+        """The importance table in use (float64, length ``T``; None: ``q = p``), as :meth:`set_importance` took it."""
+        return self._importance
+
+    @property
     def weights(self) -> Tensor:
         """``p/q`` for every timestep (0 where ``q = 0``), float64."""
         return self._w64
