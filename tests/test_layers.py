@@ -107,6 +107,11 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_no_import_cycle_in_carv():
+    assert len(MODULES) > 20
+    assert _cycles(_import_graph()) == []
+
+
 def test_no_private_name_is_imported_from_another_package():
     """``from carv.x.y import _name`` only inside the package that owns ``_name`` (private modules of the top-level
     package, such as ``carv._runfolder``, are carv's own shared helpers and may be imported anywhere)."""
