@@ -558,9 +558,10 @@ class ProposalSelector:
     optimism); uniform stays a candidate, so importance sampling switches itself off where it does not pay. The
     learned candidate's table is re-read at every refresh.
 
-    The window holds the last ``window`` draws with ``p(t)`` and ``q(t)`` as they were when drawn; the candidates
-    are built on the sampler's current ``p``, and draws outside its support are left out (while the support
-    moves, the comparison is for the current objective, up to the change of ``p`` inside the window).
+    The window holds the last ``window`` draws with the ``q(t)`` that drew them; ``p`` and the candidates are the
+    sampler's current ones, so each term is unbiased for the current objective whenever the proposal that drew it
+    covered the current support (a support that narrows, as an annealed range does, keeps that; draws outside the
+    current support are left out).
     State (window, current choice, switch history) is saved with the run (:meth:`state_dict`).
     """
 
@@ -586,7 +587,7 @@ class ProposalSelector:
             raise ValueError(f"min_gain: expected a fraction in [0, 1), got {min_gain!r}")
         self.current, self.window, self.sigmas, self.min_draws = start, window, float(sigmas), min_draws
         self.min_gain = float(min_gain)
-        self._buf = {k: torch.zeros(0, dtype=torch.float64) for k in ("t", "s", "p", "q")}
+        self._buf = {k: torch.zeros(0, dtype=torch.float64) for k in ("t", "s", "q")}
         self.history: list[dict] = []
 
     def table(self, name: str, support: tuple[int, int]) -> Tensor | None:
@@ -611,17 +612,18 @@ class ProposalSelector:
             raise ValueError("sq_norm: contains NaN or inf")
         if self.learned is not None:
             self.learned.update(t, s)
-        new = {"t": t.double(), "s": s, "p": sampler.p[t], "q": sampler.q[t]}
+        new = {"t": t.double(), "s": s, "q": sampler.q[t]}
         for k, v in new.items():
             self._buf[k] = torch.cat([self._buf[k], v])[-self.window:]
 
     def _terms(self, sampler: TimestepSampler) -> dict[str, Tensor]:
         """Per-draw terms ``p(t)^2 s / (q(t) q'(t))`` of every candidate, on the window's draws inside the support."""
         support = (sampler.t_min, sampler.t_max)
-        t, s, p0, q0 = (self._buf[k] for k in ("t", "s", "p", "q"))
+        t, s, q0 = (self._buf[k] for k in ("t", "s", "q"))
         t = t.long()
-        keep = sampler.p[t] > 0
-        t, base = t[keep], (p0 * p0 * s / q0)[keep]
+        p = sampler.p[t]
+        keep = p > 0
+        t, base = t[keep], (p * p * s / q0)[keep]
         return {c: base / proposal_table(sampler.p, self.table(c, support), sampler.floor)[t]
                 for c in self.candidates}
 
@@ -662,7 +664,7 @@ class ProposalSelector:
         current = self.CANDIDATES[int(state["current"])]
         if current not in self.candidates:
             raise ValueError(f"state['current']: {current!r} is not a candidate here ({self.candidates})")
-        self._buf = {k: state[k].to(torch.float64).clone()[-self.window:] for k in ("t", "s", "p", "q")}
+        self._buf = {k: state[k].to(torch.float64).clone()[-self.window:] for k in ("t", "s", "q")}
         self.current = current
 
 

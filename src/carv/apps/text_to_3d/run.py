@@ -13,6 +13,7 @@ import torch
 from carv._machine import loadavg, machine_info
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json
+from carv.accounting import accounting_sentence
 from carv.apps.text_to_3d.config import COMPARE_AT, DEFAULT_PROMPT, RESUMABLE_CHANGES, TextTo3DConfig, config_from_cli
 from carv.apps.text_to_3d.outputs import write_run_outputs
 from carv.apps.text_to_3d.problem import SceneProblem, load_reference_grid
@@ -114,11 +115,12 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                    "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,
                    "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
                    "c_draw_s": trainer.meter.median("draw"), "resumed_from": trainer.resumed_from,
-                   "machine": machine_info(loadavg=loadavg())}
+                   "machine": machine_info(loadavg=loadavg()), "accounting": trainer.accounting()}
         atomic_write_json(out / "summary.json", summary)
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
                   f"PSNR {final['psnr']:.2f} dB, mask IoU {final['iou']:.3f}, K = {trainer.K}; run folder: {out}")
+            print(accounting_sentence(summary["accounting"]))
         return summary
 
 
