@@ -159,33 +159,37 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     return res
 
 
-def pooled(results: list[dict], method: str, R: int, K: int) -> dict | None:
-    """The seeds' variances of one configuration pooled (mean; SE from the per-seed SEs)."""
-    rs = [r for res in results for r in res["rows"] if (r["method"], r["R"], r["K"]) == (method, R, K)]
-    if not rs:
-        return None
-    var = sum(r["variance"] for r in rs) / len(rs)
-    se = math.sqrt(sum(r["variance_se"] ** 2 for r in rs)) / len(rs)
-    return {"method": method, "R": R, "K": K, "variance": var, "variance_se": se, "seeds": len(rs),
-            "c_draw_s": sum(r["c_draw_s"] for r in rs) / len(rs)}
+def seed_rows(res: dict) -> list[dict]:
+    """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound."""
+    rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
+    comps = fit_components([r for r in res["rows"] if r["method"] == "carv"], "carv")
+    base = rows[("uniform", 2, 1)]
+    c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
+    out = []
+    for ratio in res["ratios"]:
+        R, K, overhead = res["choices"][str(ratio)]
+        row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, overhead)
+        row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
+        out.append(row)
+    return out
 
 
 def sweep_rows(results: list[dict]) -> list[dict]:
-    """One row per ratio: the app's choice (the first seed's; the seeds' choices are listed), pooled over seeds."""
-    keys = {(r["method"], r["R"], r["K"]) for res in results for r in res["rows"]}
-    comps = fit_components([pooled(results, *k) for k in keys if k[0] == "carv"], "carv")
-    base = pooled(results, "uniform", 2, 1)
-    c_draw = sum(r["c_draw_s"] for res in results for r in res["rows"]) / sum(len(res["rows"]) for res in results)
+    """Per ratio, the seeds' rows combined: mean ECM (SE from the per-seed SEs), mean bound, their ratio; the native
+    ratio is each seed's own calibrated one (their mean reported)."""
+    per_seed = [seed_rows(res) for res in results]
     out = []
-    for i, ratio in enumerate(results[0]["ratios"]):
-        R, K, overhead = results[0]["choices"][str(ratio)]
-        head = pooled(results, "carv", R, K)
-        row = regime_row(ratio, c_draw, base, head, comps, overhead)
-        uni = pooled(results, "uniform", R, K)
-        row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, uni, comps)["headline_ecm"] if uni else None
-        row["native"] = RATIOS[i] == "native"
-        row["choices_per_seed"] = [res["choices"][str(res["ratios"][i])][:2] for res in results]
-        out.append(row)
+    for i, label in enumerate(RATIOS):
+        rs = [rows[i] for rows in per_seed]
+        n = len(rs)
+        ecm = sum(r["headline_ecm"] for r in rs) / n
+        bound = sum(r["bound_ecm"] for r in rs) / n
+        out.append({"cost_ratio": sum(r["cost_ratio"] for r in rs) / n, "headline_ecm": ecm,
+                    "headline_se": math.sqrt(sum(r["headline_se"] ** 2 for r in rs)) / n, "bound_ecm": bound,
+                    "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
+                    "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
+                    "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "headline_ecm", "headline_se",
+                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm")} for r in rs]})
     return out
 
 

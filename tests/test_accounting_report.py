@@ -167,3 +167,14 @@ def test_regime_row_is_the_ecm_at_simulated_costs_and_never_beats_its_bound(tmp_
     assert data["other"] == 1 and set(REGIME_KEYS) <= set(data["regime_sweep"][0])
     assert data["headline"]["bound_fraction"] == pytest.approx(1.2 / rows[1]["bound_ecm"])
     assert data["headline_app_default"]["cost_ratio"] == 3.3
+
+
+def test_the_plain_estimator_stays_a_candidate_where_probing_costs_more_than_reuse_gains():
+    a = Allocator("baseline", r_init=1, k_init=4, probe_every=10)
+    for _ in range(3):
+        a.observe(1.0, 4.0)
+    # render as cheap as a draw and a probe worth 20 draws: charging it leaves too little for reuse to pay
+    assert a.choose(1.0, 1.0, 20.0)[:2] == (2, 1)
+    # a costly render and a cheap probe: one render with several draws wins, as before
+    R, K, _ = a.choose(8.0, 1.0, 1.0)
+    assert R == 1 and K > 2

@@ -8,7 +8,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k
+from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k, predicted_variance
 from carv.accounting.meter import CostMeter, calibrate_costs
 
 __all__ = ["Allocator", "AutoK", "winsorised_mean"]
@@ -230,6 +230,18 @@ class Allocator:
             cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max))
+        # at the plain estimator's budget the plain estimator itself (the baseline pair, probed only at the longest
+        # interval) stays a candidate, so the choice is never predicted worse than it: where probing costs more
+        # than reuse gains (cheap renders, costly probes) the run falls back to it and the probes become rare
+        base = self.baseline
+        in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
+        if self.budget == "baseline" and pair != base and in_range:
+            R_b = max(base[0], 2)
+            probe_b = self.step_cost(R_b, max(2, round(base[0] * base[1] / R_b)), cost_upstream,
+                                     cost_draw) + cost_probe
+            cost_b = self.step_cost(*base, cost_upstream, cost_draw) + max(probe_b - B, 0.0) / self.probe_every_max
+            if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * B:
+                return base[0], base[1], B
         return pair[0], pair[1], b_eff
 
     def step(self, meter: CostMeter) -> tuple[int, int]:
