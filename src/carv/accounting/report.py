@@ -72,7 +72,7 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     out["between"] = b
     if b + w <= 0:
         return out
-    out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max)
+    out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max) if (b > 0 or k_max is not None) else None
     out["bound_ecm"] = bound_ecm(b, w, c_up, c_d)
     plain = work_normalised_variance(b, w, c_up, c_d, 1)
     out["predicted_ecm"] = plain / (work_normalised_variance(b, w, c_up, c_d, K) * (1.0 + ov))
@@ -87,7 +87,8 @@ def accounting_sentence(acc: dict) -> str:
         return ("the efficiency bound is unknown for this run: it measured no variance components "
                 "(runs with the accountant measure them)")
     ratio = acc.get("cost_ratio")
-    where = f" (render : draw cost ratio {ratio:.1f}, K* = {acc['k_star']})" if ratio is not None else ""
+    k_star = "unbounded" if acc.get("k_star") is None else acc["k_star"]
+    where = f" (upstream : draw cost ratio {ratio:.1f}, K* = {k_star})" if ratio is not None else ""
     return (f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator{where}; "
             f"carv's setting (R = {acc['R']}, K = {acc['K']}, proposal {acc.get('proposal') or 'uniform'}) gets "
             f"{acc['predicted_ecm']:.2f}x ({acc['bound_fraction']:.2f} of the bound)")
