@@ -36,6 +36,7 @@ import torch
 
 from carv._machine import loadavg
 from carv._runfolder import atomic_write_json
+from carv.accounting import timed_estimate
 from carv.bench.harness import Config, fit_components, measure, reference_mean, run_record
 from carv.bench.regime import plot_regime_sweep, regime_row, write_regime_sweep
 
@@ -116,7 +117,54 @@ def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     return Snapshot(acc.allocator, selector.current, estimate)
 
 
-SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot}
+def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+    """``steps`` generator steps of DMD distillation (the app's Distiller: fake-score warm-up and updates as it
+    makes them) with carv's estimator on the generator gradient: per-upstream strata, the ProposalSelector over
+    uniform and the learned table (DMD's per-draw normalisation has no weight table), and the Accountant choosing
+    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1."""
+    from carv import Accountant, ProposalSelector
+    from carv.accounting import Allocator
+    from carv.apps.distill import DistillConfig, Distiller
+
+    d = Distiller(DistillConfig(seed=seed, R=8, K=1, stratify="per_upstream"))
+    selector = ProposalSelector(d.T, learned=d.learned, start="uniform")
+    params = list(d.generator.parameters())
+    alloc = Allocator("baseline", baseline=(8, 1), r_range=(1, 32), k_range=(1, 32), r_init=8, k_init=1,
+                      every=10, probe_every=5)
+    acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
+    d.warmup()
+    for step in range(1, steps + 1):
+        for _ in range(d.cfg.fake_updates):
+            d.fake_update()
+        d.opt_g.zero_grad(set_to_none=True)
+        with acc.step() as st:
+            z, c = d.latents(acc.R)
+            x = d.generator(z, c)
+            res = st.objective(x, c, d.rng)
+            st.backward(res, x)
+        d.opt_g.step()
+        selector.update(res.draws.t, res.estimate.sq_norms, d.sampler)
+        if step % 10 == 0:
+            selector.refresh(d.sampler)
+    uniform = d.make_sampler("none", "none")
+    objs = {"carv": d.dmd, "uniform": d.make_objective(uniform, 1)}
+
+    def estimate(c: Config, gen: torch.Generator, meter) -> torch.Tensor:
+        obj = objs[c.method]
+        obj.K = c.K
+        for q in params:
+            q.grad = None
+        z, lab = d.latents(c.R, gen)
+        timed_estimate(lambda: d.generator(z, lab), lambda x: obj(x, lab, gen), c.K, meter)
+        return torch.cat([q.grad.flatten() for q in params]).detach().clone()
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
+                                         "switches": selector.history})
+    return Snapshot(alloc, selector.current, estimate)
+
+
+SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot, "distill": distill_snapshot}
 
 
 def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
@@ -142,17 +190,19 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     native = cal["cost_ratio"]
     ratios = [native if r == "native" else r for r in RATIOS]
     choices = {str(r): app_choice(snap.alloc, r) for r in ratios}
-    configs = [Config("uniform", 2, 1)]
+    plain = getattr(snap.alloc, "baseline", (2, 1))
+    configs = [Config("uniform", *plain)]
     for R, K, _ in choices.values():
         configs += [c for c in (Config("carv", R, K), Config("uniform", R, K)) if c not in configs]
     ref, ref_var = reference_mean(snap.estimate, Config("carv", 8, 16), args.reference_estimates, seed + 7,
                                   desc=f"reference (seed {seed})")
-    n_of = {c.key: args.baseline_replicates if (c.method, c.R, c.K) == ("uniform", 2, 1) else args.replicates
+    n_of = {c.key: args.baseline_replicates if (c.method, c.R, c.K) == ("uniform", *plain) else args.replicates
             for c in configs}
     rows = measure(configs, snap.estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
                    state_dir=out / f"seed-{seed}" / "state", desc=f"replicates (seed {seed})",
                    clock=time.process_time, reference_variance=ref_var)
-    res = {"seed": seed, "native_ratio": native, "ratios": ratios, "choices": choices, "rows": rows,
+    res = {"seed": seed, "plain": list(plain), "native_ratio": native, "ratios": ratios, "choices": choices,
+           "rows": rows,
            "proposal": snap.proposal, "allocator_components": [snap.alloc.between, snap.alloc.within],
            "calibration": cal, "loadavg": loadavg()}
     atomic_write_json(path, res)
@@ -163,7 +213,7 @@ def seed_rows(res: dict) -> list[dict]:
     """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound."""
     rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
     comps = fit_components([r for r in res["rows"] if r["method"] == "carv"], "carv")
-    base = rows[("uniform", 2, 1)]
+    base = rows[("uniform", *res.get("plain", (2, 1)))]
     c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
     out = []
     for ratio in res["ratios"]:

@@ -74,7 +74,8 @@ class AccountantStep:
         probe = acc.probe_due and self.R >= 2 and self.K >= 2
         if probe and acc.params is not None:
             kwargs["keep_draws"] = True
-        sampler = getattr(acc.objective, "sampler", None)
+        obj = acc.objective
+        sampler = getattr(obj, "sampler", None) or getattr(getattr(obj, "estimator", None), "sampler", None)
         iid = sampler.iid() if probe and hasattr(sampler, "iid") else nullcontext()
         t0 = acc._now()
         with iid:  # a probe step draws iid timesteps: the probe is unbiased for iid components
