@@ -287,7 +287,7 @@ def text_to_3d_cmd(
     proposal: str = typer.Option(None, help="Timestep proposal: auto (default: uniform, q ~ p w or learned, "
                                             "chosen from the run's own draws), learned, weight or none."),
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
-    live_costs: bool = typer.Option(None, "--live-costs", help="Re-measure the stage costs at every choice of "
+    live_costs: bool = typer.Option(False, "--live-costs", help="Re-measure the stage costs at every choice of "
                                     "(R, K) (default: calibrated once, so the same seed gives the same run)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
     t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
@@ -320,7 +320,7 @@ def text_to_3d_cmd(
     from carv.apps.text_to_3d import config_from_cli, run_text_to_3d
 
     flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
-                 proposal=proposal, stratify=stratify, live_costs=live_costs,
+                 proposal=proposal, stratify=stratify, live_costs=live_costs or None,
                  guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
                  sparsity_weight=sparsity, lr=lr, baseline_lr=baseline_lr, grid_resolution=grid_resolution,
                  render_size=render_size,
