@@ -69,7 +69,8 @@ def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "") -
     ax.errorbar(x, [r["headline_ecm"] for r in rows], yerr=[r["headline_se"] for r in rows], fmt="o-",
                 color="tab:red", capsize=3, label="carv default (the app's own choice)")
     for r in rows:
-        ax.annotate(f"K={r['K']}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points", xytext=(4, -12),
+        ks = "/".join(str(q["K"]) for q in r.get("per_seed", [r]))  # each seed's own choice
+        ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points", xytext=(4, -12),
                     fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8, label="plain estimator (R = 2, K = 1)")
     ax.set_xscale("log")
