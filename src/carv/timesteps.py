@@ -598,7 +598,8 @@ class ProposalSelector:
             return self.weight
         if name == "learned":
             imp = self.learned.importance(support)
-            return self.weight if imp is None else imp  # nothing seen in the support yet: the weight table
+            # nothing (or only zeros) seen in the support yet: the weight table, or q = p
+            return self.weight if imp is None or not bool((imp > 0).any()) else imp
         raise ValueError(f"name: expected one of {self.candidates}, got {name!r}")
 
     def update(self, t: Tensor, sq_norm: Tensor, sampler: TimestepSampler) -> None:
