@@ -33,9 +33,9 @@ from carv.accounting.algebra import (
     relative_efficiency,
     work_normalised_variance,
 )
-from carv.accounting.allocator import Allocator, AutoK, winsorised_mean
+from carv.accounting.allocator import Allocator, AutoK, choose_next, plan_step, winsorised_mean
 from carv.accounting.components import VarianceComponents, between_component, variance_components, within_row_variance
-from carv.accounting.meter import CostMeter, timed_estimate
+from carv.accounting.meter import CostMeter, Stopwatch, timed_estimate
 from carv.accounting.probe import ComponentProbe
 from carv.accounting.report import ACCOUNTING_KEYS, accounting_sentence, accounting_summary, bound_ecm
 
@@ -56,9 +56,12 @@ __all__ = [
     "relative_efficiency",
     "fraction_of_bound",
     "CostMeter",
+    "Stopwatch",
     "Allocator",
     "AutoK",
     "winsorised_mean",
+    "plan_step",
+    "choose_next",
     "ComponentProbe",
     "within_row_variance",
     "between_component",
