@@ -178,3 +178,15 @@ def test_the_plain_estimator_stays_a_candidate_where_probing_costs_more_than_reu
     # a costly render and a cheap probe: one render with several draws wins, as before
     R, K, _ = a.choose(8.0, 1.0, 1.0)
     assert R == 1 and K > 2
+
+
+def test_on_the_plain_pair_the_allocator_probes_at_its_longest_interval():
+    a = Allocator("baseline", r_init=1, k_init=4, probe_every=10, every=10, warmup=1)
+    m = CostMeter()
+    m.add("upstream", 1.0)
+    m.add("draw", 1.0)
+    m.add("probe", 20.0)
+    for _ in range(10):
+        a.observe(1.0, 4.0)
+        a.step(m)
+    assert (a.R, a.K) == (2, 1) and a.interval == a.probe_every_max == 80

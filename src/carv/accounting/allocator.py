@@ -304,6 +304,10 @@ class Allocator:
         else:
             self.unchanged, self.interval = 0, self.probe_every
             self.next_probe = min(self.next_probe, self.steps + self.interval)
+        if self.budget == "baseline" and (R, K) == self.baseline:
+            # on the plain estimator the probes buy nothing until the components move: probe at the longest
+            # interval, as the choice charged them (see choose)
+            self.interval = self.probe_every_max
         entry["probe_every"] = self.interval
         self.history.append(entry)
         _log.info("Allocator step %d: (R, K) %s -> (%d, %d); between %.4g within %.4g, c_up %.4g s, "
