@@ -64,6 +64,8 @@ def text_to_3d_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
         if tr.step_count % 25 == 0 or tr.step_count == steps:
             tr.save()
     p = tr.problem
+    # the objective of the last step taken (a trainer resumed from a checkpoint sets its range at its next step)
+    tr.sds.sampler.set_t_range(*tr.cfg.t_range(tr.step_count - 1, p.T))
     uniform = p.sampler("none", "none", tr.cfg.floor)
     uniform.set_t_range(tr.sds.sampler.t_min, tr.sds.sampler.t_max)
     sds = {"carv": p.sds(tr.sds.sampler, 1), "uniform": p.sds(uniform, 1)}
