@@ -7,6 +7,7 @@ import torch
 
 from carv import Accountant, ScoreDistillation, TimestepSampler, VPSchedule
 from carv.accounting import ComponentProbe, optimal_k
+from carv.accounting.meter import quantise_ratio
 from carv.teachers import GaussianMixtureTeacher
 
 T = 1000
@@ -38,8 +39,13 @@ class Charged:
     def K(self, K):
         self.sds.K = K
 
+    @property
+    def sampler(self):
+        return self.sds.sampler
+
     def __call__(self, x, *args, **kwargs):
         self.clock.t += self.per_draw * x.shape[0] * self.sds.K
+        self.modes = getattr(self, "modes", []) + [self.sds.sampler.stratify]
         return self.sds(x, *args, **kwargs)
 
 
@@ -116,7 +122,8 @@ def test_budget_mode_lets_the_allocator_set_r_and_k_at_equal_per_step_compute():
     assert (c_up, c_draw) == (pytest.approx(0.05), pytest.approx(0.001))
     last = a.history[-1]
     R, K = last["R"], last["K"]
-    assert (last["cost_upstream"], last["cost_draw"]) == (c_up, c_draw)  # the allocator read the accountant's meter
+    # the allocator read the accountant's meter, as a calibrated ratio in units of the draw cost
+    assert (last["cost_upstream"], last["cost_draw"]) == (quantise_ratio(c_up / c_draw), 1.0)
     assert (a.R, a.K) == (R, K) == (acc.history[-1]["next_R"], sds.K)
     assert R == 1 and K > 4  # render-dominated cost at the plain step's budget: one render, many draws
     for i in (2, 4):  # probe steps run at the allocator's probe shape of the pair then chosen, e.g. (1, 8) -> (2, 4)
@@ -173,3 +180,15 @@ def test_component_probe_reads_the_within_stratum_variance_under_per_row_strata(
     assert abs(float(wt.mean()) - w_eff) < 4 * w_se, (float(wt.mean()), w_eff, w_se)
     assert abs(float(bt.mean()) - sb) < 4 * b_se, (float(bt.mean()), sb, b_se)
     assert (w_iid - w_eff) > 20 * w_se
+
+
+def test_probe_steps_draw_iid_timesteps_and_ordinary_steps_keep_the_strata():
+    theta, sds, clock, acc = make(K=4, budget=None, probe_every=3, choose_every=3, k_range=(2, 32))
+    g = torch.Generator().manual_seed(4)
+    probes = []
+    for _ in range(7):
+        probes.append(acc.probe_due)
+        run_step(acc, theta, clock, g)
+    assert acc.objective.modes == ["none" if p else "per_upstream" for p in probes] and any(probes)
+    acc_sum = acc.summary(proposal="uniform")
+    assert acc_sum["K"] == sds.K and acc_sum["bound_ecm"] is not None and acc_sum["proposal"] == "uniform"

@@ -110,7 +110,7 @@ def test_auto_k_picks_optimum_from_observations():
     for _ in range(5):
         m.add("upstream", 0.8)
         m.add("draw", 0.01)
-    ak = AutoK(k_init=2, k_min=1, k_max=64, every=5)
+    ak = AutoK(k_init=2, k_min=1, k_max=64, every=5, live_costs=True)
     for _ in range(20):
         ak.observe(0.5, 2.0)
         k = ak.step(m)

@@ -151,8 +151,8 @@ def test_allocator_converges_at_the_baseline_budget_with_probes_charged(budget_f
     assert avg_cost <= B * 1.02
     # the brute-force optimum at the same budget left after charging the probes, with the true components
     R, K = alloc.R, alloc.K
-    b_eff = alloc.history[-1]["budget"]
-    R0, K0 = allocate(sb, sw, cu, cd, budget=b_eff)
+    last = alloc.history[-1]  # budget and costs in the units the allocator chose in (draw costs at "baseline")
+    R0, K0 = allocate(sb, sw, last["cost_upstream"], last["cost_draw"], budget=last["budget"])
     var = (sb + sw / K) / R
     var_opt = (sb + sw / K0) / R0
     assert var <= 1.10 * var_opt, (R, K, R0, K0)  # the target: within 10% of brute force
@@ -292,7 +292,7 @@ def test_allocator_free_budget_is_auto_k_and_an_outlier_does_not_pin_k(caplog):
     m = CostMeter()
     m.add("upstream", 0.8)
     m.add("draw", 0.01)
-    ak = AutoK(k_init=2, k_min=1, k_max=64, every=1, decay=0.8)
+    ak = AutoK(k_init=2, k_min=1, k_max=64, every=1, decay=0.8, live_costs=True)
     ak.observe(9.1e10, 9.1e10 * 40)  # one outlier probe first (as seen in a run): 1e10 times the rest
     with caplog.at_level(logging.INFO, logger="carv.accounting"):
         for _ in range(10):

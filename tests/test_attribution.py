@@ -370,6 +370,10 @@ def test_cli_attribute_smoke_resume_and_image_query(tmp_path):
     assert [t["rank"] for t in top] == [1, 2, 3] and all(0 <= t["train_position"] < 12 for t in top)
     assert top[0]["score"] >= top[1]["score"] >= top[2]["score"]
     assert (tmp_path / "run" / "attribution.png").is_file()
+    acc = json.loads((tmp_path / "run" / "summary.json").read_text())["accounting"]
+    assert acc["between"] == 0.0 and acc["within"] > 0 and acc["K"] == 2  # one fixed example: no between part
+    assert acc["bound_ecm"] == pytest.approx(1 + acc["cost_upstream_s"] / acc["cost_draw_s"])  # s = 0
+    assert f"this pipeline allows at most {acc['bound_ecm']:.2f}x" in res.output
     cache = list((tmp_path / "run").glob("train_features_*.safetensors"))
     assert len(cache) == 1
     mtime = cache[0].stat().st_mtime_ns

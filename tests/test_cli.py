@@ -84,9 +84,11 @@ def test_text_to_3d_flags_set_the_config_fields_they_name(monkeypatch, tmp_path)
 
 
 def test_distill_uses_carvs_default_estimator_and_baseline_the_plain_one(monkeypatch, tmp_path):
+    from carv.accounting import accounting_summary
     from carv.apps.distill import CARV_ESTIMATOR, DistillConfig
 
-    summary = {"steps": 3, "compute_s": 1.0, "final": {"fd": 1.0, "accuracy": 0.5}, "run_dir": str(tmp_path)}
+    summary = {"steps": 3, "compute_s": 1.0, "final": {"fd": 1.0, "accuracy": 0.5}, "run_dir": str(tmp_path),
+               "accounting": accounting_summary(None, None, None, None, 8, 1)}
     calls = _captured(monkeypatch, "carv.apps.distill", "run_distill", summary)
     monkeypatch.setattr("carv.apps.distill.teacher_from_path", lambda path: None)
     for extra in ([], ["--baseline"], ["--K", "4"], ["--baseline", "--K", "4"]):

@@ -238,6 +238,11 @@ def test_cli_distill_smoke(tmp_path, tiny_teacher):
         assert (out / f).is_file(), f
     saved = json.loads((out / "config.json").read_text())
     assert saved["K"] == 2 and saved["fake_batch"] == 4  # flags override the JSON config
+    acc = json.loads((out / "summary.json").read_text())["accounting"]
+    assert (acc["R"], acc["K"]) == (2, 2) and acc["bound_ecm"] > 1.0
+    s, rho = acc["between"] / (acc["between"] + acc["within"]), acc["cost_upstream_s"] / acc["cost_draw_s"]
+    assert acc["bound_ecm"] == pytest.approx((1 + rho) / (math.sqrt(s * rho) + math.sqrt(1 - s)) ** 2)
+    assert f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator" in res.output
     bad = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "b"), "--teacher", str(path),
                                    "--proposal", "weight"])
     assert bad.exit_code != 0 and "proposal" in bad.output

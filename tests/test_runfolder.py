@@ -267,11 +267,11 @@ def test_compare_on_a_plain_run_and_a_changed_distill_run_are_refused_naming_fre
 
 
 def test_a_default_given_explicitly_is_the_same_configuration():
-    """Case 5: `--proposal learned` (the default) was refused as a change "None -> 'learned'"."""
+    """Case 5: `--proposal auto` (the default) was refused as a change "None -> 'auto'"."""
     from carv.apps.text_to_3d import TextTo3DConfig
 
     base = TextTo3DConfig().identity()
-    for field, value in (("proposal", "learned"), ("stratify", "per_upstream"), ("upstream", "lattice")):
+    for field, value in (("proposal", "auto"), ("stratify", "per_upstream"), ("upstream", "lattice")):
         assert TextTo3DConfig(**{field: value}).identity() == base, field
     assert TextTo3DConfig(method="baseline", proposal="none").identity() == TextTo3DConfig(method="baseline").identity()
 

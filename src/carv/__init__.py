@@ -13,7 +13,7 @@ from carv.objectives.dmd import DistributionMatching
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
 from carv.schedules import VPSchedule
-from carv.timesteps import LearnedProposal, SecondMomentResampler, TimestepDraws, TimestepSampler
+from carv.timesteps import LearnedProposal, ProposalSelector, SecondMomentResampler, TimestepDraws, TimestepSampler
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "GradientFeatures",
     "HierarchicalEstimator",
     "LearnedProposal",
+    "ProposalSelector",
     "SDSOutput",
     "ScoreDistillation",
     "SecondMomentResampler",

@@ -230,6 +230,7 @@ def distill_cmd(
 ):
     """One-step distribution-matching distillation of the digits teacher (DMD), gradient through carv's default
     estimator (K = 16 draws per sample, learned timestep proposal, per-sample strata; --baseline: the plain one)."""
+    from carv.accounting import accounting_sentence
     from carv.apps.distill import DistillConfig, distill_from_cli
 
     flags = _config_flags(DistillConfig, {**locals(), "teacher": None})  # --teacher is a weights file, not a field
@@ -240,6 +241,7 @@ def distill_cmd(
     f = res["final"]
     typer.echo(f"{res['steps']} steps, {res['compute_s']:.0f} s of compute: FD {f['fd']:.1f}, "
                f"accuracy {f['accuracy']:.3f}; run folder {res['run_dir']}")
+    typer.echo(accounting_sentence(res["accounting"]))
 
 
 @bench_app.command("distill")
@@ -296,8 +298,11 @@ def text_to_3d_cmd(
                                                                 "seconds, or 'free' (K only, at fixed R)."),
     upstream: str = typer.Option(None, help="Training cameras: lattice (default; spread across steps), strata "
                                             "(spread within a step) or iid."),
-    proposal: str = typer.Option(None, help="Timestep proposal: learned (default), weight (q ~ p w) or none."),
+    proposal: str = typer.Option(None, help="Timestep proposal: auto (default: uniform, q ~ p w or learned, "
+                                            "chosen from the run's own draws), learned, weight or none."),
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
+    live_costs: bool = typer.Option(False, "--live-costs", help="Re-measure the stage costs at every choice of "
+                                    "(R, K) (default: calibrated once, so the same seed gives the same run)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
     t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
     t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep at step 0, a fraction of T (default 0.98)."),

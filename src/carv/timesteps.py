@@ -36,7 +36,8 @@ The pure functions (:func:`stratified_uniform`, :func:`inverse_cdf`) compose wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,8 @@ __all__ = [
     "inverse_cdf",
     "GuideTable",
     "LearnedProposal",
+    "ProposalSelector",
+    "proposal_table",
     "SecondMomentResampler",
     "percent_range",
     "annealed_range",
@@ -123,6 +126,19 @@ def inverse_cdf(u: Tensor, cdf: Tensor) -> Tensor:
     idx = torch.searchsorted(cdf, u.to(cdf.dtype).contiguous(), right=True)
     last = torch.searchsorted(cdf, cdf[-1:], right=False)  # first index where the cdf reaches its end
     return torch.minimum(idx, last)
+
+
+def proposal_table(p: Tensor, importance: Tensor | None, floor: float = 0.0) -> Tensor:
+    """The proposal ``q = (1 - floor) * normalise(p * importance) + floor * p`` (``q = p`` for ``importance=None``).
+
+    ``p`` and ``importance`` are non-negative tables of the same length (float64); the one place where a proposal
+    is made from an importance table (:meth:`TimestepSampler.set_importance`, :class:`ProposalSelector`)."""
+    if importance is None:
+        return p.clone()
+    pi = p * importance
+    if pi.sum() <= 0:
+        raise ValueError("importance: p * importance sums to 0 over the support of p")
+    return (1.0 - floor) * pi / pi.sum() + floor * p
 
 
 class GuideTable:
@@ -312,10 +328,7 @@ class TimestepSampler:
             if callable(importance) and not isinstance(importance, Tensor):
                 importance = importance(torch.arange(self.num_timesteps))
             imp = _table(importance, self.num_timesteps, "importance")
-            pi = p * imp
-            if pi.sum() <= 0:
-                raise ValueError("importance: p * importance sums to 0 over the support of p")
-            q = (1.0 - self.floor) * pi / pi.sum() + self.floor * p
+            q = proposal_table(p, imp, self.floor)
         zero = (q <= 0) & (p > 0)
         if zero.any():
             ts = zero.nonzero().flatten().tolist()
@@ -341,6 +354,11 @@ class TimestepSampler:
     def q(self) -> Tensor:
         """The proposal actually sampled (float64, length ``T``)."""
         return self._q
+
+    @property
+    def importance(self) -> Tensor | None:
+        """The importance table in use (float64, length ``T``; None: ``q = p``), as :meth:`set_importance` took it."""
+        return self._importance
 
     @property
     def weights(self) -> Tensor:
@@ -376,6 +394,20 @@ class TimestepSampler:
                                  "(the proposal's CDF); pass inputs on a real device (cpu, cuda, ...)")
             self._tables[key] = (GuideTable(self._cdf64.to(key[0])), self._w64.to(key[0], dtype))
         return self._tables[key]
+
+    @contextmanager
+    def iid(self) -> Iterator[TimestepSampler]:
+        """``with sampler.iid(): ...`` draws iid (``stratify="none"``) inside the block, then restores the mode.
+
+        What a variance probe step uses: :class:`~carv.accounting.ComponentProbe` is unbiased for the components
+        of iid draws, while under strata its within part carries the drift of the mean across neighbouring
+        strata (DESIGN.md section 2). The step's estimate stays unbiased (iid draws from the same ``q``)."""
+        old = self.stratify
+        self.stratify = "none"
+        try:
+            yield self
+        finally:
+            self.stratify = old
 
     # ---------------------------------------------------------------- drawing
     def sample(
@@ -413,10 +445,15 @@ class LearnedProposal:
     """The variance-optimal proposal ``q ~ p sqrt(E[||f||^2 | t])``, learned online.
 
     Feed it the per-draw squared norms of the *unweighted* integrand that the pipeline computes
-    anyway (``update(t, sq_norm)``); it keeps an exponential moving average per bin of timesteps,
-    smooths across neighbouring bins and returns an importance table ``sqrt(m2)`` for
-    :meth:`TimestepSampler.set_importance`. Bins never seen take the mean of the seen ones (or the
-    ``prior`` table until anything is seen). Its state is saved and restored with the run.
+    anyway (``update(t, sq_norm)``); it keeps an exponential moving average per bin of timesteps
+    and returns an importance table ``sqrt(m2)`` for :meth:`TimestepSampler.set_importance`.
+
+    :meth:`importance` with ``support=(t_min, t_max)`` (the sampler's) builds the table from the bins seen inside
+    the support only: timesteps outside it get 0 (no mass; the sampler's ``p`` is 0 there anyway), the smoothing
+    averages a seen bin with its *seen* neighbours inside the support (so nothing from outside is smoothed into the
+    support's edge), and a bin inside the support that has no draws yet takes the linear interpolation of its
+    nearest seen neighbours (the nearest one's value past the last seen bin). Before any bin of the support was
+    seen it returns the ``prior`` (0 outside the support), or None. Its state is saved and restored with the run.
     """
 
     def __init__(self, num_timesteps: int, num_bins: int = 50, decay: float = 0.95, smoothing: int = 1,
@@ -456,17 +493,43 @@ class LearnedProposal:
     def ready(self) -> bool:
         return bool((self.mass > 0).any())
 
-    def importance(self) -> Tensor | None:
-        """Importance table (length ``T``) or the prior (None if no prior) before anything was seen."""
-        if not self.ready:
-            return self.prior
-        seen = self.mass > 0
-        m2 = torch.where(seen, self.m2, self.m2[seen].mean())
-        if self.smoothing:
-            k = 2 * self.smoothing + 1
-            padded = torch.nn.functional.pad(m2[None, None], (self.smoothing, self.smoothing), mode="replicate")
-            m2 = torch.nn.functional.avg_pool1d(padded, k, stride=1)[0, 0]
-        return m2.clamp_min(0).sqrt()[self.bin_of]
+    def _support_mask(self, support: tuple[int, int] | None) -> Tensor:
+        """Per-timestep mask of ``support`` (inclusive; None: every timestep)."""
+        mask = torch.zeros(self.num_timesteps, dtype=torch.bool)
+        lo, hi = (0, self.num_timesteps - 1) if support is None else support
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi < self.num_timesteps):
+            raise ValueError(f"support: need integers 0 <= t_min <= t_max <= {self.num_timesteps - 1}, "
+                             f"got {support!r}")
+        mask[lo:hi + 1] = True
+        return mask
+
+    def importance(self, support: tuple[int, int] | None = None) -> Tensor | None:
+        """Importance table (length ``T``, 0 outside ``support``), the prior before a bin of the support was seen
+        (None without a prior). See the class doc."""
+        in_t = self._support_mask(support)
+        in_bin = torch.zeros(self.num_bins, dtype=torch.bool).index_fill_(0, self.bin_of[in_t], True)
+        seen = (self.mass > 0) & in_bin
+        if not seen.any():
+            return None if self.prior is None else torch.where(in_t, self.prior, torch.zeros_like(self.prior))
+        m2 = torch.where(seen, self.m2, torch.zeros_like(self.m2))
+        if self.smoothing:  # a normalised convolution over the seen bins only
+            k, pad = 2 * self.smoothing + 1, (self.smoothing, self.smoothing)
+            num = torch.nn.functional.avg_pool1d(torch.nn.functional.pad(m2[None, None], pad), k, stride=1)[0, 0]
+            den = torch.nn.functional.avg_pool1d(torch.nn.functional.pad(seen.double()[None, None], pad), k,
+                                                 stride=1)[0, 0]
+            m2 = torch.where(seen, num / den.clamp_min(1e-300), m2)
+        idx = seen.nonzero().flatten()
+        if idx.numel() < int(in_bin.sum()):  # unseen bins of the support: interpolate their seen neighbours
+            b = torch.arange(self.num_bins)
+            right = torch.searchsorted(idx, b).clamp(max=idx.numel() - 1)
+            left = (right - 1).clamp(min=0)
+            right_b, left_b = idx[right], idx[left]
+            span = (right_b - left_b).clamp_min(1).double()
+            frac = ((b - left_b).double() / span).clamp(0.0, 1.0)
+            interp = m2[left_b] + frac * (m2[right_b] - m2[left_b])
+            m2 = torch.where(seen, m2, torch.where(in_bin, interp, torch.zeros_like(m2)))
+        table = m2.clamp_min(0).sqrt()[self.bin_of]
+        return torch.where(in_t, table, torch.zeros_like(table))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"m2": self.m2.clone(), "mass": self.mass.clone()}
@@ -476,6 +539,134 @@ class LearnedProposal:
             if state[k].shape != (self.num_bins,):
                 raise ValueError(f"state['{k}']: expected shape ({self.num_bins},), got {tuple(state[k].shape)}")
         self.m2, self.mass = state["m2"].to(torch.float64).clone(), state["mass"].to(torch.float64).clone()
+
+
+class ProposalSelector:
+    """Chooses the timestep proposal from the run's own draws (DESIGN.md: "Choosing a proposal without a pilot").
+
+    Draws ``t ~ q`` with squared residual norms ``s`` (the unweighted ``||f||^2`` the step computes anyway) estimate
+    the per-draw second moment that any other proposal ``q'`` would give, without drawing from it:
+
+        M(q') = E_q[ p(t)^2 s / (q(t) q'(t)) ] = sum_t p(t)^2 E[s | t] / q'(t),
+
+    an unbiased mean over the recent draws. The candidates are ``"uniform"`` (``q' = p``), ``"weight"`` (``q' ~ p w``,
+    the teacher's weighting, when a table is given) and ``"learned"`` (:class:`LearnedProposal`, fed by
+    :meth:`update`), each mixed with the sampler's ``floor`` as :func:`proposal_table` does. At :meth:`refresh` the
+    candidate with the smallest ``M`` replaces the current one only when the paired difference (same draws) beats
+    the current proposal's ``M`` by more than ``sigmas`` standard errors (and by at least ``min_gain`` of it: the
+    learned candidate is fitted to the draws it is scored on, and a gain of a per cent or two is within that
+    optimism); uniform stays a candidate, so importance sampling switches itself off where it does not pay. The
+    learned candidate's table is re-read at every refresh.
+
+    The window holds the last ``window`` draws with the ``q(t)`` that drew them; ``p`` and the candidates are the
+    sampler's current ones, so each term is unbiased for the current objective whenever the proposal that drew it
+    covered the current support (a support that narrows, as an annealed range does, keeps that; draws outside the
+    current support are left out).
+    State (window, current choice, switch history) is saved with the run (:meth:`state_dict`).
+    """
+
+    CANDIDATES = ("uniform", "weight", "learned")
+
+    def __init__(self, num_timesteps: int, weight: Tensor | None = None, learned: LearnedProposal | None = None,
+                 start: str = "uniform", window: int = 1024, sigmas: float = 2.0, min_draws: int = 64,
+                 min_gain: float = 0.02):
+        check_positive_int(num_timesteps, "num_timesteps")
+        check_positive_int(window, "window")
+        check_positive_int(min_draws, "min_draws")
+        if not (isinstance(sigmas, (int, float)) and math.isfinite(sigmas) and sigmas >= 0):
+            raise ValueError(f"sigmas: expected a finite non-negative number, got {sigmas!r}")
+        self.num_timesteps = num_timesteps
+        self.weight = None if weight is None else _table(weight, num_timesteps, "weight")
+        self.learned = learned
+        self.candidates = tuple(c for c in self.CANDIDATES
+                                if c == "uniform" or (c == "weight" and weight is not None)
+                                or (c == "learned" and learned is not None))
+        if start not in self.candidates:
+            raise ValueError(f"start: expected one of the candidates {self.candidates}, got {start!r}")
+        if not (isinstance(min_gain, (int, float)) and 0.0 <= min_gain < 1.0):
+            raise ValueError(f"min_gain: expected a fraction in [0, 1), got {min_gain!r}")
+        self.current, self.window, self.sigmas, self.min_draws = start, window, float(sigmas), min_draws
+        self.min_gain = float(min_gain)
+        self._buf = {k: torch.zeros(0, dtype=torch.float64) for k in ("t", "s", "q")}
+        self.history: list[dict] = []
+
+    def table(self, name: str, support: tuple[int, int]) -> Tensor | None:
+        """The importance table of candidate ``name`` on ``support`` (None: ``q = p``)."""
+        if name == "uniform":
+            return None
+        if name == "weight":
+            return self.weight
+        if name == "learned":
+            imp = self.learned.importance(support)
+            # nothing (or only zeros) seen in the support yet: the weight table, or q = p
+            return self.weight if imp is None or not bool((imp > 0).any()) else imp
+        raise ValueError(f"name: expected one of {self.candidates}, got {name!r}")
+
+    def update(self, t: Tensor, sq_norm: Tensor, sampler: TimestepSampler) -> None:
+        """Record draws ``t`` (made by ``sampler`` as it is now) and their squared residual norms; feeds the learned
+        candidate too."""
+        t = t.detach().reshape(-1).cpu().long()
+        s = sq_norm.detach().reshape(-1).cpu().to(torch.float64)
+        if t.numel() != s.numel():
+            raise ValueError(f"sq_norm: expected one value per timestep ({t.numel()}), got {s.numel()}")
+        if not torch.isfinite(s).all():
+            raise ValueError("sq_norm: contains NaN or inf")
+        if self.learned is not None:
+            self.learned.update(t, s)
+        new = {"t": t.double(), "s": s, "q": sampler.q[t]}
+        for k, v in new.items():
+            self._buf[k] = torch.cat([self._buf[k], v])[-self.window:]
+
+    def _terms(self, sampler: TimestepSampler) -> dict[str, Tensor]:
+        """Per-draw terms ``p(t)^2 s / (q(t) q'(t))`` of every candidate, on the window's draws inside the support."""
+        support = (sampler.t_min, sampler.t_max)
+        t, s, q0 = (self._buf[k] for k in ("t", "s", "q"))
+        t = t.long()
+        p = sampler.p[t]
+        keep = p > 0
+        t, base = t[keep], (p * p * s / q0)[keep]
+        return {c: base / proposal_table(sampler.p, self.table(c, support), sampler.floor)[t]
+                for c in self.candidates}
+
+    def second_moments(self, sampler: TimestepSampler) -> dict[str, tuple[float, float]]:
+        """``{candidate: (M, SE of M - M_current)}`` on the window's draws inside the sampler's support (the SE is of
+        the paired difference against the current proposal; 0 for the current one)."""
+        terms = self._terms(sampler)
+        return {c: (float(x.mean()), _paired_se(x, terms[self.current])) for c, x in terms.items()}
+
+    def refresh(self, sampler: TimestepSampler) -> str:
+        """Compare the candidates on the window and set the current candidate's table on ``sampler``; returns its name.
+
+        The best candidate (smallest ``M``) must beat the current one by more than ``sigmas`` SE of their paired
+        difference for a switch; the switch then goes to the simplest candidate (uniform, weight, learned) that is
+        not worse than the best by more than ``sigmas`` SE, so a learned table fitted to noise never displaces
+        uniform sampling where the residual does not depend on ``t``."""
+        if int(self._buf["t"].numel()) >= self.min_draws:
+            terms = self._terms(sampler)
+            m = {c: float(x.mean()) for c, x in terms.items()}
+            best = min(m, key=m.get)
+            gain = m[self.current] - m[best]
+            if best != self.current and gain > max(self.sigmas * _paired_se(terms[self.current], terms[best]),
+                                                   self.min_gain * m[self.current]):
+                to = next(c for c in self.candidates
+                          if c == best or m[c] - m[best] <= self.sigmas * _paired_se(terms[c], terms[best]))
+                self.history.append({"draws": int(terms[best].numel()), "from": self.current, "to": to,
+                                     "second_moments": m})
+                self.current = to
+        sampler.set_importance(self.table(self.current, (sampler.t_min, sampler.t_max)))
+        return self.current
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (the window and the index of the current candidate); the learned candidate saves its own."""
+        return {**{k: v.clone() for k, v in self._buf.items()},
+                "current": torch.tensor(self.CANDIDATES.index(self.current))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        current = self.CANDIDATES[int(state["current"])]
+        if current not in self.candidates:
+            raise ValueError(f"state['current']: {current!r} is not a candidate here ({self.candidates})")
+        self._buf = {k: state[k].to(torch.float64).clone()[-self.window:] for k in ("t", "s", "q")}
+        self.current = current
 
 
 class SecondMomentResampler:
@@ -598,6 +789,12 @@ def scheduled_value(spec, global_step: int, epoch: int = 0) -> float:
 
 
 # --------------------------------------------------------------------------- helpers
+def _paired_se(x: Tensor, y: Tensor) -> float:
+    """Standard error of ``mean(x - y)`` (0 for identical terms, inf with fewer than 2)."""
+    n = int(x.numel())
+    return float((x - y).std() / math.sqrt(n)) if n > 1 else float("inf")
+
+
 def _table(v, T: int, name: str) -> Tensor:
     t = torch.as_tensor(v).detach().to("cpu", torch.float64)
     if t.shape != (T,):

@@ -17,6 +17,7 @@ One module per concept, all re-exported here:
 - :mod:`~carv.accounting.meter`: stage timing (:class:`CostMeter`, :func:`timed_estimate`);
 - :mod:`~carv.accounting.allocator`: the online choice of ``(R, K)`` (:class:`Allocator`, :class:`AutoK`);
 - :mod:`~carv.accounting.probe`: parameter-space components (:class:`ComponentProbe`);
+- :mod:`~carv.accounting.report`: what a run reports (:func:`accounting_summary`: the bound and carv's share of it);
 - :mod:`~carv.accounting.accountant`: the per-step accounting loop around a user's own code (:class:`Accountant`).
 """
 
@@ -36,8 +37,13 @@ from carv.accounting.allocator import Allocator, AutoK, choose_next, plan_step, 
 from carv.accounting.components import VarianceComponents, between_component, variance_components, within_row_variance
 from carv.accounting.meter import CostMeter, Stopwatch, timed_estimate
 from carv.accounting.probe import ComponentProbe
+from carv.accounting.report import ACCOUNTING_KEYS, accounting_sentence, accounting_summary, bound_ecm
 
 __all__ = [
+    "ACCOUNTING_KEYS",
+    "accounting_summary",
+    "accounting_sentence",
+    "bound_ecm",
     "VarianceComponents",
     "variance_components",
     "predicted_variance",

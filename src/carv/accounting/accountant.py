@@ -13,6 +13,9 @@ Without it a user wires five things by hand each step (stage timers, a variance 
             optimizer.step()
         # here sds.K (and acc.R) hold the next step's choice
 
+Probe steps draw iid timesteps (the objective's ``sampler.iid()``, when it has one), so the probe reads the
+components unbiasedly whatever stratification the other steps use.
+
 Costs. The ``"draw"`` stage is the objective call (its ``R K`` teacher draws, per draw); everything else
 inside the step (render, encode, backward, optimiser) is ``"upstream"`` (per upstream sample), the two stages
 of the cost model ``C = R (c_up + K c_draw)``. The probe's extra backward passes are timed apart
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -46,6 +49,7 @@ from torch import Tensor
 from carv.accounting.allocator import Allocator, choose_next, plan_step
 from carv.accounting.meter import CostMeter
 from carv.accounting.probe import ComponentProbe
+from carv.accounting.report import accounting_summary
 
 __all__ = ["Accountant", "AccountantStep"]
 
@@ -70,8 +74,12 @@ class AccountantStep:
         probe = acc.probe_due and self.R >= 2 and self.K >= 2
         if probe and acc.params is not None:
             kwargs["keep_draws"] = True
+        obj = acc.objective
+        sampler = getattr(obj, "sampler", None) or getattr(getattr(obj, "estimator", None), "sampler", None)
+        iid = sampler.iid() if probe and hasattr(sampler, "iid") else nullcontext()
         t0 = acc.meter.now()
-        self.out = acc.objective(x, *args, **kwargs)
+        with iid:  # a probe step draws iid timesteps: the probe is unbiased for iid components
+            self.out = acc.objective(x, *args, **kwargs)
         self.draw_s += acc.meter.now() - t0
         self._probe = probe
         est = getattr(self.out, "estimate", None)
@@ -113,6 +121,8 @@ class Accountant:
         allocator: an :class:`~carv.accounting.Allocator` to use instead of building one from the above.
         device: synchronise CUDA before reading the clock.
         generator: for the probe's random split of the draws.
+        live_costs: re-read the stage medians at every re-choice instead of calibrating the cost ratios once
+            (:meth:`~carv.accounting.Allocator.costs`; the default makes the same seed give the same choices).
     """
 
     def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2,
@@ -120,7 +130,7 @@ class Accountant:
                  k_range: tuple[int, int] = (1, 64), r_range: tuple[int, int] = (1, 64),
                  allocator: Allocator | None = None, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None, clock: Callable[[], float] = time.perf_counter,
-                 warmup: int = 3):
+                 warmup: int = 3, live_costs: bool = False):
         for name, v in (("R", R), ("probe_every", probe_every), ("choose_every", choose_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -130,7 +140,7 @@ class Accountant:
         self.params = list(params) if params is not None else None
         self.allocator = allocator if allocator is not None else Allocator(
             budget, r_range=r_range, k_range=k_range, r_init=R, k_init=min(max(objective.K, k_range[0]), k_range[1]),
-            every=choose_every, probe_every=probe_every, warmup=warmup)
+            every=choose_every, probe_every=probe_every, warmup=warmup, live_costs=live_costs)
         self.meter = CostMeter(device, clock=clock)  # its clock times every stage of a step
         self.generator = generator
         self.clock = clock
@@ -206,6 +216,14 @@ class Accountant:
                "draw_s": st.draw_s, "probe_s": st.probe_s, "components": st.components, "next_R": R, "next_K": K,
                "rechosen": len(self.allocator.history) > n_choices}
         self.history.append(row)
+
+    def summary(self, proposal: str | None = None) -> dict:
+        """:func:`~carv.accounting.accounting_summary` of the run so far: the allocator's components, the meter's
+        stage medians, the current ``(R, K)`` (``summary.json["accounting"]``)."""
+        a, m = self.allocator, self.meter
+        med = {s: (m.median(s) if m.times.get(s) else None) for s in (a.upstream_stage, a.draw_stage)}
+        return accounting_summary(a.between, a.within, med[a.upstream_stage], med[a.draw_stage], a.R, a.K,
+                                  proposal, k_max=a.k_max)
 
     def state_dict(self) -> dict:
         return {"K": self.objective.K, "steps": self.steps, "probes": self.probes,

@@ -8,8 +8,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k
-from carv.accounting.meter import CostMeter
+from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k, predicted_variance
+from carv.accounting.meter import CostMeter, calibrate_costs
 
 __all__ = ["Allocator", "AutoK", "winsorised_mean", "plan_step", "choose_next"]
 
@@ -83,6 +83,12 @@ class Allocator:
     is clipped at 0 once, after averaging. Re-choices happen every ``every`` calls of :meth:`step`; each is appended to
     :attr:`history` and logged on the ``carv.accounting`` logger (INFO).
 
+    **Same seed, same result.** Measured live on a shared machine the stage costs make runs irreproducible. By
+    default (``live_costs=False``) the stage medians are calibrated once, at the first re-choice, into ratios to
+    the draw cost quantised to ``per_octave`` points per octave (:meth:`costs`), recorded in :attr:`calibration`
+    and the state dict (so a resumed run reuses them); load slows every stage alike, so the same seed makes the
+    same choices on an idle and a loaded machine. ``live_costs=True`` re-reads the medians at every re-choice.
+
     **Assumptions.** (1) The components move slowly compared with ``window`` probe periods (they are the
     components of the current iterate's gradient; the median lags a trend by about ``window / 2``
     observations). (2) The cost model is ``R (c_up + K c_draw)`` with per-render and per-draw medians; a fixed
@@ -103,7 +109,10 @@ class Allocator:
                  r_range: tuple[int, int] = (1, 64), k_range: tuple[int, int] = (1, 256), r_init: int = 2,
                  k_init: int = 1, every: int = 10, warmup: int = 3, window: int = 9, probe_every: int = 10,
                  probe_every_max: int | None = None, settle: int = 3, probe_k_min: int = 2,
-                 upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe"):
+                 upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
+                 live_costs: bool = False, per_octave: int = 4):
+        if not isinstance(live_costs, bool):
+            raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
         if not (budget is None or budget == "baseline"):
             _check_nonneg(budget=budget)
             if budget == 0:
@@ -144,6 +153,8 @@ class Allocator:
         self.n_observed = 0
         self.steps = 0
         self.history: list[dict] = []
+        self.live_costs, self.per_octave = live_costs, per_octave
+        self.calibration: dict | None = None  # the frozen costs (calibrate_costs), set at the first re-choice
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -219,6 +230,18 @@ class Allocator:
             cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max))
+        # at the plain estimator's budget the plain estimator itself (the baseline pair, probed only at the longest
+        # interval) stays a candidate, so the choice is never predicted worse than it: where probing costs more
+        # than reuse gains (cheap renders, costly probes) the run falls back to it and the probes become rare
+        base = self.baseline
+        in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
+        if self.budget == "baseline" and pair != base and in_range:
+            R_b = max(base[0], 2)
+            probe_b = self.step_cost(R_b, max(2, round(base[0] * base[1] / R_b)), cost_upstream,
+                                     cost_draw) + cost_probe
+            cost_b = self.step_cost(*base, cost_upstream, cost_draw) + max(probe_b - B, 0.0) / self.probe_every_max
+            if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * B:
+                return base[0], base[1], B
         return pair[0], pair[1], b_eff
 
     def step(self, meter: CostMeter) -> tuple[int, int]:
@@ -230,12 +253,37 @@ class Allocator:
             return self.R, self.K
         return self._rechoose(meter)
 
-    def _rechoose(self, meter: CostMeter) -> tuple[int, int]:
+    def costs(self, meter: CostMeter) -> tuple[float, float, float] | None:
+        """``(c_up, c_draw, c_probe)`` the choice reads (None before both stages are timed).
+
+        By default (``live_costs=False``) the meter's medians are calibrated once, at the first re-choice, into
+        quantised ratios (:func:`~carv.accounting.meter.calibrate_costs`, kept in :attr:`calibration` and in the
+        state dict), and every choice reads those: with ``budget="baseline"`` or ``None`` in units of the draw cost
+        (the choice then depends only on the cost *ratios*, so the same seed gives the same choices on an idle and
+        a loaded machine), with a budget in seconds scaled by the calibrated draw cost. ``live_costs=True`` reads
+        the meter's current medians at every re-choice."""
         try:
             c_up, c_draw = meter.median(self.upstream_stage), meter.median(self.draw_stage)
         except KeyError:
-            return self.R, self.K
+            return None
         c_probe = meter.median(self.probe_stage) if meter.times.get(self.probe_stage) else 0.0
+        if self.live_costs:
+            return c_up, c_draw, c_probe
+        if self.calibration is None:
+            if c_draw <= 0:
+                return None
+            self.calibration = calibrate_costs(c_up, c_draw, c_probe, self.per_octave)
+            _log.info("Allocator: costs calibrated at step %d: render : draw %.3g, probe : draw %.3g",
+                      self.steps, self.calibration["cost_ratio"], self.calibration["probe_ratio"])
+        cal = self.calibration
+        unit = 1.0 if self.budget is None or self.budget == "baseline" else cal["cost_draw_s"]
+        return cal["cost_ratio"] * unit, unit, cal["probe_ratio"] * unit
+
+    def _rechoose(self, meter: CostMeter) -> tuple[int, int]:
+        costs = self.costs(meter)
+        if costs is None:
+            return self.R, self.K
+        c_up, c_draw, c_probe = costs
         R, K, b_eff = self.choose(c_up, c_draw, c_probe)
         entry = {"step": self.steps, "R": R, "K": K, "previous": [self.R, self.K], "between": self.between,
                  "within": self.within, "cost_upstream": c_up, "cost_draw": c_draw, "cost_probe": c_probe,
@@ -256,6 +304,10 @@ class Allocator:
         else:
             self.unchanged, self.interval = 0, self.probe_every
             self.next_probe = min(self.next_probe, self.steps + self.interval)
+        if self.budget == "baseline" and (R, K) == self.baseline:
+            # on the plain estimator the probes buy nothing until the components move: probe at the longest
+            # interval, as the choice charged them (see choose)
+            self.interval = self.probe_every_max
         entry["probe_every"] = self.interval
         self.history.append(entry)
         _log.info("Allocator step %d: (R, K) %s -> (%d, %d); between %.4g within %.4g, c_up %.4g s, "
@@ -269,7 +321,8 @@ class Allocator:
         """JSON-serialisable state (no tensors)."""
         return {"R": self.R, "K": self.K, "observations": [list(o) for o in self.observations],
                 "n_observed": self.n_observed, "steps": self.steps, "history": [dict(h) for h in self.history],
-                "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged}
+                "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged,
+                "calibration": dict(self.calibration) if self.calibration is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.R, self.K = int(state["R"]), int(state["K"])
@@ -280,6 +333,8 @@ class Allocator:
         self.interval = int(state.get("interval", self.probe_every))
         self.next_probe = int(state.get("next_probe", -(-self.steps // self.probe_every) * self.probe_every))
         self.unchanged = int(state.get("unchanged", 0))
+        cal = state.get("calibration")
+        self.calibration = dict(cal) if cal is not None else None
 
 
 class AutoK(Allocator):
@@ -300,7 +355,8 @@ class AutoK(Allocator):
     """
 
     def __init__(self, k_init: int = 4, k_min: int = 2, k_max: int = 64, every: int = 25, decay: float = 0.9,
-                 upstream_stage: str = "upstream", draw_stage: str = "draw", warmup: int = 3):
+                 upstream_stage: str = "upstream", draw_stage: str = "draw", warmup: int = 3,
+                 live_costs: bool = False):
         for name, v in (("k_init", k_init), ("k_min", k_min), ("k_max", k_max), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -311,7 +367,7 @@ class AutoK(Allocator):
         self.decay = decay
         super().__init__(budget=None, r_range=(1, 1 << 30), k_range=(k_min, k_max), r_init=2, k_init=k_init,
                          every=every, warmup=warmup, window=max(1, round((1 + decay) / (1 - decay))),
-                         upstream_stage=upstream_stage, draw_stage=draw_stage)
+                         upstream_stage=upstream_stage, draw_stage=draw_stage, live_costs=live_costs)
 
     @property
     def k(self) -> int:

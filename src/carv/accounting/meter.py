@@ -4,6 +4,7 @@ and keeps per-stage medians; a :class:`Stopwatch` splits one step into named sta
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CostMeter", "Stopwatch", "timed_estimate"]
+__all__ = ["CostMeter", "Stopwatch", "timed_estimate", "quantise_ratio", "calibrate_costs"]
 
 
 class CostMeter:
@@ -144,3 +145,35 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
         meter.add("upstream", secs["upstream"], count=R)
         meter.add("draw", secs["draw"], count=R * K)
     return x, out, secs
+
+
+def quantise_ratio(x: float, per_octave: int = 4) -> float:
+    """``x > 0`` rounded to the nearest point of the geometric grid ``2^(j / per_octave)`` (``0`` stays ``0``).
+
+    At 4 points per octave neighbouring values are 19% apart, so the scatter of a median over tens of timings
+    (a few per cent, even on a loaded machine, since load slows every stage alike) moves the result only where
+    the ratio sits next to a cut between two grid points."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"x: expected a finite non-negative ratio, got {x!r}")
+    if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
+        raise ValueError(f"per_octave: expected a positive integer, got {per_octave!r}")
+    if x == 0:
+        return 0.0
+    return 2.0 ** (round(math.log2(x) * per_octave) / per_octave)
+
+
+def calibrate_costs(cost_upstream: float, cost_draw: float, cost_probe: float = 0.0, per_octave: int = 4) -> dict:
+    """The frozen costs an allocator chooses from (DESIGN.md "Same seed, same result"): the stage medians'
+    *ratios* to the draw cost, quantised by :func:`quantise_ratio`, with the medians they came from.
+
+    Returns ``{"cost_ratio", "probe_ratio", "cost_upstream_s", "cost_draw_s", "cost_probe_s", "per_octave"}``
+    (JSON-serialisable: recorded in the run folder and reused on resume)."""
+    for name, v in (("cost_upstream", cost_upstream), ("cost_draw", cost_draw), ("cost_probe", cost_probe)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite non-negative number of seconds, got {v!r}")
+    if cost_draw <= 0:
+        raise ValueError(f"cost_draw: expected a positive number of seconds, got {cost_draw!r}")
+    return {"cost_ratio": quantise_ratio(cost_upstream / cost_draw, per_octave),
+            "probe_ratio": quantise_ratio(cost_probe / cost_draw, per_octave),
+            "cost_upstream_s": float(cost_upstream), "cost_draw_s": float(cost_draw),
+            "cost_probe_s": float(cost_probe), "per_octave": per_octave}

@@ -42,6 +42,7 @@ from carv._runfolder import (
     save_tensors,
 )
 from carv._validate import check_positive_int, check_seed
+from carv.accounting import CostMeter, accounting_sentence, accounting_summary
 from carv.objectives.attribution import GradientFeatures, cosine_scores
 from carv.objectives.weighting import weight_table
 from carv.timesteps import TimestepSampler
@@ -175,16 +176,17 @@ def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConf
         except CorruptFileError as e:  # a cache: recompute it
             warnings.warn(f"{e}; recomputing the training features", RunFolderWarning, stacklevel=2)
     batch = feats.draw(x_tr, y_tr, torch.Generator().manual_seed(cfg.seed))
+    meter = CostMeter()
     t0 = time.perf_counter()
     starts = list(range(0, n, cfg.chunk))
     for s in progress_bar(starts, progress, desc=f"training features ({n} examples x {cfg.K} evals)"):
         name = f"chunk_{s}"
         if name not in done:
             sl = slice(s, s + cfg.chunk)
-            done[name] = feats.features_of(tuple(b[sl] for b in batch)).contiguous()
+            done[name] = feats.features_of(tuple(b[sl] for b in batch), meter).contiguous()
             save_tensors(cache, done, metadata={"config": json.dumps(key)})
     train_feats = torch.cat([done[f"chunk_{s}"] for s in starts])
-    q_feats = feats(x_q, torch.tensor([y_q]), torch.Generator().manual_seed(cfg.seed))
+    q_feats = feats(x_q, torch.tensor([y_q]), torch.Generator().manual_seed(cfg.seed), meter=meter)
     scores = cosine_scores(q_feats, train_feats)[0]
     top = scores.topk(cfg.top_k)
     ds_index = digits_split_indices("train")
@@ -195,8 +197,11 @@ def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConf
         "config": asdict(cfg),
         "num_train": n,
         "seconds": time.perf_counter() - t0,
+        "accounting": _accounting(feats, x_q, y_q, cfg, meter),
     }
     atomic_write_json(out / "scores.json", result)
+    atomic_write_json(out / "summary.json", {"command": "carv attribute", "query": qinfo, "config": asdict(cfg),
+                                             "accounting": result["accounting"]})
     save_attribution_grid(x_q[0], x_tr[top.indices], top.values, y_tr[top.indices], out / "attribution.png",
                           title=f"query: {qinfo['kind']} digit, label {y_q} ({cfg.method}, K={cfg.K}"
                                 f"{', CRN' if cfg.crn else ''}, {n} training images)")
@@ -204,7 +209,23 @@ def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConf
         labels = ", ".join(f"{t['label']}" for t in result["top"])
         print(f"query {qinfo} -> top-{cfg.top_k} training labels [{labels}]; wrote {out / 'attribution.png'} "
               f"and {out / 'scores.json'}")
+        print(accounting_sentence(result["accounting"]))
     return result
+
+
+def _accounting(feats: GradientFeatures, x_q: Tensor, y_q: int, cfg: AttributeConfig, meter: CostMeter) -> dict:
+    """:func:`carv.accounting.accounting_summary` of one example's feature (``R = 1`` example, ``K`` draws): the
+    example is fixed, so there is no between part; the within part is the spread of the query's weighted, projected
+    per-draw gradients (iid reading; conservative under strata); the costs are the training features' stage
+    medians (draw: a per-draw gradient, upstream: the per-example projection). Needs ``K >= 2`` for the within
+    part."""
+    costs = [meter.median(s) if meter.times.get(s) else None for s in ("upstream", "draw")]
+    within = None
+    if cfg.K >= 2:
+        batch = feats.draw(x_q, torch.tensor([y_q]), torch.Generator().manual_seed(cfg.seed))
+        g = feats.project(feats.per_draw_gradients(batch)[0] * batch[4][0, :, None].to(torch.float32))
+        within = float((g - g.mean(0)).pow(2).sum()) / (cfg.K - 1)
+    return accounting_summary(0.0 if within is not None else None, within, *costs, 1, cfg.K, cfg.method)
 
 
 def save_attribution_grid(query: Tensor, images: Tensor, scores: Tensor, labels: Tensor, path: str | Path,

@@ -46,7 +46,7 @@ from carv._machine import torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
 from carv._validate import check_field_types, check_int, check_number, check_positive_int, check_seed
-from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, timed_estimate
+from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, accounting_summary, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
 from carv.schedules import VPSchedule
@@ -224,6 +224,7 @@ class Distiller:
         self.warmed = cfg.fake_warmup == 0
         self.meter = CostMeter()
         self.last: dict[str, Any] = {}
+        self.components: list[tuple[float, float]] = []  # the estimator's own (between, within) per step
 
     # ------------------------------------------------------------------ estimator pieces
     def make_sampler(self, proposal: str, stratify: str) -> TimestepSampler:
@@ -240,7 +241,7 @@ class Distiller:
 
     def _learned_importance(self) -> Tensor | None:
         """The learned table, or None (``q = p``) until it has seen a non-zero residual."""
-        imp = self.learned.importance()
+        imp = self.learned.importance((self.cfg.t_min, self.cfg.t_max))
         if imp is None or not bool((imp[self.cfg.t_min:self.cfg.t_max + 1] > 0).any()):
             return None
         return imp
@@ -308,6 +309,8 @@ class Distiller:
         self.opt_g.step()
         sw.lap("upstream")
         self.learned.update(out.draws.t, out.estimate.sq_norms)
+        if out.estimate.between is not None:
+            self.components = [*self.components[-199:], (out.estimate.between, out.estimate.within)]
         self.step_count += 1
         if cfg.proposal == "learned" and self.step_count % cfg.proposal_refresh == 0:
             self.sampler.set_importance(self._learned_importance())
@@ -316,6 +319,18 @@ class Distiller:
         self.last = {"fake_loss": fake_loss, "grad_x_sq": float(out.grad.pow(2).sum() / cfg.R),
                      "between_x": out.estimate.between, "within_x": out.estimate.within}
         return self.last
+
+    def accounting(self) -> dict:
+        """``summary.json["accounting"]`` (:func:`carv.accounting.accounting_summary`): the mean components of the
+        last 200 steps' own estimates (generator-output space; none at ``R = 1`` or ``K = 1``) and the stage
+        medians, the fake-score updates charged to the upstream stage per generator sample."""
+        cfg, m, comps = self.cfg, self.meter, self.components
+        b, w = (statistics.fmean(c[i] for c in comps) for i in (0, 1)) if comps else (None, None)
+        c_up = c_draw = None
+        if m.times.get("upstream") and m.times.get("draw"):
+            c_up = m.median("upstream") + (m.median("fake") / cfg.R if m.times.get("fake") else 0.0)
+            c_draw = m.median("draw")
+        return accounting_summary(b, w, c_up, c_draw, cfg.R, cfg.K, cfg.proposal)
 
     def time_fake_step(self, generator: torch.Generator, repeats: int = 3) -> float:
         """Median seconds of one step's fake-score training (``fake_updates`` forward + backward passes,
@@ -619,8 +634,10 @@ def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTea
                 "accuracy": r["accuracy"]} for r in rows]
     plot_quality(quality, out / "quality.png", title=f"DMD run (R={cfg.R}, K={cfg.K}, {cfg.proposal}, "
                                                         f"{cfg.stratify}): quality vs compute")
-    return {"steps": d.step_count, "compute_s": d.compute_s, "final": rows[-1], "costs": d.meter.summary(),
-            "run_dir": str(out)}
+    summary = {"steps": d.step_count, "compute_s": d.compute_s, "final": rows[-1], "costs": d.meter.summary(),
+               "run_dir": str(out), "accounting": d.accounting()}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
 
 
 def teacher_from_path(path: str | Path | None) -> UNetTeacher:

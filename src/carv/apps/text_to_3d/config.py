@@ -45,7 +45,8 @@ class TextTo3DConfig:
     step_budget: str | float = "baseline"
     r_max: int = 8
     upstream: str | None = None  # cameras: None -> carv "lattice" (shifted lattice across steps), baseline "iid"
-    proposal: str | None = None  # None: carv -> "learned", baseline -> "none"
+    # None: carv -> "auto" (uniform, p w or learned, chosen from the run's own draws), baseline -> "none"
+    proposal: str | None = None
     stratify: str | None = None  # None: carv -> "per_upstream", baseline -> "none"
     floor: float = 0.1
     proposal_every: int = 10
@@ -53,6 +54,8 @@ class TextTo3DConfig:
     k_max: int = 16
     accountant_every: int = 20  # steps between re-choices of K
     probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
+    # the allocator reads cost ratios calibrated once at the start (same seed, same result); True: live medians
+    live_costs: bool = False
     guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
     guidance_end: float | None = None  # guidance moves linearly from guidance_scale to this at anneal_steps
     # the objective's timestep range, as fractions of T (threestudio's min/max_step_percent): (t_lo, t_hi) at
@@ -117,7 +120,7 @@ class TextTo3DConfig:
     # ---------------------------------------------------------------- presets
     @property
     def resolved_proposal(self) -> str:
-        return self.proposal if self.proposal is not None else ("learned" if self.method == "carv" else "none")
+        return self.proposal if self.proposal is not None else ("auto" if self.method == "carv" else "none")
 
     @property
     def resolved_stratify(self) -> str:

@@ -28,7 +28,7 @@ from carv.upstream import UpstreamSampler
 __all__ = ["PROPOSALS", "EVAL_SEED", "SceneProblem", "grid_grad", "reference_checkpoint", "load_run_grid",
            "load_reference_grid"]
 
-PROPOSALS = ("none", "weight", "learned")
+PROPOSALS = ("none", "weight", "learned", "auto")
 EVAL_SEED = 20_251_127  # held-out cameras: never drawn by a training generator (those are seeded by `seed`)
 
 
@@ -158,8 +158,9 @@ class SceneProblem:
             return TimestepSampler(self.T, t_min, t_max, stratify=stratify)
         if proposal == "weight":
             return TimestepSampler(self.T, t_min, t_max, importance=self.w, floor=floor, stratify=stratify)
-        if proposal == "learned":
-            imp = learned.importance() if learned is not None else self.w
+        if proposal in ("learned", "auto"):  # "auto" starts from the learned proposal's prior, the weight table
+            imp = learned.importance((t_min, self.T - 1 if t_max is None else t_max)) if learned is not None else None
+            imp = self.w if imp is None else imp
             return TimestepSampler(self.T, t_min, t_max, importance=imp, floor=floor, stratify=stratify)
         raise ValueError(f"proposal: expected one of {PROPOSALS}, got {proposal!r}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,13 @@ import torch
 from torch import Tensor
 
 from carv._runfolder import RunState
-from carv.accounting import Allocator, CostMeter, choose_next, plan_step
+from carv.accounting import Allocator, CostMeter, accounting_summary, choose_next, plan_step
 from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig, run_prompt
 from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
 from carv.apps.text_to_3d.problem import SceneProblem
 from carv.render import VoxelGrid, opaque_loss, sparsity_loss
 from carv.teachers.unet import UNetTeacher, weights_digest
-from carv.timesteps import LearnedProposal
+from carv.timesteps import LearnedProposal, ProposalSelector
 from carv.upstream import UpstreamSampler
 
 __all__ = ["problem_for", "teacher_digest", "Trainer"]
@@ -71,11 +72,14 @@ class Trainer:
                                cfg.init_center_z, cfg.init_height)
         self.opt = self.new_optimiser(self.grid)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if cfg.resolved_proposal == "learned" else None
-        self.sds = p.sds(p.sampler(cfg.resolved_proposal, cfg.resolved_stratify, cfg.floor, self.learned),
-                         cfg.initial_k)
-        # the importance table the sampler uses now (refreshed from the learned proposal every proposal_every steps)
-        self.importance = p.w.clone() if cfg.resolved_proposal in ("weight", "learned") else None
+        proposal = cfg.resolved_proposal
+        self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if proposal in ("learned", "auto") else None
+        # "auto": uniform, p w or the learned table, compared on the run's own draws at every refresh
+        self.selector = (ProposalSelector(p.T, weight=p.w, learned=self.learned, start="weight")
+                         if proposal == "auto" else None)
+        self.sds = p.sds(p.sampler(proposal, cfg.resolved_stratify, cfg.floor, self.learned), cfg.initial_k)
+        # the importance table the sampler uses now (refreshed every proposal_every steps; None: q = p)
+        self.importance = p.w.clone() if proposal in ("weight", "learned", "auto") else None
         self.alloc: Allocator | None = None
         if cfg.auto_k:
             budget = None if cfg.step_budget == "free" else cfg.step_budget
@@ -85,7 +89,8 @@ class Trainer:
             self.alloc = Allocator(budget, baseline=(cfg.R, 1), r_range=(cfg.R, cfg.R) if free else (1, cfg.r_max),
                                    k_range=(2 if free else 1, cfg.k_max), r_init=cfg.R if free else 1,
                                    k_init=cfg.k_init,
-                                   every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every)
+                                   every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every,
+                                   live_costs=cfg.live_costs)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
@@ -196,10 +201,12 @@ class Trainer:
         self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
         self.set_lr(self.step_count)
         self.sds.guidance_scale = cfg.guidance_at(self.step_count)
-        # probe steps draw iid cameras: the allocator needs the between-render variance one step pays
-        out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
-                                      upstream=None if probe else self.upstream, regulariser=self.regulariser,
-                                      elevation_range=(cfg.elev_lo, cfg.elev_hi))
+        # probe steps draw iid cameras and iid timesteps: the allocator needs the components one step pays, and the
+        # probe reads them without bias only from iid draws
+        with self.sds.sampler.iid() if probe else nullcontext():
+            out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
+                                          upstream=None if probe else self.upstream, regulariser=self.regulariser,
+                                          elevation_range=(cfg.elev_lo, cfg.elev_hi))
         sw.lap()  # the gradient's own stages: secs (timed on the same clock)
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
@@ -208,12 +215,18 @@ class Trainer:
         sw.seconds.update(upstream=secs["upstream"] + sw.lap(), draw=secs["draw"], probe=secs["probe"])
         sw.record({"upstream": R, "draw": R * K, **({"probe": 1} if probe else {})})
         est = out.estimate
-        if self.learned is not None:
+        sampler = self.sds.sampler
+        if self.selector is not None:
+            self.selector.update(out.draws.t, est.sq_norms, sampler)
+        elif self.learned is not None:
             self.learned.update(out.draws.t, est.sq_norms)
         self.step_count += 1
         if self.learned is not None and self.step_count % cfg.proposal_every == 0:
-            self.importance = self.learned.importance()
-            self.sds.sampler.set_importance(self.importance)
+            if self.selector is not None:
+                self.selector.refresh(sampler)
+            else:
+                sampler.set_importance(self.learned.importance((sampler.t_min, sampler.t_max)))
+            self.importance = sampler.importance
         if self.alloc is not None:  # parameter-space components (probe steps only): the allocator's input
             self.R, self.sds.K = choose_next(self.alloc, self.meter, comps)
         self.elapsed += sw.elapsed()
@@ -223,6 +236,16 @@ class Trainer:
         if comps is not None:
             row.update(between_param=comps.between, within_param=comps.within, probe_s=secs["probe"])
         return row
+
+    def accounting(self) -> dict:
+        """``summary.json["accounting"]`` (:func:`carv.accounting.accounting_summary`): the allocator's components,
+        the meter's stage medians, the current ``(R, K)`` and the proposal in use."""
+        m, a = self.meter, self.alloc
+        costs = [m.median(s) if m.times.get(s) else None for s in ("upstream", "draw")]
+        proposal = self.selector.current if self.selector is not None else self.cfg.resolved_proposal
+        if a is None:
+            return accounting_summary(None, None, *costs, self.R, self.K, proposal)
+        return accounting_summary(a.between, a.within, *costs, a.R, a.K, proposal, k_max=a.k_max)
 
     def evaluate(self) -> dict[str, Any]:
         row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
@@ -256,6 +279,9 @@ class Trainer:
         if self.learned is not None:
             for k, v in self.learned.state_dict().items():
                 tensors[f"learned.{k}"] = v
+        if self.selector is not None:
+            for k, v in self.selector.state_dict().items():
+                tensors[f"selector.{k}"] = v
         if self.importance is not None:
             tensors["sampler.importance"] = self.importance
         meta = {
@@ -303,8 +329,11 @@ class Trainer:
         self.generator.set_state(tensors["rng"])
         if self.learned is not None:
             self.learned.load_state_dict({"m2": tensors["learned.m2"], "mass": tensors["learned.mass"]})
-        if self.importance is not None:
-            self.importance = tensors["sampler.importance"].to(torch.float64)
+        if self.selector is not None:
+            self.selector.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("selector.")})
+        if self.learned is not None or self.importance is not None:
+            imp = tensors.get("sampler.importance")
+            self.importance = None if imp is None else imp.to(torch.float64)
             self.sds.sampler.set_importance(self.importance)
         if self.alloc is not None and meta.get("allocator") is not None:
             self.alloc.load_state_dict(meta["allocator"])

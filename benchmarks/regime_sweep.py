@@ -1,0 +1,279 @@
+"""The regime sweep: carv's default against the plain estimator and the efficiency bound at render : draw cost
+ratios 1, native, 10 and 30 (issue 24; DESIGN.md section 2, "What the bound says"), on the main text-to-3D job
+(``--app text-to-3d``) or the embedded toy problem of ``carv demo`` (``--app demo``).
+
+For each seed the app's default run is made first (text-to-3D: ``carv text-to-3d`` with that seed, trained to the
+middle snapshot ``--snapshot-step``, resumable; demo: ``--snapshot-step`` steps of the default estimator through
+:class:`carv.Accountant` with its ProposalSelector, the toy's parameters fixed). Then, at that state, with nothing
+the app does not pay (no warm-up, no pilot):
+
+- the app's estimator is its own sampler as the run left it (proposal chosen by its ProposalSelector from its own
+  draws, per-upstream strata), at the (R, K) its own allocator picks from its own components when the render
+  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`; the probes' extra cost charged);
+- replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
+  every ratio's (R, K), of uniform reuse at the same (R, K), and of the plain estimator (uniform, R = 2, K = 1);
+- the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``.
+
+Rows pool the seeds' variances (each seed its own run and reference). ``--json`` gets ``regime_sweep`` (its other
+keys kept) and the plot beside it. Resumable: rerun the same command.
+
+    nice -n 10 python benchmarks/regime_sweep.py --app text-to-3d --out /work/runs/issue-24/regime-t3d \\
+        --json docs/text_to_3d_bench.json --seeds 0 1 2 --replicates 90 --baseline-replicates 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carv._machine import loadavg
+from carv._runfolder import atomic_write_json
+from carv.accounting import timed_estimate
+from carv.bench.harness import Config, fit_components, measure, reference_mean, run_record
+from carv.bench.regime import plot_regime_sweep, regime_row, write_regime_sweep
+
+RATIOS = (1.0, "native", 10.0, 30.0)
+
+
+@dataclass
+class Snapshot:
+    """What the sweep needs from an app's default run: its allocator (components, calibrated costs), the proposal
+    it ended with and ``estimate(config, generator, meter)`` for the methods ``carv`` (its own sampler) and
+    ``uniform``."""
+
+    alloc: Any
+    proposal: str
+    estimate: Any
+
+
+def text_to_3d_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+    """The app's default run with ``seed``, trained (or resumed) to ``steps`` steps and checkpointed."""
+    from carv.apps.text_to_3d import TextTo3DConfig, Trainer
+
+    tr = Trainer(TextTo3DConfig(seed=seed), out, resume=True)
+    while tr.step_count < steps:
+        tr.step()
+        if tr.step_count % 25 == 0 or tr.step_count == steps:
+            tr.save()
+    p = tr.problem
+    # the objective of the last step taken (a trainer resumed from a checkpoint sets its range at its next step)
+    tr.sds.sampler.set_t_range(*tr.cfg.t_range(tr.step_count - 1, p.T))
+    uniform = p.sampler("none", "none", tr.cfg.floor)
+    uniform.set_t_range(tr.sds.sampler.t_min, tr.sds.sampler.t_max)
+    sds = {"carv": p.sds(tr.sds.sampler, 1), "uniform": p.sds(uniform, 1)}
+    for s in sds.values():
+        s.guidance_scale = tr.cfg.guidance_at(tr.step_count)
+
+    def estimate(c: Config, gen: torch.Generator, meter) -> torch.Tensor:
+        obj = sds[c.method]
+        obj.K = c.K
+        tr.grid.density.grad = tr.grid.color.grad = None
+        p.gradient(tr.grid, obj, c.R, gen, meter=meter, elevation_range=(tr.cfg.elev_lo, tr.cfg.elev_hi))
+        return torch.cat([tr.grid.density.grad.flatten(), tr.grid.color.grad.flatten()]).detach().clone()
+
+    selector = getattr(tr, "selector", None)
+    return Snapshot(tr.alloc, selector.current if selector is not None else tr.cfg.resolved_proposal, estimate)
+
+
+def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+    """``steps`` steps of carv's default on the toy problem (parameters fixed): the Accountant chooses (R, K) at the
+    plain estimator's budget, the ProposalSelector the proposal, both from the run's own draws."""
+    from carv import Accountant, LearnedProposal, ProposalSelector
+    from carv.apps.toy import ToyConfig, ToyProblem
+    from carv.objectives.sds import ScoreDistillation
+
+    prob = ToyProblem(ToyConfig(seed=seed))
+    T = prob.cfg.num_timesteps
+    sampler = prob.sampler("weight", "per_upstream")
+    selector = ProposalSelector(T, weight=prob.w, learned=LearnedProposal(T, prior=prob.w), start="weight")
+    sds = ScoreDistillation(prob.teacher, sampler, K=1)
+    acc = Accountant(sds, params=[prob.theta], R=2, generator=torch.Generator().manual_seed(seed + 1))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        prob.theta.grad = None
+        with acc.step() as st:
+            x = prob.upstream(acc.R, g)
+            res = st.objective(x, generator=g)
+            st.backward(res, x)
+        selector.update(res.draws.t, res.estimate.sq_norms, sampler)
+        if step % 10 == 0:
+            selector.refresh(sampler)
+    samplers = {"carv": sampler, "uniform": prob.sampler("none", "none")}
+    objs = {m: ScoreDistillation(prob.teacher, s, K=1) for m, s in samplers.items()}
+
+    def estimate(c: Config, gen: torch.Generator, meter) -> torch.Tensor:
+        objs[c.method].K = c.K
+        return prob.gradient(objs[c.method], c.R, gen, meter)[0].flatten()
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
+                                         "switches": selector.history})
+    return Snapshot(acc.allocator, selector.current, estimate)
+
+
+def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+    """``steps`` generator steps of DMD distillation (the app's Distiller: fake-score warm-up and updates as it
+    makes them) with carv's estimator on the generator gradient: per-upstream strata, the ProposalSelector over
+    uniform and the learned table (DMD's per-draw normalisation has no weight table), and the Accountant choosing
+    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1."""
+    from carv import Accountant, ProposalSelector
+    from carv.accounting import Allocator
+    from carv.apps.distill import DistillConfig, Distiller
+
+    d = Distiller(DistillConfig(seed=seed, R=8, K=1, stratify="per_upstream"))
+    selector = ProposalSelector(d.T, learned=d.learned, start="uniform")
+    params = list(d.generator.parameters())
+    alloc = Allocator("baseline", baseline=(8, 1), r_range=(1, 32), k_range=(1, 32), r_init=8, k_init=1,
+                      every=10, probe_every=5)
+    acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
+    d.warmup()
+    for step in range(1, steps + 1):
+        for _ in range(d.cfg.fake_updates):
+            d.fake_update()
+        d.opt_g.zero_grad(set_to_none=True)
+        with acc.step() as st:
+            z, c = d.latents(acc.R)
+            x = d.generator(z, c)
+            res = st.objective(x, c, d.rng)
+            st.backward(res, x)
+        d.opt_g.step()
+        selector.update(res.draws.t, res.estimate.sq_norms, d.sampler)
+        if step % 10 == 0:
+            selector.refresh(d.sampler)
+    uniform = d.make_sampler("none", "none")
+    objs = {"carv": d.dmd, "uniform": d.make_objective(uniform, 1)}
+
+    def estimate(c: Config, gen: torch.Generator, meter) -> torch.Tensor:
+        obj = objs[c.method]
+        obj.K = c.K
+        for q in params:
+            q.grad = None
+        z, lab = d.latents(c.R, gen)
+        timed_estimate(lambda: d.generator(z, lab), lambda x: obj(x, lab, gen), c.K, meter)
+        return torch.cat([q.grad.flatten() for q in params]).detach().clone()
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
+                                         "switches": selector.history})
+    return Snapshot(alloc, selector.current, estimate)
+
+
+SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot, "distill": distill_snapshot}
+
+
+def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
+    """``(R, K, overhead)``: the app's allocator's choice when a render costs ``ratio`` draws, and the fraction of
+    that step's cost its probes add (one probe step every ``interval`` steps, in draw-cost units)."""
+    probe_ratio = alloc.calibration["probe_ratio"] if alloc.calibration else 0.0
+    R, K, _ = alloc.choose(ratio, 1.0, probe_ratio)
+    Rp = max(R, 2)
+    Kp = max(alloc.probe_k_min, round(R * K / Rp))
+    step = R * (ratio + K)
+    extra = max(Rp * (ratio + Kp) + probe_ratio - step, 0.0) / alloc.interval
+    return R, K, extra / step
+
+
+def measure_seed(seed: int, args, out: Path) -> dict:
+    """One seed's run, the app's choices at every ratio and the replicate rows."""
+    path = out / f"seed-{seed}" / "rows.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    (out / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+    snap = SNAPSHOTS[args.app](seed, args.snapshot_step, out / f"seed-{seed}" / "run")
+    cal = snap.alloc.calibration
+    native = cal["cost_ratio"]
+    ratios = [native if r == "native" else r for r in RATIOS]
+    choices = {str(r): app_choice(snap.alloc, r) for r in ratios}
+    plain = getattr(snap.alloc, "baseline", (2, 1))
+    configs = [Config("uniform", *plain)]
+    for R, K, _ in choices.values():
+        configs += [c for c in (Config("carv", R, K), Config("uniform", R, K)) if c not in configs]
+    ref, ref_var = reference_mean(snap.estimate, Config("carv", 8, 16), args.reference_estimates, seed + 7,
+                                  desc=f"reference (seed {seed})")
+    n_of = {c.key: args.baseline_replicates if (c.method, c.R, c.K) == ("uniform", *plain) else args.replicates
+            for c in configs}
+    rows = measure(configs, snap.estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
+                   state_dir=out / f"seed-{seed}" / "state", desc=f"replicates (seed {seed})",
+                   clock=time.process_time, reference_variance=ref_var)
+    res = {"seed": seed, "plain": list(plain), "native_ratio": native, "ratios": ratios, "choices": choices,
+           "rows": rows,
+           "proposal": snap.proposal, "allocator_components": [snap.alloc.between, snap.alloc.within],
+           "calibration": cal, "loadavg": loadavg()}
+    atomic_write_json(path, res)
+    return res
+
+
+def seed_rows(res: dict) -> list[dict]:
+    """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound."""
+    rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
+    comps = fit_components([r for r in res["rows"] if r["method"] == "carv"], "carv")
+    base = rows[("uniform", *res.get("plain", (2, 1)))]
+    c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
+    out = []
+    for ratio in res["ratios"]:
+        R, K, overhead = res["choices"][str(ratio)]
+        row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, overhead)
+        row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
+        out.append(row)
+    return out
+
+
+def sweep_rows(results: list[dict]) -> list[dict]:
+    """Per ratio, the seeds' rows combined: mean ECM (SE from the per-seed SEs), mean bound, their ratio; the native
+    ratio is each seed's own calibrated one (their mean reported)."""
+    per_seed = [seed_rows(res) for res in results]
+    out = []
+    for i, label in enumerate(RATIOS):
+        rs = [rows[i] for rows in per_seed]
+        n = len(rs)
+        ecm = sum(r["headline_ecm"] for r in rs) / n
+        bound = sum(r["bound_ecm"] for r in rs) / n
+        out.append({"cost_ratio": sum(r["cost_ratio"] for r in rs) / n, "headline_ecm": ecm,
+                    "headline_se": math.sqrt(sum(r["headline_se"] ** 2 for r in rs)) / n, "bound_ecm": bound,
+                    "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
+                    "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
+                    "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "headline_ecm", "headline_se",
+                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm")} for r in rs]})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--app", choices=sorted(SNAPSHOTS), default="text-to-3d")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--snapshot-step", type=int, default=150)
+    ap.add_argument("--replicates", type=int, default=90)
+    ap.add_argument("--baseline-replicates", type=int, default=300)
+    ap.add_argument("--reference-estimates", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [measure_seed(s, args, args.out) for s in args.seeds]
+    rows = sweep_rows(results)
+    atomic_write_json(args.out / "regime_sweep.json", {"rows": rows, "per_seed": results})
+    plot_regime_sweep(rows, args.out / "regime_sweep.png", f"{args.app}: carv default against the efficiency bound")
+    for r in rows:
+        print(f"cost ratio {r['cost_ratio']:5.1f}: K = {r['K']:2d}, ECM {r['headline_ecm']:.2f} +- "
+              f"{r['headline_se']:.2f}, bound {r['bound_ecm']:.2f} ({r['bound_fraction']:.2f} of it); "
+              f"uniform reuse {r['uniform_reuse_ecm']:.2f}")
+    if args.json is not None:
+        record = run_record(None, seeds=args.seeds, snapshot_step=args.snapshot_step, replicates=args.replicates,
+                            baseline_replicates=args.baseline_replicates)
+        native = next(r["cost_ratio"] for r in rows if r["native"])
+        write_regime_sweep(args.json, rows, record, native)
+        shutil.copy(args.out / "regime_sweep.png", args.json.with_name(args.json.stem + "_regime_sweep.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""What a user reads about a run's compute: the bound the pipeline allows and what carv's setting gets.
+
+:func:`accounting_summary` is the one pure function behind ``summary.json["accounting"]`` of every run (the apps,
+the :class:`~carv.accounting.Accountant` API, the threestudio guidance's logged scalars), and
+:func:`accounting_sentence` says it in words for the CLI's last lines.
+
+With between share ``s = sigma_b^2 / (sigma_b^2 + sigma_w^2)`` and cost ratio ``rho = c_up / c_draw`` the efficiency
+bound against the plain estimator (``R = 2, K = 1``) is (DESIGN.md section 2, "What the bound says")
+
+    bound_ecm = (1 + rho) / (sqrt(s rho) + sqrt(1 - s))^2
+              = (sigma_b^2 + sigma_w^2)(c_up + c_draw) / (sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2,
+
+and the chosen configuration ``(R, K)`` is predicted to reach ``predicted_ecm = (sigma_b^2 + sigma_w^2)(c_up +
+c_draw) / ((sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw))`` (``Var * C`` does not depend on ``R``), divided by
+``1 + overhead`` when the run pays a further fraction ``overhead`` of its step cost (probes, proposal updates).
+Both use the run's own components (under its proposal) and its measured stage costs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from carv.accounting.algebra import efficiency_bound, optimal_k, work_normalised_variance
+
+__all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm"]
+
+ACCOUNTING_KEYS = ("cost_upstream_s", "cost_draw_s", "cost_ratio", "between", "within", "k_star", "bound_ecm",
+                   "predicted_ecm", "bound_fraction", "R", "K", "proposal")
+
+
+def bound_ecm(between: float, within: float, cost_upstream: float, cost_draw: float) -> float:
+    """The efficiency bound as an ECM against the plain estimator (``R = 2, K = 1``): ``Var_plain C_plain / bound``."""
+    plain = work_normalised_variance(between, within, cost_upstream, cost_draw, 1)
+    return plain / efficiency_bound(between, within, cost_upstream, cost_draw)
+
+
+def _number(name: str, v) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number or None, got {v!r}")
+    return float(v)
+
+
+def accounting_summary(between: float | None, within: float | None, cost_upstream_s: float | None,
+                       cost_draw_s: float | None, R: int, K: int, proposal: str | None = None,
+                       overhead: float = 0.0, k_max: int | None = None) -> dict:
+    """``summary.json["accounting"]``: the keys of :data:`ACCOUNTING_KEYS` (see the module doc).
+
+    ``between`` (clipped at 0 here) and ``within`` are the run's variance components, ``cost_*_s`` its stage costs
+    (seconds per upstream sample and per draw), ``(R, K)`` the configuration it runs and ``proposal`` the timestep
+    proposal it ended with. Quantities that need a missing input (a run that measured no components) are None.
+    ``k_max`` caps ``k_star`` (the allocator's own range)."""
+    for name, v in (("R", R), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    b, w = _number("between", between), _number("within", within)
+    c_up, c_d = _number("cost_upstream_s", cost_upstream_s), _number("cost_draw_s", cost_draw_s)
+    ov = _number("overhead", overhead)
+    if ov is None or ov < 0:
+        raise ValueError(f"overhead: expected a non-negative fraction of the step cost, got {overhead!r}")
+    for name, v in (("within", w), ("cost_upstream_s", c_up), ("cost_draw_s", c_d)):
+        if v is not None and v < 0:
+            raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
+    out = dict.fromkeys(ACCOUNTING_KEYS)
+    out.update(cost_upstream_s=c_up, cost_draw_s=c_d, R=R, K=K, proposal=proposal, between=b, within=w)
+    if c_up is not None and c_d:
+        out["cost_ratio"] = c_up / c_d
+    if b is None or w is None or c_up is None or not c_d:
+        return out
+    b = max(b, 0.0)
+    out["between"] = b
+    if b + w <= 0:
+        return out
+    out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max) if (b > 0 or k_max is not None) else None
+    out["bound_ecm"] = bound_ecm(b, w, c_up, c_d)
+    plain = work_normalised_variance(b, w, c_up, c_d, 1)
+    out["predicted_ecm"] = plain / (work_normalised_variance(b, w, c_up, c_d, K) * (1.0 + ov))
+    out["bound_fraction"] = out["predicted_ecm"] / out["bound_ecm"]
+    return out
+
+
+def accounting_sentence(acc: dict) -> str:
+    """The CLI's last line about compute, e.g. "this pipeline allows at most 1.8x over the plain estimator; carv's
+    setting gets 1.7x (0.94 of the bound)"."""
+    if acc.get("bound_ecm") is None:
+        return ("the efficiency bound is unknown for this run: it measured no variance components "
+                "(runs with the accountant measure them)")
+    ratio = acc.get("cost_ratio")
+    k_star = "unbounded" if acc.get("k_star") is None else acc["k_star"]
+    where = f" (upstream : draw cost ratio {ratio:.1f}, K* = {k_star})" if ratio is not None else ""
+    return (f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator{where}; "
+            f"carv's setting (R = {acc['R']}, K = {acc['K']}, proposal {acc.get('proposal') or 'uniform'}) gets "
+            f"{acc['predicted_ecm']:.2f}x ({acc['bound_fraction']:.2f} of the bound)")

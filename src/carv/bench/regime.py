@@ -1,0 +1,106 @@
+"""The regime sweep: carv's a-priori default against the plain estimator and the efficiency bound as the render :
+draw cost ratio varies (DESIGN.md section 2, "What the bound says").
+
+The variance of an estimator does not depend on what its stages cost, so each row's variance is measured once on
+the real job (replicates against a high-sample reference, :func:`carv.bench.harness.measure`) and the cost of one
+estimate is ``R (c_up + K c_draw)`` with the measured draw cost ``c_draw`` and a simulated upstream cost
+``c_up = cost_ratio * c_draw`` (the measured upstream cost plus a simulated extra one, or less for ratios below the
+native one). At each ratio the headline is what the app would choose given those costs (its own allocator), and
+the bound is the efficiency bound of the headline estimator's fitted components at those costs, as an ECM against
+the measured plain estimator (``R = 2, K = 1``, uniform timesteps).
+
+:func:`regime_row` is the arithmetic of one row, :func:`plot_regime_sweep` the figure and
+:func:`write_regime_sweep` the merge into a benchmark's JSON (existing keys kept).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from carv._runfolder import atomic_write_json, save_figure
+from carv.accounting import efficiency_bound
+
+__all__ = ["REGIME_KEYS", "regime_row", "plot_regime_sweep", "write_regime_sweep"]
+
+REGIME_KEYS = ("cost_ratio", "headline_ecm", "headline_se", "bound_ecm", "bound_fraction", "K")
+
+
+def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, components: tuple[float, float],
+               overhead: float = 0.0) -> dict:
+    """One row of the sweep at ``cost_ratio``.
+
+    ``base`` and ``head`` are measured rows (``R``, ``K``, ``variance``, ``variance_se``) of the plain estimator
+    and of the headline (the app's choice at this ratio); ``components`` the headline estimator's ``(sigma_b^2,
+    sigma_w^2)`` fitted over its measured rows; ``overhead`` the fraction of its step cost the headline pays on
+    top (probes, proposal refreshes). The SE of the ECM treats the two variances as independent (delta method).
+    """
+    if not (isinstance(cost_ratio, (int, float)) and math.isfinite(cost_ratio) and cost_ratio > 0):
+        raise ValueError(f"cost_ratio: expected a positive number, got {cost_ratio!r}")
+    if not (isinstance(cost_draw_s, (int, float)) and math.isfinite(cost_draw_s) and cost_draw_s > 0):
+        raise ValueError(f"cost_draw_s: expected a positive number of seconds, got {cost_draw_s!r}")
+    c_d = float(cost_draw_s)
+    c_up = cost_ratio * c_d
+    cost_base = base["R"] * (c_up + base["K"] * c_d)
+    cost_head = head["R"] * (c_up + head["K"] * c_d) * (1.0 + overhead)
+    wnv_base, wnv_head = base["variance"] * cost_base, head["variance"] * cost_head
+    ecm = wnv_base / wnv_head
+    rel = math.hypot(base["variance_se"] / base["variance"], head["variance_se"] / head["variance"])
+    b, w = components
+    bound = wnv_base / efficiency_bound(b, w, c_up, c_d)
+    return {"cost_ratio": float(cost_ratio), "headline_ecm": ecm, "headline_se": ecm * rel, "bound_ecm": bound,
+            "bound_fraction": ecm / bound, "K": int(head["K"]), "R": int(head["R"]), "cost_draw_s": c_d,
+            "overhead": overhead}
+
+
+def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """ECM of the headline (with its error bar) and the bound against the cost ratio (log axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["cost_ratio"])
+    x = [r["cost_ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
+    ax.plot(x, [r["bound_ecm"] for r in rows], "k--", label="efficiency bound")
+    ax.errorbar(x, [r["headline_ecm"] for r in rows], yerr=[r["headline_se"] for r in rows], fmt="o-",
+                color="tab:red", capsize=3, label="carv default (the app's own choice)")
+    for r in rows:
+        ks = "/".join(str(q["K"]) for q in r.get("per_seed", [r]))  # each seed's own choice
+        ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points", xytext=(4, -12),
+                    fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8, label="plain estimator (R = 2, K = 1)")
+    ax.set_xscale("log")
+    ax.set_xlabel("render : draw cost ratio  c_up / c_draw")
+    ax.set_ylabel("ECM against the plain estimator")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict, native_ratio: float) -> dict:
+    """Merge ``regime_sweep`` (the rows) and ``regime_sweep_record`` (command, machine, settings) into the benchmark
+    JSON at ``json_path``, keeping its other keys. ``headline_app_default`` is the row at the native cost ratio
+    (the app's default as a user runs it, charged what the app pays), and the existing ``headline`` gets
+    ``bound_fraction``: its value over the bound the pipeline allows at the native ratio (that row's bound)."""
+    path = Path(json_path)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data["regime_sweep"] = [{k: r[k] for k in REGIME_KEYS} | {k: v for k, v in r.items() if k not in REGIME_KEYS}
+                            for r in rows]
+    data["regime_sweep_record"] = dict(record)
+    native = min(rows, key=lambda r: abs(math.log(r["cost_ratio"] / native_ratio)))
+    data["headline_app_default"] = {"value": native["headline_ecm"], "se": native["headline_se"],
+                                    "bound_ecm": native["bound_ecm"], "bound_fraction": native["bound_fraction"],
+                                    "K": native["K"], "R": native.get("R"), "cost_ratio": native["cost_ratio"],
+                                    "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
+    head = data.get("headline")
+    if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
+        head["bound_fraction"] = head["value"] / native["bound_ecm"]
+        head["bound_fraction_source"] = "its value over the native regime_sweep row's bound_ecm"
+    atomic_write_json(path, data)
+    return data
