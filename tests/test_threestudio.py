@@ -218,6 +218,9 @@ def test_every_output_goes_through_lightning_log_in_a_real_trainer(threestudio, 
         assert {"train/loss_sds", "train/grad_norm", "train/min_step", "train/max_step", "train/K", "train/R",
                 "train/skipped"} <= set(logged)
         assert ("train/between" in logged) == ("train/within" in logged) == measured
+        # with auto_k the accountant's measured costs are logged too (numbers only), never as a loss_* key
+        assert ("train/accounting_cost_ratio" in logged) == measured
+        assert not any(k.startswith("train/loss_") and k != "train/loss_sds" for k in logged)
         assert float(logged["train/max_step"]) == 975.0  # [0, 0.98, 0.5, 100] at global step 1: 0.9752
         assert system.guidance.steps == 1 and float(logged["train/R"]) == 2.0
         assert system.colour.grad is not None and system.guidance.last_output.draws.t.shape[0] == 2

@@ -137,12 +137,16 @@ CarvGuidanceConfig.__doc__ = ("threestudio's ``StableDiffusionGuidance.Config`` 
                               "``K``, ``proposal``, ...), then the :data:`IGNORED_KEYS` (default None).")
 
 
-def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int, out: Any, R: int) -> dict[str, Any]:
+def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int, out: Any, R: int,
+                    accounting: dict | None = None) -> dict[str, Any]:
     """The dict a guidance call returns: numbers and scalar tensors only (threestudio logs every entry).
 
     ``loss_sds`` (with its graph), ``grad_norm``, ``min_step``, ``max_step`` (threestudio's keys); ``K``, ``R``,
     ``skipped`` (1.0 when the step was dropped by ``nan_policy="skip"``, else 0.0) and the variance components
-    ``between`` / ``within`` of the latent-space estimate when they are measurable (``R >= 2``, ``K >= 2``)."""
+    ``between`` / ``within`` of the latent-space estimate when they are measurable (``R >= 2``, ``K >= 2``).
+    With ``auto_k``, the numeric entries of the accountant's :func:`~carv.accounting.accounting_summary` follow
+    as ``accounting_<key>`` (``accounting_bound_ecm``, ``accounting_bound_fraction``, ...) once they are measured
+    (no key starts with ``loss_``: threestudio's systems weight every ``loss_*`` entry)."""
     d: dict[str, Any] = {"loss_sds": loss_sds, "grad_norm": grad.detach().norm(), "min_step": int(min_step),
                          "max_step": int(max_step), "K": int(out.draws.K), "R": int(R),
                          "skipped": float(out.skipped is not None)}
@@ -150,6 +154,9 @@ def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int
         value = getattr(out.estimate, name)
         if value is not None:
             d[name] = float(value)
+    for key, value in (accounting or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            d[f"accounting_{key}"] = float(value)
     return d
 
 
@@ -228,7 +235,7 @@ class CarvGuidance:
             return None
         if self.config.proposal == "weight" or not self.learned.ready:
             return weight_table(self.weighting, self.teacher.schedule)
-        return self.learned.importance()
+        return self.learned.importance((self.min_step, self.max_step))
 
     def step_range(self, epoch: int, global_step: int) -> tuple[int, int]:
         """``(min_step, max_step)`` at this step, as threestudio's ``update_step``: the scheduled percents, or
@@ -299,7 +306,8 @@ class CarvGuidance:
         if self.learned is not None and out.skipped is None:
             self.learned.update(out.draws.t, out.estimate.sq_norms)
         self.last_output = out
-        return guidance_output(loss_sds, grad, self.min_step, self.max_step, out, B)
+        acc = self.accountant.summary(proposal=self.config.proposal) if self.accountant is not None else None
+        return guidance_output(loss_sds, grad, self.min_step, self.max_step, out, B, acc)
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         """Per-step updates, as threestudio's: grad clipping and the timestep range from their schedules
