@@ -36,8 +36,11 @@ def _ckpt_run(path, steps=(1, 2, 3), keep=2):
 def test_another_commands_folder_is_refused(tmp_path):
     with RunFolder(tmp_path / "r", "carv text-to-3d", {"lr": 0.1}):
         (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(RunFolderError, match=r"holds a `carv text-to-3d` run, not a `carv distill` run.*--fresh"):
+    with pytest.raises(RunFolderError, match=r"holds a `carv text-to-3d` run, not a `carv distill` run"):
         RunFolder(tmp_path / "r", "carv distill", {"lr": 0.1}).__enter__()
+    # --fresh moves aside only a run of the same command: another command's run is refused too
+    with pytest.raises(RunFolderError, match=r"text-to-3d` run; --fresh moves aside only a `carv distill`"):
+        RunFolder(tmp_path / "r", "carv distill", {"lr": 0.1}, fresh=True).__enter__()
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == "{}\n"  # nothing was touched
     # a non-empty folder that no carv command made is refused too
     (tmp_path / "other").mkdir()
@@ -212,14 +215,22 @@ def test_metrics_that_lost_rows_are_rebuilt_from_the_checkpoint_with_a_warning(t
     assert [json.loads(ln)["step"] for ln in m.read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_rows_after_the_checkpoint_are_dropped_quietly(tmp_path):
+def test_rows_after_the_checkpoint_are_set_aside_with_one_warning(tmp_path):
     st = _ckpt_run(tmp_path, steps=(1, 2))
-    st.append({"step": 3, "v": 3.0})  # written after the last checkpoint: redone on resume
+    st.append({"step": 3, "v": 3.0})  # written after the last checkpoint: redone on resume, kept aside
+    st2 = RunState(tmp_path)
+    with pytest.warns(RunFolderWarning, match=r"1 rows of .*metrics.jsonl.* come after checkpoint step 2") as w:
+        st2.load()
+    assert len(w) == 1
+    assert [r["step"] for r in st2.rows] == [1, 2]
+    aside = list(tmp_path.glob("metrics.set-aside-*.jsonl"))
+    assert len(aside) == 1 and [json.loads(ln)["step"] for ln in aside[0].read_text().splitlines()] == [3]
+    # a resume that matches the checkpoint exactly is quiet and rewrites nothing
+    before = (tmp_path / "metrics.jsonl").stat().st_mtime_ns
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        st2 = RunState(tmp_path)
-        st2.load()
-    assert [r["step"] for r in st2.rows] == [1, 2]
+        RunState(tmp_path).load()
+    assert (tmp_path / "metrics.jsonl").stat().st_mtime_ns == before
 
 
 # ----------------------------------------------------------------------------- case 5 against the CLI
