@@ -112,7 +112,7 @@ class WriteError(OSError):
         its message: ``IoError(Os { code: 28, ... message: "No space left on device" })``)."""
         code, why = getattr(e, "errno", None), getattr(e, "strerror", None)
         if code is None:
-            m = re.search(r"code:\s*(\d+)", str(e))
+            m = re.search(r"(?:code:|os error)\s*(\d+)", str(e))
             code = int(m.group(1)) if m else None
         if not why:
             why = os.strerror(code) if code else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -531,8 +531,8 @@ class RunState:
         """
         if self.path.is_dir():
             _remove_stale_temporaries(self.path, recursive=False)
-        bad = []
-        for f in self._by_held_step():
+        bad, found = [], self._by_held_step()
+        for f, _ in found:
             try:
                 tensors, meta = load_tensors(f)
                 if meta.get("format") != CHECKPOINT_FORMAT:
@@ -546,7 +546,7 @@ class RunState:
                 continue
             if accept is not None:
                 accept(tensors, state)  # a foreign checkpoint is refused here, before anything is touched
-            self._tidy(bad, f, step)
+            self._tidy(bad, f, step, found)
             self._restore_metrics(meta["metrics"], step)
             return tensors, state
         if bad:
@@ -555,9 +555,9 @@ class RunState:
         self.start()
         return None
 
-    def _by_held_step(self) -> list[Path]:
-        """Checkpoints ordered by the step their header says they hold (the name's step where it cannot be read):
-        a file renamed to a higher step is not taken for the newest."""
+    def _by_held_step(self) -> list[tuple[Path, int]]:
+        """``(checkpoint, step it holds)``, newest first by the step its header says it holds (the name's step
+        where the header cannot be read): a file renamed to a higher step is not taken for the newest."""
         def held(p: Path) -> int:
             meta = _header_metadata(p) or {}
             try:
@@ -565,11 +565,12 @@ class RunState:
             except (KeyError, ValueError, TypeError):
                 return _step_of(p)
 
-        return sorted(self.checkpoints(), key=lambda p: (held(p), _step_of(p)), reverse=True)
+        found = [(p, held(p)) for p in self.checkpoints()]
+        return sorted(found, key=lambda x: (x[1], _step_of(x[0])), reverse=True)
 
-    def _tidy(self, bad: list[tuple[Path, str]], chosen: Path, step: int) -> None:
-        """Rename the damaged checkpoints tried before ``chosen`` (kept, never tried again) and give ``chosen`` the
-        name of the step it holds; one warning says what happened."""
+    def _tidy(self, bad: list[tuple[Path, str]], chosen: Path, step: int, found: list[tuple[Path, int]]) -> None:
+        """Rename the damaged checkpoints tried before ``chosen`` (kept, never tried again) and give every checkpoint
+        whose name disagrees with the step it holds that step's name; one warning says what happened."""
         notes = []
         for b, _ in bad:
             with contextlib.suppress(OSError):
@@ -577,15 +578,18 @@ class RunState:
         if bad:
             notes.append(f"{'; '.join(m for _, m in bad)}; resuming from the previous good checkpoint "
                          f"{str(chosen)!r} (step {step}); the damaged file is kept as *.corrupt")
-        if _step_of(chosen) != step:
-            right = chosen.with_name(f"{self.STEM}-{step:07d}.safetensors")
-            dest = right if not right.exists() else _aside_name(chosen, "misnamed")
+        bad_files = {b for b, _ in bad}
+        for f, held in found:
+            if f in bad_files or _step_of(f) == held or not f.exists():
+                continue
+            right = f.with_name(f"{self.STEM}-{held:07d}.safetensors")
+            dest = right if not right.exists() else _aside_name(f, "misnamed")
             with contextlib.suppress(OSError):
-                os.replace(chosen, dest)
-            notes.append(f"checkpoint: {str(chosen)!r} holds step {step}, not the step in its name; renamed it "
-                         f"to {dest.name!r} and resumed from step {step}")
+                os.replace(f, dest)
+            notes.append(f"checkpoint: {str(f)!r} holds step {held}, not the step in its name; renamed it to "
+                         f"{dest.name!r}")
         if notes:
-            warnings.warn("; ".join(notes), RunFolderWarning, stacklevel=4)
+            warnings.warn("; ".join(notes) + f"; resumed from step {step}", RunFolderWarning, stacklevel=4)
 
     def _restore_metrics(self, saved: str, step: int) -> None:
         """Make ``metrics.jsonl`` the checkpoint's copy. Rows it has beyond the copy are written to

@@ -447,11 +447,15 @@ def main() -> None:
     process, damaged beyond its fallback checkpoint) ends with one line too; repairs print one warning line."""
     import warnings
 
-    from carv._runfolder import CorruptFileError, RunFolderError
+    from carv._runfolder import CorruptFileError, RunFolderError, WriteError
 
     warnings.showwarning = _one_line_warning
     try:
         app()
+    except WriteError as e:  # any writer's failure (full disk, lost permission, safetensors, matplotlib), one line
+        sys.stderr.write(f"Error: {e}. Files already written are kept whole; free the space or fix the permission "
+                         f"and rerun the same command to resume.\n")
+        raise SystemExit(2) from None
     except (RunFolderError, CorruptFileError) as e:
         sys.stderr.write(f"Error: {e}\n")
         raise SystemExit(2) from None

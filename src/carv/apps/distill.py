@@ -432,14 +432,22 @@ class Distiller:
         tensors["rng"] = self.rng.get_state()
         run.save(self.step_count, tensors, {**self._meta(), "meter": self.meter.state_dict(), "last": self.last})
 
-    def load_state(self, loaded: tuple[dict[str, Tensor], dict[str, Any]], where: str | Path = "") -> dict[str, Any]:
-        """Restore from ``RunState.load()``'s ``(tensors, state)``; refuses a state of another configuration."""
-        t, info = loaded
-        old, new = info.get("config", {}), json.loads(json.dumps(asdict(self.cfg)))
+    def check_state(self, t: dict[str, Tensor], info: dict[str, Any], where: str | Path = "") -> None:
+        """Refuse a checkpoint that is not this run's (another configuration or seed, another command's): the
+        ``accept`` check :meth:`RunState.load` runs before it touches the folder."""
+        old, new = info.get("config"), json.loads(json.dumps(asdict(self.cfg)))
+        if not isinstance(old, dict) or "rng" not in t or not any(k.startswith("generator.") for k in t):
+            raise ValueError(f"out: {str(where)!r} holds a checkpoint that is not a distill run's; use another --out "
+                             f"or --fresh to start over")
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if diff:
             raise ValueError(f"out: {str(where)!r} holds a run with a different config (fields {diff}); "
                              "use another --out, the same settings, or --fresh to start over")
+
+    def load_state(self, loaded: tuple[dict[str, Tensor], dict[str, Any]], where: str | Path = "") -> dict[str, Any]:
+        """Restore from ``RunState.load()``'s ``(tensors, state)``; refuses a state of another configuration."""
+        t, info = loaded
+        self.check_state(t, info, where)
         self._load_weights(t)
         for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
             sd = opt.state_dict()
@@ -510,7 +518,7 @@ def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", rea
 def _open_run(run_dir: Path, d: Distiller) -> RunState:
     """The run's checkpoints and metrics in ``run_dir``; resumes ``d`` from the newest good checkpoint."""
     run = RunState(run_dir)
-    loaded = run.load()
+    loaded = run.load(accept=lambda t, info: d.check_state(t, info, run_dir))
     if loaded is not None:
         d.load_state(loaded, run_dir)
     return run
