@@ -45,5 +45,6 @@ def test_unwritable_run_folder_is_one_clear_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "carv", "demo", "--quick", "--out", str(blocker / "run")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert "Error: Not a directory" in out.stderr and "a-file" in out.stderr and "--out" in out.stderr
+    assert "Error: could not write" in out.stderr and "a-file/run': Not a directory" in out.stderr
+    assert "--out" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr

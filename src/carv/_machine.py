@@ -8,7 +8,17 @@ import platform
 
 import torch
 
-__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError"]
+from carv._validate import check_threads
+
+__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError", "set_threads"]
+
+
+def set_threads(n: int | None, name: str = "threads") -> None:
+    """``torch.set_num_threads(n)`` after checking ``n`` against the machine (at most 4 per CPU core: a huge count
+    hangs or crashes torch); None leaves torch's choice. Every command sets its threads through this."""
+    if n is not None:
+        check_threads(n, name)
+        torch.set_num_threads(n)
 
 
 def loadavg() -> list[float]:

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from carv._validate import check_nonneg, check_span
+
 __all__ = [
     "VarianceComponents",
     "variance_components",
@@ -106,8 +108,7 @@ def within_row_variance(y: Tensor, row_mean: Tensor | None = None) -> tuple[floa
 
 def _check_nonneg(**kw: float) -> None:
     for name, v in kw.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+        check_nonneg(name, v)  # numpy scalars (np.float32(1.0)) are numbers too
 
 
 def _check_k(K) -> None:
@@ -221,6 +222,7 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
     _check_nonneg(between=between, within=within, cost_upstream=cost_upstream, cost_draw=cost_draw)
     r_min, r_max = _check_range(r_range, "r_range")
     k_min, k_max = _check_range(k_range, "k_range")
+    check_span(k_min, k_max, "k_range")  # the search below visits every K: refuse (1, 10**9) at once
     if (budget is None) == (target_variance is None):
         raise ValueError(f"budget, target_variance: pass exactly one of them, got budget={budget!r}, "
                          f"target_variance={target_variance!r}")
@@ -444,6 +446,7 @@ class Allocator:
                 raise ValueError(f"budget: expected a positive number of seconds, 'baseline' or None, got {budget!r}")
         self.r_min, self.r_max = _check_range(r_range, "r_range")
         self.k_min, self.k_max = _check_range(k_range, "k_range")
+        check_span(self.k_min, self.k_max, "k_range")
         if not (isinstance(baseline, (tuple, list)) and len(baseline) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in baseline)):
             raise ValueError(f"baseline: expected a pair (R, K) of positive integers, got {baseline!r}")

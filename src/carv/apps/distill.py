@@ -43,9 +43,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from carv._machine import set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
-from carv._validate import check_field_types, check_int, check_number, check_positive_int, check_seed
+from carv._validate import (
+    check_field_types,
+    check_int,
+    check_lr,
+    check_number,
+    check_positive_int,
+    check_seed,
+    check_steps,
+    check_threads,
+)
 from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
@@ -141,9 +151,8 @@ class DistillConfig:
         if not (isinstance(self.generator_t, int) and 1 <= self.generator_t <= 999):
             raise ValueError(f"generator_t: expected an integer timestep in 1..999, got {self.generator_t!r}")
         for name in ("generator_lr", "fake_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+            check_lr(getattr(self, name), name)
+        check_steps(self.steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
@@ -153,7 +162,7 @@ class DistillConfig:
         if self.max_batch is not None:
             check_positive_int(self.max_batch, "max_batch")
         if self.threads is not None:
-            check_positive_int(self.threads, "threads")
+            check_threads(self.threads)
         if self.noise == "antithetic" and self.K % 2:
             raise ValueError(f"K: antithetic noise pairs draws, so K must be even, got K={self.K}")
         if self.noise not in ("iid", "antithetic", "crn"):
@@ -468,8 +477,7 @@ class Distiller:
 def _threads(n: int | None):
     """Run with ``n`` torch threads (None: unchanged), restoring the previous count afterwards."""
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    set_threads(n)
     try:
         yield
     finally:

@@ -74,11 +74,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carv._machine import loadavg, machine_info
+from carv._machine import loadavg, machine_info, set_threads
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
 from carv._runfolder import CorruptFileError, RunFolder, RunState, atomic_write_json, load_tensors, save_figure
-from carv._validate import check_field_types, check_int, check_positive_int, check_seed
+from carv._validate import (
+    SEARCH_MAX,
+    check_field_types,
+    check_finite_parameters,
+    check_int,
+    check_lr,
+    check_positive_int,
+    check_seed,
+    check_steps,
+    check_threads,
+)
 from carv.accounting import Allocator, ComponentProbe, CostMeter, VarianceComponents, equal_quality_ecm, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
@@ -286,16 +296,17 @@ class TextTo3DConfig:
                      "grid_resolution", "anneal_steps", "coarse_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
+        check_steps(self.steps)
         check_seed(self.seed)
         # sizes beyond these would only end in an allocator error (a 512^3 grid with Adam is 4 GB)
         for name, hi in (("grid_resolution", 256), ("render_size", 512), ("n_samples", 1024),
-                         ("n_eval_views", 256), ("R", 4096), ("K", 10**7), ("k_max", 10**7)):
+                         ("n_eval_views", 256), ("R", 4096), ("K", 10**7), ("k_max", SEARCH_MAX)):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 1, hi)
         if self.K is not None:
             check_positive_int(self.K, "K")
         if self.threads is not None:
-            check_positive_int(self.threads, "threads")
+            check_threads(self.threads)
         if self.grid_resolution < 4:
             raise ValueError(f"grid_resolution: expected an integer >= 4, got {self.grid_resolution}")
         if self.coarse_resolution is not None:
@@ -335,6 +346,8 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name in ("lr", *(n for n in ("lr_end", "baseline_lr") if getattr(self, n) is not None)):
+            check_lr(getattr(self, name), name)
         b = self.adam_beta2
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
             raise ValueError(f"adam_beta2: expected a number strictly between 0 and 1, got {b!r}")
@@ -805,6 +818,7 @@ class Trainer:
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
         self.opt.step()
+        check_finite_parameters(self.grid.parameters(), "lr", self.opt.param_groups[0]["lr"])
         t2 = p.clock()
         # the optimiser step is a per-step cost: charge it to the renders of the step
         self.meter.add("upstream", secs["upstream"] + (t2 - t1), count=R)
@@ -1074,8 +1088,7 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
     if compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
     fresh = bool(fresh or restart)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
     slug = _slug(get_scene(prompt).prompt) + ("-compare" if compare else "")
     out = Path(out_dir) if out_dir is not None else default_root / slug
