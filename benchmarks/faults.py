@@ -392,7 +392,7 @@ class Faults:
         d = self.work / "distill-ref"
         if not d.exists():
             carv(*DISTILL, "--out", d)
-        return sorted(d.glob("checkpoint-*.safetensors"))[-1]
+        return RunState(d).checkpoints()[0]
 
     def manifest_config(self, what: str, value):
         out = self.work / f"manifest-{what}"
