@@ -47,9 +47,9 @@ def jobs(prompts, seeds, lengths) -> list[tuple[str, int, int]]:
 
 def run_dir(root: Path, prompt: str, seed: int, length: int, prefix: str = "") -> Path:
     """``<root>/<prefix><prompt>-s<seed>-S<length>``: the folder of one run of the sweep (and of the oracle's)."""
-    from carv.apps.text_to_3d import _slug
+    from carv.apps.text_to_3d import slug
 
-    return root / f"{prefix}{_slug(prompt)}-s{seed}-S{length}"
+    return root / f"{prefix}{slug(prompt)}-s{seed}-S{length}"
 
 
 def scaled_config(prompt: str, seed: int, length: int, threads: int = 1, **fields):
@@ -63,7 +63,7 @@ def scaled_config(prompt: str, seed: int, length: int, threads: int = 1, **field
 
 
 def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -> dict:
-    from carv.apps.text_to_3d import run_text_to_3d
+    from carv.bench.compare import compare_text_to_3d
 
     out = run_dir(root, prompt, seed, length)
     done = out / "summary.json"
@@ -72,7 +72,7 @@ def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -
         if sm.get("steps", {}).get("carv") == length and sm.get("steps", {}).get("baseline") == length:
             return sm
     cfg = scaled_config(prompt, seed, length, threads)
-    return run_text_to_3d(prompt, out, cfg, compare=True, progress=False)
+    return compare_text_to_3d(prompt, out, cfg, progress=False)
 
 
 def report(root: Path, lengths=LENGTHS, seeds=None) -> dict:

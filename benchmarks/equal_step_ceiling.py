@@ -11,7 +11,7 @@ app's defaults otherwise (400 steps, the same schedule and learning rate). By th
 per-step variance is ``b / 4 + w / 64`` against the ``R = 2, K = 1`` baseline's ``b / 2 + w / 2`` (a lower bound
 for the baseline, whose uniform draws have more within-render variance): over 10x lower, at about 10x the cost
 per step. Its steps to the baseline's final quality, read exactly as the ``equal_step_compute`` pairs are (the
-smoothed first crossing of one 400-step run, :func:`carv.accounting.equal_quality_ecm` with ``x="step"``; the
+smoothed first crossing of one 400-step run, :func:`carv.bench.quality.equal_quality_ecm` with ``x="step"``; the
 oracle's curve is read at the baseline's evaluation steps, so that the 3-evaluation smoothing spans the same
 steps on both), bound
 what *any* estimator at equal per-step compute can show on this objective, carv's included. With
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
         ap.error("--seeds, --lengths: expected comma-separated integers")
-    from carv.accounting import equal_quality_ecm
+    from carv.bench.quality import equal_quality_ecm
     from carv.bench.text_to_3d import geomean, log_spread
 
     root, croot = Path(args.root), Path(args.compare_root)

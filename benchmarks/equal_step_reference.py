@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from carv._runfolder import atomic_write_json, read_json
-    from carv.apps.text_to_3d import TextTo3DConfig, _slug, run_text_to_3d
+    from carv.apps.text_to_3d import TextTo3DConfig, run_text_to_3d, slug
+    from carv.bench.compare import compare_text_to_3d
     from carv.bench.text_to_3d import equal_step_compute
     from carv.teachers.scenes import load_scenes_teacher
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run_prompt(prompt: str) -> tuple[Path, list[dict], list[dict] | None, dict]:
         """One prompt's reference run, learning-rate tuning (with --lr-grid) and measured seeds."""
-        ref = root / f"ref-{_slug(prompt)}"
+        ref = root / f"ref-{slug(prompt)}"
         base = TextTo3DConfig(prompt=prompt, threads=1, eval_every_s=6.0)
         if not (ref / "summary.json").exists():
             run_text_to_3d(prompt, ref, dataclasses.replace(base, method="baseline", R=8), progress=False,
@@ -113,13 +114,13 @@ def main(argv: list[str] | None = None) -> None:
         def compare(out: Path, cfg: TextTo3DConfig) -> dict:
             if (out / "summary.json").exists():
                 return read_json(out / "summary.json", "compare summary")
-            return run_text_to_3d(prompt, out, cfg, compare=True, progress=False, teacher=teacher)
+            return compare_text_to_3d(prompt, out, cfg, progress=False, teacher=teacher)
 
         tuning, suffix, lrs = None, "", {}
         if grid is not None:
             tuning = []
             for lr in grid:
-                sm = compare(root / f"tune-{_slug(prompt)}-s{args.tune_seed}-lr{lr:g}",
+                sm = compare(root / f"tune-{slug(prompt)}-s{args.tune_seed}-lr{lr:g}",
                              dataclasses.replace(base, seed=args.tune_seed, reference=str(ref), lr=lr))
                 q = sm["steps_ratio_equal_quality"][args.select]
                 tuning.append({"lr": lr, "baseline": q["target"], "carv": q["method_final"],
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             suffix = f"-lr{fixed[0]:g}-{fixed[1]:g}"
         summaries = []
         for s in args.seeds:
-            out = root / f"cmp-{_slug(prompt)}-s{s}{suffix}"
+            out = root / f"cmp-{slug(prompt)}-s{s}{suffix}"
             cfg = dataclasses.replace(base, seed=s, reference=str(ref))
             if lrs:
                 cfg = dataclasses.replace(cfg, lr=lrs["carv"], baseline_lr=lrs["baseline"])

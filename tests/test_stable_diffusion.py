@@ -363,8 +363,8 @@ def test_text_to_3d_with_a_stable_diffusion_folder_end_to_end(tiny_sd_path, tmp_
         assert (out / f).is_file(), f
     assert list(out.glob("checkpoint-*.safetensors")), "no checksummed checkpoint was written"
     # the latents the teacher saw: 8x the UNet's latent size in, latents out
-    from carv.apps.latent_sds import LatentSceneProblem, load_sd_teacher
     from carv.apps.text_to_3d import TextTo3DConfig, problem_for
+    from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
 
     problem = problem_for(TextTo3DConfig(prompt="a snowman", render_size=32, n_samples=8, n_eval_views=2,
                                           teacher=str(tiny_sd_path)), load_sd_teacher(tiny_sd_path))

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, run_text_to_3d, text_to_3d_from_cli
+from carv.bench.compare import compare_text_to_3d
 from carv.bench.text_to_3d import BenchSettings, binned_resampler_update, equal_quality_ecm, predicted_best_ecm
 from carv.cli import app
 from carv.render.cameras import cameras_from_angles
@@ -106,7 +107,7 @@ def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(t
     curves are saved."""
     cfg = TextTo3DConfig(prompt="a snowman", steps=12, probe_every=4, accountant_every=4, k_init=4,
                          checkpoint_every=6, **TINY)
-    res = run_text_to_3d("a snowman", tmp_path / "c", cfg, compare=True, progress=False, teacher=_teacher())
+    res = compare_text_to_3d("a snowman", tmp_path / "c", cfg, progress=False, teacher=_teacher())
     assert res["steps"] == {"carv": 12, "baseline": 12} and res["compare_at"] == "step"
     rows = [r for r in _metrics(tmp_path / "c" / "carv" / "metrics.jsonl") if r["kind"] == "step"]
     probes = [r for r in rows if r["probe"]]
@@ -129,13 +130,13 @@ def test_compare_at_equal_per_step_compute_runs_carv_at_r1_with_charged_probes(t
 def test_compare_gives_the_baseline_its_own_learning_rate(tmp_path):
     """``baseline_lr`` (``--baseline-lr``) sets the baseline's Adam rate in --compare, carv keeps ``lr``; a decay to
     ``lr_end`` keeps its ratio for the baseline; None leaves both at ``lr``."""
-    from carv.apps.text_to_3d import _baseline_lr
+    from carv.bench.compare import baseline_lr_fields as _baseline_lr
 
     assert _baseline_lr(TextTo3DConfig(lr=0.2)) == {}
     assert _baseline_lr(TextTo3DConfig(lr=0.2, lr_end=0.05, baseline_lr=0.1)) == pytest.approx(
         {"lr": 0.1, "lr_end": 0.025, "baseline_lr": None})
     cfg = TextTo3DConfig(prompt="a snowman", steps=2, K=2, lr=0.2, baseline_lr=0.05, **TINY)
-    run_text_to_3d("a snowman", tmp_path / "c", cfg, compare=True, progress=False, teacher=_teacher())
+    compare_text_to_3d("a snowman", tmp_path / "c", cfg, progress=False, teacher=_teacher())
     lrs = {m: json.loads((tmp_path / "c" / m / "config.json").read_text())["lr"] for m in ("carv", "baseline")}
     assert lrs == {"carv": 0.2, "baseline": 0.05}
 
@@ -806,7 +807,7 @@ def test_reference_solution_metrics_measure_the_distance_to_a_finished_run(tmp_p
                                                                cfg.init_radius))["psnr"])
     # a compare run against the reference: its evaluations and its equal-quality summary carry the _ref metrics
     cmp_cfg = dataclasses.replace(cfg, steps=4, eval_every_s=1e-9, reference=str(tmp_path / "ref"), K=None)
-    res = run_text_to_3d("a snowman", tmp_path / "cmp", cmp_cfg, compare=True, progress=False, teacher=_teacher())
+    res = compare_text_to_3d("a snowman", tmp_path / "cmp", cmp_cfg, progress=False, teacher=_teacher())
     assert set(res["steps_ratio_equal_quality"]) == {"psnr", "iou", "psnr_ref", "iou_ref"}
     evals = [r for r in _metrics(tmp_path / "cmp" / "baseline" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals and all("psnr_ref" in r and 0 <= r["iou_ref"] <= 1 for r in evals)

@@ -6,8 +6,7 @@ measure the apps' pipelines side by side), ``cli``.
 """
 
 from carv import accounting
-from carv.accountant import Accountant
-from carv.accounting import Allocator, AutoK, CostMeter, allocate
+from carv.accounting import Accountant, Allocator, AutoK, CostMeter, allocate
 from carv.estimator import Draws, Estimate, HierarchicalEstimator
 from carv.objectives.attribution import GradientFeatures
 from carv.objectives.dmd import DistributionMatching

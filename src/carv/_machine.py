@@ -3,14 +3,16 @@ much memory it has free (so work that cannot fit is refused before allocating, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 
 from carv._validate import check_threads
 
-__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError", "set_threads"]
+__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError", "torch_threads", "set_threads"]
 
 
 def set_threads(n: int | None, name: str = "threads") -> None:
@@ -30,6 +32,17 @@ def machine_info(**extra) -> dict:
     """Platform, CPU count, torch version and thread count, followed by ``extra`` fields."""
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), **extra}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads (None: unchanged), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_memory(device: torch.device | str) -> int | None:

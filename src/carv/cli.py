@@ -250,11 +250,12 @@ def bench_distill_cmd(
     from carv.bench.distill import BenchSettings, bench_from_cli, bench_upstream_strata
 
     if upstream_only:
-        from carv.apps.distill import DistillConfig, _teacher_from
+        from carv.apps.distill import DistillConfig, teacher_from_path
 
         s = BenchSettings(replicates=replicates or 40, reference_estimates=8, reference_R=32)
         cmd = f"carv bench distill --upstream-only --replicates {s.replicates} --threads {threads}"
-        bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), _teacher_from(teacher), command=cmd)
+        bench_upstream_strata(out, json_path, s, DistillConfig(threads=threads), teacher_from_path(teacher),
+                              command=cmd)
         return
     try:
         bench_from_cli(out, quick, json_path, teacher, threads, config)
@@ -312,7 +313,7 @@ def text_to_3d_cmd(
     """Text-to-3D: score-distil a voxel grid from the procedural-scenes teacher (carv estimator by default).
 
     Writes config, metrics (JSON lines), turntable, ground-truth comparison and plots; resumable."""
-    from carv.apps.text_to_3d import text_to_3d_from_cli
+    from carv.apps.text_to_3d import config_from_cli, run_text_to_3d
 
     flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
                  proposal=proposal, stratify=stratify,
@@ -325,8 +326,13 @@ def text_to_3d_cmd(
     try:
         if restart:
             typer.echo("warning: --restart is deprecated; use --fresh (the same everywhere)", err=True)
-        text_to_3d_from_cli(prompt, out, flags, baseline=baseline, compare=compare, fresh=fresh or restart,
-                            compare_at=compare_at)
+        cfg = config_from_cli(prompt, flags, baseline=baseline, compare=compare, compare_at=compare_at)
+        if compare:
+            from carv.bench.compare import compare_text_to_3d
+
+            compare_text_to_3d(cfg.prompt, out, cfg, compare_at=compare_at, fresh=fresh or restart)
+        else:
+            run_text_to_3d(cfg.prompt, out, cfg, fresh=fresh or restart)
     except ValueError as e:
         _bad_parameter(e)
 

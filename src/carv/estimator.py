@@ -13,7 +13,7 @@ timestep (stratification then runs over the ``K/2`` pairs); with ``noise="crn"``
 same ``K`` timesteps and noises.
 
 Memory. When the ``R K`` noises of one call would take more than :data:`DRAW_MEMORY_BUDGET` bytes,
-:func:`carv.objectives.sds.residual_estimate` streams: :meth:`HierarchicalEstimator.draw` with ``noise=False``
+:func:`residual_estimate` streams: :meth:`HierarchicalEstimator.draw` with ``noise=False``
 draws every timestep and weight (``R K`` scalars) but no noise, and :meth:`Draws.next_noise` then draws the noise
 of ``block`` columns of every row at a time (:meth:`HierarchicalEstimator.block_columns`), which
 :class:`StreamingReduction` folds into the same :class:`Estimate`. Which draws a seed gives depends only on
@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from carv._machine import check_fits
 from carv.accounting import VarianceComponents, between_component, variance_components, within_row_variance
 from carv.noise import check_noise_mode, draw_noise
-from carv.teachers.base import check_finite
+from carv.schedules import VPSchedule
+from carv.teachers.base import NonFiniteTeacherError, check_finite
 from carv.timesteps import TimestepSampler
 
 __all__ = ["DRAW_MEMORY_BUDGET", "Draws", "Estimate", "HierarchicalEstimator", "StreamingReduction", "UsesEstimator",
-           "check_upstream", "reduce_draws"]
+           "check_upstream", "reduce_draws", "SDSOutput", "residual_estimate"]
 
 DRAW_MEMORY_BUDGET = 32 << 20  # bytes of noise one block of draws may hold; larger R*K draws are streamed
 
@@ -313,6 +315,72 @@ def _dist_rank_world() -> tuple[int, int]:
         raise RuntimeError("distributed: torch.distributed is not initialised; call init_process_group first "
                            "or build the estimator with distributed=False")
     return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class SDSOutput:
+    grad: Tensor        # [R, ...] per-upstream estimate of the SDS gradient
+    loss: Tensor        # scalar surrogate: d loss / d x[r] = grad[r] / R
+    estimate: Estimate  # per-upstream means + variance components + per-draw squared norms
+    draws: Draws        # the (t, weight, eps) that were used
+    skipped: str | None = None  # nan_policy="skip": why this step was dropped (its gradient is zero)
+
+
+Residual = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x: Tensor, residual: Residual,
+                      generator: torch.Generator | int | None = None, keep_draws: bool = False,
+                      nan_policy: str = "raise") -> SDSOutput:
+    """The piece every teacher-residual objective shares (SDS, distribution matching).
+
+    Draw ``R x K`` ``(t, eps)`` through ``estimator``, noise ``x`` to ``x_t = a_t x + s_t eps``, evaluate
+    ``residual(x_t, t, eps, k)`` (flat ``[R*k, ...]`` for ``k`` columns of every row, row-major, no grad; so
+    ``repeat_cond(cond, k)`` gives each draw its upstream sample's condition) and reduce it (importance weights,
+    mean over ``K``, finiteness check, variance components). ``loss`` is the surrogate whose gradient with
+    respect to ``x[r]`` is ``grad[r] / R``, so one backward pass serves all ``K`` draws of an upstream sample.
+
+    ``x`` is checked first (:func:`~carv.estimator.check_upstream`: real floating point, finite, on a real
+    device), so bad input is never blamed on the teacher. Memory: when the ``R K`` noises exceed
+    :data:`~carv.estimator.DRAW_MEMORY_BUDGET` the draws are streamed in blocks of columns
+    (:meth:`~carv.estimator.HierarchicalEstimator.block_columns`): noise, noised inputs and residuals exist for
+    one block at a time, so memory stays bounded however large ``K`` is; ``draws.eps`` is then None. Below the
+    budget everything is one block, bit for bit what it was before streaming. ``keep_draws=True`` needs every
+    weighted draw at once, so it never streams (and is refused before allocating when that cannot fit).
+    """
+    check_upstream(x)
+    R, K, shape = x.shape[0], estimator.K, tuple(x.shape[1:])
+    block = K if keep_draws else estimator.block_columns(R, shape, x.dtype)
+    if keep_draws:
+        check_fits(5 * R * K * x[0].numel() * x.element_size(), x.device, "keep_draws",
+                   f"holding all R*K = {R * K} draws of shape {shape} (keep_draws=True)")
+    d = estimator.draw(R, shape, generator, x.device, x.dtype, noise=block == K)
+    x0 = x.detach()
+    try:
+        with torch.no_grad():
+            if block == K:
+                t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *shape)
+                x_t = schedule.add_noise(x0.repeat_interleave(K, 0), t, eps)
+                f = residual(x_t, t, eps, K).reshape(R, K, *shape)
+                est = estimator.reduce(f, d, keep_draws=keep_draws)
+            else:
+                acc = StreamingReduction(R, K, shape, x.dtype, x.device)
+                for k0 in range(0, K, block):
+                    k = min(block, K - k0)
+                    t, eps = d.t[:, k0:k0 + k].reshape(-1), d.next_noise(k).reshape(R * k, *shape)
+                    x_t = schedule.add_noise(x0.repeat_interleave(k, 0), t, eps)
+                    f = residual(x_t, t, eps, k).reshape(R, k, *shape)
+                    acc.add(f, d.weight[:, k0:k0 + k], d.t[:, k0:k0 + k])
+                    del x_t, eps, f
+                est = acc.result()
+    except NonFiniteTeacherError as e:
+        if nan_policy != "skip":
+            raise
+        zero = torch.zeros_like(x, requires_grad=False)
+        return SDSOutput(grad=zero, loss=(zero * x).sum(), estimate=Estimate(per_upstream=zero, R=R, K=K), draws=d,
+                         skipped=str(e))
+    loss = (est.per_upstream * x).sum() / R
+    return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
 
 
 class UsesEstimator:

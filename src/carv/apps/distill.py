@@ -29,7 +29,6 @@ no benchmark code lives here.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carv._machine import set_threads
+from carv._machine import torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
 from carv._validate import (
@@ -66,7 +65,8 @@ from carv.teachers.unet import CompactUNet, UNetTeacher
 from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
 from carv.upstream import UpstreamSampler, balanced_labels, sobol_normal
 
-__all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality"]
+__all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality", "resume_run",
+           "teacher_from_path"]
 
 PROPOSALS = ("none", "weight", "learned")
 UPSTREAM_CHOICES = ("iid", "strata")
@@ -473,17 +473,6 @@ class Distiller:
         return info
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run with ``n`` torch threads (None: unchanged), restoring the previous count afterwards."""
-    before = torch.get_num_threads()
-    set_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", real_fd: float | None = None) -> None:
     """FD and classifier accuracy against seconds of compute: thin lines per seed, thick mean per method."""
     import matplotlib
@@ -523,7 +512,7 @@ def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", rea
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _open_run(run_dir: Path, d: Distiller) -> RunState:
+def resume_run(run_dir: Path, d: Distiller) -> RunState:
     """The run's checkpoints and metrics in ``run_dir``; resumes ``d`` from the newest good checkpoint."""
     run = RunState(run_dir)
     loaded = run.load(accept=lambda t, info: d.check_state(t, info, run_dir))
@@ -545,7 +534,7 @@ def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None 
     """
     cfg = cfg or DistillConfig()
     cfg.validate()
-    with _threads(cfg.threads), RunFolder(out_dir, "carv distill", asdict(cfg), RESUMABLE_CHANGES,
+    with torch_threads(cfg.threads), RunFolder(out_dir, "carv distill", asdict(cfg), RESUMABLE_CHANGES,
                                           fresh=fresh or not resume) as folder:
         if folder.previous is not None and progress:
             print(f"--fresh: moved the earlier run in {str(out_dir)!r} to {str(folder.previous)!r}")
@@ -555,7 +544,7 @@ def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None 
 def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTeacher | None) -> dict:
     atomic_write_json(out / "config.json", asdict(cfg))
     d = Distiller(cfg, teacher)
-    metrics = _open_run(out, d)
+    metrics = resume_run(out, d)
 
     def evaluate() -> dict:
         q, _ = d.evaluate()
@@ -607,7 +596,8 @@ def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTea
             "run_dir": str(out)}
 
 
-def _teacher_from(path: str | Path | None) -> UNetTeacher:
+def teacher_from_path(path: str | Path | None) -> UNetTeacher:
+    """The digits teacher (``path``: a weights file of one; None: the built-in one); a bad file names ``--teacher``."""
     if path is None:
         return load_digits_teacher()
     try:
@@ -636,4 +626,4 @@ def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str
             except ValueError as e:
                 raise ValueError(f"checkpoint_steps: expected comma-separated integers, got {v!r}") from e
         d[k] = v
-    return run_distill(out, DistillConfig.from_dict(d), fresh=fresh, teacher=_teacher_from(teacher))
+    return run_distill(out, DistillConfig.from_dict(d), fresh=fresh, teacher=teacher_from_path(teacher))

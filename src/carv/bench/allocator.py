@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from carv._runfolder import atomic_write_json
-from carv.accounting import Allocator, CostMeter, VarianceComponents, _largest_r_within
+from carv.accounting import Allocator, CostMeter, VarianceComponents, largest_r_within
 from carv.bench.harness import Config, measure, reference_mean
 
 __all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_allocator_distill",
@@ -46,7 +46,7 @@ def frontier(budget: float, cost_upstream: float, cost_draw: float, k_grid: Sequ
     """For each ``K`` of ``k_grid``, ``(R, K)`` with the largest ``R`` in ``r_range`` that fits ``budget``."""
     out = []
     for K in k_grid:
-        R = _largest_r_within(budget, cost_upstream + K * cost_draw, r_range[1])  # the same rule as allocate
+        R = largest_r_within(budget, cost_upstream + K * cost_draw, r_range[1])  # the same rule as allocate
         if R >= r_range[0] and (R, K) not in out:
             out.append((R, K))
     return out
@@ -132,7 +132,7 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     with one draw (2 = the plain estimator's step at R = 2)."""
     from carv._machine import loadavg, machine_info, set_threads
     from carv._runfolder import load_tensors
-    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
 
     set_threads(threads)
     cfg = cfg or TextTo3DConfig(prompt=prompt)
@@ -150,7 +150,7 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
         sds.K = c.K
         grid.zero_grad(set_to_none=True)
         problem.gradient(grid, sds, c.R, gen, meter=meter)
-        return _grid_grad(grid).clone()
+        return grid_grad(grid).clone()
 
     def probe(R, K, gen, meter):
         sds.K = K
@@ -207,12 +207,12 @@ def bench_allocator_distill(out_dir: str | Path = "runs/bench-allocator-distill"
     of one sample with one draw (8 = the plain estimator's ``R = 8, K = 1`` step, the distillation baseline)."""
     import dataclasses
 
-    from carv._machine import loadavg, machine_info
-    from carv.apps.distill import DistillConfig, Distiller, _threads
+    from carv._machine import loadavg, machine_info, torch_threads
+    from carv.apps.distill import DistillConfig, Distiller
 
     base = base or DistillConfig()
     base.validate()
-    with _threads(threads):
+    with torch_threads(threads):
         d = Distiller(dataclasses.replace(base, seed=seed), teacher)
         d.warmup()  # the start checkpoint
         objectives: dict[int, Any] = {}
@@ -255,7 +255,7 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
     The within part is the same in each pair (same draws per render), so the variance difference is the
     between-render part that the strata remove."""
     from carv._machine import loadavg, machine_info, set_threads
-    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, _grid_grad
+    from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
     from carv.upstream import UpstreamSampler
 
     set_threads(threads)
@@ -272,14 +272,14 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
         if c.method == "reference":
             grid.zero_grad(set_to_none=True)
             problem.gradient(grid, sds, c.R, gen, meter=meter)
-            return _grid_grad(grid).clone()
+            return grid_grad(grid).clone()
         mode, R, n = modes[c.method]
         up = None if mode == "iid" else UpstreamSampler(2, mode, generator=gen)
         total = None
         for _ in range(n):
             grid.zero_grad(set_to_none=True)
             problem.gradient(grid, sds, R, gen, meter=meter, upstream=up)
-            g = _grid_grad(grid).clone()
+            g = grid_grad(grid).clone()
             total = g if total is None else total + g
         return total / n
 

@@ -35,17 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from carv._machine import loadavg, machine_info
+from carv._machine import loadavg, machine_info, torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
     DistillConfig,
     Distiller,
-    _open_run,
-    _teacher_from,
-    _threads,
     plot_quality,
+    resume_run,
+    teacher_from_path,
 )
 from carv.bench.harness import (
     SMOKE_NOTE,
@@ -498,7 +497,7 @@ def bench_distill(out_dir: str | Path = "runs/bench_distill", quick: bool = Fals
     base = dataclasses.replace(base, eval_per_class=s.eval_per_class,
                                **({"fake_warmup": s.fake_warmup} if s.fake_warmup is not None else {}))
     base.validate()
-    with _threads(base.threads), RunFolder(out_dir, "carv bench distill", {"quick": quick}):
+    with torch_threads(base.threads), RunFolder(out_dir, "carv bench distill", {"quick": quick}):
         return _bench_distill(out_dir, quick, json_path, progress, s, base, teacher, config_path)
 
 
@@ -581,7 +580,7 @@ def _train_and_measure(out: Path, s: BenchSettings, base: DistillConfig, teacher
         for m, mcfg in methods.items():
             rc = dataclasses.replace(mcfg, seed=seed, steps=10**9, time_budget_s=s.budget_s)
             dist = Distiller(rc, teacher)
-            runs[(m, seed)], logs[(m, seed)] = dist, _open_run(out / "train" / f"{m}_seed{seed}", dist)
+            runs[(m, seed)], logs[(m, seed)] = dist, resume_run(out / "train" / f"{m}_seed{seed}", dist)
     marks = time_marks(s.budget_s, s.eval_every_s)
 
     def evaluate(key: tuple[str, int], dist: Distiller) -> None:
@@ -650,7 +649,7 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
     teacher = teacher if teacher is not None else load_digits_teacher()
     t0 = time.perf_counter()
     load_start = loadavg()
-    with _threads(base.threads):
+    with torch_threads(base.threads):
         machine = machine_info(loadavg_start=load_start)  # inside: the thread count the run uses
         d0 = Distiller(dataclasses.replace(base, seed=s.seeds[0]), teacher)
         d0.warmup()
@@ -698,7 +697,7 @@ def bench_from_cli(out: str | Path, quick: bool, json_path: str | Path | None, t
         settings = settings_from_json(BenchSettings, config)
         settings.validate()
     return bench_distill(out, quick=quick, json_path=json_path, base=DistillConfig(threads=threads),
-                         teacher=_teacher_from(teacher), settings=settings, config_path=config)
+                         teacher=teacher_from_path(teacher), settings=settings, config_path=config)
 
 
 def _real_fd_floor(per_class: int) -> float:

@@ -59,8 +59,8 @@ from carv._machine import loadavg, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv._validate import check_seed
-from carv.accounting import AutoK, CostMeter, equal_quality_ecm, work_normalised_variance
-from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, _grid_grad, problem_for
+from carv.accounting import AutoK, CostMeter, work_normalised_variance
+from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, Trainer, grid_grad, problem_for
 from carv.bench.harness import (
     SMOKE_NOTE,
     Config,
@@ -73,6 +73,7 @@ from carv.bench.harness import (
     reference_mean,
     run_record,
 )
+from carv.bench.quality import equal_quality_ecm
 from carv.bench.report import markdown_table, plot_ecm_vs_k, plot_variance_vs_cost, print_table
 from carv.render import VoxelGrid, get_scene
 from carv.teachers.scenes import load_scenes_teacher
@@ -692,7 +693,7 @@ def equal_step_budget_sweep(summaries: list[dict], metrics: Sequence[str] = ("ps
     ``carv text-to-3d --compare`` summaries of several lengths ``S`` per (prompt, seed), each estimator's final
     quality against ``S`` is a curve; the target is the baseline's final quality at the longest ``S``; each
     estimator's steps to it are the first crossing of its curve, linear between lengths
-    (:func:`carv.accounting.equal_quality_ecm`, ``x="step"``, no smoothing: each point is its own run, the
+    (:func:`carv.bench.quality.equal_quality_ecm`, ``x="step"``, no smoothing: each point is its own run, the
     schedule scaled with it). A carv curve that never reaches the target enters at the longest ``S``
     (``reached`` false), so ratios are upper bounds wherever a pair is unreached; a shortest run that already
     reaches it enters at that length (a bound too: fewer steps might have done). Seconds are steps times each
@@ -1024,7 +1025,7 @@ class TextTo3DPipeline:
         return grid
 
     def grid_gradient(self, grid: VoxelGrid) -> Tensor:
-        return _grid_grad(grid)
+        return grid_grad(grid)
 
     def zero_grad(self, grid: VoxelGrid) -> None:
         grid.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ gradient of ``KL(p_fake,t || p_real,t)`` averaged over noise levels. For each ge
 online on the generator's own samples (:class:`DenoisingLoss`). Since ``eps = -s_t * score``, a
 descent step moves ``x`` along ``w (score_real - score_fake)``: toward the teacher's distribution and
 away from the generator's. This is score distillation with the drawn noise ``eps`` replaced by the
-fake score's prediction, so both objectives share :func:`carv.objectives.sds.residual_estimate`
+fake score's prediction, so both objectives share :func:`carv.estimator.residual_estimate`
 (draws, noising, importance weights, reduction, surrogate loss); each only says what its residual is.
 
 Weighting ``w``: a table of ``t`` (``"sds"``, ``"uniform"``, ``"snr"`` or a callable, see
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carv.estimator import HierarchicalEstimator, UsesEstimator
-from carv.objectives.sds import SDSOutput, batched_teacher_eps, check_nan_policy, residual_estimate
+from carv.estimator import HierarchicalEstimator, SDSOutput, UsesEstimator, residual_estimate
+from carv.objectives.sds import batched_teacher_eps, check_nan_policy
 from carv.objectives.weighting import Weighting, weight_table
 from carv.schedules import VPSchedule, broadcast_to
 from carv.teachers.base import Teacher, check_cond_batch, repeat_cond

@@ -14,8 +14,8 @@ allows the larger of what the same step needs at ``K = 1`` (``R`` rows, ``2 R`` 
 :data:`AUTO_BATCH_ELEMENTS` input elements (4 rows of Stable Diffusion's ``4 x 64 x 64`` latents), so raising
 ``K`` adds network calls but hardly any network memory, while small inputs (a toy problem, a 32 px teacher)
 are not split into many small calls; ``None`` evaluates each block of draws in one call (all ``R K`` unless
-they stream, see :func:`residual_estimate`). A call whose estimated activations cannot fit the free memory is
-refused before it is made (:class:`MemoryBudgetError`, naming ``max_batch``).
+they stream, see :func:`carv.estimator.residual_estimate`). A call whose estimated activations cannot fit the free
+memory is refused before it is made (:class:`MemoryBudgetError`, naming ``max_batch``).
 
 Non-finite teacher outputs (NaN/inf, common with half-precision weights). ``nan_policy="raise"`` (the
 default) raises :class:`~carv.teachers.base.NonFiniteTeacherError` naming the timesteps. ``"skip"`` drops
@@ -29,19 +29,21 @@ it silently biases the estimate toward zero at exactly the draws that failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from carv._machine import MemoryBudgetError, check_fits
-from carv.estimator import Draws, Estimate, HierarchicalEstimator, StreamingReduction, UsesEstimator, check_upstream
+from carv.estimator import (
+    HierarchicalEstimator,
+    SDSOutput,
+    UsesEstimator,
+    residual_estimate,
+)
 from carv.objectives.weighting import Weighting, weight_table
-from carv.schedules import VPSchedule, broadcast_to
+from carv.schedules import broadcast_to
 from carv.teachers.base import (
-    NonFiniteTeacherError,
     Teacher,
     check_cond_batch,
     check_finite,
@@ -61,15 +63,6 @@ AUTO_BATCH_ELEMENTS = 1 << 16  # max_batch="auto": input elements per network ca
 # teacher (3x32x32) peaks at about 1.5 MB per UNet row, ~130x its 12 KB input (larger UNets need more, so the
 # check only catches calls that certainly cannot fit; the allocator's own error remains for the rest).
 ACTIVATION_FACTOR = 128
-
-
-@dataclass
-class SDSOutput:
-    grad: Tensor        # [R, ...] per-upstream estimate of the SDS gradient
-    loss: Tensor        # scalar surrogate: d loss / d x[r] = grad[r] / R
-    estimate: Estimate  # per-upstream means + variance components + per-draw squared norms
-    draws: Draws        # the (t, weight, eps) that were used
-    skipped: str | None = None  # nan_policy="skip": why this step was dropped (its gradient is zero)
 
 
 MaxBatch = int | str | None
@@ -118,63 +111,6 @@ def batched_teacher_eps(teacher: Teacher, x_t: Tensor, t: Tensor, cond: Any, gui
         eps = torch.cat(parts)
     check_finite(eps, t, "teacher output")
     return eps
-
-
-Residual = Callable[[Tensor, Tensor, Tensor, int], Tensor]
-
-
-def residual_estimate(estimator: HierarchicalEstimator, schedule: VPSchedule, x: Tensor, residual: Residual,
-                      generator: torch.Generator | int | None = None, keep_draws: bool = False,
-                      nan_policy: str = "raise") -> SDSOutput:
-    """The piece every teacher-residual objective shares (SDS, distribution matching).
-
-    Draw ``R x K`` ``(t, eps)`` through ``estimator``, noise ``x`` to ``x_t = a_t x + s_t eps``, evaluate
-    ``residual(x_t, t, eps, k)`` (flat ``[R*k, ...]`` for ``k`` columns of every row, row-major, no grad; so
-    ``repeat_cond(cond, k)`` gives each draw its upstream sample's condition) and reduce it (importance weights,
-    mean over ``K``, finiteness check, variance components). ``loss`` is the surrogate whose gradient with
-    respect to ``x[r]`` is ``grad[r] / R``, so one backward pass serves all ``K`` draws of an upstream sample.
-
-    ``x`` is checked first (:func:`~carv.estimator.check_upstream`: real floating point, finite, on a real
-    device), so bad input is never blamed on the teacher. Memory: when the ``R K`` noises exceed
-    :data:`~carv.estimator.DRAW_MEMORY_BUDGET` the draws are streamed in blocks of columns
-    (:meth:`~carv.estimator.HierarchicalEstimator.block_columns`): noise, noised inputs and residuals exist for
-    one block at a time, so memory stays bounded however large ``K`` is; ``draws.eps`` is then None. Below the
-    budget everything is one block, bit for bit what it was before streaming. ``keep_draws=True`` needs every
-    weighted draw at once, so it never streams (and is refused before allocating when that cannot fit).
-    """
-    check_upstream(x)
-    R, K, shape = x.shape[0], estimator.K, tuple(x.shape[1:])
-    block = K if keep_draws else estimator.block_columns(R, shape, x.dtype)
-    if keep_draws:
-        check_fits(5 * R * K * x[0].numel() * x.element_size(), x.device, "keep_draws",
-                   f"holding all R*K = {R * K} draws of shape {shape} (keep_draws=True)")
-    d = estimator.draw(R, shape, generator, x.device, x.dtype, noise=block == K)
-    x0 = x.detach()
-    try:
-        with torch.no_grad():
-            if block == K:
-                t, eps = d.t.reshape(-1), d.eps.reshape(R * K, *shape)
-                x_t = schedule.add_noise(x0.repeat_interleave(K, 0), t, eps)
-                f = residual(x_t, t, eps, K).reshape(R, K, *shape)
-                est = estimator.reduce(f, d, keep_draws=keep_draws)
-            else:
-                acc = StreamingReduction(R, K, shape, x.dtype, x.device)
-                for k0 in range(0, K, block):
-                    k = min(block, K - k0)
-                    t, eps = d.t[:, k0:k0 + k].reshape(-1), d.next_noise(k).reshape(R * k, *shape)
-                    x_t = schedule.add_noise(x0.repeat_interleave(k, 0), t, eps)
-                    f = residual(x_t, t, eps, k).reshape(R, k, *shape)
-                    acc.add(f, d.weight[:, k0:k0 + k], d.t[:, k0:k0 + k])
-                    del x_t, eps, f
-                est = acc.result()
-    except NonFiniteTeacherError as e:
-        if nan_policy != "skip":
-            raise
-        zero = torch.zeros_like(x, requires_grad=False)
-        return SDSOutput(grad=zero, loss=(zero * x).sum(), estimate=Estimate(per_upstream=zero, R=R, K=K), draws=d,
-                         skipped=str(e))
-    loss = (est.per_upstream * x).sum() / R
-    return SDSOutput(grad=est.per_upstream, loss=loss, estimate=est, draws=d)
 
 
 class ScoreDistillation(UsesEstimator):

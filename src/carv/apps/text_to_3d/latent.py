@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carv.apps.text_to_3d import SceneProblem
+from carv.apps.text_to_3d.problem import SceneProblem
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
 from carv.render import VoxelGrid, render
