@@ -214,6 +214,22 @@ class Faults:
                  f"{'killed at step >= 4' if ok else 'finished before the kill'}; rerun exit {r.returncode}"
                  f"{'; ' + r.warnings[0][:60] if r.warnings else ''}", [r], self.t2d_lost(out))
 
+    def interrupted(self, sig: signal.Signals):
+        out = self.work / f"signal-{sig.name}"
+
+        def default_handlers():  # a background shell starts its children with SIGINT ignored
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        p = carv(*T2D, "--out", out, wait=False, preexec=default_handlers)
+        ok = wait_for(out / "checkpoint-0000002.safetensors", p)
+        p.send_signal(sig)
+        r1 = finish(p)
+        r2 = carv(*T2D, "--out", out)
+        self.add(f"{sig.name} after the step-2 checkpoint, then the same command",
+                 f"{'interrupted' if ok else 'finished first'}: exit {r1.returncode}; rerun exit {r2.returncode}",
+                 [r1, r2], self.t2d_lost(out))
+
     def kill9_random(self, n: int = 4):
         out, rng, runs = self.work / "kill9-random", random.Random(0), []
         for _ in range(n):
@@ -470,6 +486,8 @@ class Faults:
     def run(self):
         self.kill9_after_checkpoint()
         self.kill9_random()
+        self.interrupted(signal.SIGINT)
+        self.interrupted(signal.SIGTERM)
         self.two_processes()
         self.lock_deleted()
         self.folder_replaced()
