@@ -43,10 +43,13 @@ def test_threads_are_bounded_by_the_machine():
                                   ["attribute", "17", "--threads", "100000"], ["bench", "overhead", "--threads",
                                                                                 "100000"],
                                   ["text-to-3d", "--steps", str(10**19)], ["distill", "--steps", str(10**19)],
-                                  ["text-to-3d", "--lr", "1e308"], ["distill", "--generator-lr", "1e308"]])
+                                  ["text-to-3d", "--lr", "1e308"], ["distill", "--generator-lr", "1e308"],
+                                  ["text-to-3d", "--guidance-scale", "1e308"],
+                                  ["distill", "--guidance-scale", "1e308"]])
 def test_the_cli_refuses_out_of_bounds_flags_naming_them(tmp_path, args):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] != "bench" else args)
-    name = {"--threads": "threads", "--steps": "steps", "--lr": "lr", "--generator-lr": "generator_lr"}[args[-2]]
+    name = {"--threads": "threads", "--steps": "steps", "--lr": "lr", "--generator-lr": "generator_lr",
+            "--guidance-scale": "guidance_scale"}[args[-2]]
     assert res.exit_code == 2 and f"{name}: expected" in _err(res), _err(res)
     assert not (tmp_path / "o").exists()  # refused before the run folder is made
 

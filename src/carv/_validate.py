@@ -10,13 +10,16 @@ import re
 
 __all__ = ["check_positive_int", "check_int", "check_number", "check_seed", "check_field_types", "SEED_MAX",
            "check_threads", "threads_max", "THREADS_PER_CPU", "check_steps", "STEPS_MAX", "check_lr", "LR_MAX",
-           "check_nonneg", "check_span", "SEARCH_MAX", "check_timesteps", "check_finite_parameters"]
+           "check_nonneg", "check_span", "check_guidance", "GUIDANCE_MAX", "SEARCH_MAX", "check_timesteps",
+           "check_finite_parameters"]
 
 SEED_MAX = 2**63 - 1  # seeds are offset by small integers for sub-streams; torch takes up to 2**64 - 1
 THREADS_PER_CPU = 4  # more threads than this per core only adds contention (and torch hangs at ~10^5 threads)
 STEPS_MAX = 2**53  # step counters are written as JSON numbers, which are exact up to 2**53
 LR_MAX = 100.0  # Adam moves a parameter by about lr per step; carv's parameters (logits, densities, network
 #                 weights) live on a scale of 1-10, so a larger rate only turns them into inf/NaN on the first steps
+GUIDANCE_MAX = 1e4  # classifier-free guidance scales the teacher's eps difference; threestudio's largest is 100, and
+#                     far beyond 1e4 the float32 guided prediction only saturates or overflows to inf
 SEARCH_MAX = 10**6  # integer ranges an exact search visits value by value (about a second of Python)
 
 
@@ -46,6 +49,14 @@ def check_lr(v, name: str = "lr") -> None:
     if not ok:
         raise ValueError(f"{name}: expected a learning rate in (0, {LR_MAX:g}] (Adam moves a parameter by about "
                          f"the rate per step; a larger one only makes the parameters inf/NaN), got {v!r}")
+
+
+def check_guidance(v, name: str = "guidance_scale") -> None:
+    """A classifier-free guidance scale: a finite number in ``[0, GUIDANCE_MAX]``."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= GUIDANCE_MAX
+    if not ok:
+        raise ValueError(f"{name}: expected a guidance scale in [0, {GUIDANCE_MAX:g}] (beyond it the guided "
+                         f"prediction only saturates or overflows to inf), got {v!r}")
 
 
 def check_nonneg(name: str, v) -> None:

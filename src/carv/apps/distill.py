@@ -47,6 +47,7 @@ from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
 from carv._validate import (
     check_field_types,
+    check_guidance,
     check_int,
     check_lr,
     check_number,
@@ -152,6 +153,7 @@ class DistillConfig:
             raise ValueError(f"generator_t: expected an integer timestep in 1..999, got {self.generator_t!r}")
         for name in ("generator_lr", "fake_lr"):
             check_lr(getattr(self, name), name)
+        check_guidance(self.guidance_scale)
         check_steps(self.steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from carv._validate import (
     SEARCH_MAX,
     check_field_types,
+    check_guidance,
     check_int,
     check_lr,
     check_positive_int,
@@ -246,6 +247,8 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+        for name in ("guidance_scale", *(("guidance_end",) if self.guidance_end is not None else ())):
+            check_guidance(getattr(self, name), name)
         for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + tuple(
                 n for n in ("lr_end", "init_height", "baseline_lr") if getattr(self, n) is not None):
             v = getattr(self, name)
