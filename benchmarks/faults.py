@@ -295,9 +295,9 @@ class Faults:
                  f"exit {b.returncode}: {b.last[:80]}; live run exit {ra.returncode}", [b, ra], lost)
 
     # ------------------------------------------------------------------ full disk, permissions
-    def disk_full(self, name: str, args: list, free_kb: int, check):
+    def disk_full(self, name: str, args: list, size_kb: int, free_kb: int, check):
         base = self.work / f"tmpfs-{name}"
-        fs = Tmpfs(base, 2048) if IS_ROOT else None
+        fs = Tmpfs(base, size_kb) if IS_ROOT else None
         try:
             mounted = fs is not None and fs.mounted
             out = base / "run"
@@ -492,12 +492,12 @@ class Faults:
         self.lock_deleted()
         self.folder_replaced()
         self.fresh_parent_of_live_run()
-        self.disk_full("text-to-3d", T2D, 300, lambda out, r: self.t2d_lost(out))
-        self.disk_full("distill", DISTILL, 150, lambda out, r: "none" if r.returncode == 0 and [
+        self.disk_full("text-to-3d", T2D, 2048, 300, lambda out, r: self.t2d_lost(out))
+        self.disk_full("distill", DISTILL, 32768, 3000, lambda out, r: "none" if r.returncode == 0 and [
             json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
             else "metrics rows differ")
-        self.disk_full("attribute", ["attribute", "17", *ATTR], 40, lambda out, r: "none" if r.returncode == 0 and len(
-            list(out.glob("scores_*.json"))) == 1 else "no scores")
+        self.disk_full("attribute", ["attribute", "17", *ATTR], 2048, 40, lambda out, r: "none" if (
+            r.returncode == 0 and len(list(out.glob("scores_*.json"))) == 1) else "no scores")
         self.no_bypass_case("folder made read-only mid-run (the run without the permission-bypass capabilities)",
                             self.read_only_mid_run)
         self.no_bypass_case("read-only --out folder from the start", self.read_only_from_start)
