@@ -51,6 +51,7 @@ DISTILL = ["distill", "--steps", "6", "--eval-every", "2", "--eval-per-class", "
            "--fake-updates", "1", "--grid-every", "100", "--threads", "1"]
 ATTR = ["--num-train", "24", "--k", "2", "--top-k", "3", "--threads", "1"]
 IS_ROOT = os.geteuid() == 0
+WORK = ["<unset>"]  # the scratch folder, shortened in the table
 # root without the capabilities that bypass file permissions: permissions apply to it as to any user
 NO_BYPASS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
 
@@ -67,12 +68,13 @@ class Run:
 
     @property
     def last(self) -> str:
+        """The last line of stderr, with the scratch folder's path shortened to ``<work>``."""
         lines = [ln for ln in self.stderr.splitlines() if ln.strip() and "it/s" not in ln and "s/it" not in ln]
-        return lines[-1].strip() if lines else ""
+        return (lines[-1].strip() if lines else "").replace(WORK[0], "<work>")
 
     @property
     def warnings(self) -> list[str]:
-        return [ln.strip() for ln in self.stderr.splitlines() if ln.startswith("warning:")]
+        return [ln.strip().replace(WORK[0], "<work>") for ln in self.stderr.splitlines() if ln.startswith("warning:")]
 
 
 def _clean(err: str) -> str:
@@ -547,6 +549,7 @@ def main():
     work = a.work or Path(tempfile.mkdtemp(prefix="carv-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
+    WORK[0] = str(work.resolve())
     t0 = time.time()
     rows = Faults(work).run()
     tbs = sum(tb for _, _, tb, _ in rows)
