@@ -70,7 +70,9 @@ class Run:
     def last(self) -> str:
         """The last line of stderr, with the scratch folder's path shortened to ``<work>``."""
         lines = [ln for ln in self.stderr.splitlines() if ln.strip() and "it/s" not in ln and "s/it" not in ln]
-        return (lines[-1].strip() if lines else "").replace(WORK[0], "<work>")
+        box = [ln.strip().strip("│").strip() for ln in lines if ln.strip().startswith("│")]  # typer's usage error
+        text = " ".join(box) if box else (lines[-1].strip() if lines else "")
+        return text.replace(WORK[0], "<work>")
 
     @property
     def warnings(self) -> list[str]:

@@ -529,3 +529,16 @@ def test_checkpoints_sort_by_step_past_ten_million(tmp_path):
     assert [p.name for p in st.checkpoints()] == ["checkpoint-10000001.safetensors", "checkpoint-10000000.safetensors"]
     st2 = RunState(tmp_path)
     assert st2.load()[1] == {"step": 10_000_001} and len(st2.rows) == 3
+
+
+def test_reopening_a_run_with_the_same_configuration_rewrites_nothing(tmp_path):
+    """A resume that is refused later (a foreign checkpoint) must leave every file as it was, the manifest too."""
+    with RunFolder(tmp_path, "carv demo", {"a": 1}, resumable=("steps",)):
+        pass
+    before = (tmp_path / rf.MANIFEST).read_bytes()
+    with RunFolder(tmp_path, "carv demo", {"a": 1}, resumable=("steps",)):
+        pass
+    assert (tmp_path / rf.MANIFEST).read_bytes() == before
+    with RunFolder(tmp_path, "carv demo", {"a": 1, "steps": 9}, resumable=("steps",)):
+        pass  # a resumable change is recorded
+    assert read_json(tmp_path / rf.MANIFEST)["config"] == {"a": 1, "steps": 9}

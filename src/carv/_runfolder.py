@@ -817,11 +817,16 @@ class RunFolder:
                 f"{self.fresh_flag} to move it aside and start over")
 
     def _write_manifest(self) -> None:
-        atomic_write_json(self.real / MANIFEST, {
-            "format": FORMAT, "command": self.command, "config": self.config,
-            "fingerprint": fingerprint({k: v for k, v in self.config.items() if k not in self.resumable}),
-            "resumable": list(self.resumable), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "pid": os.getpid()})
+        """Write the manifest, unless it already says the same (a resume that is then refused, e.g. for a foreign
+        checkpoint, leaves every file as it was)."""
+        new = {"format": FORMAT, "command": self.command, "config": self.config,
+               "fingerprint": fingerprint({k: v for k, v in self.config.items() if k not in self.resumable}),
+               "resumable": list(self.resumable)}
+        old, _ = self._manifest()
+        if old is not None and all(old.get(k) == v for k, v in new.items()):
+            return
+        atomic_write_json(self.real / MANIFEST, {**new, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                 "pid": os.getpid()})
 
     def __enter__(self) -> RunFolder:
         self._acquire()
