@@ -451,7 +451,7 @@ def test_a_manifest_whose_config_is_not_a_mapping_is_one_line(tmp_path, config):
         pass
     m = read_json(tmp_path / rf.MANIFEST)
     rf.atomic_write_json(tmp_path / rf.MANIFEST, {**m, "config": config})
-    with pytest.raises(RunFolderError, match=r"is damaged \(its config is a .*, not a mapping\).*--fresh"):
+    with pytest.raises(RunFolderError, match=r"is damaged \(its config is .*, not a mapping\).*--fresh"):
         RunFolder(tmp_path, "carv demo", {}).__enter__()
     with RunFolder(tmp_path, "carv demo", {}, fresh=True) as f:  # still a carv run folder: --fresh moves it
         assert f.previous is not None

@@ -713,8 +713,8 @@ class RunFolder:
         if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("command"), str):
             return None, f"manifest: {str(mpath)!r} is not a carv run manifest"
         if not isinstance(m.get("config"), dict):
-            kind = type(m.get("config")).__name__ if m.get("config") is not None else "null"
-            return None, f"manifest: {str(mpath)!r} is damaged (its config is a {kind}, not a mapping)"
+            kind = f"a {type(m['config']).__name__}" if m.get("config") is not None else "null or missing"
+            return None, f"manifest: {str(mpath)!r} is damaged (its config is {kind}, not a mapping)"
         return m, None
 
     def _same_command(self, other: str) -> bool:
