@@ -443,6 +443,24 @@ class Faults:
                  f"exit {r.returncode}; old run moved to {old[0].name if old else '-'} (visible, beside it)", [r],
                  "none" if kept else "the old run is not intact beside the folder")
 
+    def out_is_a_file(self):
+        f = self.work / "a-file"
+        f.write_text("mine")
+        r = carv(*T2D4, "--out", f)
+        self.add("--out <a regular file>", f"exit {r.returncode}: {r.last[:100]}", [r],
+                 "none" if f.read_text() == "mine" else "the file was changed")
+
+    def fresh_symlink(self):
+        run, link = self.work / "real-run", self.work / "link-to-run"
+        carv(*T2D4, "--out", run)
+        link.symlink_to(run)
+        before = tree_hash(run)
+        r = carv(*T2D4, "--fresh", "--out", link)
+        old = [p for p in self.work.iterdir() if p.name.startswith("real-run.old-")]
+        kept = len(old) == 1 and tree_hash(old[0]) == before and link.is_symlink()
+        self.add("--fresh --out <a symlink to a run folder>", f"exit {r.returncode}; old run moved to "
+                 f"{old[0].name if old else '-'}, the link kept", [r], "none" if kept else "old run not intact")
+
     def attribute_two_queries(self):
         out = self.work / "attribute"
         r1 = carv("attribute", "17", *ATTR, "--out", out)
@@ -465,11 +483,14 @@ class Faults:
                  "none" if r.warnings else "no warning")
 
     def bounds(self):
-        for case, args in (("--threads 100000", [*T2D[:-2], "--threads", "100000"]),
-                           ("--steps 10**19", [T2D[0], T2D[1], "--steps", str(10**19), *T2D[4:]]),
-                           ("--lr 1e308", [*T2D, "--lr", "1e308"]), ("--lr nan", [*T2D, "--lr", "nan"]),
+        for case, args in (("text-to-3d --threads 100000", [*T2D[:-2], "--threads", "100000"]),
+                           ("text-to-3d --steps 10**19", [T2D[0], T2D[1], "--steps", str(10**19), *T2D[4:]]),
+                           ("text-to-3d --lr 1e308", [*T2D, "--lr", "1e308"]),
+                           ("text-to-3d --lr nan", [*T2D, "--lr", "nan"]),
+                           ("text-to-3d --guidance-scale 1e308", [*T2D, "--guidance-scale", "1e308"]),
                            ("distill --generator-lr 1e308", [*DISTILL, "--generator-lr", "1e308"]),
-                           ("attribute --threads 100000", ["attribute", "17", *ATTR[:-2], "--threads", "100000"])):
+                           ("distill --threads 100000", [*DISTILL[:-2], "--threads", "100000"]),
+                           ("attribute 17 --threads 100000", ["attribute", "17", *ATTR[:-2], "--threads", "100000"])):
             out = self.work / "bounds"
             out.mkdir(exist_ok=True)
             self.refused(f"carv {case}", out, *args, "--out", out)
@@ -535,6 +556,8 @@ class Faults:
         for what, value in (("a list", [1, 2]), ("null", None), ("a string", "x")):
             self.manifest_config(what, value)
         self.fresh_dotdot()
+        self.fresh_symlink()
+        self.out_is_a_file()
         self.attribute_two_queries()
         self.attribute_degenerate("1x1", lambda Image: Image.new("L", (1, 1), 0))
         self.attribute_degenerate("fully transparent", lambda Image: Image.new("RGBA", (16, 16), (0, 0, 0, 0)))
