@@ -249,33 +249,44 @@ class Faults:
         self.add(f"kill -9 at {n} random moments, then the same command", f"exit {runs[-1].returncode}; "
                  f"{len(stale)} temporary files left", runs, lost.strip())
 
+    def paused(self, out: Path, marker: str):
+        """Start the reference command in ``out`` and stop it (SIGSTOP: it keeps its locks) once ``marker`` exists, so
+        that the fault and the second process happen while it is certainly alive, on a machine of any load."""
+        a = carv(*T2D, "--out", out, wait=False)
+        wait_for(out / marker, a, poll=0.002)
+        a.send_signal(signal.SIGSTOP)
+        return a
+
+    def resume(self, a) -> Run:
+        alive = a.poll() is None
+        a.send_signal(signal.SIGCONT)
+        r = finish(a)
+        r.alive = alive
+        return r
+
     def two_processes(self):
         out = self.work / "two"
-        a = carv(*T2D, "--out", out, wait=False)
-        wait_for(out / ".carv.lock", a)
-        time.sleep(0.3)
+        a = self.paused(out, "metrics.jsonl")
         b = carv(*T2D, "--out", out)
-        ra = finish(a)
-        self.add("two processes on one folder at once",
-                 f"first exit {ra.returncode}; second exit {b.returncode}: {b.last[:80]}", [ra, b], self.t2d_lost(out))
+        ra = self.resume(a)
+        self.add("two processes on one folder at once (the first paused mid-run while the second starts)",
+                 f"second exit {b.returncode}: {b.last[:80]}; first exit {ra.returncode}", [ra, b], self.t2d_lost(out))
 
     def lock_deleted(self):
         out = self.work / "lock-deleted"
-        a = carv(*T2D, "--out", out, wait=False)
-        wait_for(out / "metrics.jsonl", a)
+        a = self.paused(out, "metrics.jsonl")
         (out / ".carv.lock").unlink()
         b = carv(*T2D, "--out", out)
-        ra = finish(a)
+        ra = self.resume(a)
         self.add(".carv.lock deleted mid-run, then a second process on the folder",
                  f"second exit {b.returncode}: {b.last[:70]}; first exit {ra.returncode}", [ra, b], self.t2d_lost(out))
 
     def folder_replaced(self):
         out, moved = self.work / "replaced", self.work / "replaced-moved"
-        a = carv(*T2D, "--out", out, wait=False)
-        wait_for(out / "checkpoint-0000002.safetensors", a)
+        a = self.paused(out, "checkpoint-0000002.safetensors")
         os.rename(out, moved)
         out.mkdir()
-        ra = finish(a)
+        ra = self.resume(a)
         stray = sorted(p.name for p in out.iterdir())
         r = carv(*T2D, "--out", moved)
         self.add("run folder moved away and replaced by an empty one mid-run, then rerun in the moved folder",
@@ -286,11 +297,10 @@ class Faults:
         parent = self.work / "parent"
         carv(*T2D4, "--out", parent)
         live = parent / "nested"
-        a = carv(*T2D, "--out", live, wait=False)
-        wait_for(live / "metrics.jsonl", a)
+        a = self.paused(live, "metrics.jsonl")
         h = tree_hash(parent)
         b = carv(*T2D4, "--fresh", "--out", parent)
-        ra = finish(a)
+        ra = self.resume(a)
         moved = h.keys() - tree_hash(parent).keys()
         lost = self.t2d_lost(live)
         if {k for k in moved if not k.startswith("nested/")}:
