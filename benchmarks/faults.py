@@ -11,7 +11,7 @@ Each case runs `python -m carv ...` (or a library call) and checks two things, n
   `metrics.set-aside-*` file, announced by a warning; a case whose data is lost without such a message is a
   *silent loss*.
 
-    sudo python3 benchmarks/faults.py [--work DIR] [--markdown]
+    sudo python3 benchmarks/faults.py [--work DIR] [--markdown] [--only GROUP,...]
 
 Run as root: the file-system cases mount a tmpfs (without root they fall back to a real per-process file-size limit,
 RLIMIT_FSIZE) and the permission cases drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH / CAP_FOWNER with `setpriv`
@@ -518,61 +518,69 @@ class Faults:
                  "; ".join(ln[:70] for ln in out), [r],
                  "none" if r.returncode == 0 and "untouched: True" in r.stderr else "t=-1 was credited")
 
-    def run(self):
-        self.kill9_after_checkpoint()
-        self.kill9_random()
-        self.interrupted(signal.SIGINT)
-        self.interrupted(signal.SIGTERM)
-        self.two_processes()
-        self.lock_deleted()
-        self.folder_replaced()
-        self.fresh_parent_of_live_run()
-        self.disk_full("text-to-3d", T2D, 2048, 300, lambda out, r: self.t2d_lost(out))
-        self.disk_full("distill", DISTILL, 32768, 3000, lambda out, r: "none" if r.returncode == 0 and [
-            json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
-            else "metrics rows differ")
-        self.disk_full("attribute", ["attribute", "17", *ATTR], 2048, 40, lambda out, r: "none" if (
-            r.returncode == 0 and len(list(out.glob("scores_*.json"))) == 1) else "no scores")
-        self.no_bypass_case("folder made read-only mid-run (the run without the permission-bypass capabilities)",
-                            self.read_only_mid_run)
-        self.no_bypass_case("read-only --out folder from the start", self.read_only_from_start)
-        self.no_bypass_case("newest checkpoint unreadable (mode 000)", self.unreadable_checkpoint)
-        self.damaged_checkpoint("truncated to half (kill mid-write)", lambda d: d[: len(d) // 2])
-        self.damaged_checkpoint("zero-length", lambda d: b"")
-        self.damaged_checkpoint("random bytes", lambda d: os.urandom(len(d)))
-
+    def groups(self) -> dict:
+        """The cases by group (``--only`` picks groups by name)."""
         def flip(d):
             g = torch.Generator().manual_seed(0)
             for i in torch.randperm(len(d) - 1000, generator=g)[:200].tolist():
                 d[1000 + i] ^= 0xFF
             return d
 
-        self.damaged_checkpoint("with 200 flipped bytes", flip)
-        self.damaged_metrics("emptied", lambda s: "")
-        self.damaged_metrics("with a half-written middle line",
-                             lambda s: "".join(ln[:9] + "\n" if i == 2 else ln for i, ln in
-                                               enumerate(s.splitlines(keepends=True))))
-        self.checkpoints_deleted()
-        self.checkpoint_renamed_higher()
-        self.foreign_checkpoint("another seed's run", self.seed1_checkpoint)
-        self.foreign_checkpoint("a distill run's", self.distill_checkpoint)
+        def distill_ok(out, r):
+            rows = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            return "none" if r.returncode == 0 and rows == [0, 2, 4, 6] else "metrics rows differ"
+
         ref = self.work / "reference"
-        self.refused("carv distill --out <a text-to-3d run>", ref, *DISTILL, "--out", ref)
-        self.refused("carv distill --fresh --out <a text-to-3d run>", ref, *DISTILL, "--fresh", "--out", ref)
-        self.refused("carv demo --out <a text-to-3d run>", ref, "demo", "--quick", "--out", ref)
-        self.refused("carv text-to-3d --compare --out <a plain run>", ref, *T2D, "--compare", "--out", ref)
-        self.refused("carv text-to-3d --out <same run> with another setting (--guidance-scale 5)", ref,
-                     *T2D, "--guidance-scale", "5", "--out", ref)
-        for what, value in (("a list", [1, 2]), ("null", None), ("a string", "x")):
-            self.manifest_config(what, value)
-        self.fresh_dotdot()
-        self.fresh_symlink()
-        self.out_is_a_file()
-        self.attribute_two_queries()
-        self.attribute_degenerate("1x1", lambda Image: Image.new("L", (1, 1), 0))
-        self.attribute_degenerate("fully transparent", lambda Image: Image.new("RGBA", (16, 16), (0, 0, 0, 0)))
-        self.attribute_degenerate("constant grey", lambda Image: Image.new("L", (16, 16), 128))
-        self.bounds()
+        return {
+            "signals": [self.kill9_after_checkpoint, self.kill9_random, lambda: self.interrupted(signal.SIGINT),
+                        lambda: self.interrupted(signal.SIGTERM)],
+            "concurrency": [self.two_processes, self.lock_deleted, self.folder_replaced, self.fresh_parent_of_live_run],
+            "disk": [lambda: self.disk_full("text-to-3d", T2D, 2048, 300, lambda out, r: self.t2d_lost(out)),
+                     lambda: self.disk_full("distill", DISTILL, 32768, 3000, distill_ok),
+                     lambda: self.disk_full("attribute", ["attribute", "17", *ATTR], 2048, 40, lambda out, r: "none"
+                                            if r.returncode == 0 and len(list(out.glob("scores_*.json"))) == 1
+                                            else "no scores")],
+            "permissions": [
+                lambda: self.no_bypass_case("folder made read-only mid-run (the run without the permission-bypass "
+                                            "capabilities)", self.read_only_mid_run),
+                lambda: self.no_bypass_case("read-only --out folder from the start", self.read_only_from_start),
+                lambda: self.no_bypass_case("newest checkpoint unreadable (mode 000)", self.unreadable_checkpoint)],
+            "damaged": [lambda: self.damaged_checkpoint("truncated to half (kill mid-write)",
+                                                        lambda d: d[: len(d) // 2]),
+                        lambda: self.damaged_checkpoint("zero-length", lambda d: b""),
+                        lambda: self.damaged_checkpoint("random bytes", lambda d: os.urandom(len(d))),
+                        lambda: self.damaged_checkpoint("with 200 flipped bytes", flip),
+                        lambda: self.damaged_metrics("emptied", lambda s: ""),
+                        lambda: self.damaged_metrics("with a half-written middle line", lambda s: "".join(
+                            ln[:9] + "\n" if i == 2 else ln for i, ln in enumerate(s.splitlines(keepends=True))))],
+            "resume": [self.checkpoints_deleted, self.checkpoint_renamed_higher,
+                       lambda: self.foreign_checkpoint("another seed's run", self.seed1_checkpoint),
+                       lambda: self.foreign_checkpoint("a distill run's", self.distill_checkpoint)],
+            "misuse": [lambda: self.refused("carv distill --out <a text-to-3d run>", ref, *DISTILL, "--out", ref),
+                       lambda: self.refused("carv distill --fresh --out <a text-to-3d run>", ref, *DISTILL, "--fresh",
+                                            "--out", ref),
+                       lambda: self.refused("carv demo --out <a text-to-3d run>", ref, "demo", "--quick", "--out", ref),
+                       lambda: self.refused("carv text-to-3d --compare --out <a plain run>", ref, *T2D, "--compare",
+                                            "--out", ref),
+                       lambda: self.refused("carv text-to-3d --out <same run> with another setting "
+                                            "(--guidance-scale 5)", ref, *T2D, "--guidance-scale", "5", "--out", ref),
+                       *(lambda w=w, v=v: self.manifest_config(w, v)
+                         for w, v in (("a list", [1, 2]), ("null", None), ("a string", "x"))),
+                       self.fresh_dotdot, self.fresh_symlink, self.out_is_a_file],
+            "attribute": [self.attribute_two_queries,
+                          lambda: self.attribute_degenerate("1x1", lambda Image: Image.new("L", (1, 1), 0)),
+                          lambda: self.attribute_degenerate("fully transparent", lambda Image: Image.new(
+                              "RGBA", (16, 16), (0, 0, 0, 0))),
+                          lambda: self.attribute_degenerate("constant grey", lambda Image: Image.new(
+                              "L", (16, 16), 128))],
+            "bounds": [self.bounds],
+        }
+
+    def run(self, only: list[str] | None = None):
+        for name, cases in self.groups().items():
+            if not only or name in only:
+                for case in cases:
+                    case()
         return self.rows
 
 
@@ -580,13 +588,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown at the end")
+    ap.add_argument("--only", default=None, help="comma-separated groups: signals, concurrency, disk, permissions, "
+                                                 "damaged, resume, misuse, attribute, bounds (default: all)")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="carv-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
     WORK[0] = str(work.resolve())
     t0 = time.time()
-    rows = Faults(work).run()
+    rows = Faults(work).run(a.only.split(",") if a.only else None)
     tbs = sum(tb for _, _, tb, _ in rows)
     losses = sum(lost != "none" for *_, lost in rows)
     print(f"\n{len(rows)} cases in {time.time() - t0:.0f} s: tracebacks {tbs}, silent losses {losses} "
