@@ -72,3 +72,26 @@ def test_bad_config_is_named():
     with pytest.raises(ValueError, match="configs: duplicate"):
         measure([Config("a", 1, 1), Config("a", 1, 1)], lambda c, g, m: torch.zeros(1), torch.zeros(1), 2,
                 progress=False)
+
+
+def test_demo_table_is_readable_at_80_columns(monkeypatch, capsys):
+    """The demo's console table (its committed rows) fits 80 columns with every method name and number whole: a
+    long name breaks after its ``+``, never into an ellipsis; at 200 columns each row is one line."""
+    from pathlib import Path
+
+    from carv.bench.report import print_table
+
+    rows = json.loads((Path(__file__).parents[1] / "docs" / "demo_bench.json").read_text())["rows"]
+    cols = ("method", "R", "K", "n", "variance", "variance_se", "cost_s", "re", "ecm", "ecm_se", "bound_fraction")
+    monkeypatch.setenv("COLUMNS", "80")
+    print_table(rows, cols, title="carv demo: SDS of a point set through a costly map (GMM teacher)", smoke=True)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in out
+    assert any(ln.startswith("importance+ ") for ln in lines) and any(ln.startswith("stratified ") for ln in lines)
+    assert f"{rows[0]['bound_fraction']:.3f}" in out and "smoke run" in lines[-1]
+    monkeypatch.setenv("COLUMNS", "200")
+    print_table(rows, cols)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("learned+stratified ") for ln in lines) == sum(r["method"] == "learned+stratified"
+                                                                            for r in rows)

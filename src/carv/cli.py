@@ -19,6 +19,16 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train-teacher")
 
 
+def _config_flags(cls, options: dict) -> dict:
+    """The options of a command that are fields of the config dataclass ``cls`` (a command's options are named
+    after the fields they set; None means not given), paths as strings: one place that builds a config's
+    overrides from the flags, so no command restates the fields."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if k in names}
+
+
 def _bad_parameter(e: ValueError) -> None:
     """Bad input -> typer's usage error; a run-folder refusal or work refused for memory stays one plain line
     (see :func:`main`)."""
@@ -167,7 +177,8 @@ def attribute_cmd(
     out: Path = typer.Option(Path("runs/attribute"), help="Run folder (grid PNG, scores JSON, feature cache)."),
     label: int = typer.Option(None, help="The query's class (default: the test label, or the classifier's guess)."),
     top_k: int = typer.Option(10, "--top-k", min=1, help="How many training examples to show."),
-    k: int = typer.Option(16, "--k", min=1, help="Evaluations (timestep, noise draws) per data point."),
+    K: int = typer.Option(16, "--K", min=1, help="Evaluations (timestep, noise draws) per data point."),
+    k_alias: int = typer.Option(None, "--k", min=1, hidden=True, help="The old spelling of --K."),
     method: str = typer.Option("stratified", help="Timestep sampler: iid, grid, stratified, stratified+importance."),
     crn: bool = typer.Option(True, "--crn/--no-crn", help="Share the same draws across all examples."),
     num_train: int = typer.Option(None, min=1, help="Use only the first N training images (default: all 1442)."),
@@ -178,7 +189,8 @@ def attribute_cmd(
     """Top-k training examples of a digit by gradient-feature cosine similarity: grid PNG + scores JSON."""
     from carv.apps.attribute import AttributeConfig, attribute
 
-    cfg = AttributeConfig(K=k, method=method, crn=crn, top_k=top_k, num_train=num_train, seed=seed, threads=threads)
+    K = K if k_alias is None else k_alias
+    cfg = AttributeConfig(**_config_flags(AttributeConfig, locals()))
     try:
         attribute(query, out, label=label, cfg=cfg, fresh=fresh)
     except ValueError as e:
@@ -190,11 +202,16 @@ def distill_cmd(
     out: Path = typer.Option(Path("runs/distill"), help="Run folder (resumes a saved run with the same config)."),
     config: Path = typer.Option(None, help="JSON file of DistillConfig fields; the flags below override it."),
     steps: int = typer.Option(None, min=1, help="Generator steps (default 1000)."),
-    time_budget: float = typer.Option(None, "--time-budget", help="Also stop after this many seconds of compute."),
-    r: int = typer.Option(None, "--R", min=1, help="Generator samples per step (default 8)."),
-    k: int = typer.Option(None, "--K", min=1, help="Draws (t, eps) per generator sample (default 1)."),
-    proposal: str = typer.Option(None, help="Timestep proposal: none, weight (q ~ p w) or learned."),
-    stratify: str = typer.Option(None, help="Stratification: none, per_upstream, global or lattice."),
+    time_budget_s: float = typer.Option(None, "--time-budget", help="Also stop after this many seconds of "
+                                                                     "compute."),
+    baseline: bool = typer.Option(False, "--baseline", help="Start from the plain estimator (K = 1, uniform "
+                                                            "timesteps, no strata) instead of carv's; the flags "
+                                                            "below still apply."),
+    R: int = typer.Option(None, "--R", min=1, help="Generator samples per step (default 8)."),
+    K: int = typer.Option(None, "--K", min=1, help="Draws (t, eps) per generator sample (default 16; 1 with "
+                                                   "--baseline)."),
+    proposal: str = typer.Option(None, help="Timestep proposal: learned (default), weight (q ~ p w) or none."),
+    stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     upstream: str = typer.Option(None, help="Generator samples: iid (default) or strata (balanced labels, "
                                             "randomised-QMC latents)."),
     weighting: str = typer.Option(None, help="w(t): dmd (per-draw normalisation), sds, uniform or snr."),
@@ -212,17 +229,13 @@ def distill_cmd(
     seed: int = typer.Option(None, help="Random seed (default 0)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming the folder's saved run."),
 ):
-    """One-step distribution-matching distillation of the digits teacher (DMD), gradient through carv."""
-    from carv.apps.distill import distill_from_cli
+    """One-step distribution-matching distillation of the digits teacher (DMD), gradient through carv's default
+    estimator (K = 16 draws per sample, learned timestep proposal, per-sample strata; --baseline: the plain one)."""
+    from carv.apps.distill import DistillConfig, distill_from_cli
 
-    flags = dict(steps=steps, time_budget_s=time_budget, R=r, K=k, proposal=proposal, stratify=stratify,
-                 upstream=upstream,
-                 weighting=weighting, guidance_scale=guidance_scale, generator_lr=generator_lr, fake_lr=fake_lr,
-                 fake_updates=fake_updates, fake_warmup=fake_warmup, eval_every=eval_every,
-                 eval_per_class=eval_per_class, grid_every=grid_every, checkpoint_steps=checkpoint_steps,
-                 threads=threads, seed=seed)
+    flags = _config_flags(DistillConfig, {**locals(), "teacher": None})  # --teacher is a weights file, not a field
     try:
-        res = distill_from_cli(out, config, flags, teacher, fresh=fresh)
+        res = distill_from_cli(out, config, flags, teacher, fresh=fresh, baseline=baseline)
     except ValueError as e:
         _bad_parameter(e)
     f = res["final"]
@@ -268,16 +281,16 @@ def text_to_3d_cmd(
     prompt: str = typer.Argument(None, help="A prompt of the scenes teacher (default: 'a red mushroom')."),
     out: Path = typer.Option(None, help="Run folder (default runs/text-to-3d/<prompt>); rerunning continues it."),
     steps: int = typer.Option(None, min=1, help="Optimisation steps (default 400)."),
-    budget: float = typer.Option(None, help="Also stop after this many seconds of training time."),
+    budget_s: float = typer.Option(None, "--budget", help="Also stop after this many seconds of training time."),
     baseline: bool = typer.Option(False, "--baseline", help="The plain estimator: uniform timesteps, K = 1."),
     compare: bool = typer.Option(False, "--compare", help="Also train the baseline, at equal per-step compute "
                                                           "(default) or wall-clock; side-by-side turntables, "
                                                           "quality against steps and seconds."),
     compare_at: str = typer.Option("step", "--compare-at", help="With --compare: 'step' (carv's allocator spends "
                                                                 "the baseline's measured step cost) or 'wall-clock'."),
-    r: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2; with the accountant's budget: "
+    R: int = typer.Option(None, "--R", min=1, help="Renders per step (default 2; with the accountant's budget: "
                                                     "the plain step's R that sets the budget)."),
-    k: int = typer.Option(None, "--K", min=1, help="Draws per render (default: chosen by the accountant)."),
+    K: int = typer.Option(None, "--K", min=1, help="Draws per render (default: chosen by the accountant)."),
     step_budget: str = typer.Option(None, "--step-budget", help="The accountant's per-step budget: 'baseline' "
                                                                 "(default: the plain estimator's measured step), "
                                                                 "seconds, or 'free' (K only, at fixed R)."),
@@ -292,8 +305,8 @@ def text_to_3d_cmd(
                                                              "fraction over --anneal-steps (default 0.4; "
                                                              "--t-hi-end equal to --t-hi: no annealing)."),
     anneal_steps: int = typer.Option(None, "--anneal-steps", min=1, help="Steps of the annealing (200)."),
-    sparsity: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity from step "
-                                                            "100 (default 0: none)."),
+    sparsity_weight: float = typer.Option(None, "--sparsity", help="Per-pixel penalty on rendered opacity from "
+                                                                   "step 100 (default 0: none)."),
     lr: float = typer.Option(None, "--lr", help="Adam's learning rate (default 0.1)."),
     baseline_lr: float = typer.Option(None, "--baseline-lr", help="With --compare: the baseline's own learning "
                                                                    "rate (default: --lr, the same for both)."),
@@ -313,16 +326,9 @@ def text_to_3d_cmd(
     """Text-to-3D: score-distil a voxel grid from the procedural-scenes teacher (carv estimator by default).
 
     Writes config, metrics (JSON lines), turntable, ground-truth comparison and plots; resumable."""
-    from carv.apps.text_to_3d import config_from_cli, run_text_to_3d
+    from carv.apps.text_to_3d import TextTo3DConfig, config_from_cli, run_text_to_3d
 
-    flags = dict(steps=steps, budget_s=budget, R=r, K=k, step_budget=step_budget, upstream=upstream,
-                 proposal=proposal, stratify=stratify,
-                 guidance_scale=guidance_scale, t_lo=t_lo, t_hi=t_hi, t_hi_end=t_hi_end, anneal_steps=anneal_steps,
-                 sparsity_weight=sparsity, lr=lr, baseline_lr=baseline_lr, grid_resolution=grid_resolution,
-                 render_size=render_size,
-                 n_samples=n_samples, checkpoint_every=checkpoint_every, threads=threads, seed=seed,
-                 teacher=None if teacher is None else str(teacher),
-                 reference=None if reference is None else str(reference))
+    flags = _config_flags(TextTo3DConfig, {**locals(), "prompt": None})  # the prompt: config_from_cli's argument
     try:
         if restart:
             typer.echo("warning: --restart is deprecated; use --fresh (the same everywhere)", err=True)

@@ -32,9 +32,9 @@ from carv.accounting.algebra import (
     relative_efficiency,
     work_normalised_variance,
 )
-from carv.accounting.allocator import Allocator, AutoK, winsorised_mean
+from carv.accounting.allocator import Allocator, AutoK, choose_next, plan_step, winsorised_mean
 from carv.accounting.components import VarianceComponents, between_component, variance_components, within_row_variance
-from carv.accounting.meter import CostMeter, timed_estimate
+from carv.accounting.meter import CostMeter, Stopwatch, timed_estimate
 from carv.accounting.probe import ComponentProbe
 
 __all__ = [
@@ -50,9 +50,12 @@ __all__ = [
     "relative_efficiency",
     "fraction_of_bound",
     "CostMeter",
+    "Stopwatch",
     "Allocator",
     "AutoK",
     "winsorised_mean",
+    "plan_step",
+    "choose_next",
     "ComponentProbe",
     "within_row_variance",
     "between_component",

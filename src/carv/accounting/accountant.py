@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from carv.accounting.allocator import Allocator
+from carv.accounting.allocator import Allocator, choose_next, plan_step
 from carv.accounting.meter import CostMeter
 from carv.accounting.probe import ComponentProbe
 
@@ -70,9 +70,9 @@ class AccountantStep:
         probe = acc.probe_due and self.R >= 2 and self.K >= 2
         if probe and acc.params is not None:
             kwargs["keep_draws"] = True
-        t0 = acc._now()
+        t0 = acc.meter.now()
         self.out = acc.objective(x, *args, **kwargs)
-        self.draw_s += acc._now() - t0
+        self.draw_s += acc.meter.now() - t0
         self._probe = probe
         est = getattr(self.out, "estimate", None)
         if probe and acc.params is None and est is not None and est.between is not None:
@@ -89,12 +89,12 @@ class AccountantStep:
         if self._probe and acc.params is not None:
             if x is None:
                 raise ValueError("x: a probe step needs the upstream output passed to objective(x, ...)")
-            t0 = acc._now()
+            t0 = acc.meter.now()
             comps = ComponentProbe(self.R, self.K).measure(x, acc.params, out.estimate.draws, acc.generator,
                                                            retain_graph=True)  # the loss's backward follows
             self.components = tuple(comps)  # signed: averaged by the allocator
             out.estimate.draws = None
-            self.probe_s += acc._now() - t0
+            self.probe_s += acc.meter.now() - t0
         out.loss.backward()
 
 
@@ -131,7 +131,7 @@ class Accountant:
         self.allocator = allocator if allocator is not None else Allocator(
             budget, r_range=r_range, k_range=k_range, r_init=R, k_init=min(max(objective.K, k_range[0]), k_range[1]),
             every=choose_every, probe_every=probe_every, warmup=warmup)
-        self.meter = CostMeter(device)
+        self.meter = CostMeter(device, clock=clock)  # its clock times every stage of a step
         self.generator = generator
         self.clock = clock
         self.steps = 0
@@ -140,18 +140,12 @@ class Accountant:
         self.history: list[dict] = []
         self._open: tuple[AccountantStep, float] | None = None
 
-    def _now(self) -> float:
-        if self.meter._sync:
-            torch.cuda.synchronize(self.meter.device)
-        return self.clock()
-
     @property
     def probe_due(self) -> bool:
         return self.allocator.probe_due()
 
     def _shape(self) -> tuple[int, int]:
-        a = self.allocator
-        return a.probe_shape() if a.probe_due() else (a.R, a.K)
+        return plan_step(self.allocator, self.allocator.R, self.allocator.K)[:2]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -185,7 +179,7 @@ class Accountant:
             raise ValueError("begin: a step is already open; call end() first")
         self.objective.K = self._shape()[1]
         st = AccountantStep(self)
-        self._open = (st, self._now())
+        self._open = (st, self.meter.now())
         return st
 
     def end(self) -> None:
@@ -195,7 +189,7 @@ class Accountant:
             raise ValueError("end: no step is open; call begin() first")
         st, t0 = self._open
         self._open = None
-        total = self._now() - t0
+        total = self.meter.now() - t0
         if st.R is None:
             raise ValueError("step: call st.objective(x, ...) inside the step")
         self.meter.add("upstream", max(total - st.draw_s - st.probe_s, 0.0), count=st.R)
@@ -204,11 +198,9 @@ class Accountant:
             self.meter.add("probe", st.probe_s)
         self.probe_seconds += st.probe_s
         self.steps += 1
-        if st.components is not None:
-            self.probes += 1
-            self.allocator.observe(*st.components)
+        self.probes += st.components is not None
         n_choices = len(self.allocator.history)
-        R, K = self.allocator.step(self.meter)
+        R, K = choose_next(self.allocator, self.meter, st.components)
         self.objective.K = K
         row = {"step": self.steps, "R": st.R, "K": st.K, "upstream_s": total - st.draw_s - st.probe_s,
                "draw_s": st.draw_s, "probe_s": st.probe_s, "components": st.components, "next_R": R, "next_K": K,

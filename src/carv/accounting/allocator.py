@@ -12,7 +12,7 @@ from carv._validate import check_span
 from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k
 from carv.accounting.meter import CostMeter
 
-__all__ = ["Allocator", "AutoK", "winsorised_mean"]
+__all__ = ["Allocator", "AutoK", "winsorised_mean", "plan_step", "choose_next"]
 
 _log = logging.getLogger("carv.accounting")
 
@@ -330,3 +330,20 @@ class AutoK(Allocator):
         if self.n_observed >= self.warmup and self.n_observed % self.every == 0:
             self._rechoose(meter)
         return self.K
+
+
+def plan_step(allocator: Allocator | None, R: int, K: int) -> tuple[int, int, bool]:
+    """``(R, K, probe)`` of the coming step: ``(R, K)`` as given without an allocator; else the allocator's pair,
+    or its probe shape (``R, K >= 2``) when it asks for a probe."""
+    if allocator is None:
+        return R, K, False
+    probe = allocator.probe_due()
+    return (*(allocator.probe_shape() if probe else (allocator.R, allocator.K)), probe)
+
+
+def choose_next(allocator: Allocator, meter: CostMeter, components: tuple[float, float] | None) -> tuple[int, int]:
+    """After a step: the probe's (signed) components, if it measured any, go to the allocator, which then chooses
+    the next step's ``(R, K)`` from them and the meter's stage medians."""
+    if components is not None:
+        allocator.observe(*components)
+    return allocator.step(meter)

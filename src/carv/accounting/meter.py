@@ -1,5 +1,6 @@
-"""Stage timing: :class:`CostMeter` (per-stage medians) and :func:`timed_estimate` (one estimate split into the
-two stages the cost model prices)."""
+"""Stage timing, one mechanism: a :class:`CostMeter` reads its clock (:meth:`CostMeter.now`, synchronised on CUDA)
+and keeps per-stage medians; a :class:`Stopwatch` splits one step into named stages on that clock
+(:meth:`CostMeter.stage` times one block, :func:`timed_estimate` one estimate's two stages)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CostMeter", "timed_estimate"]
+__all__ = ["CostMeter", "Stopwatch", "timed_estimate"]
 
 
 class CostMeter:
@@ -36,18 +37,25 @@ class CostMeter:
         self.times: dict[str, list[float]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)
 
+    def now(self) -> float:
+        """The meter's clock, read after a CUDA synchronisation on its device (so that asynchronous kernels are
+        charged to the stage that launched them). Every stage time in carv is a difference of two readings."""
+        if self._sync:
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+    def stopwatch(self) -> Stopwatch:
+        """A :class:`Stopwatch` on this meter, started now."""
+        return Stopwatch(self)
+
     @contextmanager
     def stage(self, name: str, count: int = 1) -> Iterator[None]:
         """Time a block; ``count`` says how many units of work it did (e.g. ``R*K`` teacher draws)."""
-        if self._sync:
-            torch.cuda.synchronize(self.device)
-        t0 = self.clock()
+        t0 = self.now()
         try:
             yield
         finally:
-            if self._sync:
-                torch.cuda.synchronize(self.device)
-            self.add(name, self.clock() - t0, count)
+            self.add(name, self.now() - t0, count)
 
     def add(self, name: str, seconds: float, count: int = 1) -> None:
         if count < 1:
@@ -75,6 +83,37 @@ class CostMeter:
         self.counts = defaultdict(int, state["counts"])
 
 
+class Stopwatch:
+    """Splits one step into named stages on a meter's clock: ``sw = meter.stopwatch()``, then after each part of
+    the step ``sw.lap("upstream")`` (the seconds since the previous lap, added to that stage; a stage may be
+    lapped several times) and at the end ``sw.record({"upstream": R, "draw": R * K})``, which charges each stage
+    to the meter per unit of work. ``sw.seconds`` holds the stages' seconds, :meth:`elapsed` the time since the
+    start."""
+
+    def __init__(self, meter: CostMeter):
+        self.meter = meter
+        self.start = self.last = meter.now()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def lap(self, stage: str | None = None) -> float:
+        """Seconds since the previous lap (or the start), added to ``stage`` (None: to no stage)."""
+        now = self.meter.now()
+        dt, self.last = now - self.last, now
+        if stage is not None:
+            self.seconds[stage] += dt
+        return dt
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return self.meter.now() - self.start
+
+    def record(self, counts: dict[str, int]) -> None:
+        """Add each lapped stage named in ``counts`` to the meter, per unit of work (``counts[stage]`` units)."""
+        for stage, n in counts.items():
+            if stage in self.seconds:
+                self.meter.add(stage, self.seconds[stage], count=n)
+
+
 def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor], Any], K: int,
                    meter: CostMeter | None = None, clock: Callable[[], float] | None = None,
                    retain_graph: bool = False) -> tuple[Tensor, Any, dict[str, float]]:
@@ -89,22 +128,17 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
     so asynchronous kernels are charged to the stage that launched them. ``clock`` defaults to the
     meter's clock (wall-clock without a meter).
     """
-    if clock is None:
-        clock = meter.clock if meter is not None else time.perf_counter
-
-    def now() -> float:
-        if meter is not None and meter._sync:
-            torch.cuda.synchronize(meter.device)
-        return clock()
-
-    t0 = now()
+    clock_meter = meter if meter is not None else CostMeter()
+    if clock is not None:  # another clock, on the meter's device
+        clock_meter = CostMeter(clock_meter.device, clock=clock)
+    sw = clock_meter.stopwatch()
     x = upstream()
-    t1 = now()
+    sw.lap("upstream")
     out = objective(x)
-    t2 = now()
+    sw.lap("draw")
     out.loss.backward(retain_graph=retain_graph)
-    t3 = now()
-    secs = {"upstream": (t1 - t0) + (t3 - t2), "draw": t2 - t1}
+    sw.lap("upstream")
+    secs = {"upstream": sw.seconds["upstream"], "draw": sw.seconds["draw"]}
     if meter is not None:
         R = x.shape[0]
         meter.add("upstream", secs["upstream"], count=R)

@@ -84,17 +84,7 @@ def train_digits_assets(out_dir: str | Path | None = None, seed: int = 0, grid_p
     te_mse, te_se = heldout_denoising_mse(teacher, x_te, y_te)
     tr_mse, tr_se = heldout_denoising_mse(teacher, x_tr[: x_te.shape[0]], y_tr[: x_te.shape[0]])
     lin_mse, lin_se = heldout_denoising_mse(GaussianLinearTeacher(x_tr, teacher.schedule), x_te, y_te)
-    n_per_class = 100
-    sample_labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
-    t0 = time.perf_counter()
-    samples = sample_digits(teacher, sample_labels, seed=seed + 1)
-    sample_time = time.perf_counter() - t0
-    classifier = dm.load_digits_classifier(path=out / CLASSIFIER_FILE, cache=False)
-    sample_acc = dm.classifier_accuracy(samples, sample_labels, classifier=classifier)
-    fd_samples_test = dm.digits_fd(samples, reference="test", classifier=classifier)
-    # the same number of real (train) images, 100 per class: the FD floor at this sample size
-    real = torch.cat([x_tr[y_tr == c][:n_per_class] for c in range(NUM_CLASSES)])
-    fd_train_test = dm.digits_fd(real, reference="test", classifier=classifier)
+    samples_stats = _sample_quality(teacher, out / CLASSIFIER_FILE, x_tr, y_tr, seed)
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(8)
     grid_imgs = sample_digits(teacher, grid_labels, seed=seed + 2)
     title = f"digits teacher: rows = class 0..9, DDIM {GRID_DDIM_STEPS} steps, guidance {GRID_GUIDANCE}"
@@ -116,12 +106,27 @@ def train_digits_assets(out_dir: str | Path | None = None, seed: int = 0, grid_p
                     "train_subset_denoising_mse": tr_mse, "train_subset_denoising_mse_se": tr_se,
                     "denoising_mse_protocol": "conditional, 10 midpoint timesteps per image, noise seed 0"},
         "classifier": clf_stats,
-        "samples": {"n": int(samples.shape[0]), "ddim_steps": GRID_DDIM_STEPS,
-                    "guidance_scale": GRID_GUIDANCE, "sampling_time_s": sample_time,
-                    "classifier_accuracy": sample_acc,
-                    "fd_vs_test": fd_samples_test,
-                    "fd_1000_train_images_vs_test": fd_train_test},
+        "samples": samples_stats,
         "total_time_s": time.perf_counter() - t_start,
     }
     atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _sample_quality(teacher, classifier_path: Path, x_tr: torch.Tensor, y_tr: torch.Tensor, seed: int) -> dict:
+    """100 samples per class (DDIM, guidance 2): sampling time, classifier accuracy and Frechet distance to the
+    test split, beside the FD of as many real training images (the floor at this sample size)."""
+    n_per_class = 100
+    sample_labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    t0 = time.perf_counter()
+    samples = sample_digits(teacher, sample_labels, seed=seed + 1)
+    sample_time = time.perf_counter() - t0
+    classifier = dm.load_digits_classifier(path=classifier_path, cache=False)
+    sample_acc = dm.classifier_accuracy(samples, sample_labels, classifier=classifier)
+    fd_samples_test = dm.digits_fd(samples, reference="test", classifier=classifier)
+    # the same number of real (train) images, 100 per class: the FD floor at this sample size
+    real = torch.cat([x_tr[y_tr == c][:n_per_class] for c in range(NUM_CLASSES)])
+    fd_train_test = dm.digits_fd(real, reference="test", classifier=classifier)
+    return {"n": int(samples.shape[0]), "ddim_steps": GRID_DDIM_STEPS, "guidance_scale": GRID_GUIDANCE,
+            "sampling_time_s": sample_time, "classifier_accuracy": sample_acc, "fd_vs_test": fd_samples_test,
+            "fd_1000_train_images_vs_test": fd_train_test}

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from carv import runner
 from carv._machine import torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
@@ -67,6 +67,7 @@ from carv.timesteps import STRATIFY_MODES, LearnedProposal, TimestepSampler
 from carv.upstream import UpstreamSampler, balanced_labels, sobol_normal
 
 __all__ = ["DistillConfig", "OneStepGenerator", "Distiller", "run_distill", "plot_quality", "resume_run",
+           "CARV_ESTIMATOR",
            "teacher_from_path"]
 
 PROPOSALS = ("none", "weight", "learned")
@@ -74,6 +75,9 @@ UPSTREAM_CHOICES = ("iid", "strata")
 EVAL_SEED = 10_000  # the evaluation latents are common to every run (common random numbers)
 # fields that may change when a run is resumed (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "time_budget_s", "eval_every", "grid_every", "checkpoint_steps", "threads")
+# carv's default estimator for `carv distill` (the benchmark's carv run): K = 16 draws per generator sample, the
+# learned timestep proposal and per-sample strata, at DistillConfig's R = 8
+CARV_ESTIMATOR = {"K": 16, "proposal": "learned", "stratify": "per_upstream"}
 
 
 @dataclass
@@ -286,41 +290,39 @@ class Distiller:
         zero until the fake score has learned the generator's distribution."""
         if self.warmed:
             return
-        t0 = time.perf_counter()
+        sw = self.meter.stopwatch()
         for _ in range(self.cfg.fake_warmup):
             self.last["fake_loss"] = self.fake_update()
         self.warmed = True
-        self.meter.add("fake_warmup", time.perf_counter() - t0)
-        self.compute_s += time.perf_counter() - t0
+        sw.lap("fake_warmup")
+        sw.record({"fake_warmup": 1})
+        self.compute_s += sw.elapsed()
 
     def step(self) -> dict[str, Any]:
         """One training step: ``fake_updates`` fake-score updates, then one generator update
         (the first step first runs the fake-score warm-up)."""
         self.warmup()
-        cfg, meter = self.cfg, self.meter
-        t0 = time.perf_counter()
+        cfg = self.cfg
+        sw = self.meter.stopwatch()
         fake_loss = float("nan")
         for _ in range(cfg.fake_updates):
             fake_loss = self.fake_update()
-        t1 = time.perf_counter()
+        sw.lap("fake")
         z, c = self.latents(cfg.R, upstream=cfg.upstream)
         x = self.generator(z, c)
-        t2 = time.perf_counter()
+        sw.lap("upstream")
         out = self.dmd(x, c, self.rng)
-        t3 = time.perf_counter()
+        sw.lap("draw")
         self.opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt_g.step()
-        t4 = time.perf_counter()
+        sw.lap("upstream")
         self.learned.update(out.draws.t, out.estimate.sq_norms)
         self.step_count += 1
         if cfg.proposal == "learned" and self.step_count % cfg.proposal_refresh == 0:
             self.sampler.set_importance(self._learned_importance())
-        if cfg.fake_updates:
-            meter.add("fake", t1 - t0, count=1)
-        meter.add("upstream", (t2 - t1) + (t4 - t3), count=cfg.R)
-        meter.add("draw", t3 - t2, count=cfg.R * cfg.K)
-        self.compute_s += time.perf_counter() - t0
+        sw.record({**({"fake": 1} if cfg.fake_updates else {}), "upstream": cfg.R, "draw": cfg.R * cfg.K})
+        self.compute_s += sw.elapsed()
         self.last = {"fake_loss": fake_loss, "grad_x_sq": float(out.grad.pow(2).sum() / cfg.R),
                      "between_x": out.estimate.between, "within_x": out.estimate.within}
         return self.last
@@ -330,13 +332,13 @@ class Distiller:
         without changing the weights): the per-step cost the accountant adds to the upstream stage."""
         times = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            sw = CostMeter().stopwatch()
             for _ in range(self.cfg.fake_updates):
                 z, c = self.latents(self.cfg.fake_batch, generator)
                 with torch.no_grad():
                     x = self.generator(z, c)
                 self.denoise(self.fake.model, x, c, generator).backward()
-            times.append(time.perf_counter() - t0)
+            times.append(sw.elapsed())
         self.fake.model.zero_grad(set_to_none=True)
         return sorted(times)[len(times) // 2]
 
@@ -366,12 +368,11 @@ class Distiller:
         x, out, _ = timed_estimate(lambda: self.generator(z, c),
                                    lambda x: objective(x, c, generator, keep_draws=True), objective.K, meter,
                                    retain_graph=True)
-        clock = meter.clock if meter is not None else time.perf_counter
-        t0 = clock()
+        sw = (meter if meter is not None else CostMeter()).stopwatch()
         comps = pr.measure(x, params, out.estimate.draws, generator)
         out.estimate.draws = None
-        if meter is not None:
-            meter.add("probe", clock() - t0)
+        sw.lap("probe")
+        sw.record({"probe": 1})
         return comps
 
     # ------------------------------------------------------------------ evaluation
@@ -543,51 +544,93 @@ def run_distill(out_dir: str | Path = "runs/distill", cfg: DistillConfig | None 
         return _run_distill(Path(out_dir), cfg, progress, teacher)
 
 
-def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTeacher | None) -> dict:
-    atomic_write_json(out / "config.json", asdict(cfg))
-    d = Distiller(cfg, teacher)
-    metrics = resume_run(out, d)
+class DistillRun:
+    """One ``carv distill`` run as :mod:`carv.runner` drives it: the :class:`Distiller`, its run folder's metrics
+    (one row per evaluation) and the files it writes as it goes (sample grids, checkpoints at ``checkpoint_steps``).
+    An evaluation every ``eval_every`` steps, each followed by a resumable checkpoint."""
 
-    def evaluate() -> dict:
+    def __init__(self, d: Distiller, out: Path, metrics: RunState):
+        self.d, self.out, self.metrics, self.cfg = d, out, metrics, d.cfg
+
+    @property
+    def step_count(self) -> int:
+        return self.d.step_count
+
+    @property
+    def elapsed(self) -> float:
+        return self.d.compute_s
+
+    @property
+    def done(self) -> bool:
+        cfg, d = self.cfg, self.d
+        return d.step_count >= cfg.steps or (cfg.time_budget_s is not None and d.compute_s >= cfg.time_budget_s)
+
+    @property
+    def evals(self) -> list[dict]:
+        return self.metrics.rows
+
+    def step(self) -> dict[str, Any]:
+        self.d.step()
+        row = {"kind": "step", "step": self.d.step_count}
+        self.write_files()
+        return row
+
+    def write_files(self) -> None:
+        """The checkpoint (at ``checkpoint_steps``) and the sample grid (every ``grid_every`` steps) of this step."""
+        d = self.d
+        if d.step_count in self.cfg.checkpoint_steps:
+            d.save_checkpoint(self.out / "checkpoints" / f"step_{d.step_count:06d}.safetensors")
+        if d.step_count % self.cfg.grid_every == 0:
+            d.save_grid(self.out / "samples" / f"step_{d.step_count:06d}.png",
+                        f"DMD generator, step {d.step_count}: rows = class 0..9")
+
+    def eval_due(self) -> bool:
+        rows = self.metrics.rows
+        return self.d.step_count % self.cfg.eval_every == 0 and not (rows and rows[-1]["step"] == self.d.step_count)
+
+    def evaluate(self) -> dict[str, Any]:
+        d = self.d
         q, _ = d.evaluate()
         row = {"step": d.step_count, "compute_s": round(d.compute_s, 3), **q, **d.last,
                **{f"c_{k}_s": v for k, v in d.meter.summary().items()}}
-        metrics.append(row)
+        self.metrics.append(row)
         return row
 
-    def checkpoint_and_grid() -> None:
-        if d.step_count in cfg.checkpoint_steps:
-            d.save_checkpoint(out / "checkpoints" / f"step_{d.step_count:06d}.safetensors")
-        if d.step_count % cfg.grid_every == 0:
-            d.save_grid(out / "samples" / f"step_{d.step_count:06d}.png",
-                        f"DMD generator, step {d.step_count}: rows = class 0..9")
+    def mark_evaluated(self) -> None:
+        pass  # the metrics' last row says which step was evaluated
 
+    def checkpoint_due(self) -> bool:
+        return self.d.step_count % self.cfg.eval_every == 0
+
+    def save(self) -> None:
+        self.d.save_state(self.metrics)
+
+
+def _run_distill(out: Path, cfg: DistillConfig, progress: bool, teacher: UNetTeacher | None) -> dict:
+    atomic_write_json(out / "config.json", asdict(cfg))
+    d = Distiller(cfg, teacher)
+    run = DistillRun(d, out, resume_run(out, d))
     if d.step_count == 0:
-        row = evaluate()
-        checkpoint_and_grid()
+        run.write_files()
     bar = progress_bar(None, progress, total=cfg.steps, initial=d.step_count, desc="distill")
 
-    def done() -> bool:
-        return d.step_count >= cfg.steps or (cfg.time_budget_s is not None and d.compute_s >= cfg.time_budget_s)
+    def shown(row: dict) -> None:
+        if row.get("kind") == "step":
+            bar.update(1)
+        else:
+            bar.set_postfix(fd=f"{row['fd']:.1f}", acc=f"{row['accuracy']:.3f}")
 
     try:
-        while not done():
-            d.step()
-            bar.update(1)
-            if d.step_count % cfg.eval_every == 0:
-                row = evaluate()
-                bar.set_postfix(fd=f"{row['fd']:.1f}", acc=f"{row['accuracy']:.3f}")
-                d.save_state(metrics)
-            checkpoint_and_grid()
+        runner.start(run, callback=shown)
+        while not run.done:
+            runner.advance(run, callback=shown)
     except KeyboardInterrupt:
-        d.save_state(metrics)
+        run.save()
         raise
     finally:
         bar.close()
-    rows = metrics.rows
-    if rows[-1]["step"] != d.step_count:
-        rows.append(evaluate())
-    d.save_state(metrics)
+    runner.finish(run)
+    rows = run.metrics.rows
     d.save_checkpoint(out / "final.safetensors")
     d.save_grid(out / "samples" / "final.png", f"DMD generator after {d.step_count} steps: rows = class 0..9")
     quality = [{"method": "run", "seed": cfg.seed, "step": r["step"], "time_s": r["compute_s"], "fd": r["fd"],
@@ -609,16 +652,19 @@ def teacher_from_path(path: str | Path | None) -> UNetTeacher:
 
 
 def distill_from_cli(out: str | Path, config: str | Path | None, flags: dict[str, Any],
-                     teacher: str | Path | None = None, fresh: bool = False) -> dict:
-    """``carv distill``: a config from a JSON file (or the defaults) with the non-None ``flags`` applied."""
-    d: dict[str, Any] = {}
+                     teacher: str | Path | None = None, fresh: bool = False, baseline: bool = False) -> dict:
+    """``carv distill``: carv's default estimator (:data:`CARV_ESTIMATOR`; ``baseline=True``: the plain one,
+    :class:`DistillConfig`'s defaults), then a JSON file's fields, then the non-None ``flags``. A run folder
+    started with the plain defaults (before carv's became the command's) resumes with ``--baseline``."""
+    d: dict[str, Any] = {} if baseline else dict(CARV_ESTIMATOR)
     if config is not None:
         p = Path(config)
         if not p.is_file():
             raise ValueError(f"config: no such file {str(p)!r}")
-        d = read_json(p, "--config")
-        if not isinstance(d, dict):
-            raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(d).__name__}")
+        given = read_json(p, "--config")
+        if not isinstance(given, dict):
+            raise ValueError(f"config: expected a JSON object of DistillConfig fields, got {type(given).__name__}")
+        d.update(given)
     for k, v in flags.items():
         if v is None:
             continue

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from carv._runfolder import atomic_write_json
-from carv.accounting import Allocator, CostMeter, VarianceComponents, largest_r_within
+from carv.accounting import Allocator, CostMeter, VarianceComponents, choose_next, largest_r_within, plan_step
 from carv.bench.harness import Config, measure, reference_mean
 
 __all__ = ["frontier", "allocator_vs_hindsight", "bench_allocator_text_to_3d", "bench_allocator_distill",
@@ -62,28 +62,8 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
     """One budget: ``budget_factor`` times the cost of one plain upstream sample with one draw,
     ``c_up + c_draw`` (2: the plain estimator's ``R = 2, K = 1`` step). Returns a JSON-able result."""
     meter = CostMeter(clock=clock)  # the pilot's costs on the same clock as the replicates'
-    # a short calibration at (1, 1) so that the budget is defined before the allocator's first choice
-    for i in range(3):
-        estimate(Config(method, 1, 1), torch.Generator().manual_seed(seed * 1000 + i), meter)
-    unit = meter.median("upstream") + meter.median("draw")
-    budget = budget_factor * unit
-    alloc = Allocator(budget, r_range=r_range, k_range=k_range, r_init=1, k_init=1, every=every,
-                      probe_every=probe_every, probe_k_min=probe_k_min)
-    g = torch.Generator().manual_seed(seed + 17)
-    t_probe_steps, t_ordinary = [], []
-    for _ in range(pilot_steps):
-        if alloc.probe_due():
-            R, K = alloc.probe_shape()
-            t0 = clock()
-            comps = probe(R, K, g, meter)
-            t_probe_steps.append(clock() - t0)
-            alloc.observe(comps.between, comps.within)
-        else:
-            t0 = clock()
-            estimate(Config(method, alloc.R, alloc.K), g, meter)
-            t_ordinary.append(clock() - t0)
-        alloc.budget = budget_factor * (meter.median("upstream") + meter.median("draw"))  # tracks the medians
-        alloc.step(meter)
+    alloc, probe_extra = _allocator_pilot(estimate, probe, meter, budget_factor, method, r_range, k_range,
+                                          pilot_steps, probe_every, every, seed, probe_k_min)
     c_up, c_draw = meter.median("upstream"), meter.median("draw")
     budget = budget_factor * (c_up + c_draw)
     chosen = (alloc.R, alloc.K)
@@ -97,9 +77,6 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
     rows = measure(configs, estimate, ref, replicates, seed=seed + 7,
                    state_dir=None if state_dir is None else Path(state_dir) / f"budget{budget_factor:g}",
                    progress=progress, desc=f"replicates x{budget_factor:g}", clock=clock)
-    probe_extra = 0.0  # the probes' extra cost per step, from the pilot's own timings
-    if t_probe_steps and t_ordinary:
-        probe_extra = (sum(t_probe_steps) / len(t_probe_steps) - sorted(t_ordinary)[len(t_ordinary) // 2]) / probe_every
     out_rows = []
     for r in rows:
         var = max(r["variance"] - ref_var, 0.0)
@@ -119,6 +96,34 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
                                                                   "variance": ref_var},
             "replicates": replicates, "pilot_steps": pilot_steps, "probe_every": probe_every,
             "probe_k_min": probe_k_min, "rows": out_rows}
+
+
+def _allocator_pilot(estimate: EstimateFn, probe: ProbeFn, meter: CostMeter, budget_factor: float, method: str,
+                     r_range: tuple[int, int], k_range: tuple[int, int], pilot_steps: int, probe_every: int,
+                     every: int, seed: int, probe_k_min: int) -> tuple[Allocator, float]:
+    """The allocator's own run (``pilot_steps`` steps, probing when it asks, its budget tracking the meter's
+    medians) after a short calibration at ``(1, 1)`` that defines the budget before its first choice; returns it
+    and the probes' extra cost per step, from the pilot's own timings."""
+    for i in range(3):
+        estimate(Config(method, 1, 1), torch.Generator().manual_seed(seed * 1000 + i), meter)
+    budget = budget_factor * (meter.median("upstream") + meter.median("draw"))
+    alloc = Allocator(budget, r_range=r_range, k_range=k_range, r_init=1, k_init=1, every=every,
+                      probe_every=probe_every, probe_k_min=probe_k_min)
+    g = torch.Generator().manual_seed(seed + 17)
+    t_probe_steps, t_ordinary = [], []
+    for _ in range(pilot_steps):
+        R, K, probing = plan_step(alloc, alloc.R, alloc.K)
+        sw = meter.stopwatch()
+        comps = probe(R, K, g, meter) if probing else None
+        if not probing:
+            estimate(Config(method, R, K), g, meter)
+        (t_probe_steps if probing else t_ordinary).append(sw.elapsed())
+        alloc.budget = budget_factor * (meter.median("upstream") + meter.median("draw"))  # tracks the medians
+        choose_next(alloc, meter, None if comps is None else (comps.between, comps.within))
+    probe_extra = 0.0
+    if t_probe_steps and t_ordinary:
+        probe_extra = (sum(t_probe_steps) / len(t_probe_steps) - sorted(t_ordinary)[len(t_ordinary) // 2]) / probe_every
+    return alloc, probe_extra
 
 
 def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-to-3d", budgets=(2.0, 8.0),

@@ -394,106 +394,43 @@ def run_attribution_bench(out_dir: str | Path = "runs/bench-attribution", quick:
 def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None, progress: bool,
                            cfg: AttributionBenchConfig, command: str | None) -> dict:
     atomic_write_json(out / "config.json", asdict(cfg))
-    common = {k: getattr(cfg, k) for k in ("num_train", "num_test_queries", "num_sample_queries", "weighting",
-                                           "params", "proj_dim", "proj_seed", "seed")}
-    fp_pilot = _fingerprint({**common, **{k: getattr(cfg, k) for k in ("pilot_examples", "pilot_K", "pilot_bins")}})
-    fp_ref = _fingerprint({**common, **{k: getattr(cfg, k) for k in ("reference_evals", "reference_K")}})
+    fp_pilot, fp_ref = _fingerprints(cfg)
     t_start = time.perf_counter()
     load0 = loadavg()
     prob = AttributionProblem(cfg)
-
-    # pilot for the learned proposal (saved, so a resumed run uses the same proposal)
-    pilot_file = out / "learned_proposal.safetensors"
-    if pilot_file.is_file() and read_json(out / "pilot.json", "benchmark state").get("fingerprint") == fp_pilot:
-        learned = LearnedProposal(prob.T, num_bins=cfg.pilot_bins, smoothing=1)
-        learned.load_state_dict(load_file(str(pilot_file)))
-        prob.learned = learned
-        pilot_info = read_json(out / "pilot.json", "benchmark state")
-    else:
-        learned, pilot_info = prob.pilot(torch.Generator().manual_seed(cfg.seed + 2))
-        with atomic_path(pilot_file) as tmp:
-            save_file(learned.state_dict(), str(tmp))
-        pilot_info["fingerprint"] = fp_pilot
-        atomic_write_json(out / "pilot.json", pilot_info)
+    pilot_info = _pilot(out, prob, cfg, fp_pilot)
 
     def estimate(c: Config, gen: torch.Generator, meter: CostMeter) -> Tensor:
         method, kind, *output = c.method.split("|")
         return prob.estimate(method, kind == "crn", c.K, gen, meter, output[0] if output else "loss").flatten()
 
     # reference: independent stratified estimates, reference_evals evaluations per data point in all
-    ref_file = out / "reference.safetensors"
-    ref_cfg = Config(_key("stratified", False), prob.x.shape[0], cfg.reference_K)
-    n_ref = cfg.reference_evals // cfg.reference_K
-    t_ref = time.perf_counter()
-    if ref_file.is_file() and read_json(out / "reference.json", "benchmark state").get("fingerprint") == fp_ref:
-        reference = load_file(str(ref_file))["features"]
-        ref_info = read_json(out / "reference.json", "benchmark state")
-    else:
-        reference, ref_var = reference_mean(estimate, ref_cfg, n_ref, seed=cfg.seed + 3, progress=progress,
-                                            desc=f"reference ({cfg.reference_evals} evals/point)")
-        ref_info = {"method": "stratified", "crn": False, "estimates": n_ref, "K": cfg.reference_K,
-                    "evals_per_point": cfg.reference_evals, "variance_of_reference": ref_var,
-                    "seconds": time.perf_counter() - t_ref, "fingerprint": fp_ref}
-        with atomic_path(ref_file) as tmp:
-            save_file({"features": reference.contiguous()}, str(tmp))
-        atomic_write_json(out / "reference.json", ref_info)
-    q_test = cfg.num_test_queries
-
-    def metrics_against(ref_scores: Tensor):
-        def metrics(c: Config, g: Tensor) -> dict[str, float]:
-            s = prob.scores(g)
-            rho = spearman(s, ref_scores)
-            m = {"spearman": float(rho.mean()),
-                 f"top{cfg.top_k}": float(topk_overlap(s, ref_scores, cfg.top_k).mean())}
-            if q_test:
-                m["spearman_test"] = float(rho[:q_test].mean())
-            if q_test < rho.shape[0]:
-                m["spearman_samples"] = float(rho[q_test:].mean())
-            return m
-        return metrics
-
+    reference, ref_info = _reference(out, "reference", None, estimate, prob, cfg, fp_ref, cfg.seed + 3,
+                                     f"reference ({cfg.reference_evals} evals/point)", progress)
     N = prob.x.shape[0]
     # the peers' own draws: D-TRAK's noise is shared by batch position (common random numbers by construction),
     # journey-TRAK's fresh per example
     keys = [k for k in row_keys(cfg.methods, cfg.crn) if cfg.only_rows is None or k in cfg.only_rows]
     configs = [Config(k, N, K) for k in keys for K in cfg.budgets]
     configs += [Config(_key(BASELINE, False), N, K) for K in cfg.baseline_budgets if K not in cfg.budgets]
-    base_key = _key(BASELINE, False)
-
-    def n_rep(c: Config) -> int:
-        n = max(cfg.replicates, cfg.small_k_replicates // c.K)
-        return n * cfg.baseline_factor if c.method.startswith(base_key) else n
-
+    n_rep = _replicates(cfg)
     rows = measure(configs, estimate, reference, n_rep, seed=cfg.seed + 4, state_dir=out / "state",
-                   progress=progress, desc="side-by-side replicates", metrics=metrics_against(prob.scores(reference)),
-                   reference_variance=float(ref_info["variance_of_reference"]))
+                   progress=progress, desc="side-by-side replicates", metrics=_metrics_against(
+                       prob, cfg, prob.scores(reference)), reference_variance=float(ref_info["variance_of_reference"]))
     summary = _add_ecm(rows, cfg, N)
     summary_dtrak, rows_dtrak, ref2_info = None, [], None
     if cfg.dtrak_objective and "d-trak" in cfg.methods:
         # D-TRAK's own output function is a different objective: its own reference, its own iid baseline
-        ref2_cfg = Config(_key("stratified", False, "squared_norm"), N, cfg.reference_K)
-        ref2_file = out / "reference_squared_norm.safetensors"
-        if ref2_file.is_file() and read_json(out / "reference_squared_norm.json", "benchmark state").get(
-                "fingerprint") == fp_ref:
-            reference2 = load_file(str(ref2_file))["features"]
-            ref2_info = read_json(out / "reference_squared_norm.json", "benchmark state")
-        else:
-            t2 = time.perf_counter()
-            reference2, ref2_var = reference_mean(estimate, ref2_cfg, n_ref, seed=cfg.seed + 5, progress=progress,
-                                                  desc="reference (D-TRAK's objective)")
-            ref2_info = {"method": "stratified", "output": "squared_norm", "estimates": n_ref, "K": cfg.reference_K,
-                         "evals_per_point": cfg.reference_evals, "variance_of_reference": ref2_var,
-                         "seconds": time.perf_counter() - t2, "fingerprint": fp_ref}
-            with atomic_path(ref2_file) as tmp:
-                save_file({"features": reference2.contiguous()}, str(tmp))
-            atomic_write_json(out / "reference_squared_norm.json", ref2_info)
+        reference2, ref2_info = _reference(out, "reference_squared_norm", "squared_norm", estimate, prob, cfg, fp_ref,
+                                           cfg.seed + 5, "reference (D-TRAK's objective)", progress)
         cfgs2 = [Config(_key(m, crn, "squared_norm"), N, K)
                  for m, crn in ((BASELINE, False), ("stratified", True), ("d-trak", True)) for K in cfg.budgets]
         cfgs2 += [Config(_key(BASELINE, False, "squared_norm"), N, K) for K in cfg.baseline_budgets
                   if K not in cfg.budgets]
         rows_dtrak = measure(cfgs2, estimate, reference2, n_rep, seed=cfg.seed + 6, state_dir=out / "state-dtrak",
-                             progress=progress, desc="D-TRAK's objective", metrics=metrics_against(
-                                 prob.scores(reference2)), reference_variance=float(ref2_info["variance_of_reference"]))
+                             progress=progress, desc="D-TRAK's objective", metrics=_metrics_against(
+                                 prob, cfg, prob.scores(reference2)),
+                             reference_variance=float(ref2_info["variance_of_reference"]))
         summary_dtrak = _add_ecm(rows_dtrak, cfg, N)
     head, best = _headline(rows, cfg)
     result = {
@@ -512,6 +449,89 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
         "dtrak_objective": {"reference": ref2_info, "summary": summary_dtrak, "rows": rows_dtrak},
         "seconds": time.perf_counter() - t_start,
     }
+    _write_outputs(out, result, rows_dtrak, cfg, quick, json_path, progress)
+    return result
+
+
+def _fingerprints(cfg: AttributionBenchConfig) -> tuple[str, str]:
+    """The fingerprints of the pilot's and the reference's settings (a resumed run reuses them only when equal)."""
+    common = {k: getattr(cfg, k) for k in ("num_train", "num_test_queries", "num_sample_queries", "weighting",
+                                           "params", "proj_dim", "proj_seed", "seed")}
+    return (_fingerprint({**common, **{k: getattr(cfg, k) for k in ("pilot_examples", "pilot_K", "pilot_bins")}}),
+            _fingerprint({**common, **{k: getattr(cfg, k) for k in ("reference_evals", "reference_K")}}))
+
+
+def _pilot(out: Path, prob: AttributionProblem, cfg: AttributionBenchConfig, fingerprint: str) -> dict:
+    """The learned proposal's pilot, saved (so a resumed run uses the same proposal) or read back; sets
+    ``prob.learned`` and returns the pilot's record."""
+    pilot_file = out / "learned_proposal.safetensors"
+    if pilot_file.is_file() and read_json(out / "pilot.json", "benchmark state").get("fingerprint") == fingerprint:
+        learned = LearnedProposal(prob.T, num_bins=cfg.pilot_bins, smoothing=1)
+        learned.load_state_dict(load_file(str(pilot_file)))
+        prob.learned = learned
+        return read_json(out / "pilot.json", "benchmark state")
+    learned, pilot_info = prob.pilot(torch.Generator().manual_seed(cfg.seed + 2))
+    with atomic_path(pilot_file) as tmp:
+        save_file(learned.state_dict(), str(tmp))
+    pilot_info["fingerprint"] = fingerprint
+    atomic_write_json(out / "pilot.json", pilot_info)
+    return pilot_info
+
+
+def _reference(out: Path, name: str, output: str | None, estimate, prob: AttributionProblem,
+               cfg: AttributionBenchConfig, fingerprint: str, seed: int, desc: str,
+               progress: bool) -> tuple[Tensor, dict]:
+    """``(features, record)`` of a reference (independent stratified estimates, ``reference_evals`` evaluations
+    per data point) of the output function ``output`` (None: the loss), saved as ``<name>.safetensors`` /
+    ``<name>.json`` or read back when its fingerprint matches."""
+    ref_file, info_file = out / f"{name}.safetensors", out / f"{name}.json"
+    if ref_file.is_file() and read_json(info_file, "benchmark state").get("fingerprint") == fingerprint:
+        return load_file(str(ref_file))["features"], read_json(info_file, "benchmark state")
+    n_ref = cfg.reference_evals // cfg.reference_K
+    ref_cfg = Config(_key("stratified", False, *([output] if output else [])), prob.x.shape[0], cfg.reference_K)
+    t0 = time.perf_counter()
+    reference, ref_var = reference_mean(estimate, ref_cfg, n_ref, seed=seed, progress=progress, desc=desc)
+    info = {"method": "stratified", **({"output": output} if output else {"crn": False}), "estimates": n_ref,
+            "K": cfg.reference_K, "evals_per_point": cfg.reference_evals, "variance_of_reference": ref_var,
+            "seconds": time.perf_counter() - t0, "fingerprint": fingerprint}
+    with atomic_path(ref_file) as tmp:
+        save_file({"features": reference.contiguous()}, str(tmp))
+    atomic_write_json(info_file, info)
+    return reference, info
+
+
+def _metrics_against(prob: AttributionProblem, cfg: AttributionBenchConfig, ref_scores: Tensor):
+    """The per-replicate ranking metrics against a reference's scores: mean Spearman (all queries, the test
+    queries, the sample queries) and top-k overlap."""
+    q_test = cfg.num_test_queries
+
+    def metrics(c: Config, g: Tensor) -> dict[str, float]:
+        s = prob.scores(g)
+        rho = spearman(s, ref_scores)
+        m = {"spearman": float(rho.mean()), f"top{cfg.top_k}": float(topk_overlap(s, ref_scores, cfg.top_k).mean())}
+        if q_test:
+            m["spearman_test"] = float(rho[:q_test].mean())
+        if q_test < rho.shape[0]:
+            m["spearman_samples"] = float(rho[q_test:].mean())
+        return m
+    return metrics
+
+
+def _replicates(cfg: AttributionBenchConfig):
+    """Replicates per configuration: at least ``replicates``, more at small ``K``, ``baseline_factor`` times as many
+    for the baseline."""
+    base_key = _key(BASELINE, False)
+
+    def n_rep(c: Config) -> int:
+        n = max(cfg.replicates, cfg.small_k_replicates // c.K)
+        return n * cfg.baseline_factor if c.method.startswith(base_key) else n
+    return n_rep
+
+
+def _write_outputs(out: Path, result: dict, rows_dtrak: list[dict], cfg: AttributionBenchConfig, quick: bool,
+                   json_path: str | Path | None, progress: bool) -> None:
+    """results.json, metrics.jsonl, table.md, the plots, the ``--json`` file and the console summary."""
+    rows, summary, head, best = result["rows"], result["summary"], result["headline"], result["best_of_n"]
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     cols = ("method", "crn", "K", "n", "variance", "spearman", "spearman_se", f"top{cfg.top_k}", "ecm",
@@ -543,7 +563,6 @@ def _run_attribution_bench(out: Path, quick: bool, json_path: str | Path | None,
                   f"best of {best['n']} rows at K = {HEADLINE['K']}: {best['value']:.2f}x +- {best['se'] or 0:.2f} "
                   f"(upper bound){note}")
         print(f"baseline curve monotone without patching: {summary['baseline_curve_monotone']}; run folder: {out}")
-    return result
 
 
 def docs_json(result: dict) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from carv import runner
 from carv._machine import loadavg, machine_info
 from carv._plotting import save_image_grid
 from carv._progress import progress_bar
@@ -22,11 +23,9 @@ from carv.apps.text_to_3d import (
     SceneProblem,
     TextTo3DConfig,
     Trainer,
-    finish_run,
     open_run,
     plot_quality_curves,
     prepare_run,
-    train_step,
     turntable,
     write_run_outputs,
 )
@@ -75,26 +74,34 @@ def _compare_in_folder(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, co
     carv_t, base_t = trainers["carv"], trainers["baseline"]
     spend_baseline = equal_step and carv_t.alloc is not None and cfg.step_budget == "baseline"
     bar = progress_bar(None, progress, total=cfg.steps, initial=carv_t.step_count, desc="text-to-3d compare")
-    while True:
-        if equal_step:
-            if carv_t.done and base_t.done:
-                break
-            base_due = not base_t.done and (base_t.step_count <= carv_t.step_count or carv_t.done)
-        else:
-            if carv_t.done and base_t.elapsed >= carv_t.elapsed:
-                break
-            base_due = base_t.elapsed < carv_t.elapsed or carv_t.done
-        if base_due:
-            train_step(base_t, metrics["baseline"])
-        else:
-            b = base_t.plain_step_cost() if spend_baseline else None
-            if b is not None:  # carv's allocator spends the baseline's measured per-step cost
-                carv_t.alloc.budget = b
-            train_step(carv_t, metrics["carv"])
-            bar.update(1)
+
+    def step(m: str, t: Trainer) -> None:
+        b = base_t.plain_step_cost() if spend_baseline and m == "carv" else None
+        if b is not None:  # carv's allocator spends the baseline's measured per-step cost
+            carv_t.alloc.budget = b
+        runner.advance(t, metrics[m])
+        bar.update(m == "carv")
         bar.set_postfix(R=carv_t.R, K=carv_t.K, base_steps=base_t.step_count)
+
+    for m, t in trainers.items():
+        runner.start(t, metrics[m])
+    # equal steps: the baseline first on ties; equal time: the baseline (no step limit) until it has used as much
+    # training time as the finished carv run
+    base_done = (lambda: base_t.done) if equal_step else (lambda: carv_t.done and base_t.elapsed >= carv_t.elapsed)
+    runner.interleave(trainers, "step" if equal_step else "wall-clock", advance=step,
+                      done=lambda m, t: base_done() if m == "baseline" else t.done,
+                      order=["baseline", "carv"] if equal_step else ["carv", "baseline"])
     bar.close()
-    finals = {m: finish_run(t, metrics[m]) for m, t in trainers.items()}
+    finals = {m: runner.finish(t, metrics[m]) for m, t in trainers.items()}
+    return _compare_outputs(out, cfg, problem, trainers, finals, compare_at, progress)
+
+
+def _compare_outputs(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, trainers: dict[str, Trainer],
+                     finals: dict[str, dict], compare_at: str, progress: bool) -> dict:
+    """The comparison's pictures (each run's, the turntables side by side, quality against steps and seconds),
+    its summary.json (the equal-quality ratios) and the console lines."""
+    equal_step = compare_at == "step"
+    carv_t, base_t = trainers["carv"], trainers["baseline"]
     for m, t in trainers.items():
         write_run_outputs(t, m)
     gt = turntable(problem, None)

@@ -35,11 +35,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from carv import runner
 from carv._machine import loadavg, machine_info, torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
+    CARV_ESTIMATOR,
     DistillConfig,
     Distiller,
     plot_quality,
@@ -145,21 +147,7 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
     training per generator step, folded into the upstream cost for the accountant's training K.
     """
     state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    ref_path = state_dir / "reference.safetensors"
-    key = f"{reference.key}|n={reference_estimates}|seed={seed}"
-    ref = None
-    if ref_path.is_file():
-        t = load_file(str(ref_path))
-        meta = json.loads((state_dir / "reference.json").read_text())
-        if meta["key"] == key:
-            ref, ref_var = t["mean"], meta["variance"]
-    if ref is None:
-        ref, ref_var = reference_mean(estimate, reference, reference_estimates, seed, progress,
-                                      desc=f"reference ({label})")
-        with atomic_path(ref_path) as tmp:
-            save_file({"mean": ref.contiguous()}, str(tmp))
-        atomic_write_json(state_dir / "reference.json", {"key": key, "variance": ref_var}, indent=None)
+    ref, ref_var = _cached_reference(estimate, label, reference, reference_estimates, seed, state_dir, progress)
     measured = [Config(name, spec["R"], spec["K"]) for name, spec in (configs or CONFIGS).items()]
     rows = measure(measured, estimate, ref, replicates, seed=seed + 1, state_dir=state_dir, progress=progress,
                    desc=f"replicates ({label})", reference_variance=ref_var, keep_replicates=True)
@@ -177,46 +165,77 @@ def checkpoint_variance(estimate: EstimateFn, label: str, reference: Config, ref
     diag.update({"c_upstream_s": c_up, "c_draw_s": c_draw, "cost_ratio": c_up / c_draw,
                  "cost_model": pooled["cost_model"]})
     if BASELINE in by and "R8K16" in by:
-        comp = components_from_rows(by[BASELINE], by["R8K16"])
-        diag.update(comp)
-        if "R8K4" in by:  # the third K: the two-row components predict it; the measurement checks them
-            k4 = by["R8K4"]
-            pred = comp["between"] / 8 + comp["within"] / 32
-            pred_se = math.hypot(comp["between_se"] / 8, comp["within_se"] / 32)
-            diag["k4_check"] = {"predicted": pred, "predicted_se": pred_se, "measured": k4["variance"],
-                                "measured_se": k4["variance_se"],
-                                "z": (k4["variance"] - pred) / math.hypot(pred_se, k4["variance_se"])}
-            fit = fit_components([dict(r, method="iid") for r in out_rows if r["config"] in ("R8K1", "R8K4", "R8K16")],
-                                 "iid")
-            if fit is not None:  # least squares over the three iid rows (b / R + w / (R K))
-                diag["components_3k_fit"] = {"between": fit[0], "within": fit[1],
-                                             "between_fraction_of_R8K1": fit[0] / (fit[0] + fit[1])
-                                             if fit[0] + fit[1] > 0 else None}
-        b, w = max(comp["between"], 0.0), max(comp["within"], 0.0)
-        diag["accountant_k"] = optimal_k(b, w, c_up, c_draw, k_max=k_max)
-        diag["bound"] = efficiency_bound(b, w, c_up, c_draw)
-        for name in ("R8K16+strat", "R8K16+is+strat"):
-            if name in by:  # effective within component of the stratified estimators (at K = 16)
-                diag[f"within_eff[{name}]"] = max(128 * (by[name]["variance"] - b / 8), 0.0)
-        c_up_train = c_up + (c_fake_step_s or 0.0) / 8
-        diag["c_fake_step_s"] = c_fake_step_s
-        diag["c_upstream_training_s"] = c_up_train
-        # training K: the fake-score update of every step is per-step upstream work (amortised over R = 8);
-        # k_min = 2 so that the run can keep measuring the within component from its own draws
-        diag["accountant_k_training"] = optimal_k(b, w, c_up_train, c_draw, k_max=k_max, k_min=2)
+        _components_diagnostics(diag, by, out_rows, c_fake_step_s, k_max)
     if c_fake_step_s is not None:  # ECM at the level of a training step (fake-score updates included)
-        base = by[BASELINE]
-        for row in out_rows:
-            row["cost_step_s"] = row["cost_s"] + c_fake_step_s
-            row["ecm_step"] = (base["variance"] * (base["cost_s"] + c_fake_step_s)
-                               / (row["variance"] * row["cost_step_s"]))
-            # its error bar: the bootstrap's relative error of the per-estimate ECM (variances and stage costs
-            # resampled by rounds); the fake-score step is one measurement added to both costs, not resampled
-            if row.get("ecm_se") is not None and row["ecm"] > 0:
-                rel = row["ecm_step"] / row["ecm"]
-                row["ecm_step_se"] = row["ecm_se"] * rel
-                row["ecm_step_ci"] = [c * rel for c in row["ecm_ci"]] if row.get("ecm_ci") else None
+        _add_step_ecm(out_rows, by[BASELINE], c_fake_step_s)
     return out_rows, diag
+
+
+def _cached_reference(estimate: EstimateFn, label: str, reference: Config, reference_estimates: int, seed: int,
+                      state_dir: Path, progress: bool) -> tuple[Tensor, float]:
+    """The reference mean and its variance, cached in ``state_dir`` (safetensors) under its key."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ref_path = state_dir / "reference.safetensors"
+    key = f"{reference.key}|n={reference_estimates}|seed={seed}"
+    if ref_path.is_file():
+        t = load_file(str(ref_path))
+        meta = json.loads((state_dir / "reference.json").read_text())
+        if meta["key"] == key:
+            return t["mean"], meta["variance"]
+    ref, ref_var = reference_mean(estimate, reference, reference_estimates, seed, progress,
+                                  desc=f"reference ({label})")
+    with atomic_path(ref_path) as tmp:
+        save_file({"mean": ref.contiguous()}, str(tmp))
+    atomic_write_json(state_dir / "reference.json", {"key": key, "variance": ref_var}, indent=None)
+    return ref, ref_var
+
+
+def _components_diagnostics(diag: dict, by: dict, out_rows: list[dict], c_fake_step_s: float | None,
+                            k_max: int) -> None:
+    """The components from the R8K1 and R8K16 rows (checked against R8K4 when measured), the accountant's K (per
+    estimate and per training step), the bound and the stratified rows' effective within parts, into ``diag``."""
+    c_up, c_draw = diag["c_upstream_s"], diag["c_draw_s"]
+    comp = components_from_rows(by[BASELINE], by["R8K16"])
+    diag.update(comp)
+    if "R8K4" in by:  # the third K: the two-row components predict it; the measurement checks them
+        k4 = by["R8K4"]
+        pred = comp["between"] / 8 + comp["within"] / 32
+        pred_se = math.hypot(comp["between_se"] / 8, comp["within_se"] / 32)
+        diag["k4_check"] = {"predicted": pred, "predicted_se": pred_se, "measured": k4["variance"],
+                            "measured_se": k4["variance_se"],
+                            "z": (k4["variance"] - pred) / math.hypot(pred_se, k4["variance_se"])}
+        fit = fit_components([dict(r, method="iid") for r in out_rows if r["config"] in ("R8K1", "R8K4", "R8K16")],
+                             "iid")
+        if fit is not None:  # least squares over the three iid rows (b / R + w / (R K))
+            diag["components_3k_fit"] = {"between": fit[0], "within": fit[1],
+                                         "between_fraction_of_R8K1": fit[0] / (fit[0] + fit[1])
+                                         if fit[0] + fit[1] > 0 else None}
+    b, w = max(comp["between"], 0.0), max(comp["within"], 0.0)
+    diag["accountant_k"] = optimal_k(b, w, c_up, c_draw, k_max=k_max)
+    diag["bound"] = efficiency_bound(b, w, c_up, c_draw)
+    for name in ("R8K16+strat", "R8K16+is+strat"):
+        if name in by:  # effective within component of the stratified estimators (at K = 16)
+            diag[f"within_eff[{name}]"] = max(128 * (by[name]["variance"] - b / 8), 0.0)
+    c_up_train = c_up + (c_fake_step_s or 0.0) / 8
+    diag["c_fake_step_s"] = c_fake_step_s
+    diag["c_upstream_training_s"] = c_up_train
+    # training K: the fake-score update of every step is per-step upstream work (amortised over R = 8);
+    # k_min = 2 so that the run can keep measuring the within component from its own draws
+    diag["accountant_k_training"] = optimal_k(b, w, c_up_train, c_draw, k_max=k_max, k_min=2)
+
+
+def _add_step_ecm(out_rows: list[dict], base: dict, c_fake_step_s: float) -> None:
+    """ECM at the level of a training step: each row's cost plus the fake-score step's, with its error bar."""
+    for row in out_rows:
+        row["cost_step_s"] = row["cost_s"] + c_fake_step_s
+        row["ecm_step"] = (base["variance"] * (base["cost_s"] + c_fake_step_s)
+                           / (row["variance"] * row["cost_step_s"]))
+        # its error bar: the bootstrap's relative error of the per-estimate ECM (variances and stage costs
+        # resampled by rounds); the fake-score step is one measurement added to both costs, not resampled
+        if row.get("ecm_se") is not None and row["ecm"] > 0:
+            rel = row["ecm_step"] / row["ecm"]
+            row["ecm_step_se"] = row["ecm_se"] * rel
+            row["ecm_step_ci"] = [c * rel for c in row["ecm_ci"]] if row.get("ecm_ci") else None
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -244,21 +263,19 @@ def interleave_equal_time(runs: Mapping[Any, Steppable], budget_s: float, marks:
     compute budget at about the same wall-clock moment, so the machine's load (shared machines) hits them
     alike. After each step, ``after_step(key, run, crossed)`` gets the marks the step crossed."""
     keys = list(runs)
-    tie = {k: i for i, k in enumerate(random.Random(seed).sample(keys, len(keys)))}
     done = sum(min(r.compute_s, budget_s) for r in runs.values())
     bar = progress_bar(None, progress, total=round(budget_s * len(runs)), initial=round(done),
                        desc="equal-time training (s of compute)", unit="s")
-    active = [k for k in keys if runs[k].compute_s < budget_s]
-    while active:
-        k = min(active, key=lambda k: (runs[k].compute_s, tie[k]))
-        r = runs[k]
+
+    def step(k: Any, r: Steppable) -> None:
         before = r.compute_s
         r.step()
         after = r.compute_s
         after_step(k, r, [m for m in marks if before < m <= after])
         bar.update(round(min(after, budget_s)) - round(min(before, budget_s)))
-        if after >= budget_s:
-            active.remove(k)
+
+    runner.interleave(runs, "wall-clock", advance=step, done=lambda k, r: r.compute_s >= budget_s,
+                      clock=lambda r: r.compute_s, order=random.Random(seed).sample(keys, len(keys)))
     bar.close()
 
 
@@ -400,9 +417,9 @@ class BenchSettings:
     reference_estimates: int = 24    # of the reference configuration (R = reference_R, K = 16, +is+strat)
     reference_R: int = 64
     pilot_estimates: int = 16        # to learn the proposal at a checkpoint whose run has not learned one
-    carv_K: int | None = 16          # K of the carv training runs; None: the accountant's choice at the start
-    carv_proposal: str = "learned"
-    carv_stratify: str = "per_upstream"
+    carv_K: int | None = CARV_ESTIMATOR["K"]  # K of the carv training runs; None: the accountant's choice
+    carv_proposal: str = CARV_ESTIMATOR["proposal"]
+    carv_stratify: str = CARV_ESTIMATOR["stratify"]
     k_max: int = 32
     train: bool = True               # False: the start checkpoint's variance rows only (no training, no quality)
     fake_warmup: int | None = None   # the app's fake-score warm-up updates (None: DistillConfig's, 100)
@@ -529,16 +546,7 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     all_rows = [r for label in labels for r in rows[label]]
     real_fd = _real_fd_floor(s.eval_per_class) if quality else None
     summary = summarise(all_rows, diag, quality, train_costs, real_fd)
-    as_method = [dict(r, method=r["config"]) for r in all_rows]
-    metric = "ecm_step" if all("ecm_step" in r for r in as_method) else "ecm"
-    carv_cfg = f"R8K{int(k_carv)}+is+strat" if f"R8K{int(k_carv)}+is+strat" in CONFIGS else "R8K16+is+strat"
-    start_rows = [r for r in as_method if r["checkpoint"] == "start"]
-    head = headline(start_rows, {"method": carv_cfg, "R": 8, "K": CONFIGS[carv_cfg]["K"], "checkpoint": "start"},
-                    value=metric, chosen_by="a priori: the estimator carv's training runs use (learned proposal + "
-                                            "strata at K = 16, BenchSettings.carv_K), at the start checkpoint",
-                    charged=["stages (pooled per-stage medians)", "fake-score update per step (every row)",
-                             *sorted(next(r for r in start_rows if r["method"] == carv_cfg).get("charged", {}))])
-    best = best_of_n(as_method, value=metric, where=lambda r: r["method"] != BASELINE)
+    head, best = _headline_and_best(all_rows, k_carv)
     cmd = "carv bench distill" + (" --quick" if quick else "")
     if base.threads:
         cmd += f" --threads {base.threads}"
@@ -563,6 +571,20 @@ def _bench_distill(out_dir: str | Path, quick: bool, json_path: str | Path | Non
     }
     write_outputs(result, out, json_path, progress)
     return result
+
+
+def _headline_and_best(all_rows: list[dict], k_carv: int) -> tuple[dict, dict]:
+    """The a-priori headline (the training runs' estimator at the start checkpoint) and the best of N rows."""
+    as_method = [dict(r, method=r["config"]) for r in all_rows]
+    metric = "ecm_step" if all("ecm_step" in r for r in as_method) else "ecm"
+    carv_cfg = f"R8K{int(k_carv)}+is+strat" if f"R8K{int(k_carv)}+is+strat" in CONFIGS else "R8K16+is+strat"
+    start_rows = [r for r in as_method if r["checkpoint"] == "start"]
+    head = headline(start_rows, {"method": carv_cfg, "R": 8, "K": CONFIGS[carv_cfg]["K"], "checkpoint": "start"},
+                    value=metric, chosen_by="a priori: the estimator carv's training runs use (learned proposal + "
+                                            "strata at K = 16, BenchSettings.carv_K), at the start checkpoint",
+                    charged=["stages (pooled per-stage medians)", "fake-score update per step (every row)",
+                             *sorted(next(r for r in start_rows if r["method"] == carv_cfg).get("charged", {}))])
+    return head, best_of_n(as_method, value=metric, where=lambda r: r["method"] != BASELINE)
 
 
 def _train_and_measure(out: Path, s: BenchSettings, base: DistillConfig, teacher: UNetTeacher, k_carv: int,

@@ -246,44 +246,16 @@ def measure(
     with other jobs, ``time.process_time`` (this process's CPU seconds; single-threaded torch) does not
     move with the other jobs' load, while wall-clock medians can differ several-fold between rounds.
     """
-    if not configs:
-        raise ValueError("configs: expected at least one configuration")
-    keys = [c.key for c in configs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"configs: duplicate configurations {sorted(k for k in keys if keys.count(k) > 1)}")
-    if not (isinstance(reference_variance, (int, float)) and math.isfinite(reference_variance)
-            and reference_variance >= 0):
-        raise ValueError(f"reference_variance: expected a finite number >= 0, got {reference_variance!r}")
+    keys = _check_measure_args(configs, reference_variance)
     ref = reference.detach().double().flatten()
     adaptive = replicates if isinstance(replicates, RelativeError) else None
-    if adaptive is not None:
-        n_of = {c.key: adaptive.n_max for c in configs}  # upper bound until fixed after n_min rounds
-        spec = {"rel_error": asdict(adaptive)}
-    else:
-        n_of = {c.key: (replicates(c) if callable(replicates) else replicates) for c in configs}
-        for k, n in n_of.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-                raise ValueError(f"replicates: need an integer >= 2 per configuration, got {n!r} for {k}")
-        spec = {"n": n_of}
+    n_of, spec = _replicate_counts(configs, replicates, adaptive)
     accs = {c.key: _Acc(ref.numel(), clock) for c in configs}
     fingerprint = {"keys": keys, "seed": seed, **spec, "ref": hashlib.sha256(ref.numpy().tobytes()).hexdigest()}
     if metrics is not None:  # only then, so that states saved without metrics still resume
         fingerprint["metrics"] = True
     state_dir = Path(state_dir) if state_dir is not None else None
-    start_round = 0
-    fixed = adaptive is None
-    stopped: set[str] = set()  # sequential rule: configurations whose count is final
-    if state_dir is not None and (state_dir / "measure_state.json").is_file():
-        saved = read_json(state_dir / "measure_state.json", "benchmark state")  # a damaged file is named
-        if _extends(saved["fingerprint"], fingerprint):
-            tensors = _load_state_tensors(state_dir / "measure_state.safetensors")
-            for i, c in enumerate(configs):
-                accs[c.key].load(saved["accs"][c.key], {"sum_g": tensors[f"sum_g.{i}"]})
-            start_round = min(a.n for a in accs.values())  # replicate r of a configuration is its round r
-            if adaptive is not None and saved.get("n_of"):
-                n_of = {k: int(v) for k, v in saved["n_of"].items()}
-                stopped = set(saved.get("stopped", keys))
-                fixed = len(stopped) == len(keys)
+    start_round, n_of, stopped, fixed = _resume_measure(state_dir, fingerprint, configs, accs, adaptive, n_of)
     rounds = max(n_of.values())
     order_rng = random.Random(_seed("order", seed))
     orders = [order_rng.sample(range(len(configs)), len(configs)) for _ in range(rounds)]
@@ -298,38 +270,11 @@ def measure(
             acc = accs[c.key]
             if r >= n_of[c.key] or r < acc.n:
                 continue
-            gen = torch.Generator().manual_seed(_seed(seed, c.key, r))
-            rep_meter = _ReplicateMeter(acc.meter)
-            t0 = clock()
-            g = estimate(c, gen, rep_meter).detach()
-            acc.times.append(clock() - t0)
-            g = g.double().flatten()
-            if g.numel() != ref.numel():
-                raise ValueError(f"estimate: returned {g.numel()} values for {c.key}, the reference has {ref.numel()}")
-            if not torch.isfinite(g).all():
-                raise FloatingPointError(f"estimate: non-finite values for {c.key} at replicate {r}")
-            err2 = float((g - ref).pow(2).sum())
-            acc.n += 1
-            acc.sum_err2 += err2
-            acc.sum_err4 += err2 * err2
-            acc.sum_g += g
-            acc.sum_g2 += float(g.pow(2).sum())
-            acc.err2.append(err2)
-            acc.stages.append(rep_meter.log)
-            if metrics is not None:
-                acc.add_metrics(metrics(c, g))
+            _replicate(c, acc, r, seed, estimate, ref, clock, metrics)
             bar.update(1)
         r += 1
         if not fixed and r >= adaptive.n_min:
-            if adaptive.rule == "fixed":
-                n_of = {k: adaptive.count(k, accs[k].err2) for k in keys}
-                fixed = True
-            else:  # sequential: a configuration stops at the first round where it has the count its CV asks
-                for k in keys:
-                    if k not in stopped and accs[k].n >= adaptive.count(k, accs[k].err2):
-                        stopped.add(k)
-                        n_of[k] = accs[k].n
-                fixed = len(stopped) == len(keys)
+            n_of, fixed = _settle_counts(adaptive, accs, keys, n_of, stopped)
             rounds = max(n_of.values())
             bar.total = sum(n_of.values())
             bar.refresh()
@@ -340,6 +285,12 @@ def measure(
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s and r >= 2:
             break
     bar.close()
+    return _measured_rows(configs, accs, ref, reference_variance, adaptive, keep_replicates)
+
+
+def _measured_rows(configs: Sequence[Config], accs: dict, ref: Tensor, reference_variance: float,
+                   adaptive: RelativeError | None, keep_replicates: bool) -> list[dict]:
+    """One row per configuration with at least two replicates."""
     rows = []
     for c in configs:
         a = accs[c.key]
@@ -352,6 +303,88 @@ def measure(
             row["replicates"] = {"err2": list(a.err2), "time_s": list(a.times), "stages": list(a.stages)}
         rows.append(row)
     return rows
+
+
+def _check_measure_args(configs: Sequence[Config], reference_variance: float) -> list[str]:
+    """The configurations' keys, after checking there are some, none twice, and a valid reference variance."""
+    if not configs:
+        raise ValueError("configs: expected at least one configuration")
+    keys = [c.key for c in configs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"configs: duplicate configurations {sorted(k for k in keys if keys.count(k) > 1)}")
+    if not (isinstance(reference_variance, (int, float)) and math.isfinite(reference_variance)
+            and reference_variance >= 0):
+        raise ValueError(f"reference_variance: expected a finite number >= 0, got {reference_variance!r}")
+    return keys
+
+
+def _replicate_counts(configs: Sequence[Config], replicates, adaptive: RelativeError | None) -> tuple[dict, dict]:
+    """``(n_of, spec)``: replicates per configuration (with a :class:`RelativeError`, its upper bound until fixed
+    after ``n_min`` rounds) and what the state's fingerprint records of them."""
+    if adaptive is not None:
+        return {c.key: adaptive.n_max for c in configs}, {"rel_error": asdict(adaptive)}
+    n_of = {c.key: (replicates(c) if callable(replicates) else replicates) for c in configs}
+    for k, n in n_of.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise ValueError(f"replicates: need an integer >= 2 per configuration, got {n!r} for {k}")
+    return n_of, {"n": n_of}
+
+
+def _resume_measure(state_dir: Path | None, fingerprint: dict, configs: Sequence[Config], accs: dict,
+                    adaptive: RelativeError | None, n_of: dict) -> tuple[int, dict, set[str], bool]:
+    """``(start_round, n_of, stopped, fixed)``, restoring ``accs`` from a saved state this measurement extends."""
+    keys = [c.key for c in configs]
+    start_round, fixed = 0, adaptive is None
+    stopped: set[str] = set()  # sequential rule: configurations whose count is final
+    if state_dir is not None and (state_dir / "measure_state.json").is_file():
+        saved = read_json(state_dir / "measure_state.json", "benchmark state")  # a damaged file is named
+        if _extends(saved["fingerprint"], fingerprint):
+            tensors = _load_state_tensors(state_dir / "measure_state.safetensors")
+            for i, c in enumerate(configs):
+                accs[c.key].load(saved["accs"][c.key], {"sum_g": tensors[f"sum_g.{i}"]})
+            start_round = min(a.n for a in accs.values())  # replicate r of a configuration is its round r
+            if adaptive is not None and saved.get("n_of"):
+                n_of = {k: int(v) for k, v in saved["n_of"].items()}
+                stopped = set(saved.get("stopped", keys))
+                fixed = len(stopped) == len(keys)
+    return start_round, n_of, stopped, fixed
+
+
+def _replicate(c: Config, acc: _Acc, r: int, seed: int, estimate: EstimateFn, ref: Tensor,
+               clock: Callable[[], float], metrics: MetricsFn | None) -> None:
+    """Replicate ``r`` of configuration ``c`` (its own seed), timed, checked and added to ``acc``."""
+    gen = torch.Generator().manual_seed(_seed(seed, c.key, r))
+    rep_meter = _ReplicateMeter(acc.meter)
+    t0 = clock()
+    g = estimate(c, gen, rep_meter).detach()
+    acc.times.append(clock() - t0)
+    g = g.double().flatten()
+    if g.numel() != ref.numel():
+        raise ValueError(f"estimate: returned {g.numel()} values for {c.key}, the reference has {ref.numel()}")
+    if not torch.isfinite(g).all():
+        raise FloatingPointError(f"estimate: non-finite values for {c.key} at replicate {r}")
+    err2 = float((g - ref).pow(2).sum())
+    acc.n += 1
+    acc.sum_err2 += err2
+    acc.sum_err4 += err2 * err2
+    acc.sum_g += g
+    acc.sum_g2 += float(g.pow(2).sum())
+    acc.err2.append(err2)
+    acc.stages.append(rep_meter.log)
+    if metrics is not None:
+        acc.add_metrics(metrics(c, g))
+
+
+def _settle_counts(adaptive: RelativeError, accs: dict, keys: list[str], n_of: dict,
+                   stopped: set[str]) -> tuple[dict, bool]:
+    """After a round at or past ``n_min``: the counts a :class:`RelativeError` asks for; ``(n_of, fixed)``."""
+    if adaptive.rule == "fixed":
+        return {k: adaptive.count(k, accs[k].err2) for k in keys}, True
+    for k in keys:  # sequential: a configuration stops at the first round where it has the count its CV asks
+        if k not in stopped and accs[k].n >= adaptive.count(k, accs[k].err2):
+            stopped.add(k)
+            n_of[k] = accs[k].n
+    return n_of, len(stopped) == len(keys)
 
 
 def _extends(saved: dict, new: dict) -> bool:
@@ -511,18 +544,7 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
     method's components can be fitted, ``bound_fraction``. ``smoke`` marks the rows and summary as a
     smoke run. Returns a summary (unit costs, fitted components, the accountant's K per method).
     """
-    if not rows:
-        raise ValueError("rows: expected at least one row")
-    missing = [f"{r['method']}|R={r['R']}|K={r['K']}" for r in rows if "replicates" not in r]
-    if missing:
-        raise ValueError(f"rows: {missing[:3]} have no replicate data; measure them with keep_replicates=True")
-    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
-        raise ValueError(f"bootstrap: expected a non-negative integer, got {bootstrap!r}")
-    charges = {m: dict(v) for m, v in (charges or {}).items()}
-    for m, ch in charges.items():
-        for name, v in ch.items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"charges: {m}/{name} must be seconds >= 0 per estimate, got {v!r}")
+    charges = _check_pooled_args(rows, bootstrap, charges)
     by = {(r["method"], r["R"], r["K"]): i for i, r in enumerate(rows)}
     if baseline not in by:
         raise ValueError(f"baseline: no row for {baseline}; rows have {sorted(by)[:10]}...")
@@ -571,6 +593,30 @@ def pooled_figures(rows: list[dict], baseline: tuple[str, int, int] = ("uniform"
                    and var[u_i] > 0 else None)
         if smoke:
             r["smoke"] = True
+    return _pooled_summary(rows, uc, baseline, bootstrap, k_max, smoke)
+
+
+def _check_pooled_args(rows: list[dict], bootstrap: int, charges) -> dict[str, dict[str, float]]:
+    """:func:`pooled_figures`' input checks; returns the charges as plain dicts."""
+    if not rows:
+        raise ValueError("rows: expected at least one row")
+    missing = [f"{r['method']}|R={r['R']}|K={r['K']}" for r in rows if "replicates" not in r]
+    if missing:
+        raise ValueError(f"rows: {missing[:3]} have no replicate data; measure them with keep_replicates=True")
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise ValueError(f"bootstrap: expected a non-negative integer, got {bootstrap!r}")
+    charges = {m: dict(v) for m, v in (charges or {}).items()}
+    for m, ch in charges.items():
+        for name, v in ch.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"charges: {m}/{name} must be seconds >= 0 per estimate, got {v!r}")
+    return charges
+
+
+def _pooled_summary(rows: list[dict], uc: dict, baseline: tuple[str, int, int], bootstrap: int, k_max: int,
+                    smoke: bool) -> dict:
+    """The pooled figures' summary (unit costs, fitted components, the bound and auto K per method); sets each
+    row's ``bound_fraction`` where its method's components can be fitted."""
     c_up = _marginal_cost(uc["stages"].get("upstream", {}))
     c_draw = _marginal_cost(uc["stages"].get("draw", {}))
     summary: dict = {"baseline": list(baseline), "c_upstream_s": c_up, "c_draw_s": c_draw,

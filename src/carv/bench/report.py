@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -64,19 +65,48 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMN
     return "\n".join([head, sep, *body])
 
 
+# short headers for the console (a table of a dozen columns must stay readable at 80 columns; the Markdown and
+# JSON keep the full names)
+CONSOLE_HEADERS = {"variance": "var", "variance_se": "var SE", "cost_s": "cost s", "cost_wall_s": "wall s",
+                   "re": "RE", "ecm": "ECM", "ecm_se": "ECM SE", "bound_fraction": "of bound"}
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str] = DEFAULT_COLUMNS, title: str | None = None,
                 highlight: set[tuple] | None = None, smoke: bool = False) -> None:
+    """The rows on the console, at its width (80 columns when it is not a terminal): short headers that wrap, no
+    vertical rules, numbers never cut, and a long method name broken after a ``+`` when the table would not fit
+    otherwise. A smoke run's title and caption say so (the Markdown table has a note column instead)."""
     from rich.console import Console
+
+    console = Console()
+    table = _console_table(rows, list(columns), title, highlight, smoke, break_names=False)
+    wide = Console(width=10_000, file=io.StringIO())
+    wide.print(table)
+    if max(map(len, wide.file.getvalue().rstrip().splitlines()), default=0) > console.width:
+        table = _console_table(rows, list(columns), title, highlight, smoke, break_names=True)
+    console.print(table)
+
+
+def _console_table(rows, columns, title, highlight, smoke, break_names):
+    from rich import box
     from rich.table import Table
 
-    columns, labelled = _smoke_columns(columns, smoke)
-    table = Table(title=(f"{title} [{SMOKE}]" if smoke and title else title), show_lines=False)
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("method", "note") else "right", no_wrap=c == "note")
-    for r in rows:
+    labelled = smoke and any(c in RATIO_COLUMNS for c in columns)
+    table = Table(title=(f"{title} [{SMOKE}]" if smoke and title else title), box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True, show_edge=False, caption=f"{SMOKE}: every ratio above" if labelled else None)
+    cells = [_cells(r, columns, False) for r in rows]
+    for i, c in enumerate(columns):
+        text = c in ("method", "config")
+        if text and break_names:
+            for row in cells:
+                row[i] = row[i].replace("+", "+\n")
+        head = CONSOLE_HEADERS.get(c, c)
+        widest = max((len(line) for row in cells for line in row[i].split("\n")), default=1)
+        table.add_column(head, justify="left" if text else "right", min_width=widest)
+    for r, row in zip(rows, cells, strict=True):
         style = "bold green" if highlight and (r.get("method"), r.get("R"), r.get("K")) in highlight else None
-        table.add_row(*_cells(r, columns, labelled), style=style)
-    Console(width=max(120, Console().width)).print(table)
+        table.add_row(*row, style=style)
+    return table
 
 
 def _methods(rows):

@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from carv import runner
 from carv._machine import loadavg, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
@@ -560,19 +561,23 @@ def run_pair(pipe: Pipeline, prompt: str, seed: int, budget_s: float, out: Path,
     ev = budget_s / eval_points
     runs = {m: pipe.trainer(prompt, m, seed, out / m, 10**9, budget_s, ev) for m in ("baseline", "carv")}
     bar = progress_bar(None, progress, total=round(2 * budget_s), desc=f"quality {prompt!r} seed {seed}")
-    last = sum(t.elapsed for t in runs.values())
-    bar.update(round(last))
-    while not all(t.done for t in runs.values()):
-        t = min((t for t in runs.values() if not t.done), key=lambda t: t.elapsed)
+    shown = [sum(t.elapsed for t in runs.values())]
+    bar.update(round(shown[0]))
+
+    def step(m: str, t: Trainer) -> None:
         if t.eval_due():
             t.evaluate()
             t.mark_evaluated()
         t.step()
         if t.step_count % 25 == 0:
             t.save()
+
+    def show(m: str, t: Trainer) -> None:
         now = sum(t.elapsed for t in runs.values())
-        bar.update(round(now) - round(last))
-        last = now
+        bar.update(round(now) - round(shown[0]))
+        shown[0] = now
+
+    runner.interleave(runs, "wall-clock", advance=step, callback=show)
     bar.close()
     for t in runs.values():
         if not t.evals or t.evals[-1]["step"] != t.step_count:
@@ -785,6 +790,30 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     quality = _quality(pipe, st, out, progress) if st.quality_prompts else []
 
     # ---- tables, plots, JSON
+    _add_wnv_ratio_se(per_ckpt, names)
+    all_rows = [r for name in names for r in per_ckpt[name]["rows"]]
+    _plot_bench(per_ckpt, names, sweep, quality, st, out)
+    atomic_write_text(out / "table.md", markdown_table(all_rows, BENCH_COLUMNS) + "\n")
+    result = _bench_result(pipe, per_ckpt, names, all_rows, sweep, quality, st, quick, command, load_start)
+    result["seconds_this_invocation"] = time.perf_counter() - t_start  # this invocation only: a resumed run
+    # reloads what earlier invocations measured
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "report.md", report_markdown(result))
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, result)
+    if progress:
+        _print_bench(result, per_ckpt, names, quality, st, out)
+    return result
+
+
+BENCH_COLUMNS = ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates", "bias2", "cost_s",
+                 "re", "ecm", "bound_fraction")
+
+
+def _add_wnv_ratio_se(per_ckpt: dict, names: list[str]) -> None:
+    """The standard error of each snapshot's ``wnv_ratio`` (the accountant's K against the best measured K), from
+    the two rows' variance errors."""
     for name in names:
         a = per_ckpt[name]["auto_k"]
         mine = {r["K"]: r for r in per_ckpt[name]["rows"] if r["method"] == "importance+stratified" and r["R"] == 2}
@@ -792,9 +821,11 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
             ra, rb = mine[a["k_accountant"]], mine[a["k_best_measured"]]
             a["wnv_ratio_se"] = a["wnv_ratio"] * math.hypot(ra["variance_se"] / ra["variance"],
                                                             rb["variance_se"] / rb["variance"])
-    all_rows = [r for name in names for r in per_ckpt[name]["rows"]]
-    cols = ("checkpoint", "method", "R", "K", "variance", "variance_se", "var_replicates", "bias2", "cost_s", "re",
-            "ecm", "bound_fraction")
+
+
+def _plot_bench(per_ckpt: dict, names: list[str], sweep: dict, quality: list[dict], st: BenchSettings,
+                out: Path) -> None:
+    """Variance against cost and ECM against K per snapshot, ECM against the cost ratio, quality against compute."""
     for name in names:
         rows = per_ckpt[name]["rows"]
         plot_variance_vs_cost([r for r in rows if r["method"] in CARV_METHODS + PEER_METHODS],
@@ -808,10 +839,11 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         plot_ecm_vs_cost_ratio(sweep, out / "ecm_vs_cost_ratio.png", st.k_max)
     if quality:
         plot_quality(quality, out / "quality_vs_compute.png")
-    atomic_write_text(out / "table.md", markdown_table(all_rows, cols) + "\n")
 
-    best = {name: max((r for r in per_ckpt[name]["rows"] if r["method"] in CARV_METHODS), key=lambda r: r["ecm"])
-            for name in names}
+
+def _peers_and_reuse_gain(per_ckpt: dict, names: list[str], st: BenchSettings) -> tuple[dict, dict]:
+    """Per snapshot: importance + stratification over reuse alone (ECM ratio at each K, R = 2), and carv's headline
+    row against the peers."""
     reuse_gain = {}
     for name in names:
         rows = per_ckpt[name]["rows"]
@@ -831,6 +863,15 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
                               "carv_headline_ecm_se": head_row.get("ecm_se"),
                               "best_peer": {k: best_peer.get(k) for k in ("method", "R", "K", "ecm", "ecm_se")},
                               "beaten_by_headline": head_row["ecm"] > best_peer["ecm"]}
+    return reuse_gain, peers_beaten
+
+
+def _bench_result(pipe: Pipeline, per_ckpt: dict, names: list[str], all_rows: list[dict], sweep: dict,
+                  quality: list[dict], st: BenchSettings, quick: bool, command: str | None, load_start) -> dict:
+    """The benchmark's results (results.json and the ``--json`` file)."""
+    best = {name: max((r for r in per_ckpt[name]["rows"] if r["method"] in CARV_METHODS), key=lambda r: r["ecm"])
+            for name in names}
+    reuse_gain, peers_beaten = _peers_and_reuse_gain(per_ckpt, names, st)
     k_mid = per_ckpt["middle"]["auto_k"]["k_accountant"]
     head = headline(per_ckpt["middle"]["rows"], {"method": "importance+stratified", "R": 2, "K": k_mid,
                                                  "snapshot": "middle"},
@@ -872,44 +913,42 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
         "objective": asdict(pipe.cfg) if dataclasses.is_dataclass(getattr(pipe, "cfg", None)) else None,
         "snapshots": names,
         "proposal": st.proposal,
-        # wall-clock of this invocation only: a resumed run reloads what earlier invocations measured
-        "seconds_this_invocation": time.perf_counter() - t_start,
+        "seconds_this_invocation": None,  # set by run_bench
         "proposal_tables": {n: per_ckpt[n]["proposals"] for n in names},
     }
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "report.md", report_markdown(result))
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(json_path, result)
-    if progress:
-        for name in names:
-            rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]
-            print_table(rows, cols[1:], title=f"text-to-3D gradient variance at the {name} snapshot (R = 2 rows)",
-                        highlight={("importance+stratified", 2, per_ckpt[name]["auto_k"]["k_accountant"])},
-                        smoke=st.smoke)
-        note = f" ({SMOKE_NOTE})" if st.smoke else ""
-        for name in names:
-            a = per_ckpt[name]["auto_k"]
-            pb = peers_beaten[name]
-            print(f"{name}: carv's estimator at the accountant's K = {a['k_accountant']}: ECM "
-                  f"{pb['carv_headline_ecm']:.2f}x +- {pb['carv_headline_ecm_se'] or 0:.2f}{note}; best of "
-                  f"{sum(r['method'] in CARV_METHODS for r in per_ckpt[name]['rows'])} carv rows "
-                  f"{best[name]['ecm']:.2f}x +- {best[name].get('ecm_se') or 0:.2f} "
-                  f"(upper bound){note}; c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; best peer "
-                  f"{pb['best_peer']['method']} K={pb['best_peer']['K']} {pb['best_peer']['ecm']:.2f}x +- "
-                  f"{pb['best_peer'].get('ecm_se') or 0:.2f}{note}")
-        print(f"headline (a priori, middle snapshot): ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
-              f"best of {best_n['n']} rows: {best_n['value']:.2f}x +- {best_n.get('se') or 0:.2f} "
-              f"(upper bound){note}")
-        qs = result["quality_summary"]
-        if quality:
-            spread = ("one pair: no error bar" if qs["n_pairs"] < 2 else
-                      f"per pair {', '.join('-' if e is None else f'{e:.2f}' for e in qs['ecm_psnr_each'])}")
-            print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
-                  f"{_f(qs['ecm_psnr_geomean'])} ({spread}){note}; final PSNR baseline "
-                  f"{qs['final_psnr_mean']['baseline']:.2f} dB, carv {qs['final_psnr_mean']['carv']:.2f} dB")
-        print(f"run folder: {out} ({result['seconds_this_invocation'] / 60:.1f} min in this invocation)")
     return result
+
+
+def _print_bench(result: dict, per_ckpt: dict, names: list[str], quality: list[dict], st: BenchSettings,
+                 out: Path) -> None:
+    head, best_n, peers_beaten, best = result["headline"], result["best_of_n"], result["peers"], result["best"]
+    for name in names:
+        rows = [r for r in per_ckpt[name]["rows"] if r["R"] == 2]
+        print_table(rows, BENCH_COLUMNS[1:], title=f"text-to-3D gradient variance at the {name} snapshot (R = 2 rows)",
+                    highlight={("importance+stratified", 2, per_ckpt[name]["auto_k"]["k_accountant"])},
+                    smoke=st.smoke)
+    note = f" ({SMOKE_NOTE})" if st.smoke else ""
+    for name in names:
+        a = per_ckpt[name]["auto_k"]
+        pb = peers_beaten[name]
+        print(f"{name}: carv's estimator at the accountant's K = {a['k_accountant']}: ECM "
+              f"{pb['carv_headline_ecm']:.2f}x +- {pb['carv_headline_ecm_se'] or 0:.2f}{note}; best of "
+              f"{sum(r['method'] in CARV_METHODS for r in per_ckpt[name]['rows'])} carv rows "
+              f"{best[name]['ecm']:.2f}x +- {best[name].get('ecm_se') or 0:.2f} "
+              f"(upper bound){note}; c_up/c_draw = {per_ckpt[name]['summary']['cost_ratio']:.2f}; best peer "
+              f"{pb['best_peer']['method']} K={pb['best_peer']['K']} {pb['best_peer']['ecm']:.2f}x +- "
+              f"{pb['best_peer'].get('ecm_se') or 0:.2f}{note}")
+    print(f"headline (a priori, middle snapshot): ECM {head['value']:.2f}x +- {head['se'] or 0:.2f}{note}; "
+          f"best of {best_n['n']} rows: {best_n['value']:.2f}x +- {best_n.get('se') or 0:.2f} "
+          f"(upper bound){note}")
+    qs = result["quality_summary"]
+    if quality:
+        spread = ("one pair: no error bar" if qs["n_pairs"] < 2 else
+                  f"per pair {', '.join('-' if e is None else f'{e:.2f}' for e in qs['ecm_psnr_each'])}")
+        print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
+              f"{_f(qs['ecm_psnr_geomean'])} ({spread}){note}; final PSNR baseline "
+              f"{qs['final_psnr_mean']['baseline']:.2f} dB, carv {qs['final_psnr_mean']['carv']:.2f} dB")
+    print(f"run folder: {out} ({result['seconds_this_invocation'] / 60:.1f} min in this invocation)")
 
 
 def _f(v, nd: int = 2) -> str:
@@ -925,38 +964,51 @@ def report_markdown(res: dict) -> str:
     lines = []
     rows = res["rows"]
     for name in CHECKPOINTS:
-        rs = [r for r in rows if r["checkpoint"] == name]
-        if not rs:
-            continue
-        step = res["settings"]["checkpoint_steps"][CHECKPOINTS.index(name)]
-        lines += [f"**{name} snapshot (baseline step {step})**, `c_up / c_draw` = "
-                  f"{_f(res['cost_ratio_per_checkpoint'][name])}; ECM against uniform (R=2, K=1), "
-                  "RE against uniform at the same (R, K):", "",
-                  "| method | R | K=" + " | K=".join(str(k) for k in res["settings"]["Ks"])
-                  + " | best ECM | RE at K=1 |",
-                  "| --- | --- |" + " --- |" * (len(res["settings"]["Ks"]) + 2)]
-        methods = list(dict.fromkeys(r["method"] for r in rs))
-        for m in methods:
-            for R in res["settings"]["Rs"]:
-                by = {r["K"]: r for r in rs if r["method"] == m and r["R"] == R}
-                if not by:
-                    continue
-                cells = [_f(by[k]["ecm"]) if k in by else "" for k in res["settings"]["Ks"]]
-                best = max(by.values(), key=lambda r: r["ecm"])
-                re1 = by[1]["re"] if 1 in by else None
-                lines.append(f"| {m} | {R} | " + " | ".join(cells) + f" | {_f(best['ecm'])} +- "
-                             f"{_f(best.get('ecm_se'))} (K={best['K']}, best of {len(by)}: upper bound) | {_f(re1)} |")
-        a = res["auto_k"][name]
-        acc = res["accountant"][name]
-        comps = res["components"][name].get("importance+stratified", {})
-        lines += ["", f"Accountant (pilot, parameter-space probes): K = {a['k_accountant']}; best measured K at R=2: "
-                      f"{a['k_best_measured']}; Var*C at the accountant's K / best = {_f(a['wnv_ratio'], 3)} +- "
-                      f"{_f(a.get('wnv_ratio_se'), 3)} measured, {_f(a.get('predicted_wnv_ratio'), 3)} from the "
-                      f"fitted components (within 10%: {a['within_10pct']} / "
-                      f"{(a.get('predicted_wnv_ratio') or 9) <= 1.10}); K from the render-space proxy: "
-                      f"{acc.get('k_render_space_proxy')}; fitted parameter-space components "
-                      f"(importance+stratified): between {_f(comps.get('between'), 5)}, within "
-                      f"{_f(comps.get('within'), 5)}, auto K {comps.get('auto_k')}.", ""]
+        if any(r["checkpoint"] == name for r in rows):
+            lines += _snapshot_markdown(res, name)
+    lines += _peers_sweep_quality_markdown(res)
+    return "\n".join(lines) + "\n"
+
+
+def _snapshot_markdown(res: dict, name: str) -> list[str]:
+    """One snapshot's ECM table (method x R rows, K columns) and the accountant's line."""
+    lines = []
+    rs = [r for r in res["rows"] if r["checkpoint"] == name]
+    step = res["settings"]["checkpoint_steps"][CHECKPOINTS.index(name)]
+    lines += [f"**{name} snapshot (baseline step {step})**, `c_up / c_draw` = "
+              f"{_f(res['cost_ratio_per_checkpoint'][name])}; ECM against uniform (R=2, K=1), "
+              "RE against uniform at the same (R, K):", "",
+              "| method | R | K=" + " | K=".join(str(k) for k in res["settings"]["Ks"])
+              + " | best ECM | RE at K=1 |",
+              "| --- | --- |" + " --- |" * (len(res["settings"]["Ks"]) + 2)]
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    for m in methods:
+        for R in res["settings"]["Rs"]:
+            by = {r["K"]: r for r in rs if r["method"] == m and r["R"] == R}
+            if not by:
+                continue
+            cells = [_f(by[k]["ecm"]) if k in by else "" for k in res["settings"]["Ks"]]
+            best = max(by.values(), key=lambda r: r["ecm"])
+            re1 = by[1]["re"] if 1 in by else None
+            lines.append(f"| {m} | {R} | " + " | ".join(cells) + f" | {_f(best['ecm'])} +- "
+                         f"{_f(best.get('ecm_se'))} (K={best['K']}, best of {len(by)}: upper bound) | {_f(re1)} |")
+    a = res["auto_k"][name]
+    acc = res["accountant"][name]
+    comps = res["components"][name].get("importance+stratified", {})
+    lines += ["", f"Accountant (pilot, parameter-space probes): K = {a['k_accountant']}; best measured K at R=2: "
+                  f"{a['k_best_measured']}; Var*C at the accountant's K / best = {_f(a['wnv_ratio'], 3)} +- "
+                  f"{_f(a.get('wnv_ratio_se'), 3)} measured, {_f(a.get('predicted_wnv_ratio'), 3)} from the "
+                  f"fitted components (within 10%: {a['within_10pct']} / "
+                  f"{(a.get('predicted_wnv_ratio') or 9) <= 1.10}); K from the render-space proxy: "
+                  f"{acc.get('k_render_space_proxy')}; fitted parameter-space components "
+                  f"(importance+stratified): between {_f(comps.get('between'), 5)}, within "
+                  f"{_f(comps.get('within'), 5)}, auto K {comps.get('auto_k')}.", ""]
+    return lines
+
+
+def _peers_sweep_quality_markdown(res: dict) -> list[str]:
+    """The peers' rows, the cost-ratio sweep and the quality pairs."""
+    rows, lines = res["rows"], []
     lines += ["**Peers** (K = 1, their own defaults; threestudio's truncated range is a different objective: "
               "`variance` is its error against the full-range reference, bias included, `var_replicates` "
               "its spread):", "",
@@ -988,7 +1040,7 @@ def report_markdown(res: dict) -> str:
     qs = res["quality_summary"]
     lines += ["", f"Geometric mean ECM at equal PSNR over the pairs where carv reached the target: "
                   f"{_f(qs['ecm_psnr_geomean'])}; at equal IoU: {_f(qs['ecm_iou_geomean'])}.", ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ------------------------------------------------------------------ the app's pipeline, wired in

@@ -80,13 +80,11 @@ from carv.apps.text_to_3d.problem import (
     reference_checkpoint,
 )
 from carv.apps.text_to_3d.run import (
-    finish_run,
     open_run,
     prepare_run,
     run_text_to_3d,
     slug,
     text_to_3d_from_cli,
-    train_step,
 )
 from carv.apps.text_to_3d.trainer import Trainer, problem_for, teacher_digest
 
@@ -102,8 +100,6 @@ __all__ = [
     "run_text_to_3d",
     "open_run",
     "prepare_run",
-    "train_step",
-    "finish_run",
     "write_run_outputs",
     "config_from_cli",
     "text_to_3d_from_cli",

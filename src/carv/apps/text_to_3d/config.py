@@ -193,10 +193,18 @@ class TextTo3DConfig:
         return d
 
     def validate(self) -> None:
+        """Every field checked (a ``ValueError`` naming the first bad one); also that the renders fit in memory."""
         check_field_types(self)  # a mistyped config value is named before anything else looks at it
         get_scene(self.prompt)  # ValueError listing the allowed prompts
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        self._validate_sizes()
+        self._validate_estimator()
+        self._validate_numbers()
+        self._validate_ranges_and_paths()
+        check_render_memory(self)
+
+    def _validate_sizes(self) -> None:
         check_int(self.sparsity_start, "sparsity_start", 0, None if self.sparsity_end is None else self.anneal_steps)
         for name in ("steps", "R", "r_max", "proposal_every", "k_init", "k_max", "accountant_every", "probe_every",
                      "grid_resolution", "anneal_steps", "coarse_steps",
@@ -220,6 +228,8 @@ class TextTo3DConfig:
         if self.render_size < 32 or self.render_size % 32:
             raise ValueError(f"render_size: expected a multiple of the teacher's 32 px (32, 64, 96, ...), "
                              f"got {self.render_size}")
+
+    def _validate_estimator(self) -> None:
         if self.resolved_proposal not in PROPOSALS:
             raise ValueError(f"proposal: expected one of {PROPOSALS}, got {self.proposal!r}")
         allowed = tuple(m for m in STRATIFY_MODES if m != "grid")
@@ -241,6 +251,8 @@ class TextTo3DConfig:
         if self.auto_k and self.probe_every < 2:
             raise ValueError(f"probe_every: the accountant needs ordinary steps between probes (>= 2), "
                              f"got {self.probe_every}")
+
+    def _validate_numbers(self) -> None:
         for name in ("guidance_scale", "tv_weight", "init_blob", "sparsity_weight", "opaque_weight") + (
                 ("guidance_end",) if self.guidance_end is not None else ()) + (
                 ("sparsity_end",) if self.sparsity_end is not None else ()):
@@ -265,6 +277,8 @@ class TextTo3DConfig:
         if isinstance(self.init_color, bool) or not isinstance(self.init_color, (int, float)) or not (
                 0 < self.init_color < 1):
             raise ValueError(f"init_color: expected a grey level strictly between 0 and 1, got {self.init_color!r}")
+
+    def _validate_ranges_and_paths(self) -> None:
         for name in ("elev_lo", "elev_hi"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -90 < v < 90:
@@ -284,7 +298,6 @@ class TextTo3DConfig:
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or not math.isfinite(self.budget_s) or not self.budget_s > 0):
             raise ValueError(f"budget_s: expected a positive number of seconds or None, got {self.budget_s!r}")
-        check_render_memory(self)
 
 
 # peak bytes per ray sample of the volume renderer (float32, CPU): measured about 75 with gradients (a training

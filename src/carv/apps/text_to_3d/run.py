@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from carv import runner
 from carv._machine import loadavg, machine_info, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json
@@ -19,7 +20,7 @@ from carv.render import get_scene
 from carv.teachers.scenes import load_scenes_teacher
 from carv.teachers.unet import UNetTeacher
 
-__all__ = ["open_run", "prepare_run", "train_step", "finish_run", "run_text_to_3d", "slug", "text_to_3d_from_cli"]
+__all__ = ["open_run", "prepare_run", "run_text_to_3d", "slug", "text_to_3d_from_cli"]
 
 # --------------------------------------------------------------------------- the main job
 def prepare_run(trainer: Trainer) -> RunState:
@@ -29,24 +30,6 @@ def prepare_run(trainer: Trainer) -> RunState:
                                                     trainer.cfg.resolved_proposal, "stratify_resolved":
                                                     trainer.cfg.resolved_stratify})
     return trainer.state
-
-
-def train_step(trainer: Trainer, metrics: RunState) -> None:
-    """One step of a run: an evaluation first when due, the step, a checkpoint every ``checkpoint_every`` steps."""
-    if trainer.eval_due():
-        metrics.append(trainer.evaluate())
-        trainer.mark_evaluated()
-    metrics.append(trainer.step())
-    if trainer.step_count % trainer.cfg.checkpoint_every == 0:
-        trainer.save()
-
-
-def finish_run(trainer: Trainer, metrics: RunState) -> dict:
-    """The final evaluation (unless the last step was evaluated) and checkpoint; returns the final evaluation."""
-    if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
-        metrics.append(trainer.evaluate())
-    trainer.save()
-    return trainer.evals[-1]
 
 
 @contextmanager
@@ -98,14 +81,19 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         trainer = Trainer(cfg, out, problem)
         metrics = prepare_run(trainer)
         bar = progress_bar(None, progress, total=cfg.steps, initial=trainer.step_count, desc=f"text-to-3d {cfg.method}")
-        try:  # an error message after an interruption starts on its own line
-            while not trainer.done:
-                train_step(trainer, metrics)
+
+        def shown(row: dict) -> None:
+            if row["kind"] == "step":
                 bar.update(1)
                 bar.set_postfix(K=trainer.K, psnr=f"{trainer.evals[-1]['psnr']:.1f}" if trainer.evals else "-")
+
+        try:  # an error message after an interruption starts on its own line
+            runner.start(trainer, metrics)
+            while not trainer.done:
+                runner.advance(trainer, metrics, shown)
         finally:
             bar.close()
-        final = finish_run(trainer, metrics)
+        final = runner.finish(trainer, metrics)
         write_run_outputs(trainer, cfg.method)
         summary = {"command": "carv text-to-3d", "prompt": problem.prompt, "method": cfg.method,
                    "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from carv._runfolder import RunState
 from carv._validate import check_finite_parameters
-from carv.accounting import Allocator, CostMeter
+from carv.accounting import Allocator, CostMeter, choose_next, plan_step
 from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig
 from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
 from carv.apps.text_to_3d.problem import SceneProblem
@@ -91,7 +91,7 @@ class Trainer:
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
         self.R = self.alloc.R if self.alloc is not None else cfg.R
-        self.meter = CostMeter()
+        self.meter = CostMeter(clock=p.clock)  # the problem's clock (the benchmark charges CPU seconds)
         self.step_count = 0
         self.elapsed = 0.0  # seconds of training (step) time; evaluation and checkpointing are not counted
         self.next_eval = 0.0
@@ -187,16 +187,13 @@ class Trainer:
     def step(self) -> dict[str, Any]:
         """One optimisation step; returns its metrics row."""
         cfg, p = self.cfg, self.problem
-        t0 = p.clock()
+        sw = self.meter.stopwatch()
         if self.grid.resolution != self.resolution_at(self.step_count):  # coarse-to-fine
             self.upsample(self.resolution_at(self.step_count))
         self.opt.zero_grad(set_to_none=True)
-        probe = self.alloc is not None and self.alloc.probe_due()
-        if self.alloc is not None:  # a probe step runs at R, K >= 2 (its extra cost is charged by the allocator)
-            R, K = self.alloc.probe_shape() if probe else (self.alloc.R, self.alloc.K)
-            self.sds.K = K
-        else:
-            R, K = self.R, self.sds.K
+        # a probe step runs at R, K >= 2 (its extra cost is charged by the allocator)
+        R, K, probe = plan_step(self.alloc, self.R, self.sds.K)
+        self.sds.K = K
         self.sds.sampler.set_t_range(*cfg.t_range(self.step_count, p.T))  # the objective at this step
         self.set_lr(self.step_count)
         self.sds.guidance_scale = cfg.guidance_at(self.step_count)
@@ -204,17 +201,14 @@ class Trainer:
         out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
                                       upstream=None if probe else self.upstream, regulariser=self.regulariser,
                                       elevation_range=(cfg.elev_lo, cfg.elev_hi))
-        t1 = p.clock()
+        sw.lap()  # the gradient's own stages: secs (timed on the same clock)
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
         self.opt.step()
         check_finite_parameters(self.grid.parameters(), "lr", self.opt.param_groups[0]["lr"])
-        t2 = p.clock()
         # the optimiser step is a per-step cost: charge it to the renders of the step
-        self.meter.add("upstream", secs["upstream"] + (t2 - t1), count=R)
-        self.meter.add("draw", secs["draw"], count=R * K)
-        if probe:
-            self.meter.add("probe", secs["probe"])
+        sw.seconds.update(upstream=secs["upstream"] + sw.lap(), draw=secs["draw"], probe=secs["probe"])
+        sw.record({"upstream": R, "draw": R * K, **({"probe": 1} if probe else {})})
         est = out.estimate
         if self.learned is not None:
             self.learned.update(out.draws.t, est.sq_norms)
@@ -222,14 +216,12 @@ class Trainer:
         if self.learned is not None and self.step_count % cfg.proposal_every == 0:
             self.importance = self.learned.importance()
             self.sds.sampler.set_importance(self.importance)
-        if self.alloc is not None:
-            if comps is not None:  # parameter-space components: the accountant's input (probe steps only)
-                self.alloc.observe(comps.between, comps.within)
-            self.R, self.sds.K = self.alloc.step(self.meter)
-        self.elapsed += p.clock() - t0
+        if self.alloc is not None:  # parameter-space components (probe steps only): the allocator's input
+            self.R, self.sds.K = choose_next(self.alloc, self.meter, comps)
+        self.elapsed += sw.elapsed()
         row = {"kind": "step", "step": self.step_count, "elapsed_s": self.elapsed, "R": R, "K": K, "probe": probe,
                "next_R": self.R, "next_K": self.sds.K, "between_x": est.between, "within_x": est.within,
-               "grad_x_norm": float(out.grad.norm()), "step_s": p.clock() - t0}
+               "grad_x_norm": float(out.grad.norm()), "step_s": sw.elapsed()}
         if comps is not None:
             row.update(between_param=comps.between, within_param=comps.within, probe_s=secs["probe"])
         return row
@@ -238,6 +230,9 @@ class Trainer:
         row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
         self.evals.append(row)
         return row
+
+    def checkpoint_due(self) -> bool:
+        return self.step_count % self.cfg.checkpoint_every == 0
 
     def eval_due(self) -> bool:
         return self.elapsed >= self.next_eval
