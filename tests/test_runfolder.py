@@ -53,7 +53,7 @@ def test_a_different_configuration_is_refused_naming_the_fields_and_fresh(tmp_pa
     with RunFolder(tmp_path, "carv distill", {"R": 8, "steps": 10}, resumable=("steps",)):
         pass
     with RunFolder(tmp_path, "carv distill", {"R": 8, "steps": 50}, resumable=("steps",)):
-        pass  # a resumable key may change
+        rf.atomic_write_text(tmp_path / "config.json", "{}")  # a resumable key may change (recorded at a write)
     with pytest.raises(RunFolderError, match=r"R: 8 -> 4.*--fresh"):
         RunFolder(tmp_path, "carv distill", {"R": 4, "steps": 50}, resumable=("steps",)).__enter__()
     assert read_json(tmp_path / rf.MANIFEST)["config"] == {"R": 8, "steps": 50}
@@ -540,5 +540,8 @@ def test_reopening_a_run_with_the_same_configuration_rewrites_nothing(tmp_path):
         pass
     assert (tmp_path / rf.MANIFEST).read_bytes() == before
     with RunFolder(tmp_path, "carv demo", {"a": 1, "steps": 9}, resumable=("steps",)):
-        pass  # a resumable change is recorded
-    assert read_json(tmp_path / rf.MANIFEST)["config"] == {"a": 1, "steps": 9}
+        pass  # a resumable change with nothing written (the resume was refused): nothing changes
+    assert (tmp_path / rf.MANIFEST).read_bytes() == before
+    with RunFolder(tmp_path, "carv demo", {"a": 1, "steps": 9}, resumable=("steps",)):
+        rf.atomic_write_text(tmp_path / "x.txt", "x")  # the run's first write records it first
+        assert read_json(tmp_path / rf.MANIFEST)["config"] == {"a": 1, "steps": 9}

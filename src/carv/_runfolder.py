@@ -127,6 +127,7 @@ class _Held:
 
     def __init__(self, real: str, dir_fd: int, file_fd: int):
         self.real, self.dir_fd, self.file_fd = real, dir_fd, file_fd
+        self.pending: Callable[[], None] | None = None  # a manifest update made at the first write into the folder
         self.dir_id = _ident(os.fstat(dir_fd))
         self.file_id = _ident(os.fstat(file_fd))
 
@@ -204,6 +205,9 @@ def _guard(path: Path) -> None:
     for real, held in list(_HELD.items()):
         if target == real or target.startswith(real + os.sep) or _inside_alias(target, real):
             held.check()
+            if held.pending is not None:
+                update, held.pending = held.pending, None
+                update()
 
 
 def _inside_alias(target: str, real: str) -> bool:
@@ -817,16 +821,24 @@ class RunFolder:
                 f"{self.fresh_flag} to move it aside and start over")
 
     def _write_manifest(self) -> None:
-        """Write the manifest, unless it already says the same (a resume that is then refused, e.g. for a foreign
-        checkpoint, leaves every file as it was)."""
+        """Write the manifest of a new run now; record a changed resumable setting (``--steps``) at the run's first
+        write into the folder; leave an unchanged manifest alone. So a resume that is then refused (a foreign
+        checkpoint) leaves every file as it was."""
         new = {"format": FORMAT, "command": self.command, "config": self.config,
                "fingerprint": fingerprint({k: v for k, v in self.config.items() if k not in self.resumable}),
                "resumable": list(self.resumable)}
         old, _ = self._manifest()
         if old is not None and all(old.get(k) == v for k, v in new.items()):
             return
-        atomic_write_json(self.real / MANIFEST, {**new, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "pid": os.getpid()})
+
+        def write() -> None:
+            atomic_write_json(self.real / MANIFEST, {**new, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                     "pid": os.getpid()})
+
+        if old is None:
+            write()  # a new run: the folder is marked as carv's before anything else is written
+        else:  # a resumable setting changed: recorded at the run's first write, so a refused resume changes nothing
+            self._held.pending = write
 
     def __enter__(self) -> RunFolder:
         self._acquire()
