@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -364,16 +365,19 @@ def test_cli_attribute_smoke_resume_and_image_query(tmp_path):
     args = ["--out", str(tmp_path / "run"), "--num-train", "12", "--k", "2", "--top-k", "3"]
     res = runner.invoke(app, ["attribute", "5", *args])
     assert res.exit_code == 0, res.output
-    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    (scores_path,) = (tmp_path / "run").glob("scores_test5_*.json")
+    scores = json.loads(scores_path.read_text())
     assert scores["query"]["kind"] == "test" and scores["query"]["test_index"] == 5
     top = scores["top"]
     assert [t["rank"] for t in top] == [1, 2, 3] and all(0 <= t["train_position"] < 12 for t in top)
     assert top[0]["score"] >= top[1]["score"] >= top[2]["score"]
-    assert (tmp_path / "run" / "attribution.png").is_file()
-    acc = json.loads((tmp_path / "run" / "summary.json").read_text())["accounting"]
+    assert (tmp_path / "run" / scores["files"]["grid"]).is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    acc = summary["accounting"]
     assert acc["between"] == 0.0 and acc["within"] > 0 and acc["K"] == 2  # one fixed example: no between part
     assert acc["bound_ecm"] == pytest.approx(1 + acc["cost_upstream_s"] / acc["cost_draw_s"])  # s = 0
     assert f"this pipeline allows at most {acc['bound_ecm']:.2f}x" in res.output
+    assert list(summary["queries"].values())[0]["files"] == scores["files"]
     cache = list((tmp_path / "run").glob("train_features_*.safetensors"))
     assert len(cache) == 1
     mtime = cache[0].stat().st_mtime_ns
@@ -389,8 +393,37 @@ def test_cli_attribute_smoke_resume_and_image_query(tmp_path):
     torch.testing.assert_close(q_dark, q, atol=5 / 255, rtol=0)  # byte rounding on both sides
     res = runner.invoke(app, ["attribute", str(tmp_path / "q.png"), "--label", "2", *args])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "run" / "scores.json").read_text())["query"]["kind"] == "image"
+    (image_scores,) = (tmp_path / "run").glob("scores_image-q-*.json")
+    assert json.loads(image_scores.read_text())["query"]["kind"] == "image"
     assert cache[0].stat().st_mtime_ns == mtime
+    # a second test query into the same folder keeps the first one's outputs (issue 25)
+    first = scores_path.read_bytes()
+    res = runner.invoke(app, ["attribute", "7", *args])
+    assert res.exit_code == 0, res.output
+    assert scores_path.read_bytes() == first
+    assert len(list((tmp_path / "run").glob("scores_*.json"))) == 3
+    assert len(list((tmp_path / "run").glob("attribution_*.png"))) == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["queries"]) == 3 and summary["query"]["test_index"] == 7  # every query kept, latest on top
+
+
+def test_degenerate_query_images_are_warned_about(tmp_path):
+    from PIL import Image
+
+    from carv.apps.attribute import DegenerateQueryWarning, load_query_image
+
+    Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("L", (16, 16), 128).save(tmp_path / "grey.png")
+    for name, what in (("dot", "only 1x1 pixels"), ("clear", "fully transparent"), ("grey", "one flat grey level")):
+        with pytest.warns(DegenerateQueryWarning, match=what):
+            load_query_image(tmp_path / f"{name}.png")
+    img = Image.new("L", (16, 16), 0)
+    img.paste(255, (4, 4, 12, 12))
+    img.save(tmp_path / "ok.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_query_image(tmp_path / "ok.png")
 
 
 def test_bad_queries_and_arguments_give_clear_errors(tmp_path):

@@ -45,8 +45,33 @@ def test_unwritable_run_folder_is_one_clear_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "carv", "demo", "--quick", "--out", str(blocker / "run")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert "Error: Not a directory" in out.stderr and "a-file" in out.stderr and "--out" in out.stderr
+    assert "Error: could not write" in out.stderr and "a-file/run': Not a directory" in out.stderr
+    assert "--out" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
+
+
+def test_a_real_write_failure_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
+    """Issue 25: safetensors raises SafetensorError (not OSError) when the disk is full; a real failure (a 100 KiB
+    file-size limit, so the first checkpoint cannot be written) ends in one line, and the same command resumes."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 1024, 100 * 1024))
+
+    args = [sys.executable, "-m", "carv", "text-to-3d", "a snowman", "--steps", "3", "--K", "2", "--checkpoint-every",
+            "2", "--grid-resolution", "16", "--render-size", "32", "--n-samples", "16", "--threads", "1",
+            "--out", str(tmp_path / "run")]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    err = [ln for ln in res.stderr.splitlines() if "it/s" not in ln and "s/it" not in ln and ln.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert err[-1].startswith("Error: could not write") and "checkpoint-0000002.safetensors': File too large" in err[-1]
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # the half-written checkpoint did not stay behind
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == ["checkpoint-0000002.safetensors",
+                                                                                "checkpoint-0000003.safetensors"]
 
 
 def _captured(monkeypatch, module, name, result=None):

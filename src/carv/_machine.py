@@ -10,7 +10,17 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError", "torch_threads"]
+from carv._validate import check_threads
+
+__all__ = ["machine_info", "loadavg", "free_memory", "check_fits", "MemoryBudgetError", "torch_threads", "set_threads"]
+
+
+def set_threads(n: int | None, name: str = "threads") -> None:
+    """``torch.set_num_threads(n)`` after checking ``n`` against the machine (at most 4 per CPU core: a huge count
+    hangs or crashes torch); None leaves torch's choice. Every command sets its threads through this."""
+    if n is not None:
+        check_threads(n, name)
+        torch.set_num_threads(n)
 
 
 def loadavg() -> list[float]:
@@ -28,8 +38,7 @@ def machine_info(**extra) -> dict:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run with ``n`` torch threads (None: unchanged), restoring the previous count afterwards."""
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    set_threads(n)
     try:
         yield
     finally:

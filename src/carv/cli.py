@@ -112,12 +112,13 @@ def bench_overhead(
     threads: int = typer.Option(None, min=1, help="torch threads (default: torch's choice; 1 on a shared machine)."),
 ):
     """Sampler overhead vs torch.randint (10^6 draws) and accountant overhead vs one teacher call."""
+    from carv._machine import set_threads
     from carv.bench.overhead import run_overhead
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    try:
+        set_threads(threads)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--threads") from None
     res = run_overhead(json_path, quick)
     for k, v in res["sampler"]["ratio_vs_randint"].items():
         typer.echo(f"sampler {k:<28} {v:5.2f}x torch.randint ({res['sampler']['n']:,} draws)")
@@ -465,11 +466,15 @@ def main() -> None:
     process, damaged beyond its fallback checkpoint) ends with one line too; repairs print one warning line."""
     import warnings
 
-    from carv._runfolder import CorruptFileError, RunFolderError
+    from carv._runfolder import CorruptFileError, RunFolderError, WriteError
 
     warnings.showwarning = _one_line_warning
     try:
         app()
+    except WriteError as e:  # any writer's failure (full disk, lost permission, safetensors, matplotlib), one line
+        sys.stderr.write(f"Error: {e}. Files already written are kept whole; free the space, fix the permission or "
+                         f"choose another --out, then rerun the same command to resume.\n")
+        raise SystemExit(2) from None
     except (RunFolderError, CorruptFileError) as e:
         sys.stderr.write(f"Error: {e}\n")
         raise SystemExit(2) from None

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from carv._rng import as_generator
-from carv._validate import check_positive_int
+from carv._validate import check_positive_int, check_timesteps
 
 __all__ = [
     "STRATIFY_MODES",
@@ -473,6 +473,7 @@ class LearnedProposal:
         self.bin_of = (torch.arange(num_timesteps) * num_bins) // num_timesteps
 
     def update(self, t: Tensor, sq_norm: Tensor) -> None:
+        check_timesteps(t, self.bin_of.numel())  # t = -1 would be credited to the last bin
         t = t.detach().reshape(-1).cpu().long()
         v = sq_norm.detach().reshape(-1).cpu().to(torch.float64)
         if t.numel() != v.numel():
@@ -685,6 +686,7 @@ class SecondMomentResampler:
         self.count = torch.zeros(num_timesteps, dtype=torch.long)
 
     def update(self, t: Tensor, loss: Tensor) -> None:
+        check_timesteps(t, self.buf.shape[0])
         t = t.detach().reshape(-1).cpu().long()
         v = loss.detach().reshape(-1).cpu().to(torch.float64)
         if t.numel() != v.numel():

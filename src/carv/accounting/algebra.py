@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 
+from carv._validate import check_nonneg, check_span
+
 __all__ = ["predicted_variance", "work_normalised_variance", "optimal_k", "allocate", "largest_r_within",
            "efficiency_bound", "ecm", "relative_efficiency", "fraction_of_bound"]
 
 
 def _check_nonneg(**kw: float) -> None:
     for name, v in kw.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+        check_nonneg(name, v)  # numpy scalars (np.float32(1.0)) are numbers too
 
 
 def _check_k(K) -> None:
@@ -131,6 +132,7 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
     _check_nonneg(between=between, within=within, cost_upstream=cost_upstream, cost_draw=cost_draw)
     r_min, r_max = _check_range(r_range, "r_range")
     k_min, k_max = _check_range(k_range, "k_range")
+    check_span(k_min, k_max, "k_range")  # the search below visits every K: refuse (1, 10**9) at once
     if (budget is None) == (target_variance is None):
         raise ValueError(f"budget, target_variance: pass exactly one of them, got budget={budget!r}, "
                          f"target_variance={target_variance!r}")

@@ -8,6 +8,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from carv._validate import check_span
 from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k, predicted_variance
 from carv.accounting.meter import CostMeter, calibrate_costs
 
@@ -119,6 +120,7 @@ class Allocator:
                 raise ValueError(f"budget: expected a positive number of seconds, 'baseline' or None, got {budget!r}")
         self.r_min, self.r_max = _check_range(r_range, "r_range")
         self.k_min, self.k_max = _check_range(k_range, "k_range")
+        check_span(self.k_min, self.k_max, "k_range")
         if not (isinstance(baseline, (tuple, list)) and len(baseline) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in baseline)):
             raise ValueError(f"baseline: expected a pair (R, K) of positive integers, got {baseline!r}")

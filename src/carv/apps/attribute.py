@@ -8,9 +8,11 @@ training example's gradient feature and the query's are estimated with carv's es
 random numbers, the setting that gave the most stable rankings in ``carv bench attribution``); the
 scores are cosine similarities. The run folder holds:
 
-- ``attribution.png``: the query followed by its ``top_k`` training examples (scores in the title);
-- ``scores.json``: the query, the top-k (position in the train split, index into scikit-learn's
-  ``load_digits()``, label, score) and the configuration;
+- ``attribution_<query>.png``: the query followed by its ``top_k`` training examples (scores in the title);
+- ``scores_<query>.json``: the query, the top-k (position in the train split, index into scikit-learn's
+  ``load_digits()``, label, score) and the configuration. ``<query>`` names the query and the settings
+  (``test17_<digest>``, ``image-<stem>-<file digest>_<digest>``), so every query run into one folder keeps its
+  own outputs;
 - ``train_features_<hash>.safetensors``: the training features, written as they are computed, so an
   interrupted run resumes and later queries with the same configuration reuse them.
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from carv._machine import set_threads
 from carv._progress import progress_bar
 from carv._runfolder import (
     CorruptFileError,
@@ -38,16 +41,21 @@ from carv._runfolder import (
     RunFolderWarning,
     atomic_write_json,
     load_tensors,
+    read_json,
     save_figure,
     save_tensors,
 )
-from carv._validate import check_positive_int, check_seed
+from carv._validate import check_positive_int, check_seed, check_threads
 from carv.accounting import CostMeter, accounting_sentence, accounting_summary
 from carv.objectives.attribution import GradientFeatures, cosine_scores
 from carv.objectives.weighting import weight_table
 from carv.timesteps import TimestepSampler
 
-__all__ = ["AttributeConfig", "attribute", "load_query_image", "save_attribution_grid"]
+__all__ = ["AttributeConfig", "attribute", "load_query_image", "save_attribution_grid", "DegenerateQueryWarning"]
+
+
+class DegenerateQueryWarning(UserWarning):
+    """The query image carries (almost) no picture: its prediction and ranking mean little."""
 
 SAMPLERS = ("iid", "grid", "stratified", "stratified+importance")
 
@@ -80,8 +88,8 @@ class AttributeConfig:
         if self.top_k > (self.num_train or 1442):
             raise ValueError(f"top_k: at most the number of training examples ({self.num_train or 1442}), "
                              f"got {self.top_k}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads(self.threads)
 
 
 def load_query_image(path: str | Path, size: int = 16) -> Tensor:
@@ -93,13 +101,42 @@ def load_query_image(path: str | Path, size: int = 16) -> Tensor:
         from PIL import Image
 
         with Image.open(p) as im:
+            problems = _degenerate(im)
             grey = im.convert("L").resize((size, size), Image.BILINEAR)
             v = torch.from_numpy(np.asarray(grey, dtype=np.float32).copy()) / 255.0
     except Exception as e:  # PIL raises several types for unreadable files
         raise ValueError(f"image: could not read {str(p)!r} as an image ({type(e).__name__}: {e})") from e
+    if problems:
+        warnings.warn(f"image: {str(p)!r} {' and '.join(problems)}: the label and the ranking of such a query mean "
+                      f"little", DegenerateQueryWarning, stacklevel=2)
     border = torch.cat([v[0], v[-1], v[:, 0], v[:, -1]]).mean()
     ink = 1.0 - v if border > 0.5 else v
     return (ink * 2.0 - 1.0)[None, None]
+
+
+def _degenerate(im) -> list[str]:
+    """What makes an image a degenerate query: too small to hold a digit, fully transparent, one flat colour."""
+    problems = []
+    if min(im.size) < 4:
+        problems.append(f"is only {im.size[0]}x{im.size[1]} pixels")
+    if "A" in im.getbands() or "transparency" in im.info:
+        if im.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+            problems.append("is fully transparent")
+    lo, hi = im.convert("L").getextrema()
+    if hi - lo <= 2 and not problems:
+        problems.append(f"is one flat grey level ({lo})")
+    return problems
+
+
+def _query_name(qinfo: dict, cfg: AttributeConfig) -> str:
+    """The part of the output names that tells queries and settings apart (``test17_<digest>``)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("chunk", "threads")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    if qinfo["kind"] == "test":
+        return f"test{qinfo['test_index']}_{digest}"
+    path = Path(qinfo["path"])
+    stem = "".join(c if c.isalnum() or c in "-." else "-" for c in path.stem)[:40] or "image"
+    return f"image-{stem}-{qinfo['file_sha256'][:8]}_{digest}"
 
 
 def _resolve_query(query: str | int | Path, label: int | None) -> tuple[Tensor, int, dict]:
@@ -126,7 +163,8 @@ def _resolve_query(query: str | int | Path, label: int | None) -> tuple[Tensor, 
         if not isinstance(label, int) or not 0 <= label <= 9:
             raise ValueError(f"label: expected a digit 0..9, got {label!r}")
         how = "given"
-    return x, label, {"kind": "image", "path": str(query), "label": label, "label_source": how}
+    return x, label, {"kind": "image", "path": str(query), "label": label, "label_source": how,
+                      "file_sha256": hashlib.sha256(Path(query).read_bytes()).hexdigest()}
 
 
 def _features(cfg: AttributeConfig, teacher) -> GradientFeatures:
@@ -149,12 +187,27 @@ def attribute(query: str | int | Path, out_dir: str | Path = "runs/attribute", l
     configuration (the feature cache is keyed by the configuration). ``fresh=True`` moves it aside first."""
     cfg = cfg or AttributeConfig()
     cfg.validate()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     x_q, y_q, qinfo = _resolve_query(query, label)
     with RunFolder(out_dir, "carv attribute", {}, fresh=fresh):
         return _attribute(Path(out_dir), x_q, y_q, qinfo, cfg, progress)
 
+
+
+def _write_summary(out: Path, name: str, qinfo: dict, cfg, result: dict) -> None:
+    """``summary.json``: the latest query's ``accounting`` at the top (as every command's summary), and every query
+    answered into this folder under ``queries`` (so a second query never hides the first)."""
+    path = out / "summary.json"
+    queries = {}
+    if path.is_file():
+        try:
+            old = read_json(path, "summary")
+            queries = old.get("queries", {}) if isinstance(old, dict) else {}
+        except CorruptFileError:
+            queries = {}
+    entry = {"query": qinfo, "config": asdict(cfg), "accounting": result["accounting"], "files": result["files"]}
+    queries[name] = entry
+    atomic_write_json(path, {"command": "carv attribute", **entry, "queries": queries})
 
 def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConfig, progress: bool) -> dict:
     from carv.teachers.digits import digits_split_indices, load_digits_data, load_digits_teacher
@@ -199,16 +252,17 @@ def _attribute(out: Path, x_q: Tensor, y_q: int, qinfo: dict, cfg: AttributeConf
         "seconds": time.perf_counter() - t0,
         "accounting": _accounting(feats, x_q, y_q, cfg, meter),
     }
-    atomic_write_json(out / "scores.json", result)
-    atomic_write_json(out / "summary.json", {"command": "carv attribute", "query": qinfo, "config": asdict(cfg),
-                                             "accounting": result["accounting"]})
-    save_attribution_grid(x_q[0], x_tr[top.indices], top.values, y_tr[top.indices], out / "attribution.png",
+    name = _query_name(qinfo, cfg)
+    scores_path, grid_path = out / f"scores_{name}.json", out / f"attribution_{name}.png"
+    result["files"] = {"scores": scores_path.name, "grid": grid_path.name}
+    atomic_write_json(scores_path, result)
+    _write_summary(out, name, qinfo, cfg, result)
+    save_attribution_grid(x_q[0], x_tr[top.indices], top.values, y_tr[top.indices], grid_path,
                           title=f"query: {qinfo['kind']} digit, label {y_q} ({cfg.method}, K={cfg.K}"
                                 f"{', CRN' if cfg.crn else ''}, {n} training images)")
     if progress:
         labels = ", ".join(f"{t['label']}" for t in result["top"])
-        print(f"query {qinfo} -> top-{cfg.top_k} training labels [{labels}]; wrote {out / 'attribution.png'} "
-              f"and {out / 'scores.json'}")
+        print(f"query {qinfo} -> top-{cfg.top_k} training labels [{labels}]; wrote {grid_path} and {scores_path}")
         print(accounting_sentence(result["accounting"]))
     return result
 

@@ -45,7 +45,17 @@ from carv import runner
 from carv._machine import torch_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json, load_tensors, read_json, save_figure, save_tensors
-from carv._validate import check_field_types, check_int, check_number, check_positive_int, check_seed
+from carv._validate import (
+    check_field_types,
+    check_guidance,
+    check_int,
+    check_lr,
+    check_number,
+    check_positive_int,
+    check_seed,
+    check_steps,
+    check_threads,
+)
 from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, accounting_summary, timed_estimate
 from carv.objectives.dmd import DMD_WEIGHTINGS, DenoisingLoss, DistributionMatching
 from carv.objectives.weighting import weight_table
@@ -146,9 +156,9 @@ class DistillConfig:
         if not (isinstance(self.generator_t, int) and 1 <= self.generator_t <= 999):
             raise ValueError(f"generator_t: expected an integer timestep in 1..999, got {self.generator_t!r}")
         for name in ("generator_lr", "fake_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+            check_lr(getattr(self, name), name)
+        check_guidance(self.guidance_scale)
+        check_steps(self.steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
@@ -158,7 +168,7 @@ class DistillConfig:
         if self.max_batch is not None:
             check_positive_int(self.max_batch, "max_batch")
         if self.threads is not None:
-            check_positive_int(self.threads, "threads")
+            check_threads(self.threads)
         if self.noise == "antithetic" and self.K % 2:
             raise ValueError(f"K: antithetic noise pairs draws, so K must be even, got K={self.K}")
         if self.noise not in ("iid", "antithetic", "crn"):
@@ -449,14 +459,22 @@ class Distiller:
         tensors["rng"] = self.rng.get_state()
         run.save(self.step_count, tensors, {**self._meta(), "meter": self.meter.state_dict(), "last": self.last})
 
-    def load_state(self, loaded: tuple[dict[str, Tensor], dict[str, Any]], where: str | Path = "") -> dict[str, Any]:
-        """Restore from ``RunState.load()``'s ``(tensors, state)``; refuses a state of another configuration."""
-        t, info = loaded
-        old, new = info.get("config", {}), json.loads(json.dumps(asdict(self.cfg)))
+    def check_state(self, t: dict[str, Tensor], info: dict[str, Any], where: str | Path = "") -> None:
+        """Refuse a checkpoint that is not this run's (another configuration or seed, another command's): the
+        ``accept`` check :meth:`RunState.load` runs before it touches the folder."""
+        old, new = info.get("config"), json.loads(json.dumps(asdict(self.cfg)))
+        if not isinstance(old, dict) or "rng" not in t or not any(k.startswith("generator.") for k in t):
+            raise ValueError(f"out: {str(where)!r} holds a checkpoint that is not a distill run's; use another --out "
+                             f"or --fresh to start over")
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if diff:
             raise ValueError(f"out: {str(where)!r} holds a run with a different config (fields {diff}); "
                              "use another --out, the same settings, or --fresh to start over")
+
+    def load_state(self, loaded: tuple[dict[str, Tensor], dict[str, Any]], where: str | Path = "") -> dict[str, Any]:
+        """Restore from ``RunState.load()``'s ``(tensors, state)``; refuses a state of another configuration."""
+        t, info = loaded
+        self.check_state(t, info, where)
         self._load_weights(t)
         for name, opt in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
             sd = opt.state_dict()
@@ -515,7 +533,7 @@ def plot_quality(quality: Sequence[dict], path: str | Path, title: str = "", rea
 def resume_run(run_dir: Path, d: Distiller) -> RunState:
     """The run's checkpoints and metrics in ``run_dir``; resumes ``d`` from the newest good checkpoint."""
     run = RunState(run_dir)
-    loaded = run.load()
+    loaded = run.load(accept=lambda t, info: d.check_state(t, info, run_dir))
     if loaded is not None:
         d.load_state(loaded, run_dir)
     return run

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carv._validate import check_seed
+from carv._validate import check_seed, check_threads
 from carv.accounting import CostMeter, timed_estimate
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
@@ -84,8 +84,8 @@ class ToyConfig:
             raise ValueError(f"rel_error: expected a relative error in (0, 1), got {self.rel_error!r}")
         if not (isinstance(self.baseline_factor, (int, float)) and self.baseline_factor >= 1):
             raise ValueError(f"baseline_factor: expected a number >= 1, got {self.baseline_factor!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads(self.threads)
         if not 0 < self.floor <= 1:
             raise ValueError(f"floor: expected a number in (0, 1], got {self.floor}")
 

@@ -135,12 +135,11 @@ def bench_allocator_text_to_3d(out_dir: str | Path = "runs/bench-allocator-text-
     frozen grid (the initial blob, or the ``grid.density`` / ``grid.color`` of a run's checkpoint), with the
     weight proposal and per-render strata, iid cameras, CPU-time costs. ``budgets``: multiples of one render
     with one draw (2 = the plain estimator's step at R = 2)."""
-    from carv._machine import loadavg, machine_info
+    from carv._machine import loadavg, machine_info, set_threads
     from carv._runfolder import load_tensors
     from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     cfg = cfg or TextTo3DConfig(prompt=prompt)
     problem = SceneProblem(prompt, None, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
                            clock=time.process_time)
@@ -260,12 +259,11 @@ def bench_camera_strata_text_to_3d(out_dir: str | Path = "runs/bench-camera-stra
 
     The within part is the same in each pair (same draws per render), so the variance difference is the
     between-render part that the strata remove."""
-    from carv._machine import loadavg, machine_info
+    from carv._machine import loadavg, machine_info, set_threads
     from carv.apps.text_to_3d import SceneProblem, TextTo3DConfig, grid_grad
     from carv.upstream import UpstreamSampler
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     cfg = TextTo3DConfig(prompt=prompt)
     problem = SceneProblem(prompt, None, cfg.render_size, cfg.n_samples, cfg.guidance_scale, cfg.n_eval_views,
                            clock=time.process_time)

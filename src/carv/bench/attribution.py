@@ -64,9 +64,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from carv._machine import loadavg
+from carv._machine import loadavg, set_threads
 from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, read_json, save_figure
-from carv._validate import check_seed
+from carv._validate import check_seed, check_threads
 from carv.accounting import CostMeter
 from carv.bench.harness import SMOKE_NOTE, Config, measure, reference_mean, run_record
 from carv.bench.report import markdown_table, plot_metric_vs_k, print_table
@@ -180,8 +180,8 @@ class AttributionBenchConfig:
             raise ValueError(f"top_k: at most num_train={self.num_train}, got {self.top_k}")
         if not 0 < self.floor <= 1:
             raise ValueError(f"floor: expected a number in (0, 1], got {self.floor}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads: expected a positive integer or None, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads(self.threads)
 
 
 # a smoke run: about 17 k per-example gradient evaluations in all (about 2 CPU-minutes at one thread): every
@@ -385,8 +385,7 @@ def run_attribution_bench(out_dir: str | Path = "runs/bench-attribution", quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
     cfg.validate()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     # the run folder: locked, with a manifest (carv._runfolder); the resumable state below has its own fingerprints
     with RunFolder(out_dir, "carv bench attribution", {"quick": quick}):
         return _run_attribution_bench(Path(out_dir), quick, json_path, progress, cfg, command)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from carv._machine import loadavg
+from carv._machine import loadavg, set_threads
 from carv._runfolder import RunFolder, atomic_write_json, atomic_write_text
 from carv.accounting import CostMeter, optimal_k
 from carv.apps.toy import METHODS, ToyConfig, ToyProblem
@@ -61,8 +61,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, json_path: 
         cfg.reference_estimates = min(cfg.reference_estimates, 16)
         cfg.pilot_steps = min(cfg.pilot_steps, 20)
     cfg.validate()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     # the run folder: locked, with a manifest (carv._runfolder); fresh=True moves an earlier run aside first
     with RunFolder(out_dir, "carv demo", {**asdict(cfg), "quick": quick}, ("threads",), fresh=fresh):
         return _run_demo(Path(out_dir), quick, json_path, progress, cfg, command)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from carv._machine import loadavg
+from carv._machine import loadavg, set_threads
 from carv._runfolder import atomic_write_json
 from carv.accounting import CostMeter, timed_estimate
 from carv.bench.harness import Config, measure, pooled_figures, reference_mean, run_record
@@ -180,8 +180,7 @@ def run_sd_bench(pipeline: str | None = None, smoke: bool = False, json_path: st
                  command: str | None = None, only: str | None = None) -> dict:
     """Run both measurements (see the module doc); writes ``sd_bench.json`` into ``out_dir`` (and ``json_path``)."""
     load_start = loadavg()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

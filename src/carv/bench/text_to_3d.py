@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from carv import runner
-from carv._machine import loadavg
+from carv._machine import loadavg, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text, save_figure
 from carv._validate import check_seed
@@ -784,8 +784,7 @@ def run_bench(pipe: Pipeline, out_dir: str | Path = "runs/bench-text-to-3d", qui
     if getattr(pipe, "clock", _clock(st)) is not _clock(st):
         raise ValueError(f"pipe: its clock ({pipe.clock!r}) is not the settings' clock {st.clock!r}; "
                          "build the pipeline with the same clock so that stage costs and run budgets agree")
-    if st.threads is not None:
-        torch.set_num_threads(st.threads)
+    set_threads(st.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "settings.json", asdict(st))
@@ -1108,8 +1107,7 @@ def bench_text_to_3d(out_dir: str | Path = "runs/bench-text-to-3d", quick: bool 
     if settings is None:
         settings = BenchSettings.quick(seed=seed, threads=threads) if quick else BenchSettings(seed=seed,
                                                                                                  threads=threads)
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
+    set_threads(settings.threads)
     clock = time.process_time if settings.clock == "process" else time.perf_counter
     settings.validate()  # bad settings are named before the folder is touched
     with RunFolder(out_dir, "carv bench text-to-3d", {"quick": quick, "seed": settings.seed}):

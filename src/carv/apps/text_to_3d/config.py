@@ -7,7 +7,17 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
-from carv._validate import check_field_types, check_int, check_positive_int, check_seed
+from carv._validate import (
+    SEARCH_MAX,
+    check_field_types,
+    check_guidance,
+    check_int,
+    check_lr,
+    check_positive_int,
+    check_seed,
+    check_steps,
+    check_threads,
+)
 from carv.apps.text_to_3d.latent import check_sd_folder
 from carv.apps.text_to_3d.problem import PROPOSALS, reference_checkpoint
 from carv.render import find_scene, get_scene
@@ -203,16 +213,17 @@ class TextTo3DConfig:
                      "grid_resolution", "anneal_steps", "coarse_steps",
                      "render_size", "n_samples", "n_eval_views", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
+        check_steps(self.steps)
         check_seed(self.seed)
         # sizes beyond these would only end in an allocator error (a 512^3 grid with Adam is 4 GB)
         for name, hi in (("grid_resolution", 256), ("render_size", 512), ("n_samples", 1024),
-                         ("n_eval_views", 256), ("R", 4096), ("K", 10**7), ("k_max", 10**7)):
+                         ("n_eval_views", 256), ("R", 4096), ("K", 10**7), ("k_max", SEARCH_MAX)):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 1, hi)
         if self.K is not None:
             check_positive_int(self.K, "K")
         if self.threads is not None:
-            check_positive_int(self.threads, "threads")
+            check_threads(self.threads)
         if self.grid_resolution < 4:
             raise ValueError(f"grid_resolution: expected an integer >= 4, got {self.grid_resolution}")
         if self.coarse_resolution is not None:
@@ -251,11 +262,15 @@ class TextTo3DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
+        for name in ("guidance_scale", *(("guidance_end",) if self.guidance_end is not None else ())):
+            check_guidance(getattr(self, name), name)
         for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + tuple(
                 n for n in ("lr_end", "init_height", "baseline_lr") if getattr(self, n) is not None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name in ("lr", *(n for n in ("lr_end", "baseline_lr") if getattr(self, n) is not None)):
+            check_lr(getattr(self, name), name)
         b = self.adam_beta2
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
             raise ValueError(f"adam_beta2: expected a number strictly between 0 and 1, got {b!r}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carv._runfolder import CorruptFileError, load_tensors
+from carv._runfolder import CorruptFileError, RunState, load_tensors
 from carv.accounting import ComponentProbe, CostMeter, VarianceComponents, timed_estimate
 from carv.objectives.sds import ScoreDistillation, SDSOutput
 from carv.objectives.weighting import weight_table
@@ -37,7 +37,7 @@ def reference_checkpoint(path: str | Path, what: str = "reference") -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"{what}: expected a text-to-3d run folder, got {str(path)!r} (not a directory)")
-    files = sorted(folder.glob("checkpoint-*.safetensors"), reverse=True)
+    files = RunState(folder).checkpoints()  # numerically: checkpoint-10000000 is newer than checkpoint-9999999
     if not files:
         raise ValueError(f"{what}: {str(path)!r} holds no checkpoint-*.safetensors (not a text-to-3d run "
                          f"folder, or the run has not saved yet)")
@@ -52,7 +52,7 @@ def load_run_grid(path: str | Path, what: str = "reference") -> tuple[VoxelGrid,
     (a reference solution, a figure). ``what`` names the argument in errors."""
     reference_checkpoint(path, what)  # a folder with checkpoints, or a clear error
     bad = []
-    for f in sorted(Path(path).glob("checkpoint-*.safetensors"), reverse=True):
+    for f in RunState(path).checkpoints():
         try:
             tensors, meta = load_tensors(f)
         except CorruptFileError as e:

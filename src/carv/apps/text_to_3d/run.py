@@ -9,10 +9,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from carv import runner
-from carv._machine import loadavg, machine_info
+from carv._machine import loadavg, machine_info, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json
 from carv.accounting import accounting_sentence
@@ -58,8 +56,7 @@ def open_run(prompt: str, out_dir: str | Path | None, cfg: TextTo3DConfig | None
     compare = compare_at is not None
     if compare and compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at: expected one of {COMPARE_AT}, got {compare_at!r}")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     default_root = Path("runs/text-to-3d" if cfg.teacher is None else "runs/text-to-3d-sd")
     out = Path(out_dir) if out_dir is not None else default_root / (slug(run_prompt(prompt))
                                                                     + ("-compare" if compare else ""))

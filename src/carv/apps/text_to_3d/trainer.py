@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from carv._runfolder import RunState
+from carv._validate import check_finite_parameters
 from carv.accounting import Allocator, CostMeter, accounting_summary, choose_next, plan_step
 from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig, run_prompt
 from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
@@ -104,7 +105,7 @@ class Trainer:
         # checkpoints and metrics (checksummed; a damaged newest checkpoint falls back to the previous one)
         self.state = RunState(self.out) if self.out is not None else None
         if self.state is not None:
-            loaded = self.state.load() if resume else None
+            loaded = self.state.load(accept=self._accept) if resume else None
             if loaded is not None:
                 self._load(loaded)
             elif not resume:
@@ -211,6 +212,7 @@ class Trainer:
         if cfg.tv_weight > 0:
             (cfg.tv_weight * self.grid.tv_loss()).backward()
         self.opt.step()
+        check_finite_parameters(self.grid.parameters(), "lr", self.opt.param_groups[0]["lr"])
         # the optimiser step is a per-step cost: charge it to the renders of the step
         sw.seconds.update(upstream=secs["upstream"] + sw.lap(), draw=secs["draw"], probe=secs["probe"])
         sw.record({"upstream": R, "draw": R * K, **({"probe": 1} if probe else {})})
@@ -305,14 +307,22 @@ class Trainer:
         weights digest (:func:`teacher_digest`; absent for teachers it does not cover)."""
         return {**self.cfg.identity(), **({"teacher_weights": self.teacher_digest} if self.teacher_digest else {})}
 
-    def _load(self, loaded: tuple[dict[str, Tensor], dict]) -> None:
-        tensors, meta = loaded
-        saved, now = meta["config"], self.identity()
+    def _accept(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Refuse a checkpoint that is not this run's (another configuration or seed, another command's), before
+        :meth:`RunState.load` touches the folder."""
+        saved, now = meta.get("config"), self.identity()
+        if not isinstance(saved, dict) or "grid.density" not in tensors or "rng" not in tensors:
+            raise ValueError(f"out_dir: {str(self.out)!r} holds a checkpoint that is not a text-to-3d run's; use "
+                             f"another --out, or --fresh")
         diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
             raise ValueError(f"out_dir: {str(self.out)!r} holds a run with a different configuration ({details}); "
                              f"use another --out, the same settings, or --fresh")
+
+    def _load(self, loaded: tuple[dict[str, Tensor], dict]) -> None:
+        tensors, meta = loaded
+        self._accept(tensors, meta)
         D = int(tensors["grid.density"].shape[-1])
         if D != self.grid.resolution:  # saved before the coarse-to-fine upsampling
             self.grid = VoxelGrid(D, bound=self.grid.bound)
