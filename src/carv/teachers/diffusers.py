@@ -180,8 +180,8 @@ class DiffusersTeacher(Teacher):
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt: expected a string, got {type(negative_prompt).__name__}")
         if getattr(pipe.tokenizer, "pad_token", None) is None:
-            raise ValueError(f"pipe.tokenizer: {type(pipe.tokenizer).__name__} has no pad_token, and prompts are padded "
-                             f"to one length; set pipe.tokenizer.pad_token (Stable Diffusion 1.x pads with the "
+            raise ValueError(f"pipe.tokenizer: {type(pipe.tokenizer).__name__} has no pad_token, and prompts are "
+                             f"padded to one length; set pipe.tokenizer.pad_token (Stable Diffusion 1.x pads with the "
                              f"eos_token, {getattr(pipe.tokenizer, 'eos_token', None)!r})")
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
             if dtype is not None and next(part.parameters()).dtype != dtype:
