@@ -296,7 +296,8 @@ class DiffusersTeacher(Teacher):
         if rgb.shape[0] == 0:
             raise ValueError("rgb: expected at least one image, got a batch of 0")
         check_unit_images(rgb)
-        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 8 or size % 8):
+        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)
+                                 or size < 8 or size % 8):
             raise ValueError(f"size: expected a positive multiple of 8 (the VAE halves the size 3 times) or None, "
                              f"got {size!r}")
         if size is None and min(rgb.shape[-2:]) < 8:
