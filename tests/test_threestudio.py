@@ -376,6 +376,19 @@ def test_bad_call_arguments_are_named(threestudio, tiny_sd_path):
     with pytest.raises(TypeError, match="^prompt_utils: expected .*got str$"):
         g(rgb, "a cat", el, az, dist)
 
+    class OtherModel:  # a prompt processor that loaded another model (wider text embeddings), or a wrong shape
+        def __init__(self, shape):
+            self.shape = shape
+
+        def get_text_embeddings(self, elevation, azimuth, camera_distances, view_dependent_prompting=True):
+            return torch.zeros(self.shape)
+
+    L, D = pu.text_embeddings.shape[1:]
+    with pytest.raises(ValueError, match=rf"^prompt_utils: text embeddings of width {D + 1}, but .* takes {D}: "):
+        g(rgb, OtherModel((4, L, D + 1)), el, az, dist)
+    with pytest.raises(ValueError, match=r"^prompt_utils: get_text_embeddings must return \[2B, L, D\] = \[4, L, D\]"):
+        g(rgb, OtherModel((2, L, D)), el, az, dist)
+
 
 def test_resume_continues_as_the_uninterrupted_run(threestudio, tiny_sd_path):
     """state_dict / load_state_dict: a guidance rebuilt from its config, restored with on_load_weights=True (as

@@ -288,6 +288,7 @@ class CarvGuidance:
             latents = self.encode_images(F.interpolate(rgb_bchw, (size, size), mode="bilinear", align_corners=False))
         emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,
                                                self.config.view_dependent_prompting)
+        check_embeddings(emb, B, getattr(self.teacher.unet.config, "cross_attention_dim", None))
         cond, uncond = emb[:B], emb[B:]
         if self.accountant is not None:  # the step opened by update_step (or here, if it is not called)
             st = self.accountant.current or self.accountant.begin()
@@ -462,6 +463,18 @@ def check_structured(config: CarvGuidanceConfig) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "cfg"
         raise ValueError(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
+
+
+def check_embeddings(emb: Any, B: int, width: int | None) -> None:
+    """ValueError unless ``prompt_utils.get_text_embeddings`` gave ``[2B, L, D]`` with the UNet's ``D``."""
+    if not isinstance(emb, Tensor) or emb.ndim != 3 or emb.shape[0] != 2 * B:
+        got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(f"prompt_utils: get_text_embeddings must return [2B, L, D] = [{2 * B}, L, D] (conditional "
+                         f"rows, then unconditional), got {got}")
+    if width is not None and emb.shape[-1] != width:
+        raise ValueError(f"prompt_utils: text embeddings of width {emb.shape[-1]}, but the guidance's UNet takes "
+                         f"{width}: the prompt processor and the guidance must load the same model "
+                         f"(pretrained_model_name_or_path)")
 
 
 def check_call(rgb: Any, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any,
