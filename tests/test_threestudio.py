@@ -325,6 +325,12 @@ def test_decode_latents_and_set_min_max_steps_as_threestudios_systems_call_them(
         assert torch.allclose(g.decode_latents(lat, 8, 8), want, atol=1e-6)
     g.set_min_max_steps(0.1, 0.5)
     assert (g.min_step, g.max_step) == (100, 500) and (g.sds.sampler.t_min, g.sds.sampler.t_max) == (100, 500)
+    with pytest.raises(ValueError, match=r"^min_step_percent, max_step_percent: .*got 0.6 and 0.5$"):
+        g.set_min_max_steps(0.6, 0.5)
+    with pytest.raises(ValueError, match="^latent_height: expected a positive integer, got 0$"):
+        g.decode_latents(torch.randn(1, 4, 8, 8), latent_height=0)
+    with pytest.raises(ValueError, match=r"^latents: expected \[B, C, h, w\], got \(4, 8, 8\)$"):
+        g.decode_latents(torch.randn(4, 8, 8))
 
 
 def _call_args(B=2):

@@ -264,12 +264,23 @@ class CarvGuidance:
     def decode_latents(self, latents: Tensor, latent_height: int = 64, latent_width: int = 64) -> Tensor:
         """threestudio's ``decode_latents``: latents resized (bilinear) to ``latent_height x latent_width``, then
         decoded to images ``[B, 3, 8 latent_height, 8 latent_width]`` in ``[0, 1]``."""
+        for name, v in (("latent_height", latent_height), ("latent_width", latent_width)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if not isinstance(latents, Tensor) or latents.ndim != 4:
+            raise ValueError(f"latents: expected [B, C, h, w], got "
+                             f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
         latents = F.interpolate(latents, (latent_height, latent_width), mode="bilinear", align_corners=False)
         return self.teacher.decode_latents(latents)
 
     def set_min_max_steps(self, min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> None:
         """threestudio's ``set_min_max_steps``: the timestep range as fractions of ``T`` (the sampler follows)."""
-        self._set_range(*percent_range(self.num_train_timesteps, min_step_percent, max_step_percent))
+        try:
+            lo, hi = percent_range(self.num_train_timesteps, min_step_percent, max_step_percent)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"min_step_percent, max_step_percent: expected fractions of T with 0 <= min <= max <= 1, "
+                             f"got {min_step_percent!r} and {max_step_percent!r}") from e
+        self._set_range(lo, hi)
 
     def _set_range(self, lo: int, hi: int) -> None:
         if (lo, hi) != (self.min_step, self.max_step):
