@@ -33,6 +33,13 @@ and its gradient (``d loss_sds / d latents = grad / B``) match threestudio's for
 Images are resized (bilinear) to ``image_size`` = 512 px before the VAE, and ``rgb_as_latents`` inputs to
 ``image_size / 8`` = 64, as threestudio does for every Stable Diffusion model.
 
+Resuming: the guidance is not an ``nn.Module`` (as threestudio's ``StableDiffusionGuidance``), so Lightning's
+checkpoint does not hold its state; :meth:`CarvGuidance.state_dict` / :meth:`CarvGuidance.load_state_dict`
+(``K``, the generator, the learned proposal) let a system save and restore it.
+
+A misspelt config key, a value that cannot work, or a call argument of the wrong shape is one ValueError /
+TypeError naming it, raised before the teacher loads or the UNet runs.
+
 Every key of threestudio's shipped guidance configs is accepted. Keys for features carv does not implement
 (:data:`IGNORED_KEYS`: HiFA's image loss, SJC, token merging, VSD, zero123 / ControlNet / SDI conditioning) are
 ignored with one warning each when set to a value that would change anything.
@@ -337,7 +344,6 @@ class CarvGuidance:
         if self.learned is not None and global_step % c.proposal_every == 0 and self.learned.ready:
             self.sds.sampler.set_importance(self._importance())
         self.steps = global_step
-
 
     # ---------------------------------------------------------------- resuming
     def state_dict(self) -> dict[str, Tensor]:
