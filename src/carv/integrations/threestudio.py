@@ -515,7 +515,10 @@ def check_call(rgb: Any, prompt_utils: Any, elevation: Any, azimuth: Any, camera
     for name, v in (("elevation", elevation), ("azimuth", azimuth), ("camera_distances", camera_distances)):
         if v is None and name == "camera_distances":
             continue
-        shape = tuple(v.shape) if isinstance(v, Tensor) else None
+        try:
+            shape = tuple(torch.as_tensor(v).shape)
+        except (TypeError, ValueError, RuntimeError):
+            shape = None
         if shape != (B,):
             raise ValueError(f"{name}: expected a tensor [B] with B = {B} (one per render in rgb), got "
                              f"{shape if shape is not None else type(v).__name__}")
