@@ -505,6 +505,10 @@ def test_encode_images_names_every_bad_argument_in_one_line(teacher):
     with pytest.raises(TypeError, match="^latents: expected floating-point"):
         teacher.decode_latents(torch.zeros(1, 4, 8, 8, dtype=torch.long))
     assert teacher.encode_images(img.double(), size=None).dtype == torch.float64  # other float dtypes are fine
+    with pytest.raises(ValueError, match=r"^rgb: on meta, but the teacher's AutoencoderKL is on cpu; .*\.to\('cpu'\)"):
+        teacher.encode_images(img.to("meta"), size=None)
+    with pytest.raises(ValueError, match="^latents: on meta, but the teacher's AutoencoderKL is on cpu"):
+        teacher.decode_latents(torch.zeros(1, 4, 8, 8, device="meta"))
 
 
 def test_prompt_and_angle_arguments_are_named_when_bad(teacher):

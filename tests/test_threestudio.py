@@ -381,6 +381,10 @@ def test_bad_call_arguments_are_named(threestudio, tiny_sd_path):
             g(*args, **kwargs)
     with pytest.raises(TypeError, match="^prompt_utils: expected .*got str$"):
         g(rgb, "a cat", el, az, dist)
+    for as_latents in (False, True):  # renders on another device than the teacher
+        with pytest.raises(ValueError, match="^rgb: on meta, but the teacher's UNet2DConditionModel is on cpu"):
+            g(torch.zeros(2, 16, 16, 4 if as_latents else 3, device="meta"), pu, el, az, dist,
+              rgb_as_latents=as_latents)
 
     class OtherModel:  # a prompt processor that loaded another model (wider text embeddings), or a wrong shape
         def __init__(self, shape):

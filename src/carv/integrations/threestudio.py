@@ -60,6 +60,7 @@ from torch import Tensor
 
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
+from carv.teachers.diffusers import check_device
 from carv.timesteps import LearnedProposal, TimestepSampler, percent_range, scheduled_value
 
 __all__ = ["CarvGuidance", "CarvGuidanceConfig", "IGNORED_KEYS", "REGISTRY_NAME", "guidance_output", "register"]
@@ -298,6 +299,7 @@ class CarvGuidance:
                  rgb_as_latents: bool = False, **kwargs) -> dict[str, Any]:
         B = check_call(rgb, prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents,
                        self.teacher.in_channels)
+        check_device("rgb", rgb, self.teacher.unet)
         rgb_bchw = rgb.permute(0, 3, 1, 2)
         size = self.config.image_size
         if rgb_as_latents:

@@ -293,6 +293,7 @@ class DiffusersTeacher(Teacher):
         if not isinstance(rgb, Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"rgb: expected images [B, 3, H, W] in [0, 1], got "
                              f"{tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__}")
+        check_device("rgb", rgb, self.vae)
         if rgb.shape[0] == 0:
             raise ValueError("rgb: expected at least one image, got a batch of 0")
         check_unit_images(rgb)
@@ -326,9 +327,18 @@ class DiffusersTeacher(Teacher):
                              f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
         if not latents.is_floating_point():
             raise TypeError(f"latents: expected floating-point latents, got dtype {latents.dtype}")
+        check_device("latents", latents, self.vae)
         vdtype = next(self.vae.parameters()).dtype
         img = self.vae.decode((latents / self.vae.config.scaling_factor).to(vdtype)).sample
         return (img * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
+
+
+def check_device(name: str, x: Tensor, module: torch.nn.Module) -> None:
+    """ValueError unless ``x`` is on the device of ``module``'s parameters."""
+    where = next(module.parameters()).device
+    if x.device != where:
+        raise ValueError(f"{name}: on {x.device}, but the teacher's {type(module).__name__} is on {where}; move it "
+                         f"with {name}.to({str(where)!r})")
 
 
 def check_unit_images(rgb: Tensor, tol: float = 0.05) -> None:
