@@ -482,3 +482,93 @@ def test_text_to_3d_with_a_stable_diffusion_folder_takes_any_prompt(tiny_sd_path
     assert res.exit_code != 0 and "allowed prompts" in res.output
     res = CliRunner().invoke(app, ["text-to-3d", "a cat", "--teacher", str(tiny_sd_path), "--compare", "--steps", "1"])
     assert res.exit_code != 0 and "ground truth" in res.output
+
+
+def test_encode_images_names_every_bad_argument_in_one_line(teacher):
+    """NaN/inf images, an empty batch, a size the VAE cannot halve three times, tiny images, a generator that is
+    not one, and integer latents: one ValueError/TypeError naming the argument (not a torch or diffusers error)."""
+    img = torch.rand(2, 3, 64, 64)
+    for bad in (float("nan"), float("inf")):
+        x = img.clone()
+        x[1, 0, 3, 3] = bad
+        with pytest.raises(ValueError, match=r"^rgb: expected finite .* image\(s\) \[1\] of 2$"):
+            teacher.encode_images(x, size=None)
+    with pytest.raises(ValueError, match="^rgb: expected at least one image"):
+        teacher.encode_images(torch.rand(0, 3, 64, 64), size=None)
+    for size in (0, -8, 63, "64", 64.0):
+        with pytest.raises(ValueError, match=rf"^size: expected a positive multiple of 8 .*got {size!r}$"):
+            teacher.encode_images(img, size=size)
+    with pytest.raises(ValueError, match=r"^rgb: expected images of at least 8 x 8"):
+        teacher.encode_images(torch.rand(1, 3, 4, 4), size=None)
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator"):
+        teacher.encode_images(img, size=None, generator=0)
+    with pytest.raises(TypeError, match="^latents: expected floating-point"):
+        teacher.decode_latents(torch.zeros(1, 4, 8, 8, dtype=torch.long))
+    assert teacher.encode_images(img.double(), size=None).dtype == torch.float64  # other float dtypes are fine
+    with pytest.raises(ValueError, match=r"^rgb: on meta, but the teacher's AutoencoderKL is on cpu; .*\.to\('cpu'\)"):
+        teacher.encode_images(img.to("meta"), size=None)
+    with pytest.raises(ValueError, match="^latents: on meta, but the teacher's AutoencoderKL is on cpu"):
+        teacher.decode_latents(torch.zeros(1, 4, 8, 8, device="meta"))
+
+
+def test_prompt_and_angle_arguments_are_named_when_bad(teacher):
+    """for_views: scalars, 2-D, mismatched (with or without view-dependent prompting), NaN and string angles;
+    encode_prompt/encode_text: non-string negatives, thresholds that are not numbers, an empty prompt list."""
+    emb = teacher.encode_prompt("a cat")
+    el, az = torch.tensor([10.0, 20.0]), torch.tensor([0.0, 90.0])
+    cases = [((0.0, 90.0), r"^elevation: expected a tensor \[B\].*shape \(\)$"),
+             ((el[:, None], az[:, None]), r"^elevation: .*shape \(2, 1\)$"),
+             ((torch.tensor([float("nan"), 0.0]), az), "^elevation: expected finite angles"),
+             ((el, torch.tensor([0.0, 90.0, 5.0])), r"^elevation, azimuth: .*\(2,\) and \(3,\)$")]
+    for (e, a), msg in cases:
+        for vd in (True, False):
+            with pytest.raises(ValueError, match=msg):
+                emb.for_views(e, a, view_dependent_prompting=vd)
+    with pytest.raises(TypeError, match="^elevation: expected a tensor"):
+        emb.for_views("a", "b")
+    with pytest.raises(TypeError, match="^negative_prompt: expected a string"):
+        teacher.encode_prompt("a cat", negative_prompt=3)
+    with pytest.raises(TypeError, match=r"^negative_prompts_vd\['side'\]: expected a string"):
+        teacher.encode_prompt("a cat", negative_prompts_vd={"side": 3})
+    with pytest.raises(ValueError, match="^front_threshold: expected an angle"):
+        teacher.encode_prompt("a cat", front_threshold="x")
+    with pytest.raises(ValueError, match="^prompts: expected at least one prompt"):
+        teacher.encode_text([])
+
+
+def test_from_pipeline_with_odd_tokenizers(pipe):
+    """A tokenizer whose model_max_length is 0 or None takes the text encoder's length; one without a pad token
+    is refused with the fix; a non-string negative prompt is named."""
+    import copy
+
+    from carv.teachers import DiffusersTeacher
+
+    positions = pipe.text_encoder.config.max_position_embeddings
+    for n in (0, None, -1):
+        p = copy.copy(pipe)
+        p.tokenizer = copy.deepcopy(pipe.tokenizer)
+        p.tokenizer.model_max_length = n
+        teacher = DiffusersTeacher.from_pipeline(p)
+        assert teacher.text_length == positions
+        assert teacher.encode_text(["a cat", "a much longer prompt about a cat"]).shape[1] == positions
+    p = copy.copy(pipe)
+    p.tokenizer = copy.deepcopy(pipe.tokenizer)
+    p.tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="^pipe.tokenizer: .*no pad_token.*eos_token"):
+        DiffusersTeacher.from_pipeline(p)
+    with pytest.raises(TypeError, match="^negative_prompt: expected a string, got int$"):
+        DiffusersTeacher.from_pipeline(pipe, negative_prompt=3)
+
+
+def test_run_folder_names_of_long_and_unicode_prompts():
+    """A prompt longer than a file name allows gets a cut name ending in a hash (distinct for distinct prompts);
+    short prompts keep their readable names."""
+    from carv.apps.text_to_3d.run import slug
+
+    long = "a very long prompt about a cat " * 12
+    a, b = slug(long), slug(long + "on a mat")
+    assert a != b and len(a.encode()) <= 120 and len(b.encode()) <= 120 and a.startswith("a-very-long-prompt")
+    cjk = slug("中文" * 100)
+    assert len(cjk.encode()) <= 120 and cjk.startswith("中文")
+    assert slug("ein Kätzchen / ../etc") == "ein-Kätzchen-..-etc" and "/" not in slug("../../x")
+    assert slug("a red mushroom") == "a-red-mushroom" and slug("🐱") == "prompt"

@@ -15,6 +15,7 @@ The Lightning test runs a real ``lightning.Trainer`` for two steps. ``benchmarks
 same inside a real threestudio checkout.
 """
 
+import re
 import sys
 import types
 import warnings
@@ -147,7 +148,9 @@ def test_registered_guidance_builds_from_threestudio_config(threestudio, tiny_sd
     assert g.device == torch.device("cpu") and g.K == 2 and g.config.guidance_scale == 100.0
     assert OmegaConf.is_config(g.cfg) and g.cfg.K == 2  # threestudio's systems read guidance.cfg
     assert g.teacher.unet.config.sample_size == 8  # the tiny pipeline's UNet, not a default model
-    with pytest.raises(TypeError):  # threestudio's Config(**cfg): an unknown key is refused by threestudio
+    # a misspelt key: one line naming it, the nearest key and the allowed ones (not threestudio's Config TypeError)
+    with pytest.raises(ValueError, match=r"^cfg: unknown key\(s\) \['guidance_scal'\] \('guidance_scal': did you "
+                                         r"mean 'guidance_scale'\?\); allowed: \[.*'guidance_scale'.*\]$"):
         cls(guidance_cfg(tiny_sd_path, guidance_scal=1.0))
 
 
@@ -325,3 +328,109 @@ def test_decode_latents_and_set_min_max_steps_as_threestudios_systems_call_them(
         assert torch.allclose(g.decode_latents(lat, 8, 8), want, atol=1e-6)
     g.set_min_max_steps(0.1, 0.5)
     assert (g.min_step, g.max_step) == (100, 500) and (g.sds.sampler.t_min, g.sds.sampler.t_max) == (100, 500)
+    with pytest.raises(ValueError, match=r"^min_step_percent, max_step_percent: .*got 0.6 and 0.5$"):
+        g.set_min_max_steps(0.6, 0.5)
+    with pytest.raises(ValueError, match="^latent_height: expected a positive integer, got 0$"):
+        g.decode_latents(torch.randn(1, 4, 8, 8), latent_height=0)
+    with pytest.raises(ValueError, match=r"^latents: expected \[B, C, h, w\], got \(4, 8, 8\)$"):
+        g.decode_latents(torch.randn(4, 8, 8))
+
+
+def _call_args(B=2):
+    el, az = torch.tensor([10.0, 20.0][:B]), torch.tensor([0.0, 90.0][:B])
+    return torch.rand(B, 16, 16, 3), el, az, torch.full((B,), 3.0)
+
+
+def test_bad_config_values_are_named_before_any_model_loads(threestudio, tiny_sd_path):
+    """A config value that cannot work is one ValueError/TypeError naming the key, raised before the teacher
+    loads (the path below does not exist: reaching the load would be an OSError)."""
+    from carv.integrations.threestudio import register
+
+    cls = register()
+    # caught by carv's checks (threestudio's OmegaConf converts "no" to False, as it would for its own guidance)
+    cases = {"K": 0, "proposal_every": 0, "k_max": 1, "trainer_max_steps": 0, "probe_every": 0, "seed": -1,
+             "grad_clip": "x", "max_step_percent": [0, 0.98], "image_size": 60, "view_dependent_prompting": "maybe"}
+    for key, value in cases.items():
+        cfg = guidance_cfg("/nonexistent/model", **{key: value})
+        with pytest.raises((ValueError, TypeError), match=rf"^{key}: .*{re.escape(repr(value))}"):
+            cls(cfg)
+    # caught by OmegaConf's type check, reported as one line naming the key and value
+    for key, value in {"seed": "x", "K": 2.5, "guidance_scale": "big", "auto_k": "perhaps"}.items():
+        with pytest.raises(ValueError, match=rf"^{key}: Value '{value}' .*(could not be converted|not a valid)"):
+            cls(guidance_cfg("/nonexistent/model", **{key: value}))
+    assert cls(guidance_cfg(tiny_sd_path, K="2", view_dependent_prompting="no")).config.view_dependent_prompting \
+        is False  # OmegaConf's conversions, as threestudio's own guidance gets them
+    with pytest.raises(ValueError, match=r"^min_step_percent, max_step_percent: .* got 0.99 and 0.98"):
+        cls(guidance_cfg(tiny_sd_path, min_step_percent=0.99, max_step_percent=0.98))
+
+
+def test_bad_call_arguments_are_named(threestudio, tiny_sd_path):
+    """Channels-first images, latents without rgb_as_latents (and images with it), camera tensors of another batch
+    size, and a prompt where prompt_utils belongs: one line naming the argument."""
+    from carv.integrations.threestudio import register
+
+    g = register()(guidance_cfg(tiny_sd_path, K=1, image_size=32))
+    pu = g.teacher.encode_prompt("a cat")
+    rgb, el, az, dist = _call_args()
+    cases = [((rgb.permute(0, 3, 1, 2), pu, el, az, dist), {}, r"^rgb: .*\[B, H, W, 3\].*channels last"),
+             ((torch.rand(2, 16, 16, 4), pu, el, az, dist), {}, "^rgb: .*pass rgb_as_latents=True$"),
+             ((rgb, pu, el, az, dist), {"rgb_as_latents": True}, r"^rgb: with rgb_as_latents=True .*\[B, H, W, 4\]"),
+             ((rgb, pu, el[:1], az[:1], dist[:1]), {}, r"^elevation: expected a tensor \[B\] with B = 2.*\(1,\)$"),
+             ((rgb, pu, el, az, torch.full((3,), 3.0)), {}, r"^camera_distances: .*B = 2.*\(3,\)$"),
+             ((rgb * 255, pu, el, az, dist), {}, "^rgb: expected floats in \\[0, 1\\].*divide by 255"),
+             ((rgb.clone().fill_(float("nan")), pu, el, az, dist), {}, "^rgb: expected finite")]
+    for args, kwargs, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            g(*args, **kwargs)
+    with pytest.raises(TypeError, match="^prompt_utils: expected .*got str$"):
+        g(rgb, "a cat", el, az, dist)
+    for as_latents in (False, True):  # renders on another device than the teacher
+        with pytest.raises(ValueError, match="^rgb: on meta, but the teacher's UNet2DConditionModel is on cpu"):
+            g(torch.zeros(2, 16, 16, 4 if as_latents else 3, device="meta"), pu, el, az, dist,
+              rgb_as_latents=as_latents)
+
+    class OtherModel:  # a prompt processor that loaded another model (wider text embeddings), or a wrong shape
+        def __init__(self, shape):
+            self.shape = shape
+
+        def get_text_embeddings(self, elevation, azimuth, camera_distances, view_dependent_prompting=True):
+            return torch.zeros(self.shape)
+
+    L, D = pu.text_embeddings.shape[1:]
+    with pytest.raises(ValueError, match=rf"^prompt_utils: text embeddings of width {D + 1}, but .* takes {D}: "):
+        g(rgb, OtherModel((4, L, D + 1)), el, az, dist)
+    with pytest.raises(ValueError, match=r"^prompt_utils: get_text_embeddings must return \[2B, L, D\] = \[4, L, D\]"):
+        g(rgb, OtherModel((2, L, D)), el, az, dist)
+
+
+def test_resume_continues_as_the_uninterrupted_run(threestudio, tiny_sd_path):
+    """state_dict / load_state_dict: a guidance rebuilt from its config, restored with on_load_weights=True (as
+    threestudio's load_weights) and the saved state, makes the same draws and gradient as the one that ran on;
+    the learned proposal's statistics come back. A second guidance in the process does not disturb either."""
+    from safetensors.torch import load_file, save_file
+
+    from carv.integrations.threestudio import register
+
+    cls = register()
+    cfg = guidance_cfg(tiny_sd_path, K=3, image_size=32, proposal_every=1)
+    a = cls(cfg)
+    pu = a.teacher.encode_prompt("a cat")
+    rgb, el, az, dist = _call_args()
+    for step in range(3):
+        a.do_update_step(0, step)
+        a(rgb, pu, el, az, dist)
+    path = tiny_sd_path.parent / "guidance.safetensors"
+    save_file(a.state_dict(), str(path))
+    b = cls(cfg)
+    other = cls(guidance_cfg(tiny_sd_path, K=2, image_size=32, seed=5))  # a second guidance in the process
+    other(rgb, pu, el, az, dist)
+    b.do_update_step(0, 2, on_load_weights=True)
+    b.load_state_dict(load_file(str(path)))
+    assert torch.equal(b.learned.m2, a.learned.m2) and b.K == a.K == 3
+    a.do_update_step(0, 3)
+    b.do_update_step(0, 3)
+    out_a, out_b = a(rgb, pu, el, az, dist), b(rgb, pu, el, az, dist)
+    assert torch.equal(a.last_output.draws.t, b.last_output.draws.t)
+    assert float(out_a["grad_norm"]) == pytest.approx(float(out_b["grad_norm"]), rel=1e-5)
+    with pytest.raises(ValueError, match=r"^state: expected the keys \["):
+        b.load_state_dict({"K": torch.tensor(2)})

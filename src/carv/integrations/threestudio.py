@@ -33,6 +33,13 @@ and its gradient (``d loss_sds / d latents = grad / B``) match threestudio's for
 Images are resized (bilinear) to ``image_size`` = 512 px before the VAE, and ``rgb_as_latents`` inputs to
 ``image_size / 8`` = 64, as threestudio does for every Stable Diffusion model.
 
+Resuming: the guidance is not an ``nn.Module`` (as threestudio's ``StableDiffusionGuidance``), so Lightning's
+checkpoint does not hold its state; :meth:`CarvGuidance.state_dict` / :meth:`CarvGuidance.load_state_dict`
+(``K``, the generator, the learned proposal) let a system save and restore it.
+
+A misspelt config key, a value that cannot work, or a call argument of the wrong shape is one ValueError /
+TypeError naming it, raised before the teacher loads or the UNet runs.
+
 Every key of threestudio's shipped guidance configs is accepted. Keys for features carv does not implement
 (:data:`IGNORED_KEYS`: HiFA's image loss, SJC, token merging, VSD, zero123 / ControlNet / SDI conditioning) are
 ignored with one warning each when set to a value that would change anything.
@@ -41,6 +48,8 @@ ignored with one warning each when set to a value that would change anything.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +60,7 @@ from torch import Tensor
 
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
+from carv.teachers.diffusers import check_device
 from carv.timesteps import LearnedProposal, TimestepSampler, percent_range, scheduled_value
 
 __all__ = ["CarvGuidance", "CarvGuidanceConfig", "IGNORED_KEYS", "REGISTRY_NAME", "guidance_output", "register"]
@@ -184,12 +194,7 @@ class CarvGuidance:
         """Build the guidance from a config (everything ``__init__`` does after parsing; threestudio's
         ``configure`` calls it)."""
         c = self.config = parse_config(config)
-        if c.proposal not in PROPOSALS:
-            raise ValueError(f"proposal: expected one of {PROPOSALS}, got {c.proposal!r}")
-        if c.weighting_strategy not in WEIGHTINGS:
-            raise ValueError(f"weighting_strategy: expected one of {sorted(WEIGHTINGS)}, got {c.weighting_strategy!r}")
-        if isinstance(c.image_size, bool) or not isinstance(c.image_size, int) or c.image_size < 8 or c.image_size % 8:
-            raise ValueError(f"image_size: expected a positive multiple of 8, got {c.image_size!r}")
+        check_config(c)
         warn_ignored(c)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -242,13 +247,20 @@ class CarvGuidance:
         with ``sqrt_anneal`` both at ``max - (max - min) sqrt(global_step / trainer_max_steps)`` (``max`` is
         ``max_step_percent``, or its second entry when it is a schedule)."""
         c = self.config
-        lo = scheduled_value(c.min_step_percent, global_step, epoch)
+        lo = _scheduled("min_step_percent", c.min_step_percent, global_step, epoch)
         if not c.sqrt_anneal:
-            return percent_range(self.num_train_timesteps, lo, scheduled_value(c.max_step_percent, global_step, epoch))
-        hi = c.max_step_percent if isinstance(c.max_step_percent, (int, float)) else c.max_step_percent[1]
-        progress = (float(global_step) / c.trainer_max_steps) ** 0.5
-        now = (hi - lo) * (1.0 - progress) + lo
-        return percent_range(self.num_train_timesteps, now, now)
+            hi = _scheduled("max_step_percent", c.max_step_percent, global_step, epoch)
+            now_lo, now_hi = lo, hi
+        else:
+            hi = c.max_step_percent if isinstance(c.max_step_percent, (int, float)) else c.max_step_percent[1]
+            progress = min(float(global_step) / c.trainer_max_steps, 1.0) ** 0.5
+            now_lo = now_hi = (hi - lo) * (1.0 - progress) + lo
+        try:
+            return percent_range(self.num_train_timesteps, now_lo, now_hi)
+        except ValueError as e:
+            raise ValueError(f"min_step_percent, max_step_percent: expected fractions of T in [0, 1] with min <= max "
+                             f"at every step, got {c.min_step_percent!r} and {c.max_step_percent!r} "
+                             f"({now_lo:.4g} and {now_hi:.4g} at global_step {global_step})") from e
 
     @property
     def K(self) -> int:
@@ -267,12 +279,23 @@ class CarvGuidance:
     def decode_latents(self, latents: Tensor, latent_height: int = 64, latent_width: int = 64) -> Tensor:
         """threestudio's ``decode_latents``: latents resized (bilinear) to ``latent_height x latent_width``, then
         decoded to images ``[B, 3, 8 latent_height, 8 latent_width]`` in ``[0, 1]``."""
+        for name, v in (("latent_height", latent_height), ("latent_width", latent_width)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if not isinstance(latents, Tensor) or latents.ndim != 4:
+            raise ValueError(f"latents: expected [B, C, h, w], got "
+                             f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
         latents = F.interpolate(latents, (latent_height, latent_width), mode="bilinear", align_corners=False)
         return self.teacher.decode_latents(latents)
 
     def set_min_max_steps(self, min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> None:
         """threestudio's ``set_min_max_steps``: the timestep range as fractions of ``T`` (the sampler follows)."""
-        self._set_range(*percent_range(self.num_train_timesteps, min_step_percent, max_step_percent))
+        try:
+            lo, hi = percent_range(self.num_train_timesteps, min_step_percent, max_step_percent)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"min_step_percent, max_step_percent: expected fractions of T with 0 <= min <= max <= 1, "
+                             f"got {min_step_percent!r} and {max_step_percent!r}") from e
+        self._set_range(lo, hi)
 
     def _set_range(self, lo: int, hi: int) -> None:
         if (lo, hi) != (self.min_step, self.max_step):
@@ -281,9 +304,9 @@ class CarvGuidance:
 
     def __call__(self, rgb: Tensor, prompt_utils: Any, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
                  rgb_as_latents: bool = False, **kwargs) -> dict[str, Any]:
-        if not isinstance(rgb, Tensor) or rgb.ndim != 4:
-            raise ValueError(f"rgb: expected [B, H, W, C], got {getattr(rgb, 'shape', type(rgb).__name__)}")
-        B = rgb.shape[0]
+        B = check_call(rgb, prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents,
+                       self.teacher.in_channels)
+        check_device("rgb", rgb, self.teacher.unet)
         rgb_bchw = rgb.permute(0, 3, 1, 2)
         size = self.config.image_size
         if rgb_as_latents:
@@ -292,6 +315,7 @@ class CarvGuidance:
             latents = self.encode_images(F.interpolate(rgb_bchw, (size, size), mode="bilinear", align_corners=False))
         emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances,
                                                self.config.view_dependent_prompting)
+        check_embeddings(emb, B, getattr(self.teacher.unet.config, "cross_attention_dim", None))
         cond, uncond = emb[:B], emb[B:]
         if self.accountant is not None:  # the step opened by update_step (or here, if it is not called)
             st = self.accountant.current or self.accountant.begin()
@@ -325,11 +349,39 @@ class CarvGuidance:
                 self.accountant.begin()
         self._last_update = global_step
         if c.grad_clip is not None:
-            self.grad_clip_val = scheduled_value(c.grad_clip, global_step, epoch)
+            self.grad_clip_val = _scheduled("grad_clip", c.grad_clip, global_step, epoch)
         self._set_range(*self.step_range(epoch, global_step))
         if self.learned is not None and global_step % c.proposal_every == 0 and self.learned.ready:
             self.sds.sampler.set_importance(self._importance())
         self.steps = global_step
+
+    # ---------------------------------------------------------------- resuming
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a resumed run needs to continue as the uninterrupted one (tensors only, safetensors-friendly):
+        ``K``, the last ``global_step`` seen, the generator's state and the learned proposal's statistics.
+        threestudio's guidances are not ``nn.Module`` s, so Lightning's checkpoint does not hold it: save it from
+        the system's ``on_save_checkpoint`` (``checkpoint["carv_guidance"] = self.guidance.state_dict()``) and
+        restore it in ``on_load_checkpoint``."""
+        state = {"K": torch.tensor(self.K), "steps": torch.tensor(self.steps),
+                 "generator": self.generator.get_state()}
+        if self.learned is not None:
+            state.update({f"learned.{k}": v for k, v in self.learned.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (ValueError naming a missing or extra key)."""
+        expected = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected the keys {sorted(expected)} (proposal={self.config.proposal!r}), "
+                             f"got {got}")
+        self.K = int(state["K"])
+        self.steps = int(state["steps"])
+        self.generator.set_state(state["generator"].cpu())
+        if self.learned is not None:
+            self.learned.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("learned.")})
+            if self.learned.ready:
+                self.sds.sampler.set_importance(self._importance())
 
 
 def parse_config(cfg: Any, copy: bool = False) -> CarvGuidanceConfig:
@@ -348,9 +400,11 @@ def parse_config(cfg: Any, copy: bool = False) -> CarvGuidanceConfig:
             raise TypeError(f"cfg: expected a CarvGuidanceConfig, a dict or an OmegaConf config, got "
                             f"{type(cfg).__name__}") from e
     names = {f.name for f in dataclasses.fields(CarvGuidanceConfig)}
-    unknown = sorted(set(cfg) - names)
+    unknown = sorted(set(cfg) - names, key=str)
     if unknown:
-        raise ValueError(f"cfg: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        near = {k: difflib.get_close_matches(str(k), names, n=1) for k in unknown}
+        hint = "".join(f" ({k!r}: did you mean {m[0]!r}?)" for k, m in near.items() if m)
+        raise ValueError(f"cfg: unknown key(s) {unknown}{hint}; allowed: {sorted(names)}")
     return CarvGuidanceConfig(**cfg)
 
 
@@ -367,6 +421,118 @@ def warn_ignored(config: CarvGuidanceConfig) -> list[str]:
             WARNED.add(key)
             warnings.warn(f"{key}={value!r} is ignored by carv's guidance: {what}", UserWarning, stacklevel=3)
     return active
+
+
+_BOOLS = ("half_precision_weights", "sqrt_anneal", "view_dependent_prompting", "enable_memory_efficient_attention",
+          "enable_attention_slicing", "enable_channels_last_format", "auto_k")
+_POSITIVE_INTS = ("K", "trainer_max_steps", "proposal_every", "probe_every", "choose_every")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _scheduled(name: str, spec: Any, global_step: int, epoch: int) -> float:
+    """:func:`scheduled_value`, with an error that names the config key."""
+    try:
+        return scheduled_value(spec, global_step, epoch)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a number or a threestudio schedule ([start_value, end_value, end_step], "
+                         f"[start_step, start_value, end_value, end_step] or piecewise), got {spec!r}") from e
+
+
+def check_config(c: CarvGuidanceConfig) -> None:
+    """ValueError / TypeError naming the first config key whose value cannot work (before any model is loaded)."""
+    if c.proposal not in PROPOSALS:
+        raise ValueError(f"proposal: expected one of {PROPOSALS}, got {c.proposal!r}")
+    if c.weighting_strategy not in WEIGHTINGS:
+        raise ValueError(f"weighting_strategy: expected one of {sorted(WEIGHTINGS)}, got {c.weighting_strategy!r}")
+    if not _is_int(c.image_size) or c.image_size < 8 or c.image_size % 8:
+        raise ValueError(f"image_size: expected a positive multiple of 8, got {c.image_size!r}")
+    if not isinstance(c.pretrained_model_name_or_path, str) or not c.pretrained_model_name_or_path:
+        raise TypeError(f"pretrained_model_name_or_path: expected a model id or a local folder (a string), got "
+                        f"{c.pretrained_model_name_or_path!r}")
+    for name in _BOOLS:
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name}: expected true or false, got {getattr(c, name)!r}")
+    for name in _POSITIVE_INTS:
+        if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(c, name)!r}")
+    if not _is_int(c.k_max) or c.k_max < 2:
+        raise ValueError(f"k_max: expected an integer >= 2 (the accountant chooses K in [2, k_max]), got {c.k_max!r}")
+    if not _is_int(c.seed) or c.seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {c.seed!r}")
+    if not isinstance(c.guidance_scale, numbers.Real) or isinstance(c.guidance_scale, bool):
+        raise ValueError(f"guidance_scale: expected a number, got {c.guidance_scale!r}")
+    for name in ("min_step_percent", "max_step_percent", "grad_clip"):
+        if getattr(c, name) is not None:
+            _scheduled(name, getattr(c, name), 0, 0)
+    if c.grad_clip is not None and _scheduled("grad_clip", c.grad_clip, 0, 0) < 0:
+        raise ValueError(f"grad_clip: expected a non-negative number or schedule, got {c.grad_clip!r}")
+    if c.sqrt_anneal and not isinstance(c.max_step_percent, numbers.Real):
+        try:
+            _ = c.max_step_percent[1]
+        except (TypeError, IndexError, KeyError) as e:
+            raise ValueError(f"max_step_percent: with sqrt_anneal expected a number or a schedule, got "
+                             f"{c.max_step_percent!r}") from e
+
+
+def check_structured(config: CarvGuidanceConfig) -> None:
+    """threestudio's ``OmegaConf.structured(Config(**cfg))`` type check (which converts what it can, ``"4"`` to 4,
+    ``"no"`` to False), with its error as one ValueError naming the key, the value and the type."""
+    try:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover - threestudio always has OmegaConf
+        return
+    try:
+        OmegaConf.structured(config)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "cfg"
+        raise ValueError(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
+
+
+def check_embeddings(emb: Any, B: int, width: int | None) -> None:
+    """ValueError unless ``prompt_utils.get_text_embeddings`` gave ``[2B, L, D]`` with the UNet's ``D``."""
+    if not isinstance(emb, Tensor) or emb.ndim != 3 or emb.shape[0] != 2 * B:
+        got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(f"prompt_utils: get_text_embeddings must return [2B, L, D] = [{2 * B}, L, D] (conditional "
+                         f"rows, then unconditional), got {got}")
+    if width is not None and emb.shape[-1] != width:
+        raise ValueError(f"prompt_utils: text embeddings of width {emb.shape[-1]}, but the guidance's UNet takes "
+                         f"{width}: the prompt processor and the guidance must load the same model "
+                         f"(pretrained_model_name_or_path)")
+
+
+def check_call(rgb: Any, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any,
+               rgb_as_latents: bool, latent_channels: int) -> int:
+    """The batch size ``B`` of a guidance call, after checking its arguments (one-line errors naming them)."""
+    if not isinstance(rgb, Tensor) or rgb.ndim != 4:
+        raise ValueError(f"rgb: expected a tensor [B, H, W, C], got "
+                         f"{tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__}")
+    B, C = rgb.shape[0], rgb.shape[-1]
+    if rgb_as_latents and C != latent_channels:
+        raise ValueError(f"rgb: with rgb_as_latents=True expected latents [B, H, W, {latent_channels}] (channels "
+                         f"last), got {tuple(rgb.shape)}")
+    if not rgb_as_latents and C != 3:
+        hint = ("; for latents pass rgb_as_latents=True" if C == latent_channels else
+                "; images are channels last, as threestudio renders them" if rgb.shape[1] == 3 else "")
+        raise ValueError(f"rgb: expected images [B, H, W, 3] in [0, 1] (channels last), got "
+                         f"{tuple(rgb.shape)}{hint}")
+    if not callable(getattr(prompt_utils, "get_text_embeddings", None)):
+        raise TypeError(f"prompt_utils: expected threestudio's PromptProcessorOutput or carv's PromptEmbeddings "
+                        f"(teacher.encode_prompt(prompt)), got {type(prompt_utils).__name__}")
+    for name, v in (("elevation", elevation), ("azimuth", azimuth), ("camera_distances", camera_distances)):
+        if v is None and name == "camera_distances":
+            continue
+        try:
+            shape = tuple(torch.as_tensor(v).shape)
+        except (TypeError, ValueError, RuntimeError):
+            shape = None
+        if shape != (B,):
+            raise ValueError(f"{name}: expected a tensor [B] with B = {B} (one per render in rgb), got "
+                             f"{shape if shape is not None else type(v).__name__}")
+    return B
 
 
 def register() -> type:
@@ -397,6 +563,7 @@ def threestudio_class(base_object: type) -> type:
         Config = CarvGuidanceConfig
 
         def __init__(self, cfg: Any = None, *args, **kwargs):
+            check_structured(parse_config(cfg))  # one line naming a misspelt key or a mistyped value
             base_object.__init__(self, cfg, *args, **kwargs)
 
         def configure(self, teacher: Any = None) -> None:

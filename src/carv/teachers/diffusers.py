@@ -26,6 +26,8 @@ see :mod:`carv.teachers.prompts`) and :meth:`~DiffusersTeacher.encode_images` (t
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -175,6 +177,12 @@ class DiffusersTeacher(Teacher):
                             f"tokenizer and scheduler; {type(pipe).__name__} lacks {missing}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt: expected a string, got {type(negative_prompt).__name__}")
+        if getattr(pipe.tokenizer, "pad_token", None) is None:
+            raise ValueError(f"pipe.tokenizer: {type(pipe.tokenizer).__name__} has no pad_token, and prompts are "
+                             f"padded to one length; set pipe.tokenizer.pad_token (Stable Diffusion 1.x pads with the "
+                             f"eos_token, {getattr(pipe.tokenizer, 'eos_token', None)!r})")
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
             if dtype is not None and next(part.parameters()).dtype != dtype:
                 part.to(dtype=dtype)
@@ -213,6 +221,8 @@ class DiffusersTeacher(Teacher):
         self._need("tokenizer")
         n = getattr(self.tokenizer, "model_max_length", None)
         limit = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", None)
+        if n is not None and (not isinstance(n, int) or n < 1):
+            n = None  # unset or meaningless: the text encoder's length
         if limit is not None and (n is None or n > limit):
             return int(limit)
         if n is None or n > 1_000_000:
@@ -226,6 +236,8 @@ class DiffusersTeacher(Teacher):
         self._need("text_encoder")
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of strings, got {prompts!r}")
+        if len(prompts) == 0:
+            raise ValueError("prompts: expected at least one prompt, got an empty list")
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_length, truncation=True,
                              return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
@@ -242,11 +254,19 @@ class DiffusersTeacher(Teacher):
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt: expected a string or None, got {type(negative_prompt).__name__}")
+        for name, v in (("front_threshold", front_threshold), ("back_threshold", back_threshold),
+                        ("overhead_threshold", overhead_threshold)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}: expected an angle in degrees (a number), got {v!r}")
         neg = getattr(self, "negative_prompt", "") if negative_prompt is None else negative_prompt
         neg_vd = dict.fromkeys(DIRECTIONS, neg)
         for k, v in (negative_prompts_vd or {}).items():
             if k not in DIRECTIONS:
                 raise ValueError(f"negative_prompts_vd: keys must be among {DIRECTIONS}, got {k!r}")
+            if not isinstance(v, str):
+                raise TypeError(f"negative_prompts_vd[{k!r}]: expected a string, got {type(v).__name__}")
             neg_vd[k] = v
         pos_vd = view_prompts(prompt) if view_dependent else [prompt] * len(DIRECTIONS)
         if not view_dependent:
@@ -273,7 +293,19 @@ class DiffusersTeacher(Teacher):
         if not isinstance(rgb, Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"rgb: expected images [B, 3, H, W] in [0, 1], got "
                              f"{tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__}")
+        check_device("rgb", rgb, self.vae)
+        if rgb.shape[0] == 0:
+            raise ValueError("rgb: expected at least one image, got a batch of 0")
         check_unit_images(rgb)
+        if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)
+                                 or size < 8 or size % 8):
+            raise ValueError(f"size: expected a positive multiple of 8 (the VAE halves the size 3 times) or None, "
+                             f"got {size!r}")
+        if size is None and min(rgb.shape[-2:]) < 8:
+            raise ValueError(f"rgb: expected images of at least 8 x 8 px (or pass size=512), got "
+                             f"{tuple(rgb.shape[-2:])}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected a positive integer or None, got {chunk!r}")
         if size is not None and tuple(rgb.shape[-2:]) != (size, size):
@@ -293,9 +325,20 @@ class DiffusersTeacher(Teacher):
         if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != self.vae.config.latent_channels:
             raise ValueError(f"latents: expected [B, {self.vae.config.latent_channels}, h, w], got "
                              f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents: expected floating-point latents, got dtype {latents.dtype}")
+        check_device("latents", latents, self.vae)
         vdtype = next(self.vae.parameters()).dtype
         img = self.vae.decode((latents / self.vae.config.scaling_factor).to(vdtype)).sample
         return (img * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
+
+
+def check_device(name: str, x: Tensor, module: torch.nn.Module) -> None:
+    """ValueError unless ``x`` is on the device of ``module``'s parameters."""
+    where = next(module.parameters()).device
+    if x.device != where:
+        raise ValueError(f"{name}: on {x.device}, but the teacher's {type(module).__name__} is on {where}; move it "
+                         f"with {name}.to({str(where)!r})")
 
 
 def check_unit_images(rgb: Tensor, tol: float = 0.05) -> None:
@@ -305,6 +348,11 @@ def check_unit_images(rgb: Tensor, tol: float = 0.05) -> None:
                         + (" (0-255 images: pass rgb.float() / 255)" if rgb.dtype == torch.uint8 else ""))
     if rgb.numel() == 0:
         return
+    bad = ~torch.isfinite(rgb.detach())
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.flatten(1).any(1)).flatten().tolist() if rgb.ndim > 1 else [0]
+        raise ValueError(f"rgb: expected finite floats in [0, 1], got {int(bad.sum())} NaN or inf value(s) in "
+                         f"image(s) {rows[:20]} of {rgb.shape[0]}")
     lo, hi = (float(v) for v in torch.aminmax(rgb.detach()))
     if lo < -tol or hi > 1.0 + tol:
         fix = "divide by 255" if hi > 2.0 else "map [-1, 1] images by (x + 1) / 2" if lo < -tol else "clamp them"

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["DIRECTIONS", "PromptEmbeddings", "check_degrees_batch", "direction_index", "view_prompts"]
+__all__ = ["DIRECTIONS", "PromptEmbeddings", "check_angles", "check_degrees_batch", "direction_index", "view_prompts"]
 
 DIRECTIONS = ("side", "front", "back", "overhead")
+_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def view_prompts(prompt: str) -> list[str]:
@@ -46,6 +47,27 @@ def direction_index(elevation: Tensor, azimuth: Tensor, front_threshold: float =
     idx[(az > 180.0 - back_threshold) | (az < -180.0 + back_threshold)] = DIRECTIONS.index("back")
     idx[elevation.double() > overhead_threshold] = DIRECTIONS.index("overhead")
     return idx
+
+
+def check_angles(elevation, azimuth) -> tuple[Tensor, Tensor]:
+    """``(elevation, azimuth)`` as tensors after checking them: real numbers, finite, of one shape ``[B]``."""
+    out = []
+    for name, v in (("elevation", elevation), ("azimuth", azimuth)):
+        try:
+            t = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: expected a tensor [B] of angles in degrees, got {type(v).__name__}") from e
+        if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INTS):
+            raise TypeError(f"{name}: expected a tensor [B] of real angles in degrees, got dtype {t.dtype}")
+        if t.ndim != 1:
+            raise ValueError(f"{name}: expected a tensor [B] of angles in degrees, got shape {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected finite angles in degrees, got {t.tolist()[:8]}")
+        out.append(t)
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"elevation, azimuth: expected two tensors of shape [B], got {tuple(out[0].shape)} and "
+                         f"{tuple(out[1].shape)}")
+    return out[0], out[1]
 
 
 def check_degrees_batch(elevation: Tensor, azimuth: Tensor) -> None:
@@ -92,9 +114,10 @@ class PromptEmbeddings:
 
         ``elevation`` and ``azimuth`` are in degrees (``[B]`` each). With ``check_degrees`` a batch that can only
         be a radian batch of a multi-view run is refused (:func:`check_degrees_batch`)."""
+        elevation, azimuth = check_angles(elevation, azimuth)
         if check_degrees:
             check_degrees_batch(elevation, azimuth)
-        B = torch.as_tensor(elevation).shape[0]
+        B = elevation.shape[0]
         if not view_dependent_prompting:
             return (self.text_embeddings.expand(B, -1, -1), self.uncond_text_embeddings.expand(B, -1, -1))
         idx = direction_index(elevation, azimuth, self.front_threshold, self.back_threshold,

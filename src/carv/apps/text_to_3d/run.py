@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,10 +118,17 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         return summary
 
 
-def slug(prompt: str) -> str:
+def slug(prompt: str, max_bytes: int = 120) -> str:
     """A prompt as a folder name: its words joined by hyphens (characters other than letters, digits, ``.``,
-    ``_`` and ``-`` become hyphens too)."""
-    return re.sub(r"[^\w.-]+", "-", " ".join(prompt.split())).strip("-.") or "prompt"
+    ``_`` and ``-`` become hyphens too). A name that would pass ``max_bytes`` (UTF-8; file systems allow 255) is
+    cut to fit and ends in 8 hex digits of the prompt's SHA-256, so long prompts sharing a beginning get distinct
+    folders."""
+    name = re.sub(r"[^\w.-]+", "-", " ".join(prompt.split())).strip("-.") or "prompt"
+    if len(name.encode()) <= max_bytes:
+        return name
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    cut = name.encode()[:max_bytes - 9].decode("utf-8", "ignore").rstrip("-.")
+    return f"{cut}-{digest}" if cut else f"prompt-{digest}"
 
 
 def text_to_3d_from_cli(prompt: str | None, out_dir: str | Path | None, flags: dict, baseline: bool = False,
