@@ -545,3 +545,21 @@ def test_reopening_a_run_with_the_same_configuration_rewrites_nothing(tmp_path):
     with RunFolder(tmp_path, "carv demo", {"a": 1, "steps": 9}, resumable=("steps",)):
         rf.atomic_write_text(tmp_path / "x.txt", "x")  # the run's first write records it first
         assert read_json(tmp_path / rf.MANIFEST)["config"] == {"a": 1, "steps": 9}
+
+
+def test_resume_follows_the_folder_for_unset_settings_and_legacy_ones(tmp_path):
+    """A folder written before a default changed (proposal) or a setting existed (live_costs) still resumes with
+    the same command: unset keys take the stored run's value, missing keys their legacy value; a setting the user
+    did give that differs is still refused."""
+    from carv._runfolder import MANIFEST, RunFolder, RunFolderError
+
+    with RunFolder(tmp_path / "r", "carv x", {"proposal": "learned", "seed": 0}):
+        pass
+    new = {"proposal": "auto", "seed": 0, "live_costs": False}
+    with RunFolder(tmp_path / "r", "carv x", new, unset=["proposal"], legacy={"live_costs": True}) as f:
+        assert f.adopted == {"proposal": "learned", "live_costs": True}
+    with RunFolder(tmp_path / "r", "carv x", new, unset=["proposal"], legacy={"live_costs": True}) as f:
+        assert f.config == {"proposal": "learned", "seed": 0, "live_costs": True}  # the same command again
+    assert "live_costs" not in json.loads((tmp_path / "r" / MANIFEST).read_text())["config"]  # nothing written yet
+    with pytest.raises(RunFolderError, match="proposal: 'learned' -> 'auto'"):  # given explicitly: refused
+        RunFolder(tmp_path / "r", "carv x", {**new, "live_costs": True}).__enter__()

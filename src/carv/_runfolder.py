@@ -643,11 +643,16 @@ class RunFolder:
     """
 
     def __init__(self, path: str | Path, command: str, config: dict, resumable: Sequence[str] = (),
-                 fresh: bool = False, fresh_flag: str = "--fresh", out_flag: str = "--out"):
+                 fresh: bool = False, fresh_flag: str = "--fresh", out_flag: str = "--out",
+                 unset: Sequence[str] = (), legacy: dict | None = None):
         self.path = Path(path)
         self.command = command
         self.config = json.loads(json.dumps(config, default=str))
         self.resumable = tuple(resumable)
+        # resuming follows the folder, not today's defaults: keys the user did not set (``unset``) take the stored
+        # run's value, and keys an older carv did not write take ``legacy`` (the behaviour that run started with)
+        self.unset, self.legacy = tuple(unset), dict(legacy or {})
+        self.adopted: dict = {}
         self.fresh = bool(fresh)
         self.fresh_flag, self.out_flag = fresh_flag, out_flag
         self.previous: Path | None = None
@@ -811,8 +816,15 @@ class RunFolder:
                 f"{self.out_flag}: {str(self.path)!r} holds a `{m.get('command')}` run, not a `{self.command}` run; "
                 f"choose another {self.out_flag}{hint}")
         old = m["config"]
-        keys = sorted((set(old) | set(self.config)) - set(self.resumable))
+        for k in self.unset:
+            if k in old and old[k] != self.config.get(k):
+                self.adopted[k] = self.config[k] = old[k]
+        for k, v in self.legacy.items():
+            if k not in old and self.config.get(k) != v:
+                self.adopted[k] = self.config[k] = v
+        keys = sorted((set(old) | set(self.config)) - set(self.resumable) - set(self.legacy))
         diff = [k for k in keys if old.get(k) != self.config.get(k)]
+        diff += [k for k in self.legacy if k in old and old[k] != self.config.get(k)]
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
             raise RunFolderError(

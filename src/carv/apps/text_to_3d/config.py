@@ -24,13 +24,17 @@ from carv.render import find_scene, get_scene
 from carv.timesteps import STRATIFY_MODES, annealed_range
 from carv.upstream import UPSTREAM_MODES
 
-__all__ = ["DEFAULT_PROMPT", "METHODS", "RESUMABLE_CHANGES", "STEP_BUDGETS", "COMPARE_AT", "TextTo3DConfig",
+__all__ = ["DEFAULT_PROMPT", "LEGACY_SETTINGS", "METHODS", "RESUMABLE_CHANGES",
+           "STEP_BUDGETS", "COMPARE_AT", "TextTo3DConfig",
            "check_render_memory", "config_from_cli", "check_prompt", "run_prompt"]
 
 DEFAULT_PROMPT = "a red mushroom"
 METHODS = ("carv", "baseline")
 # config fields a resumed run may change (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
+# settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
+# that reproduces how it started (its allocator re-measured stage costs live)
+LEGACY_SETTINGS = {"live_costs": True}
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
 COMPARE_AT = ("step", "wall-clock")
 

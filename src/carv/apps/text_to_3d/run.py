@@ -18,6 +18,7 @@ from carv.accounting import accounting_sentence
 from carv.apps.text_to_3d.config import (
     COMPARE_AT,
     DEFAULT_PROMPT,
+    LEGACY_SETTINGS,
     RESUMABLE_CHANGES,
     TextTo3DConfig,
     config_from_cli,
@@ -67,9 +68,17 @@ def open_run(prompt: str, out_dir: str | Path | None, cfg: TextTo3DConfig | None
     digest = teacher_digest(teacher)
     identity = {**cfg.identity(), **({"compare_at": compare_at} if compare else {}),
                 **({"teacher_weights": digest} if digest else {})}
-    with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh) as folder:
+    unset = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is None and f.name in identity]
+    with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh, unset=unset, legacy=LEGACY_SETTINGS,
+                   ) as folder:
         if folder.previous is not None and progress:
             print(f"--fresh: moved the earlier run in {str(out)!r} to {str(folder.previous)!r}")
+        if folder.adopted:
+            cfg = dataclasses.replace(cfg, **{k: (None if (k, v) == ("K", "auto") else v)
+                                              for k, v in folder.adopted.items()})
+            if progress:
+                print("resuming with the run folder's own settings: "
+                      + ", ".join(f"{k} = {v!r}" for k, v in folder.adopted.items()))
         problem = problem_for(cfg, teacher)  # teacher: None only for a diffusers cfg.teacher
         if cfg.reference is not None:
             problem.set_reference(load_reference_grid(cfg.reference))

@@ -16,7 +16,7 @@ from torch import Tensor
 from carv._runfolder import RunState
 from carv._validate import check_finite_parameters
 from carv.accounting import Allocator, CostMeter, accounting_summary, choose_next, plan_step
-from carv.apps.text_to_3d.config import RESUMABLE_CHANGES, TextTo3DConfig, run_prompt
+from carv.apps.text_to_3d.config import LEGACY_SETTINGS, RESUMABLE_CHANGES, TextTo3DConfig, run_prompt
 from carv.apps.text_to_3d.latent import LatentSceneProblem, load_sd_teacher
 from carv.apps.text_to_3d.problem import SceneProblem
 from carv.render import VoxelGrid, opaque_loss, sparsity_loss
@@ -314,7 +314,7 @@ class Trainer:
         if not isinstance(saved, dict) or "grid.density" not in tensors or "rng" not in tensors:
             raise ValueError(f"out_dir: {str(self.out)!r} holds a checkpoint that is not a text-to-3d run's; use "
                              f"another --out, or --fresh")
-        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, LEGACY_SETTINGS.get(k)) != now[k])
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
             raise ValueError(f"out_dir: {str(self.out)!r} holds a run with a different configuration ({details}); "
