@@ -152,13 +152,14 @@ def make_digits_schedule() -> VPSchedule:
 # ---------------------------------------------------------------------------------------------- teacher
 def train_digits_teacher(
     seed: int = 0, progress: bool = True, log=None, indices: Tensor | None = None,
-    architecture: dict | None = None, **overrides
+    architecture: dict | None = None, size: int = 16, **overrides
 ) -> tuple[CompactUNet, dict]:
     """Train the digits DDPM with :data:`TEACHER_CONFIG` / :data:`TEACHER_TRAINING` (``overrides`` replace
     training keywords, e.g. ``steps=200`` for a smoke run). Returns (EMA model, stats).
 
     ``indices`` (positions in the train split) trains on those images only (the subset models of an LDS
-    ground truth); ``architecture`` replaces :data:`TEACHER_CONFIG` keys (e.g. ``base_channels``)."""
+    ground truth); ``architecture`` replaces :data:`TEACHER_CONFIG` keys (e.g. ``base_channels``); ``size`` is the
+    image size (8: the digits' native resolution, no upsampling)."""
     unknown = set(overrides) - set(TEACHER_TRAINING)
     if unknown:
         raise ValueError(
@@ -169,7 +170,7 @@ def train_digits_teacher(
         raise ValueError(f"architecture: unknown key(s) {sorted(bad_arch)}; allowed: {sorted(TEACHER_CONFIG)}")
     torch.manual_seed(seed)  # parameter init; the training loop itself uses its own generator
     model = CompactUNet(**{**TEACHER_CONFIG, **(architecture or {})})
-    x_train, y_train = load_digits_data("train")
+    x_train, y_train = load_digits_data("train", size)
     if indices is not None:
         n = x_train.shape[0]
         if (not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.ndim != 1
