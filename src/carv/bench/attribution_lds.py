@@ -40,7 +40,7 @@ from torch import Tensor
 
 from carv._runfolder import RunFolder, atomic_write_json, load_tensors, save_figure, save_tensors
 from carv._validate import check_positive_int, check_seed
-from carv.bench.lds_truth import MODEL_FILE, TRUTH, TRUTH_FILE, load_truth, pool_indices, query_indices
+from carv.bench.lds_truth import MODEL_FILE, TRUTH, TRUTH_FILE, _claim, load_truth, pool_indices, query_indices
 from carv.objectives.attribution import (
     GaussianProjection,
     GradientFeatures,
@@ -247,10 +247,10 @@ class LdsProblem:
 # ---------------------------------------------------------------------------------------------- run
 def _jobs(cfg: LdsBenchConfig) -> list[tuple[int, str, int]]:
     """``(replicate, method, K)`` in the order computed: the first two replicates of every row before the rest,
-    carv and iid first (the target's rows), small budgets first."""
+    carv's and iid's (the target's rows) before the peers', small budgets first."""
     jobs = [(r, m, K) for m in cfg.methods for K in cfg.budgets for r in range(cfg.n_rep(K))]
     order = {m: i for i, m in enumerate(LDS_METHODS)}
-    return sorted(jobs, key=lambda j: (j[0] >= 2, j[0], order[j[1]], j[2]))
+    return sorted(jobs, key=lambda j: (j[0] >= 2, j[1] not in ("carv", "iid"), j[0], order[j[1]], j[2]))
 
 
 def _generator(cfg: LdsBenchConfig, method: str, K: int, rep: int) -> torch.Generator:
@@ -262,18 +262,23 @@ def _feature_file(out: Path, method: str, K: int, rep: int) -> Path:
     return out / "features" / f"{method}_K{K}_r{rep}.safetensors"
 
 
-def compute_features(prob: LdsProblem, out: Path, progress: bool = True) -> None:
-    """Every replicate's features, one file each, skipping those on disk (resumable)."""
+def compute_features(prob: LdsProblem, out: Path, progress: bool = True, worker: int = 0, workers: int = 1) -> None:
+    """Every replicate's features, one file each, skipping those on disk (resumable). Several processes may share
+    the work (``python benchmarks/attribution_lds_features.py``): worker ``i`` of ``n`` takes every ``n``-th job
+    first, then the rest; each file is claimed first (see :func:`carv.bench.lds_truth.train_truth_models`)."""
     cfg = prob.cfg
     (out / "features").mkdir(parents=True, exist_ok=True)
-    for rep, method, K in _jobs(cfg):
+    jobs = _jobs(cfg)
+    mine = [j for k, j in enumerate(jobs) if k % workers == worker]
+    for rep, method, K in mine + [j for k, j in enumerate(jobs) if k % workers != worker]:
         path = _feature_file(out, method, K, rep)
-        if path.is_file():
+        if path.is_file() or not _claim(path, ttl=1800.0):
             continue
         t0 = time.perf_counter()
         phi = prob.estimate(method, K, _generator(cfg, method, K, rep))
         seconds = time.perf_counter() - t0
         save_tensors(path, {"features": phi.contiguous()}, metadata={"seconds": f"{seconds:.2f}"})
+        path.with_suffix(".claim").unlink(missing_ok=True)
         if progress:
             print(json.dumps({"method": method, "K": K, "replicate": rep, "seconds": round(seconds, 1),
                               "time": time.strftime("%H:%M:%S", time.gmtime())}), flush=True)

@@ -27,6 +27,7 @@ configuration), which ``carv bench attribution --lds`` scores any attribution ag
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -134,6 +135,23 @@ def _model_file(run_dir: Path, name: str) -> Path:
     return run_dir / "models" / f"{name}.safetensors"
 
 
+CLAIM_TTL = 3600.0
+
+
+def _claim(path: Path, ttl: float = CLAIM_TTL) -> bool:
+    """Claim the file at ``path`` for this process (False: another live worker has it): ``path.claim`` is created
+    exclusively; one older than ``ttl`` seconds is a dead worker's and is taken over."""
+    claim = path.with_suffix(".claim")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        if time.time() - claim.stat().st_mtime < ttl:
+            return False
+        claim.unlink(missing_ok=True)
+        return _claim(path, ttl)
+
+
 def train_truth_models(run_dir: str | Path, cfg: dict = TRUTH, n_subsets: int | None = None,
                        log=print, worker: int = 0, workers: int = 1) -> None:
     """Train the whole-pool model, then the subset models, skipping those already on disk (resumable).
@@ -141,7 +159,8 @@ def train_truth_models(run_dir: str | Path, cfg: dict = TRUTH, n_subsets: int | 
     Each model is written atomically to ``RUN_DIR/models/{full,subset_XXX}.safetensors``; ``RUN_DIR/progress.log``
     gets one JSON line per finished model. ``n_subsets`` above ``cfg``'s trains more (the masks extend).
     Several processes may share the work: worker ``i`` of ``n`` first trains the models whose position is ``i``
-    modulo ``n``, then any still missing (a model may then be trained twice at the end; writes are atomic)."""
+    modulo ``n``, then any still missing. A worker claims a model with a ``.claim`` file (created exclusively);
+    a claim older than ``CLAIM_TTL`` seconds is taken to be a dead worker's and taken over."""
     if not (isinstance(workers, int) and isinstance(worker, int) and 0 <= worker < workers):
         raise ValueError(f"worker, workers: expected 0 <= worker < workers, got {worker}, {workers}")
     from carv.teachers.digits import make_digits_schedule, train_digits_teacher
@@ -156,7 +175,7 @@ def train_truth_models(run_dir: str | Path, cfg: dict = TRUTH, n_subsets: int | 
     mine = [j for k, j in enumerate(jobs) if k % workers == worker]
     for name, idx in mine + [j for k, j in enumerate(jobs) if k % workers != worker]:
         path = _model_file(run_dir, name)
-        if path.is_file():
+        if path.is_file() or not _claim(path):
             continue
         t0 = time.perf_counter()
         ema, stats = train_digits_teacher(seed=cfg["train_seed"], progress=False, indices=idx,
@@ -167,6 +186,7 @@ def train_truth_models(run_dir: str | Path, cfg: dict = TRUTH, n_subsets: int | 
                 "time": time.strftime("%H:%M:%S", time.gmtime())}
         with open(run_dir / "progress.log", "a") as f:
             f.write(json.dumps(line) + "\n")
+        path.with_suffix(".claim").unlink(missing_ok=True)
         if log is not None:
             log(json.dumps(line))
 
