@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from carv._runfolder import atomic_write_text, load_tensors, save_tensors
+from carv._runfolder import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
 from carv.teachers.unet import UNetTeacher, load_unet_teacher, save_unet_teacher
 
 __all__ = ["TRUTH", "TRUTH_FILE", "MODEL_FILE", "truth_fingerprint", "pool_indices", "subset_masks", "query_indices",
-           "query_draws", "model_outputs", "train_truth_models", "write_truth", "load_truth"]
+           "query_draws", "model_outputs", "train_truth_models", "cached_outputs", "write_truth", "save_model_samples",
+           "load_truth"]
 
 TRUTH = dict(
     pool_size=500,
@@ -56,6 +57,7 @@ TRUTH = dict(
 )
 TRUTH_FILE = Path("docs") / "attribution_lds_truth.safetensors"
 MODEL_FILE = Path("docs") / "attribution_lds_model.safetensors"  # the whole-pool model (the one attributed)
+SAMPLES_FILE = Path("docs") / "attribution_lds_model_samples.png"
 FULL = "full"  # the model trained on the whole pool
 
 
@@ -191,29 +193,69 @@ def train_truth_models(run_dir: str | Path, cfg: dict = TRUTH, n_subsets: int | 
             log(json.dumps(line))
 
 
+def cached_outputs(run_dir: str | Path, name: str, draws: tuple[Tensor, ...], fingerprint: str) -> Tensor | None:
+    """Model ``name``'s outputs on the queries (``[Q]``), cached in ``RUN_DIR/outputs/``; None if not trained yet."""
+    run_dir = Path(run_dir)
+    model, cache = _model_file(run_dir, name), run_dir / "outputs" / f"{name}.safetensors"
+    if cache.is_file():
+        tensors, meta = load_tensors(cache, "model outputs")
+        if meta.get("fingerprint") == fingerprint:
+            return tensors["outputs"]
+    if not model.is_file():
+        return None
+    out = model_outputs(load_unet_teacher(model), *draws)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(cache, {"outputs": out}, metadata={"fingerprint": fingerprint})
+    return out
+
+
 def write_truth(run_dir: str | Path, path: str | Path = TRUTH_FILE, cfg: dict = TRUTH,
-                n_subsets: int | None = None) -> dict:
+                n_subsets: int | None = None, model_path: str | Path | None = MODEL_FILE) -> dict:
     """Evaluate every trained model on the queries and write the ground truth (safetensors: ``masks``
     ``[N, pool]``, ``outputs`` ``[N, Q]``, ``full_outputs`` ``[Q]``, ``pool``, ``queries``; the configuration
-    in the metadata)."""
+    in the metadata), and copy the whole-pool model to ``model_path``."""
     run_dir = Path(run_dir)
     n = n_subsets or cfg["n_subsets"]
     masks = subset_masks(n, cfg["pool_size"], cfg["subset_ratio"], cfg["mask_seed"])
     draws = query_draws(cfg)
-    missing = [m for m in range(n) if not _model_file(run_dir, f"subset_{m:03d}").is_file()]
-    if missing or not _model_file(run_dir, FULL).is_file():
-        raise ValueError(f"run_dir: models missing in {str(run_dir)!r} (subsets {missing[:5]}...); "
+    fp = truth_fingerprint(cfg)
+    names = [f"subset_{m:03d}" for m in range(n)] + [FULL]
+    outs = {name: cached_outputs(run_dir, name, draws, fp) for name in names}
+    missing = [name for name, o in outs.items() if o is None]
+    if missing:
+        raise ValueError(f"run_dir: {len(missing)} model(s) not trained yet in {str(run_dir)!r} ({missing[:4]}...); "
                          f"run the training job first")
-    outs = torch.stack([model_outputs(load_unet_teacher(_model_file(run_dir, f"subset_{m:03d}")), *draws)
-                        for m in range(n)])
-    full = model_outputs(load_unet_teacher(_model_file(run_dir, FULL)), *draws)
-    tensors = {"masks": masks.to(torch.uint8), "outputs": outs, "full_outputs": full,
-               "pool": pool_indices(cfg), "queries": query_indices(cfg)}
-    meta = {"config": json.dumps({**cfg, "n_subsets": n}, sort_keys=True), "fingerprint": truth_fingerprint(cfg),
+    tensors = {"masks": masks.to(torch.uint8), "outputs": torch.stack([outs[x] for x in names[:-1]]),
+               "full_outputs": outs[FULL], "pool": pool_indices(cfg), "queries": query_indices(cfg)}
+    meta = {"config": json.dumps({**cfg, "n_subsets": n}, sort_keys=True), "fingerprint": fp,
             "command": f"python benchmarks/attribution_lds_truth.py train {run_dir} && "
                        f"python benchmarks/attribution_lds_truth.py outputs {run_dir}"}
     save_tensors(path, tensors, metadata=meta)
-    return {"n_subsets": n, "queries": outs.shape[1], "output_std_over_subsets": float(outs.std(0).mean())}
+    if model_path is not None:
+        atomic_write_bytes(model_path, _model_file(run_dir, FULL).read_bytes())
+        save_model_samples(model_path, Path(model_path).with_name(SAMPLES_FILE.name), cfg)
+    return {"n_subsets": n, "queries": int(tensors["outputs"].shape[1]),
+            "output_sd_over_subsets": float(tensors["outputs"].std(0).mean()),
+            "output_mean": float(tensors["outputs"].mean())}
+
+
+def save_model_samples(model_path: str | Path = MODEL_FILE, path: str | Path = SAMPLES_FILE,
+                       cfg: dict = TRUTH) -> None:
+    """A grid of DDIM samples of the whole-pool model (8 per class, guidance 2, 50 steps, seed 0), shown at 16x16
+    (nearest-neighbour): the check that it samples recognisable digits."""
+    import torch.nn.functional as F
+
+    from carv.teachers.digits import save_sample_grid
+    from carv.teachers.training import ddim_sample
+
+    teacher = load_unet_teacher(model_path)
+    labels = torch.arange(10).repeat_interleave(8)
+    size = cfg["size"]
+    x = ddim_sample(teacher, (80, 1, size, size), labels, 2.0, 50, torch.Generator().manual_seed(0))
+    x = F.interpolate(x, size=(16, 16), mode="nearest")
+    grid = x.view(10, 8, 1, 16, 16).transpose(0, 1).reshape(80, 1, 16, 16)
+    save_sample_grid(grid, path, nrow=8, title=f"LDS whole-pool model: {cfg['pool_size']} digits at {size}x{size}, "
+                                               f"{cfg['training']['steps']} steps")
 
 
 def load_truth(path: str | Path = TRUTH_FILE) -> tuple[dict[str, Tensor], dict]:
