@@ -328,22 +328,32 @@ def run_lds_bench(out_dir: str | Path = "runs/bench-attribution-lds", json_path:
         t0 = time.perf_counter()
         prob = LdsProblem(cfg)
         compute_features(prob, out, progress)
-        rows, rows_cos = lds_rows(prob, out, "trak"), lds_rows(prob, out, "cosine")
-        result = {"n_subsets": int(prob.truth["masks"].shape[0]), "subset_ratio": load_truth(cfg.truth)[1][
-                      "subset_ratio"], "rows": rows, "scorer": "trak", "rows_cosine": rows_cos,
-                  "target": reach(rows, "carv"), "target_cosine": reach(rows_cos, "carv"),
-                  "pool": prob.n_pool, "queries": int(prob.queries.numel()), "config": asdict(cfg),
-                  "command": command or "carv bench attribution --lds", "seconds": time.perf_counter() - t0}
-        atomic_write_json(out / "results.json", result)
-        if json_path is not None:
-            atomic_write_json(json_path, result)
-            plot_lds(result, Path(json_path).with_name(PLOT_FILE.name))
-        if progress:
-            for r in rows:
-                print(f"{r['method']:>13} K={r['K']:>3} evals={r['evaluations']:>3}  LDS {r['lds']:.4f} "
-                      f"+- {r['lds_se']:.4f}  (cosine {_match(rows_cos, r)['lds']:.4f})")
-            print(json.dumps(result["target"]))
-        return result
+        return lds_result(prob, out, json_path, command, progress, seconds=time.perf_counter() - t0)
+
+
+def lds_result(prob: LdsProblem, out: Path, json_path: str | Path | None = JSON_FILE, command: str | None = None,
+               progress: bool = True, seconds: float | None = None) -> dict:
+    """The LDS table from the features on disk (rows list their replicates; ``complete`` says whether every
+    configured replicate was there); writes ``results.json``, ``json_path`` and the plot beside it."""
+    cfg = prob.cfg
+    rows, rows_cos = lds_rows(prob, out, "trak"), lds_rows(prob, out, "cosine")
+    expected = sum(cfg.n_rep(K) for K in cfg.budgets) * len(cfg.methods)
+    result = {"n_subsets": int(prob.truth["masks"].shape[0]), "subset_ratio": load_truth(cfg.truth)[1][
+                  "subset_ratio"], "rows": rows, "scorer": "trak", "rows_cosine": rows_cos,
+              "target": reach(rows, "carv"), "target_cosine": reach(rows_cos, "carv"),
+              "complete": sum(r["replicates"] for r in rows) == expected,
+              "pool": prob.n_pool, "queries": int(prob.queries.numel()), "config": asdict(cfg),
+              "command": command or "carv bench attribution --lds", "seconds": seconds}
+    atomic_write_json(out / "results.json", result)
+    if json_path is not None:
+        atomic_write_json(json_path, result)
+        plot_lds(result, Path(json_path).with_name(PLOT_FILE.name))
+    if progress:
+        for r in rows:
+            print(f"{r['method']:>13} K={r['K']:>3} evals={r['evaluations']:>3}  LDS {r['lds']:.4f} "
+                  f"+- {r['lds_se']:.4f} (n={r['replicates']})  cosine {_match(rows_cos, r)['lds']:.4f}")
+        print(json.dumps(result["target"]))
+    return result
 
 
 def _match(rows: list[dict], row: dict) -> dict:
