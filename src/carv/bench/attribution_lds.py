@@ -51,7 +51,7 @@ from carv.objectives.attribution import (
 from carv.timesteps import TimestepSampler
 
 __all__ = ["LDS_METHODS", "JSON_FILE", "LdsBenchConfig", "lds_config_from_flags", "lds", "crossed_se", "trak_scores",
-           "run_lds_bench"]
+           "lds_markdown", "lds_result", "run_lds_bench"]
 
 LDS_METHODS = ("carv", "iid", "d-trak", "d-trak-sds", "journey-trak")
 JSON_FILE = Path("docs") / "attribution_lds.json"
@@ -385,3 +385,24 @@ def plot_lds(result: dict, path: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def lds_markdown(result: dict, key: str = "rows") -> str:
+    """A markdown table: one row per method, one column per budget ``K``, cells ``LDS +- s.e.`` (with the
+    evaluations where they differ from ``K``, and the replicates when fewer than two)."""
+    rows = result[key]
+    budgets = sorted({r["K"] for r in rows})
+    lines = ["| method | " + " | ".join(f"K = {k}" for k in budgets) + " |",
+             "| --- |" + " --- |" * len(budgets)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for k in budgets:
+            r = next((x for x in rows if x["method"] == method and x["K"] == k), None)
+            if r is None:
+                cells.append("")
+                continue
+            extra = [f"{r['evaluations']} evals"] if r["evaluations"] != k else []
+            extra += [f"{r['replicates']} replicate"] if r["replicates"] < 2 else []
+            cells.append(f"{r['lds']:.3f} ± {r['lds_se']:.3f}" + (f" ({', '.join(extra)})" if extra else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
