@@ -241,3 +241,18 @@ def test_dattri_task_bad_input(digits_features):
     with pytest.raises(ValueError, match="batch_size"):
         draws_loader(feats, x, y, batch_size=0)
 
+
+
+def test_dattri_trak_attributor_with_shared_draws(digits_features):
+    pytest.importorskip("dattri")
+    from dattri.algorithm.trak import TRAKAttributor
+
+    from carv.integrations.dattri import diffusion_task, draws_loader, unit_probability
+
+    feats, x, y = digits_features
+    att = TRAKAttributor(task=diffusion_task(feats), correct_probability_func=unit_probability,
+                         projector_kwargs={"proj_dim": 16, "device": "cpu"}, device="cpu", regularization=1e-6)
+    att.cache(draws_loader(feats, x, y, generator=0, batch_size=4))
+    scores = att.attribute(draws_loader(feats, x[[1, 3]], y[[1, 3]], generator=0, batch_size=4))
+    assert scores.shape == (4, 2) and torch.isfinite(scores).all()
+    assert scores.argmax(0).tolist() == [1, 3]
