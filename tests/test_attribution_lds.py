@@ -256,3 +256,14 @@ def test_dattri_trak_attributor_with_shared_draws(digits_features):
     scores = att.attribute(draws_loader(feats, x[[1, 3]], y[[1, 3]], generator=0, batch_size=4))
     assert scores.shape == (4, 2) and torch.isfinite(scores).all()
     assert scores.argmax(0).tolist() == [1, 3]
+
+
+def test_cli_lds_flag_refuses_a_bad_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from carv.cli import app
+
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"methods": ["carv", "bogus"]}))
+    res = CliRunner().invoke(app, ["bench", "attribution", "--lds", "--config", str(bad), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "methods" in res.output
