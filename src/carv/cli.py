@@ -156,9 +156,22 @@ def bench_attribution(
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Random seed."),
     config: Path = typer.Option(None, "--config", help="JSON object of AttributionBenchConfig fields (a smaller "
                                                        "configuration than the default; the rest keep defaults)."),
+    lds: bool = typer.Option(False, "--lds", help="Linear datamodeling score against evaluations per example "
+                                                  "(writes docs/attribution_lds.json and its plot)."),
 ):
     """Digits attribution: feature variance, ranking stability (Spearman, top-10) and ECM at equal correlation
-    for iid / grid / stratified / importance / learned draws, independent or shared (CRN), per budget."""
+    for iid / grid / stratified / importance / learned draws, independent or shared (CRN), per budget.
+    With --lds: the LDS of each method against a retraining ground truth (carv.bench.attribution_lds)."""
+    if lds:
+        from carv.bench.attribution_lds import JSON_FILE, lds_config_from_flags, run_lds_bench
+
+        try:
+            lcfg = lds_config_from_flags(config, quick=quick, seed=seed, threads=threads)
+        except ValueError as e:
+            _bad_parameter(e)
+        run_lds_bench(Path("runs/bench-attribution-lds") if out == Path("runs/bench-attribution") else out,
+                      json_path=json_path or (None if quick else JSON_FILE), cfg=lcfg, command=_command_line())
+        return
     from carv.bench.attribution import AttributionBenchConfig, run_attribution_bench
     from carv.bench.harness import settings_from_json
 

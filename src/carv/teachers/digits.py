@@ -151,18 +151,33 @@ def make_digits_schedule() -> VPSchedule:
 
 # ---------------------------------------------------------------------------------------------- teacher
 def train_digits_teacher(
-    seed: int = 0, progress: bool = True, log=None, **overrides
+    seed: int = 0, progress: bool = True, log=None, indices: Tensor | None = None,
+    architecture: dict | None = None, size: int = 16, **overrides
 ) -> tuple[CompactUNet, dict]:
     """Train the digits DDPM with :data:`TEACHER_CONFIG` / :data:`TEACHER_TRAINING` (``overrides`` replace
-    training keywords, e.g. ``steps=200`` for a smoke run). Returns (EMA model, stats)."""
+    training keywords, e.g. ``steps=200`` for a smoke run). Returns (EMA model, stats).
+
+    ``indices`` (positions in the train split) trains on those images only (the subset models of an LDS
+    ground truth); ``architecture`` replaces :data:`TEACHER_CONFIG` keys (e.g. ``base_channels``); ``size`` is the
+    image size (8: the digits' native resolution, no upsampling)."""
     unknown = set(overrides) - set(TEACHER_TRAINING)
     if unknown:
         raise ValueError(
             f"overrides: unknown training keyword(s) {sorted(unknown)}; allowed: {sorted(TEACHER_TRAINING)}"
         )
+    bad_arch = set(architecture or {}) - set(TEACHER_CONFIG)
+    if bad_arch:
+        raise ValueError(f"architecture: unknown key(s) {sorted(bad_arch)}; allowed: {sorted(TEACHER_CONFIG)}")
     torch.manual_seed(seed)  # parameter init; the training loop itself uses its own generator
-    model = CompactUNet(**TEACHER_CONFIG)
-    x_train, y_train = load_digits_data("train")
+    model = CompactUNet(**{**TEACHER_CONFIG, **(architecture or {})})
+    x_train, y_train = load_digits_data("train", size)
+    if indices is not None:
+        n = x_train.shape[0]
+        if (not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.ndim != 1
+                or indices.numel() == 0 or int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise ValueError(f"indices: expected a non-empty 1-D int64 tensor of train-split positions in "
+                             f"0..{n - 1}, got {getattr(indices, 'shape', type(indices).__name__)}")
+        x_train, y_train = x_train[indices], y_train[indices]
 
     def sample_batch(batch_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         i = torch.randint(0, x_train.shape[0], (batch_size,), generator=g)
