@@ -117,5 +117,11 @@ def test_brief_summary_states_headline_bound_fraction_and_best_of_n(tmp_path):
     res["headline"]["bound_fraction"] = 0.9  # the headline's own fraction wins over its row's
     (docs / "demo_bench.json").write_text(json.dumps(res))
     assert "| 0.90 |" in render_block("all", "brief", tmp_path)
+    # the app's own default (the regime sweep's native row) is what a user gets: it takes the headline's place
+    res["headline_app_default"] = {"value": 1.5, "se": 0.1, "bound_fraction": 0.95, "R": 1, "K": 5,
+                                   "cost_ratio": 3.6}
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    assert ("| demo | the app's default, R = 1 K = 5 (cost ratio 3.6) | 1.50x +- 0.10 | 0.95 | - (rows on another "
+            "protocol) |") in render_block("all", "brief", tmp_path)
     for kind in ("run", "headline", "summary", "brief"):
         assert "2026" not in render_block("demo", kind, tmp_path)

@@ -363,8 +363,15 @@ def _gen_brief(name: str, res: dict | None, root: Path) -> str:
             continue
         h, b, f = r["headline"], r["best_of_n"], _headline_bound_fraction(r)
         note = f" ({SMOKE})" if r.get("smoke") else ""
-        lines.append(f"| {bench} | {_config(h['config'])} | {_ratio(h['value'], h.get('se'))}{note} | "
-                     f"{'not measured' if f is None else f'{f:.2f}'} | {_ratio(b['value'])} of N = {b['n']}{note} |")
+        app = r.get("headline_app_default")
+        if app is not None:  # the app's own run (regime sweep, native cost ratio) is what a user gets
+            config = f"the app's default, R = {app['R']} K = {app['K']} (cost ratio {app['cost_ratio']:.1f})"
+            h, f = {"value": app["value"], "se": app.get("se")}, app.get("bound_fraction")
+            best = "- (rows on another protocol)"
+        else:
+            config, best = _config(h["config"]), f"{_ratio(b['value'])} of N = {b['n']}{note}"
+        lines.append(f"| {bench} | {config} | {_ratio(h['value'], h.get('se'))}{note} | "
+                     f"{'not measured' if f is None else f'{f:.2f}'} | {best} |")
     return "\n".join(lines)
 
 
