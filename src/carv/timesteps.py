@@ -441,6 +441,19 @@ class TimestepSampler:
 
 
 # --------------------------------------------------------------------------- online proposals
+
+def _draw_records(t: Tensor, sq_norm: Tensor, num_timesteps: int) -> tuple[Tensor, Tensor]:
+    """Draws as the proposals record them: timesteps checked to lie in ``0..num_timesteps - 1`` (t = -1 would be
+    credited to the last bin) and flattened to int64 on the CPU, one finite float64 squared norm per timestep."""
+    check_timesteps(t, num_timesteps)
+    t = t.detach().reshape(-1).cpu().long()
+    v = sq_norm.detach().reshape(-1).cpu().to(torch.float64)
+    if t.numel() != v.numel():
+        raise ValueError(f"sq_norm: expected one value per timestep ({t.numel()}), got {v.numel()}")
+    if not torch.isfinite(v).all():
+        raise ValueError("sq_norm: contains NaN or inf")
+    return t, v
+
 class LearnedProposal:
     """The variance-optimal proposal ``q ~ p sqrt(E[||f||^2 | t])``, learned online.
 
@@ -473,13 +486,7 @@ class LearnedProposal:
         self.bin_of = (torch.arange(num_timesteps) * num_bins) // num_timesteps
 
     def update(self, t: Tensor, sq_norm: Tensor) -> None:
-        check_timesteps(t, self.bin_of.numel())  # t = -1 would be credited to the last bin
-        t = t.detach().reshape(-1).cpu().long()
-        v = sq_norm.detach().reshape(-1).cpu().to(torch.float64)
-        if t.numel() != v.numel():
-            raise ValueError(f"sq_norm: expected one value per timestep ({t.numel()}), got {v.numel()}")
-        if not torch.isfinite(v).all():
-            raise ValueError("sq_norm: contains NaN or inf")
+        t, v = _draw_records(t, sq_norm, self.bin_of.numel())
         b = self.bin_of[t]
         s = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, b, v)
         n = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(v))
@@ -606,12 +613,7 @@ class ProposalSelector:
     def update(self, t: Tensor, sq_norm: Tensor, sampler: TimestepSampler) -> None:
         """Record draws ``t`` (made by ``sampler`` as it is now) and their squared residual norms; feeds the learned
         candidate too."""
-        t = t.detach().reshape(-1).cpu().long()
-        s = sq_norm.detach().reshape(-1).cpu().to(torch.float64)
-        if t.numel() != s.numel():
-            raise ValueError(f"sq_norm: expected one value per timestep ({t.numel()}), got {s.numel()}")
-        if not torch.isfinite(s).all():
-            raise ValueError("sq_norm: contains NaN or inf")
+        t, s = _draw_records(t, sq_norm, self.num_timesteps)
         if self.learned is not None:
             self.learned.update(t, s)
         new = {"t": t.double(), "s": s, "q": sampler.q[t]}
