@@ -171,14 +171,16 @@ SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot, "distill"
 
 def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
     """``(R, K, overhead)``: the app's allocator's choice when a render costs ``ratio`` draws, and the fraction of
-    that step's cost its probes add (one probe step every ``interval`` steps, in draw-cost units)."""
-    probe_ratio = alloc.calibration["probe_ratio"] if alloc.calibration else 0.0
-    R, K, _ = alloc.choose(ratio, 1.0, probe_ratio)
-    Rp = max(R, 2)
-    Kp = max(alloc.probe_k_min, round(R * K / Rp))
-    step = R * (ratio + K)
-    extra = max(Rp * (ratio + Kp) + probe_ratio - step, 0.0) / alloc.interval
-    return R, K, extra / step
+    that step's cost its probes add (:meth:`Allocator.charged_cost`, in draw-cost units, at the interval the
+    allocator would probe at: the longest one on the plain pair, else the run's). A probe's own cost is two
+    vector-Jacobian products through the upstream, so it scales with the upstream's cost: the calibrated probe
+    cost times ``ratio`` over the native ratio."""
+    cal = alloc.calibration or {}
+    probe_ratio = cal.get("probe_ratio", 0.0) * ratio / cal.get("cost_ratio", ratio)
+    R, K, _ = alloc.choose(ratio, 1.0, probe_ratio, keep=False)  # a run at this ratio, not this one's pair
+    interval = alloc.probe_every_max if (R, K) == tuple(alloc.baseline) else alloc.interval
+    step = alloc.step_cost(R, K, ratio, 1.0)
+    return R, K, alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, interval) / step - 1.0
 
 
 def measure_seed(seed: int, args, out: Path) -> dict:

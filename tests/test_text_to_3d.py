@@ -881,7 +881,7 @@ def test_same_seed_same_result_when_every_stage_is_five_times_slower(monkeypatch
     """The main job's defaults (auto proposal, per-upstream strata, allocator at the plain step's budget), short:
     every stage timed by an injected clock, once at scale 1 and once 5x slower with other timing noise. The
     allocator reads calibrated, quantised cost ratios, so both runs make the same choices and end bit-identical."""
-    cfg = TextTo3DConfig(prompt="a red mushroom", steps=30, probe_every=4, accountant_every=4, k_init=4, seed=1,
+    cfg = TextTo3DConfig(prompt="a red mushroom", steps=30, probe_every=4, accountant_every=4, k_init=12, seed=1,
                          **TINY)
     a, rows_a = _run_on_clock(cfg, StageClock(1.0, 0), monkeypatch)
     b, rows_b = _run_on_clock(cfg, StageClock(5.0, 1), monkeypatch)

@@ -9,7 +9,14 @@ import statistics
 from collections.abc import Sequence
 
 from carv._validate import check_span
-from carv.accounting.algebra import _check_nonneg, _check_range, allocate, optimal_k, predicted_variance
+from carv.accounting.algebra import (
+    _check_nonneg,
+    _check_range,
+    allocate,
+    optimal_k,
+    predicted_variance,
+    work_normalised_variance,
+)
 from carv.accounting.meter import CostMeter, calibrate_costs
 
 __all__ = ["Allocator", "AutoK", "winsorised_mean", "plan_step", "choose_next"]
@@ -49,11 +56,19 @@ class Allocator:
 
     Modes:
 
-    - ``budget`` a number: seconds per step. Each re-choice is :func:`allocate` at that budget, over
-      ``r_range x k_range``, from the current component and cost estimates.
-    - ``budget="baseline"`` (the default): the budget is what the plain estimator's step costs, measured
-      from the same meter: ``R0 (c_up + K0 c_draw)`` with ``(R0, K0) = baseline`` (default ``(2, 1)``), so
-      the run spends exactly the baseline's per-step compute differently.
+    - ``budget`` a number: seconds per step, a cap. Each re-choice is :func:`allocate` at that budget, over
+      ``r_range x k_range``, from the current component and cost estimates: efficiency first (``Var * C``
+      within ``efficiency_tolerance``, default 3%, of the best the budget allows; that is ``K`` near ``K*``),
+      then the smallest variance (``R`` as large as the budget allows). ``efficiency_tolerance=None``: the
+      smallest variance the budget allows, whatever its efficiency (at a budget that fits one render with many
+      draws but not two, that spends draws beyond ``K*``: at render : draw cost 10 about 7% of the efficiency).
+    - ``budget="baseline"`` (the default): the cap is what the plain estimator's step costs, measured
+      from the same meter: ``R0 (c_up + K0 c_draw)`` with ``(R0, K0) = baseline`` (default ``(2, 1)``), and
+      the predicted variance of a step is at most the plain step's where the budget left after the probes'
+      charge allows one, so the chosen step is neither costlier nor noisier than the plain one, and the most
+      efficient such step. A pair in use stays while it is still acceptable (affordable, within the cap and
+      within ``efficiency_tolerance`` of the best efficiency): noise in the components cannot move the run
+      between near-equal neighbours, nor reset the probe interval (below) by such a move.
     - ``budget=None`` (free budget, the behaviour of :class:`AutoK`): ``R`` stays at ``r_init`` and ``K`` is
       :func:`optimal_k` (Var * C does not depend on ``R``).
 
@@ -70,7 +85,7 @@ class Allocator:
     choice no longer moves its cost buys nothing (at the plain estimator's budget the choice is one render
     with as many draws as fit, whatever the components). After ``settle`` re-choices in a row that keep the
     pair, the interval between probes doubles, up to ``probe_every_max`` (default ``8 * probe_every``); a
-    re-choice that moves the pair resets it to ``probe_every``. The charge of the probes' extra cost
+    re-choice that moves the pair halves it (not below ``probe_every``). The charge of the probes' extra cost
     follows the interval in use.
 
     **Robust start.** No re-choice before ``warmup`` observations; the estimates are winsorised means of the
@@ -111,7 +126,7 @@ class Allocator:
                  k_init: int = 1, every: int = 10, warmup: int = 3, window: int = 9, probe_every: int = 10,
                  probe_every_max: int | None = None, settle: int = 3, probe_k_min: int = 2,
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
-                 live_costs: bool = False, per_octave: int = 4):
+                 live_costs: bool = False, per_octave: int = 4, efficiency_tolerance: float | None = 0.03):
         if not isinstance(live_costs, bool):
             raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
         if not (budget is None or budget == "baseline"):
@@ -143,6 +158,12 @@ class Allocator:
         if isinstance(probe_every_max, bool) or not isinstance(probe_every_max, int) or probe_every_max < probe_every:
             raise ValueError(f"probe_every_max: expected an integer >= probe_every ({probe_every}), "
                              f"got {probe_every_max!r}")
+        if efficiency_tolerance is not None and not (
+                isinstance(efficiency_tolerance, (int, float)) and not isinstance(efficiency_tolerance, bool)
+                and 0.0 <= efficiency_tolerance < 1.0):
+            raise ValueError(f"efficiency_tolerance: expected a fraction in [0, 1) or None, "
+                             f"got {efficiency_tolerance!r}")
+        self.efficiency_tolerance = efficiency_tolerance
         self.budget = budget
         self.R, self.K = r_init, k_init
         self.every, self.warmup, self.window, self.probe_every = every, warmup, window, probe_every
@@ -210,41 +231,75 @@ class Allocator:
     def step_cost(self, R: int, K: int, cost_upstream: float, cost_draw: float) -> float:
         return R * (cost_upstream + K * cost_draw)
 
+    def charged_cost(self, R: int, K: int, cost_upstream: float, cost_draw: float, cost_probe: float,
+                     interval: int) -> float:
+        """The average cost of a step at ``(R, K)`` with one probe step every ``interval`` steps charged: the
+        step's cost plus the probe step's extra (its shape's cost and the probe's own, ``cost_probe``) over
+        ``interval``."""
+        R_p = max(R, 2)
+        step = self.step_cost(R, K, cost_upstream, cost_draw)
+        probe = self.step_cost(R_p, max(self.probe_k_min, round(R * K / R_p)), cost_upstream, cost_draw) + cost_probe
+        return step + max(probe - step, 0.0) / interval
+
     def choose(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0,
-               interval: int | None = None) -> tuple[int, int, float | None]:
+               interval: int | None = None, keep: bool = True) -> tuple[int, int, float | None]:
         """``(R, K, budget_of_ordinary_steps)`` from the current estimates and the given costs, with the probes'
-        extra cost charged at one probe every ``interval`` steps (default: the interval in use)."""
+        extra cost charged at one probe every ``interval`` steps (default: the interval in use). ``keep=False``:
+        the choice from scratch, without keeping the pair in use where it is still acceptable."""
         sb, sw = self.between, self.within
         if self.budget is None:
             k = optimal_k(sb, sw, cost_upstream, cost_draw, k_max=self.k_max, k_min=self.k_min)
             return self.R, k, None
+        base = self.baseline
         if self.budget == "baseline":
-            B = self.step_cost(*self.baseline, cost_upstream, cost_draw)
+            B = self.step_cost(*base, cost_upstream, cost_draw)
         else:
             B = float(self.budget)
         P = self.interval if interval is None else interval
+        # at the plain estimator's budget carv's step is never predicted noisier than the plain step
+        cap = (predicted_variance(sb, sw, *base)
+               if self.budget == "baseline" and self.efficiency_tolerance is not None else None)
         b_eff, pair = B, (self.R, self.K)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
-            R_p = max(pair[0], 2)
-            probe_cost = self.step_cost(R_p, max(2, round(pair[0] * pair[1] / R_p)), cost_upstream,
-                                        cost_draw) + cost_probe
-            b_eff = max((P * B - probe_cost) / (P - 1), 0.0)
+            probe_extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
+                           - self.step_cost(*pair, cost_upstream, cost_draw))
+            # the ordinary steps' budget: P steps, one of them a probe, average B
+            b_eff = max(B - probe_extra / P, 0.0) if P > 1 else B
             cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
-                            r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max))
+                            r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
+                            efficiency_tolerance=self.efficiency_tolerance, max_variance=cap)
+        # stability: the current pair stays while it is still an acceptable choice (affordable, within the variance
+        # cap and the efficiency tolerance of the best), so that noise in the components cannot move the pair
+        # between near-equal neighbours (each move also shortens the probe interval)
+        tol, cur = self.efficiency_tolerance, (self.R, self.K)
+        if (keep and tol is not None and pair != cur
+                and self._acceptable(cur, sb, sw, cost_upstream, cost_draw, b_eff, cap)):
+            best = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
+                            r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
+                            efficiency_tolerance=0.0, max_variance=cap)
+            wnv = work_normalised_variance
+            if wnv(sb, sw, cost_upstream, cost_draw, cur[1]) <= (1 + tol) * wnv(sb, sw, cost_upstream, cost_draw,
+                                                                                   best[1]):
+                pair = cur
         # at the plain estimator's budget the plain estimator itself (the baseline pair, probed only at the longest
-        # interval) stays a candidate, so the choice is never predicted worse than it: where probing costs more
-        # than reuse gains (cheap renders, costly probes) the run falls back to it and the probes become rare
-        base = self.baseline
+        # interval) stays a candidate, so the choice is never predicted less efficient than it: where probing
+        # costs more than reuse gains (cheap renders, costly probes) the run falls back to it and the probes
+        # become rare
         in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
         if self.budget == "baseline" and pair != base and in_range:
-            R_b = max(base[0], 2)
-            probe_b = self.step_cost(R_b, max(2, round(base[0] * base[1] / R_b)), cost_upstream,
-                                     cost_draw) + cost_probe
-            cost_b = self.step_cost(*base, cost_upstream, cost_draw) + max(probe_b - B, 0.0) / self.probe_every_max
-            if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * B:
+            cost_b = self.charged_cost(*base, cost_upstream, cost_draw, cost_probe, self.probe_every_max)
+            cost_p = self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, P)
+            if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * cost_p:
                 return base[0], base[1], B
         return pair[0], pair[1], b_eff
+
+    def _acceptable(self, pair, sb, sw, cost_upstream, cost_draw, budget, cap) -> bool:
+        """Whether ``pair`` is on the grid, affordable at ``budget`` and within the variance ``cap`` (if any)."""
+        R, K = pair
+        return (self.r_min <= R <= self.r_max and self.k_min <= K <= self.k_max
+                and self.step_cost(R, K, cost_upstream, cost_draw) <= budget
+                and (cap is None or predicted_variance(sb, sw, R, K) <= cap))
 
     def step(self, meter: CostMeter) -> tuple[int, int]:
         """Call once per optimisation step (after :meth:`observe`); returns ``(R, K)`` for the next step."""
@@ -304,7 +359,7 @@ class Allocator:
                 self.next_probe = min(self.next_probe, self.steps + self.interval)
                 self.unchanged = 0
         else:
-            self.unchanged, self.interval = 0, self.probe_every
+            self.unchanged, self.interval = 0, max(self.probe_every, self.interval // 2)
             self.next_probe = min(self.next_probe, self.steps + self.interval)
         if self.budget == "baseline" and (R, K) == self.baseline:
             # on the plain estimator the probes buy nothing until the components move: probe at the longest
