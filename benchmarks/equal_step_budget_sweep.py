@@ -62,7 +62,7 @@ def scaled_config(prompt: str, seed: int, length: int, threads: int = 1, **field
     return TextTo3DConfig(prompt=prompt, seed=seed, steps=length, anneal_steps=anneal, threads=threads, **fields)
 
 
-def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -> dict:
+def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1, **fields) -> dict:
     from carv.bench.compare import compare_text_to_3d
 
     out = run_dir(root, prompt, seed, length)
@@ -71,7 +71,7 @@ def run_one(root: Path, prompt: str, seed: int, length: int, threads: int = 1) -
         sm = json.loads(done.read_text())
         if sm.get("steps", {}).get("carv") == length and sm.get("steps", {}).get("baseline") == length:
             return sm
-    cfg = scaled_config(prompt, seed, length, threads)
+    cfg = scaled_config(prompt, seed, length, threads, **fields)
     return compare_text_to_3d(prompt, out, cfg, progress=False)
 
 
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="read the finished runs and print (or --json) the pairs")
     ap.add_argument("--json", default=None, help="with --report: write the result as FILE's KEY entry")
     ap.add_argument("--entry", default="equal_step_compute_budget_sweep")
+    ap.add_argument("--allocator", choices=("default", "fill-budget"), default="default",
+                    help="fill-budget: the allocator re-reads live stage costs and spends the whole plain step's "
+                         "budget (carv text-to-3d --live-costs --fill-budget)")
     args = ap.parse_args(argv)
     root = Path(args.root)
     if args.report:
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, (prompt, seed, length) in enumerate(jobs(prompts, seeds, lengths)):
         if i % n_lanes != lane:
             continue
-        sm = run_one(root, prompt, seed, length, args.threads)
+        fields = {"live_costs": True, "fill_budget": True} if args.allocator == "fill-budget" else {}
+        sm = run_one(root, prompt, seed, length, args.threads, **fields)
         f = sm["final"]
         print(json.dumps({"prompt": prompt, "seed": seed, "S": length, "R": sm["R_final"], "K": sm["K_final"],
                           "base": [round(f["baseline"]["psnr"], 2), round(f["baseline"]["iou"], 3)],

@@ -37,8 +37,8 @@ import torch
 from carv._machine import loadavg
 from carv._runfolder import atomic_write_json
 from carv.accounting import timed_estimate
-from carv.bench.harness import Config, fit_components, measure, reference_mean, run_record
-from carv.bench.regime import plot_regime_sweep, regime_row, write_regime_sweep
+from carv.bench.harness import Config, measure, reference_mean, run_record
+from carv.bench.regime import fit_variance_curve, plot_regime_sweep, regime_row, write_regime_sweep
 
 RATIOS = (1.0, "native", 10.0, 30.0)
 
@@ -198,6 +198,9 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     configs = [Config("uniform", *plain)]
     for R, K, _ in choices.values():
         configs += [c for c in (Config("carv", R, K), Config("uniform", R, K)) if c not in configs]
+    # the app's estimator along a grid of K (one render each), for its variance curve and bound
+    grid = [2 ** i for i in range(int(math.log2(min(snap.alloc.k_max, 64))) + 1)]
+    configs += [c for c in (Config("carv", 1, k) for k in grid) if c not in configs]
     ref, ref_var = reference_mean(snap.estimate, Config("carv", 8, 16), args.reference_estimates, seed + 7,
                                   desc=f"reference (seed {seed})")
     n_of = {c.key: args.baseline_replicates if (c.method, c.R, c.K) == ("uniform", *plain) else args.replicates
@@ -216,7 +219,7 @@ def measure_seed(seed: int, args, out: Path) -> dict:
 def seed_rows(res: dict) -> list[dict]:
     """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound."""
     rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
-    comps = fit_components([r for r in res["rows"] if r["method"] == "carv"], "carv")
+    comps = fit_variance_curve([r for r in res["rows"] if r["method"] == "carv"])
     base = rows[("uniform", *res.get("plain", (2, 1)))]
     c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
     out = []
@@ -224,6 +227,7 @@ def seed_rows(res: dict) -> list[dict]:
         R, K, overhead = res["choices"][str(ratio)]
         row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, overhead)
         row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
+        row["curve"] = list(comps)  # R Var = b + w_e / K + w_t / K^3 of the app's estimator
         out.append(row)
     return out
 
@@ -243,7 +247,8 @@ def sweep_rows(results: list[dict]) -> list[dict]:
                     "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
                     "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
                     "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "headline_ecm", "headline_se",
-                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm")} for r in rs]})
+                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm", "curve")}
+                                 for r in rs]})
     return out
 
 

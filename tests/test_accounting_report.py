@@ -190,3 +190,25 @@ def test_on_the_plain_pair_the_allocator_probes_at_its_longest_interval():
         a.observe(1.0, 4.0)
         a.step(m)
     assert (a.R, a.K) == (2, 1) and a.interval == a.probe_every_max == 80
+
+
+def test_variance_curve_fit_recovers_known_curves_and_its_bound_is_the_two_component_bound_without_strata():
+    from carv.accounting import efficiency_bound
+    from carv.bench.regime import curve_bound, fit_variance_curve
+
+    # exact rows of a stratified curve are recovered, and so is a two-component one (w_t = 0)
+    for curve in ((0.3, 1.0, 4.0), (0.2, 1.5, 0.0), (0.5, 0.0, 8.0)):
+        rows = [{"R": R, "K": K, "variance": (curve[0] + curve[1] / K + curve[2] / K ** 3) / R}
+                for R, K in ((1, 1), (1, 2), (2, 4), (1, 8), (1, 16))]
+        assert fit_variance_curve(rows) == pytest.approx(curve, abs=1e-9)
+    # without the K^-3 term and K* >= 1 the bound is the closed form; with it, never below the best integer K
+    for b, w, cu, cd in ((0.2, 1.0, 3.3, 1.0), (0.05, 2.0, 30.0, 1.0), (1.0, 1.0, 1.0, 1.0)):
+        assert curve_bound((b, w, 0.0), cu, cd) == pytest.approx(efficiency_bound(b, w, cu, cd), rel=1e-6)
+    b, we, wt, cu, cd = 0.3, 0.1, 20.0, 2.0, 1.0
+    best_int = min((b + we / k + wt / k ** 3) * (cu + k * cd) for k in range(1, 200))
+    assert curve_bound((b, we, wt), cu, cd) <= best_int
+    assert curve_bound((b, we, wt), cu, cd) > 0.9 * best_int
+    # where K* < 1 one draw per render is the floor: the bound is the K = 1 value, not the closed form's
+    assert curve_bound((10.0, 0.1, 0.0), 1.0, 1.0) == pytest.approx(10.1 * 2.0)
+    with pytest.raises(ValueError, match="3 distinct K"):
+        fit_variance_curve([{"R": 1, "K": 1, "variance": 1.0}, {"R": 1, "K": 2, "variance": 0.6}])

@@ -317,6 +317,8 @@ def text_to_3d_cmd(
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     live_costs: bool = typer.Option(False, "--live-costs", help="Re-measure the stage costs at every choice of "
                                     "(R, K) (default: calibrated once, so the same seed gives the same run)."),
+    fill_budget: bool = typer.Option(False, "--fill-budget", help="Spend the whole per-step budget (the smallest "
+                                     "variance it allows; default: the most efficient step within it)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
     t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
     t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep at step 0, a fraction of T (default 0.98)."),

@@ -6,8 +6,17 @@ the real job (replicates against a high-sample reference, :func:`carv.bench.harn
 estimate is ``R (c_up + K c_draw)`` with the measured draw cost ``c_draw`` and a simulated upstream cost
 ``c_up = cost_ratio * c_draw`` (the measured upstream cost plus a simulated extra one, or less for ratios below the
 native one). At each ratio the headline is what the app would choose given those costs (its own allocator), and
-the bound is the efficiency bound of the headline estimator's fitted components at those costs, as an ECM against
-the measured plain estimator (``R = 2, K = 1``, uniform timesteps).
+the bound is the efficiency bound of the headline estimator's fitted variance curve at those costs, as an ECM
+against the measured plain estimator (``R = 2, K = 1``, uniform timesteps).
+
+The variance curve (:func:`fit_variance_curve`): ``R Var = b + w_e / K + w_t / K^3``. The first two terms are
+DESIGN.md's two components; the third is what per-upstream stratification of ``t`` leaves of the timestep-driven
+part of the within variance (``K`` strata of width ``1/K``: a smooth mean's spread inside a stratum falls as
+``1/K^2`` per draw, ``1/K^3`` per row mean). With iid draws the fit returns ``w_t = 0`` and the curve is the
+two-component model; with strata the two-component fit misreads the curve (on distillation it reads ``w = 0`` from
+rows at ``K >= 12``, whose within part the strata have already removed, and its bound then assumes a step of one
+render and no draws). The bound is the curve's smallest ``Var * C`` over real ``K >= 1``
+(:func:`curve_bound`), so the sweep measures the headline estimator at a grid of ``K`` too.
 
 :func:`regime_row` is the arithmetic of one row, :func:`plot_regime_sweep` the figure and
 :func:`write_regime_sweep` the merge into a benchmark's JSON (existing keys kept).
@@ -21,11 +30,45 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from carv._runfolder import atomic_write_json, save_figure
-from carv.accounting import efficiency_bound
 
-__all__ = ["REGIME_KEYS", "regime_row", "plot_regime_sweep", "write_regime_sweep"]
+__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "regime_row", "plot_regime_sweep",
+           "write_regime_sweep"]
 
 REGIME_KEYS = ("cost_ratio", "headline_ecm", "headline_se", "bound_ecm", "bound_fraction", "K")
+
+
+def fit_variance_curve(rows: Sequence[dict]) -> tuple[float, float, float]:
+    """``(b, w_e, w_t)`` of ``R Var = b + w_e / K + w_t / K^3`` from measured rows (``R``, ``K``, ``variance``):
+    non-negative least squares (:func:`scipy.optimize.nnls`) with each row weighted by ``1 / variance``, so every
+    row counts relatively. Needs rows at 3 distinct ``K`` or more."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    if len({int(r["K"]) for r in rows}) < 3:
+        raise ValueError(f"rows: the variance curve needs rows at 3 distinct K or more, got K = "
+                         f"{sorted({int(r['K']) for r in rows})}")
+    A = np.array([[1.0, 1.0 / r["K"], 1.0 / r["K"] ** 3] for r in rows])
+    y = np.array([r["R"] * r["variance"] for r in rows])
+    if not (np.isfinite(y).all() and (y > 0).all()):
+        raise ValueError("rows: every variance must be a positive number")
+    sol, _ = nnls(A / y[:, None], np.ones(len(rows)))
+    return float(sol[0]), float(sol[1]), float(sol[2])
+
+
+def curve_bound(curve: Sequence[float], cost_upstream: float, cost_draw: float, k_max: float = 1e6) -> float:
+    """The smallest ``Var * C = (b + w_e / K + w_t / K^3)(c_up + K c_draw)`` over real ``K`` in ``[1, k_max]``
+    (bounded scalar minimisation; the function is unimodal in ``K``). With ``w_t = 0`` and ``K* >= 1`` this is
+    :func:`carv.accounting.efficiency_bound`."""
+    from scipy.optimize import minimize_scalar
+
+    b, we, wt = (float(v) for v in curve)
+
+    def wnv(k: float) -> float:
+        return (b + we / k + wt / k ** 3) * (cost_upstream + k * cost_draw)
+
+    res = minimize_scalar(lambda u: wnv(math.exp(u)), bounds=(0.0, math.log(k_max)), method="bounded",
+                          options={"xatol": 1e-9})
+    return min(float(res.fun), wnv(1.0))
 
 
 def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, components: tuple[float, float],
@@ -33,9 +76,10 @@ def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, co
     """One row of the sweep at ``cost_ratio``.
 
     ``base`` and ``head`` are measured rows (``R``, ``K``, ``variance``, ``variance_se``) of the plain estimator
-    and of the headline (the app's choice at this ratio); ``components`` the headline estimator's ``(sigma_b^2,
-    sigma_w^2)`` fitted over its measured rows; ``overhead`` the fraction of its step cost the headline pays on
-    top (probes, proposal refreshes). The SE of the ECM treats the two variances as independent (delta method).
+    and of the headline (the app's choice at this ratio); ``components`` the headline estimator's variance curve
+    (:func:`fit_variance_curve`, or the two components ``(sigma_b^2, sigma_w^2)``); ``overhead`` the fraction of
+    its step cost the headline pays on top (probes, proposal refreshes). The SE of the ECM treats the two
+    variances as independent (delta method).
     """
     if not (isinstance(cost_ratio, (int, float)) and math.isfinite(cost_ratio) and cost_ratio > 0):
         raise ValueError(f"cost_ratio: expected a positive number, got {cost_ratio!r}")
@@ -48,8 +92,8 @@ def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, co
     wnv_base, wnv_head = base["variance"] * cost_base, head["variance"] * cost_head
     ecm = wnv_base / wnv_head
     rel = math.hypot(base["variance_se"] / base["variance"], head["variance_se"] / head["variance"])
-    b, w = components
-    bound = wnv_base / efficiency_bound(b, w, c_up, c_d)
+    curve = tuple(components) + (0.0,) * (3 - len(components))
+    bound = wnv_base / curve_bound(curve, c_up, c_d)
     return {"cost_ratio": float(cost_ratio), "headline_ecm": ecm, "headline_se": ecm * rel, "bound_ecm": bound,
             "bound_fraction": ecm / bound, "K": int(head["K"]), "R": int(head["R"]), "cost_draw_s": c_d,
             "overhead": overhead}

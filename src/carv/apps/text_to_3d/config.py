@@ -33,8 +33,8 @@ METHODS = ("carv", "baseline")
 # config fields a resumed run may change (they do not change what a step computes)
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
 # settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
-# that reproduces how it started (its allocator re-measured stage costs live)
-LEGACY_SETTINGS = {"live_costs": True}
+# that reproduces how it started (its allocator re-measured stage costs live and filled the per-step budget)
+LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True}
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
 COMPARE_AT = ("step", "wall-clock")
 
@@ -70,6 +70,9 @@ class TextTo3DConfig:
     probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
     # the allocator reads cost ratios calibrated once at the start (same seed, same result); True: live medians
     live_costs: bool = False
+    # the allocator spends the whole per-step budget (the smallest variance it allows, whatever its efficiency);
+    # default: efficiency first within the budget (carv.accounting.Allocator, efficiency_tolerance)
+    fill_budget: bool = False
     guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
     guidance_end: float | None = None  # guidance moves linearly from guidance_scale to this at anneal_steps
     # the objective's timestep range, as fractions of T (threestudio's min/max_step_percent): (t_lo, t_hi) at

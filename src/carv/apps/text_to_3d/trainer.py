@@ -91,7 +91,8 @@ class Trainer:
                                    k_range=(2 if free else 1, cfg.k_max), r_init=cfg.R if free else 1,
                                    k_init=cfg.k_init,
                                    every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every,
-                                   live_costs=cfg.live_costs)
+                                   live_costs=cfg.live_costs,
+                                   efficiency_tolerance=None if cfg.fill_budget else 0.03)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
