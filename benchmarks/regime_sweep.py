@@ -1,6 +1,8 @@
 """The regime sweep: carv's default against the plain estimator and the efficiency bound at render : draw cost
-ratios 1, native, 10 and 30 (issue 24; DESIGN.md section 2, "What the bound says"), on the main text-to-3D job
-(``--app text-to-3d``) or the embedded toy problem of ``carv demo`` (``--app demo``).
+ratios 1, native, 10 and 30 (DESIGN.md section 2, "What the bound says"), on the main text-to-3D job
+(``--app text-to-3d``), the embedded toy problem of ``carv demo`` (``--app demo``) or DMD distillation with carv's
+:class:`carv.Accountant` around the app's training loop (``--app distill``; ``carv distill`` itself runs a fixed
+``R = 8, K = 16``).
 
 For each seed the app's default run is made first (text-to-3D: ``carv text-to-3d`` with that seed, trained to the
 middle snapshot ``--snapshot-step``, resumable; demo: ``--snapshot-step`` steps of the default estimator through
@@ -12,13 +14,15 @@ the app does not pay (no warm-up, no pilot):
   costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`; the probes' extra cost charged);
 - replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
   every ratio's (R, K), of uniform reuse at the same (R, K), and of the plain estimator (uniform, R = 2, K = 1);
-- the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``.
+- the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``;
+- the app's estimator along a grid of ``K`` (one upstream sample each), for its variance curve and the bound
+  (:func:`carv.bench.regime.fit_variance_curve`).
 
 Rows pool the seeds' variances (each seed its own run and reference). ``--json`` gets ``regime_sweep`` (its other
 keys kept) and the plot beside it. Resumable: rerun the same command.
 
-    nice -n 10 python benchmarks/regime_sweep.py --app text-to-3d --out /work/runs/issue-24/regime-t3d \\
-        --json docs/text_to_3d_bench.json --seeds 0 1 2 --replicates 90 --baseline-replicates 300
+    nice -n 10 python benchmarks/regime_sweep.py --app text-to-3d --out runs/regime-t3d \\
+        --json docs/text_to_3d_bench.json --seeds 0 1 2 --replicates 120 --baseline-replicates 400
 """
 
 from __future__ import annotations
@@ -278,7 +282,8 @@ def main() -> None:
         record = run_record(None, seeds=args.seeds, snapshot_step=args.snapshot_step, replicates=args.replicates,
                             baseline_replicates=args.baseline_replicates)
         native = next(r["cost_ratio"] for r in rows if r["native"])
-        write_regime_sweep(args.json, rows, record, native)
+        # distillation: carv's Accountant around the app's loop, not `carv distill`'s fixed default
+        write_regime_sweep(args.json, rows, record, native, app_default=args.app != "distill")
         shutil.copy(args.out / "regime_sweep.png", args.json.with_name(args.json.stem + "_regime_sweep.png"))
 
 

@@ -167,6 +167,12 @@ def test_regime_row_is_the_ecm_at_simulated_costs_and_never_beats_its_bound(tmp_
     assert data["other"] == 1 and set(REGIME_KEYS) <= set(data["regime_sweep"][0])
     assert data["headline"]["bound_fraction"] == pytest.approx(1.2 / rows[1]["bound_ecm"])
     assert data["headline_app_default"]["cost_ratio"] == 3.3
+    # a sweep of another configuration than the app's headline (distillation's Accountant): the rows only
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"headline": {"value": 3.1}}))
+    data = write_regime_sweep(other, rows, {"command": "x"}, 3.3, app_default=False)
+    assert "headline_app_default" not in data and "bound_fraction" not in data["headline"]
+    assert len(data["regime_sweep"]) == 4
 
 
 def test_the_plain_estimator_stays_a_candidate_where_probing_costs_more_than_reuse_gains():

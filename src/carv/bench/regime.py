@@ -127,16 +127,22 @@ def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "") -
     plt.close(fig)
 
 
-def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict, native_ratio: float) -> dict:
+def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict, native_ratio: float,
+                       app_default: bool = True) -> dict:
     """Merge ``regime_sweep`` (the rows) and ``regime_sweep_record`` (command, machine, settings) into the benchmark
-    JSON at ``json_path``, keeping its other keys. ``headline_app_default`` is the row at the native cost ratio
-    (the app's default as a user runs it, charged what the app pays), and the existing ``headline`` gets
-    ``bound_fraction``: its value over the bound the pipeline allows at the native ratio (that row's bound)."""
+    JSON at ``json_path``, keeping its other keys. With ``app_default`` (the sweep ran the app's own default),
+    ``headline_app_default`` is the row at the native cost ratio (the app's default as a user runs it, charged what
+    the app pays), and the existing ``headline`` gets ``bound_fraction``: its value over the bound the pipeline
+    allows at the native ratio (that row's bound). Without it (the sweep ran another configuration than the app's
+    headline, on another state) only the rows are written."""
     path = Path(json_path)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["regime_sweep"] = [{k: r[k] for k in REGIME_KEYS} | {k: v for k, v in r.items() if k not in REGIME_KEYS}
                             for r in rows]
     data["regime_sweep_record"] = dict(record)
+    if not app_default:
+        atomic_write_json(path, data)
+        return data
     native = min(rows, key=lambda r: abs(math.log(r["cost_ratio"] / native_ratio)))
     data["headline_app_default"] = {"value": native["headline_ecm"], "se": native["headline_se"],
                                     "bound_ecm": native["bound_ecm"], "bound_fraction": native["bound_fraction"],
