@@ -273,7 +273,12 @@ def main() -> None:
     results = [measure_seed(s, args, args.out) for s in args.seeds]
     rows = sweep_rows(results)
     atomic_write_json(args.out / "regime_sweep.json", {"rows": rows, "per_seed": results})
-    plot_regime_sweep(rows, args.out / "regime_sweep.png", f"{args.app}: carv default against the efficiency bound")
+    plain, png = results[0].get("plain", (2, 1)), args.out / "regime_sweep.png"
+    if args.app == "distill":
+        plot_regime_sweep(rows, png, "distill: carv's Accountant against the efficiency bound", plain,
+                          "carv's Accountant (its own choice)", "generator")
+    else:
+        plot_regime_sweep(rows, png, f"{args.app}: carv default against the efficiency bound", plain)
     for r in rows:
         print(f"cost ratio {r['cost_ratio']:5.1f}: K = {r['K']:2d}, ECM {r['headline_ecm']:.2f} +- "
               f"{r['headline_se']:.2f}, bound {r['bound_ecm']:.2f} ({r['bound_fraction']:.2f} of it); "

@@ -63,12 +63,13 @@ class Allocator:
       smallest variance the budget allows, whatever its efficiency (at a budget that fits one render with many
       draws but not two, that spends draws beyond ``K*``: at render : draw cost 10 about 7% of the efficiency).
     - ``budget="baseline"`` (the default): the cap is what the plain estimator's step costs, measured
-      from the same meter: ``R0 (c_up + K0 c_draw)`` with ``(R0, K0) = baseline`` (default ``(2, 1)``), and
-      the predicted variance of a step is at most the plain step's where the budget left after the probes'
-      charge allows one, so the chosen step is neither costlier nor noisier than the plain one, and the most
-      efficient such step. A pair in use stays while it is still acceptable (affordable, within the cap and
-      within ``efficiency_tolerance`` of the best efficiency): noise in the components cannot move the run
-      between near-equal neighbours, nor reset the probe interval (below) by such a move.
+      from the same meter: ``R0 (c_up + K0 c_draw)`` with ``(R0, K0) = baseline`` (default ``(2, 1)``), so the
+      chosen step is never costlier than the plain one, and the plain pair itself stays a candidate (below).
+      A pair in use stays while it is still acceptable (affordable and within ``efficiency_tolerance`` of the
+      best efficiency): noise in the components cannot move the run between near-equal neighbours, nor reset
+      the probe interval (below) by such a move. No cap on the step's variance: a step cheaper than the plain
+      one may be noisier, at a better ``Var * C`` (carv's components cannot predict the plain step's variance,
+      whose proposal and strata differ, and a cap read from them bound too tightly).
     - ``budget=None`` (free budget, the behaviour of :class:`AutoK`): ``R`` stays at ``r_init`` and ``K`` is
       :func:`optimal_k` (Var * C does not depend on ``R``).
 
@@ -256,9 +257,6 @@ class Allocator:
         else:
             B = float(self.budget)
         P = self.interval if interval is None else interval
-        # at the plain estimator's budget carv's step is never predicted noisier than the plain step
-        cap = (predicted_variance(sb, sw, *base)
-               if self.budget == "baseline" and self.efficiency_tolerance is not None else None)
         b_eff, pair = B, (self.R, self.K)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
             probe_extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
@@ -268,16 +266,16 @@ class Allocator:
             cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
-                            efficiency_tolerance=self.efficiency_tolerance, max_variance=cap)
-        # stability: the current pair stays while it is still an acceptable choice (affordable, within the variance
-        # cap and the efficiency tolerance of the best), so that noise in the components cannot move the pair
+                            efficiency_tolerance=self.efficiency_tolerance)
+        # stability: the current pair stays while it is still an acceptable choice (affordable and within the
+        # efficiency tolerance of the best), so that noise in the components cannot move the pair
         # between near-equal neighbours (each move also shortens the probe interval)
         tol, cur = self.efficiency_tolerance, (self.R, self.K)
         if (keep and tol is not None and pair != cur
-                and self._acceptable(cur, sb, sw, cost_upstream, cost_draw, b_eff, cap)):
+                and self._acceptable(cur, cost_upstream, cost_draw, b_eff)):
             best = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
-                            efficiency_tolerance=0.0, max_variance=cap)
+                            efficiency_tolerance=0.0)
             wnv = work_normalised_variance
             if wnv(sb, sw, cost_upstream, cost_draw, cur[1]) <= (1 + tol) * wnv(sb, sw, cost_upstream, cost_draw,
                                                                                    best[1]):
@@ -294,12 +292,11 @@ class Allocator:
                 return base[0], base[1], B
         return pair[0], pair[1], b_eff
 
-    def _acceptable(self, pair, sb, sw, cost_upstream, cost_draw, budget, cap) -> bool:
-        """Whether ``pair`` is on the grid, affordable at ``budget`` and within the variance ``cap`` (if any)."""
+    def _acceptable(self, pair, cost_upstream, cost_draw, budget) -> bool:
+        """Whether ``pair`` is on the grid and affordable at ``budget``."""
         R, K = pair
         return (self.r_min <= R <= self.r_max and self.k_min <= K <= self.k_max
-                and self.step_cost(R, K, cost_upstream, cost_draw) <= budget
-                and (cap is None or predicted_variance(sb, sw, R, K) <= cap))
+                and self.step_cost(R, K, cost_upstream, cost_draw) <= budget)
 
     def step(self, meter: CostMeter) -> tuple[int, int]:
         """Call once per optimisation step (after :meth:`observe`); returns ``(R, K)`` for the next step."""

@@ -99,8 +99,10 @@ def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, co
             "overhead": overhead}
 
 
-def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """ECM of the headline (with its error bar) and the bound against the cost ratio (log axis)."""
+def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "", plain: Sequence[int] = (2, 1),
+                      label: str = "carv default (the app's own choice)", upstream: str = "render") -> None:
+    """ECM of the headline (with its error bar) and the bound against the cost ratio (log axis); ``plain`` the
+    plain estimator's ``(R, K)``, ``label`` the headline's legend entry, ``upstream`` what the upstream stage is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,14 +113,14 @@ def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "") -
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
     ax.plot(x, [r["bound_ecm"] for r in rows], "k--", label="efficiency bound")
     ax.errorbar(x, [r["headline_ecm"] for r in rows], yerr=[r["headline_se"] for r in rows], fmt="o-",
-                color="tab:red", capsize=3, label="carv default (the app's own choice)")
-    for r in rows:
+                color="tab:red", capsize=3, label=label)
+    for i, r in enumerate(rows):
         ks = "/".join(str(q["K"]) for q in r.get("per_seed", [r]))  # each seed's own choice
-        ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points", xytext=(4, -12),
-                    fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.8, label="plain estimator (R = 2, K = 1)")
+        ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points",
+                    xytext=(4, -12 if i % 2 == 0 else 8), fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8, label=f"plain estimator (R = {plain[0]}, K = {plain[1]})")
     ax.set_xscale("log")
-    ax.set_xlabel("render : draw cost ratio  c_up / c_draw")
+    ax.set_xlabel(f"{upstream} : draw cost ratio  c_up / c_draw")
     ax.set_ylabel("ECM against the plain estimator")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
