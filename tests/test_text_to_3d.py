@@ -907,3 +907,47 @@ def test_summary_accounting_is_consistent_and_the_cli_says_the_bound(tmp_path):
     assert acc["bound_fraction"] == pytest.approx(acc["predicted_ecm"] / acc["bound_ecm"])
     last = res.output.strip().splitlines()[-1]
     assert last.startswith(f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator")
+
+
+def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_budget_filled(tmp_path):
+    """A run folder whose manifest predates ``fill_budget`` (and ``live_costs``) resumes as it started: the
+    allocator re-reading live costs and spending the whole plain step's budget; a new folder gets the default."""
+    from carv._runfolder import MANIFEST
+
+    out = tmp_path / "run"
+    args = ["text-to-3d", "a snowman", "--out", str(out), "--grid-resolution", "16", "--render-size", "32",
+            "--n-samples", "16", "--threads", "1"]
+    assert runner.invoke(app, [*args, "--steps", "2"]).exit_code == 0
+    assert json.loads((out / MANIFEST).read_text())["config"]["fill_budget"] is False
+    manifest = json.loads((out / MANIFEST).read_text())
+    for key in ("fill_budget", "live_costs"):
+        del manifest["config"][key]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    from safetensors import safe_open
+
+    from carv._runfolder import save_tensors
+
+    for ck in out.glob("checkpoint-*.safetensors"):  # the checkpoints an older carv wrote lack the keys too
+        with safe_open(str(ck), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(meta["state"])
+        for key in ("fill_budget", "live_costs"):
+            del state["config"][key]
+        meta = {k: v for k, v in meta.items() if k != "carv.sha256"} | {"state": json.dumps(state)}
+        save_tensors(ck, tensors, meta)
+    for steps in ("3", "4"):  # every resume, not only the first (the manifest now records the adopted values)
+        res = runner.invoke(app, [*args, "--steps", steps])
+        assert res.exit_code == 0, res.output
+    assert json.loads((out / MANIFEST).read_text())["config"]["fill_budget"] is True
+    # a folder started with --fill-budget resumes without the flag; one started without it refuses the flag
+    filled, plain = [*args[:3], str(tmp_path / "filled"), *args[4:]], [*args[:3], str(tmp_path / "plain"), *args[4:]]
+    for argv in ([*filled, "--steps", "2", "--fill-budget"], [*filled, "--steps", "3"], [*plain, "--steps", "2"]):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*plain, "--steps", "3", "--fill-budget"])
+    assert res.exit_code != 0 and "fill_budget" in res.output + str(res.exception)  # carv's main prints one line
+    from carv.apps.text_to_3d.run import open_run
+
+    with open_run("a snowman", out, TextTo3DConfig(steps=3, grid_resolution=16, render_size=32, n_samples=16,
+                                                   threads=1), progress=False) as (cfg, _, _p):
+        assert cfg.fill_budget is True and cfg.live_costs is True

@@ -68,7 +68,10 @@ def open_run(prompt: str, out_dir: str | Path | None, cfg: TextTo3DConfig | None
     digest = teacher_digest(teacher)
     identity = {**cfg.identity(), **({"compare_at": compare_at} if compare else {}),
                 **({"teacher_weights": digest} if digest else {})}
-    unset = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is None and f.name in identity]
+    # settings the user left at their default follow the folder: None fields, and legacy settings at their default
+    # (a folder that started before one existed keeps the value it ran with on every resume, not only the first)
+    unset = [f.name for f in dataclasses.fields(cfg) if f.name in identity and (
+        getattr(cfg, f.name) is None or (f.name in LEGACY_SETTINGS and getattr(cfg, f.name) == f.default))]
     with RunFolder(out, command, identity, RESUMABLE_CHANGES, fresh=fresh, unset=unset, legacy=LEGACY_SETTINGS,
                    ) as folder:
         if folder.previous is not None and progress:
