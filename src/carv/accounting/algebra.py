@@ -112,7 +112,7 @@ def _smallest_r_reaching(var_one: float, target: float, r_min: int, r_max: int) 
 def allocate(between: float, within: float, cost_upstream: float, cost_draw: float, *,
              budget: float | None = None, target_variance: float | None = None,
              r_range: tuple[int, int] = (1, 64), k_range: tuple[int, int] = (1, 256),
-             efficiency_tolerance: float | None = None, max_variance: float | None = None) -> tuple[int, int]:
+             efficiency_tolerance: float | None = None) -> tuple[int, int]:
     """The integer ``(R, K)`` that spends a per-step budget best, or reaches a variance most cheaply.
 
     Pass exactly one of:
@@ -122,12 +122,10 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
       smaller ``R``.
 
       With ``efficiency_tolerance`` (a fraction, e.g. 0.03) the budget is a cap and efficiency comes first:
-      among the affordable pairs (and those with variance at most ``max_variance``, when given) those whose
-      work-normalised variance ``Var * C`` is within ``1 + efficiency_tolerance`` of the smallest, and of those
-      the one with the smallest variance. ``Var * C`` does not depend on ``R``, so this is ``K`` near ``K*``
-      with ``R`` as large as the budget allows (DESIGN.md section 2), without the loss of filling a budget
-      that fits one render but not two with draws beyond ``K*``. When no affordable pair meets
-      ``max_variance`` the smallest variance the budget allows is returned.
+      among the affordable pairs those whose work-normalised variance ``Var * C`` is within
+      ``1 + efficiency_tolerance`` of the smallest, and of those the one with the smallest variance. ``Var * C``
+      does not depend on ``R``, so this is ``K`` near ``K*`` with ``R`` as large as the budget allows (DESIGN.md
+      section 2), without the loss of filling a budget that fits one render but not two with draws beyond ``K*``.
     - ``target_variance``: the cheapest pair with ``between / R + within / (R K) <= target_variance``.
       Ties in cost go to the smaller variance, then to the smaller ``R``.
 
@@ -150,8 +148,6 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
         _check_nonneg(budget=budget)
         if efficiency_tolerance is not None:
             _check_nonneg(efficiency_tolerance=efficiency_tolerance)
-        if max_variance is not None:
-            _check_nonneg(max_variance=max_variance)
         if between == within == 0 and r_min * (cost_upstream + k_min * cost_draw) <= budget:
             return r_min, k_min  # every pair has variance 0: the cheapest one
         pairs = []  # (variance, cost, R, K) of the largest affordable R at each K
@@ -166,11 +162,9 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
             raise ValueError(f"budget: {budget!r} s per step is below the cheapest pair on the grid, "
                              f"R={r_min}, K={k_min} at {cheapest!r} s")
         if efficiency_tolerance is not None:
-            ok = [p for p in pairs if max_variance is None or p[0] <= max_variance]
-            if ok:
-                wnv = {p: (between + within / p[3]) * (cost_upstream + p[3] * cost_draw) for p in ok}
-                least = min(wnv.values())
-                pairs = [p for p in ok if wnv[p] <= (1.0 + efficiency_tolerance) * least]
+            wnv = {p: (between + within / p[3]) * (cost_upstream + p[3] * cost_draw) for p in pairs}
+            least = min(wnv.values())
+            pairs = [p for p in pairs if wnv[p] <= (1.0 + efficiency_tolerance) * least]
         best = min(pairs)
         return best[2], best[3]
     _check_nonneg(target_variance=target_variance)
