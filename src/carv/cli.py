@@ -316,7 +316,7 @@ def text_to_3d_cmd(
                                             "chosen from the run's own draws), learned, weight or none."),
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     live_costs: bool = typer.Option(False, "--live-costs", help="Re-measure the stage costs at every choice of "
-                                    "(R, K) (default: calibrated once, so the same seed gives the same run)."),
+                                    "(R, K) (default: calibrated once and kept on resume)."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Spend the whole per-step budget (the smallest "
                                      "variance it allows; default: the most efficient step within it)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),

@@ -122,7 +122,7 @@ class Accountant:
         device: synchronise CUDA before reading the clock.
         generator: for the probe's random split of the draws.
         live_costs: re-read the stage medians at every re-choice instead of calibrating the cost ratios once
-            (:meth:`~carv.accounting.Allocator.costs`; the default makes the same seed give the same choices).
+            (:meth:`~carv.accounting.Allocator.costs`; the default keeps a resumed run's choices).
     """
 
     def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2,

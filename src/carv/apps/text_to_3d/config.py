@@ -68,7 +68,7 @@ class TextTo3DConfig:
     k_max: int = 16
     accountant_every: int = 20  # steps between re-choices of K
     probe_every: int = 10  # steps between parameter-space variance probes (2 extra backward passes each)
-    # the allocator reads cost ratios calibrated once at the start (same seed, same result); True: live medians
+    # the allocator reads cost ratios calibrated once at the start and kept on resume; True: live medians
     live_costs: bool = False
     # the allocator spends the whole per-step budget (the smallest variance it allows, whatever its efficiency);
     # default: efficiency first within the budget (carv.accounting.Allocator, efficiency_tolerance)
