@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    fields = {"live_costs": True, "fill_budget": True} if args.allocator == "fill-budget" else {}
     for i, (prompt, seed, length) in enumerate(jobs(prompts, seeds, lengths)):
         if i % n_lanes != lane:
             continue
-        fields = {"live_costs": True, "fill_budget": True} if args.allocator == "fill-budget" else {}
         sm = run_one(root, prompt, seed, length, args.threads, **fields)
         f = sm["final"]
         print(json.dumps({"prompt": prompt, "seed": seed, "S": length, "R": sm["R_final"], "K": sm["K_final"],

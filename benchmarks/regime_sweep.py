@@ -182,9 +182,8 @@ def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
     cal = alloc.calibration or {}
     probe_ratio = cal.get("probe_ratio", 0.0) * ratio / cal.get("cost_ratio", ratio)
     R, K, _ = alloc.choose(ratio, 1.0, probe_ratio, keep=False)  # a run at this ratio, not this one's pair
-    interval = alloc.probe_every_max if (R, K) == tuple(alloc.baseline) else alloc.interval
     step = alloc.step_cost(R, K, ratio, 1.0)
-    return R, K, alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, interval) / step - 1.0
+    return R, K, alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, alloc.probe_interval_for((R, K))) / step - 1.0
 
 
 def measure_seed(seed: int, args, out: Path) -> dict:

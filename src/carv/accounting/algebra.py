@@ -162,7 +162,7 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
             raise ValueError(f"budget: {budget!r} s per step is below the cheapest pair on the grid, "
                              f"R={r_min}, K={k_min} at {cheapest!r} s")
         if efficiency_tolerance is not None:
-            wnv = {p: (between + within / p[3]) * (cost_upstream + p[3] * cost_draw) for p in pairs}
+            wnv = {p: work_normalised_variance(between, within, cost_upstream, cost_draw, p[3]) for p in pairs}
             least = min(wnv.values())
             pairs = [p for p in pairs if wnv[p] <= (1.0 + efficiency_tolerance) * least]
         best = min(pairs)

@@ -199,8 +199,19 @@ class Allocator:
         sample (plus the draws that the minimum forces), e.g. ``(1, 8) -> (2, 4)``. With stratified draws pass
         ``probe_k_min=4``: at ``K = 2`` :class:`ComponentProbe` has no contrast free of the mean's drift across
         the two strata, so its within part reads the iid value and its between part comes out too low."""
-        R = max(self.R, 2)
-        return R, max(self.probe_k_min, round(self.R * self.K / R))
+        return self._probe_pair(self.R, self.K)
+
+    def _probe_pair(self, R: int, K: int) -> tuple[int, int]:
+        """The probe shape of the pair ``(R, K)`` (:meth:`probe_shape`; also what :meth:`charged_cost` charges)."""
+        R_p = max(R, 2)
+        return R_p, max(self.probe_k_min, round(R * K / R_p))
+
+    def probe_interval_for(self, pair: tuple[int, int]) -> int:
+        """The probe interval a run settles on at ``pair``: the longest one on the plain pair at its budget (the
+        probes there buy nothing until the components move), else the interval in use."""
+        if self.budget == "baseline" and tuple(pair) == self.baseline:
+            return self.probe_every_max
+        return self.interval
 
     def observe(self, between: float | None, within: float | None) -> None:
         """Record one measurement of the components (``None`` for one not measured: the other is kept).
@@ -239,9 +250,8 @@ class Allocator:
         """The average cost of a step at ``(R, K)`` with one probe step every ``interval`` steps charged: the
         step's cost plus the probe step's extra (its shape's cost and the probe's own, ``cost_probe``) over
         ``interval``."""
-        R_p = max(R, 2)
         step = self.step_cost(R, K, cost_upstream, cost_draw)
-        probe = self.step_cost(R_p, max(self.probe_k_min, round(R * K / R_p)), cost_upstream, cost_draw) + cost_probe
+        probe = self.step_cost(*self._probe_pair(R, K), cost_upstream, cost_draw) + cost_probe
         return step + max(probe - step, 0.0) / interval
 
     def choose(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0,
@@ -260,12 +270,12 @@ class Allocator:
             B = float(self.budget)
         P = self.interval if interval is None else interval
         b_eff, pair = B, (self.R, self.K)
+        cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
             probe_extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
                            - self.step_cost(*pair, cost_upstream, cost_draw))
             # the ordinary steps' budget: P steps, one of them a probe, average B
             b_eff = max(B - probe_extra / P, 0.0) if P > 1 else B
-            cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
                             efficiency_tolerance=self.efficiency_tolerance)
@@ -288,7 +298,7 @@ class Allocator:
         # become rare
         in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
         if self.budget == "baseline" and pair != base and in_range:
-            cost_b = self.charged_cost(*base, cost_upstream, cost_draw, cost_probe, self.probe_every_max)
+            cost_b = self.charged_cost(*base, cost_upstream, cost_draw, cost_probe, self.probe_interval_for(base))
             cost_p = self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, P)
             if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * cost_p:
                 return base[0], base[1], B
@@ -360,10 +370,7 @@ class Allocator:
         else:
             self.unchanged, self.interval = 0, max(self.probe_every, self.interval // 2)
             self.next_probe = min(self.next_probe, self.steps + self.interval)
-        if self.budget == "baseline" and (R, K) == self.baseline:
-            # on the plain estimator the probes buy nothing until the components move: probe at the longest
-            # interval, as the choice charged them (see choose)
-            self.interval = self.probe_every_max
+        self.interval = self.probe_interval_for((R, K))  # the longest on the plain pair, as choose charged it
         entry["probe_every"] = self.interval
         self.history.append(entry)
         _log.info("Allocator step %d: (R, K) %s -> (%d, %d); between %.4g within %.4g, c_up %.4g s, "
