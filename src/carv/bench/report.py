@@ -318,14 +318,21 @@ def _gen_rows(name: str, res: dict | None, root: Path) -> str:
     return markdown_table(res["rows"], ROW_COLUMNS_OF.get(name, ROW_COLUMNS), smoke=bool(res.get("smoke")))
 
 
+def _benchmark_results(root: Path):
+    """``(benchmark, JSON or None, protocol status, measured)`` for every benchmark, in table order; ``measured``
+    is False while the JSON is missing or pending (no headline to show)."""
+    for bench, path in BENCHMARKS.items():
+        r = _read_json(root / path)
+        st = protocol_status(r)
+        yield bench, r, st, st not in (PENDING, "no JSON")
+
+
 def _gen_summary(name: str, res: dict | None, root: Path) -> str:
     head = "| benchmark | status | headline (a priori) | best of N (upper bound) | load (1 min) | command |"
     sep = "| --- | --- | --- | --- | --- | --- |"
     body = []
-    for bench, path in BENCHMARKS.items():
-        r = _read_json(root / path)
-        st = protocol_status(r)
-        if st in (PENDING, "no JSON"):
+    for bench, r, st, measured in _benchmark_results(root):
+        if not measured:
             body.append(f"| {bench} | {st} | - | - | {_load(r) if r else '-'} | `{(r or {}).get('command', '-')}` |")
             continue
         h, b = r["headline"], r["best_of_n"]
@@ -355,10 +362,8 @@ def _gen_brief(name: str, res: dict | None, root: Path) -> str:
     efficiency bound, and the best of N rows as an upper bound (the commands are in BENCHMARKS.md)."""
     head = "| benchmark | headline, fixed in advance | ECM | fraction of bound | best of N (upper bound) |"
     lines = [head, "| --- | --- | --- | --- | --- |"]
-    for bench, path in BENCHMARKS.items():
-        r = _read_json(root / path)
-        st = protocol_status(r)
-        if st in (PENDING, "no JSON"):
+    for bench, r, st, measured in _benchmark_results(root):
+        if not measured:
             lines.append(f"| {bench} | {st} | - | - | - |")
             continue
         h, b, f = r["headline"], r["best_of_n"], _headline_bound_fraction(r)
