@@ -13,6 +13,7 @@ from carv.accounting import (
     CostMeter,
     accounting_sentence,
     accounting_summary,
+    calibration_sentence,
     efficiency_bound,
     work_normalised_variance,
 )
@@ -58,29 +59,31 @@ def test_accounting_sentence_says_the_bound_in_words():
 
 def test_quantised_cost_ratios_absorb_timing_noise_and_scale():
     assert quantise_ratio(8.0) == 8.0 and quantise_ratio(0.0) == 0.0
-    assert quantise_ratio(3.3) == pytest.approx(2 ** 1.75)
+    assert quantise_ratio(3.3) == pytest.approx(2 ** 1.5) and quantise_ratio(3.3, 4) == pytest.approx(2 ** 1.75)
+    assert quantise_ratio(4.7) == 4.0 and quantise_ratio(4.8) == pytest.approx(2 ** 2.5)  # the cut: 2^2.25 = 4.76
     g = torch.Generator().manual_seed(0)
     # a ratio in the middle of its grid cell: +-3% noise and any common scale give the same calibration
-    base = calibrate_costs(2 ** 1.75 * 0.004, 0.004)
+    base = calibrate_costs(2 ** 1.5 * 0.004, 0.004)
     for scale in (1.0, 5.0, 0.2):
         for _ in range(50):
             j = 1 + 0.03 * (2 * torch.rand(2, generator=g, dtype=torch.float64) - 1)
-            cal = calibrate_costs(2 ** 1.75 * 0.004 * scale * float(j[0]), 0.004 * scale * float(j[1]))
+            cal = calibrate_costs(2 ** 1.5 * 0.004 * scale * float(j[0]), 0.004 * scale * float(j[1]))
             assert cal["cost_ratio"] == base["cost_ratio"]
     with pytest.raises(ValueError, match="x"):
         quantise_ratio(-1.0)
 
 
-def _allocator_run(scale, seed=0, steps=120, live=False, jitter=0.0):
-    """A synthetic run (known components, costs 32 ms / 4 ms times ``scale``); returns every step's (R, K)."""
+def _allocator_run(scale, seed=0, steps=120, live=False, jitter=0.0, ratio=8.0, **pins):
+    """A synthetic run (known components, costs ``ratio`` x 4 ms / 4 ms times ``scale``); returns every step's
+    (R, K) and the allocator."""
     g = torch.Generator().manual_seed(seed)
-    a = Allocator("baseline", r_init=2, k_init=1, every=10, probe_every=10, live_costs=live)
+    a = Allocator("baseline", r_init=2, k_init=1, every=10, probe_every=10, live_costs=live, **pins)
     meter, shapes = CostMeter(), []
     for _ in range(steps):
         probe = a.probe_due()
         R, K = a.probe_shape() if probe else (a.R, a.K)
         j = 1 + jitter * (2 * torch.rand(2, generator=g, dtype=torch.float64) - 1)
-        meter.add("upstream", 0.032 * scale * float(j[0]) * R, count=R)
+        meter.add("upstream", 0.004 * ratio * scale * float(j[0]) * R, count=R)
         meter.add("draw", 0.004 * scale * float(j[1]) * R * K, count=R * K)
         if probe:
             y = 0.4 * torch.randn(R, 1, 8, generator=g, dtype=torch.float64) + torch.randn(R, K, 8, generator=g,
@@ -108,6 +111,38 @@ def test_allocator_choices_depend_only_on_calibrated_cost_ratios():
     m.add("draw", 1.0)  # other live costs: the restored calibration is what the choice reads
     assert b.costs(m) == (8.0, 1.0, a.calibration["probe_ratio"])
     assert _allocator_run(1.0, live=True)[1].calibration is None
+
+
+def test_pinned_cost_ratios_make_the_same_choices_whatever_the_measured_costs():
+    """Two machines whose measured render : draw ratios (4.6 and 5.0) fall either side of a cut of the grid
+    (2^2.25 = 4.76) calibrate to neighbouring grid points and choose differently; with the ratios pinned they make
+    the same choices, and the calibration says which ratios were pinned."""
+    a_shapes, a = _allocator_run(1.0, ratio=4.6)
+    b_shapes, b = _allocator_run(1.0, ratio=5.0)
+    assert (a.calibration["cost_ratio"], b.calibration["cost_ratio"]) == (4.0, pytest.approx(2 ** 2.5))
+    assert a_shapes != b_shapes
+    pins = {"cost_ratio": 5.0, "probe_ratio": 3.0}
+    pa_shapes, pa = _allocator_run(1.0, ratio=4.6, **pins)
+    pb_shapes, pb = _allocator_run(3.0, ratio=5.0, jitter=0.05, **pins)
+    assert pa_shapes == pb_shapes
+    for cal in (pa.calibration, pb.calibration):
+        assert (cal["cost_ratio"], cal["probe_ratio"], cal["pinned"]) == (5.0, 3.0, ["cost_ratio", "probe_ratio"])
+    assert calibration_sentence(pa.calibration).endswith("(pinned)")
+    line = calibration_sentence(a.calibration)
+    assert "measured 4.6" in line and "--cost-ratio 4 --probe-ratio" in line
+    assert calibration_sentence(None) is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"cost_ratio": 0.0}, "cost_ratio: expected a positive number"),
+    ({"cost_ratio": float("nan")}, "cost_ratio: expected a positive number"),
+    ({"probe_ratio": -1.0}, "probe_ratio: expected a non-negative number"),
+    ({"cost_ratio": True}, "cost_ratio: expected a positive number"),
+    ({"cost_ratio": 4.0, "live_costs": True}, "cost_ratio: a pinned cost ratio and live_costs=True exclude"),
+])
+def test_pinned_cost_ratios_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Allocator("baseline", **kw)
 
 
 def test_probe_steps_draw_iid_and_read_the_known_components_under_strata():

@@ -843,7 +843,7 @@ class StageClock:
     """A fake clock that only the stages move: each render costs ``render_s``, each teacher draw ``draw_s``, times
     ``scale`` (a loaded machine slows every stage alike) and a +-5% jitter from its own generator."""
 
-    def __init__(self, scale: float, seed: int, render_s: float = 0.004 * 2 ** 2.75, draw_s: float = 0.004):
+    def __init__(self, scale: float, seed: int, render_s: float = 0.004 * 2 ** 3, draw_s: float = 0.004):
         self.t, self.scale, self.render_s, self.draw_s = 0.0, scale, render_s, draw_s
         self.g = torch.Generator().manual_seed(seed)
 
@@ -885,12 +885,42 @@ def test_same_seed_same_result_when_every_stage_is_five_times_slower(monkeypatch
                          **TINY)
     a, rows_a = _run_on_clock(cfg, StageClock(1.0, 0), monkeypatch)
     b, rows_b = _run_on_clock(cfg, StageClock(5.0, 1), monkeypatch)
-    # guidance calls the teacher twice per draw: render : draw = 2^2.75 / 2, a point of the quantisation grid
-    assert a.alloc.calibration["cost_ratio"] == b.alloc.calibration["cost_ratio"] == 2 ** 1.75
+    # guidance calls the teacher twice per draw: render : draw = 2^3 / 2, a point of the quantisation grid
+    assert a.alloc.calibration["cost_ratio"] == b.alloc.calibration["cost_ratio"] == 4.0
     assert [(r["R"], r["K"]) for r in rows_a] == [(r["R"], r["K"]) for r in rows_b]
     assert len({(r["R"], r["K"]) for r in rows_a if not r["probe"]}) > 1  # the allocator did re-choose
     assert torch.equal(a.grid.density, b.grid.density) and torch.equal(a.grid.color, b.grid.color)
     assert a.alloc.costs(b.meter) == a.alloc.costs(a.meter)  # live medians differ 5x; the choice reads neither
+
+
+def test_pinned_cost_ratios_end_bit_identical_on_machines_whose_ratios_differ(monkeypatch):
+    """Two machines whose render : draw ratios (4.6 and 5.0) calibrate to neighbouring grid points: unpinned their
+    calibrations differ; with --cost-ratio / --probe-ratio pinned both runs make the same choices and end
+    bit-identical."""
+    base = dict(prompt="a red mushroom", steps=30, probe_every=4, accountant_every=4, k_init=12, seed=1, **TINY)
+    cals = [_run_on_clock(TextTo3DConfig(**base), StageClock(1.0, 0, render_s=0.008 * r), monkeypatch)[0]
+            .alloc.calibration["cost_ratio"] for r in (4.6, 5.0)]
+    assert cals == [4.0, pytest.approx(2 ** 2.5)]
+    pinned = TextTo3DConfig(**base, cost_ratio=5.0, probe_ratio=6.0)
+    a, rows_a = _run_on_clock(pinned, StageClock(1.0, 0, render_s=0.008 * 4.6), monkeypatch)
+    b, rows_b = _run_on_clock(pinned, StageClock(3.0, 1, render_s=0.008 * 5.0), monkeypatch)
+    assert a.alloc.calibration["pinned"] == ["cost_ratio", "probe_ratio"] and a.alloc.calibration["cost_ratio"] == 5.0
+    assert [(r["R"], r["K"]) for r in rows_a] == [(r["R"], r["K"]) for r in rows_b]
+    assert torch.equal(a.grid.density, b.grid.density) and torch.equal(a.grid.color, b.grid.color)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--cost-ratio", "-1"], "cost_ratio: expected a positive number"),
+    (["--probe-ratio", "inf"], "probe_ratio: expected a non-negative number"),
+    (["--cost-ratio", "4", "--live-costs"], "cost_ratio: pins the calibrated costs, which --live-costs"),
+    (["--cost-ratio", "4", "--K", "4"], "cost_ratio: only the accountant's choice of (R, K) reads it"),
+    (["--cost-ratio", "4", "--baseline"], "cost_ratio: only the accountant's choice of (R, K) reads it"),
+])
+def test_pinned_cost_ratio_flags_are_checked(tmp_path, argv, match):
+    res = runner.invoke(app, ["text-to-3d", "--out", str(tmp_path / "r"), "--steps", "1", *argv])
+    assert res.exit_code != 0
+    assert match in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "r").exists()  # refused before a folder was made
 
 
 def test_summary_accounting_is_consistent_and_the_cli_says_the_bound(tmp_path):
@@ -910,17 +940,20 @@ def test_summary_accounting_is_consistent_and_the_cli_says_the_bound(tmp_path):
 
 
 def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_budget_filled(tmp_path):
-    """A run folder whose manifest predates ``fill_budget`` (and ``live_costs``) resumes as it started: the
-    allocator re-reading live costs and spending the whole plain step's budget; a new folder gets the default."""
+    """A run folder whose manifest predates ``fill_budget`` (and ``live_costs``, ``between_estimate``) resumes as it
+    started: the allocator re-reading live costs, spending the whole plain step's budget and clipping its between
+    part at 0; a new folder gets the defaults."""
     from carv._runfolder import MANIFEST
+    from carv.apps.text_to_3d.config import LEGACY_SETTINGS as LEGACY
 
+    assert set(LEGACY) == {"fill_budget", "live_costs", "between_estimate"}
     out = tmp_path / "run"
     args = ["text-to-3d", "a snowman", "--out", str(out), "--grid-resolution", "16", "--render-size", "32",
             "--n-samples", "16", "--threads", "1"]
     assert runner.invoke(app, [*args, "--steps", "2"]).exit_code == 0
     assert json.loads((out / MANIFEST).read_text())["config"]["fill_budget"] is False
     manifest = json.loads((out / MANIFEST).read_text())
-    for key in ("fill_budget", "live_costs"):
+    for key in LEGACY:
         del manifest["config"][key]
     (out / MANIFEST).write_text(json.dumps(manifest))
     from safetensors import safe_open
@@ -931,7 +964,7 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
         with safe_open(str(ck), "pt") as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         state = json.loads(meta["state"])
-        for key in ("fill_budget", "live_costs"):
+        for key in LEGACY:
             del state["config"][key]
         meta = {k: v for k, v in meta.items() if k != "carv.sha256"} | {"state": json.dumps(state)}
         save_tensors(ck, tensors, meta)
@@ -950,4 +983,4 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
 
     with open_run("a snowman", out, TextTo3DConfig(steps=3, grid_resolution=16, render_size=32, n_samples=16,
                                                    threads=1), progress=False) as (cfg, _, _p):
-        assert cfg.fill_budget is True and cfg.live_costs is True
+        assert cfg.fill_budget is True and cfg.live_costs is True and cfg.between_estimate == "clipped"

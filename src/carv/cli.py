@@ -317,6 +317,11 @@ def text_to_3d_cmd(
     stratify: str = typer.Option(None, help="Stratification: per_upstream (default), global, lattice or none."),
     live_costs: bool = typer.Option(False, "--live-costs", help="Re-measure the stage costs at every choice of "
                                     "(R, K) (default: calibrated once and kept on resume)."),
+    cost_ratio: float = typer.Option(None, "--cost-ratio", help="Pin the render : draw cost ratio the accountant "
+                                     "chooses from (default: measured over the first steps; the run's summary.json "
+                                     "has the value it used)."),
+    probe_ratio: float = typer.Option(None, "--probe-ratio", help="Pin the variance probe's cost in draws (default: "
+                                      "measured). With --cost-ratio: the same choices on any machine."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Spend the whole per-step budget (the smallest "
                                      "variance it allows; default: the most efficient step within it)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),

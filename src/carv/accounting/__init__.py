@@ -33,16 +33,23 @@ from carv.accounting.algebra import (
     relative_efficiency,
     work_normalised_variance,
 )
-from carv.accounting.allocator import Allocator, AutoK, choose_next, plan_step, winsorised_mean
+from carv.accounting.allocator import Allocator, AutoK, choose_next, nonnegative_mean, plan_step, winsorised_mean
 from carv.accounting.components import VarianceComponents, between_component, variance_components, within_row_variance
 from carv.accounting.meter import CostMeter, Stopwatch, timed_estimate
 from carv.accounting.probe import ComponentProbe
-from carv.accounting.report import ACCOUNTING_KEYS, accounting_sentence, accounting_summary, bound_ecm
+from carv.accounting.report import (
+    ACCOUNTING_KEYS,
+    accounting_sentence,
+    accounting_summary,
+    bound_ecm,
+    calibration_sentence,
+)
 
 __all__ = [
     "ACCOUNTING_KEYS",
     "accounting_summary",
     "accounting_sentence",
+    "calibration_sentence",
     "bound_ecm",
     "VarianceComponents",
     "variance_components",
@@ -60,6 +67,7 @@ __all__ = [
     "Allocator",
     "AutoK",
     "winsorised_mean",
+    "nonnegative_mean",
     "plan_step",
     "choose_next",
     "ComponentProbe",

@@ -123,6 +123,8 @@ class Accountant:
         generator: for the probe's random split of the draws.
         live_costs: re-read the stage medians at every re-choice instead of calibrating the cost ratios once
             (:meth:`~carv.accounting.Allocator.costs`; the default keeps a resumed run's choices).
+        cost_ratio, probe_ratio: pin the upstream : draw and probe : draw cost ratios the choice reads (default:
+            measured; pinned, a run makes the same choices on any machine).
     """
 
     def __init__(self, objective: Any, params: Sequence[Tensor] | None = None, R: int = 2,
@@ -130,7 +132,8 @@ class Accountant:
                  k_range: tuple[int, int] = (1, 64), r_range: tuple[int, int] = (1, 64),
                  allocator: Allocator | None = None, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None, clock: Callable[[], float] = time.perf_counter,
-                 warmup: int = 3, live_costs: bool = False):
+                 warmup: int = 3, live_costs: bool = False, cost_ratio: float | None = None,
+                 probe_ratio: float | None = None):
         for name, v in (("R", R), ("probe_every", probe_every), ("choose_every", choose_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -140,7 +143,8 @@ class Accountant:
         self.params = list(params) if params is not None else None
         self.allocator = allocator if allocator is not None else Allocator(
             budget, r_range=r_range, k_range=k_range, r_init=R, k_init=min(max(objective.K, k_range[0]), k_range[1]),
-            every=choose_every, probe_every=probe_every, warmup=warmup, live_costs=live_costs)
+            every=choose_every, probe_every=probe_every, warmup=warmup, live_costs=live_costs, cost_ratio=cost_ratio,
+            probe_ratio=probe_ratio)
         self.meter = CostMeter(device, clock=clock)  # its clock times every stage of a step
         self.generator = generator
         self.clock = clock

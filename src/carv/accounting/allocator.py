@@ -8,6 +8,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from scipy.special import erfcx
+
 from carv._validate import check_span
 from carv.accounting.algebra import (
     _check_nonneg,
@@ -19,9 +21,10 @@ from carv.accounting.algebra import (
 )
 from carv.accounting.meter import CostMeter, calibrate_costs
 
-__all__ = ["Allocator", "AutoK", "winsorised_mean", "plan_step", "choose_next"]
+__all__ = ["Allocator", "AutoK", "winsorised_mean", "nonnegative_mean", "plan_step", "choose_next"]
 
 _log = logging.getLogger("carv.accounting")
+BETWEEN_ESTIMATES = ("posterior", "clipped")
 
 
 def winsorised_mean(values: Sequence[float], c: float = 10.0) -> float:
@@ -35,12 +38,41 @@ def winsorised_mean(values: Sequence[float], c: float = 10.0) -> float:
     in tests/test_allocator.py). Hand-written: ``scipy.stats.mstats.winsorize`` clips by rank (a fixed
     fraction of the sample), which at a window of 9 clips a bulk value on every call.
     """
+    xs = _winsorised(values, c)
+    return sum(xs) / len(xs)
+
+
+def _winsorised(values: Sequence[float], c: float = 10.0) -> list[float]:
+    """``values``, each clipped to ``median +- c * 1.4826 * MAD`` (:func:`winsorised_mean`)."""
     xs = [float(v) for v in values]
     if not xs:
         raise ValueError("values: need at least one value")
     med = statistics.median(xs)
     s = c * 1.4826 * statistics.median(abs(v - med) for v in xs)
-    return sum(min(max(v, med - s), med + s) for v in xs) / len(xs)
+    return [min(max(v, med - s), med + s) for v in xs]
+
+
+def nonnegative_mean(values: Sequence[float], c: float = 10.0) -> float:
+    """The mean of a quantity known to be ``>= 0`` from unbiased signed estimates of it: the posterior mean under a
+    flat prior on ``[0, inf)`` with a normal likelihood for the estimates' winsorised mean ``m`` (standard error
+    ``s``, the winsorised estimates' standard deviation over ``sqrt(n)``), i.e. the mean of ``N(m, s^2)`` truncated
+    at 0: ``m + s phi(m / s) / Phi(m / s)``.
+
+    The allocator's between part. Clipping ``m`` at 0 (the posterior's mode) reads "no between part" whenever the
+    signed estimates average below 0, which at ``R = 2`` happens whenever the within part is large, and then spends
+    everything on draws: one distillation seed's nine probes averaged -79k +- 184k where its variance curve's
+    between part was 263k, and it ran at ``K = 14`` where the best was 3, 0.42 of the bound. Its posterior mean,
+    111k, chose ``K = 3``. Since ``Var * C`` is linear in the between part, choosing by its posterior mean minimises
+    the posterior expected ``Var * C``. Where ``m`` is many standard errors above 0 this is ``m``; with one estimate
+    (no standard error) or identical ones it is ``max(m, 0)``. ``scipy.special.erfcx`` keeps the ratio finite far
+    below 0."""
+    xs = _winsorised(values, c)
+    m = statistics.fmean(xs)
+    s = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+    if not s > 0:
+        return max(m, 0.0)
+    # phi(a) / Phi(a) at a = m / s, through the scaled complementary error function: Phi(a) = erfc(-a / sqrt 2) / 2
+    return max(m + s * math.sqrt(2.0 / math.pi) / float(erfcx(-m / (s * math.sqrt(2.0)))), 0.0)
 
 
 class Allocator:
@@ -100,13 +132,16 @@ class Allocator:
     is clipped at 0 once, after averaging. Re-choices happen every ``every`` calls of :meth:`step`; each is appended to
     :attr:`history` and logged on the ``carv.accounting`` logger (INFO).
 
-    **Same seed, same result, within limits.** Measured live on a shared machine the stage costs make runs
-    irreproducible. By default (``live_costs=False``) the stage medians are calibrated once, at the first
-    re-choice, into ratios to the draw cost quantised to ``per_octave`` points per octave (:meth:`costs`),
-    recorded in :attr:`calibration` and the state dict: a resumed run reuses them, and a uniform slow-down of
-    every stage leaves them unchanged. Two fresh runs still differ when their measured ratios fall on either side
-    of a grid point (on the 2-core CPU box the main job's ratio measured 3.4-5.3 across fresh runs, from the few
-    early steps it reads). ``live_costs=True`` re-reads the medians at every re-choice.
+    **Same seed, same result.** Measured live on a shared machine the stage costs make runs irreproducible. By
+    default (``live_costs=False``) the stage medians are calibrated once, at the first re-choice, into ratios to
+    the draw cost quantised to ``per_octave`` points per octave (default 2: neighbours 41% apart, which costs at
+    most about 0.5% of the efficiency, since ``K*`` moves with the square root of the ratio), recorded in
+    :attr:`calibration` and the state dict: a resumed run reuses them, and a uniform slow-down of every stage
+    leaves them unchanged. Two fresh runs can still differ when their measured ratios fall on either side of a
+    cut between grid points, which no quantisation of a measured number can rule out (the main job's ratio
+    measured 4.9-5.3 across fresh runs on an idle 2-core box, 3.4-5.3 on a loaded one); ``cost_ratio`` and
+    ``probe_ratio`` pin the ratios (in draws) instead, so a run makes the same choices on any machine: the
+    calibration a run used is in its summary. ``live_costs=True`` re-reads the medians at every re-choice.
 
     **Assumptions.** (1) The components move slowly compared with ``window`` probe periods (they are the
     components of the current iterate's gradient; the median lags a trend by about ``window / 2``
@@ -129,9 +164,26 @@ class Allocator:
                  k_init: int = 1, every: int = 10, warmup: int = 3, window: int = 9, probe_every: int = 10,
                  probe_every_max: int | None = None, settle: int = 3, probe_k_min: int = 2,
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
-                 live_costs: bool = False, per_octave: int = 4, efficiency_tolerance: float | None = 0.03):
+                 live_costs: bool = False, per_octave: int = 2, efficiency_tolerance: float | None = 0.03,
+                 between_estimate: str = "posterior", cost_ratio: float | None = None,
+                 probe_ratio: float | None = None):
         if not isinstance(live_costs, bool):
             raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
+        for name, v, kind in (("cost_ratio", cost_ratio, "positive"), ("probe_ratio", probe_ratio, "non-negative")):
+            if v is None:
+                continue
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v < 0 or (kind == "positive" and v == 0)):
+                raise ValueError(f"{name}: expected a {kind} number (the stage's cost in draws) or None (measured), "
+                                 f"got {v!r}")
+            if live_costs:
+                raise ValueError(f"{name}: a pinned cost ratio and live_costs=True exclude each other "
+                                 f"(live costs re-measure every stage at every choice)")
+        self.pinned = {k: float(v) for k, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio))
+                       if v is not None}
+        if between_estimate not in BETWEEN_ESTIMATES:
+            raise ValueError(f"between_estimate: expected one of {', '.join(BETWEEN_ESTIMATES)}, "
+                             f"got {between_estimate!r}")
         if not (budget is None or budget == "baseline"):
             _check_nonneg(budget=budget)
             if budget == 0:
@@ -166,7 +218,7 @@ class Allocator:
                 and 0.0 <= efficiency_tolerance < 1.0):
             raise ValueError(f"efficiency_tolerance: expected a fraction in [0, 1) or None, "
                              f"got {efficiency_tolerance!r}")
-        self.efficiency_tolerance = efficiency_tolerance
+        self.efficiency_tolerance, self.between_estimate = efficiency_tolerance, between_estimate
         self.budget = budget
         self.R, self.K = r_init, k_init
         self.every, self.warmup, self.window, self.probe_every = every, warmup, window, probe_every
@@ -233,8 +285,13 @@ class Allocator:
 
     @property
     def between(self) -> float | None:
-        """The current between-upstream estimate: the winsorised mean of the signed observations, clipped at 0."""
-        return max(winsorised_mean([b for b, _ in self.observations]), 0.0) if self.observations else None
+        """The current between-upstream estimate from the signed observations: their posterior mean given that the
+        between part is ``>= 0`` (:func:`nonnegative_mean`; ``between_estimate="posterior"``, the default), or
+        their winsorised mean clipped at 0 (``"clipped"``, how runs chose before)."""
+        if not self.observations:
+            return None
+        bs = [b for b, _ in self.observations]
+        return nonnegative_mean(bs) if self.between_estimate == "posterior" else max(winsorised_mean(bs), 0.0)
 
     @property
     def within(self) -> float | None:
@@ -338,9 +395,11 @@ class Allocator:
         if self.calibration is None:
             if c_draw <= 0:
                 return None
-            self.calibration = calibrate_costs(c_up, c_draw, c_probe, self.per_octave)
-            _log.info("Allocator: costs calibrated at step %d: render : draw %.3g, probe : draw %.3g",
-                      self.steps, self.calibration["cost_ratio"], self.calibration["probe_ratio"])
+            self.calibration = calibrate_costs(c_up, c_draw, c_probe, self.per_octave) | self.pinned
+            self.calibration["pinned"] = sorted(self.pinned)
+            _log.info("Allocator: costs calibrated at step %d: render : draw %.3g, probe : draw %.3g%s",
+                      self.steps, self.calibration["cost_ratio"], self.calibration["probe_ratio"],
+                      f" (pinned: {', '.join(sorted(self.pinned))})" if self.pinned else "")
         cal = self.calibration
         unit = 1.0 if self.budget is None or self.budget == "baseline" else cal["cost_draw_s"]
         return cal["cost_ratio"] * unit, unit, cal["probe_ratio"] * unit

@@ -147,12 +147,13 @@ def timed_estimate(upstream: Callable[[], Tensor], objective: Callable[[Tensor],
     return x, out, secs
 
 
-def quantise_ratio(x: float, per_octave: int = 4) -> float:
+def quantise_ratio(x: float, per_octave: int = 2) -> float:
     """``x > 0`` rounded to the nearest point of the geometric grid ``2^(j / per_octave)`` (``0`` stays ``0``).
 
-    At 4 points per octave neighbouring values are 19% apart, so the scatter of a median over tens of timings
-    (a few per cent, even on a loaded machine, since load slows every stage alike) moves the result only where
-    the ratio sits next to a cut between two grid points."""
+    At 2 points per octave neighbouring values are 41% apart, so the scatter of a median over tens of timings
+    (5-10% between fresh runs on an idle machine; load slows every stage alike) moves the result only where the
+    ratio sits next to a cut between two grid points. The price is small: ``K*`` moves with the square root of
+    the cost ratio, and ``Var * C`` is flat near it (a ratio 19% off costs about 0.5% of the efficiency)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
         raise ValueError(f"x: expected a finite non-negative ratio, got {x!r}")
     if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
@@ -162,7 +163,7 @@ def quantise_ratio(x: float, per_octave: int = 4) -> float:
     return 2.0 ** (round(math.log2(x) * per_octave) / per_octave)
 
 
-def calibrate_costs(cost_upstream: float, cost_draw: float, cost_probe: float = 0.0, per_octave: int = 4) -> dict:
+def calibrate_costs(cost_upstream: float, cost_draw: float, cost_probe: float = 0.0, per_octave: int = 2) -> dict:
     """The frozen costs an allocator chooses from (DESIGN.md "Same seed, same result"): the stage medians'
     *ratios* to the draw cost, quantised by :func:`quantise_ratio`, with the medians they came from.
 

@@ -22,7 +22,7 @@ import math
 
 from carv.accounting.algebra import efficiency_bound, optimal_k, work_normalised_variance
 
-__all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm"]
+__all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm", "calibration_sentence"]
 
 ACCOUNTING_KEYS = ("cost_upstream_s", "cost_draw_s", "cost_ratio", "between", "within", "k_star", "bound_ecm",
                    "predicted_ecm", "bound_fraction", "R", "K", "proposal")
@@ -92,3 +92,18 @@ def accounting_sentence(acc: dict) -> str:
     return (f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator{where}; "
             f"carv's setting (R = {acc['R']}, K = {acc['K']}, proposal {acc.get('proposal') or 'uniform'}) gets "
             f"{acc['predicted_ecm']:.2f}x ({acc['bound_fraction']:.2f} of the bound)")
+
+
+def calibration_sentence(calibration: dict | None) -> str | None:
+    """The CLI's line about the cost ratios an allocator chose from (``Allocator.calibration``), with the flags
+    that repeat those choices on another machine; None before any calibration."""
+    if not calibration:
+        return None
+    up, probe = calibration["cost_ratio"], calibration["probe_ratio"]
+    pinned = set(calibration.get("pinned", ()))
+    how = ("pinned" if pinned == {"cost_ratio", "probe_ratio"} else
+           f"measured {calibration['cost_upstream_s'] / calibration['cost_draw_s']:.3g} and "
+           f"{calibration['cost_probe_s'] / calibration['cost_draw_s']:.3g}, quantised"
+           + (f"; {', '.join(sorted(pinned))} pinned" if pinned else "")
+           + f"; --cost-ratio {up:.6g} --probe-ratio {probe:.6g} makes the same choices on another machine")
+    return f"the accountant chose from costs in draws: render {up:.3g}, variance probe {probe:.3g} ({how})"

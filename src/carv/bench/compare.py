@@ -67,7 +67,8 @@ def _compare_in_folder(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, co
     equal_step = compare_at == "step"
     cfgs = {"carv": dataclasses.replace(cfg, method="carv"),
             "baseline": dataclasses.replace(cfg, method="baseline", K=None, proposal=None, stratify=None,
-                                            upstream=None, **baseline_lr_fields(cfg),
+                                            upstream=None, cost_ratio=None, probe_ratio=None,
+                                            **baseline_lr_fields(cfg),
                                             **({} if equal_step else dict(steps=10**9, budget_s=None)))}
     trainers = {m: Trainer(c, out / m, problem) for m, c in cfgs.items()}
     metrics = {m: prepare_run(t) for m, t in trainers.items()}

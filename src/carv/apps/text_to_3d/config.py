@@ -18,6 +18,7 @@ from carv._validate import (
     check_steps,
     check_threads,
 )
+from carv.accounting.allocator import BETWEEN_ESTIMATES
 from carv.apps.text_to_3d.latent import check_sd_folder
 from carv.apps.text_to_3d.problem import PROPOSALS, reference_checkpoint
 from carv.render import find_scene, get_scene
@@ -34,7 +35,7 @@ METHODS = ("carv", "baseline")
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
 # settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
 # that reproduces how it started (its allocator re-measured stage costs live and filled the per-step budget)
-LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True}
+LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True, "between_estimate": "clipped"}
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
 COMPARE_AT = ("step", "wall-clock")
 
@@ -73,6 +74,14 @@ class TextTo3DConfig:
     # the allocator spends the whole per-step budget (the smallest variance it allows, whatever its efficiency);
     # default: efficiency first within the budget (carv.accounting.Allocator, efficiency_tolerance)
     fill_budget: bool = False
+    # how the allocator reads the between part from its signed probes: "posterior" (its mean given that it is >= 0,
+    # carv.accounting.nonnegative_mean) or "clipped" (their mean clipped at 0, which reads 0 whenever they average
+    # below it and then spends everything on draws)
+    between_estimate: str = "posterior"
+    # the render : draw and probe : draw cost ratios the allocator chooses from (None: measured over the first steps
+    # and quantised); pinning both makes the same choices on any machine (a run's summary.json has its calibration)
+    cost_ratio: float | None = None
+    probe_ratio: float | None = None
     guidance_scale: float = 3.0  # the teacher's own sampling guidance; 7.5-15 oversaturate and add floaters
     guidance_end: float | None = None  # guidance moves linearly from guidance_scale to this at anneal_steps
     # the objective's timestep range, as fractions of T (threestudio's min/max_step_percent): (t_lo, t_hi) at
@@ -240,6 +249,18 @@ class TextTo3DConfig:
                              f"got {self.render_size}")
 
     def _validate_estimator(self) -> None:
+        for name in ("cost_ratio", "probe_ratio"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and (v > 0 if name == "cost_ratio" else v >= 0)):
+                raise ValueError(f"{name}: expected a {'positive' if name == 'cost_ratio' else 'non-negative'} "
+                                 f"number of draws' cost, got {v!r}")
+            if v is not None and self.live_costs:
+                raise ValueError(f"{name}: pins the calibrated costs, which --live-costs re-measures at every "
+                                 f"choice; pass one of them")
+            if v is not None and not self.auto_k:
+                raise ValueError(f"{name}: only the accountant's choice of (R, K) reads it, and this run fixes K")
+        if self.between_estimate not in BETWEEN_ESTIMATES:
+            raise ValueError(f"between_estimate: expected one of {BETWEEN_ESTIMATES}, got {self.between_estimate!r}")
         if self.resolved_proposal not in PROPOSALS:
             raise ValueError(f"proposal: expected one of {PROPOSALS}, got {self.proposal!r}")
         allowed = tuple(m for m in STRATIFY_MODES if m != "grid")

@@ -14,7 +14,7 @@ from carv import runner
 from carv._machine import loadavg, machine_info, set_threads
 from carv._progress import progress_bar
 from carv._runfolder import RunFolder, RunState, atomic_write_json
-from carv.accounting import accounting_sentence
+from carv.accounting import accounting_sentence, calibration_sentence
 from carv.apps.text_to_3d.config import (
     COMPARE_AT,
     DEFAULT_PROMPT,
@@ -121,11 +121,14 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
                    "steps": trainer.step_count, "train_seconds": trainer.elapsed, "final": final,
                    "K_final": trainer.K, "c_upstream_s": trainer.meter.median("upstream"),
                    "c_draw_s": trainer.meter.median("draw"), "resumed_from": trainer.resumed_from,
-                   "machine": machine_info(loadavg=loadavg()), "accounting": trainer.accounting()}
+                   "machine": machine_info(loadavg=loadavg()), "accounting": trainer.accounting(),
+                   "calibration": trainer.alloc.calibration if trainer.alloc is not None else None}
         atomic_write_json(out / "summary.json", summary)
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
                   f"{quality_text(final)}, K = {trainer.K}; run folder: {out}")
+            if calibration_sentence(summary["calibration"]):
+                print(calibration_sentence(summary["calibration"]))
             print(accounting_sentence(summary["accounting"]))
         return summary
 

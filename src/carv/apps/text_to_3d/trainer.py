@@ -92,7 +92,9 @@ class Trainer:
                                    k_init=cfg.k_init,
                                    every=cfg.accountant_every, warmup=3, window=9, probe_every=cfg.probe_every,
                                    live_costs=cfg.live_costs,
-                                   efficiency_tolerance=None if cfg.fill_budget else 0.03)
+                                   efficiency_tolerance=None if cfg.fill_budget else 0.03,
+                                   between_estimate=cfg.between_estimate, cost_ratio=cfg.cost_ratio,
+                                   probe_ratio=cfg.probe_ratio)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
