@@ -191,12 +191,12 @@ def test_allocator_converges_at_the_baseline_budget_with_probes_charged(budget_f
     R, K = alloc.R, alloc.K
     last = alloc.history[-1]  # budget and costs in the units the allocator chose in (draw costs at "baseline")
     cu_, cd_ = last["cost_upstream"], last["cost_draw"]
-    R0, K0 = allocate(sb, sw, cu_, cd_, budget=last["budget"], efficiency_tolerance=0.03)
-    var = (sb + sw / K) / R
-    var_opt = (sb + sw / K0) / R0
-    # the same criterion with the true components: efficiency and variance each within 10% of brute force
-    assert var <= 1.10 * var_opt, (R, K, R0, K0)
-    assert (sb + sw / K) * (cu_ + K * cd_) <= 1.10 * (sb + sw / K0) * (cu_ + K0 * cd_), (R, K, R0, K0)
+    # the allocator's criterion: the most efficient pair (selection="efficient", tolerance 0)
+    R0, K0 = allocate(sb, sw, cu_, cd_, budget=last["budget"], efficiency_tolerance=0.0)
+    # the same criterion with the true components: efficiency within 5% of brute force, R within one of its R (K
+    # is read from noisy components: 11 against 13 here is 0.5% in Var * C but 11% in variance)
+    assert (sb + sw / K) * (cu_ + K * cd_) <= 1.05 * (sb + sw / K0) * (cu_ + K0 * cd_), (R, K, R0, K0)
+    assert abs(R - R0) <= 1, (R, K, R0, K0)
     if budget_factor == 1.0:
         assert R == 1 and K > 2  # fewer renders, more draws each
     else:
@@ -333,6 +333,37 @@ def test_allocator_posterior_between_part_costs_nothing_where_the_between_part_i
     assert statistics.fmean(r["posterior"]) < 1.05 and statistics.fmean(r["clipped"]) < 1.05
 
 
+def test_allocator_selection_takes_the_most_efficient_pair_or_the_least_variance_within_the_tolerance():
+    """Known components (sb = 1, sw = 20) at render : draw 30 and the plain step's budget, less the probes' charge
+    (one render with up to 29 draws): ``"efficient"`` takes K* (24.5, the better integer, at R = 1);
+    ``"least-variance"`` the largest affordable K within 3% of its Var * C. Both are allocate's brute force under
+    their criterion at the budget the allocator charged."""
+    from carv.accounting import Allocator
+    from carv.accounting.algebra import work_normalised_variance as wnv
+
+    def wnv_k(k):
+        return wnv(1.0, 20.0, 30.0, 1.0, k)
+
+    picks = {}
+    for sel in ("efficient", "least-variance"):
+        a = Allocator("baseline", selection=sel, k_range=(1, 64))
+        for _ in range(3):
+            a.observe(1.0, 20.0)
+        picks[sel] = a.choose(30.0, 1.0)
+    budget = picks["efficient"][2]
+    ks = [k for k in range(1, 65) if 30.0 + k <= budget]
+    best_k = min(ks, key=wnv_k)
+    assert picks["efficient"][:2] == (1, best_k) == allocate(1.0, 20.0, 30.0, 1.0, budget=budget,
+                                                             efficiency_tolerance=0.0)
+    lv_budget = picks["least-variance"][2]
+    top_k = max(k for k in range(1, 65) if 30.0 + k <= lv_budget and wnv_k(k) <= 1.03 * wnv_k(best_k))
+    assert top_k > best_k + 2  # the tolerance band is wide here: the least variance costs efficiency
+    assert picks["least-variance"][:2] == (1, top_k) == allocate(1.0, 20.0, 30.0, 1.0, budget=lv_budget,
+                                                                   efficiency_tolerance=0.03)
+    with pytest.raises(ValueError, match="selection: expected one of efficient, least-variance"):
+        Allocator(selection="cheapest")
+
+
 def test_allocator_between_estimate_is_checked():
     from carv.accounting import Allocator
 
@@ -358,10 +389,10 @@ def test_allocator_chooses_many_renders_when_the_between_part_is_large():
                                  clip=False, component_probe=True)
             assert avg <= B * 1.02
             R, K = alloc.R, alloc.K
-            R0, K0 = allocate(sb, sw, cu, cd, budget=alloc.history[-1]["budget"], efficiency_tolerance=0.03)
-            # the same criterion with the true components: efficiency and variance each within 10%
+            R0, K0 = allocate(sb, sw, cu, cd, budget=alloc.history[-1]["budget"], efficiency_tolerance=0.0)
+            # the same criterion with the true components: efficiency within 10%, and R within one of its R
             assert (sb + sw / K) * (cu + K * cd) <= 1.10 * (sb + sw / K0) * (cu + K0 * cd), (factor, seed, R, K)
-            assert (sb + sw / K) / R <= 1.10 * (sb + sw / K0) / R0, (factor, seed, R, K, R0, K0, alloc.between)
+            assert abs(R - R0) <= 1, (factor, seed, R, K, R0, K0, alloc.between)
             if factor > 1:
                 assert R >= 4, (seed, R, K)  # several renders per step, not one with many draws
     with pytest.raises(ValueError, match="between"):

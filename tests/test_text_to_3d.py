@@ -940,13 +940,13 @@ def test_summary_accounting_is_consistent_and_the_cli_says_the_bound(tmp_path):
 
 
 def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_budget_filled(tmp_path):
-    """A run folder whose manifest predates ``fill_budget`` (and ``live_costs``, ``between_estimate``) resumes as it
-    started: the allocator re-reading live costs, spending the whole plain step's budget and clipping its between
-    part at 0; a new folder gets the defaults."""
+    """A run folder whose manifest predates ``fill_budget`` (and ``live_costs``, ``between_estimate``, ``selection``)
+    resumes as it started: the allocator re-reading live costs, spending the whole plain step's budget and clipping
+    its between part at 0; a new folder gets the defaults."""
     from carv._runfolder import MANIFEST
     from carv.apps.text_to_3d.config import LEGACY_SETTINGS as LEGACY
 
-    assert set(LEGACY) == {"fill_budget", "live_costs", "between_estimate"}
+    assert set(LEGACY) == {"fill_budget", "live_costs", "between_estimate", "selection"}
     out = tmp_path / "run"
     args = ["text-to-3d", "a snowman", "--out", str(out), "--grid-resolution", "16", "--render-size", "32",
             "--n-samples", "16", "--threads", "1"]
@@ -984,3 +984,4 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
     with open_run("a snowman", out, TextTo3DConfig(steps=3, grid_resolution=16, render_size=32, n_samples=16,
                                                    threads=1), progress=False) as (cfg, _, _p):
         assert cfg.fill_budget is True and cfg.live_costs is True and cfg.between_estimate == "clipped"
+        assert cfg.selection == "least-variance"

@@ -25,6 +25,7 @@ __all__ = ["Allocator", "AutoK", "winsorised_mean", "nonnegative_mean", "plan_st
 
 _log = logging.getLogger("carv.accounting")
 BETWEEN_ESTIMATES = ("posterior", "clipped")
+SELECTIONS = ("efficient", "least-variance")
 
 
 def winsorised_mean(values: Sequence[float], c: float = 10.0) -> float:
@@ -89,11 +90,15 @@ class Allocator:
     Modes:
 
     - ``budget`` a number: seconds per step, a cap. Each re-choice is :func:`allocate` at that budget, over
-      ``r_range x k_range``, from the current component and cost estimates: efficiency first (``Var * C``
-      within ``efficiency_tolerance``, default 3%, of the best the budget allows; that is ``K`` near ``K*``),
-      then the smallest variance (``R`` as large as the budget allows). ``efficiency_tolerance=None``: the
-      smallest variance the budget allows, whatever its efficiency (at a budget that fits one render with many
-      draws but not two, that spends draws beyond ``K*``: at render : draw cost 10 about 7% of the efficiency).
+      ``r_range x k_range``, from the current component and cost estimates: the most efficient pair the budget
+      allows (``selection="efficient"``, the default: the ``K`` of the least ``Var * C``, which is ``K*`` rounded,
+      and ``R`` as large as the budget allows at it). ``selection="least-variance"``: of the pairs within
+      ``efficiency_tolerance`` (default 3%) of the best ``Var * C``, the one with the smallest variance; at a fixed
+      ``R`` that is the largest ``K`` within the tolerance, which spends up to the tolerance on every choice and,
+      since the components' iid model over-values large ``K`` under strata, measured 2-7% more on the saved
+      sweep snapshots at render : draw 10-30. ``efficiency_tolerance=None``: the smallest variance the budget allows,
+      whatever its efficiency (at a budget that fits one render with many draws but not two, that spends draws
+      beyond ``K*``: at render : draw cost 10 about 7% of the efficiency).
     - ``budget="baseline"`` (the default): the cap is what the plain estimator's step costs, measured
       from the same meter: ``R0 (c_up + K0 c_draw)`` with ``(R0, K0) = baseline`` (default ``(2, 1)``), so the
       chosen step is never costlier than the plain one, and the plain pair itself stays a candidate (below).
@@ -154,9 +159,10 @@ class Allocator:
     32 ms / 4 ms, components measured by R x K probes of 64-dimensional values every 10 steps, every tenth
     measurement, the first included, a thousand times too large; 400 steps): against the brute-force optimum
     (:func:`allocate` with the true components, the same criterion and the same probe-charged budget), the
-    final pair's ``Var * C`` was at most 5.1% above it over 5 seeds x 3 within/between ratios (2, 20, 400) x 2
+    final pair's ``Var * C`` was at most 5.0% above it over 5 seeds x 3 within/between ratios (2, 20, 400) x 2
     budgets (the plain estimator's step, where it picks ``R = 1``, and 6 times that, where it picks ``R >= 2``),
-    its variance at most 19% (a pair within the tolerance stays). Measured pipelines: BENCHMARKS.md.
+    its variance at most 11% (a pair within the tolerance stays); with ``selection="least-variance"`` 14% and 20%.
+    Measured pipelines: BENCHMARKS.md.
     """
 
     def __init__(self, budget: float | str | None = "baseline", *, baseline: tuple[int, int] = (2, 1),
@@ -166,7 +172,7 @@ class Allocator:
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
                  live_costs: bool = False, per_octave: int = 2, efficiency_tolerance: float | None = 0.03,
                  between_estimate: str = "posterior", cost_ratio: float | None = None,
-                 probe_ratio: float | None = None):
+                 probe_ratio: float | None = None, selection: str = "efficient"):
         if not isinstance(live_costs, bool):
             raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
         for name, v, kind in (("cost_ratio", cost_ratio, "positive"), ("probe_ratio", probe_ratio, "non-negative")):
@@ -181,6 +187,9 @@ class Allocator:
                                  f"(live costs re-measure every stage at every choice)")
         self.pinned = {k: float(v) for k, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio))
                        if v is not None}
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.selection = selection
         if between_estimate not in BETWEEN_ESTIMATES:
             raise ValueError(f"between_estimate: expected one of {', '.join(BETWEEN_ESTIMATES)}, "
                              f"got {between_estimate!r}")
@@ -326,6 +335,10 @@ class Allocator:
         else:
             B = float(self.budget)
         P = self.interval if interval is None else interval
+        # "efficient": the least Var * C (tolerance 0), R the largest affordable at it; the tolerance then only keeps
+        # a pair in use (below)
+        select_tol = (0.0 if self.selection == "efficient" and self.efficiency_tolerance is not None
+                      else self.efficiency_tolerance)
         b_eff, pair = B, (self.R, self.K)
         cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
@@ -335,7 +348,7 @@ class Allocator:
             b_eff = max(B - probe_extra / P, 0.0) if P > 1 else B
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
-                            efficiency_tolerance=self.efficiency_tolerance)
+                            efficiency_tolerance=select_tol)
         # stability: the current pair stays while it is still an acceptable choice (affordable and within the
         # efficiency tolerance of the best), so that noise in the components cannot move the pair
         # between near-equal neighbours (each move also shortens the probe interval)

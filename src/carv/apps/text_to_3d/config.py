@@ -18,7 +18,7 @@ from carv._validate import (
     check_steps,
     check_threads,
 )
-from carv.accounting.allocator import BETWEEN_ESTIMATES
+from carv.accounting.allocator import BETWEEN_ESTIMATES, SELECTIONS
 from carv.apps.text_to_3d.latent import check_sd_folder
 from carv.apps.text_to_3d.problem import PROPOSALS, reference_checkpoint
 from carv.render import find_scene, get_scene
@@ -35,7 +35,8 @@ METHODS = ("carv", "baseline")
 RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
 # settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
 # that reproduces how it started (its allocator re-measured stage costs live and filled the per-step budget)
-LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True, "between_estimate": "clipped"}
+LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True, "between_estimate": "clipped",
+                   "selection": "least-variance"}
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
 COMPARE_AT = ("step", "wall-clock")
 
@@ -78,6 +79,9 @@ class TextTo3DConfig:
     # carv.accounting.nonnegative_mean) or "clipped" (their mean clipped at 0, which reads 0 whenever they average
     # below it and then spends everything on draws)
     between_estimate: str = "posterior"
+    # within the budget: "efficient" (the pair of least Var * C) or "least-variance" (of the pairs within 3% of it,
+    # the least variance: at a fixed R the largest K within the tolerance); carv.accounting.Allocator, selection
+    selection: str = "efficient"
     # the render : draw and probe : draw cost ratios the allocator chooses from (None: measured over the first steps
     # and quantised); pinning both makes the same choices on any machine (a run's summary.json has its calibration)
     cost_ratio: float | None = None
@@ -259,6 +263,8 @@ class TextTo3DConfig:
                                  f"choice; pass one of them")
             if v is not None and not self.auto_k:
                 raise ValueError(f"{name}: only the accountant's choice of (R, K) reads it, and this run fixes K")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {SELECTIONS}, got {self.selection!r}")
         if self.between_estimate not in BETWEEN_ESTIMATES:
             raise ValueError(f"between_estimate: expected one of {BETWEEN_ESTIMATES}, got {self.between_estimate!r}")
         if self.resolved_proposal not in PROPOSALS:

@@ -94,7 +94,7 @@ class Trainer:
                                    live_costs=cfg.live_costs,
                                    efficiency_tolerance=None if cfg.fill_budget else 0.03,
                                    between_estimate=cfg.between_estimate, cost_ratio=cfg.cost_ratio,
-                                   probe_ratio=cfg.probe_ratio)
+                                   probe_ratio=cfg.probe_ratio, selection=cfg.selection)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
