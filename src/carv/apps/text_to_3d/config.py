@@ -256,8 +256,9 @@ class TextTo3DConfig:
         for name in ("cost_ratio", "probe_ratio"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and (v > 0 if name == "cost_ratio" else v >= 0)):
-                raise ValueError(f"{name}: expected a {'positive' if name == 'cost_ratio' else 'non-negative'} "
-                                 f"number of draws' cost, got {v!r}")
+                what = ("positive number (a render's cost in teacher draws)" if name == "cost_ratio" else
+                        "non-negative number (a variance probe's cost in teacher draws)")
+                raise ValueError(f"{name}: expected a {what}, got {v!r}")
             if v is not None and self.live_costs:
                 raise ValueError(f"{name}: pins the calibrated costs, which --live-costs re-measures at every "
                                  f"choice; pass one of them")
