@@ -13,7 +13,10 @@ bound against the plain estimator (``R = 2, K = 1``) is (DESIGN.md section 2, "W
 and the chosen configuration ``(R, K)`` is predicted to reach ``predicted_ecm = (sigma_b^2 + sigma_w^2)(c_up +
 c_draw) / ((sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw))`` (``Var * C`` does not depend on ``R``), divided by
 ``1 + overhead`` when the run pays a further fraction ``overhead`` of its step cost (probes, proposal updates).
-Both use the run's own components (under its proposal) and its measured stage costs.
+Both use the run's own components (under its proposal) and its measured stage costs; with an
+:class:`~carv.accounting.Allocator` ``between`` is its estimate, the posterior mean given ``sigma_b^2 >= 0``
+(:func:`~carv.accounting.nonnegative_mean`), and the costs are the meter's current medians (the calibration the
+choices read is :func:`calibration_sentence`'s).
 """
 
 from __future__ import annotations
