@@ -257,9 +257,10 @@ class Allocator:
     def probe_shape(self) -> tuple[int, int]:
         """``(R, K)`` of a probe step: ``R`` raised to 2 where needed and the step's ``R K`` draws shared out
         over the renders (``K >= probe_k_min``, default 2), so that a probe costs at most one extra upstream
-        sample (plus the draws that the minimum forces), e.g. ``(1, 8) -> (2, 4)``. With stratified draws pass
-        ``probe_k_min=4``: at ``K = 2`` :class:`ComponentProbe` has no contrast free of the mean's drift across
-        the two strata, so its within part reads the iid value and its between part comes out too low."""
+        sample (plus the draws that the minimum forces), e.g. ``(1, 8) -> (2, 4)``. Probe steps should draw iid
+        timesteps (:class:`~carv.accounting.Accountant` and the apps use ``sampler.iid()``); a caller whose probes
+        draw from per-sample strata should pass ``probe_k_min=4``: at ``K = 2`` :class:`ComponentProbe` has no
+        contrast free of the mean's drift across the two strata, so its between part comes out too low."""
         return self._probe_pair(self.R, self.K)
 
     def _probe_pair(self, R: int, K: int) -> tuple[int, int]:
