@@ -76,6 +76,19 @@ def nonnegative_mean(values: Sequence[float], c: float = 10.0) -> float:
     return max(m + s * math.sqrt(2.0 / math.pi) / float(erfcx(-m / (s * math.sqrt(2.0)))), 0.0)
 
 
+def check_cost_pin(name: str, v) -> None:
+    """A pinned cost ratio (``name``: ``"cost_ratio"``, an upstream sample's cost in teacher draws, positive; or
+    ``"probe_ratio"``, a variance probe's, non-negative) is a finite number of that sign, or None (measured)."""
+    if v is None:
+        return
+    positive = name == "cost_ratio"
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+            or (positive and v == 0)):
+        what = ("positive number (an upstream sample's cost, e.g. a render's, in teacher draws)" if positive else
+                "non-negative number (a variance probe's cost in teacher draws)")
+        raise ValueError(f"{name}: expected a {what} or None (measured), got {v!r}")
+
+
 class Allocator:
     """Re-chooses ``(R, K)`` during a run from measured stage costs and variance components.
 
@@ -175,14 +188,9 @@ class Allocator:
                  probe_ratio: float | None = None, selection: str = "efficient"):
         if not isinstance(live_costs, bool):
             raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
-        for name, v, kind in (("cost_ratio", cost_ratio, "positive"), ("probe_ratio", probe_ratio, "non-negative")):
-            if v is None:
-                continue
-            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                    or v < 0 or (kind == "positive" and v == 0)):
-                raise ValueError(f"{name}: expected a {kind} number (the stage's cost in draws) or None (measured), "
-                                 f"got {v!r}")
-            if live_costs:
+        for name, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio)):
+            check_cost_pin(name, v)
+            if v is not None and live_costs:
                 raise ValueError(f"{name}: a pinned cost ratio and live_costs=True exclude each other "
                                  f"(live costs re-measure every stage at every choice)")
         self.pinned = {k: float(v) for k, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio))
@@ -356,9 +364,10 @@ class Allocator:
         tol, cur = self.efficiency_tolerance, (self.R, self.K)
         if (keep and tol is not None and pair != cur
                 and self._acceptable(cur, cost_upstream, cost_draw, b_eff)):
-            best = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
-                            r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
-                            efficiency_tolerance=0.0)
+            # the most efficient pair at this budget: the selection's own answer when it selects by efficiency
+            best = pair if select_tol == 0.0 else allocate(
+                sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest), r_range=(self.r_min, self.r_max),
+                k_range=(self.k_min, self.k_max), efficiency_tolerance=0.0)
             wnv = work_normalised_variance
             if wnv(sb, sw, cost_upstream, cost_draw, cur[1]) <= (1 + tol) * wnv(sb, sw, cost_upstream, cost_draw,
                                                                                    best[1]):

@@ -18,7 +18,7 @@ from carv._validate import (
     check_steps,
     check_threads,
 )
-from carv.accounting.allocator import BETWEEN_ESTIMATES, SELECTIONS
+from carv.accounting.allocator import BETWEEN_ESTIMATES, SELECTIONS, check_cost_pin
 from carv.apps.text_to_3d.latent import check_sd_folder
 from carv.apps.text_to_3d.problem import PROPOSALS, reference_checkpoint
 from carv.render import find_scene, get_scene
@@ -255,10 +255,7 @@ class TextTo3DConfig:
     def _validate_estimator(self) -> None:
         for name in ("cost_ratio", "probe_ratio"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and (v > 0 if name == "cost_ratio" else v >= 0)):
-                what = ("positive number (a render's cost in teacher draws)" if name == "cost_ratio" else
-                        "non-negative number (a variance probe's cost in teacher draws)")
-                raise ValueError(f"{name}: expected a {what}, got {v!r}")
+            check_cost_pin(name, v)
             if v is not None and self.live_costs:
                 raise ValueError(f"{name}: pins the calibrated costs, which --live-costs re-measures at every "
                                  f"choice; pass one of them")

@@ -127,8 +127,9 @@ def run_text_to_3d(prompt: str = DEFAULT_PROMPT, out_dir: str | Path | None = No
         if progress:
             print(f"{problem.prompt!r} ({cfg.method}): {trainer.step_count} steps, {trainer.elapsed:.0f} s training, "
                   f"{quality_text(final)}, K = {trainer.K}; run folder: {out}")
-            if calibration_sentence(summary["calibration"]):
-                print(calibration_sentence(summary["calibration"]))
+            costs_line = calibration_sentence(summary["calibration"])
+            if costs_line:
+                print(costs_line)
             print(accounting_sentence(summary["accounting"]))
         return summary
 
