@@ -11,7 +11,8 @@ the app does not pay (no warm-up, no pilot):
 
 - the app's estimator is its own sampler as the run left it (proposal chosen by its ProposalSelector from its own
   draws, per-upstream strata), at the (R, K) its own allocator picks from its own components when the render
-  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`; the probes' extra cost charged);
+  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`), charged its probes' extra cost and its
+  proposal's updates (:func:`proposal_cost`);
 - replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
   every ratio's (R, K), of uniform reuse at the same (R, K), and of the plain estimator (uniform, R = 2, K = 1);
 - the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``;
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,26 +221,67 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     return res
 
 
-def seed_rows(res: dict) -> list[dict]:
-    """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound."""
+PROPOSAL_EVERY = 10  # each app's run refreshes its proposal every 10 steps (text-to-3D: its proposal_every)
+
+
+def proposal_cost(app: str, out: Path, shapes, repeats: int = 5, calls: int = 200) -> dict[str, float]:
+    """Process seconds per step that carv's estimator pays for choosing its proposal and the plain one does not:
+    the app's :class:`carv.ProposalSelector` updated with one step's ``R x K`` draws, plus its refresh every
+    ``PROPOSAL_EVERY`` steps (the median of ``repeats`` timings of ``calls`` calls each; the cost depends on the
+    shape, not on the values). Keyed ``"R,K"``; kept in ``out/proposal_cost.json`` so a rerun charges the same."""
+    from carv import LearnedProposal, ProposalSelector, TimestepSampler
+
+    path = out / "proposal_cost.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [(R, K) for R, K in shapes if f"{R},{K}" not in done]
+    if todo:
+        T, g = 1000, torch.Generator().manual_seed(0)
+        weight = None if app == "distill" else torch.linspace(0.1, 1.0, T)  # distillation has no weight table
+        sampler = TimestepSampler(T, stratify="per_upstream")
+        selector = ProposalSelector(T, weight=weight, learned=LearnedProposal(T, prior=weight),
+                                    start="uniform" if weight is None else "weight")
+
+        def seconds(fn) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                for _ in range(calls):
+                    fn()
+                times.append((time.process_time() - t0) / calls)
+            return statistics.median(times)
+
+        refresh = seconds(lambda: selector.refresh(sampler))
+        for R, K in todo:
+            t = torch.randint(20, T - 20, (R, K), generator=g)
+            sq = torch.rand(R, K, generator=g, dtype=torch.float64)
+            done[f"{R},{K}"] = seconds(lambda t=t, sq=sq: selector.update(t, sq, sampler)) + refresh / PROPOSAL_EVERY
+        atomic_write_json(path, done)
+    return done
+
+
+def seed_rows(res: dict, proposal_s: dict[str, float]) -> list[dict]:
+    """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound; the
+    choice charged its probes and its proposal's updates (``proposal_s``, :func:`proposal_cost`)."""
     rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
     comps = fit_variance_curve([r for r in res["rows"] if r["method"] == "carv"])
     base = rows[("uniform", *res.get("plain", (2, 1)))]
     c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
     out = []
     for ratio in res["ratios"]:
-        R, K, overhead = res["choices"][str(ratio)]
-        row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, overhead)
+        R, K, probes = res["choices"][str(ratio)]
+        proposal = proposal_s[f"{R},{K}"] / (R * (ratio + K) * c_draw)  # a fraction of the step's cost
+        row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, probes + proposal)
+        row["probe_overhead"], row["proposal_overhead"] = probes, proposal
         row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
         row["curve"] = list(comps)  # R Var = b + w_e / K + w_t / K^3 of the app's estimator
         out.append(row)
     return out
 
 
-def sweep_rows(results: list[dict]) -> list[dict]:
+def sweep_rows(results: list[dict], proposal_s: dict[str, float]) -> list[dict]:
     """Per ratio, the seeds' rows combined: mean ECM (SE from the per-seed SEs), mean bound, their ratio; the native
     ratio is each seed's own calibrated one (their mean reported)."""
-    per_seed = [seed_rows(res) for res in results]
+    per_seed = [seed_rows(res, proposal_s) for res in results]
     out = []
     for i, label in enumerate(RATIOS):
         rs = [rows[i] for rows in per_seed]
@@ -250,7 +293,8 @@ def sweep_rows(results: list[dict]) -> list[dict]:
                     "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
                     "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
                     "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "headline_ecm", "headline_se",
-                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm", "curve")}
+                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm", "curve",
+                                                    "probe_overhead", "proposal_overhead")}
                                  for r in rs]})
     return out
 
@@ -270,7 +314,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure_seed(s, args, args.out) for s in args.seeds]
-    rows = sweep_rows(results)
+    shapes = {tuple(c[:2]) for res in results for c in res["choices"].values()}
+    rows = sweep_rows(results, proposal_cost(args.app, args.out, sorted(shapes)))
     atomic_write_json(args.out / "regime_sweep.json", {"rows": rows, "per_seed": results})
     plain, png = results[0].get("plain", (2, 1)), args.out / "regime_sweep.png"
     if args.app == "distill":
