@@ -224,11 +224,13 @@ def measure_seed(seed: int, args, out: Path) -> dict:
 PROPOSAL_EVERY = 10  # each app's run refreshes its proposal every 10 steps (text-to-3D: its proposal_every)
 
 
-def proposal_cost(app: str, out: Path, shapes, repeats: int = 5, calls: int = 200) -> dict[str, float]:
+def proposal_cost(app: str, out: Path, shapes, repeats: int = 5, cycles: int = 20) -> dict[str, float]:
     """Process seconds per step that carv's estimator pays for choosing its proposal and the plain one does not:
-    the app's :class:`carv.ProposalSelector` updated with one step's ``R x K`` draws, plus its refresh every
-    ``PROPOSAL_EVERY`` steps (the median of ``repeats`` timings of ``calls`` calls each; the cost depends on the
-    shape, not on the values). Keyed ``"R,K"``; kept in ``out/proposal_cost.json`` so a rerun charges the same."""
+    the app's :class:`carv.ProposalSelector` updated with each step's ``R x K`` draws and refreshed every
+    ``PROPOSAL_EVERY`` steps, timed as whole cycles (the median of ``repeats`` timings of ``cycles`` cycles each).
+    The learned candidate is the current one, so every refresh rebuilds the sampler's tables (the dearest case;
+    a run on uniform or the weight table skips that). Keyed ``"R,K"``; kept in ``out/proposal_cost.json`` so a
+    rerun charges the same."""
     from carv import LearnedProposal, ProposalSelector, TimestepSampler
 
     path = out / "proposal_cost.json"
@@ -237,24 +239,21 @@ def proposal_cost(app: str, out: Path, shapes, repeats: int = 5, calls: int = 20
     if todo:
         T, g = 1000, torch.Generator().manual_seed(0)
         weight = None if app == "distill" else torch.linspace(0.1, 1.0, T)  # distillation has no weight table
-        sampler = TimestepSampler(T, stratify="per_upstream")
-        selector = ProposalSelector(T, weight=weight, learned=LearnedProposal(T, prior=weight),
-                                    start="uniform" if weight is None else "weight")
-
-        def seconds(fn) -> float:
+        for R, K in todo:
+            sampler = TimestepSampler(T, stratify="per_upstream")
+            selector = ProposalSelector(T, weight=weight, learned=LearnedProposal(T, prior=weight), start="learned")
+            steps = [(torch.randint(20, T - 20, (R, K), generator=g), torch.rand(R, K, generator=g,
+                                                                                   dtype=torch.float64))
+                     for _ in range(PROPOSAL_EVERY * cycles)]
             times = []
             for _ in range(repeats):
                 t0 = time.process_time()
-                for _ in range(calls):
-                    fn()
-                times.append((time.process_time() - t0) / calls)
-            return statistics.median(times)
-
-        refresh = seconds(lambda: selector.refresh(sampler))
-        for R, K in todo:
-            t = torch.randint(20, T - 20, (R, K), generator=g)
-            sq = torch.rand(R, K, generator=g, dtype=torch.float64)
-            done[f"{R},{K}"] = seconds(lambda t=t, sq=sq: selector.update(t, sq, sampler)) + refresh / PROPOSAL_EVERY
+                for i, (t, sq) in enumerate(steps, 1):
+                    selector.update(t, sq, sampler)
+                    if i % PROPOSAL_EVERY == 0:
+                        selector.refresh(sampler)
+                times.append((time.process_time() - t0) / len(steps))
+            done[f"{R},{K}"] = statistics.median(times)
         atomic_write_json(path, done)
     return done
 

@@ -366,3 +366,74 @@ def test_proposal_selector_switches_importance_off_where_it_does_not_pay_and_on_
     again = ProposalSelector(T, weight=w_bad, learned=sel.learned, start="weight")
     again.load_state_dict(sel.state_dict())
     assert again.current == "learned" and again.second_moments(sampler) == sel.second_moments(sampler)
+
+
+def test_guide_table_bins_equal_a_binary_search_of_their_edges():
+    """The guide table counts the CDF breakpoints at or below each bin edge k / M with a histogram; a binary
+    search of every edge gives the same ranks, on tables with zero-mass timesteps, tiny entries and one point."""
+    g = torch.Generator().manual_seed(4)
+    for size in (1, 2, 7, 300, 1000):
+        for power in (1, 3, 9):
+            q = torch.rand(size, generator=g, dtype=torch.float64) ** power
+            q[torch.rand(size, generator=g) < 0.3] = 0.0
+            q[int(torch.randint(size, (1,), generator=g))] = 0.5
+            cdf = torch.cumsum(q, 0) / q.sum()
+            table = GuideTable(cdf)
+            pos = (torch.diff(cdf, prepend=cdf.new_zeros(1)) > 0).nonzero().flatten()
+            edges = torch.arange(table.M + 1, dtype=torch.float64) / table.M
+            rank = torch.searchsorted(cdf[pos], edges, right=True).clamp(max=pos.numel() - 1)
+            lo, gap = rank[:-1], rank[1:] - rank[:-1]
+            b = torch.where(gap >= 1, cdf[pos][lo] * table.M, edges[1:] * table.M)
+            C = lo.double() + 1.0 - b + (float(pos[0]) if table.contiguous else 0.0)
+            C = torch.where(gap > 1, torch.full_like(C, float("nan")), C)
+            assert torch.allclose(table.C[:-1], C, rtol=0, atol=0, equal_nan=True), (size, power)  # bit for bit
+            u = torch.cat([torch.rand(4000, generator=g, dtype=torch.float64), edges[:-1]])
+            assert torch.equal(table(u), inverse_cdf(u, cdf)), (size, power)
+
+
+def _masked_ema(lp, t, v):
+    """LearnedProposal's per-bin EMA written out on masked tensors (the reference for its fast path)."""
+    b = lp.bin_of[t]
+    s = torch.zeros(lp.num_bins, dtype=torch.float64).index_add_(0, b, v)
+    n = torch.zeros(lp.num_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(v))
+    seen = n > 0
+    m2, mass = lp.m2.clone(), lp.mass.clone()
+    m2[seen] = (lp.decay * mass[seen] * m2[seen] + s[seen]) / (lp.decay * mass[seen] + n[seen])
+    mass[seen] = lp.decay * mass[seen] + n[seen]
+    return m2, mass
+
+
+def test_learned_proposal_update_is_bit_identical_to_the_masked_ema_for_small_and_large_batches():
+    g = torch.Generator().manual_seed(5)
+    lp = LearnedProposal(T, num_bins=50, decay=0.9)
+    for n in (1, 2, 3, 16, 64, 65, 512, 2, 1):
+        for _ in range(4):
+            t = torch.randint(0, 60, (n,), generator=g) * 16  # few bins: repeats within one batch
+            v = torch.rand(n, generator=g, dtype=torch.float64) * 10.0 ** float(torch.randn(1, generator=g))
+            m2, mass = _masked_ema(lp, t, v)
+            lp.update(t, v)
+            assert torch.equal(lp.m2, m2) and torch.equal(lp.mass, mass), n
+
+
+def test_proposal_selector_window_is_the_last_draws_whatever_the_step_sizes():
+    """Draws are joined into the window lazily; the window, the saved state and a restored selector are those of
+    a selector that keeps exactly the last ``window`` draws at every step."""
+    from carv.timesteps import ProposalSelector
+    sampler = TimestepSampler(T, importance=torch.linspace(0.5, 2.0, T), floor=0.1)
+    g = torch.Generator().manual_seed(6)
+    sel = ProposalSelector(T, learned=LearnedProposal(T), window=100, min_draws=10)
+    seen = {"t": [], "s": [], "q": []}
+    for step, n in enumerate((1, 3, 40, 7, 99, 1, 250, 2, 5, 60)):
+        d = sampler.sample(1, n, generator=g)
+        s = torch.rand(1, n, generator=g, dtype=torch.float64)
+        sel.update(d.t, s, sampler)
+        for k, v in (("t", d.t.double()), ("s", s), ("q", sampler.q[d.t])):
+            seen[k].append(v.flatten())
+        state = sel.state_dict()
+        for k in seen:
+            assert torch.equal(state[k], torch.cat(seen[k])[-100:]), (step, k)
+        if step % 3 == 2:
+            again = ProposalSelector(T, learned=sel.learned, window=100, min_draws=10)
+            again.load_state_dict(state)
+            assert again.second_moments(sampler) == sel.second_moments(sampler)
+            assert again.refresh(sampler) == sel.refresh(sampler)

@@ -168,8 +168,11 @@ class GuideTable:
         need = max(8 * P, math.ceil(2.0 / float(q[pos].min())))
         M = min(max_bins, 1 << max(4, (need - 1).bit_length()))
         j = torch.arange(M, dtype=torch.float64, device=cdf.device)
-        rank = torch.searchsorted(cpos, torch.arange(M + 1, dtype=torch.float64, device=cdf.device) / M,
-                                  right=True).clamp_(max=P - 1)
+        # rank[k] = #{breakpoints <= k / M}: with M a power of two, cpos * M and k / M are exact, so
+        # cpos <= k / M exactly when ceil(cpos * M) <= k, and counting those is a histogram's running sum
+        # (equal to searchsorted(cpos, k / M, right=True), at a fraction of its cost for the M + 1 edges)
+        edge = torch.ceil(cpos * M).long().clamp_(0, M)
+        rank = torch.cumsum(torch.bincount(edge, minlength=M + 1), 0).clamp_(max=P - 1)
         lo, gap = rank[:-1], rank[1:] - rank[:-1]
         b = torch.where(gap >= 1, cpos[lo] * M, j + 1)
         C = lo.to(torch.float64) + 1.0 - b
@@ -486,16 +489,33 @@ class LearnedProposal:
         self.bin_of = (torch.arange(num_timesteps) * num_bins) // num_timesteps
 
     def update(self, t: Tensor, sq_norm: Tensor) -> None:
-        t, v = _draw_records(t, sq_norm, self.bin_of.numel())
+        self._record(*_draw_records(t, sq_norm, self.bin_of.numel()))
+
+    def _record(self, t: Tensor, v: Tensor) -> None:
+        """:meth:`update` on draws already checked by :func:`_draw_records`.
+
+        A step's few draws are folded in with Python floats on the tables' memory: the same IEEE operations in the
+        same order as the tensor path (bit-identical), without a dozen tensor calls of fixed overhead each."""
+        if t.numel() <= 64:
+            acc: dict[int, list] = {}
+            for b, x in zip(self.bin_of[t].tolist(), v.tolist(), strict=True):
+                a = acc.setdefault(b, [0.0, 0])
+                a[0] += x
+                a[1] += 1
+            m2, mass = self.m2.numpy(), self.mass.numpy()
+            for b, (x, n) in acc.items():
+                kept = self.decay * float(mass[b])
+                m2[b] = (kept * float(m2[b]) + x) / (kept + n)
+                mass[b] = kept + n
+            return
         b = self.bin_of[t]
-        s = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, b, v)
-        n = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(v))
-        seen = n > 0
+        s = torch.bincount(b, weights=v, minlength=self.num_bins)
+        n = torch.bincount(b, minlength=self.num_bins).to(torch.float64)
         # per-bin EMA in "mass": a bin updated rarely keeps its old estimate
-        self.m2[seen] = (self.decay * self.mass[seen] * self.m2[seen] + s[seen]) / (
-            self.decay * self.mass[seen] + n[seen]
-        )
-        self.mass[seen] = self.decay * self.mass[seen] + n[seen]
+        kept = self.decay * self.mass
+        seen = n > 0
+        self.m2 = torch.where(seen, (kept * self.m2 + s) / torch.where(seen, kept + n, 1.0), self.m2)
+        self.mass = torch.where(seen, kept + n, self.mass)
 
     @property
     def ready(self) -> bool:
@@ -596,6 +616,8 @@ class ProposalSelector:
         self.current, self.window, self.sigmas, self.min_draws = start, window, float(sigmas), min_draws
         self.min_gain = float(min_gain)
         self._buf = {k: torch.zeros(0, dtype=torch.float64) for k in ("t", "s", "q")}
+        self._new: list[tuple[Tensor, Tensor, Tensor]] = []  # draws recorded since the window was last joined
+        self._new_count = 0
         self.history: list[dict] = []
 
     def table(self, name: str, support: tuple[int, int]) -> Tensor | None:
@@ -615,21 +637,35 @@ class ProposalSelector:
         candidate too."""
         t, s = _draw_records(t, sq_norm, self.num_timesteps)
         if self.learned is not None:
-            self.learned.update(t, s)
-        new = {"t": t.double(), "s": s, "q": sampler.q[t]}
-        for k, v in new.items():
-            self._buf[k] = torch.cat([self._buf[k], v])[-self.window:]
+            self.learned._record(t, s)
+        # joined into the window only when it is read (or has grown to twice its length): a step pays an append
+        self._new.append((t, s, sampler.q[t]))
+        self._new_count += t.numel()
+        if self._new_count >= self.window:
+            self._joined()
 
-    def _terms(self, sampler: TimestepSampler) -> dict[str, Tensor]:
+    def _joined(self) -> dict[str, Tensor]:
+        """The window: the last ``window`` draws, oldest first."""
+        if self._new:
+            t, s, q = (torch.cat([chunk[i] for chunk in self._new]) for i in range(3))
+            for k, v in (("t", t.double()), ("s", s), ("q", q)):
+                self._buf[k] = torch.cat([self._buf[k], v])[-self.window:]
+            self._new, self._new_count = [], 0
+        return self._buf
+
+    def _tables(self, sampler: TimestepSampler) -> dict[str, Tensor | None]:
+        """Every candidate's importance table on the sampler's support (read once per refresh)."""
+        return {c: self.table(c, (sampler.t_min, sampler.t_max)) for c in self.candidates}
+
+    def _terms(self, sampler: TimestepSampler, tables: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
         """Per-draw terms ``p(t)^2 s / (q(t) q'(t))`` of every candidate, on the window's draws inside the support."""
-        support = (sampler.t_min, sampler.t_max)
-        t, s, q0 = (self._buf[k] for k in ("t", "s", "q"))
+        tables = self._tables(sampler) if tables is None else tables
+        t, s, q0 = (self._joined()[k] for k in ("t", "s", "q"))
         t = t.long()
         p = sampler.p[t]
         keep = p > 0
         t, base = t[keep], (p * p * s / q0)[keep]
-        return {c: base / proposal_table(sampler.p, self.table(c, support), sampler.floor)[t]
-                for c in self.candidates}
+        return {c: base / proposal_table(sampler.p, tables[c], sampler.floor)[t] for c in self.candidates}
 
     def second_moments(self, sampler: TimestepSampler) -> dict[str, tuple[float, float]]:
         """``{candidate: (M, SE of M - M_current)}`` on the window's draws inside the sampler's support (the SE is of
@@ -644,8 +680,9 @@ class ProposalSelector:
         difference for a switch; the switch then goes to the simplest candidate (uniform, weight, learned) that is
         not worse than the best by more than ``sigmas`` SE, so a learned table fitted to noise never displaces
         uniform sampling where the residual does not depend on ``t``."""
-        if int(self._buf["t"].numel()) >= self.min_draws:
-            terms = self._terms(sampler)
+        tables = self._tables(sampler)
+        if int(self._joined()["t"].numel()) >= self.min_draws:
+            terms = self._terms(sampler, tables)
             m = {c: float(x.mean()) for c, x in terms.items()}
             best = min(m, key=m.get)
             gain = m[self.current] - m[best]
@@ -656,12 +693,14 @@ class ProposalSelector:
                 self.history.append({"draws": int(terms[best].numel()), "from": self.current, "to": to,
                                      "second_moments": m})
                 self.current = to
-        sampler.set_importance(self.table(self.current, (sampler.t_min, sampler.t_max)))
+        table, now = tables[self.current], sampler.importance
+        if not (table is None and now is None or table is not None and now is not None and torch.equal(table, now)):
+            sampler.set_importance(table)  # the same table gives the same q (set_t_range keeps q in step with p)
         return self.current
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only (the window and the index of the current candidate); the learned candidate saves its own."""
-        return {**{k: v.clone() for k, v in self._buf.items()},
+        return {**{k: v.clone() for k, v in self._joined().items()},
                 "current": torch.tensor(self.CANDIDATES.index(self.current))}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -669,6 +708,7 @@ class ProposalSelector:
         if current not in self.candidates:
             raise ValueError(f"state['current']: {current!r} is not a candidate here ({self.candidates})")
         self._buf = {k: state[k].to(torch.float64).clone()[-self.window:] for k in ("t", "s", "q")}
+        self._new, self._new_count = [], 0
         self.current = current
 
 
