@@ -694,8 +694,9 @@ class ProposalSelector:
                                      "second_moments": m})
                 self.current = to
         table, now = tables[self.current], sampler.importance
-        if not (table is None and now is None or table is not None and now is not None and torch.equal(table, now)):
-            sampler.set_importance(table)  # the same table gives the same q (set_t_range keeps q in step with p)
+        unchanged = table is now if table is None or now is None else torch.equal(table, now)
+        if not unchanged:  # the same table gives the same q (set_t_range keeps q in step with p): no rebuild
+            sampler.set_importance(table)
         return self.current
 
     def state_dict(self) -> dict[str, Tensor]:

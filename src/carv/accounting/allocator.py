@@ -157,7 +157,8 @@ class Allocator:
     :attr:`calibration` and the state dict: a resumed run reuses them, and a uniform slow-down of every stage
     leaves them unchanged. Two fresh runs can still differ when their measured ratios fall on either side of a
     cut between grid points, which no quantisation of a measured number can rule out (the main job's ratio
-    measured 4.9-5.3 across fresh runs on an idle 2-core box, 3.4-5.3 on a loaded one); ``cost_ratio`` and
+    measured 4.8-5.0 idle on a 2-core box and 4.2-6.2 beside busy processes, which slow the stages unequally;
+    docs/budget.md); ``cost_ratio`` and
     ``probe_ratio`` pin the ratios (in draws) instead, so a run makes the same choices on any machine: the
     calibration a run used is in its summary. ``live_costs=True`` re-reads the medians at every re-choice.
 

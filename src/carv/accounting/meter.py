@@ -151,8 +151,9 @@ def quantise_ratio(x: float, per_octave: int = 2) -> float:
     """``x > 0`` rounded to the nearest point of the geometric grid ``2^(j / per_octave)`` (``0`` stays ``0``).
 
     At 2 points per octave neighbouring values are 41% apart, so the scatter of a median over tens of timings
-    (5-10% between fresh runs on an idle machine; load slows every stage alike) moves the result only where the
-    ratio sits next to a cut between two grid points. The price is small: ``K*`` moves with the square root of
+    (5-10% between fresh runs on an idle machine) moves the result only where the ratio sits next to a cut between
+    two grid points; a busy machine slows the stages unequally and can move the ratio further (docs/budget.md:
+    10-25% on a 2-core box). The price is small: ``K*`` moves with the square root of
     the cost ratio, and ``Var * C`` is flat near it (a ratio 19% off costs about 0.5% of the efficiency)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
         raise ValueError(f"x: expected a finite non-negative ratio, got {x!r}")
