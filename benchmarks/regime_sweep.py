@@ -12,7 +12,8 @@ the app does not pay (no warm-up, no pilot):
 - the app's estimator is its own sampler as the run left it (proposal chosen by its ProposalSelector from its own
   draws, per-upstream strata), at the (R, K) its own allocator picks from its own components when the render
   costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`), charged its probes' extra cost and its
-  proposal's updates (:func:`proposal_cost`);
+  proposal's updates and refreshes at the interval its selector had reached (:func:`proposal_cost`, timed right
+  after the seed's replicates);
 - replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
   every ratio's (R, K), of uniform reuse at the same (R, K), and of the plain estimator (uniform, R = 2, K = 1);
 - the cost of one estimate is ``R (c_up + K c_draw)`` with the measured draw cost and ``c_up = cost_ratio * c_draw``;
@@ -47,6 +48,7 @@ from carv.bench.harness import Config, measure, reference_mean, run_record
 from carv.bench.regime import fit_variance_curve, plot_regime_sweep, regime_row, write_regime_sweep
 
 RATIOS = (1.0, "native", 10.0, 30.0)
+PROPOSAL_EVERY = 10  # each app's selector starts refreshing every 10 steps (text-to-3D: its proposal_every)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Snapshot:
     alloc: Any
     proposal: str
     estimate: Any
+    refresh_every: int  # the proposal selector's refresh interval at the snapshot (what a step of the run pays)
 
 
 def text_to_3d_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
@@ -85,8 +88,9 @@ def text_to_3d_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
         p.gradient(tr.grid, obj, c.R, gen, meter=meter, elevation_range=(tr.cfg.elev_lo, tr.cfg.elev_hi))
         return torch.cat([tr.grid.density.grad.flatten(), tr.grid.color.grad.flatten()]).detach().clone()
 
-    selector = getattr(tr, "selector", None)
-    return Snapshot(tr.alloc, selector.current if selector is not None else tr.cfg.resolved_proposal, estimate)
+    selector = tr.selector
+    return Snapshot(tr.alloc, selector.current if selector is not None else tr.cfg.resolved_proposal, estimate,
+                    selector.interval if selector is not None else tr.cfg.proposal_every)
 
 
 def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
@@ -99,19 +103,18 @@ def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     prob = ToyProblem(ToyConfig(seed=seed))
     T = prob.cfg.num_timesteps
     sampler = prob.sampler("weight", "per_upstream")
-    selector = ProposalSelector(T, weight=prob.w, learned=LearnedProposal(T, prior=prob.w), start="weight")
+    selector = ProposalSelector(T, weight=prob.w, learned=LearnedProposal(T, prior=prob.w), start="weight",
+                                every=PROPOSAL_EVERY)
     sds = ScoreDistillation(prob.teacher, sampler, K=1)
     acc = Accountant(sds, params=[prob.theta], R=2, generator=torch.Generator().manual_seed(seed + 1))
     g = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
+    for _ in range(steps):
         prob.theta.grad = None
         with acc.step() as st:
             x = prob.upstream(acc.R, g)
             res = st.objective(x, generator=g)
             st.backward(res, x)
-        selector.update(res.draws.t, res.estimate.sq_norms, sampler)
-        if step % 10 == 0:
-            selector.refresh(sampler)
+        selector.step(res.draws.t, res.estimate.sq_norms, sampler)
     samplers = {"carv": sampler, "uniform": prob.sampler("none", "none")}
     objs = {m: ScoreDistillation(prob.teacher, s, K=1) for m, s in samplers.items()}
 
@@ -121,8 +124,8 @@ def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
-                                         "switches": selector.history})
-    return Snapshot(acc.allocator, selector.current, estimate)
+                                         "switches": selector.history, "refresh_every": selector.interval})
+    return Snapshot(acc.allocator, selector.current, estimate, selector.interval)
 
 
 def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
@@ -135,13 +138,13 @@ def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     from carv.apps.distill import DistillConfig, Distiller
 
     d = Distiller(DistillConfig(seed=seed, R=8, K=1, stratify="per_upstream"))
-    selector = ProposalSelector(d.T, learned=d.learned, start="uniform")
+    selector = ProposalSelector(d.T, learned=d.learned, start="uniform", every=PROPOSAL_EVERY)
     params = list(d.generator.parameters())
     alloc = Allocator("baseline", baseline=(8, 1), r_range=(1, 32), k_range=(1, 32), r_init=8, k_init=1,
                       every=10, probe_every=5)
     acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
     d.warmup()
-    for step in range(1, steps + 1):
+    for _step in range(steps):
         for _ in range(d.cfg.fake_updates):
             d.fake_update()
         d.opt_g.zero_grad(set_to_none=True)
@@ -151,9 +154,7 @@ def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
             res = st.objective(x, c, d.rng)
             st.backward(res, x)
         d.opt_g.step()
-        selector.update(res.draws.t, res.estimate.sq_norms, d.sampler)
-        if step % 10 == 0:
-            selector.refresh(d.sampler)
+        selector.step(res.draws.t, res.estimate.sq_norms, d.sampler)
     uniform = d.make_sampler("none", "none")
     objs = {"carv": d.dmd, "uniform": d.make_objective(uniform, 1)}
 
@@ -168,8 +169,8 @@ def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "run.json", {"accountant": acc.state_dict(), "proposal": selector.current,
-                                         "switches": selector.history})
-    return Snapshot(alloc, selector.current, estimate)
+                                         "switches": selector.history, "refresh_every": selector.interval})
+    return Snapshot(alloc, selector.current, estimate, selector.interval)
 
 
 SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot, "distill": distill_snapshot}
@@ -213,54 +214,50 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     rows = measure(configs, snap.estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
                    state_dir=out / f"seed-{seed}" / "state", desc=f"replicates (seed {seed})",
                    clock=time.process_time, reference_variance=ref_var)
+    shapes = sorted({(R, K) for R, K, _ in choices.values()})
     res = {"seed": seed, "plain": list(plain), "native_ratio": native, "ratios": ratios, "choices": choices,
            "rows": rows,
            "proposal": snap.proposal, "allocator_components": [snap.alloc.between, snap.alloc.within],
-           "calibration": cal, "loadavg": loadavg()}
+           "calibration": cal, "refresh_every": snap.refresh_every,
+           "proposal_s": proposal_cost(args.app, shapes, snap.refresh_every), "loadavg": loadavg()}
     atomic_write_json(path, res)
     return res
 
 
-PROPOSAL_EVERY = 10  # each app's run refreshes its proposal every 10 steps (text-to-3D: its proposal_every)
-
-
-def proposal_cost(app: str, out: Path, shapes, repeats: int = 5, cycles: int = 20) -> dict[str, float]:
+def proposal_cost(app: str, shapes, every: int, repeats: int = 5, cycles: int = 20) -> dict[str, float]:
     """Process seconds per step that carv's estimator pays for choosing its proposal and the plain one does not:
-    the app's :class:`carv.ProposalSelector` updated with each step's ``R x K`` draws and refreshed every
-    ``PROPOSAL_EVERY`` steps, timed as whole cycles (the median of ``repeats`` timings of ``cycles`` cycles each).
-    The learned candidate is the current one, so every refresh rebuilds the sampler's tables (the dearest case;
-    a run on uniform or the weight table skips that). Keyed ``"R,K"``; kept in ``out/proposal_cost.json`` so a
-    rerun charges the same."""
+    the app's :class:`carv.ProposalSelector` updated with each step's ``R x K`` draws and refreshed every ``every``
+    steps (the interval its schedule had reached at the snapshot), timed as whole cycles (the median of
+    ``repeats`` timings of ``cycles`` cycles each). The learned candidate is the current one, so every refresh
+    rebuilds the sampler's tables (the dearest case; a run on uniform or the weight table skips that). Keyed
+    ``"R,K"``. :func:`measure_seed` times it right after the seed's replicates, so that it is charged against
+    draws timed in the same machine state."""
     from carv import LearnedProposal, ProposalSelector, TimestepSampler
 
-    path = out / "proposal_cost.json"
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [(R, K) for R, K in shapes if f"{R},{K}" not in done]
-    if todo:
-        T, g = 1000, torch.Generator().manual_seed(0)
-        weight = None if app == "distill" else torch.linspace(0.1, 1.0, T)  # distillation has no weight table
-        for R, K in todo:
-            sampler = TimestepSampler(T, stratify="per_upstream")
-            selector = ProposalSelector(T, weight=weight, learned=LearnedProposal(T, prior=weight), start="learned")
-            steps = [(torch.randint(20, T - 20, (R, K), generator=g), torch.rand(R, K, generator=g,
-                                                                                   dtype=torch.float64))
-                     for _ in range(PROPOSAL_EVERY * cycles)]
-            times = []
-            for _ in range(repeats):
-                t0 = time.process_time()
-                for i, (t, sq) in enumerate(steps, 1):
-                    selector.update(t, sq, sampler)
-                    if i % PROPOSAL_EVERY == 0:
-                        selector.refresh(sampler)
-                times.append((time.process_time() - t0) / len(steps))
-            done[f"{R},{K}"] = statistics.median(times)
-        atomic_write_json(path, done)
+    T, g = 1000, torch.Generator().manual_seed(0)
+    weight = None if app == "distill" else torch.linspace(0.1, 1.0, T)  # distillation has no weight table
+    done = {}
+    for R, K in shapes:
+        sampler = TimestepSampler(T, stratify="per_upstream")
+        selector = ProposalSelector(T, weight=weight, learned=LearnedProposal(T, prior=weight), start="learned")
+        steps = [(torch.randint(20, T - 20, (R, K), generator=g), torch.rand(R, K, generator=g, dtype=torch.float64))
+                 for _ in range(every * cycles)]
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            for i, (t, sq) in enumerate(steps, 1):
+                selector.update(t, sq, sampler)
+                if i % every == 0:
+                    selector.refresh(sampler)
+            times.append((time.process_time() - t0) / len(steps))
+        done[f"{R},{K}"] = statistics.median(times)
     return done
 
 
-def seed_rows(res: dict, proposal_s: dict[str, float]) -> list[dict]:
+def seed_rows(res: dict) -> list[dict]:
     """One seed's rows at every ratio: the app's choice there against that seed's plain estimator and bound; the
-    choice charged its probes and its proposal's updates (``proposal_s``, :func:`proposal_cost`)."""
+    choice charged its probes and its proposal's updates (``res["proposal_s"]``, :func:`proposal_cost`)."""
+    proposal_s = res["proposal_s"]
     rows = {(r["method"], r["R"], r["K"]): r for r in res["rows"]}
     comps = fit_variance_curve([r for r in res["rows"] if r["method"] == "carv"])
     base = rows[("uniform", *res.get("plain", (2, 1)))]
@@ -277,10 +274,10 @@ def seed_rows(res: dict, proposal_s: dict[str, float]) -> list[dict]:
     return out
 
 
-def sweep_rows(results: list[dict], proposal_s: dict[str, float]) -> list[dict]:
+def sweep_rows(results: list[dict]) -> list[dict]:
     """Per ratio, the seeds' rows combined: mean ECM (SE from the per-seed SEs), mean bound, their ratio; the native
     ratio is each seed's own calibrated one (their mean reported)."""
-    per_seed = [seed_rows(res, proposal_s) for res in results]
+    per_seed = [seed_rows(res) for res in results]
     out = []
     for i, label in enumerate(RATIOS):
         rs = [rows[i] for rows in per_seed]
@@ -313,8 +310,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure_seed(s, args, args.out) for s in args.seeds]
-    shapes = {tuple(c[:2]) for res in results for c in res["choices"].values()}
-    rows = sweep_rows(results, proposal_cost(args.app, args.out, sorted(shapes)))
+    rows = sweep_rows(results)
     atomic_write_json(args.out / "regime_sweep.json", {"rows": rows, "per_seed": results})
     plain, png = results[0].get("plain", (2, 1)), args.out / "regime_sweep.png"
     if args.app == "distill":

@@ -437,3 +437,90 @@ def test_proposal_selector_window_is_the_last_draws_whatever_the_step_sizes():
             again.load_state_dict(state)
             assert again.second_moments(sampler) == sel.second_moments(sampler)
             assert again.refresh(sampler) == sel.refresh(sampler)
+
+
+def _schedule_run(sel, sampler, m_of_t, steps, seed, draws=64, first=1):
+    """``sel.step`` on s = m(t) * chi2_1 noise; the steps (counted from ``first``) at which it refreshed."""
+    g = torch.Generator().manual_seed(seed)
+    refreshed = []
+    for i in range(first, first + steps):
+        d = sampler.sample(draws, 1, generator=g)
+        s = m_of_t[d.t.flatten()] * torch.randn(draws, generator=g, dtype=torch.float64) ** 2
+        if sel.step(d.t, s, sampler):
+            refreshed.append(i)
+    return refreshed
+
+
+def test_proposal_selector_refreshes_sparser_while_the_choice_holds_and_again_after_a_switch():
+    """every=3, settle=2, every_max=12: two kept refreshes double the interval (3, 6, 12, then 12); a switch
+    brings it back to 3. The refreshes are those of update-every-step plus refresh at those steps."""
+    from carv.timesteps import ProposalSelector
+    T = 200
+    flat = torch.ones(T, dtype=torch.float64)
+    w_bad = torch.linspace(5.0, 0.2, T, dtype=torch.float64)
+    sampler = TimestepSampler(T, 10, 189, floor=0.1)
+    only_uniform = ProposalSelector(T, every=3, every_max=12, settle=2)
+    assert _schedule_run(only_uniform, sampler, flat, 60, 0) == [3, 6, 12, 18, 30, 42, 54]
+    # from the weight table against the residual's trend, comparing from 640 draws (step 10) on: kept at 3 and 6
+    # (interval 6), a switch to uniform at 12 (interval 3 again), kept at 15 and 18 (6), 24 and 30 (12)
+    sampler = TimestepSampler(T, 10, 189, importance=w_bad, floor=0.1)
+    sel = ProposalSelector(T, weight=w_bad, start="weight", every=3, every_max=12, settle=2, min_draws=640)
+    got = _schedule_run(sel, sampler, flat, 40, 1)
+    assert [(h["from"], h["to"], h["draws"]) for h in sel.history] == [("weight", "uniform", 768)]
+    assert got == [3, 6, 12, 15, 18, 24, 30] and torch.allclose(sampler.q, sampler.p)
+    # the same draws through update() and refresh() at those steps: the same window and choice
+    ref_sampler = TimestepSampler(T, 10, 189, importance=w_bad, floor=0.1)
+    ref = ProposalSelector(T, weight=w_bad, start="weight", min_draws=640)
+    g = torch.Generator().manual_seed(1)
+    for i in range(1, 41):
+        d = ref_sampler.sample(64, 1, generator=g)
+        ref.update(d.t, flat[d.t.flatten()] * torch.randn(64, generator=g, dtype=torch.float64) ** 2, ref_sampler)
+        if i in got:
+            ref.refresh(ref_sampler)
+    state, ref_state = sel.state_dict(), ref.state_dict()
+    assert all(torch.equal(state[k], ref_state[k]) for k in ("t", "s", "q", "current"))
+    assert torch.equal(ref_sampler.q, sampler.q)
+
+
+def test_proposal_selector_schedule_resumes_where_it_stopped():
+    from carv.timesteps import ProposalSelector
+    T = 200
+    flat = torch.ones(T, dtype=torch.float64)
+    sampler = TimestepSampler(T, 10, 189, floor=0.1)
+    whole = ProposalSelector(T, every=2, settle=1)
+    full = _schedule_run(whole, sampler, flat, 50, 7)
+    assert full == [2, 6, 14, 30, 46]  # intervals 2, 4, 8, 16, then 16: every_max defaults to 8 * every
+    # stop after step 20, restore into a fresh selector and continue with the same draws
+    part = ProposalSelector(T, every=2, settle=1)
+    g = torch.Generator().manual_seed(7)
+    got = []
+    for i in range(1, 51):
+        if i == 21:
+            resumed = ProposalSelector(T, every=2, settle=1)
+            resumed.load_state_dict(part.state_dict())
+            part = resumed
+        d = sampler.sample(64, 1, generator=g)
+        if part.step(d.t, flat[d.t.flatten()] * torch.randn(64, generator=g, dtype=torch.float64) ** 2, sampler):
+            got.append(i)
+    assert got == full
+    assert all(torch.equal(part.state_dict()[k], whole.state_dict()[k]) for k in whole.state_dict())
+    # a state saved before the schedule existed: refreshes every `every` steps from there
+    old = {k: v for k, v in whole.state_dict().items() if k != "schedule"}
+    legacy = ProposalSelector(T, every=2, settle=1)
+    legacy.load_state_dict(old)
+    assert (legacy.steps, legacy.interval, legacy.next_refresh) == (0, 2, 2)
+    bad = dict(whole.state_dict(), schedule=torch.tensor([5, 99, 7, 0]))
+    with pytest.raises(ValueError, match=r"state\['schedule'\].*every_max \(16\)"):
+        ProposalSelector(T, every=2, settle=1).load_state_dict(bad)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"every": 0}, "every: expected a positive integer"),
+    ({"every": 4, "every_max": 3}, r"every_max: expected an integer >= every \(4\), got 3"),
+    ({"every_max": True}, "every_max: expected an integer"),
+    ({"settle": 0}, "settle: expected a positive integer"),
+])
+def test_proposal_selector_refuses_a_bad_schedule(kwargs, message):
+    from carv.timesteps import ProposalSelector
+    with pytest.raises(ValueError, match=message):
+        ProposalSelector(200, **kwargs)

@@ -590,17 +590,33 @@ class ProposalSelector:
     sampler's current ones, so each term is unbiased for the current objective whenever the proposal that drew it
     covered the current support (a support that narrows, as an annealed range does, keeps that; draws outside the
     current support are left out).
-    State (window, current choice, switch history) is saved with the run (:meth:`state_dict`).
+    **When to refresh.** :meth:`step` records a step's draws and refreshes when one is due: every ``every`` steps
+    at first; after ``settle`` refreshes in a row that keep the current candidate the interval doubles, up to
+    ``every_max`` (default ``8 * every``), and a switch brings it back to ``every``. A refresh re-reads the tables
+    over the whole window (about a millisecond at ``T = 1000``), which on a cheap step would cost more than the
+    comparison is worth once the choice has settled; the schedule depends on the draws only, never on timings, so
+    the same seed refreshes at the same steps. The learned table an interval leaves in place is at most
+    ``every_max`` steps old; its moving average remembers far longer than that (a bin's ``decay`` applies per
+    draw that lands in it). Calling :meth:`refresh` directly bypasses the schedule.
+
+    State (window, current choice, schedule; the switch history is kept in memory) is saved with the run
+    (:meth:`state_dict`).
     """
 
     CANDIDATES = ("uniform", "weight", "learned")
 
     def __init__(self, num_timesteps: int, weight: Tensor | None = None, learned: LearnedProposal | None = None,
                  start: str = "uniform", window: int = 1024, sigmas: float = 2.0, min_draws: int = 64,
-                 min_gain: float = 0.02):
+                 min_gain: float = 0.02, every: int = 10, every_max: int | None = None, settle: int = 2):
         check_positive_int(num_timesteps, "num_timesteps")
         check_positive_int(window, "window")
         check_positive_int(min_draws, "min_draws")
+        check_positive_int(every, "every")
+        check_positive_int(settle, "settle")
+        if every_max is None:
+            every_max = 8 * every
+        if isinstance(every_max, bool) or not isinstance(every_max, int) or every_max < every:
+            raise ValueError(f"every_max: expected an integer >= every ({every}), got {every_max!r}")
         if not (isinstance(sigmas, (int, float)) and math.isfinite(sigmas) and sigmas >= 0):
             raise ValueError(f"sigmas: expected a finite non-negative number, got {sigmas!r}")
         self.num_timesteps = num_timesteps
@@ -619,6 +635,8 @@ class ProposalSelector:
         self._new: list[tuple[Tensor, Tensor, Tensor]] = []  # draws recorded since the window was last joined
         self._new_count = 0
         self.history: list[dict] = []
+        self.every, self.every_max, self.settle = every, every_max, settle
+        self.steps, self.interval, self.next_refresh, self.kept = 0, every, every, 0
 
     def table(self, name: str, support: tuple[int, int]) -> Tensor | None:
         """The importance table of candidate ``name`` on ``support`` (None: ``q = p``)."""
@@ -643,6 +661,25 @@ class ProposalSelector:
         self._new_count += t.numel()
         if self._new_count >= self.window:
             self._joined()
+
+    def step(self, t: Tensor, sq_norm: Tensor, sampler: TimestepSampler) -> bool:
+        """One training step's bookkeeping: :meth:`update` with its draws, then :meth:`refresh` when one is due
+        (the schedule in the class docstring). Returns whether it refreshed (the sampler's table may have
+        changed)."""
+        self.update(t, sq_norm, sampler)
+        self.steps += 1
+        if self.steps < self.next_refresh:
+            return False
+        switches = len(self.history)
+        self.refresh(sampler)
+        if len(self.history) > switches:
+            self.kept, self.interval = 0, self.every
+        else:
+            self.kept += 1
+            if self.kept >= self.settle and self.interval < self.every_max:
+                self.kept, self.interval = 0, min(2 * self.interval, self.every_max)
+        self.next_refresh = self.steps + self.interval
+        return True
 
     def _joined(self) -> dict[str, Tensor]:
         """The window: the last ``window`` draws, oldest first."""
@@ -700,9 +737,11 @@ class ProposalSelector:
         return self.current
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors only (the window and the index of the current candidate); the learned candidate saves its own."""
+        """Tensors only (the window, the index of the current candidate and the refresh schedule: steps, interval,
+        next refresh, refreshes kept in a row); the learned candidate saves its own."""
         return {**{k: v.clone() for k, v in self._joined().items()},
-                "current": torch.tensor(self.CANDIDATES.index(self.current))}
+                "current": torch.tensor(self.CANDIDATES.index(self.current)),
+                "schedule": torch.tensor([self.steps, self.interval, self.next_refresh, self.kept])}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         current = self.CANDIDATES[int(state["current"])]
@@ -711,6 +750,12 @@ class ProposalSelector:
         self._buf = {k: state[k].to(torch.float64).clone()[-self.window:] for k in ("t", "s", "q")}
         self._new, self._new_count = [], 0
         self.current = current
+        if "schedule" in state:  # a state saved before the schedule existed refreshes every `every` steps
+            steps, interval, next_refresh, kept = (int(v) for v in state["schedule"].tolist())
+            if not (0 <= steps <= next_refresh and 1 <= interval <= self.every_max and kept >= 0):
+                raise ValueError(f"state['schedule']: expected [steps, interval, next refresh, kept] with "
+                                 f"1 <= interval <= every_max ({self.every_max}), got {state['schedule'].tolist()}")
+            self.steps, self.interval, self.next_refresh, self.kept = steps, interval, next_refresh, kept
 
 
 class SecondMomentResampler:

@@ -26,14 +26,15 @@ The pipeline (DreamFusion's loop, at CPU scale):
    ``lr_end`` (Adam's rate decayed geometrically), ``init_color`` (a fresh voxel's colour),
    ``coarse_resolution, coarse_steps`` (coarse-to-fine grid), ``color_lr_scale`` (the colour's rate against the
    density's), ``init_center_z, init_height`` (the blob as an ellipsoid) and ``sparsity_end`` (a sparsity ramp).
-3. **carv** (the default, ``method="carv"``): ``K`` draws per render; the timestep proposal is
+3. **carv** (the default, ``method="carv"``): ``K`` draws per render; the timestep proposal is chosen by
+   :class:`carv.ProposalSelector` among uniform, the teacher's weight table ``w`` and
    :class:`carv.LearnedProposal` (``q ~ p sqrt(E||f||^2 | t)``, learned online from the squared residual
-   norms every step computes anyway, the teacher's weight table ``w`` as its prior, refreshed every
-   ``proposal_every`` steps, floor ``0.1``); per-upstream stratification; ``K`` chosen by
-   :class:`carv.AutoK` from the measured stage costs and variance components and re-chosen every
-   ``accountant_every`` steps. ``method="baseline"`` is the plain estimator: uniform ``t``, ``K = 1``.
-   Every variant is unbiased for the same gradient (the proposal at a step depends only on earlier
-   steps' draws).
+   norms every step computes anyway, ``w`` as its prior), on the run's own draws, refreshed every
+   ``proposal_every`` steps and less often once the choice settles, floor ``0.1``; per-upstream
+   stratification; ``(R, K)`` chosen by :class:`carv.Allocator` from the measured stage costs and variance
+   components at the plain step's cost and re-chosen every ``accountant_every`` steps.
+   ``method="baseline"`` is the plain estimator: uniform ``t``, ``K = 1``. Every variant is unbiased for the
+   same gradient (the proposal at a step depends only on earlier steps' draws).
 
 :class:`Trainer` holds one run (grid, Adam, generator, proposal, accountant, cost meter, clocks) and
 checkpoints it (safetensors for tensors, JSON for the rest; nothing is pickled), so a rerun of the

@@ -76,10 +76,11 @@ class Trainer:
         proposal = cfg.resolved_proposal
         self.learned = LearnedProposal(p.T, num_bins=50, prior=p.w) if proposal in ("learned", "auto") else None
         # "auto": uniform, p w or the learned table, compared on the run's own draws at every refresh
-        self.selector = (ProposalSelector(p.T, weight=p.w, learned=self.learned, start="weight")
-                         if proposal == "auto" else None)
+        self.selector = (ProposalSelector(p.T, weight=p.w, learned=self.learned, start="weight",
+                                          every=cfg.proposal_every) if proposal == "auto" else None)
         self.sds = p.sds(p.sampler(proposal, cfg.resolved_stratify, cfg.floor, self.learned), cfg.initial_k)
-        # the importance table the sampler uses now (refreshed every proposal_every steps; None: q = p)
+        # the importance table the sampler uses now (refreshed every proposal_every steps, "auto" on the
+        # selector's schedule; None: q = p)
         self.importance = p.w.clone() if proposal in ("weight", "learned", "auto") else None
         self.alloc: Allocator | None = None
         if cfg.auto_k:
@@ -221,17 +222,15 @@ class Trainer:
         sw.record({"upstream": R, "draw": R * K, **({"probe": 1} if probe else {})})
         est = out.estimate
         sampler = self.sds.sampler
-        if self.selector is not None:
-            self.selector.update(out.draws.t, est.sq_norms, sampler)
+        self.step_count += 1
+        if self.selector is not None:  # refreshes on its own schedule (every proposal_every steps, then sparser)
+            if self.selector.step(out.draws.t, est.sq_norms, sampler):
+                self.importance = sampler.importance
         elif self.learned is not None:
             self.learned.update(out.draws.t, est.sq_norms)
-        self.step_count += 1
-        if self.learned is not None and self.step_count % cfg.proposal_every == 0:
-            if self.selector is not None:
-                self.selector.refresh(sampler)
-            else:
+            if self.step_count % cfg.proposal_every == 0:
                 sampler.set_importance(self.learned.importance((sampler.t_min, sampler.t_max)))
-            self.importance = sampler.importance
+                self.importance = sampler.importance
         if self.alloc is not None:  # parameter-space components (probe steps only): the allocator's input
             self.R, self.sds.K = choose_next(self.alloc, self.meter, comps)
         self.elapsed += sw.elapsed()
