@@ -201,7 +201,10 @@ def test_regime_row_is_the_ecm_at_simulated_costs_and_never_beats_its_bound(tmp_
     data = write_regime_sweep(path, rows, {"command": "x"}, 3.3)
     assert data["other"] == 1 and set(REGIME_KEYS) <= set(data["regime_sweep"][0])
     assert data["headline"]["bound_fraction"] == pytest.approx(1.2 / rows[1]["bound_ecm"])
-    assert data["headline_app_default"]["cost_ratio"] == 3.3
+    assert data["headline_app_default"]["cost_ratio"] == 3.3 and "K_by_seed" not in data["headline_app_default"]
+    rows[1]["per_seed"] = [{"R": 1, "K": 4}, {"R": 1, "K": 3}]
+    data = write_regime_sweep(path, rows, {"command": "x"}, 3.3)
+    assert (data["headline_app_default"]["K_by_seed"], data["headline_app_default"]["R_by_seed"]) == ([4, 3], [1, 1])
     # a sweep of another configuration than the app's headline (distillation's Accountant): the rows only
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"headline": {"value": 3.1}}))

@@ -123,5 +123,10 @@ def test_brief_summary_states_headline_bound_fraction_and_best_of_n(tmp_path):
     (docs / "demo_bench.json").write_text(json.dumps(res))
     assert ("| demo | the app's default, R = 1 K = 5 (cost ratio 3.6) | 1.50x +- 0.10 | 0.95 | - (rows on another "
             "protocol) |") in render_block("all", "brief", tmp_path)
+    # each seed's run chose its own K: every choice is shown, not the first seed's alone
+    res["headline_app_default"] |= {"R_by_seed": [1, 1, 1], "K_by_seed": [7, 5, 5]}
+    (docs / "demo_bench.json").write_text(json.dumps(res))
+    brief = render_block("all", "brief", tmp_path)
+    assert "| the app's default, R = 1 K = 7, 5, 5 (by seed) (cost ratio 3.6) |" in brief
     for kind in ("run", "headline", "summary", "brief"):
         assert "2026" not in render_block("demo", kind, tmp_path)

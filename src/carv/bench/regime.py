@@ -150,6 +150,9 @@ def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict
                                     "bound_ecm": native["bound_ecm"], "bound_fraction": native["bound_fraction"],
                                     "K": native["K"], "R": native.get("R"), "cost_ratio": native["cost_ratio"],
                                     "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
+    if native.get("per_seed"):  # each seed's run makes its own choice
+        data["headline_app_default"] |= {"R_by_seed": [r["R"] for r in native["per_seed"]],
+                                         "K_by_seed": [r["K"] for r in native["per_seed"]]}
     head = data.get("headline")
     if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
         head["bound_fraction"] = head["value"] / native["bound_ecm"]

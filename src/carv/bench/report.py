@@ -357,6 +357,14 @@ def _headline_bound_fraction(res: dict) -> float | None:
     return None
 
 
+def _by_seed(app: dict, key: str) -> str:
+    """``K = 4``, or ``K = 7, 5, 5 (by seed)`` where the seeds' runs chose differently."""
+    seeds = app.get(f"{key}_by_seed")
+    if not seeds or len(set(seeds)) == 1:
+        return f"{key} = {app[key] if not seeds else seeds[0]}"
+    return f"{key} = {', '.join(str(v) for v in seeds)} (by seed)"
+
+
 def _gen_brief(name: str, res: dict | None, root: Path) -> str:
     """The README's summary: each benchmark's a-priori headline with its error bar and its fraction of the
     efficiency bound, and the best of N rows as an upper bound (the commands are in BENCHMARKS.md)."""
@@ -370,7 +378,8 @@ def _gen_brief(name: str, res: dict | None, root: Path) -> str:
         note = f" ({SMOKE})" if r.get("smoke") else ""
         app = r.get("headline_app_default")
         if app is not None:  # the app's own run (regime sweep, native cost ratio) is what a user gets
-            config = f"the app's default, R = {app['R']} K = {app['K']} (cost ratio {app['cost_ratio']:.1f})"
+            config = (f"the app's default, {_by_seed(app, 'R')} {_by_seed(app, 'K')} "
+                      f"(cost ratio {app['cost_ratio']:.1f})")
             h, f = {"value": app["value"], "se": app.get("se")}, app.get("bound_fraction")
             best = "- (rows on another protocol)"
         else:
