@@ -128,11 +128,12 @@ def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     return Snapshot(acc.allocator, selector.current, estimate, selector.interval)
 
 
-def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
+def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot:
     """``steps`` generator steps of DMD distillation (the app's Distiller: fake-score warm-up and updates as it
     makes them) with carv's estimator on the generator gradient: per-upstream strata, the ProposalSelector over
     uniform and the learned table (DMD's per-draw normalisation has no weight table), and the Accountant choosing
-    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1."""
+    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1.
+    ``on_step(step, distiller, accountant, closed_step)`` is called after each step (``benchmarks/probe_drift.py``)."""
     from carv import Accountant, ProposalSelector
     from carv.accounting import Allocator
     from carv.apps.distill import DistillConfig, Distiller
@@ -144,7 +145,7 @@ def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
                       every=10, probe_every=5)
     acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
     d.warmup()
-    for _step in range(steps):
+    for step in range(1, steps + 1):
         for _ in range(d.cfg.fake_updates):
             d.fake_update()
         d.opt_g.zero_grad(set_to_none=True)
@@ -155,6 +156,8 @@ def distill_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
             st.backward(res, x)
         d.opt_g.step()
         selector.step(res.draws.t, res.estimate.sq_norms, d.sampler)
+        if on_step is not None:
+            on_step(step, d, acc, st)
     uniform = d.make_sampler("none", "none")
     objs = {"carv": d.dmd, "uniform": d.make_objective(uniform, 1)}
 
