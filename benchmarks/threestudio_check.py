@@ -33,8 +33,8 @@ Checks (PASS/FAIL table at the end; exit status 1 on any FAIL):
    threestudio's ``StableDiffusionGuidance`` is called on the same render with carv's timesteps and noise:
    ``loss_sds`` and ``grad_norm`` agree to a relative 1e-5, ``min_step`` / ``max_step`` (a ``max_step_percent``
    schedule [0, 0.98, 0.5, 2]: 980 then 740) are equal;
-2. two steps at K = 4 with the learned proposal, ``nan_policy: skip`` and ``auto_k`` (batch of 2 views): every
-   guidance output is logged through Lightning, ``between`` / ``within`` among them;
+2. two steps at K = 4 with the default (``auto``) proposal, ``nan_policy: skip`` and ``auto_k`` (batch of 2
+   views): every guidance output is logged through Lightning, ``between`` / ``within`` among them;
 3. every ``system.guidance`` block of the checkout's ``configs/**/*.yaml`` builds carv's guidance through
    threestudio's ``BaseObject`` (the teacher path replaced by the tiny pipeline).
 """
@@ -337,11 +337,11 @@ def main() -> int:
     rows.append(("K=1: update_step dispatched (max_step 980 -> 740)",
                  [int(float(c["train/max_step"])) for c in logged] == [980, 740]))
 
-    k4 = {"K": 4, "proposal": "learned", "stratify": "per_upstream", "nan_policy": "skip", "auto_k": True,
+    k4 = {"K": 4, "proposal": "auto", "stratify": "per_upstream", "nan_policy": "skip", "auto_k": True,
           "probe_every": 1, "choose_every": 1}
     logged4, _, g4 = run(threestudio, root, out, "k4", sd, k4, 2, compare=False)
     keys = sorted(k for k in (logged4[-1] if logged4 else {}) if k.startswith("train/") and logged4[-1][k] != "")
-    print(f"\nK = 4, learned proposal, nan_policy skip, auto_k, 2 views: logged {keys}")
+    print(f"\nK = 4, auto proposal, nan_policy skip, auto_k, 2 views: logged {keys}")
     for i, c in enumerate(logged4):
         print(f"  step {i}: loss_sds {float(c['train/loss_sds']):.6g}  K {c['train/K']}  R {c['train/R']}  "
               f"between {c.get('train/between', '')}  within {c.get('train/within', '')}")

@@ -403,34 +403,50 @@ def test_bad_call_arguments_are_named(threestudio, tiny_sd_path):
         g(rgb, OtherModel((2, L, D)), el, az, dist)
 
 
-def test_resume_continues_as_the_uninterrupted_run(threestudio, tiny_sd_path):
+@pytest.mark.parametrize(("proposal", "every"), [("auto", 1), ("auto", 2), ("learned", 3)])
+def test_resume_continues_as_the_uninterrupted_run(threestudio, tiny_sd_path, proposal, every):
     """state_dict / load_state_dict: a guidance rebuilt from its config, restored with on_load_weights=True (as
     threestudio's load_weights) and the saved state, makes the same draws and gradient as the one that ran on;
-    the learned proposal's statistics come back. A second guidance in the process does not disturb either."""
+    the learned proposal's statistics, the selector's state and the table in use come back, also when the
+    statistics have moved since the last refresh. A second guidance in the process does not disturb either."""
     from safetensors.torch import load_file, save_file
 
     from carv.integrations.threestudio import register
 
     cls = register()
-    cfg = guidance_cfg(tiny_sd_path, K=3, image_size=32, proposal_every=1)
-    a = cls(cfg)
+    cfg = guidance_cfg(tiny_sd_path, K=3, image_size=32, proposal=proposal, proposal_every=every)
+
+    def eager(g):  # a selector that compares from the first draw and takes any gain: it moves within a few steps
+        if g.selector is not None:
+            g.selector.min_draws, g.selector.sigmas, g.selector.min_gain = 1, 0.0, 0.0
+        return g
+
+    a = eager(cls(cfg))
     pu = a.teacher.encode_prompt("a cat")
     rgb, el, az, dist = _call_args()
-    for step in range(3):
+    for step in range(5):
         a.do_update_step(0, step)
         a(rgb, pu, el, az, dist)
+    a.do_update_step(0, 4)  # a second call at one global step (threestudio's validation batches) counts nothing
+    if proposal == "auto":
+        assert a.selector.history and a.selector.steps == 5  # one count per global step
     path = tiny_sd_path.parent / "guidance.safetensors"
     save_file(a.state_dict(), str(path))
-    b = cls(cfg)
+    b = eager(cls(cfg))
     other = cls(guidance_cfg(tiny_sd_path, K=2, image_size=32, seed=5))  # a second guidance in the process
     other(rgb, pu, el, az, dist)
-    b.do_update_step(0, 2, on_load_weights=True)
+    b.do_update_step(0, 4, on_load_weights=True)
     b.load_state_dict(load_file(str(path)))
     assert torch.equal(b.learned.m2, a.learned.m2) and b.K == a.K == 3
-    a.do_update_step(0, 3)
-    b.do_update_step(0, 3)
-    out_a, out_b = a(rgb, pu, el, az, dist), b(rgb, pu, el, az, dist)
-    assert torch.equal(a.last_output.draws.t, b.last_output.draws.t)
-    assert float(out_a["grad_norm"]) == pytest.approx(float(out_b["grad_norm"]), rel=1e-5)
+    assert torch.equal(b.sds.sampler.q, a.sds.sampler.q) and b.proposal == a.proposal
+    if proposal == "auto":
+        assert b.selector.state_dict().keys() == a.selector.state_dict().keys()
+        assert all(torch.equal(v, a.selector.state_dict()[k]) for k, v in b.selector.state_dict().items())
+    for step in (5, 6, 7):
+        a.do_update_step(0, step)
+        b.do_update_step(0, step)
+        out_a, out_b = a(rgb, pu, el, az, dist), b(rgb, pu, el, az, dist)
+        assert torch.equal(a.last_output.draws.t, b.last_output.draws.t)
+        assert float(out_a["grad_norm"]) == pytest.approx(float(out_b["grad_norm"]), rel=1e-5)
     with pytest.raises(ValueError, match=r"^state: expected the keys \["):
         b.load_state_dict({"K": torch.tensor(2)})

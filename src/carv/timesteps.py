@@ -663,10 +663,15 @@ class ProposalSelector:
             self._joined()
 
     def step(self, t: Tensor, sq_norm: Tensor, sampler: TimestepSampler) -> bool:
-        """One training step's bookkeeping: :meth:`update` with its draws, then :meth:`refresh` when one is due
-        (the schedule in the class docstring). Returns whether it refreshed (the sampler's table may have
-        changed)."""
+        """One training step's bookkeeping: :meth:`update` with its draws, then :meth:`advance`. Returns whether
+        it refreshed (the sampler's table may have changed)."""
         self.update(t, sq_norm, sampler)
+        return self.advance(sampler)
+
+    def advance(self, sampler: TimestepSampler) -> bool:
+        """Count one step and :meth:`refresh` when one is due (the schedule in the class docstring), for a caller
+        that records draws with :meth:`update` elsewhere (threestudio's guidance records them at each call and
+        counts steps in ``update_step``). Returns whether it refreshed."""
         self.steps += 1
         if self.steps < self.next_refresh:
             return False

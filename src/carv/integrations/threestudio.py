@@ -35,7 +35,7 @@ Images are resized (bilinear) to ``image_size`` = 512 px before the VAE, and ``r
 
 Resuming: the guidance is not an ``nn.Module`` (as threestudio's ``StableDiffusionGuidance``), so Lightning's
 checkpoint does not hold its state; :meth:`CarvGuidance.state_dict` / :meth:`CarvGuidance.load_state_dict`
-(``K``, the generator, the learned proposal) let a system save and restore it.
+(``K``, the generator, the learned proposal and its selector) let a system save and restore it.
 
 A misspelt config key, a value that cannot work, or a call argument of the wrong shape is one ValueError /
 TypeError naming it, raised before the teacher loads or the UNet runs.
@@ -61,12 +61,12 @@ from torch import Tensor
 from carv.objectives.sds import ScoreDistillation
 from carv.objectives.weighting import weight_table
 from carv.teachers.diffusers import check_device
-from carv.timesteps import LearnedProposal, TimestepSampler, percent_range, scheduled_value
+from carv.timesteps import LearnedProposal, ProposalSelector, TimestepSampler, percent_range, scheduled_value
 
 __all__ = ["CarvGuidance", "CarvGuidanceConfig", "IGNORED_KEYS", "REGISTRY_NAME", "guidance_output", "register"]
 
 REGISTRY_NAME = "carv-stable-diffusion-guidance"
-PROPOSALS = ("none", "weight", "learned")
+PROPOSALS = ("none", "weight", "learned", "auto")
 WEIGHTINGS = {"sds": "sds", "dreamfusion": "sds", "uniform": "uniform", "fantasia3d": "fantasia3d"}
 _ANY = object()  # an ignored key that never warns: it only matters with another ignored key
 _ZERO123 = "zero123 image conditioning is not implemented (the guidance is text-conditioned SDS)"
@@ -127,7 +127,7 @@ class _KnownConfig:
     # carv
     image_size: int = 512  # threestudio's resize for every SD model; rgb_as_latents inputs go to image_size / 8
     K: int = 4
-    proposal: str = "learned"
+    proposal: str = "auto"  # uniform, the weight table or the learned one, chosen from the run's own draws
     stratify: str = "per_upstream"
     floor: float = 0.1
     proposal_every: int = 10
@@ -212,8 +212,12 @@ class CarvGuidance:
         self.weighting = WEIGHTINGS[c.weighting_strategy]
         T = teacher.schedule.num_timesteps
         self.num_train_timesteps = T
-        self.learned = (LearnedProposal(T, prior=weight_table(self.weighting, teacher.schedule))
-                        if c.proposal == "learned" else None)
+        weight = weight_table(self.weighting, teacher.schedule)
+        self.learned = LearnedProposal(T, prior=weight) if c.proposal in ("learned", "auto") else None
+        # "auto": carv's ProposalSelector compares uniform, the weight table and the learned one on the run's own
+        # draws and switches only on a clear gain (its refreshes: every proposal_every steps, sparser once settled)
+        self.selector = (ProposalSelector(T, weight=weight, learned=self.learned, start="weight",
+                                          every=c.proposal_every) if c.proposal == "auto" else None)
         self.min_step, self.max_step = self.step_range(0, 0)
         sampler = TimestepSampler(T, self.min_step, self.max_step, importance=self._importance(),
                                   floor=c.floor if c.proposal != "none" else 0.0, stratify=c.stratify,
@@ -238,6 +242,8 @@ class CarvGuidance:
     def _importance(self) -> Tensor | None:
         if self.config.proposal == "none":
             return None
+        if self.selector is not None:
+            return self.selector.table(self.selector.current, (self.min_step, self.max_step))
         if self.config.proposal == "weight" or not self.learned.ready:
             return weight_table(self.weighting, self.teacher.schedule)
         return self.learned.importance((self.min_step, self.max_step))
@@ -327,22 +333,27 @@ class CarvGuidance:
             grad = grad.clamp(-self.grad_clip_val, self.grad_clip_val)
         target = (latents - grad).detach()
         loss_sds = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
-        if self.learned is not None and out.skipped is None:
-            self.learned.update(out.draws.t, out.estimate.sq_norms)
+        if out.skipped is None:
+            if self.selector is not None:
+                self.selector.update(out.draws.t, out.estimate.sq_norms, self.sds.sampler)
+            elif self.learned is not None:
+                self.learned.update(out.draws.t, out.estimate.sq_norms)
         self.last_output = out
-        acc = self.accountant.summary(proposal=self.config.proposal) if self.accountant is not None else None
+        acc = self.accountant.summary(proposal=self.proposal) if self.accountant is not None else None
         return guidance_output(loss_sds, grad, self.min_step, self.max_step, out, B, acc)
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         """Per-step updates, as threestudio's: grad clipping and the timestep range from their schedules
-        (:meth:`step_range`); carv's learned proposal (refreshed every ``proposal_every`` steps); with ``auto_k``
+        (:meth:`step_range`); carv's proposal (``"learned"``: refreshed every ``proposal_every`` steps;
+        ``"auto"``: the selector's schedule, counted once per ``global_step``); with ``auto_k``
         the accountant closes the previous step (its time from this call to the last one is the step's cost:
         the guidance call is the draw stage, everything else the upstream stage) and may set a new ``K``.
         The components are those of the latents (the accountant has no access to the scene's parameters).
         threestudio calls this once per batch, validation batches included: repeated calls at one
         ``global_step`` change nothing."""
         c = self.config
-        if self.accountant is not None and not on_load_weights and global_step != self._last_update:
+        new_step = not on_load_weights and global_step != self._last_update
+        if self.accountant is not None and new_step:
             if self.accountant.current is not None and self.accountant.current.R is not None:
                 self.accountant.end()
             if self.accountant.current is None:
@@ -351,14 +362,26 @@ class CarvGuidance:
         if c.grad_clip is not None:
             self.grad_clip_val = _scheduled("grad_clip", c.grad_clip, global_step, epoch)
         self._set_range(*self.step_range(epoch, global_step))
-        if self.learned is not None and global_step % c.proposal_every == 0 and self.learned.ready:
+        if self.selector is not None:
+            if new_step:
+                self.selector.advance(self.sds.sampler)
+        elif self.learned is not None and global_step % c.proposal_every == 0 and self.learned.ready:
             self.sds.sampler.set_importance(self._importance())
         self.steps = global_step
+
+    @property
+    def proposal(self) -> str:
+        """The proposal in use: the config's, or with ``"auto"`` the selector's current choice (``"uniform"``,
+        ``"weight"`` or ``"learned"``)."""
+        return self.selector.current if self.selector is not None else self.config.proposal
 
     # ---------------------------------------------------------------- resuming
     def state_dict(self) -> dict[str, Tensor]:
         """What a resumed run needs to continue as the uninterrupted one (tensors only, safetensors-friendly):
-        ``K``, the last ``global_step`` seen, the generator's state and the learned proposal's statistics.
+        ``K``, the last ``global_step`` seen, the generator's state, the importance table the sampler uses now
+        (empty: ``q = p``), the learned proposal's statistics and the proposal selector's window, choice and
+        schedule. The table is saved as used, not rebuilt from the statistics on load: those have moved since the
+        last refresh, and a resumed run must draw as the uninterrupted one.
         threestudio's guidances are not ``nn.Module`` s, so Lightning's checkpoint does not hold it: save it from
         the system's ``on_save_checkpoint`` (``checkpoint["carv_guidance"] = self.guidance.state_dict()``) and
         restore it in ``on_load_checkpoint``."""
@@ -366,6 +389,11 @@ class CarvGuidance:
                  "generator": self.generator.get_state()}
         if self.learned is not None:
             state.update({f"learned.{k}": v for k, v in self.learned.state_dict().items()})
+        if self.selector is not None:
+            state.update({f"selector.{k}": v for k, v in self.selector.state_dict().items()})
+        if self.config.proposal != "none":
+            imp = self.sds.sampler.importance
+            state["importance"] = torch.zeros(0, dtype=torch.float64) if imp is None else imp.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -380,8 +408,12 @@ class CarvGuidance:
         self.generator.set_state(state["generator"].cpu())
         if self.learned is not None:
             self.learned.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("learned.")})
-            if self.learned.ready:
-                self.sds.sampler.set_importance(self._importance())
+        if self.selector is not None:
+            self.selector.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
+                                           if k.startswith("selector.")})
+        if "importance" in state:
+            imp = state["importance"]
+            self.sds.sampler.set_importance(None if imp.numel() == 0 else imp)
 
 
 def parse_config(cfg: Any, copy: bool = False) -> CarvGuidanceConfig:
