@@ -181,13 +181,16 @@ def tiny_cfg(**kw):
     return DistillConfig(**{**base, **kw})
 
 
-def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher):
+@pytest.mark.parametrize("refresh", [1, 3])
+def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher, refresh):
+    """Stopped at step 2 and resumed: the same run as the uninterrupted one, also when the learned statistics
+    have moved since the last refresh (every 3 steps: the table in use is restored, not rebuilt)."""
     from carv.apps.distill import Distiller, run_distill
 
     _, teacher = tiny_teacher
-    cfg = tiny_cfg(proposal="learned", stratify="per_upstream", proposal_refresh=1)
+    cfg = tiny_cfg(proposal="learned", stratify="per_upstream", proposal_refresh=refresh)
     run_distill(tmp_path / "straight", cfg, progress=False, teacher=teacher)
-    half = tiny_cfg(proposal="learned", stratify="per_upstream", proposal_refresh=1, steps=2)
+    half = tiny_cfg(proposal="learned", stratify="per_upstream", proposal_refresh=refresh, steps=2)
     run_distill(tmp_path / "resumed", half, progress=False, teacher=teacher)
     res = run_distill(tmp_path / "resumed", cfg, progress=False, teacher=teacher)  # 'steps' may change on resume
     assert res["steps"] == 4
@@ -198,7 +201,7 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher):
     b.load_state(RunState(tmp_path / "resumed").load())
     for pa, pb in zip(a.generator.parameters(), b.generator.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    assert torch.equal(a.learned.m2, b.learned.m2)
+    assert torch.equal(a.learned.m2, b.learned.m2) and torch.equal(a.sampler.q, b.sampler.q)
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4]
     assert (tmp_path / "resumed" / "checkpoints" / "step_000004.safetensors").is_file()

@@ -414,6 +414,10 @@ class Distiller:
         t = {f"generator.{k}": v for k, v in self.generator.net.state_dict().items()}
         t.update({f"fake.{k}": v for k, v in self.fake.model.state_dict().items()})
         t.update({f"learned.{k}": v for k, v in self.learned.state_dict().items()})
+        # the table the sampler uses now (empty: q = p): the statistics have moved since the last refresh, so a
+        # table rebuilt from them on load would draw differently from the uninterrupted run
+        imp = self.sampler.importance
+        t["importance"] = torch.zeros(0, dtype=torch.float64) if imp is None else imp.detach().cpu().clone()
         return t
 
     def _meta(self) -> dict[str, Any]:
@@ -445,7 +449,9 @@ class Distiller:
         self.generator.net.load_state_dict(part("generator."))
         self.fake.model.load_state_dict(part("fake."))
         self.learned.load_state_dict(part("learned."))
-        if self.cfg.proposal == "learned":
+        if "importance" in t:
+            self.sampler.set_importance(None if t["importance"].numel() == 0 else t["importance"])
+        elif self.cfg.proposal == "learned":  # a checkpoint written before the table was saved
             self.sampler.set_importance(self._learned_importance())
 
     def save_state(self, run: RunState) -> None:
