@@ -461,13 +461,14 @@ def test_proposal_selector_refreshes_sparser_while_the_choice_holds_and_again_af
     sampler = TimestepSampler(T, 10, 189, floor=0.1)
     only_uniform = ProposalSelector(T, every=3, every_max=12, settle=2)
     assert _schedule_run(only_uniform, sampler, flat, 60, 0) == [3, 6, 12, 18, 30, 42, 54]
-    # from the weight table against the residual's trend, comparing from 640 draws (step 10) on: kept at 3 and 6
-    # (interval 6), a switch to uniform at 12 (interval 3 again), kept at 15 and 18 (6), 24 and 30 (12)
+    # from the weight table against the residual's trend, comparing from 640 draws (step 10) on: the refreshes at
+    # 3, 6 and 9 compare nothing and leave the interval at 3; a switch to uniform at 12 (3 again), kept at 15 and
+    # 18 (interval 6), 24 and 30 (12)
     sampler = TimestepSampler(T, 10, 189, importance=w_bad, floor=0.1)
     sel = ProposalSelector(T, weight=w_bad, start="weight", every=3, every_max=12, settle=2, min_draws=640)
     got = _schedule_run(sel, sampler, flat, 40, 1)
     assert [(h["from"], h["to"], h["draws"]) for h in sel.history] == [("weight", "uniform", 768)]
-    assert got == [3, 6, 12, 15, 18, 24, 30] and torch.allclose(sampler.q, sampler.p)
+    assert got == [3, 6, 9, 12, 15, 18, 24, 30] and torch.allclose(sampler.q, sampler.p)
     # the same draws through update() and refresh() at those steps: the same window and choice
     ref_sampler = TimestepSampler(T, 10, 189, importance=w_bad, floor=0.1)
     ref = ProposalSelector(T, weight=w_bad, start="weight", min_draws=640)

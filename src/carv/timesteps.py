@@ -590,14 +590,16 @@ class ProposalSelector:
     sampler's current ones, so each term is unbiased for the current objective whenever the proposal that drew it
     covered the current support (a support that narrows, as an annealed range does, keeps that; draws outside the
     current support are left out).
+
     **When to refresh.** :meth:`step` records a step's draws and refreshes when one is due: every ``every`` steps
-    at first; after ``settle`` refreshes in a row that keep the current candidate the interval doubles, up to
-    ``every_max`` (default ``8 * every``), and a switch brings it back to ``every``. A refresh re-reads the tables
-    over the whole window (about a millisecond at ``T = 1000``), which on a cheap step would cost more than the
-    comparison is worth once the choice has settled; the schedule depends on the draws only, never on timings, so
-    the same seed refreshes at the same steps. The learned table an interval leaves in place is at most
-    ``every_max`` steps old; its moving average remembers far longer than that (a bin's ``decay`` applies per
-    draw that lands in it). Calling :meth:`refresh` directly bypasses the schedule.
+    at first; after ``settle`` comparisons in a row (refreshes with at least ``min_draws`` draws in the window)
+    that keep the current candidate the interval doubles, up to ``every_max`` (default ``8 * every``), and a switch
+    brings it back to ``every``. A refresh re-reads the tables over the whole window (about a millisecond at
+    ``T = 1000``), which on a cheap step would cost more than the comparison is worth once the choice has settled;
+    the schedule depends on the draws only, never on timings, so the same seed refreshes at the same steps. The
+    learned table an interval leaves in place is at most ``every_max`` steps old; its moving average remembers far
+    longer than that (a bin's ``decay`` applies per draw that lands in it). Calling :meth:`refresh` directly
+    bypasses the schedule.
 
     State (window, current choice, schedule; the switch history is kept in memory) is saved with the run
     (:meth:`state_dict`).
@@ -675,11 +677,11 @@ class ProposalSelector:
         self.steps += 1
         if self.steps < self.next_refresh:
             return False
-        switches = len(self.history)
+        switches, compared = len(self.history), int(self._joined()["t"].numel()) >= self.min_draws
         self.refresh(sampler)
         if len(self.history) > switches:
             self.kept, self.interval = 0, self.every
-        else:
+        elif compared:  # a refresh before min_draws compared nothing: it is no evidence that the choice holds
             self.kept += 1
             if self.kept >= self.settle and self.interval < self.every_max:
                 self.kept, self.interval = 0, min(2 * self.interval, self.every_max)
