@@ -363,6 +363,17 @@ class TimestepSampler:
         """The importance table in use (float64, length ``T``; None: ``q = p``), as :meth:`set_importance` took it."""
         return self._importance
 
+    def importance_state(self) -> Tensor:
+        """The table in use as a checkpoint holds it: a CPU copy, empty for ``q = p`` (a checkpoint with a fixed
+        set of keys). A resumed run restores it with :meth:`load_importance_state` rather than rebuilding it from
+        a learned proposal's statistics, which have moved since the table was set."""
+        imp = self._importance
+        return torch.zeros(0, dtype=torch.float64) if imp is None else imp.detach().cpu().clone()
+
+    def load_importance_state(self, state: Tensor) -> None:
+        """Set the table that :meth:`importance_state` saved (empty: ``q = p``)."""
+        self.set_importance(None if state.numel() == 0 else state)
+
     @property
     def weights(self) -> Tensor:
         """``p/q`` for every timestep (0 where ``q = 0``), float64."""

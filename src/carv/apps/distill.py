@@ -416,8 +416,7 @@ class Distiller:
         t.update({f"learned.{k}": v for k, v in self.learned.state_dict().items()})
         # the table the sampler uses now (empty: q = p): the statistics have moved since the last refresh, so a
         # table rebuilt from them on load would draw differently from the uninterrupted run
-        imp = self.sampler.importance
-        t["importance"] = torch.zeros(0, dtype=torch.float64) if imp is None else imp.detach().cpu().clone()
+        t["importance"] = self.sampler.importance_state()
         return t
 
     def _meta(self) -> dict[str, Any]:
@@ -450,7 +449,7 @@ class Distiller:
         self.fake.model.load_state_dict(part("fake."))
         self.learned.load_state_dict(part("learned."))
         if "importance" in t:
-            self.sampler.set_importance(None if t["importance"].numel() == 0 else t["importance"])
+            self.sampler.load_importance_state(t["importance"])
         elif self.cfg.proposal == "learned":  # a checkpoint written before the table was saved
             self.sampler.set_importance(self._learned_importance())
 

@@ -392,8 +392,7 @@ class CarvGuidance:
         if self.selector is not None:
             state.update({f"selector.{k}": v for k, v in self.selector.state_dict().items()})
         if self.config.proposal != "none":
-            imp = self.sds.sampler.importance
-            state["importance"] = torch.zeros(0, dtype=torch.float64) if imp is None else imp.detach().cpu().clone()
+            state["importance"] = self.sds.sampler.importance_state()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -412,8 +411,7 @@ class CarvGuidance:
             self.selector.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
                                            if k.startswith("selector.")})
         if "importance" in state:
-            imp = state["importance"]
-            self.sds.sampler.set_importance(None if imp.numel() == 0 else imp)
+            self.sds.sampler.load_importance_state(state["importance"])
 
 
 def parse_config(cfg: Any, copy: bool = False) -> CarvGuidanceConfig:
