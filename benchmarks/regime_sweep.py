@@ -10,8 +10,10 @@ middle snapshot ``--snapshot-step``, resumable; demo: ``--snapshot-step`` steps 
 the app does not pay (no warm-up, no pilot):
 
 - the app's estimator is its own sampler as the run left it (proposal chosen by its ProposalSelector from its own
-  draws, per-upstream strata), at the (R, K) its own allocator picks from its own components when the render
-  costs ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.choose`), charged its probes' extra cost and its
+  draws, per-upstream strata), at the plan its own allocator makes from its own components when the render costs
+  ``cost_ratio`` draws (:meth:`carv.accounting.Allocator.plan`: a pair ``(R, K)`` and, where the budget leaves room
+  that ``K + 1`` does not fit, a share of steps at ``(R, K + 1)``; a plan's row is the mean variance and mean cost
+  of its steps, :func:`mix_row`), charged its probes' extra cost and its
   proposal's updates and refreshes at the interval its selector had reached (:func:`proposal_cost`, timed right
   after the seed's replicates);
 - replicate variances (against a high-sample reference, the reference's own variance removed) of that estimator at
@@ -45,7 +47,7 @@ from carv._machine import loadavg
 from carv._runfolder import atomic_write_json
 from carv.accounting import timed_estimate
 from carv.bench.harness import Config, measure, reference_mean, run_record
-from carv.bench.regime import fit_variance_curve, plot_regime_sweep, regime_row, write_regime_sweep
+from carv.bench.regime import fit_variance_curve, mix_row, plot_regime_sweep, regime_row, write_regime_sweep
 
 RATIOS = (1.0, "native", 10.0, 30.0)
 PROPOSAL_EVERY = 10  # each app's selector starts refreshing every 10 steps (text-to-3D: its proposal_every)
@@ -179,17 +181,21 @@ def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot
 SNAPSHOTS = {"text-to-3d": text_to_3d_snapshot, "demo": demo_snapshot, "distill": distill_snapshot}
 
 
-def app_choice(alloc, ratio: float) -> tuple[int, int, float]:
-    """``(R, K, overhead)``: the app's allocator's choice when a render costs ``ratio`` draws, and the fraction of
-    that step's cost its probes add (:meth:`Allocator.charged_cost`, in draw-cost units, at the interval the
+def app_choice(alloc, ratio: float) -> tuple[int, int, float, list | None]:
+    """``(R, K, overhead, mix)``: the app's allocator's plan when a render costs ``ratio`` draws
+    (:meth:`Allocator.plan`: its pair and its mix, the share of steps at ``(R, K + 1)`` or None), and the fraction
+    of the mean step's cost its probes add (:meth:`Allocator.charged_cost`, in draw-cost units, at the interval the
     allocator would probe at: the longest one on the plain pair, else the run's). A probe's own cost is two
     vector-Jacobian products through the upstream, so it scales with the upstream's cost: the calibrated probe
     cost times ``ratio`` over the native ratio."""
     cal = alloc.calibration or {}
     probe_ratio = cal.get("probe_ratio", 0.0) * ratio / cal.get("cost_ratio", ratio)
-    R, K, _ = alloc.choose(ratio, 1.0, probe_ratio, keep=False)  # a run at this ratio, not this one's pair
+    R, K, _, mix = alloc.plan(ratio, 1.0, probe_ratio, keep=False)  # a run at this ratio, not this one's pair
     step = alloc.step_cost(R, K, ratio, 1.0)
-    return R, K, alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, alloc.probe_interval_for((R, K))) / step - 1.0
+    extra = alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, alloc.probe_interval_for((R, K))) - step
+    if mix is not None:
+        step += mix[2] * (alloc.step_cost(*mix[:2], ratio, 1.0) - step)
+    return R, K, extra / step, (list(mix) if mix is not None else None)
 
 
 def measure_seed(seed: int, args, out: Path) -> dict:
@@ -205,8 +211,10 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     choices = {str(r): app_choice(snap.alloc, r) for r in ratios}
     plain = getattr(snap.alloc, "baseline", (2, 1))
     configs = [Config("uniform", *plain)]
-    for R, K, _ in choices.values():
+    for R, K, _, mix in choices.values():
         configs += [c for c in (Config("carv", R, K), Config("uniform", R, K)) if c not in configs]
+        if mix is not None and Config("carv", *mix[:2]) not in configs:
+            configs.append(Config("carv", *mix[:2]))
     # the app's estimator along a grid of K (one render each), for its variance curve and bound
     grid = [2 ** i for i in range(int(math.log2(min(snap.alloc.k_max, 64))) + 1)]
     configs += [c for c in (Config("carv", 1, k) for k in grid) if c not in configs]
@@ -217,7 +225,8 @@ def measure_seed(seed: int, args, out: Path) -> dict:
     rows = measure(configs, snap.estimate, ref, lambda c: n_of[c.key], seed=seed + 11,
                    state_dir=out / f"seed-{seed}" / "state", desc=f"replicates (seed {seed})",
                    clock=time.process_time, reference_variance=ref_var)
-    shapes = sorted({(R, K) for R, K, _ in choices.values()})
+    shapes = sorted({(R, K) for R, K, _, _ in choices.values()}
+                    | {tuple(f[:2]) for *_, f in choices.values() if f is not None})
     res = {"seed": seed, "plain": list(plain), "native_ratio": native, "ratios": ratios, "choices": choices,
            "rows": rows,
            "proposal": snap.proposal, "allocator_components": [snap.alloc.between, snap.alloc.within],
@@ -267,10 +276,14 @@ def seed_rows(res: dict) -> list[dict]:
     c_draw = sum(r["c_draw_s"] for r in res["rows"]) / len(res["rows"])
     out = []
     for ratio in res["ratios"]:
-        R, K, probes = res["choices"][str(ratio)]
-        proposal = proposal_s[f"{R},{K}"] / (R * (ratio + K) * c_draw)  # a fraction of the step's cost
-        row = regime_row(ratio, c_draw, base, rows[("carv", R, K)], comps, probes + proposal)
-        row["probe_overhead"], row["proposal_overhead"] = probes, proposal
+        R, K, probes, mix = (list(res["choices"][str(ratio)]) + [None])[:4]  # rows.json before mixes: 3 entries
+        a = mix[2] if mix is not None else 0.0
+        head = mix_row(rows[("carv", R, K)], rows.get(("carv", *mix[:2])) if mix else None, a)
+        per_step = proposal_s[f"{R},{K}"] + (a * (proposal_s[f"{mix[0]},{mix[1]}"] - proposal_s[f"{R},{K}"])
+                                            if mix else 0.0)
+        proposal = per_step / (R * (ratio + K + a) * c_draw)  # a fraction of the mean step's cost
+        row = regime_row(ratio, c_draw, base, head, comps, probes + proposal)
+        row["probe_overhead"], row["proposal_overhead"], row["mix"] = probes, proposal, mix
         row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
         row["curve"] = list(comps)  # R Var = b + w_e / K + w_t / K^3 of the app's estimator
         out.append(row)
@@ -291,7 +304,7 @@ def sweep_rows(results: list[dict]) -> list[dict]:
                     "headline_se": math.sqrt(sum(r["headline_se"] ** 2 for r in rs)) / n, "bound_ecm": bound,
                     "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
                     "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
-                    "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "headline_ecm", "headline_se",
+                    "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "mix", "headline_ecm", "headline_se",
                                                     "bound_ecm", "bound_fraction", "uniform_reuse_ecm", "curve",
                                                     "probe_overhead", "proposal_overhead")}
                                  for r in rs]})

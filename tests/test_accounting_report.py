@@ -50,6 +50,44 @@ def test_accounting_summary_bound_is_recomputed_from_its_own_fields():
         accounting_summary(b, w, cu, float("nan"), 1, 2)
 
 
+def test_accounting_summary_of_a_mix_is_the_mean_variance_times_the_mean_cost():
+    """A mix (a share of steps at (R, K + 1)) is predicted as the run pays it: the steps' mean variance times their
+    mean cost; the sentence names it; a bad mix is refused by name."""
+    b, w, cu, cd = 1.0, 20.0, 1.0, 1.0
+    acc = accounting_summary(b, w, cu, cd, 1, 2, mix=(1, 3, 0.75))
+    assert acc["mix"] == {"R": 1, "K": 3, "share": 0.75}
+    var = 0.25 * (b + w / 2) + 0.75 * (b + w / 3)
+    cost = 0.25 * 3 + 0.75 * 4
+    assert acc["predicted_ecm"] == pytest.approx(work_normalised_variance(b, w, cu, cd, 1) / (var * cost))
+    # between the two pure pairs' predictions, and above (1, 2)'s here
+    lo, hi = (accounting_summary(b, w, cu, cd, 1, k)["predicted_ecm"] for k in (2, 3))
+    assert lo < acc["predicted_ecm"] < hi
+    assert accounting_summary(b, w, cu, cd, 1, 2)["mix"] is None
+    assert "R = 1, K = 3 on 75% of the steps" in accounting_sentence(acc)
+    for bad in [(1, 3), (1, 0, 0.5), (1, 3, 1.5), (1, 3, "a")]:
+        with pytest.raises(ValueError, match="mix"):
+            accounting_summary(b, w, cu, cd, 1, 2, mix=bad)
+
+
+def test_regime_row_of_a_mix_charges_the_mean_step():
+    """A plan with a mix is scored as the run pays it: mean variance times mean cost of its steps."""
+    from carv.bench.regime import mix_row, regime_row
+
+    base = {"R": 2, "K": 1, "variance": 10.0, "variance_se": 0.5}
+    lo = {"R": 1, "K": 2, "variance": 9.0, "variance_se": 0.3}
+    hi = {"R": 1, "K": 3, "variance": 6.0, "variance_se": 0.4}
+    row = regime_row(1.0, 1.0, base, mix_row(lo, hi, 0.25), (0.5, 15.0))
+    var, cost = 0.75 * 9.0 + 0.25 * 6.0, 0.75 * 3 + 0.25 * 4
+    assert row["headline_ecm"] == pytest.approx(10.0 * 4 / (var * cost))
+    assert row["K"] == 2 and row["headline_se"] == pytest.approx(
+        row["headline_ecm"] * math.hypot(0.05, math.hypot(0.75 * 0.3, 0.25 * 0.4) / var))
+    assert mix_row(lo, None, 0.0) is lo
+    with pytest.raises(ValueError, match="hi"):
+        mix_row(lo, {**hi, "K": 4}, 0.25)
+    with pytest.raises(ValueError, match="share"):
+        mix_row(lo, hi, 1.5)
+
+
 def test_accounting_sentence_says_the_bound_in_words():
     acc = accounting_summary(0.16, 0.84, 0.033, 0.010, R=1, K=4, proposal="learned")
     line = accounting_sentence(acc)

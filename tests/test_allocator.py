@@ -1,6 +1,7 @@
 """accounting.allocate against brute force over the integer grid (both modes); the online Allocator at R = 1 and
 R >= 2 budgets on a synthetic problem with known components; bad input named."""
 
+import json
 import math
 import random
 
@@ -188,7 +189,7 @@ def test_allocator_converges_at_the_baseline_budget_with_probes_charged(budget_f
     # the probes are charged: the average step costs the budget (within one ordinary step's rounding)
     assert avg_cost <= B * 1.02
     # the brute-force optimum at the same budget left after charging the probes, with the true components
-    R, K = alloc.R, alloc.K
+    R, K = alloc.base  # the chosen pair (a mix runs a share of the steps at (R, K + 1))
     last = alloc.history[-1]  # budget and costs in the units the allocator chose in (draw costs at "baseline")
     cu_, cd_ = last["cost_upstream"], last["cost_draw"]
     # the allocator's criterion: the most efficient pair (selection="efficient", tolerance 0)
@@ -558,11 +559,88 @@ def test_allocator_keeps_an_acceptable_pair_and_leaves_an_unacceptable_one():
     near = [k for k in wnv if wnv[k] <= 1.03 * min(wnv.values())]
     assert fresh[0] == 1 and fresh[1] in near and len(near) >= 2
     for k in near:
-        a.K = k
+        a.base = (1, k)  # the pair in use
         assert a.choose(cu, cd)[:2] == (1, k)  # acceptable: kept
-    a.K = 1  # far from K*: moves
+    a.base = (1, 1)  # far from K*: moves
     assert a.choose(cu, cd)[:2] == fresh
-    a.K = 16  # beyond the budget: moves
+    a.base = (1, 16)  # beyond the budget: moves
     assert a.choose(cu, cd)[:2] == fresh
     with pytest.raises(ValueError, match="efficiency_tolerance"):
         Allocator(efficiency_tolerance=1.5)
+
+
+def _mix_run(mix: bool, steps: int = 400):
+    """The demo's regime at render : draw 1: the plain step (R = 2, K = 1) costs 4 draws, (1, 3) costs all of it,
+    so with a probe's share charged only (1, 2) fits; the components put K* near 4.5."""
+    from carv.accounting import Allocator
+
+    alloc = Allocator(budget="baseline", r_init=2, k_init=1, probe_every=10, every=10, mix=mix)
+    pairs = []
+    orig = alloc.step
+
+    def step(meter):
+        out = orig(meter)
+        pairs.append((out, alloc.probe_due()))
+        return out
+
+    alloc.step = step
+    avg = _synthetic_run(alloc, 1.0, 20.0, 0.004, 0.004, steps=steps, seed=5, cost_probe=0.008)
+    return alloc, avg, pairs
+
+
+def test_allocator_mix_spends_the_budget_that_integer_pairs_leave_and_gains_efficiency():
+    """At the plain estimator's budget and a render that costs one draw, (1, 3) costs the whole budget, so once the
+    probes are charged only (1, 2) fits. The mix runs the share of steps at (1, 3) that spends the rest: the
+    average step costs the budget (the plain step's, within rounding), the share of (1, 3) steps is the planned
+    one, and the mix's Var * C (mean variance times mean cost, true components) beats (1, 2) alone."""
+    B = 2 * (0.004 + 0.004)
+    with_mix, avg, pairs = _mix_run(True)
+    without, avg0, _ = _mix_run(False)
+    assert without.base == with_mix.base == (1, 2) and without.mix is None
+    R, K, a = with_mix.mix
+    assert (R, K) == (1, 3) and 0.5 < a < 1.0
+    assert avg <= B * 1.01 and avg > avg0 * 1.1  # it spends what (1, 2) left
+    # the schedule: the planned share of steps at (1, 3), spread evenly (no run of (1, 2) longer than 1 / (1 - a))
+    with_mix.mix_n = 0
+    tail = [with_mix._next_pair() for _ in range(120)]
+    assert set(tail) == {(1, 2), (1, 3)}
+    assert abs(sum(p == (1, 3) for p in tail) / len(tail) - a) <= 1 / len(tail)
+    runs = "".join("h" if p == (1, 3) else "l" for p in tail).split("h")
+    assert max(len(r) for r in runs) <= math.ceil(1 / (1 - a))
+    sb, sw, c = 1.0, 20.0, 1.0  # true components, costs in draws
+    wnv_lo = (sb + sw / 2) * (c + 2)
+    var_mix, cost_mix = (1 - a) * (sb + sw / 2) + a * (sb + sw / 3), (1 - a) * 3 + a * 4
+    assert var_mix * cost_mix < 0.95 * wnv_lo
+
+
+def test_allocator_mix_only_where_the_next_pair_is_unaffordable_and_state_resumes_its_schedule():
+    from carv.accounting import Allocator, CostMeter
+
+    # render : draw 8, K* about 4.5, budget 18 draws: (1, 5) is affordable and less efficient: no mix
+    a = Allocator(budget="baseline", r_init=1, k_init=4)
+    a.observe(1.0, 2.53)
+    R, K, b, mix = a.plan(8.0, 1.0)
+    assert mix is None and a.step_cost(R, K + 1, 8.0, 1.0) <= b
+    # a mix is a share of ordinary steps at (R, K + 1) where (R, K + 1) costs more than the budget and the mix
+    # is more efficient: not with these components (K* 4.5 at ratio 8 is 1.6 at ratio 1: K = 3 loses) ...
+    assert a.mix_for(1, 2, 3.5, 1.0, 1.0) is None
+    a.observations = [(1.0, 20.0)]  # ... but with K* 4.5 at ratio 1 it wins
+    assert a.mix_for(1, 2, 3.5, 1.0, 1.0) == (1, 3, 0.5)
+    assert a.mix_for(1, 2, 3.0, 1.0, 1.0) is None and a.mix_for(1, 2, 4.0, 1.0, 1.0) is None  # nothing to mix
+    assert Allocator(mix=False).mix_for(1, 2, 3.5, 1.0, 1.0) is None
+    with pytest.raises(TypeError, match="mix"):
+        Allocator(mix=1)
+    # resume mid-schedule: the same pairs as the run that went on
+    alloc, _, _ = _mix_run(True, steps=137)
+    m = CostMeter()
+    m.add("upstream", 0.004)
+    m.add("draw", 0.004)
+    twin = Allocator(budget="baseline", r_init=2, k_init=1, probe_every=10, every=10)
+    twin.load_state_dict(json.loads(json.dumps(alloc.state_dict())))
+    assert [alloc._next_pair() for _ in range(25)] == [twin._next_pair() for _ in range(25)]
+    # a state saved before the mix existed runs its pair; a bad mix is refused by name
+    old = {k: v for k, v in alloc.state_dict().items() if k not in ("base", "mix", "mix_n")}
+    twin.load_state_dict(old)
+    assert twin.mix is None and twin.base == (old["R"], old["K"])
+    with pytest.raises(ValueError, match="mix"):
+        twin.load_state_dict(alloc.state_dict() | {"mix": [1, 3, 1.5]})

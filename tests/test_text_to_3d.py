@@ -946,7 +946,7 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
     from carv._runfolder import MANIFEST
     from carv.apps.text_to_3d.config import LEGACY_SETTINGS as LEGACY
 
-    assert set(LEGACY) == {"fill_budget", "live_costs", "between_estimate", "selection"}
+    assert set(LEGACY) == {"fill_budget", "live_costs", "between_estimate", "selection", "mix_pairs"}
     out = tmp_path / "run"
     args = ["text-to-3d", "a snowman", "--out", str(out), "--grid-resolution", "16", "--render-size", "32",
             "--n-samples", "16", "--threads", "1"]
@@ -984,4 +984,13 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
     with open_run("a snowman", out, TextTo3DConfig(steps=3, grid_resolution=16, render_size=32, n_samples=16,
                                                    threads=1), progress=False) as (cfg, _, _p):
         assert cfg.fill_budget is True and cfg.live_costs is True and cfg.between_estimate == "clipped"
-        assert cfg.selection == "least-variance"
+        assert cfg.selection == "least-variance" and cfg.mix_pairs is False
+    # --no-mix-pairs is recorded and kept on resume; a new folder mixes by default
+    nomix = [*args[:3], str(tmp_path / "nomix"), *args[4:]]
+    assert runner.invoke(app, [*nomix, "--steps", "2", "--no-mix-pairs"]).exit_code == 0
+    assert json.loads((tmp_path / "nomix" / MANIFEST).read_text())["config"]["mix_pairs"] is False
+    assert json.loads((tmp_path / "plain" / MANIFEST).read_text())["config"]["mix_pairs"] is True
+    assert runner.invoke(app, [*nomix, "--steps", "3"]).exit_code == 0  # the folder's setting, without the flag
+    assert json.loads((tmp_path / "nomix" / MANIFEST).read_text())["config"]["mix_pairs"] is False
+    res = runner.invoke(app, [*plain, "--steps", "4", "--no-mix-pairs"])  # a folder that mixed refuses the change
+    assert res.exit_code != 0 and "mix_pairs" in res.output + str(res.exception)

@@ -324,6 +324,8 @@ def text_to_3d_cmd(
                                       "measured). With --cost-ratio: the same choices on any machine."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Spend the whole per-step budget (the smallest "
                                      "variance it allows; default: the most efficient step within it)."),
+    mix_pairs: bool = typer.Option(None, "--mix-pairs/--no-mix-pairs", help="Where the per-step budget leaves room "
+                                   "that K + 1 draws do not fit, run a share of the steps at K + 1 (default: on)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale", help="Classifier-free guidance (default 3)."),
     t_lo: float = typer.Option(None, "--t-lo", help="Lowest timestep, a fraction of T (default 0.02)."),
     t_hi: float = typer.Option(None, "--t-hi", help="Highest timestep at step 0, a fraction of T (default 0.98)."),

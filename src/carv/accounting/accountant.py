@@ -223,11 +223,11 @@ class Accountant:
 
     def summary(self, proposal: str | None = None) -> dict:
         """:func:`~carv.accounting.accounting_summary` of the run so far: the allocator's components, the meter's
-        stage medians, the current ``(R, K)`` (``summary.json["accounting"]``)."""
+        stage medians, the chosen ``(R, K)`` and its mix (``summary.json["accounting"]``)."""
         a, m = self.allocator, self.meter
         med = {s: (m.median(s) if m.times.get(s) else None) for s in (a.upstream_stage, a.draw_stage)}
-        return accounting_summary(a.between, a.within, med[a.upstream_stage], med[a.draw_stage], a.R, a.K,
-                                  proposal, k_max=a.k_max)
+        return accounting_summary(a.between, a.within, med[a.upstream_stage], med[a.draw_stage], *a.base,
+                                  proposal, k_max=a.k_max, mix=a.mix)
 
     def state_dict(self) -> dict:
         return {"K": self.objective.K, "steps": self.steps, "probes": self.probes,

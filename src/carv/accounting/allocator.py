@@ -139,6 +139,15 @@ class Allocator:
     re-choice that moves the pair halves it (not below ``probe_every``). The charge of the probes' extra cost
     follows the interval in use.
 
+    **Mixing two neighbouring pairs.** Integer pairs leave part of a per-step budget unspent, and the probes'
+    share makes it worse: at the plain estimator's budget and a render that costs one draw, ``(1, 3)`` costs the
+    whole budget, so with any probe charged only ``(1, 2)`` fits. Where ``(R, K + 1)`` does not fit but running a
+    share of the ordinary steps at it (the rest at ``(R, K)``) spends the budget on average and has the smaller
+    ``Var * C`` (:meth:`mix_for`), the plan carries that mix (``mix=True``, the default): :attr:`base` is the
+    chosen pair, :attr:`mix` ``(R, K + 1, share)`` or None, and :attr:`R`, :attr:`K` the coming step's pair, on a
+    deterministic schedule that spreads the share evenly (in the state dict, so a resumed run repeats bit for
+    bit). Every step stays an ordinary unbiased estimate.
+
     **Robust start.** No re-choice before ``warmup`` observations; the estimates are winsorised means of the
     last ``window`` observations (:func:`winsorised_mean`: each clipped to the median +- 10 robust standard
     deviations, then averaged), so one outlier cannot pin ``K`` for a run (unlike an average that the first
@@ -186,9 +195,11 @@ class Allocator:
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
                  live_costs: bool = False, per_octave: int = 2, efficiency_tolerance: float | None = 0.03,
                  between_estimate: str = "posterior", cost_ratio: float | None = None,
-                 probe_ratio: float | None = None, selection: str = "efficient"):
-        if not isinstance(live_costs, bool):
-            raise TypeError(f"live_costs: expected a bool, got {type(live_costs).__name__}")
+                 probe_ratio: float | None = None, selection: str = "efficient", mix: bool = True):
+        for name, v in (("live_costs", live_costs), ("mix", mix)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+        self.mix_on = mix
         for name, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio)):
             check_cost_pin(name, v)
             if v is not None and live_costs:
@@ -239,6 +250,9 @@ class Allocator:
         self.efficiency_tolerance, self.between_estimate = efficiency_tolerance, between_estimate
         self.budget = budget
         self.R, self.K = r_init, k_init
+        self.base = (r_init, k_init)  # the chosen pair; (R, K) is the coming step's (the base or the mix's pair)
+        self.mix: tuple[int, int, float] | None = None  # (R, K + 1, share of the ordinary steps run at it)
+        self.mix_n = 0  # steps since the mix was chosen (its schedule)
         self.every, self.warmup, self.window, self.probe_every = every, warmup, window, probe_every
         self.probe_every_max, self.settle, self.probe_k_min = probe_every_max, settle, probe_k_min
         self.interval = probe_every  # steps between probes now (doubles while the choice stays put)
@@ -334,11 +348,19 @@ class Allocator:
                interval: int | None = None, keep: bool = True) -> tuple[int, int, float | None]:
         """``(R, K, budget_of_ordinary_steps)`` from the current estimates and the given costs, with the probes'
         extra cost charged at one probe every ``interval`` steps (default: the interval in use). ``keep=False``:
-        the choice from scratch, without keeping the pair in use where it is still acceptable."""
+        the choice from scratch, without keeping the pair in use where it is still acceptable. The pair of
+        :meth:`plan` (without its mix)."""
+        return self.plan(cost_upstream, cost_draw, cost_probe, interval, keep)[:3]
+
+    def plan(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0, interval: int | None = None,
+             keep: bool = True) -> tuple[int, int, float | None, tuple[int, int, float] | None]:
+        """``(R, K, budget_of_ordinary_steps, mix)``: :meth:`choose`'s pair and, where the budget leaves room that
+        a whole draw more per render does not fit, the mix (:meth:`mix_for`): ``(R, K + 1, share)``, the share of
+        ordinary steps run at ``(R, K + 1)`` so that they spend the budget on average; None without one."""
         sb, sw = self.between, self.within
         if self.budget is None:
             k = optimal_k(sb, sw, cost_upstream, cost_draw, k_max=self.k_max, k_min=self.k_min)
-            return self.R, k, None
+            return self.base[0], k, None, None
         base = self.baseline
         if self.budget == "baseline":
             B = self.step_cost(*base, cost_upstream, cost_draw)
@@ -362,7 +384,7 @@ class Allocator:
         # stability: the current pair stays while it is still an acceptable choice (affordable and within the
         # efficiency tolerance of the best), so that noise in the components cannot move the pair
         # between near-equal neighbours (each move also shortens the probe interval)
-        tol, cur = self.efficiency_tolerance, (self.R, self.K)
+        tol, cur = self.efficiency_tolerance, self.base
         if (keep and tol is not None and pair != cur
                 and self._acceptable(cur, cost_upstream, cost_draw, b_eff)):
             # the most efficient pair at this budget: the selection's own answer when it selects by efficiency
@@ -377,13 +399,56 @@ class Allocator:
         # interval) stays a candidate, so the choice is never predicted less efficient than it: where probing
         # costs more than reuse gains (cheap renders, costly probes) the run falls back to it and the probes
         # become rare
+        mix = self.mix_for(*pair, b_eff, cost_upstream, cost_draw, cost_probe, P)
         in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
         if self.budget == "baseline" and pair != base and in_range:
             cost_b = self.charged_cost(*base, cost_upstream, cost_draw, cost_probe, self.probe_interval_for(base))
-            cost_p = self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, P)
-            if predicted_variance(sb, sw, *base) * cost_b < predicted_variance(sb, sw, *pair) * cost_p:
-                return base[0], base[1], B
-        return pair[0], pair[1], b_eff
+            if predicted_variance(sb, sw, *base) * cost_b < self._charged_wnv(pair, mix, cost_upstream, cost_draw,
+                                                                              cost_probe, P):
+                return base[0], base[1], B, None
+        return pair[0], pair[1], b_eff, mix
+
+    def _charged_wnv(self, pair: tuple[int, int], mix: tuple[int, int, float] | None, cost_upstream: float,
+                     cost_draw: float, cost_probe: float, interval: int) -> float:
+        """``Var * C`` of the ordinary steps at ``pair`` (with ``mix``'s share at its pair), probes charged at one
+        every ``interval`` steps: the mean variance of a step times the mean cost of a step."""
+        sb, sw = self.between, self.within
+        var, cost = (predicted_variance(sb, sw, *pair),
+                     self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, interval))
+        if mix is not None:
+            R, K, a = mix
+            var += a * (predicted_variance(sb, sw, R, K) - var)
+            cost += a * (self.step_cost(R, K, cost_upstream, cost_draw) - self.step_cost(*pair, cost_upstream,
+                                                                                             cost_draw))
+        return var * cost
+
+    def mix_for(self, R: int, K: int, budget: float | None, cost_upstream: float, cost_draw: float,
+                 cost_probe: float = 0.0, interval: int | None = None) -> tuple[int, int, float] | None:
+        """``(R, K + 1, share)`` where the ordinary steps' ``budget`` lies between the costs of ``(R, K)`` and
+        ``(R, K + 1)`` and running the share ``(b - C(R, K)) / (C(R, K + 1) - C(R, K))`` of them at ``(R, K + 1)``
+        (so that they spend ``b`` on average) has the smaller ``Var * C`` by the components, the probes charged
+        alike; else None.
+
+        Integer pairs leave part of a per-step budget unspent: at the plain estimator's budget and a render that
+        costs one draw, ``(1, 3)`` costs the whole budget, so once a probe's share is charged only ``(1, 2)`` fits,
+        75% of it. Each step is an ordinary unbiased estimate whatever its pair, a run's gradient noise is the
+        mean of its steps' variances and its cost the mean of their costs, so mixing two neighbouring pairs in a
+        fixed share spends the budget exactly: it is the fractional ``K + share``, with the variance of the two
+        pairs' chord (``Var`` is convex in ``K``, so the neighbour is the best partner). :meth:`step` spreads the
+        share evenly over the steps (a deterministic low-discrepancy schedule, in the state dict), so the same
+        run repeats bit for bit. ``mix=False`` at construction turns this off."""
+        if not self.mix_on or budget is None or K + 1 > self.k_max:
+            return None
+        c_lo = self.step_cost(R, K, cost_upstream, cost_draw)
+        c_hi = self.step_cost(R, K + 1, cost_upstream, cost_draw)
+        if not c_lo < budget < c_hi:
+            return None
+        mix = (R, K + 1, (budget - c_lo) / (c_hi - c_lo))
+        P = self.interval if interval is None else interval
+        if (self._charged_wnv((R, K), mix, cost_upstream, cost_draw, cost_probe, P)
+                < self._charged_wnv((R, K), None, cost_upstream, cost_draw, cost_probe, P)):
+            return mix
+        return None
 
     def _acceptable(self, pair, cost_upstream, cost_draw, budget) -> bool:
         """Whether ``pair`` is on the grid and affordable at ``budget``."""
@@ -396,9 +461,21 @@ class Allocator:
         if self.steps >= self.next_probe:  # this step was (due to be) a probe step
             self.next_probe = self.steps + self.interval
         self.steps += 1
-        if self.n_observed < self.warmup or self.steps % self.every:
-            return self.R, self.K
-        return self._rechoose(meter)
+        if not (self.n_observed < self.warmup or self.steps % self.every):
+            self._rechoose(meter)
+        return self._next_pair()
+
+    def _next_pair(self) -> tuple[int, int]:
+        """The coming step's pair: the base, or the mix's pair on its share of the steps, spread evenly (the
+        ``n``-th step since the mix was chosen takes it when ``floor((n + 1) a)`` exceeds ``floor(n a)``)."""
+        if self.mix is None:
+            self.R, self.K = self.base
+        else:
+            R, K, a = self.mix
+            n = self.mix_n
+            self.mix_n += 1
+            self.R, self.K = (R, K) if math.floor((n + 1) * a) > math.floor(n * a) else self.base
+        return self.R, self.K
 
     def costs(self, meter: CostMeter) -> tuple[float, float, float] | None:
         """``(c_up, c_draw, c_probe)`` the choice reads (None before both stages are timed).
@@ -433,16 +510,16 @@ class Allocator:
         if costs is None:
             return self.R, self.K
         c_up, c_draw, c_probe = costs
-        R, K, b_eff = self.choose(c_up, c_draw, c_probe)
-        entry = {"step": self.steps, "R": R, "K": K, "previous": [self.R, self.K], "between": self.between,
+        R, K, b_eff, mix = self.plan(c_up, c_draw, c_probe)
+        entry = {"step": self.steps, "R": R, "K": K, "previous": list(self.base), "between": self.between,
                  "within": self.within, "cost_upstream": c_up, "cost_draw": c_draw, "cost_probe": c_probe,
-                 "budget": b_eff}
+                 "budget": b_eff, "mix": list(mix) if mix is not None else None}
         # "kept": the components have not moved the choice. A pair that moved only because a longer probe
         # interval left more budget for the ordinary steps is kept (else the interval would oscillate).
-        kept = (R, K) == (self.R, self.K)
+        kept = (R, K) == self.base
         last = self.history[-1].get("charged_every", self.interval) if self.history else self.interval
         if not kept and last != self.interval:
-            kept = self.choose(c_up, c_draw, c_probe, interval=last)[:2] == (self.R, self.K)
+            kept = self.choose(c_up, c_draw, c_probe, interval=last)[:2] == self.base
         entry["charged_every"] = self.interval  # the probe interval this choice was charged at
         if kept:
             self.unchanged += 1
@@ -459,6 +536,9 @@ class Allocator:
         _log.info("Allocator step %d: (R, K) %s -> (%d, %d); between %.4g within %.4g, c_up %.4g s, "
                   "c_draw %.4g s, ordinary-step budget %s", self.steps, tuple(entry["previous"]), R, K,
                   entry["between"], entry["within"], c_up, c_draw, "free" if b_eff is None else f"{b_eff:.4g} s")
+        if (R, K) != self.base or (mix is None) != (self.mix is None) or (mix and mix[:2] != self.mix[:2]):
+            self.mix_n = 0  # a new plan starts its mix schedule
+        self.base, self.mix = (R, K), mix
         self.R, self.K = R, K
         return R, K
 
@@ -468,10 +548,19 @@ class Allocator:
         return {"R": self.R, "K": self.K, "observations": [list(o) for o in self.observations],
                 "n_observed": self.n_observed, "steps": self.steps, "history": [dict(h) for h in self.history],
                 "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged,
-                "calibration": dict(self.calibration) if self.calibration is not None else None}
+                "calibration": dict(self.calibration) if self.calibration is not None else None,
+                "base": list(self.base), "mix": list(self.mix) if self.mix is not None else None,
+                "mix_n": self.mix_n}
 
     def load_state_dict(self, state: dict) -> None:
         self.R, self.K = int(state["R"]), int(state["K"])
+        # states saved before the mix: the pair in use was the base, with no mix
+        self.base = tuple(int(v) for v in state.get("base", (self.R, self.K)))
+        mix = state.get("mix")
+        if mix is not None and not (isinstance(mix, (list, tuple)) and len(mix) == 3 and 0.0 <= mix[2] <= 1.0):
+            raise ValueError(f"state['mix']: expected None or [R, K, share] with share in [0, 1], got {mix!r}")
+        self.mix = (int(mix[0]), int(mix[1]), float(mix[2])) if mix is not None else None
+        self.mix_n = int(state.get("mix_n", 0))
         self.observations = [(float(b), float(w)) for b, w in state["observations"]][-self.window:]
         self.n_observed, self.steps = int(state["n_observed"]), int(state["steps"])
         self.history = [dict(h) for h in state["history"]]

@@ -13,6 +13,8 @@ bound against the plain estimator (``R = 2, K = 1``) is (DESIGN.md section 2, "W
 and the chosen configuration ``(R, K)`` is predicted to reach ``predicted_ecm = (sigma_b^2 + sigma_w^2)(c_up +
 c_draw) / ((sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw))`` (``Var * C`` does not depend on ``R``), divided by
 ``1 + overhead`` when the run pays a further fraction ``overhead`` of its step cost (probes, proposal updates).
+With a mix (:meth:`~carv.accounting.Allocator.mix_for`: a share ``a`` of the steps at ``(R', K')``) the
+prediction is the mean variance of a step times the mean cost of a step.
 Both use the run's own components (under its proposal) and its measured stage costs; with an
 :class:`~carv.accounting.Allocator` ``between`` is its estimate, the posterior mean given ``sigma_b^2 >= 0``
 (:func:`~carv.accounting.nonnegative_mean`), and the costs are the meter's current medians (the calibration the
@@ -23,12 +25,12 @@ from __future__ import annotations
 
 import math
 
-from carv.accounting.algebra import efficiency_bound, optimal_k, work_normalised_variance
+from carv.accounting.algebra import efficiency_bound, optimal_k, predicted_variance, work_normalised_variance
 
 __all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm", "calibration_sentence"]
 
 ACCOUNTING_KEYS = ("cost_upstream_s", "cost_draw_s", "cost_ratio", "between", "within", "k_star", "bound_ecm",
-                   "predicted_ecm", "bound_fraction", "R", "K", "proposal")
+                   "predicted_ecm", "bound_fraction", "R", "K", "mix", "proposal")
 
 
 def bound_ecm(between: float, within: float, cost_upstream: float, cost_draw: float) -> float:
@@ -47,16 +49,25 @@ def _number(name: str, v) -> float | None:
 
 def accounting_summary(between: float | None, within: float | None, cost_upstream_s: float | None,
                        cost_draw_s: float | None, R: int, K: int, proposal: str | None = None,
-                       overhead: float = 0.0, k_max: int | None = None) -> dict:
+                       overhead: float = 0.0, k_max: int | None = None, mix=None) -> dict:
     """``summary.json["accounting"]``: the keys of :data:`ACCOUNTING_KEYS` (see the module doc).
 
     ``between`` (clipped at 0 here) and ``within`` are the run's variance components, ``cost_*_s`` its stage costs
     (seconds per upstream sample and per draw), ``(R, K)`` the configuration it runs and ``proposal`` the timestep
     proposal it ended with. Quantities that need a missing input (a run that measured no components) are None.
-    ``k_max`` caps ``k_star`` (the allocator's own range)."""
+    ``k_max`` caps ``k_star`` (the allocator's own range). ``mix``: the allocator's ``(R', K', share)`` (the
+    share of steps run at ``(R', K')`` instead, :meth:`~carv.accounting.Allocator.mix_for`) or None; reported
+    as ``{"R", "K", "share"}``."""
     for name, v in (("R", R), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if mix is not None:
+        if not (isinstance(mix, (tuple, list)) and len(mix) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in mix[:2])
+                and isinstance(mix[2], (int, float)) and 0.0 <= mix[2] <= 1.0):
+            raise ValueError(f"mix: expected None or (R, K, share) with positive integers and a share in [0, 1], "
+                             f"got {mix!r}")
+        mix = {"R": int(mix[0]), "K": int(mix[1]), "share": float(mix[2])}
     b, w = _number("between", between), _number("within", within)
     c_up, c_d = _number("cost_upstream_s", cost_upstream_s), _number("cost_draw_s", cost_draw_s)
     ov = _number("overhead", overhead)
@@ -66,7 +77,7 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
         if v is not None and v < 0:
             raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
     out = dict.fromkeys(ACCOUNTING_KEYS)
-    out.update(cost_upstream_s=c_up, cost_draw_s=c_d, R=R, K=K, proposal=proposal, between=b, within=w)
+    out.update(cost_upstream_s=c_up, cost_draw_s=c_d, R=R, K=K, mix=mix, proposal=proposal, between=b, within=w)
     if c_up is not None and c_d:
         out["cost_ratio"] = c_up / c_d
     if b is None or w is None or c_up is None or not c_d:
@@ -78,7 +89,12 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max) if (b > 0 or k_max is not None) else None
     out["bound_ecm"] = bound_ecm(b, w, c_up, c_d)
     plain = work_normalised_variance(b, w, c_up, c_d, 1)
-    out["predicted_ecm"] = plain / (work_normalised_variance(b, w, c_up, c_d, K) * (1.0 + ov))
+    var, cost = predicted_variance(b, w, R, K), R * (c_up + K * c_d)
+    if mix is not None:
+        a = mix["share"]
+        var += a * (predicted_variance(b, w, mix["R"], mix["K"]) - var)
+        cost += a * (mix["R"] * (c_up + mix["K"] * c_d) - cost)
+    out["predicted_ecm"] = plain / (var * cost * (1.0 + ov))
     out["bound_fraction"] = out["predicted_ecm"] / out["bound_ecm"]
     return out
 
@@ -93,8 +109,14 @@ def accounting_sentence(acc: dict) -> str:
     k_star = "unbounded" if acc.get("k_star") is None else acc["k_star"]
     where = f" (upstream : draw cost ratio {ratio:.1f}, K* = {k_star})" if ratio is not None else ""
     return (f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator{where}; "
-            f"carv's setting (R = {acc['R']}, K = {acc['K']}, proposal {acc.get('proposal') or 'uniform'}) gets "
+            f"carv's setting (R = {acc['R']}, K = {acc['K']}{_mix_words(acc.get('mix'))}, proposal "
+            f"{acc.get('proposal') or 'uniform'}) gets "
             f"{acc['predicted_ecm']:.2f}x ({acc['bound_fraction']:.2f} of the bound)")
+
+
+def _mix_words(mix: dict | None) -> str:
+    """", R = 1, K = 3 on 40% of the steps" for a mix, else nothing."""
+    return f", R = {mix['R']}, K = {mix['K']} on {100 * mix['share']:.0f}% of the steps" if mix else ""
 
 
 def calibration_sentence(calibration: dict | None) -> str | None:

@@ -66,7 +66,7 @@ def allocator_vs_hindsight(estimate: EstimateFn, probe: ProbeFn, *, budget_facto
                                           pilot_steps, probe_every, every, seed, probe_k_min)
     c_up, c_draw = meter.median("upstream"), meter.median("draw")
     budget = budget_factor * (c_up + c_draw)
-    chosen = (alloc.R, alloc.K)
+    chosen = alloc.base  # the chosen pair (without its mix)
     pairs = frontier(budget, c_up, c_draw, k_grid, r_range)
     if chosen not in pairs:
         pairs.append(chosen)

@@ -122,12 +122,15 @@ def _compare_outputs(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, trai
     ecm_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k) for k in keys}
     steps_q = {k: equal_quality_ecm(base_t.evals, carv_t.evals, k, x="step") for k in keys}
     step_s = {m: t.elapsed / max(t.step_count, 1) for m, t in trainers.items()}
+    a = carv_t.alloc
+    R_final, K_final = a.base if a is not None else (carv_t.R, carv_t.K)  # the chosen pair, without its mix
     summary = {"command": "carv text-to-3d --compare", "compare_at": compare_at, "prompt": problem.prompt,
                "seed": cfg.seed,
                "train_seconds": {m: t.elapsed for m, t in trainers.items()}, "seconds_per_step": step_s,
                "steps": {m: t.step_count for m, t in trainers.items()}, "final": finals,
-               "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": carv_t.R,
-               "K_final": carv_t.K, "allocator_history": carv_t.alloc.history if carv_t.alloc is not None else None,
+               "ecm_equal_quality": ecm_q, "steps_ratio_equal_quality": steps_q, "R_final": R_final,
+               "K_final": K_final, "mix_final": a.mix if a is not None else None,
+               "allocator_history": a.history if a is not None else None,
                "machine": machine_info(loadavg=loadavg())}
     atomic_write_json(out / "summary.json", summary)
     if progress:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from carv._runfolder import atomic_write_json, save_figure
 
-__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "regime_row", "plot_regime_sweep",
+__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "mix_row", "regime_row", "plot_regime_sweep",
            "write_regime_sweep"]
 
 REGIME_KEYS = ("cost_ratio", "headline_ecm", "headline_se", "bound_ecm", "bound_fraction", "K")
@@ -69,6 +69,22 @@ def curve_bound(curve: Sequence[float], cost_upstream: float, cost_draw: float, 
     res = minimize_scalar(lambda u: wnv(math.exp(u)), bounds=(0.0, math.log(k_max)), method="bounded",
                           options={"xatol": 1e-9})
     return min(float(res.fun), wnv(1.0))
+
+
+def mix_row(lo: dict, hi: dict | None, share: float) -> dict:
+    """The measured row of an allocator's plan with a mix (:meth:`carv.accounting.Allocator.mix_for`): the share
+    ``share`` of steps at ``hi`` (``R``, ``K + 1``), the rest at ``lo`` (``R``, ``K``). A run's gradient noise is the
+    mean of its steps' variances and its cost the mean of their costs, so the row has the mean variance, its SE
+    (the two rows independent) and the fractional ``K + share``, whose cost ``R (c_up + (K + share) c_draw)`` in
+    :func:`regime_row` is the mean step's. ``hi=None`` or ``share=0``: ``lo``."""
+    if hi is None or share == 0:
+        return lo
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share: expected a fraction in [0, 1], got {share!r}")
+    if (hi["R"], hi["K"]) != (lo["R"], lo["K"] + 1):
+        raise ValueError(f"hi: a mix runs (R, K + 1) = ({lo['R']}, {lo['K'] + 1}), got ({hi['R']}, {hi['K']})")
+    return lo | {"K": lo["K"] + share, "variance": (1 - share) * lo["variance"] + share * hi["variance"],
+                 "variance_se": math.hypot((1 - share) * lo["variance_se"], share * hi["variance_se"])}
 
 
 def regime_row(cost_ratio: float, cost_draw_s: float, base: dict, head: dict, components: tuple[float, float],

@@ -155,7 +155,8 @@ def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int
     ``skipped`` (1.0 when the step was dropped by ``nan_policy="skip"``, else 0.0) and the variance components
     ``between`` / ``within`` of the latent-space estimate when they are measurable (``R >= 2``, ``K >= 2``).
     With ``auto_k``, the numeric entries of the accountant's :func:`~carv.accounting.accounting_summary` follow
-    as ``accounting_<key>`` (``accounting_bound_ecm``, ``accounting_bound_fraction``, ...) once they are measured
+    as ``accounting_<key>`` (``accounting_bound_ecm``, ``accounting_bound_fraction``, ...; a mix as
+    ``accounting_mix_share`` and ``accounting_mix_K``) once they are measured
     (no key starts with ``loss_``: threestudio's systems weight every ``loss_*`` entry)."""
     d: dict[str, Any] = {"loss_sds": loss_sds, "grad_norm": grad.detach().norm(), "min_step": int(min_step),
                          "max_step": int(max_step), "K": int(out.draws.K), "R": int(R),
@@ -167,6 +168,9 @@ def guidance_output(loss_sds: Tensor, grad: Tensor, min_step: int, max_step: int
     for key, value in (accounting or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             d[f"accounting_{key}"] = float(value)
+    mix = (accounting or {}).get("mix")
+    if mix:  # the share of steps the allocator runs at (R, K + 1) (carv.accounting.Allocator.mix_for)
+        d["accounting_mix_share"], d["accounting_mix_K"] = float(mix["share"]), float(mix["K"])
     return d
 
 

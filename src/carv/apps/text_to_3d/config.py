@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "t
 # settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
 # that reproduces how it started (its allocator re-measured stage costs live and filled the per-step budget)
 LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True, "between_estimate": "clipped",
-                   "selection": "least-variance"}
+                   "selection": "least-variance", "mix_pairs": False}
 STEP_BUDGETS = ("baseline", "free")  # or a number of seconds per step
 COMPARE_AT = ("step", "wall-clock")
 
@@ -75,6 +75,9 @@ class TextTo3DConfig:
     # the allocator spends the whole per-step budget (the smallest variance it allows, whatever its efficiency);
     # default: efficiency first within the budget (carv.accounting.Allocator, efficiency_tolerance)
     fill_budget: bool = False
+    # where the budget leaves room that K + 1 does not fit, run a share of the steps at K + 1 (carv.accounting.
+    # Allocator.mix_for); False: integer pairs only
+    mix_pairs: bool = True
     # how the allocator reads the between part from its signed probes: "posterior" (its mean given that it is >= 0,
     # carv.accounting.nonnegative_mean) or "clipped" (their mean clipped at 0, which reads 0 whenever they average
     # below it and then spends everything on draws)

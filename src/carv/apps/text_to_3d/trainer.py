@@ -95,7 +95,7 @@ class Trainer:
                                    live_costs=cfg.live_costs,
                                    efficiency_tolerance=None if cfg.fill_budget else 0.03,
                                    between_estimate=cfg.between_estimate, cost_ratio=cfg.cost_ratio,
-                                   probe_ratio=cfg.probe_ratio, selection=cfg.selection)
+                                   probe_ratio=cfg.probe_ratio, selection=cfg.selection, mix=cfg.mix_pairs)
         # training cameras: iid, or spread across the renders of a step and across steps (carv.upstream)
         self.upstream = (UpstreamSampler(2, cfg.resolved_upstream, generator=self.generator)
                          if cfg.resolved_upstream != "iid" else None)
@@ -243,13 +243,13 @@ class Trainer:
 
     def accounting(self) -> dict:
         """``summary.json["accounting"]`` (:func:`carv.accounting.accounting_summary`): the allocator's components,
-        the meter's stage medians, the current ``(R, K)`` and the proposal in use."""
+        the meter's stage medians, the chosen ``(R, K)`` with its mix and the proposal in use."""
         m, a = self.meter, self.alloc
         costs = [m.median(s) if m.times.get(s) else None for s in ("upstream", "draw")]
         proposal = self.selector.current if self.selector is not None else self.cfg.resolved_proposal
         if a is None:
             return accounting_summary(None, None, *costs, self.R, self.K, proposal)
-        return accounting_summary(a.between, a.within, *costs, a.R, a.K, proposal, k_max=a.k_max)
+        return accounting_summary(a.between, a.within, *costs, *a.base, proposal, k_max=a.k_max, mix=a.mix)
 
     def evaluate(self) -> dict[str, Any]:
         row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
