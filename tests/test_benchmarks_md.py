@@ -130,3 +130,31 @@ def test_brief_summary_states_headline_bound_fraction_and_best_of_n(tmp_path):
     assert "| the app's default, R = 1 K = 7, 5, 5 (by seed) (cost ratio 3.6) |" in brief
     for kind in ("run", "headline", "summary", "brief"):
         assert "2026" not in render_block("demo", kind, tmp_path)
+
+
+def test_regime_block_shows_every_app_and_the_mean_k_of_a_mix(tmp_path):
+    """The regime table comes from each app's ``regime_sweep``: K by seed (a seed that mixes in K + 1 on a share of
+    its steps shows its mean K per step), ECM +- SE, bound and fraction; an app without a sweep shows a dash; the
+    README's summary shows the mean K too."""
+    from carv.bench.regime import write_regime_sweep
+    from carv.bench.report import render_block
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    seed = {"R": 1, "K": 2, "mix": [1, 3, 0.93], "cost_ratio": 1.0}
+    rows = [{"cost_ratio": 1.0, "headline_ecm": 2.4, "headline_se": 0.06, "bound_ecm": 2.58, "bound_fraction": 0.93,
+             "K": 2, "R": 1, "native": False, "per_seed": [seed, seed | {"K": 3, "mix": None}]},
+            {"cost_ratio": 4.0, "headline_ecm": 4.0, "headline_se": 0.1, "bound_ecm": 4.2, "bound_fraction": 0.95,
+             "K": 5, "R": 1, "native": True, "per_seed": [seed | {"K": 5, "mix": [1, 6, 0.82]}]}]
+    write_regime_sweep(docs / "demo_bench.json", rows, {"command": "x"}, 4.0)
+    table = render_block("all", "regime", tmp_path)
+    assert "| 1 | - | K 2.9/3, 2.40 +- 0.06, 2.58, 0.93 | - |" in table
+    assert "| native (-; 4; -) | - | K 5.8, 4.00 +- 0.10, 4.20, 0.95 | - |" in table
+    data = json.loads((docs / "demo_bench.json").read_text())
+    assert data["headline_app_default"]["K_by_seed"] == [5.82]
+    data["headline"] = {"value": 1.0, "config": {"method": "m", "R": 1, "K": 1}}
+    data["best_of_n"] = {"n": 1, "value": 1.0, "config": {"method": "m", "R": 1, "K": 1}}
+    data["headline_app_default"] |= {"K_by_seed": [5.82, 4.5], "R_by_seed": [1, 1]}
+    (docs / "demo_bench.json").write_text(json.dumps(data))
+    assert "R = 1 K = 5.8, 4.5 (by seed; mean per step)" in render_block("all", "brief", tmp_path)
+    assert render_block("all", "regime", tmp_path / "nothing") == "No regime sweep in the JSON yet.\n"

@@ -168,7 +168,9 @@ def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict
                                     "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
     if native.get("per_seed"):  # each seed's run makes its own choice
         data["headline_app_default"] |= {"R_by_seed": [r["R"] for r in native["per_seed"]],
-                                         "K_by_seed": [r["K"] for r in native["per_seed"]]}
+                                         # a run that mixes in K + 1 on a share of its steps: its mean K per step
+                                         "K_by_seed": [r["K"] + r["mix"][2] if r.get("mix") else r["K"]
+                                                       for r in native["per_seed"]]}
     head = data.get("headline")
     if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
         head["bound_fraction"] = head["value"] / native["bound_ecm"]

@@ -358,11 +358,16 @@ def _headline_bound_fraction(res: dict) -> float | None:
 
 
 def _by_seed(app: dict, key: str) -> str:
-    """``K = 4``, or ``K = 7, 5, 5 (by seed)`` where the seeds' runs chose differently."""
+    """``K = 4``, or ``K = 7, 5, 5 (by seed)`` where the seeds' runs chose differently; a run that mixes in
+    ``K + 1`` on a share of its steps shows its mean ``K`` per step (``K = 5.8``)."""
     seeds = app.get(f"{key}_by_seed")
+    def show(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:.1f}"
+
+    mean = " (mean per step)" if any(isinstance(v, float) for v in seeds or ()) else ""
     if not seeds or len(set(seeds)) == 1:
-        return f"{key} = {app[key] if not seeds else seeds[0]}"
-    return f"{key} = {', '.join(str(v) for v in seeds)} (by seed)"
+        return f"{key} = {show(app[key] if not seeds else seeds[0])}{mean}"
+    return f"{key} = {', '.join(show(v) for v in seeds)} (by seed{mean.replace(' (', '; ').rstrip(')')})"
 
 
 def _gen_brief(name: str, res: dict | None, root: Path) -> str:
@@ -386,6 +391,44 @@ def _gen_brief(name: str, res: dict | None, root: Path) -> str:
             config, best = _config(h["config"]), f"{_ratio(b['value'])} of N = {b['n']}{note}"
         lines.append(f"| {bench} | {config} | {_ratio(h['value'], h.get('se'))}{note} | "
                      f"{'not measured' if f is None else f'{f:.2f}'} | {best} |")
+    return "\n".join(lines)
+
+
+REGIME_APPS = (("text-to-3d", "text-to-3D: K by seed, ECM, bound, fraction"), ("demo", "demo (toy)"),
+               ("distill", "distillation (Accountant, plain `R = 8`)"))
+
+
+def _mean_k(row: dict) -> str:
+    """A seed's ``K`` per step: the allocator's ``K``, or ``K + share`` where it mixes in ``K + 1``."""
+    mix = row.get("mix")
+    return str(row["K"]) if not mix else f"{row['K'] + mix[2]:.1f}"
+
+
+def _gen_regime(name: str, res: dict | None, root: Path) -> str:
+    """The regime sweep of every app (``regime_sweep`` in its JSON): per cost ratio each app's ``K`` by seed (the
+    mean ``K`` of a step where the allocator mixes in ``K + 1``), ECM with its SE, bound and fraction."""
+    sweeps = {app: (_read_json(root / BENCHMARKS[app]) or {}).get("regime_sweep") or [] for app, _ in REGIME_APPS}
+    n = max((len(v) for v in sweeps.values()), default=0)
+    if n == 0:
+        return "No regime sweep in the JSON yet."
+    lines = ["| cost ratio | " + " | ".join(label for _, label in REGIME_APPS) + " |",
+             "| --- |" + " --- |" * len(REGIME_APPS)]
+    for i in range(n):
+        rows = [sweeps[app][i] if i < len(sweeps[app]) else None for app, _ in REGIME_APPS]
+        ref = next(r for r in rows if r is not None)
+        if ref.get("native"):
+            label = "native (" + "; ".join(f"{r['cost_ratio']:.2g}" if r else "-" for r in rows) + ")"
+        else:
+            label = f"{ref['cost_ratio']:g}"
+        cells = []
+        for r in rows:
+            if r is None:
+                cells.append("-")
+                continue
+            ks = "/".join(_mean_k(q) for q in r.get("per_seed", [r]))
+            cells.append(f"K {ks}, {r['headline_ecm']:.2f} +- {r['headline_se']:.2f}, {r['bound_ecm']:.2f}, "
+                         f"{r['bound_fraction']:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -441,7 +484,7 @@ def _gen_reruns(name: str, res: dict | None, root: Path) -> str:
 
 
 GENERATORS = {"headline": _gen_headline, "run": _gen_run, "rows": _gen_rows, "summary": _gen_summary,
-              "brief": _gen_brief, "memory": _gen_memory, "reruns": _gen_reruns}
+              "brief": _gen_brief, "memory": _gen_memory, "reruns": _gen_reruns, "regime": _gen_regime}
 
 
 def _read_json(path: Path) -> dict | None:
