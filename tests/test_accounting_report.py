@@ -63,7 +63,7 @@ def test_accounting_summary_of_a_mix_is_the_mean_variance_times_the_mean_cost():
     lo, hi = (accounting_summary(b, w, cu, cd, 1, k)["predicted_ecm"] for k in (2, 3))
     assert lo < acc["predicted_ecm"] < hi
     assert accounting_summary(b, w, cu, cd, 1, 2)["mix"] is None
-    assert "R = 1, K = 3 on 75% of the steps" in accounting_sentence(acc)
+    assert "(R = 1, K = 2; K = 3 on 75% of the steps, proposal" in accounting_sentence(acc)
     for bad in [(1, 3), (1, 0, 0.5), (1, 3, 1.5), (1, 3, "a")]:
         with pytest.raises(ValueError, match="mix"):
             accounting_summary(b, w, cu, cd, 1, 2, mix=bad)

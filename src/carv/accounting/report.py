@@ -109,14 +109,17 @@ def accounting_sentence(acc: dict) -> str:
     k_star = "unbounded" if acc.get("k_star") is None else acc["k_star"]
     where = f" (upstream : draw cost ratio {ratio:.1f}, K* = {k_star})" if ratio is not None else ""
     return (f"this pipeline allows at most {acc['bound_ecm']:.2f}x over the plain estimator{where}; "
-            f"carv's setting (R = {acc['R']}, K = {acc['K']}{_mix_words(acc.get('mix'))}, proposal "
+            f"carv's setting (R = {acc['R']}, K = {acc['K']}{_mix_words(acc.get('mix'), acc['R'])}, proposal "
             f"{acc.get('proposal') or 'uniform'}) gets "
             f"{acc['predicted_ecm']:.2f}x ({acc['bound_fraction']:.2f} of the bound)")
 
 
-def _mix_words(mix: dict | None) -> str:
-    """", R = 1, K = 3 on 40% of the steps" for a mix, else nothing."""
-    return f", R = {mix['R']}, K = {mix['K']} on {100 * mix['share']:.0f}% of the steps" if mix else ""
+def _mix_words(mix: dict | None, R: int) -> str:
+    """"; K = 3 on 40% of the steps" for a mix at the pair's ``R``, else nothing."""
+    if not mix:
+        return ""
+    what = f"K = {mix['K']}" if mix["R"] == R else f"R = {mix['R']}, K = {mix['K']}"
+    return f"; {what} on {100 * mix['share']:.0f}% of the steps"
 
 
 def calibration_sentence(calibration: dict | None) -> str | None:
