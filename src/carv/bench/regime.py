@@ -31,7 +31,7 @@ from pathlib import Path
 
 from carv._runfolder import atomic_write_json, save_figure
 
-__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "mix_row", "regime_row", "plot_regime_sweep",
+__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "mean_k", "mix_row", "regime_row", "plot_regime_sweep",
            "write_regime_sweep"]
 
 REGIME_KEYS = ("cost_ratio", "headline_ecm", "headline_se", "bound_ecm", "bound_fraction", "K")
@@ -69,6 +69,13 @@ def curve_bound(curve: Sequence[float], cost_upstream: float, cost_draw: float, 
     res = minimize_scalar(lambda u: wnv(math.exp(u)), bounds=(0.0, math.log(k_max)), method="bounded",
                           options={"xatol": 1e-9})
     return min(float(res.fun), wnv(1.0))
+
+
+def mean_k(row: dict) -> str:
+    """A seed's ``K`` per step, as text: the allocator's ``K``, or ``K + share`` (one decimal) where it mixes in
+    ``K + 1`` on a share of its steps."""
+    mix = row.get("mix")
+    return str(row["K"]) if not mix else f"{row['K'] + mix[2]:.1f}"
 
 
 def mix_row(lo: dict, hi: dict | None, share: float) -> dict:
@@ -130,10 +137,10 @@ def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "", p
     ax.plot(x, [r["bound_ecm"] for r in rows], "k--", label="efficiency bound")
     ax.errorbar(x, [r["headline_ecm"] for r in rows], yerr=[r["headline_se"] for r in rows], fmt="o-",
                 color="tab:red", capsize=3, label=label)
-    for i, r in enumerate(rows):
-        ks = "/".join(str(q["K"]) for q in r.get("per_seed", [r]))  # each seed's own choice
+    for i, r in enumerate(rows):  # below the point (off the bound's line), neighbours at two depths
+        ks = "/".join(mean_k(q) for q in r.get("per_seed", [r]))  # each seed's own choice
         ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points",
-                    xytext=(4, -12 if i % 2 == 0 else 8), fontsize=7)
+                    xytext=(5, -13 if i % 2 == 0 else -24), fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8, label=f"plain estimator (R = {plain[0]}, K = {plain[1]})")
     ax.set_xscale("log")
     ax.set_xlabel(f"{upstream} : draw cost ratio  c_up / c_draw")

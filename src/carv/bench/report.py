@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from carv._runfolder import atomic_write_text, save_figure
+from carv.bench.regime import mean_k
 
 __all__ = ["format_value", "markdown_table", "print_table", "plot_variance_vs_cost", "plot_ecm_vs_k",
            "plot_metric_vs_k", "RATIO_COLUMNS", "SMOKE", "render_block", "generate_benchmarks_md", "stale_blocks",
@@ -398,12 +399,6 @@ REGIME_APPS = (("text-to-3d", "text-to-3D: K by seed, ECM, bound, fraction"), ("
                ("distill", "distillation (Accountant, plain `R = 8`)"))
 
 
-def _mean_k(row: dict) -> str:
-    """A seed's ``K`` per step: the allocator's ``K``, or ``K + share`` where it mixes in ``K + 1``."""
-    mix = row.get("mix")
-    return str(row["K"]) if not mix else f"{row['K'] + mix[2]:.1f}"
-
-
 def _gen_regime(name: str, res: dict | None, root: Path) -> str:
     """The regime sweep of every app (``regime_sweep`` in its JSON): per cost ratio each app's ``K`` by seed (the
     mean ``K`` of a step where the allocator mixes in ``K + 1``), ECM with its SE, bound and fraction."""
@@ -425,7 +420,7 @@ def _gen_regime(name: str, res: dict | None, root: Path) -> str:
             if r is None:
                 cells.append("-")
                 continue
-            ks = "/".join(_mean_k(q) for q in r.get("per_seed", [r]))
+            ks = "/".join(mean_k(q) for q in r.get("per_seed", [r]))
             cells.append(f"K {ks}, {r['headline_ecm']:.2f} +- {r['headline_se']:.2f}, {r['bound_ecm']:.2f}, "
                          f"{r['bound_fraction']:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
