@@ -46,6 +46,7 @@ import torch
 from carv._machine import loadavg
 from carv._runfolder import atomic_write_json
 from carv.accounting import timed_estimate
+from carv.accounting.algebra import mixed_step
 from carv.bench.harness import Config, measure, reference_mean, run_record
 from carv.bench.regime import fit_variance_curve, mix_row, plot_regime_sweep, regime_row, write_regime_sweep
 
@@ -191,10 +192,9 @@ def app_choice(alloc, ratio: float) -> tuple[int, int, float, list | None]:
     cal = alloc.calibration or {}
     probe_ratio = cal.get("probe_ratio", 0.0) * ratio / cal.get("cost_ratio", ratio)
     R, K, _, mix = alloc.plan(ratio, 1.0, probe_ratio, keep=False)  # a run at this ratio, not this one's pair
-    step = alloc.step_cost(R, K, ratio, 1.0)
-    extra = alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, alloc.probe_interval_for((R, K))) - step
-    if mix is not None:
-        step += mix[2] * (alloc.step_cost(*mix[:2], ratio, 1.0) - step)
+    extra = (alloc.charged_cost(R, K, ratio, 1.0, probe_ratio, alloc.probe_interval_for((R, K)))
+             - alloc.step_cost(R, K, ratio, 1.0))
+    step = mixed_step(alloc.between, alloc.within, ratio, 1.0, R, K, mix)[1]  # the mean step's cost
     return R, K, extra / step, (list(mix) if mix is not None else None)
 
 

@@ -12,7 +12,7 @@ import math
 
 from carv._validate import check_nonneg, check_span
 
-__all__ = ["predicted_variance", "work_normalised_variance", "optimal_k", "allocate", "largest_r_within",
+__all__ = ["predicted_variance", "mixed_step", "work_normalised_variance", "optimal_k", "allocate", "largest_r_within",
            "efficiency_bound", "ecm", "relative_efficiency", "fraction_of_bound"]
 
 
@@ -33,6 +33,20 @@ def predicted_variance(var_between: float, var_within: float, R: int, K: int) ->
     if not isinstance(R, int) or R < 1:
         raise ValueError(f"R: expected a positive integer, got {R!r}")
     return var_between / R + var_within / (R * K)
+
+
+def mixed_step(var_between: float, var_within: float, cost_upstream: float, cost_draw: float, R: int, K: int,
+               mix: tuple[int, int, float] | None = None) -> tuple[float, float]:
+    """``(variance, cost)`` of the mean step of a run at ``(R, K)`` that runs the share ``a`` of its steps at
+    ``(R', K')`` instead (``mix = (R', K', a)``, :meth:`carv.accounting.Allocator.mix_for`; None: every step at
+    ``(R, K)``). A run's noise is the mean of its steps' variances and its cost the mean of their costs, so a mix
+    is scored by the product of the two."""
+    var, cost = predicted_variance(var_between, var_within, R, K), R * (cost_upstream + K * cost_draw)
+    if mix is not None:
+        R2, K2, a = mix
+        var += a * (predicted_variance(var_between, var_within, R2, K2) - var)
+        cost += a * (R2 * (cost_upstream + K2 * cost_draw) - cost)
+    return var, cost
 
 
 def work_normalised_variance(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,

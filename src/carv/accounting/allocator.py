@@ -15,6 +15,7 @@ from carv.accounting.algebra import (
     _check_nonneg,
     _check_range,
     allocate,
+    mixed_step,
     optimal_k,
     predicted_variance,
     work_normalised_variance,
@@ -412,15 +413,10 @@ class Allocator:
                      cost_draw: float, cost_probe: float, interval: int) -> float:
         """``Var * C`` of the ordinary steps at ``pair`` (with ``mix``'s share at its pair), probes charged at one
         every ``interval`` steps: the mean variance of a step times the mean cost of a step."""
-        sb, sw = self.between, self.within
-        var, cost = (predicted_variance(sb, sw, *pair),
-                     self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, interval))
-        if mix is not None:
-            R, K, a = mix
-            var += a * (predicted_variance(sb, sw, R, K) - var)
-            cost += a * (self.step_cost(R, K, cost_upstream, cost_draw) - self.step_cost(*pair, cost_upstream,
-                                                                                             cost_draw))
-        return var * cost
+        var, cost = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix)
+        probes = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, interval)
+                  - self.step_cost(*pair, cost_upstream, cost_draw))  # the probes' extra per step
+        return var * (cost + probes)
 
     def mix_for(self, R: int, K: int, budget: float | None, cost_upstream: float, cost_draw: float,
                  cost_probe: float = 0.0, interval: int | None = None) -> tuple[int, int, float] | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from carv.accounting.algebra import efficiency_bound, optimal_k, predicted_variance, work_normalised_variance
+from carv.accounting.algebra import efficiency_bound, mixed_step, optimal_k, work_normalised_variance
 
 __all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm", "calibration_sentence"]
 
@@ -89,11 +89,7 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max) if (b > 0 or k_max is not None) else None
     out["bound_ecm"] = bound_ecm(b, w, c_up, c_d)
     plain = work_normalised_variance(b, w, c_up, c_d, 1)
-    var, cost = predicted_variance(b, w, R, K), R * (c_up + K * c_d)
-    if mix is not None:
-        a = mix["share"]
-        var += a * (predicted_variance(b, w, mix["R"], mix["K"]) - var)
-        cost += a * (mix["R"] * (c_up + mix["K"] * c_d) - cost)
+    var, cost = mixed_step(b, w, c_up, c_d, R, K, None if mix is None else (mix["R"], mix["K"], mix["share"]))
     out["predicted_ecm"] = plain / (var * cost * (1.0 + ov))
     out["bound_fraction"] = out["predicted_ecm"] / out["bound_ecm"]
     return out

@@ -365,10 +365,10 @@ def _by_seed(app: dict, key: str) -> str:
     def show(v) -> str:
         return str(v) if isinstance(v, int) else f"{v:.1f}"
 
-    mean = " (mean per step)" if any(isinstance(v, float) for v in seeds or ()) else ""
+    mean = any(isinstance(v, float) for v in seeds or ())
     if not seeds or len(set(seeds)) == 1:
-        return f"{key} = {show(app[key] if not seeds else seeds[0])}{mean}"
-    return f"{key} = {', '.join(show(v) for v in seeds)} (by seed{mean.replace(' (', '; ').rstrip(')')})"
+        return f"{key} = {show(app[key] if not seeds else seeds[0])}" + (" (mean per step)" if mean else "")
+    return f"{key} = {', '.join(show(v) for v in seeds)} (by seed" + ("; mean per step)" if mean else ")")
 
 
 def _gen_brief(name: str, res: dict | None, root: Path) -> str:
