@@ -994,3 +994,30 @@ def test_a_folder_from_before_the_efficiency_first_allocator_resumes_with_the_bu
     assert json.loads((tmp_path / "nomix" / MANIFEST).read_text())["config"]["mix_pairs"] is False
     res = runner.invoke(app, [*plain, "--steps", "4", "--no-mix-pairs"])  # a folder that mixed refuses the change
     assert res.exit_code != 0 and "mix_pairs" in res.output + str(res.exception)
+
+
+@pytest.mark.parametrize("method, proposal, steps", [("carv", "learned", 1), ("carv", "learned", 3),
+                                                     ("carv", "weight", 3), ("baseline", None, 3)])
+def test_a_checkpoint_restores_the_table_the_sampler_draws_from(tmp_path, method, proposal, steps):
+    """The checkpoint holds the sampler's own table (TimestepSampler.importance_state; empty for q = p), so a
+    resumed run draws from exactly the proposal the run drew from, before its first refresh (step 1; proposal_every
+    2) or after; a checkpoint written without
+    the key (a run at q = p before the key was always written) resumes at q = p."""
+    cfg = TextTo3DConfig(prompt="a snowman", steps=steps, K=2, checkpoint_every=steps, seed=3, method=method,
+                         proposal=proposal, proposal_every=2, **TINY)
+    teacher = _teacher()
+    run = Trainer(cfg, tmp_path / "run", teacher=teacher)
+    for _ in range(steps):
+        run.step()
+    run.save()
+    before = run.sds.sampler.importance
+    back = Trainer(cfg, tmp_path / "run", teacher=teacher)
+    assert back.step_count == steps
+    after = back.sds.sampler.importance
+    assert (before is None and after is None) or torch.equal(before, after)
+    if method == "baseline":
+        tensors, meta = back.state.load()
+        assert tensors.pop("sampler.importance").numel() == 0
+        back.sds.sampler.set_importance(torch.ones(len(back.sds.sampler.q), dtype=torch.float64))
+        back._load((tensors, meta))
+        assert back.sds.sampler.importance is None

@@ -79,9 +79,6 @@ class Trainer:
         self.selector = (ProposalSelector(p.T, weight=p.w, learned=self.learned, start="weight",
                                           every=cfg.proposal_every) if proposal == "auto" else None)
         self.sds = p.sds(p.sampler(proposal, cfg.resolved_stratify, cfg.floor, self.learned), cfg.initial_k)
-        # the importance table the sampler uses now (refreshed every proposal_every steps, "auto" on the
-        # selector's schedule; None: q = p)
-        self.importance = p.w.clone() if proposal in ("weight", "learned", "auto") else None
         self.alloc: Allocator | None = None
         if cfg.auto_k:
             budget = None if cfg.step_budget == "free" else cfg.step_budget
@@ -224,13 +221,11 @@ class Trainer:
         sampler = self.sds.sampler
         self.step_count += 1
         if self.selector is not None:  # refreshes on its own schedule (every proposal_every steps, then sparser)
-            if self.selector.step(out.draws.t, est.sq_norms, sampler):
-                self.importance = sampler.importance
+            self.selector.step(out.draws.t, est.sq_norms, sampler)
         elif self.learned is not None:
             self.learned.update(out.draws.t, est.sq_norms)
             if self.step_count % cfg.proposal_every == 0:
                 sampler.set_importance(self.learned.importance((sampler.t_min, sampler.t_max)))
-                self.importance = sampler.importance
         if self.alloc is not None:  # parameter-space components (probe steps only): the allocator's input
             self.R, self.sds.K = choose_next(self.alloc, self.meter, comps)
         self.elapsed += sw.elapsed()
@@ -286,8 +281,9 @@ class Trainer:
         if self.selector is not None:
             for k, v in self.selector.state_dict().items():
                 tensors[f"selector.{k}"] = v
-        if self.importance is not None:
-            tensors["sampler.importance"] = self.importance
+        # the table the sampler draws from now (refreshed every proposal_every steps, "auto" on the selector's
+        # schedule; empty: q = p), restored as it was rather than rebuilt from statistics that have moved since
+        tensors["sampler.importance"] = self.sds.sampler.importance_state()
         meta = {
             "version": 2,
             "config": self.identity(),
@@ -343,10 +339,9 @@ class Trainer:
             self.learned.load_state_dict({"m2": tensors["learned.m2"], "mass": tensors["learned.mass"]})
         if self.selector is not None:
             self.selector.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("selector.")})
-        if self.learned is not None or self.importance is not None:
-            imp = tensors.get("sampler.importance")
-            self.importance = None if imp is None else imp.to(torch.float64)
-            self.sds.sampler.set_importance(self.importance)
+        # a checkpoint without the key held no table (q = p)
+        self.sds.sampler.load_importance_state(tensors.get("sampler.importance", torch.zeros(0, dtype=torch.float64))
+                                               .to(torch.float64))
         if self.alloc is not None and meta.get("allocator") is not None:
             self.alloc.load_state_dict(meta["allocator"])
         if self.upstream is not None and meta.get("upstream") is not None:
