@@ -86,7 +86,7 @@ def test_stage_costs_probe_and_the_chosen_k():
     a = acc.allocator
     assert a.n_observed == 4 and acc.history[-1]["rechosen"] and not acc.history[3]["rechosen"]
     c_up, c_draw, _ = a.costs(acc.meter)  # the calibrated, quantised ratio (16 here for 0.03 / 0.002)
-    want = optimal_k(a.between, a.within, c_up, c_draw, k_max=32, k_min=2)
+    want = optimal_k(a.between, a.within, c_up, c_draw, k_max=32, k_min=2, strata=a.strata)  # strata priced
     assert acc.history[-1]["next_K"] == want == sds.K and acc.history[-1]["next_R"] == 2 == acc.R
 
 
@@ -105,7 +105,7 @@ def test_probe_components_are_the_component_probe_of_the_step():
     x2 = theta[None] * 1.5 + noise
     ju = torch.autograd.grad(x2, [theta], u, retain_graph=True)
     jh = torch.autograd.grad(x2, [theta], h)
-    assert st.components == pytest.approx(tuple(pr.components(ju, jh, clip=False)))  # signed, for the allocator
+    assert st.components[:2] == pytest.approx(tuple(pr.components(ju, jh, clip=False)))  # signed, for the allocator
     assert theta.grad is not None  # the step's own backward ran too
 
 
@@ -125,7 +125,9 @@ def test_budget_mode_lets_the_allocator_set_r_and_k_at_equal_per_step_compute():
     R, K = last["R"], last["K"]
     # the allocator read the accountant's meter, as a calibrated ratio in units of the draw cost
     assert (last["cost_upstream"], last["cost_draw"]) == (quantise_ratio(c_up / c_draw), 1.0)
-    assert (a.R, a.K) == (R, K) == (acc.history[-1]["next_R"], sds.K)
+    # the coming step runs the chosen pair, or its mix's pair (R, K + 1) on the mix's share of the steps
+    assert (a.R, a.K) == (acc.history[-1]["next_R"], sds.K) and a.base == (R, K)
+    assert (a.R, a.K) == (R, K) or (a.mix is not None and (a.R, a.K) == a.mix[:2] == (R, K + 1))
     assert R == 1 and K > 4  # render-dominated cost at the plain step's budget: one render, many draws
     for i in (2, 4):  # probe steps run at the allocator's probe shape of the pair then chosen, e.g. (1, 8) -> (2, 4)
         R0, K0 = acc.history[i - 1]["next_R"], acc.history[i - 1]["next_K"]
@@ -193,3 +195,30 @@ def test_probe_steps_draw_iid_timesteps_and_ordinary_steps_keep_the_strata():
     assert acc.objective.modes == ["none" if p else "per_upstream" for p in probes] and any(probes)
     acc_sum = acc.summary(proposal="uniform")
     assert acc_sum["K"] == sds.K and acc_sum["bound_ecm"] is not None and acc_sum["proposal"] == "uniform"
+
+
+@pytest.mark.parametrize("stratify, K, reads", [("per_upstream", 2, True), ("global", 2, True), ("none", 2, False),
+                                                ("lattice", 2, False), ("per_upstream", 4, False)])
+def test_probes_read_the_within_half_variance_only_where_strata_decide(stratify, K, reads):
+    """The third contrast (ComponentProbe.measure_halves) is what per-row strata of t pay: the probes read it where
+    the sampler gives each row one draw in each of K strata and the pair in use draws at most two per sample (where
+    the strata decide whether to leave one draw), and nowhere else (Allocator.reads_halves)."""
+    theta, sds, clock, acc = make(K=K, budget=None, probe_every=2, choose_every=100, k_range=(2, 32))
+    sds.sampler = TimestepSampler(T, stratify=stratify)
+    assert acc.allocator.reads_halves == (K <= 2)
+    g = torch.Generator().manual_seed(2)
+    read = []
+    for _ in range(8):
+        st = run_step(acc, theta, clock, g)
+        if st.components is not None:
+            assert len(st.components) == (3 if reads else 2)  # 3: measure_halves (None where no pair shared a half)
+            read += [c for c in st.components[2:] if c is not None]
+    assert acc.probes == 4
+    assert [h for h, _ in acc.allocator.halves] == read and (len(read) >= 1) == reads
+    assert 0.0 <= acc.allocator.strata <= 1.0 and (reads or acc.allocator.strata == 0.0)
+    off = make(K=2, budget=None, probe_every=2, choose_every=100, k_range=(2, 32))
+    off[3].allocator.strata_probe = False  # Allocator(strata_probe=False): the two-contrast probe
+    assert not off[3].allocator.reads_halves
+    for _ in range(4):
+        run_step(off[3], off[0], off[2], g)
+    assert off[3].allocator.halves == []

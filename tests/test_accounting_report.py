@@ -294,3 +294,154 @@ def test_variance_curve_fit_recovers_known_curves_and_its_bound_is_the_two_compo
     assert curve_bound((10.0, 0.1, 0.0), 1.0, 1.0) == pytest.approx(10.1 * 2.0)
     with pytest.raises(ValueError, match="3 distinct K"):
         fit_variance_curve([{"R": 1, "K": 1, "variance": 1.0}, {"R": 1, "K": 2, "variance": 0.6}])
+
+
+def test_half_contrast_reads_the_within_half_variance_and_the_strata_share():
+    """iid probe draws of a value with a linear drift in the proposal's CDF position u plus noise: the same-half pairs
+    read sigma_s^2(2) = D (s^2 + c^2 / 48) where the iid within is D (s^2 + c^2 / 12), so the share strata remove is
+    the drift's c^2 / 12 over the within part (mean of 300 probes within 4 standard errors)."""
+    g = torch.Generator().manual_seed(7)
+    R, K, D, c, s = 16, 2, 8, 3.0, 0.5
+    halves_est, within_est = [], []
+    for _ in range(300):
+        theta = torch.zeros(R, D, dtype=torch.float64, requires_grad=True)
+        x = theta * 1.0  # the upstream: identity Jacobian
+        u = torch.rand(R, K, generator=g, dtype=torch.float64)
+        values = c * u[..., None] + s * torch.randn(R, K, D, generator=g, dtype=torch.float64)
+        comps = ComponentProbe(R, K).measure_halves(x, [theta], values, u >= 0.5, g)
+        halves_est.append(comps.within_half)
+        within_est.append(comps.within)
+    true_half, true_within = D * (s * s + c * c / 48), D * (s * s + c * c / 12)
+    for est, truth in ((halves_est, true_half), (within_est, true_within)):
+        m = sum(est) / len(est)
+        se = (sum((e - m) ** 2 for e in est) / (len(est) - 1) / len(est)) ** 0.5
+        assert abs(m - truth) < 4 * se, (m, truth, se)
+    a = Allocator(budget="baseline", baseline=(8, 1))
+    a.observe(0.0, true_within)
+    a.observe_half(true_half, true_within)
+    assert a.strata == 0.0  # one probe of it is not enough
+    a.observe_half(true_half, true_within)
+    assert a.strata == pytest.approx(1 - true_half / true_within)
+
+
+def test_allocator_prices_strata_and_leaves_k_1_where_two_strata_pay():
+    """A distillation-like state (sigma_w^2 / sigma_b^2 = 1.3, plain pair R = 8, K = 1, render : draw 1): the iid
+    model keeps R = 8, K = 1; with probes that read half the within part removable by two strata (the within-half
+    variance), the allocator moves to two or more draws per sample, the better pair by the strata model."""
+    from carv.accounting.algebra import work_normalised_variance as wnv
+
+    def plan(half):
+        a = Allocator(budget="baseline", baseline=(8, 1), r_init=8, k_init=1, r_range=(1, 32), k_range=(1, 32))
+        a.observe(3.15e5, 4.05e5)
+        for _ in range(2 if half is not None else 0):
+            a.observe_half(half, 4.05e5)
+        return a, a.plan(1.0, 1.0, 0.0, interval=40, keep=False)
+
+    _, iid = plan(None)
+    assert iid[:2] == (8, 1)
+    _, same = plan(4.05e5)  # halves no better than iid: the iid model's choice
+    assert same[:2] == (8, 1)
+    a, strat = plan(4.05e5 * 0.5)
+    assert a.strata == pytest.approx(0.5) and strat[1] >= 2
+    f = a.strata
+    assert wnv(3.15e5, 4.05e5, 1.0, 1.0, strat[1], f) < wnv(3.15e5, 4.05e5, 1.0, 1.0, 1, f)
+
+
+def test_two_level_strata_model_optimal_k_and_bound():
+    """within_at: sigma_w^2 at K = 1, sigma_w^2 (1 - f) at every K >= 2; optimal_k is the brute-force argmin of
+    Var * C over K in [k_min, k_max]; the bound lies below every integer K's Var * C, is the iid bound at f = 0
+    and moves continuously with f."""
+    from carv.accounting.algebra import efficiency_bound, optimal_k, within_at
+    from carv.accounting.algebra import work_normalised_variance as wnv
+
+    assert within_at(4.0, 1, 0.25) == 4.0 and within_at(4.0, 2, 0.25) == within_at(4.0, 9, 0.25) == 3.0
+    with pytest.raises(ValueError, match="strata"):
+        within_at(4.0, 2, 1.5)
+    for b, w, cu, cd in ((3.15e5, 4.05e5, 1.0, 1.0), (1.0, 10.0, 5.0, 1.0), (2.0, 0.1, 1.0, 3.0),
+                         (0.5, 50.0, 30.0, 1.0), (0.0, 1.0, 1.0, 1.0)):
+        for f in (0.0, 0.1, 0.5, 0.9, 1.0):
+            for k_min, k_max in ((1, 64), (2, 64), (1, 1), (3, 5)):
+                if b == 0 and f < 1:
+                    continue  # unbounded K: optimal_k returns k_max, checked in test_accounting
+                want = min(range(k_min, k_max + 1), key=lambda k: (wnv(b, w, cu, cd, k, f), k))
+                got = optimal_k(b, w, cu, cd, k_max=k_max, k_min=k_min, strata=f)
+                assert wnv(b, w, cu, cd, got, f) == pytest.approx(wnv(b, w, cu, cd, want, f), rel=1e-12)
+            bound = efficiency_bound(b, w, cu, cd, f)
+            assert all(bound <= wnv(b, w, cu, cd, k, f) * (1 + 1e-12) for k in range(1, 200))
+        assert efficiency_bound(b, w, cu, cd, 1e-9) == pytest.approx(efficiency_bound(b, w, cu, cd), rel=1e-6)
+    # two strata that remove half the within part lift the bound of a distillation-like state at ratio 1
+    assert efficiency_bound(3.15e5, 4.05e5, 1.0, 1.0, 0.5) < efficiency_bound(3.15e5, 4.05e5, 1.0, 1.0)
+
+
+def test_strata_share_pairs_each_probe_and_keeps_a_long_window():
+    """The share is 1 - (winsorised mean of within-half) / (winsorised mean of the same probes' within), over the
+    last strata_window probes (4 x window by default); a probe with an extreme row in both readings moves both;
+    the readings survive the state dict and a malformed state is refused by name."""
+    a = Allocator(budget="baseline", baseline=(8, 1), window=3)
+    assert a.strata_window == 12
+    for i in range(20):
+        a.observe(1.0, 10.0 + i)
+        a.observe_half(5.0 + i / 2, 10.0 + i)
+    assert len(a.halves) == 12 and a.halves[0] == (5.0 + 8 / 2, 18.0)
+    h = sum(5.0 + i / 2 for i in range(8, 20)) / 12
+    w = sum(10.0 + i for i in range(8, 20)) / 12
+    assert a.strata == pytest.approx(1 - h / w)
+    b = Allocator(budget="baseline", baseline=(8, 1), window=3)
+    b.load_state_dict(a.state_dict())
+    assert b.halves == a.halves and b.strata == a.strata
+    bad = a.state_dict()
+    bad["halves"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match="halves"):
+        b.load_state_dict(bad)
+    old = a.state_dict()
+    del old["halves"]  # a state saved before the strata probe: the iid model until probes read it
+    b.load_state_dict(old)
+    assert b.halves == [] and b.strata == 0.0
+    with pytest.raises(ValueError, match="strata_window"):
+        Allocator(strata_window=1)
+    c = Allocator(budget="baseline", baseline=(8, 1))
+    c.observe_half(12.0, 10.0)
+    c.observe_half(12.0, 10.0)
+    assert c.strata == 0.0  # halves read above the within part: no strata credit, never a negative one
+
+
+def test_accounting_summary_prices_strata_consistently():
+    """With a strata share the summary's bound is bound_ecm recomputed from its own keys (strata included), the
+    prediction is the hand-computed ECM of the pair at sigma_w^2 (1 - strata) per draw, K = 1 pays the iid
+    within part, and a share outside [0, 1] is refused by name."""
+    from carv.accounting import bound_ecm
+
+    b, w, cu, cd, f = 3.0, 4.0, 2.0, 1.0, 0.5
+    acc = accounting_summary(b, w, cu, cd, 2, 3, "uniform", strata=f)
+    assert acc["strata"] == f
+    assert acc["bound_ecm"] == pytest.approx(bound_ecm(acc["between"], acc["within"], acc["cost_upstream_s"],
+                                                       acc["cost_draw_s"], acc["strata"]))
+    plain = (b + w) * (cu + cd)
+    assert acc["predicted_ecm"] == pytest.approx(plain / ((b + w * (1 - f) / 3) * (cu + 3 * cd)))
+    one = accounting_summary(b, w, cu, cd, 2, 1, "uniform", strata=f)
+    assert one["predicted_ecm"] == pytest.approx(1.0)  # one draw: no strata, the plain estimator's Var * C
+    assert acc["bound_ecm"] > accounting_summary(b, w, cu, cd, 2, 3, "uniform")["bound_ecm"]
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="strata"):
+            accounting_summary(b, w, cu, cd, 2, 3, "uniform", strata=bad)
+
+
+def test_strata_only_decide_whether_to_leave_one_draw():
+    """Where the iid model already chooses K >= 2 the strata share does not move the choice (the iid model picks
+    K); where it keeps K = 1 and two strata pay, the plan leaves K = 1 and says it priced strata; the budget=None
+    path (optimal_k) follows the same rule."""
+    def alloc(budget, b, w, f):
+        a = Allocator(budget=budget, baseline=(8, 1), r_init=8, k_init=1, r_range=(1, 32), k_range=(1, 32))
+        a.observe(b, w)
+        for _ in range(2):
+            a.observe_half(w * (1 - f), w)
+        return a
+
+    for budget in ("baseline", None):
+        iid = alloc(budget, 1.0, 20.0, 0.0).plan(10.0, 1.0, 0.0, interval=40, keep=False)
+        a = alloc(budget, 1.0, 20.0, 0.6)
+        assert iid[1] >= 3 and a.plan(10.0, 1.0, 0.0, interval=40, keep=False)[:2] == iid[:2]
+        assert a.priced_strata == 0.0
+        a = alloc(budget, 3.15e5, 4.05e5, 0.5)
+        assert alloc(budget, 3.15e5, 4.05e5, 0.0).plan(1.0, 1.0, 0.0, interval=40, keep=False)[1] == 1
+        assert a.plan(1.0, 1.0, 0.0, interval=40, keep=False)[1] >= 2 and a.priced_strata == 0.5

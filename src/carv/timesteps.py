@@ -359,6 +359,19 @@ class TimestepSampler:
         return self._q
 
     @property
+    def row_strata(self) -> bool:
+        """Whether each row's ``K`` draws hold one point in each of ``K`` equal strata of the proposal's CDF
+        (``stratify`` ``"per_upstream"`` or ``"global"``): what :func:`carv.accounting.within_at` prices."""
+        return self.stratify in ("per_upstream", "global")
+
+    def half(self, t: Tensor) -> Tensor:
+        """Whether each timestep lies in the upper half of the proposal's CDF (mid-bin), ``t``'s shape, bool: the
+        halves of two per-row strata (:meth:`carv.accounting.ComponentProbe.half_contrast`)."""
+        q = self._q
+        cdf = torch.cumsum(q, 0) - q / 2
+        return cdf[t.long().cpu()].to(t.device) >= 0.5
+
+    @property
     def importance(self) -> Tensor | None:
         """The importance table in use (float64, length ``T``; None: ``q = p``), as :meth:`set_importance` took it."""
         return self._importance

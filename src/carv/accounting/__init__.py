@@ -31,10 +31,17 @@ from carv.accounting.algebra import (
     optimal_k,
     predicted_variance,
     relative_efficiency,
+    within_at,
     work_normalised_variance,
 )
 from carv.accounting.allocator import Allocator, AutoK, choose_next, nonnegative_mean, plan_step, winsorised_mean
-from carv.accounting.components import VarianceComponents, between_component, variance_components, within_row_variance
+from carv.accounting.components import (
+    ProbedComponents,
+    VarianceComponents,
+    between_component,
+    variance_components,
+    within_row_variance,
+)
 from carv.accounting.meter import CostMeter, Stopwatch, timed_estimate
 from carv.accounting.probe import ComponentProbe
 from carv.accounting.report import (
@@ -51,9 +58,11 @@ __all__ = [
     "accounting_sentence",
     "calibration_sentence",
     "bound_ecm",
+    "ProbedComponents",
     "VarianceComponents",
     "variance_components",
     "predicted_variance",
+    "within_at",
     "work_normalised_variance",
     "optimal_k",
     "allocate",

@@ -64,8 +64,9 @@ class AccountantStep:
         self.R: int | None = None
         self.K: int | None = None
         self.out: Any = None
-        self.components: tuple[float, float] | None = None
+        self.components: tuple[float, ...] | None = None
         self._probe = False
+        self._sampler = None
 
     def objective(self, x: Tensor, *args, **kwargs) -> Any:
         """``objective(x, *args, **kwargs)`` timed as the draw stage (with ``keep_draws`` on a probe step)."""
@@ -82,6 +83,7 @@ class AccountantStep:
             self.out = acc.objective(x, *args, **kwargs)
         self.draw_s += acc.meter.now() - t0
         self._probe = probe
+        self._sampler = sampler
         est = getattr(self.out, "estimate", None)
         if probe and acc.params is None and est is not None and est.between is not None:
             self.components = (est.between, est.within)  # the free proxy: components of the upstream output
@@ -98,8 +100,16 @@ class AccountantStep:
             if x is None:
                 raise ValueError("x: a probe step needs the upstream output passed to objective(x, ...)")
             t0 = acc.meter.now()
-            comps = ComponentProbe(self.R, self.K).measure(x, acc.params, out.estimate.draws, acc.generator,
-                                                           retain_graph=True)  # the loss's backward follows
+            probe = ComponentProbe(self.R, self.K)
+            draws = getattr(out, "draws", None)
+            if (acc.allocator.reads_halves and getattr(self._sampler, "row_strata", False)
+                    and getattr(draws, "t", None) is not None):
+                # the third contrast: the within-half variance, what per-row strata leave of the within part
+                comps = probe.measure_halves(x, acc.params, out.estimate.draws, self._sampler.half(draws.t),
+                                             acc.generator, retain_graph=True)
+            else:
+                comps = probe.measure(x, acc.params, out.estimate.draws, acc.generator,
+                                      retain_graph=True)  # the loss's backward follows
             self.components = tuple(comps)  # signed: averaged by the allocator
             out.estimate.draws = None
             self.probe_s += acc.meter.now() - t0
@@ -227,7 +237,7 @@ class Accountant:
         a, m = self.allocator, self.meter
         med = {s: (m.median(s) if m.times.get(s) else None) for s in (a.upstream_stage, a.draw_stage)}
         return accounting_summary(a.between, a.within, med[a.upstream_stage], med[a.draw_stage], *a.base,
-                                  proposal, k_max=a.k_max, mix=a.mix)
+                                  proposal, k_max=a.k_max, mix=a.mix, strata=a.strata)
 
     def state_dict(self) -> dict:
         return {"K": self.objective.K, "steps": self.steps, "probes": self.probes,

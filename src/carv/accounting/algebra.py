@@ -12,8 +12,8 @@ import math
 
 from carv._validate import check_nonneg, check_span
 
-__all__ = ["predicted_variance", "mixed_step", "work_normalised_variance", "optimal_k", "allocate", "largest_r_within",
-           "efficiency_bound", "ecm", "relative_efficiency", "fraction_of_bound"]
+__all__ = ["within_at", "predicted_variance", "mixed_step", "work_normalised_variance", "optimal_k", "allocate",
+           "largest_r_within", "efficiency_bound", "ecm", "relative_efficiency", "fraction_of_bound"]
 
 
 def _check_nonneg(**kw: float) -> None:
@@ -26,40 +26,55 @@ def _check_k(K) -> None:
         raise ValueError(f"K: expected a positive integer, got {K!r}")
 
 
-def predicted_variance(var_between: float, var_within: float, R: int, K: int) -> float:
-    """``sigma_b^2 / R + sigma_w^2 / (R K)``."""
+def within_at(var_within: float, K: int, strata: float = 0.0) -> float:
+    """The per-draw within variance a row of ``K`` draws pays: ``sigma_w^2`` for iid draws and for one draw; with
+    ``K >= 2`` per-row strata of ``t`` (:data:`carv.timesteps.STRATIFY_MODES` ``"per_upstream"``, ``"global"``)
+    ``sigma_w^2 (1 - strata)``, where ``strata = 1 - sigma_s^2(2) / sigma_w^2`` is the share of the within part
+    that two strata remove (a probe's within-half variance ``sigma_s^2(2)``,
+    :meth:`carv.accounting.ComponentProbe.measure_halves`).
+
+    Finer strata can only remove more (each of ``2m`` nested strata holds less spread than the half it splits), so
+    holding the share at ``K = 2``'s for every ``K >= 2`` credits strata with what was measured and no more
+    (docs/budget.md, "Strata")."""
+    if not 0.0 <= strata <= 1.0:
+        raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
+    return var_within if K == 1 else var_within * (1.0 - strata)
+
+
+def predicted_variance(var_between: float, var_within: float, R: int, K: int, strata: float = 0.0) -> float:
+    """``sigma_b^2 / R + sigma_w^2 / (R K)`` (the within part at ``K`` strata: :func:`within_at`)."""
     _check_nonneg(var_between=var_between, var_within=var_within)
     _check_k(K)
     if not isinstance(R, int) or R < 1:
         raise ValueError(f"R: expected a positive integer, got {R!r}")
-    return var_between / R + var_within / (R * K)
+    return var_between / R + within_at(var_within, K, strata) / (R * K)
 
 
 def mixed_step(var_between: float, var_within: float, cost_upstream: float, cost_draw: float, R: int, K: int,
-               mix: tuple[int, int, float] | None = None) -> tuple[float, float]:
+               mix: tuple[int, int, float] | None = None, strata: float = 0.0) -> tuple[float, float]:
     """``(variance, cost)`` of the mean step of a run at ``(R, K)`` that runs the share ``a`` of its steps at
     ``(R', K')`` instead (``mix = (R', K', a)``, :meth:`carv.accounting.Allocator.mix_for`; None: every step at
     ``(R, K)``). A run's noise is the mean of its steps' variances and its cost the mean of their costs, so a mix
     is scored by the product of the two."""
-    var, cost = predicted_variance(var_between, var_within, R, K), R * (cost_upstream + K * cost_draw)
+    var, cost = predicted_variance(var_between, var_within, R, K, strata), R * (cost_upstream + K * cost_draw)
     if mix is not None:
         R2, K2, a = mix
-        var += a * (predicted_variance(var_between, var_within, R2, K2) - var)
+        var += a * (predicted_variance(var_between, var_within, R2, K2, strata) - var)
         cost += a * (R2 * (cost_upstream + K2 * cost_draw) - cost)
     return var, cost
 
 
 def work_normalised_variance(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
-                             K: int) -> float:
-    """``Var * C`` for any ``R``: ``(sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw)``."""
+                             K: int, strata: float = 0.0) -> float:
+    """``Var * C`` for any ``R``: ``(sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw)`` (:func:`within_at` for strata)."""
     _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
                   cost_draw=cost_draw)
     _check_k(K)
-    return (var_between + var_within / K) * (cost_upstream + K * cost_draw)
+    return (var_between + within_at(var_within, K, strata) / K) * (cost_upstream + K * cost_draw)
 
 
 def optimal_k(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
-              k_max: int | None = None, k_min: int = 1) -> int:
+              k_max: int | None = None, k_min: int = 1, strata: float = 0.0) -> int:
     """The integer ``K`` in ``[k_min, k_max]`` minimising work-normalised variance.
 
     The continuous optimum ``sqrt((c_up / c_draw)(sigma_w^2 / sigma_b^2))`` is rounded to the better
@@ -73,6 +88,17 @@ def optimal_k(var_between: float, var_within: float, cost_upstream: float, cost_
         _check_k(k_max)
         if k_max < k_min:
             raise ValueError(f"k_max: must be >= k_min={k_min}, got {k_max}")
+    if strata:  # K >= 2 pays sigma_w^2 (1 - strata) per draw (within_at): the iid optimum over K >= 2 against K = 1
+        within_at(var_within, 2, strata)  # checks the share
+        w2 = var_within * (1.0 - strata)
+        if k_min >= 2:
+            return optimal_k(var_between, w2, cost_upstream, cost_draw, k_max, k_min)
+        if k_max == 1:
+            return 1
+        k = optimal_k(var_between, w2, cost_upstream, cost_draw, k_max, 2)
+        one, more = (work_normalised_variance(var_between, var_within, cost_upstream, cost_draw, kk, strata)
+                     for kk in (1, k))
+        return 1 if one <= more else k
     if var_within == 0 or cost_upstream == 0:
         return k_min
     if var_between == 0 or cost_draw == 0:
@@ -126,8 +152,9 @@ def _smallest_r_reaching(var_one: float, target: float, r_min: int, r_max: int) 
 def allocate(between: float, within: float, cost_upstream: float, cost_draw: float, *,
              budget: float | None = None, target_variance: float | None = None,
              r_range: tuple[int, int] = (1, 64), k_range: tuple[int, int] = (1, 256),
-             efficiency_tolerance: float | None = None) -> tuple[int, int]:
-    """The integer ``(R, K)`` that spends a per-step budget best, or reaches a variance most cheaply.
+             efficiency_tolerance: float | None = None, strata: float = 0.0) -> tuple[int, int]:
+    """The integer ``(R, K)`` that spends a per-step budget best, or reaches a variance most cheaply
+    (``strata``: the within part at ``K`` strata, :func:`within_at`).
 
     Pass exactly one of:
 
@@ -170,38 +197,47 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
             R = largest_r_within(budget, c, r_max)
             if R < r_min:
                 break  # the step cost only grows with K
-            pairs.append(((between + within / K) / R, R * c, R, K))
+            pairs.append(((between + within_at(within, K, strata) / K) / R, R * c, R, K))
         if not pairs:
             cheapest = r_min * (cost_upstream + k_min * cost_draw)
             raise ValueError(f"budget: {budget!r} s per step is below the cheapest pair on the grid, "
                              f"R={r_min}, K={k_min} at {cheapest!r} s")
         if efficiency_tolerance is not None:
-            wnv = {p: work_normalised_variance(between, within, cost_upstream, cost_draw, p[3]) for p in pairs}
+            wnv = {p: work_normalised_variance(between, within, cost_upstream, cost_draw, p[3], strata) for p in pairs}
             least = min(wnv.values())
             pairs = [p for p in pairs if wnv[p] <= (1.0 + efficiency_tolerance) * least]
         best = min(pairs)
         return best[2], best[3]
     _check_nonneg(target_variance=target_variance)
     for K in range(k_min, k_max + 1):
-        R = _smallest_r_reaching(between + within / K, target_variance, r_min, r_max)
+        one = between + within_at(within, K, strata) / K
+        R = _smallest_r_reaching(one, target_variance, r_min, r_max)
         if R is None:
             continue
-        v = (between + within / K) / R
+        v = one / R
         key = (R * (cost_upstream + K * cost_draw), v, R, K)
         if best is None or key < best:
             best = key
     if best is None:
-        smallest = (between + within / k_max) / r_max
+        smallest = (between + within_at(within, k_max, strata) / k_max) / r_max
         raise ValueError(f"target_variance: {target_variance!r} is below the smallest variance on the grid, "
                          f"{smallest!r} at R={r_max}, K={k_max}")
     return best[2], best[3]
 
 
-def efficiency_bound(var_between: float, var_within: float, cost_upstream: float, cost_draw: float) -> float:
-    """The smallest ``Var * C`` any ``K`` can reach: ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2``."""
+def efficiency_bound(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
+                     strata: float = 0.0) -> float:
+    """The smallest ``Var * C`` any ``K`` can reach: ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2``. With a
+    strata share (:func:`within_at`) the smaller of one draw's ``(sigma_b^2 + sigma_w^2)(c_up + c_draw)`` and the
+    same closed form at the stratified ``sigma_w^2 (1 - strata)`` (continuous in ``strata``: at 0 it is the iid
+    bound)."""
     _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
                   cost_draw=cost_draw)
-    return (math.sqrt(var_between * cost_upstream) + math.sqrt(var_within * cost_draw)) ** 2
+    w2 = within_at(var_within, 2, strata)
+    closed = (math.sqrt(var_between * cost_upstream) + math.sqrt(w2 * cost_draw)) ** 2
+    if strata == 0:
+        return closed
+    return min((var_between + var_within) * (cost_upstream + cost_draw), closed)
 
 
 def ecm(var_base: float, cost_base: float, var_method: float, cost_method: float) -> float:

@@ -175,8 +175,15 @@ class Allocator:
     **Assumptions.** (1) The components move slowly compared with ``window`` probe periods (they are the
     components of the current iterate's gradient; the median lags a trend by about ``window / 2``
     observations). (2) The cost model is ``R (c_up + K c_draw)`` with per-render and per-draw medians; a fixed
-    per-step cost (the optimiser step) is charged to the renders by the caller. (3) The within component
-    of stratified draws is over-estimated (conservative: biases ``K`` upwards). (4) The choice only moves
+    per-step cost (the optimiser step) is charged to the renders by the caller. (3) The within part of
+    stratified draws is over-estimated by the iid model (conservative: biases ``K`` upwards), with one exception:
+    where the iid model keeps one draw per sample, per-row strata decide whether two or more pay, each row of
+    ``K >= 2`` priced at the share of the within part that two strata remove (:func:`within_at`; :attr:`strata`,
+    read by the probes' third contrast where the caller passes it; :attr:`priced_strata` says whether the last plan
+    used it). Beyond that decision the iid model chooses ``K``: on distillation the between part that ``R = 2``
+    probes read runs above what the measured variance curves give, and the iid within part's over-estimate
+    offsets it, where pricing every ``K`` with strata chose ``K`` too small at render : draw cost ratios 10-30
+    (docs/budget.md, "Stratified timesteps"). (4) The choice only moves
     the cost: each step is an ordinary fixed-``(R, K)`` estimate, so the run stays unbiased.
 
     **Against brute force** (the synthetic problem of tests/test_allocator.py: known components, costs
@@ -196,11 +203,15 @@ class Allocator:
                  upstream_stage: str = "upstream", draw_stage: str = "draw", probe_stage: str = "probe",
                  live_costs: bool = False, per_octave: int = 2, efficiency_tolerance: float | None = 0.03,
                  between_estimate: str = "posterior", cost_ratio: float | None = None,
-                 probe_ratio: float | None = None, selection: str = "efficient", mix: bool = True):
-        for name, v in (("live_costs", live_costs), ("mix", mix)):
+                 probe_ratio: float | None = None, selection: str = "efficient", mix: bool = True,
+                 strata_probe: bool = True, strata_window: int | None = None):
+        for name, v in (("live_costs", live_costs), ("mix", mix), ("strata_probe", strata_probe)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
         self.mix_on = mix
+        self.strata_probe = strata_probe  # probes also read the within-half variance (ComponentProbe.measure_halves)
+        self.halves: list[tuple[float, float]] = []  # the last probes' (within-half, within) readings
+        self.priced_strata = 0.0  # the strata share the last plan priced its rows at (0: the iid model)
         for name, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio)):
             check_cost_pin(name, v)
             if v is not None and live_costs:
@@ -255,6 +266,10 @@ class Allocator:
         self.mix: tuple[int, int, float] | None = None  # (R, K + 1, share of the ordinary steps run at it)
         self.mix_n = 0  # steps since the mix was chosen (its schedule)
         self.every, self.warmup, self.window, self.probe_every = every, warmup, window, probe_every
+        if strata_window is not None and (not isinstance(strata_window, int) or isinstance(strata_window, bool)
+                                          or strata_window < 2):
+            raise ValueError(f"strata_window: expected an integer >= 2 or None (4 * window), got {strata_window!r}")
+        self.strata_window = strata_window if strata_window is not None else 4 * window
         self.probe_every_max, self.settle, self.probe_k_min = probe_every_max, settle, probe_k_min
         self.interval = probe_every  # steps between probes now (doubles while the choice stays put)
         self.next_probe = 0  # the step of the next probe
@@ -317,6 +332,34 @@ class Allocator:
         del self.observations[:-self.window]
         self.n_observed += 1
 
+    def observe_half(self, within_half: float, within: float) -> None:
+        """Record one probe's within-half variance ``sigma_s^2(2)`` (:meth:`ComponentProbe.measure_halves`) with
+        the iid within variance the same probe read (its draws and its rows)."""
+        _check_nonneg(within_half=within_half, within=within)
+        self.halves.append((float(within_half), float(within)))
+        del self.halves[:-self.strata_window]
+
+    @property
+    def reads_halves(self) -> bool:
+        """Whether a probe should also read the within-half variance (a third vector-Jacobian product,
+        :meth:`ComponentProbe.measure_halves`): with ``strata_probe`` on, while the pair in use draws at most two
+        per sample, where the strata decide whether to leave one draw (:meth:`plan`); elsewhere it would buy
+        nothing."""
+        return self.strata_probe and self.base[1] <= 2
+
+    @property
+    def strata(self) -> float:
+        """The share of the within part that two per-row strata of ``t`` remove (:func:`~carv.accounting.within_at`):
+        ``1 - sigma_s^2(2) / sigma_w^2`` from the winsorised means of the last ``strata_window`` probes' paired
+        readings (the same probes' draws in both, so that a probe with an extreme row moves both), clipped to
+        [0, 1]; 0 (the iid model) before two probes of it. The window is longer than the components': a probe
+        sees about ``R / 2`` pairs of draws in one half, and the share is a property of how the integrand varies
+        in ``t``, which moves more slowly than its scale."""
+        if len(self.halves) < 2:
+            return 0.0
+        h, w = (winsorised_mean([p[i] for p in self.halves]) for i in (0, 1))
+        return min(max(1.0 - h / w, 0.0), 1.0) if w > 0 else 0.0
+
     @property
     def between(self) -> float | None:
         """The current between-upstream estimate from the signed observations: their posterior mean given that the
@@ -358,9 +401,22 @@ class Allocator:
         """``(R, K, budget_of_ordinary_steps, mix)``: :meth:`choose`'s pair and, where the budget leaves room that
         a whole draw more per render does not fit, the mix (:meth:`mix_for`): ``(R, K + 1, share)``, the share of
         ordinary steps run at ``(R, K + 1)`` so that they spend the budget on average; None without one."""
+        iid = self._plan(cost_upstream, cost_draw, cost_probe, interval, keep, 0.0)
+        f = self.strata
+        if f > 0 and iid[1] == 1:  # strata decide only whether to leave one draw per sample (see the class doc)
+            strat = self._plan(cost_upstream, cost_draw, cost_probe, interval, keep, f)
+            if strat[1] >= 2:
+                self.priced_strata = f
+                return strat
+        self.priced_strata = 0.0
+        return iid
+
+    def _plan(self, cost_upstream: float, cost_draw: float, cost_probe: float, interval: int | None, keep: bool,
+              f: float) -> tuple[int, int, float | None, tuple[int, int, float] | None]:
+        """:meth:`plan` with ``K >= 2`` rows priced at the strata share ``f`` (:func:`within_at`)."""
         sb, sw = self.between, self.within
         if self.budget is None:
-            k = optimal_k(sb, sw, cost_upstream, cost_draw, k_max=self.k_max, k_min=self.k_min)
+            k = optimal_k(sb, sw, cost_upstream, cost_draw, k_max=self.k_max, k_min=self.k_min, strata=f)
             return self.base[0], k, None, None
         base = self.baseline
         if self.budget == "baseline":
@@ -372,7 +428,7 @@ class Allocator:
         # a pair in use (below)
         select_tol = (0.0 if self.selection == "efficient" and self.efficiency_tolerance is not None
                       else self.efficiency_tolerance)
-        b_eff, pair = B, (self.R, self.K)
+        b_eff, pair = B, self.base
         cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
             probe_extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
@@ -381,7 +437,7 @@ class Allocator:
             b_eff = max(B - probe_extra / P, 0.0) if P > 1 else B
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
                             r_range=(self.r_min, self.r_max), k_range=(self.k_min, self.k_max),
-                            efficiency_tolerance=select_tol)
+                            efficiency_tolerance=select_tol, strata=f)
         # stability: the current pair stays while it is still an acceptable choice (affordable and within the
         # efficiency tolerance of the best), so that noise in the components cannot move the pair
         # between near-equal neighbours (each move also shortens the probe interval)
@@ -391,39 +447,40 @@ class Allocator:
             # the most efficient pair at this budget: the selection's own answer when it selects by efficiency
             best = pair if select_tol == 0.0 else allocate(
                 sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest), r_range=(self.r_min, self.r_max),
-                k_range=(self.k_min, self.k_max), efficiency_tolerance=0.0)
+                k_range=(self.k_min, self.k_max), efficiency_tolerance=0.0, strata=f)
             wnv = work_normalised_variance
-            if wnv(sb, sw, cost_upstream, cost_draw, cur[1]) <= (1 + tol) * wnv(sb, sw, cost_upstream, cost_draw,
-                                                                                   best[1]):
+            if wnv(sb, sw, cost_upstream, cost_draw, cur[1], f) <= (1 + tol) * wnv(sb, sw, cost_upstream, cost_draw,
+                                                                                      best[1], f):
                 pair = cur
         # at the plain estimator's budget the plain estimator itself (the baseline pair, probed only at the longest
         # interval) stays a candidate, so the choice is never predicted less efficient than it: where probing
         # costs more than reuse gains (cheap renders, costly probes) the run falls back to it and the probes
         # become rare
-        mix = self.mix_for(*pair, b_eff, cost_upstream, cost_draw, cost_probe, P)
+        mix = self.mix_for(*pair, b_eff, cost_upstream, cost_draw, cost_probe, P, strata=f)
         in_range = self.r_min <= base[0] <= self.r_max and self.k_min <= base[1] <= self.k_max
         if self.budget == "baseline" and pair != base and in_range:
             cost_b = self.charged_cost(*base, cost_upstream, cost_draw, cost_probe, self.probe_interval_for(base))
-            if predicted_variance(sb, sw, *base) * cost_b < self._charged_wnv(pair, mix, cost_upstream, cost_draw,
-                                                                              cost_probe, P):
+            if predicted_variance(sb, sw, *base, f) * cost_b < self._charged_wnv(pair, mix, cost_upstream, cost_draw,
+                                                                                 cost_probe, P, f):
                 return base[0], base[1], B, None
         return pair[0], pair[1], b_eff, mix
 
     def _charged_wnv(self, pair: tuple[int, int], mix: tuple[int, int, float] | None, cost_upstream: float,
-                     cost_draw: float, cost_probe: float, interval: int) -> float:
+                     cost_draw: float, cost_probe: float, interval: int, strata: float = 0.0) -> float:
         """``Var * C`` of the ordinary steps at ``pair`` (with ``mix``'s share at its pair), probes charged at one
         every ``interval`` steps: the mean variance of a step times the mean cost of a step."""
-        var, cost = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix)
+        var, cost = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix, strata)
         probes = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, interval)
                   - self.step_cost(*pair, cost_upstream, cost_draw))  # the probes' extra per step
         return var * (cost + probes)
 
     def mix_for(self, R: int, K: int, budget: float | None, cost_upstream: float, cost_draw: float,
-                 cost_probe: float = 0.0, interval: int | None = None) -> tuple[int, int, float] | None:
-        """``(R, K + 1, share)`` where the ordinary steps' ``budget`` lies between the costs of ``(R, K)`` and
-        ``(R, K + 1)`` and running the share ``(b - C(R, K)) / (C(R, K + 1) - C(R, K))`` of them at ``(R, K + 1)``
-        (so that they spend ``b`` on average) has the smaller ``Var * C`` by the components, the probes charged
-        alike; else None.
+                 cost_probe: float = 0.0, interval: int | None = None, *, strata: float = 0.0
+                 ) -> tuple[int, int, float] | None:
+        """``(R, K + 1, share)`` (``K >= 2`` rows priced at the strata share ``strata``, :func:`within_at`) where
+        the ordinary steps' ``budget`` lies between the costs of ``(R, K)`` and ``(R, K + 1)`` and running the share
+        ``(b - C(R, K)) / (C(R, K + 1) - C(R, K))`` of them at ``(R, K + 1)`` (so that they spend ``b`` on average)
+        has the smaller ``Var * C`` by the components, the probes charged alike; else None.
 
         Integer pairs leave part of a per-step budget unspent: at the plain estimator's budget and a render that
         costs one draw, ``(1, 3)`` costs the whole budget, so once a probe's share is charged only ``(1, 2)`` fits,
@@ -441,8 +498,8 @@ class Allocator:
             return None
         mix = (R, K + 1, (budget - c_lo) / (c_hi - c_lo))
         P = self.interval if interval is None else interval
-        if (self._charged_wnv((R, K), mix, cost_upstream, cost_draw, cost_probe, P)
-                < self._charged_wnv((R, K), None, cost_upstream, cost_draw, cost_probe, P)):
+        if (self._charged_wnv((R, K), mix, cost_upstream, cost_draw, cost_probe, P, strata)
+                < self._charged_wnv((R, K), None, cost_upstream, cost_draw, cost_probe, P, strata)):
             return mix
         return None
 
@@ -509,7 +566,8 @@ class Allocator:
         R, K, b_eff, mix = self.plan(c_up, c_draw, c_probe)
         entry = {"step": self.steps, "R": R, "K": K, "previous": list(self.base), "between": self.between,
                  "within": self.within, "cost_upstream": c_up, "cost_draw": c_draw, "cost_probe": c_probe,
-                 "budget": b_eff, "mix": list(mix) if mix is not None else None}
+                 "budget": b_eff, "mix": list(mix) if mix is not None else None, "strata": self.strata,
+                 "priced_strata": self.priced_strata}
         # "kept": the components have not moved the choice. A pair that moved only because a longer probe
         # interval left more budget for the ordinary steps is kept (else the interval would oscillate).
         kept = (R, K) == self.base
@@ -546,7 +604,7 @@ class Allocator:
                 "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged,
                 "calibration": dict(self.calibration) if self.calibration is not None else None,
                 "base": list(self.base), "mix": list(self.mix) if self.mix is not None else None,
-                "mix_n": self.mix_n}
+                "mix_n": self.mix_n, "halves": [list(p) for p in self.halves]}
 
     def load_state_dict(self, state: dict) -> None:
         self.R, self.K = int(state["R"]), int(state["K"])
@@ -557,6 +615,10 @@ class Allocator:
             raise ValueError(f"state['mix']: expected None or [R, K, share] with share in [0, 1], got {mix!r}")
         self.mix = (int(mix[0]), int(mix[1]), float(mix[2])) if mix is not None else None
         self.mix_n = int(state.get("mix_n", 0))
+        halves = state.get("halves", [])
+        if not isinstance(halves, list) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in halves):
+            raise ValueError(f"state['halves']: expected a list of [within_half, within] pairs, got {halves!r}")
+        self.halves = [(float(h), float(w)) for h, w in halves][-self.strata_window:]
         self.observations = [(float(b), float(w)) for b, w in state["observations"]][-self.window:]
         self.n_observed, self.steps = int(state["n_observed"]), int(state["steps"])
         self.history = [dict(h) for h in state["history"]]
@@ -626,9 +688,12 @@ def plan_step(allocator: Allocator | None, R: int, K: int) -> tuple[int, int, bo
     return (*(allocator.probe_shape() if probe else (allocator.R, allocator.K)), probe)
 
 
-def choose_next(allocator: Allocator, meter: CostMeter, components: tuple[float, float] | None) -> tuple[int, int]:
-    """After a step: the probe's (signed) components, if it measured any, go to the allocator, which then chooses
-    the next step's ``(R, K)`` from them and the meter's stage medians."""
+def choose_next(allocator: Allocator, meter: CostMeter, components: tuple[float, ...] | None) -> tuple[int, int]:
+    """After a step: the probe's (signed) components, if it measured any (``(between, within)`` or
+    ``(between, within, within_half)``, :class:`~carv.accounting.components.ProbedComponents`), go to the allocator,
+    which then chooses the next step's ``(R, K)`` from them and the meter's stage medians."""
     if components is not None:
-        allocator.observe(*components)
+        allocator.observe(*components[:2])
+        if len(components) > 2 and components[2] is not None:
+            allocator.observe_half(components[2], components[1])
     return allocator.step(meter)

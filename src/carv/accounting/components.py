@@ -16,6 +16,13 @@ class VarianceComponents(NamedTuple):
     within: float
 
 
+class ProbedComponents(NamedTuple):
+    """A probe's reading with the within-half variance (:meth:`carv.accounting.ComponentProbe.measure_halves`)."""
+    between: float
+    within: float
+    within_half: float | None = None
+
+
 def variance_components(y: Tensor, row_mean: Tensor | None = None, *, clip: bool = True) -> VarianceComponents:
     """Estimate ``(sigma_b^2, sigma_w^2)`` from one ``[R, K, ...]`` batch of iid inner draws.
 

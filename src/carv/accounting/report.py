@@ -14,7 +14,10 @@ and the chosen configuration ``(R, K)`` is predicted to reach ``predicted_ecm = 
 c_draw) / ((sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw))`` (``Var * C`` does not depend on ``R``), divided by
 ``1 + overhead`` when the run pays a further fraction ``overhead`` of its step cost (probes, proposal updates).
 With a mix (:meth:`~carv.accounting.Allocator.mix_for`: a share ``a`` of the steps at ``(R', K')``) the
-prediction is the mean variance of a step times the mean cost of a step.
+prediction is the mean variance of a step times the mean cost of a step. Where per-row strata of ``t`` remove a
+share ``strata`` of the within part at ``K >= 2`` (:func:`~carv.accounting.within_at`), the bound is the smaller
+of one draw's ``Var * C`` and the formula above at ``sigma_w^2 (1 - strata)``, and the prediction prices its
+``K >= 2`` rows alike (key ``strata``, 0 for iid draws).
 Both use the run's own components (under its proposal) and its measured stage costs; with an
 :class:`~carv.accounting.Allocator` ``between`` is its estimate, the posterior mean given ``sigma_b^2 >= 0``
 (:func:`~carv.accounting.nonnegative_mean`), and the costs are the meter's current medians (the calibration the
@@ -30,13 +33,14 @@ from carv.accounting.algebra import efficiency_bound, mixed_step, optimal_k, wor
 __all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm", "calibration_sentence"]
 
 ACCOUNTING_KEYS = ("cost_upstream_s", "cost_draw_s", "cost_ratio", "between", "within", "k_star", "bound_ecm",
-                   "predicted_ecm", "bound_fraction", "R", "K", "mix", "proposal")
+                   "predicted_ecm", "bound_fraction", "R", "K", "mix", "strata", "proposal")
 
 
-def bound_ecm(between: float, within: float, cost_upstream: float, cost_draw: float) -> float:
-    """The efficiency bound as an ECM against the plain estimator (``R = 2, K = 1``): ``Var_plain C_plain / bound``."""
+def bound_ecm(between: float, within: float, cost_upstream: float, cost_draw: float, strata: float = 0.0) -> float:
+    """The efficiency bound as an ECM against the plain estimator (``R = 2, K = 1``): ``Var_plain C_plain / bound``
+    (``strata``: the share of the within part per-row strata remove, :func:`~carv.accounting.algebra.within_at`)."""
     plain = work_normalised_variance(between, within, cost_upstream, cost_draw, 1)
-    return plain / efficiency_bound(between, within, cost_upstream, cost_draw)
+    return plain / efficiency_bound(between, within, cost_upstream, cost_draw, strata)
 
 
 def _number(name: str, v) -> float | None:
@@ -49,7 +53,7 @@ def _number(name: str, v) -> float | None:
 
 def accounting_summary(between: float | None, within: float | None, cost_upstream_s: float | None,
                        cost_draw_s: float | None, R: int, K: int, proposal: str | None = None,
-                       overhead: float = 0.0, k_max: int | None = None, mix=None) -> dict:
+                       overhead: float = 0.0, k_max: int | None = None, mix=None, strata: float = 0.0) -> dict:
     """``summary.json["accounting"]``: the keys of :data:`ACCOUNTING_KEYS` (see the module doc).
 
     ``between`` (clipped at 0 here) and ``within`` are the run's variance components, ``cost_*_s`` its stage costs
@@ -57,7 +61,11 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     proposal it ended with. Quantities that need a missing input (a run that measured no components) are None.
     ``k_max`` caps ``k_star`` (the allocator's own range). ``mix``: the allocator's ``(R', K', share)`` (the
     share of steps run at ``(R', K')`` instead, :meth:`~carv.accounting.Allocator.mix_for`) or None; reported
-    as ``{"R", "K", "share"}``."""
+    as ``{"R", "K", "share"}``. ``strata``: the share of the within part that two per-row strata of ``t`` remove
+    (:attr:`~carv.accounting.Allocator.strata`, 0 for iid draws); the bound, ``k_star`` and the prediction then
+    price ``K >= 2`` draws at ``sigma_w^2 (1 - strata)`` each (:func:`~carv.accounting.within_at`)."""
+    if isinstance(strata, bool) or not isinstance(strata, (int, float)) or not 0.0 <= strata <= 1.0:
+        raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
     for name, v in (("R", R), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -86,10 +94,12 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     out["between"] = b
     if b + w <= 0:
         return out
-    out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max) if (b > 0 or k_max is not None) else None
-    out["bound_ecm"] = bound_ecm(b, w, c_up, c_d)
+    out["strata"] = strata
+    out["k_star"] = optimal_k(b, w, c_up, c_d, k_max=k_max, strata=strata) if (b > 0 or k_max is not None) else None
+    out["bound_ecm"] = bound_ecm(b, w, c_up, c_d, strata)
     plain = work_normalised_variance(b, w, c_up, c_d, 1)
-    var, cost = mixed_step(b, w, c_up, c_d, R, K, None if mix is None else (mix["R"], mix["K"], mix["share"]))
+    var, cost = mixed_step(b, w, c_up, c_d, R, K, None if mix is None else (mix["R"], mix["K"], mix["share"]),
+                           strata)
     out["predicted_ecm"] = plain / (var * cost * (1.0 + ov))
     out["bound_fraction"] = out["predicted_ecm"] / out["bound_ecm"]
     return out

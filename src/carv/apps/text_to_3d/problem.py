@@ -205,7 +205,7 @@ class SceneProblem:
                  render_size: int | None = None, n_samples: int | None = None, probe: bool = False,
                  meter: CostMeter | None = None, upstream: UpstreamSampler | None = None,
                  regulariser: Callable[[Tensor], Tensor] | None = None,
-                 elevation_range: tuple[float, float] | None = None,
+                 elevation_range: tuple[float, float] | None = None, halves: bool = False,
                  ) -> tuple[SDSOutput, dict[str, float], VarianceComponents | None]:
         """One SDS gradient step's worth of work: ``R`` renders, ``R K`` teacher draws, one backward.
 
@@ -213,7 +213,9 @@ class SceneProblem:
         spent in the stages (``upstream``: render + backward, ``draw``: the SDS call, ``probe``; also recorded
         in ``meter`` when given, per render and per draw) and, with
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
-        passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None.
+        passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None. ``halves``
+        (with a sampler whose rows are stratified): a third pass reads the within-half variance too
+        (:meth:`~carv.accounting.ComponentProbe.measure_halves`, :attr:`carv.accounting.Allocator.reads_halves`).
 
         ``regulariser``: a function of the renders' opacity ``[R, 1, 32, 32]`` whose value is added to the
         surrogate loss before its one backward pass (a deterministic term of the objective: it is exact
@@ -238,7 +240,11 @@ class SceneProblem:
         comps = None
         if probe:
             # signed: the allocator averages many probes
-            comps = ComponentProbe(R, sds.K).measure(x, [grid.density, grid.color], out.estimate.draws, generator)
+            pr, params = ComponentProbe(R, sds.K), [grid.density, grid.color]
+            if halves and getattr(sds.sampler, "row_strata", False):  # the within-half variance: what strata leave
+                comps = pr.measure_halves(x, params, out.estimate.draws, sds.sampler.half(out.draws.t), generator)
+            else:
+                comps = pr.measure(x, params, out.estimate.draws, generator)
             out.estimate.draws = None
         secs["probe"] = self.clock() - t3
         return out, secs, comps

@@ -207,6 +207,7 @@ class Trainer:
         # probe reads them without bias only from iid draws
         with self.sds.sampler.iid() if probe else nullcontext():
             out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
+                                          halves=probe and self.alloc is not None and self.alloc.reads_halves,
                                           upstream=None if probe else self.upstream, regulariser=self.regulariser,
                                           elevation_range=(cfg.elev_lo, cfg.elev_hi))
         sw.lap()  # the gradient's own stages: secs (timed on the same clock)
@@ -244,7 +245,8 @@ class Trainer:
         proposal = self.selector.current if self.selector is not None else self.cfg.resolved_proposal
         if a is None:
             return accounting_summary(None, None, *costs, self.R, self.K, proposal)
-        return accounting_summary(a.between, a.within, *costs, *a.base, proposal, k_max=a.k_max, mix=a.mix)
+        return accounting_summary(a.between, a.within, *costs, *a.base, proposal, k_max=a.k_max, mix=a.mix,
+                                  strata=a.strata)
 
     def evaluate(self) -> dict[str, Any]:
         row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
