@@ -131,6 +131,14 @@ def demo_snapshot(seed: int, steps: int, out: Path) -> Snapshot:
     return Snapshot(acc.allocator, selector.current, estimate, selector.interval)
 
 
+def distill_allocator():
+    """The distillation run's allocator: the plain estimator's budget, plain pair ``R = 8, K = 1``."""
+    from carv.accounting import Allocator
+
+    return Allocator("baseline", baseline=(8, 1), r_range=(1, 32), k_range=(1, 32), r_init=8, k_init=1, every=10,
+                     probe_every=5)
+
+
 def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot:
     """``steps`` generator steps of DMD distillation (the app's Distiller: fake-score warm-up and updates as it
     makes them) with carv's estimator on the generator gradient: per-upstream strata, the ProposalSelector over
@@ -138,14 +146,12 @@ def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot
     (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1.
     ``on_step(step, distiller, accountant, closed_step)`` is called after each step (``benchmarks/probe_drift.py``)."""
     from carv import Accountant, ProposalSelector
-    from carv.accounting import Allocator
     from carv.apps.distill import DistillConfig, Distiller
 
     d = Distiller(DistillConfig(seed=seed, R=8, K=1, stratify="per_upstream"))
     selector = ProposalSelector(d.T, learned=d.learned, start="uniform", every=PROPOSAL_EVERY)
     params = list(d.generator.parameters())
-    alloc = Allocator("baseline", baseline=(8, 1), r_range=(1, 32), k_range=(1, 32), r_init=8, k_init=1,
-                      every=10, probe_every=5)
+    alloc = distill_allocator()
     acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
     d.warmup()
     for step in range(1, steps + 1):
