@@ -35,7 +35,7 @@ def within_at(var_within: float, K: int, strata: float = 0.0) -> float:
 
     Finer strata can only remove more (each of ``2m`` nested strata holds less spread than the half it splits), so
     holding the share at ``K = 2``'s for every ``K >= 2`` credits strata with what was measured and no more
-    (docs/budget.md, "Strata")."""
+    (docs/budget.md, "Stratified timesteps")."""
     if not 0.0 <= strata <= 1.0:
         raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
     return var_within if K == 1 else var_within * (1.0 - strata)
