@@ -1,8 +1,9 @@
-"""How fast a distillation run's variance components move, against the probes the allocator reads: the regime
-sweep's distillation run (``regime_sweep.distill_snapshot``, the same seed and steps), printing each probe the run
-makes and, every ``--every`` steps, the mean of ``--probes`` extra probes at that step's state (taken on a copy of
-the run, which continues untouched). The allocator keeps the last 9 probes; where the frozen means move by more
-than the probes' own scatter between two of them, the run chooses ``(R, K)`` for a state it has left.
+"""How fast a distillation run's variance components move, against the probes the allocator reads: the regime sweep's
+distillation run (``regime_sweep.distill_snapshot``, the same seed and steps), printing each probe the run makes
+and, every ``--every`` steps, the mean of ``--probes`` extra probes' between and within parts at that step's state
+(taken on a copy of the run, which continues untouched). The allocator keeps the last 9 probes; where the frozen
+means move by more than the probes' own scatter between two of them, the run chooses ``(R, K)`` for a state it has
+left.
 
     PYTHONPATH=src python benchmarks/probe_drift.py --seed 0 --steps 100
 """
@@ -50,9 +51,12 @@ def main() -> None:
             print(f"step {step:4d}: the run's probe at ({st.R}, {st.K}): between {st.components[0]:.3g}, "
                   f"within {st.components[1]:.3g}", flush=True)
         if step % args.every == 0:
-            w = [c[1] for c in frozen_probes(d, acc, args.probes)]
-            print(f"step {step:4d}: {args.probes} probes at this state: within {statistics.mean(w):.3g} +- "
-                  f"{statistics.stdev(w) / math.sqrt(len(w)):.2g} (median {statistics.median(w):.3g})", flush=True)
+            probes = frozen_probes(d, acc, args.probes)
+            b, w = [c[0] for c in probes], [c[1] for c in probes]
+            print(f"step {step:4d}: {args.probes} probes at this state: between {statistics.mean(b):.3g} +- "
+                  f"{statistics.stdev(b) / math.sqrt(len(b)):.2g} (median {statistics.median(b):.3g}), within "
+                  f"{statistics.mean(w):.3g} +- {statistics.stdev(w) / math.sqrt(len(w)):.2g} "
+                  f"(median {statistics.median(w):.3g})", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         snap = distill_snapshot(args.seed, args.steps, Path(tmp), on_step)
