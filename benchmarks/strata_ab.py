@@ -8,7 +8,11 @@ was not always measured) with their probes charged as :func:`regime_sweep.app_ch
 ``iid / strata`` of their ``Var * C`` is what the decision alone gains at that state (1.0 where it does not act).
 A sweep's own rows compare runs whose training took other paths; this compares the decision at one state.
 
-    PYTHONPATH=src python3 benchmarks/strata_ab.py runs/regime-distill runs/regime-distill-at80 --json ab.json
+    PYTHONPATH=src python3 benchmarks/strata_ab.py runs/regime-distill-at80 runs/regime-distill \
+        runs/regime-distill-at120 --json ab.json
+
+with the folders of the distillation regime sweep (BENCHMARKS.md) at ``--snapshot-step 80``, ``100`` and ``120``
+(``--out runs/regime-distill-at80`` and ``-at120`` for the other two).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_stage_costs_probe_and_the_chosen_k():
     a = acc.allocator
     assert a.n_observed == 4 and acc.history[-1]["rechosen"] and not acc.history[3]["rechosen"]
     c_up, c_draw, _ = a.costs(acc.meter)  # the calibrated, quantised ratio (16 here for 0.03 / 0.002)
-    want = optimal_k(a.between, a.within, c_up, c_draw, k_max=32, k_min=2, strata=a.strata)  # strata priced
+    want = optimal_k(a.between, a.within, c_up, c_draw, k_max=32, k_min=2)
     assert acc.history[-1]["next_K"] == want == sds.K and acc.history[-1]["next_R"] == 2 == acc.R
 
 

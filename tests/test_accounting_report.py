@@ -349,14 +349,19 @@ def test_allocator_prices_strata_and_leaves_k_1_where_two_strata_pay():
 
 def test_two_level_strata_model_optimal_k_and_bound():
     """within_at: sigma_w^2 at K = 1, sigma_w^2 (1 - f) at every K >= 2; optimal_k is the brute-force argmin of
-    Var * C over K in [k_min, k_max]; the bound lies below every integer K's Var * C, is the iid bound at f = 0
-    and moves continuously with f."""
+    Var * C over K in [k_min, k_max]; the bound lies below every integer K's Var * C, equals the minimum over real
+    K of the iid curve on [1, 2] and the stratified one beyond, and tends to the iid bound as f goes to 0."""
     from carv.accounting.algebra import efficiency_bound, optimal_k, within_at
     from carv.accounting.algebra import work_normalised_variance as wnv
 
     assert within_at(4.0, 1, 0.25) == 4.0 and within_at(4.0, 2, 0.25) == within_at(4.0, 9, 0.25) == 3.0
-    with pytest.raises(ValueError, match="strata"):
-        within_at(4.0, 2, 1.5)
+    for bad in (1.5, -0.1, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="strata"):
+            within_at(4.0, 2, bad)
+        with pytest.raises(ValueError, match="strata"):
+            efficiency_bound(1.0, 1.0, 1.0, 1.0, bad)
+        with pytest.raises(ValueError, match="strata"):
+            optimal_k(1.0, 1.0, 1.0, 1.0, k_max=8, strata=bad)
     for b, w, cu, cd in ((3.15e5, 4.05e5, 1.0, 1.0), (1.0, 10.0, 5.0, 1.0), (2.0, 0.1, 1.0, 3.0),
                          (0.5, 50.0, 30.0, 1.0), (0.0, 1.0, 1.0, 1.0)):
         for f in (0.0, 0.1, 0.5, 0.9, 1.0):
@@ -368,9 +373,17 @@ def test_two_level_strata_model_optimal_k_and_bound():
                 assert wnv(b, w, cu, cd, got, f) == pytest.approx(wnv(b, w, cu, cd, want, f), rel=1e-12)
             bound = efficiency_bound(b, w, cu, cd, f)
             assert all(bound <= wnv(b, w, cu, cd, k, f) * (1 + 1e-12) for k in range(1, 200))
-        assert efficiency_bound(b, w, cu, cd, 1e-9) == pytest.approx(efficiency_bound(b, w, cu, cd), rel=1e-6)
-    # two strata that remove half the within part lift the bound of a distillation-like state at ratio 1
+            # and tight: the iid curve's minimum over real K in [1, 2], the stratified one's over K >= 2
+            fine = min(min((b + w / k) * (cu + k * cd) for k in (1 + i / 1000 for i in range(1001))),
+                       min((b + w * (1 - f) / k) * (cu + k * cd) for k in (2 * 1.001 ** i for i in range(20000))))
+            if f > 0:  # (at f = 0 the iid closed form, over every real K > 0)
+                assert bound == pytest.approx(fine, rel=1e-4)
+        if b > 0 and w * cu >= b * cd:  # the iid optimum at K >= 1: continuous as the share goes to 0
+            assert efficiency_bound(b, w, cu, cd, 1e-9) == pytest.approx(efficiency_bound(b, w, cu, cd), rel=1e-6)
+    # two strata that remove half the within part lift the bound of a distillation-like state at ratio 1, to
+    # what K = 2 reaches there
     assert efficiency_bound(3.15e5, 4.05e5, 1.0, 1.0, 0.5) < efficiency_bound(3.15e5, 4.05e5, 1.0, 1.0)
+    assert efficiency_bound(3.15e5, 4.05e5, 1.0, 1.0, 0.5) == pytest.approx(wnv(3.15e5, 4.05e5, 1.0, 1.0, 2, 0.5))
 
 
 def test_strata_share_pairs_each_probe_and_keeps_a_long_window():
@@ -387,12 +400,19 @@ def test_strata_share_pairs_each_probe_and_keeps_a_long_window():
     w = sum(10.0 + i for i in range(8, 20)) / 12
     assert a.strata == pytest.approx(1 - h / w)
     b = Allocator(budget="baseline", baseline=(8, 1), window=3)
+    a.priced_strata = 0.25  # as a re-choice that left K = 1 on the share sets it
     b.load_state_dict(a.state_dict())
-    assert b.halves == a.halves and b.strata == a.strata
-    bad = a.state_dict()
-    bad["halves"] = [1.0, 2.0]
-    with pytest.raises(ValueError, match="halves"):
-        b.load_state_dict(bad)
+    assert b.halves == a.halves and b.strata == a.strata and b.priced_strata == 0.25
+    for halves in ([1.0, 2.0], [[-5.0, 1.0]], [[float("nan"), 1.0]], [["x", 1.0]], [[1.0, float("inf")]]):
+        bad = a.state_dict()
+        bad["halves"] = halves
+        with pytest.raises(ValueError, match="halves"):
+            b.load_state_dict(bad)
+    for priced in (-0.1, 2.0, "0.5", True):
+        bad = a.state_dict()
+        bad["priced_strata"] = priced
+        with pytest.raises(ValueError, match="priced_strata"):
+            b.load_state_dict(bad)
     old = a.state_dict()
     del old["halves"]  # a state saved before the strata probe: the iid model until probes read it
     b.load_state_dict(old)
@@ -439,9 +459,10 @@ def test_strata_only_decide_whether_to_leave_one_draw():
 
     for budget in ("baseline", None):
         iid = alloc(budget, 1.0, 20.0, 0.0).plan(10.0, 1.0, 0.0, interval=40, keep=False)
-        a = alloc(budget, 1.0, 20.0, 0.6)
-        assert iid[1] >= 3 and a.plan(10.0, 1.0, 0.0, interval=40, keep=False)[:2] == iid[:2]
-        assert a.priced_strata == 0.0
-        a = alloc(budget, 3.15e5, 4.05e5, 0.5)
+        plan, priced = alloc(budget, 1.0, 20.0, 0.6)._plan_and_share(10.0, 1.0, 0.0, 40, False)
+        assert iid[1] >= 3 and plan[:2] == iid[:2] and priced == 0.0
         assert alloc(budget, 3.15e5, 4.05e5, 0.0).plan(1.0, 1.0, 0.0, interval=40, keep=False)[1] == 1
-        assert a.plan(1.0, 1.0, 0.0, interval=40, keep=False)[1] >= 2 and a.priced_strata == 0.5
+        a = alloc(budget, 3.15e5, 4.05e5, 0.5)
+        plan, priced = a._plan_and_share(1.0, 1.0, 0.0, 40, False)
+        assert plan[1] >= 2 and priced == 0.5 and a.plan(1.0, 1.0, 0.0, interval=40, keep=False) == plan
+        assert a.priced_strata == 0.0  # planning alone moves nothing: the pair in use is priced at a re-choice

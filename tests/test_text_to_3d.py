@@ -1021,3 +1021,18 @@ def test_a_checkpoint_restores_the_table_the_sampler_draws_from(tmp_path, method
         back.sds.sampler.set_importance(torch.ones(len(back.sds.sampler.q), dtype=torch.float64))
         back._load((tensors, meta))
         assert back.sds.sampler.importance is None
+
+
+def test_probes_read_the_within_half_variance_while_the_run_draws_at_most_two_per_render(tmp_path):
+    """The trainer's probe steps draw iid (sampler.iid()), yet under the run's per-row strata and a pair of at most
+    two draws per render they also read the within-half variance (Allocator.reads_halves, the third contrast);
+    with K_init = 4 they do not."""
+    teacher = _teacher()
+    for k_init, reads in ((2, True), (4, False)):
+        cfg = TextTo3DConfig(prompt="a snowman", steps=8, k_init=k_init, probe_every=2, accountant_every=100,
+                             seed=3, **TINY)
+        run = Trainer(cfg, tmp_path / f"k{k_init}", teacher=teacher)
+        for _ in range(8):
+            run.step()
+        assert run.alloc.n_observed >= 3 and run.sds.sampler.row_strata
+        assert (len(run.alloc.halves) >= 1) == reads

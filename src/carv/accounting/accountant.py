@@ -237,7 +237,7 @@ class Accountant:
         a, m = self.allocator, self.meter
         med = {s: (m.median(s) if m.times.get(s) else None) for s in (a.upstream_stage, a.draw_stage)}
         return accounting_summary(a.between, a.within, med[a.upstream_stage], med[a.draw_stage], *a.base,
-                                  proposal, k_max=a.k_max, mix=a.mix, strata=a.strata)
+                                  proposal, k_max=a.k_max, mix=a.mix, strata=a.priced_strata)
 
     def state_dict(self) -> dict:
         return {"K": self.objective.K, "steps": self.steps, "probes": self.probes,

@@ -33,10 +33,12 @@ def within_at(var_within: float, K: int, strata: float = 0.0) -> float:
     that two strata remove (a probe's within-half variance ``sigma_s^2(2)``,
     :meth:`carv.accounting.ComponentProbe.measure_halves`).
 
-    Finer strata can only remove more (each of ``2m`` nested strata holds less spread than the half it splits), so
-    holding the share at ``K = 2``'s for every ``K >= 2`` credits strata with what was measured and no more
-    (docs/budget.md, "Stratified timesteps")."""
-    if not 0.0 <= strata <= 1.0:
+    Exact at ``K = 2``. At even ``K`` the strata split the two halves, so they remove at least that share and the
+    price is conservative; at odd ``K`` a stratum straddles the halves' boundary and can remove less (a mean that
+    steps at the median: two strata remove all of its spread, three leave a third of it in the middle stratum).
+    The allocator uses it only to decide whether to leave one draw per sample (:meth:`Allocator.plan`;
+    docs/budget.md, "Stratified timesteps")."""
+    if isinstance(strata, bool) or not isinstance(strata, (int, float)) or not 0.0 <= strata <= 1.0:
         raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
     return var_within if K == 1 else var_within * (1.0 - strata)
 
@@ -227,17 +229,26 @@ def allocate(between: float, within: float, cost_upstream: float, cost_draw: flo
 
 def efficiency_bound(var_between: float, var_within: float, cost_upstream: float, cost_draw: float,
                      strata: float = 0.0) -> float:
-    """The smallest ``Var * C`` any ``K`` can reach: ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2``. With a
-    strata share (:func:`within_at`) the smaller of one draw's ``(sigma_b^2 + sigma_w^2)(c_up + c_draw)`` and the
-    same closed form at the stratified ``sigma_w^2 (1 - strata)`` (continuous in ``strata``: at 0 it is the iid
-    bound)."""
+    """The smallest ``Var * C`` any ``K`` can reach: ``(sigma_b sqrt(c_up) + sigma_w sqrt(c_draw))^2`` (over real
+    ``K``). With a strata share (:func:`within_at`) the smaller of the iid curve's minimum over real ``K`` in
+    ``[1, 2]`` and the stratified curve's (``sigma_w^2 (1 - strata)`` per draw) over real ``K >= 2``: below
+    ``Var * C`` at every integer ``K``, and the iid bound as the share goes to 0 wherever the iid optimum is
+    ``K >= 1``."""
     _check_nonneg(var_between=var_between, var_within=var_within, cost_upstream=cost_upstream,
                   cost_draw=cost_draw)
-    w2 = within_at(var_within, 2, strata)
-    closed = (math.sqrt(var_between * cost_upstream) + math.sqrt(w2 * cost_draw)) ** 2
+    w2 = within_at(var_within, 2, strata)  # checks the share
     if strata == 0:
-        return closed
-    return min((var_between + var_within) * (cost_upstream + cost_draw), closed)
+        return (math.sqrt(var_between * cost_upstream) + math.sqrt(var_within * cost_draw)) ** 2
+
+    def curve_min(w: float, lo: float, hi: float) -> float:
+        """The minimum of ``(b + w / K)(c_up + K c_draw)`` over real ``K`` in ``[lo, hi]`` (convex in ``K``)."""
+        num, den = w * cost_upstream, var_between * cost_draw
+        k = hi if den == 0 else min(max(math.sqrt(num / den), lo), hi)
+        if math.isinf(k):  # no between part or free draws: the infimum as K grows
+            return var_between * cost_upstream + w * cost_draw
+        return (var_between + w / k) * (cost_upstream + k * cost_draw)
+
+    return min(curve_min(var_within, 1.0, 2.0), curve_min(w2, 2.0, math.inf))
 
 
 def ecm(var_base: float, cost_base: float, var_method: float, cost_method: float) -> float:

@@ -172,19 +172,19 @@ class Allocator:
     ``probe_ratio`` pin the ratios (in draws) instead, so a run makes the same choices on any machine: the
     calibration a run used is in its summary. ``live_costs=True`` re-reads the medians at every re-choice.
 
-    **Assumptions.** (1) The components move slowly compared with ``window`` probe periods (they are the
-    components of the current iterate's gradient; the median lags a trend by about ``window / 2``
-    observations). (2) The cost model is ``R (c_up + K c_draw)`` with per-render and per-draw medians; a fixed
-    per-step cost (the optimiser step) is charged to the renders by the caller. (3) The within part of
-    stratified draws is over-estimated by the iid model (conservative: biases ``K`` upwards), with one exception:
-    where the iid model keeps one draw per sample, per-row strata decide whether two or more pay, each row of
-    ``K >= 2`` priced at the share of the within part that two strata remove (:func:`within_at`; :attr:`strata`,
-    read by the probes' third contrast where the caller passes it; :attr:`priced_strata` says whether the last plan
-    used it). Beyond that decision the iid model chooses ``K``: on distillation the between part that ``R = 2``
-    probes read runs above what the measured variance curves give, and the iid within part's over-estimate
-    offsets it, where pricing every ``K`` with strata chose ``K`` too small at render : draw cost ratios 10-30
-    (docs/budget.md, "Stratified timesteps"). (4) The choice only moves
-    the cost: each step is an ordinary fixed-``(R, K)`` estimate, so the run stays unbiased.
+    **Assumptions.** (1) The components move slowly compared with ``window`` probe periods (they are the components
+    of the current iterate's gradient; the median lags a trend by about ``window / 2`` observations). (2) The cost
+    model is ``R (c_up + K c_draw)`` with per-render and per-draw medians; a fixed per-step cost (the optimiser
+    step) is charged to the renders by the caller. (3) The within part of stratified draws is over-estimated by the
+    iid model (conservative: biases ``K`` upwards), with one exception: where the iid model keeps one draw per
+    sample, per-row strata decide whether two or more pay, each row of ``K >= 2`` priced at the share of the within
+    part that two strata remove (:func:`within_at`; :attr:`strata`, read by the probes' third contrast where the
+    caller passes it; :attr:`priced_strata` is the share the pair in use was priced at, 0 for the iid model's
+    choice). Beyond that decision the iid model chooses ``K``: on distillation the between part that ``R = 2``
+    probes read runs above what the measured variance curves give, and the iid within part's over-estimate offsets
+    it, where pricing every ``K`` with strata chose ``K`` too small at render : draw cost ratios 10-30
+    (docs/budget.md, "Stratified timesteps"). (4) The choice only moves the cost: each step is an ordinary
+    fixed-``(R, K)`` estimate, so the run stays unbiased.
 
     **Against brute force** (the synthetic problem of tests/test_allocator.py: known components, costs
     32 ms / 4 ms, components measured by R x K probes of 64-dimensional values every 10 steps, every tenth
@@ -211,7 +211,7 @@ class Allocator:
         self.mix_on = mix
         self.strata_probe = strata_probe  # probes also read the within-half variance (ComponentProbe.measure_halves)
         self.halves: list[tuple[float, float]] = []  # the last probes' (within-half, within) readings
-        self.priced_strata = 0.0  # the strata share the last plan priced its rows at (0: the iid model)
+        self.priced_strata = 0.0  # the strata share the pair in use was priced at (0: the iid model's choice)
         for name, v in (("cost_ratio", cost_ratio), ("probe_ratio", probe_ratio)):
             check_cost_pin(name, v)
             if v is not None and live_costs:
@@ -351,7 +351,7 @@ class Allocator:
     def strata(self) -> float:
         """The share of the within part that two per-row strata of ``t`` remove (:func:`~carv.accounting.within_at`):
         ``1 - sigma_s^2(2) / sigma_w^2`` from the winsorised means of the last ``strata_window`` probes' paired
-        readings (the same probes' draws in both, so that a probe with an extreme row moves both), clipped to
+        readings (both from the same probes' draws), clipped to
         [0, 1]; 0 (the iid model) before two probes of it. The window is longer than the components': a probe
         sees about ``R / 2`` pairs of draws in one half, and the share is a property of how the integrand varies
         in ``t``, which moves more slowly than its scale."""
@@ -401,15 +401,18 @@ class Allocator:
         """``(R, K, budget_of_ordinary_steps, mix)``: :meth:`choose`'s pair and, where the budget leaves room that
         a whole draw more per render does not fit, the mix (:meth:`mix_for`): ``(R, K + 1, share)``, the share of
         ordinary steps run at ``(R, K + 1)`` so that they spend the budget on average; None without one."""
+        return self._plan_and_share(cost_upstream, cost_draw, cost_probe, interval, keep)[0]
+
+    def _plan_and_share(self, cost_upstream: float, cost_draw: float, cost_probe: float, interval: int | None,
+                        keep: bool) -> tuple[tuple[int, int, float | None, tuple[int, int, float] | None], float]:
+        """:meth:`plan` and the strata share it priced its rows at (0: the iid model's plan)."""
         iid = self._plan(cost_upstream, cost_draw, cost_probe, interval, keep, 0.0)
         f = self.strata
         if f > 0 and iid[1] == 1:  # strata decide only whether to leave one draw per sample (see the class doc)
             strat = self._plan(cost_upstream, cost_draw, cost_probe, interval, keep, f)
             if strat[1] >= 2:
-                self.priced_strata = f
-                return strat
-        self.priced_strata = 0.0
-        return iid
+                return strat, f
+        return iid, 0.0
 
     def _plan(self, cost_upstream: float, cost_draw: float, cost_probe: float, interval: int | None, keep: bool,
               f: float) -> tuple[int, int, float | None, tuple[int, int, float] | None]:
@@ -563,11 +566,11 @@ class Allocator:
         if costs is None:
             return self.R, self.K
         c_up, c_draw, c_probe = costs
-        R, K, b_eff, mix = self.plan(c_up, c_draw, c_probe)
+        (R, K, b_eff, mix), priced = self._plan_and_share(c_up, c_draw, c_probe, None, True)
         entry = {"step": self.steps, "R": R, "K": K, "previous": list(self.base), "between": self.between,
                  "within": self.within, "cost_upstream": c_up, "cost_draw": c_draw, "cost_probe": c_probe,
                  "budget": b_eff, "mix": list(mix) if mix is not None else None, "strata": self.strata,
-                 "priced_strata": self.priced_strata}
+                 "priced_strata": priced}
         # "kept": the components have not moved the choice. A pair that moved only because a longer probe
         # interval left more budget for the ordinary steps is kept (else the interval would oscillate).
         kept = (R, K) == self.base
@@ -592,7 +595,7 @@ class Allocator:
                   entry["between"], entry["within"], c_up, c_draw, "free" if b_eff is None else f"{b_eff:.4g} s")
         if (R, K) != self.base or (mix is None) != (self.mix is None) or (mix and mix[:2] != self.mix[:2]):
             self.mix_n = 0  # a new plan starts its mix schedule
-        self.base, self.mix = (R, K), mix
+        self.base, self.mix, self.priced_strata = (R, K), mix, priced
         self.R, self.K = R, K
         return R, K
 
@@ -604,7 +607,7 @@ class Allocator:
                 "interval": self.interval, "next_probe": self.next_probe, "unchanged": self.unchanged,
                 "calibration": dict(self.calibration) if self.calibration is not None else None,
                 "base": list(self.base), "mix": list(self.mix) if self.mix is not None else None,
-                "mix_n": self.mix_n, "halves": [list(p) for p in self.halves]}
+                "mix_n": self.mix_n, "halves": [list(p) for p in self.halves], "priced_strata": self.priced_strata}
 
     def load_state_dict(self, state: dict) -> None:
         self.R, self.K = int(state["R"]), int(state["K"])
@@ -616,9 +619,17 @@ class Allocator:
         self.mix = (int(mix[0]), int(mix[1]), float(mix[2])) if mix is not None else None
         self.mix_n = int(state.get("mix_n", 0))
         halves = state.get("halves", [])
-        if not isinstance(halves, list) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in halves):
-            raise ValueError(f"state['halves']: expected a list of [within_half, within] pairs, got {halves!r}")
+        if not isinstance(halves, list) or any(
+                not isinstance(p, (list, tuple)) or len(p) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf for v in p)
+                for p in halves):
+            raise ValueError(f"state['halves']: expected a list of [within_half, within] pairs of finite numbers "
+                             f">= 0, got {halves!r}")
         self.halves = [(float(h), float(w)) for h, w in halves][-self.strata_window:]
+        priced = state.get("priced_strata", 0.0)
+        if isinstance(priced, bool) or not isinstance(priced, (int, float)) or not 0.0 <= priced <= 1.0:
+            raise ValueError(f"state['priced_strata']: expected a share in [0, 1], got {priced!r}")
+        self.priced_strata = float(priced)
         self.observations = [(float(b), float(w)) for b, w in state["observations"]][-self.window:]
         self.n_observed, self.steps = int(state["n_observed"]), int(state["steps"])
         self.history = [dict(h) for h in state["history"]]

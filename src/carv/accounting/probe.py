@@ -101,11 +101,10 @@ class ComponentProbe:
                        clip: bool = False) -> ProbedComponents:
         """:meth:`measure` plus a third vector-Jacobian product: ``(between, within, within_half)`` with the
         within-half variance ``sigma_s^2(2)`` of the projected estimate (:meth:`half_contrast`; None when no pair
-        fell in one half). With the iid
-        ``sigma_w^2`` it gives the share of the within part that per-row strata of ``t`` remove:
-        ``sigma_s^2(2) = sigma_w^2 (1 - 3 f / 4)`` (:func:`carv.accounting.algebra.within_at`). Measured on 9
-        distillation states: ``b + sigma_s^2(2) / 2`` predicts the variance of one sample with two stratified draws
-        within -11% to +16% on 8 of them, where the iid ``b + sigma_w^2 / 2`` is 1.0-2.5x too high."""
+        fell in one half). With the iid ``sigma_w^2`` it gives the share of the within part that two per-row strata
+        of ``t`` remove, ``1 - sigma_s^2(2) / sigma_w^2`` (:func:`carv.accounting.within_at`,
+        :attr:`carv.accounting.Allocator.strata`): one sample with two stratified draws has variance
+        ``sigma_b^2 + sigma_s^2(2) / 2`` where iid draws have ``sigma_b^2 + sigma_w^2 / 2``."""
         params = list(params)
         comps = self.measure(x, params, values, generator, retain_graph=True, clip=clip)
         h, n = self.half_contrast(values, halves, generator)

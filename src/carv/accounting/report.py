@@ -61,9 +61,10 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     proposal it ended with. Quantities that need a missing input (a run that measured no components) are None.
     ``k_max`` caps ``k_star`` (the allocator's own range). ``mix``: the allocator's ``(R', K', share)`` (the
     share of steps run at ``(R', K')`` instead, :meth:`~carv.accounting.Allocator.mix_for`) or None; reported
-    as ``{"R", "K", "share"}``. ``strata``: the share of the within part that two per-row strata of ``t`` remove
-    (:attr:`~carv.accounting.Allocator.strata`, 0 for iid draws); the bound, ``k_star`` and the prediction then
-    price ``K >= 2`` draws at ``sigma_w^2 (1 - strata)`` each (:func:`~carv.accounting.within_at`)."""
+    as ``{"R", "K", "share"}``. ``strata``: the share of the within part that two per-row strata of ``t`` remove,
+    as the pair in use was priced at (:attr:`~carv.accounting.Allocator.priced_strata`: 0 for the iid model's
+    choice and for iid draws); the bound, ``k_star`` and the prediction then price ``K >= 2`` draws at
+    ``sigma_w^2 (1 - strata)`` each (:func:`~carv.accounting.within_at`)."""
     if isinstance(strata, bool) or not isinstance(strata, (int, float)) or not 0.0 <= strata <= 1.0:
         raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
     for name, v in (("R", R), ("K", K)):

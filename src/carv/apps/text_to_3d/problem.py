@@ -214,7 +214,8 @@ class SceneProblem:
         in ``meter`` when given, per render and per draw) and, with
         ``probe=True``, the variance components of the *parameter* gradient from two extra backward
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None. ``halves``
-        (with a sampler whose rows are stratified): a third pass reads the within-half variance too
+        (where the run's ordinary steps stratify rows; a probe step itself draws iid): a third pass reads the
+        within-half variance too
         (:meth:`~carv.accounting.ComponentProbe.measure_halves`, :attr:`carv.accounting.Allocator.reads_halves`).
 
         ``regulariser``: a function of the renders' opacity ``[R, 1, 32, 32]`` whose value is added to the
@@ -241,7 +242,7 @@ class SceneProblem:
         if probe:
             # signed: the allocator averages many probes
             pr, params = ComponentProbe(R, sds.K), [grid.density, grid.color]
-            if halves and getattr(sds.sampler, "row_strata", False):  # the within-half variance: what strata leave
+            if halves:  # the within-half variance: what per-row strata leave of the within part
                 comps = pr.measure_halves(x, params, out.estimate.draws, sds.sampler.half(out.draws.t), generator)
             else:
                 comps = pr.measure(x, params, out.estimate.draws, generator)

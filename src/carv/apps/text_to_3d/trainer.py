@@ -205,9 +205,11 @@ class Trainer:
         self.sds.guidance_scale = cfg.guidance_at(self.step_count)
         # probe steps draw iid cameras and iid timesteps: the allocator needs the components one step pays, and the
         # probe reads them without bias only from iid draws
+        # the third contrast where the ordinary steps' rows are stratified (read before iid() turns strata off)
+        halves = (probe and self.alloc is not None and self.alloc.reads_halves
+                  and getattr(self.sds.sampler, "row_strata", False))
         with self.sds.sampler.iid() if probe else nullcontext():
-            out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe,
-                                          halves=probe and self.alloc is not None and self.alloc.reads_halves,
+            out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe, halves=halves,
                                           upstream=None if probe else self.upstream, regulariser=self.regulariser,
                                           elevation_range=(cfg.elev_lo, cfg.elev_hi))
         sw.lap()  # the gradient's own stages: secs (timed on the same clock)
@@ -246,7 +248,7 @@ class Trainer:
         if a is None:
             return accounting_summary(None, None, *costs, self.R, self.K, proposal)
         return accounting_summary(a.between, a.within, *costs, *a.base, proposal, k_max=a.k_max, mix=a.mix,
-                                  strata=a.strata)
+                                  strata=a.priced_strata)
 
     def evaluate(self) -> dict[str, Any]:
         row = {"kind": "eval", "step": self.step_count, "elapsed_s": self.elapsed, **self.problem.evaluate(self.grid)}
