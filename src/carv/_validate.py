@@ -10,8 +10,8 @@ import re
 
 __all__ = ["check_positive_int", "check_int", "check_number", "check_seed", "check_field_types", "SEED_MAX",
            "check_threads", "threads_max", "THREADS_PER_CPU", "check_steps", "STEPS_MAX", "check_lr", "LR_MAX",
-           "check_nonneg", "check_span", "check_guidance", "GUIDANCE_MAX", "SEARCH_MAX", "check_timesteps",
-           "check_finite_parameters"]
+           "check_nonneg", "check_share", "check_span", "check_guidance", "GUIDANCE_MAX", "SEARCH_MAX",
+           "check_timesteps", "check_finite_parameters"]
 
 SEED_MAX = 2**63 - 1  # seeds are offset by small integers for sub-streams; torch takes up to 2**64 - 1
 THREADS_PER_CPU = 4  # more threads than this per core only adds contention (and torch hangs at ~10^5 threads)
@@ -63,6 +63,12 @@ def check_nonneg(name: str, v) -> None:
     """A finite non-negative real number: Python's or numpy's (``np.float32(1.0)`` is a number)."""
     if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
         raise ValueError(f"{name}: expected a finite non-negative number, got {v!r} ({type(v).__name__})")
+
+
+def check_share(name: str, v) -> None:
+    """A share: a Python ``int`` or ``float`` (not a bool) in ``[0, 1]`` (NaN is refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: expected a share in [0, 1], got {v!r}")
 
 
 def check_span(lo: int, hi: int, name: str, limit: int = SEARCH_MAX) -> None:

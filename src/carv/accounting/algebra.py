@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from carv._validate import check_nonneg, check_span
+from carv._validate import check_nonneg, check_share, check_span
 
 __all__ = ["within_at", "predicted_variance", "mixed_step", "work_normalised_variance", "optimal_k", "allocate",
            "largest_r_within", "efficiency_bound", "ecm", "relative_efficiency", "fraction_of_bound"]
@@ -38,8 +38,7 @@ def within_at(var_within: float, K: int, strata: float = 0.0) -> float:
     steps at the median: two strata remove all of its spread, three leave a third of it in the middle stratum).
     The allocator uses it only to decide whether to leave one draw per sample (:meth:`Allocator.plan`;
     docs/budget.md, "Stratified timesteps")."""
-    if isinstance(strata, bool) or not isinstance(strata, (int, float)) or not 0.0 <= strata <= 1.0:
-        raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
+    check_share("strata", strata)
     return var_within if K == 1 else var_within * (1.0 - strata)
 
 
@@ -91,8 +90,7 @@ def optimal_k(var_between: float, var_within: float, cost_upstream: float, cost_
         if k_max < k_min:
             raise ValueError(f"k_max: must be >= k_min={k_min}, got {k_max}")
     if strata:  # K >= 2 pays sigma_w^2 (1 - strata) per draw (within_at): the iid optimum over K >= 2 against K = 1
-        within_at(var_within, 2, strata)  # checks the share
-        w2 = var_within * (1.0 - strata)
+        w2 = within_at(var_within, 2, strata)  # (checks the share)
         if k_min >= 2:
             return optimal_k(var_between, w2, cost_upstream, cost_draw, k_max, k_min)
         if k_max == 1:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from scipy.special import erfcx
 
-from carv._validate import check_span
+from carv._validate import check_share, check_span
 from carv.accounting.algebra import (
     _check_nonneg,
     _check_range,
@@ -627,8 +627,7 @@ class Allocator:
                              f">= 0, got {halves!r}")
         self.halves = [(float(h), float(w)) for h, w in halves][-self.strata_window:]
         priced = state.get("priced_strata", 0.0)
-        if isinstance(priced, bool) or not isinstance(priced, (int, float)) or not 0.0 <= priced <= 1.0:
-            raise ValueError(f"state['priced_strata']: expected a share in [0, 1], got {priced!r}")
+        check_share("state['priced_strata']", priced)
         self.priced_strata = float(priced)
         self.observations = [(float(b), float(w)) for b, w in state["observations"]][-self.window:]
         self.n_observed, self.steps = int(state["n_observed"]), int(state["steps"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from carv._validate import check_share
 from carv.accounting.algebra import efficiency_bound, mixed_step, optimal_k, work_normalised_variance
 
 __all__ = ["ACCOUNTING_KEYS", "accounting_summary", "accounting_sentence", "bound_ecm", "calibration_sentence"]
@@ -65,8 +66,7 @@ def accounting_summary(between: float | None, within: float | None, cost_upstrea
     as the pair in use was priced at (:attr:`~carv.accounting.Allocator.priced_strata`: 0 for the iid model's
     choice and for iid draws); the bound, ``k_star`` and the prediction then price ``K >= 2`` draws at
     ``sigma_w^2 (1 - strata)`` each (:func:`~carv.accounting.within_at`)."""
-    if isinstance(strata, bool) or not isinstance(strata, (int, float)) or not 0.0 <= strata <= 1.0:
-        raise ValueError(f"strata: expected a share in [0, 1], got {strata!r}")
+    check_share("strata", strata)
     for name, v in (("R", R), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
