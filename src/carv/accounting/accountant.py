@@ -100,16 +100,14 @@ class AccountantStep:
             if x is None:
                 raise ValueError("x: a probe step needs the upstream output passed to objective(x, ...)")
             t0 = acc.meter.now()
-            probe = ComponentProbe(self.R, self.K)
             draws = getattr(out, "draws", None)
-            if (acc.allocator.reads_halves and getattr(self._sampler, "row_strata", False)
-                    and getattr(draws, "t", None) is not None):
-                # the third contrast: the within-half variance, what per-row strata leave of the within part
-                comps = probe.measure_halves(x, acc.params, out.estimate.draws, self._sampler.half(draws.t),
-                                             acc.generator, retain_graph=True)
-            else:
-                comps = probe.measure(x, acc.params, out.estimate.draws, acc.generator,
-                                      retain_graph=True)  # the loss's backward follows
+            # the third contrast (the within-half variance, what per-row strata leave of the within part) where
+            # the allocator reads it and the ordinary steps stratify rows
+            halves = (self._sampler.half(draws.t) if acc.allocator.reads_halves
+                      and getattr(self._sampler, "row_strata", False) and getattr(draws, "t", None) is not None
+                      else None)
+            comps = ComponentProbe(self.R, self.K).measure_halves(x, acc.params, out.estimate.draws, halves,
+                                                                  acc.generator, retain_graph=True)  # backward follows
             self.components = tuple(comps)  # signed: averaged by the allocator
             out.estimate.draws = None
             self.probe_s += acc.meter.now() - t0

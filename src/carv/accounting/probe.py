@@ -96,15 +96,18 @@ class ComponentProbe:
         w = (sign * same.to(v.dtype)).reshape(self.R, P, *([1] * (v.ndim - 2)))
         return (w * (lo - hi)).sum(1), int(same.sum())
 
-    def measure_halves(self, x: Tensor, params, values: Tensor, halves: Tensor,
+    def measure_halves(self, x: Tensor, params, values: Tensor, halves: Tensor | None,
                        generator: torch.Generator | None = None, *, retain_graph: bool = False,
-                       clip: bool = False) -> ProbedComponents:
+                       clip: bool = False) -> ProbedComponents | VarianceComponents:
         """:meth:`measure` plus a third vector-Jacobian product: ``(between, within, within_half)`` with the
         within-half variance ``sigma_s^2(2)`` of the projected estimate (:meth:`half_contrast`; None when no pair
         fell in one half). With the iid ``sigma_w^2`` it gives the share of the within part that two per-row strata
         of ``t`` remove, ``1 - sigma_s^2(2) / sigma_w^2`` (:func:`carv.accounting.within_at`,
         :attr:`carv.accounting.Allocator.strata`): one sample with two stratified draws has variance
-        ``sigma_b^2 + sigma_s^2(2) / 2`` where iid draws have ``sigma_b^2 + sigma_w^2 / 2``."""
+        ``sigma_b^2 + sigma_s^2(2) / 2`` where iid draws have ``sigma_b^2 + sigma_w^2 / 2``. ``halves=None``:
+        :meth:`measure` alone (two products), for callers that read the halves only on some probes."""
+        if halves is None:
+            return self.measure(x, params, values, generator, retain_graph=retain_graph, clip=clip)
         params = list(params)
         comps = self.measure(x, params, values, generator, retain_graph=True, clip=clip)
         h, n = self.half_contrast(values, halves, generator)

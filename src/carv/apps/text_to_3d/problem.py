@@ -241,11 +241,9 @@ class SceneProblem:
         comps = None
         if probe:
             # signed: the allocator averages many probes
-            pr, params = ComponentProbe(R, sds.K), [grid.density, grid.color]
-            if halves:  # the within-half variance: what per-row strata leave of the within part
-                comps = pr.measure_halves(x, params, out.estimate.draws, sds.sampler.half(out.draws.t), generator)
-            else:
-                comps = pr.measure(x, params, out.estimate.draws, generator)
+            comps = ComponentProbe(R, sds.K).measure_halves(  # with halves: the within-half variance too
+                x, [grid.density, grid.color], out.estimate.draws, sds.sampler.half(out.draws.t) if halves else None,
+                generator)
             out.estimate.draws = None
         secs["probe"] = self.clock() - t3
         return out, secs, comps
