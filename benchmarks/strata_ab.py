@@ -4,8 +4,10 @@ plan of the iid model (the same allocator state without them), at each cost rati
 Where the iid model keeps one draw per sample, the readings (:attr:`carv.accounting.Allocator.strata`) can move
 the plan to ``K >= 2``; elsewhere both plans are the same pair. Both plans are scored on the state's fitted
 variance curve (:func:`carv.bench.regime.fit_variance_curve`, from the sweep's measured rows: the iid plan's pair
-was not always measured) with their probes charged as :func:`regime_sweep.app_choice` charges them, so the ratio
-``iid / strata`` of their ``Var * C`` is what the decision alone gains at that state (1.0 where it does not act).
+was not always measured) as the sweep scores a measured plan (:func:`carv.bench.regime.mix_row`,
+:func:`carv.bench.regime.regime_row`), their probes charged as :func:`regime_sweep.app_choice` charges them, so
+the ratio of their ECMs (``iid / strata`` in ``Var * C``) is what the decision alone gains at that state (1.0
+where it does not act).
 A sweep's own rows compare runs whose training took other paths; this compares the decision at one state.
 
     PYTHONPATH=src python3 benchmarks/strata_ab.py runs/regime-distill-at80 runs/regime-distill \
@@ -28,23 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from regime_sweep import app_choice, distill_allocator  # noqa: E402
 
-from carv.bench.regime import fit_variance_curve  # noqa: E402
+from carv.bench.regime import fit_variance_curve, mix_row, regime_row  # noqa: E402
 
 
-def curve_wnv(curve, R: int, K: int, mix, cost_upstream: float, cost_draw: float, overhead: float) -> float:
-    """``Var * C`` of a plan on the fitted curve ``R Var = b + w_e / K + w_t / K^3``: the mean step's variance times
-    the mean step's cost (a mix's share at its pair), times ``1 + overhead`` (the probes)."""
+def curve_row(curve, R: int, K: int) -> dict:
+    """A row of the fitted curve ``R Var = b + w_e / K + w_t / K^3`` at ``(R, K)``, shaped like a measured one."""
     b, we, wt = curve
+    return {"R": R, "K": K, "variance": (b + we / K + wt / K ** 3) / R, "variance_se": 0.0}
 
-    def var(R, K):
-        return (b + we / K + wt / K ** 3) / R
 
-    v, c = var(R, K), R * (cost_upstream + K * cost_draw)
-    if mix:
-        R2, K2, a = mix
-        v += a * (var(R2, K2) - v)
-        c += a * (R2 * (cost_upstream + K2 * cost_draw) - c)
-    return v * c * (1.0 + overhead)
+def curve_ecm(curve, R: int, K: int, mix, cost_ratio: float, overhead: float) -> float:
+    """ECM of a plan on the fitted curve, scored as the sweep scores a measured plan: its mix's rows combined by
+    :func:`carv.bench.regime.mix_row` and costed by :func:`carv.bench.regime.regime_row` (probes charged by
+    ``overhead``), against the curve's own ``(2, 1)`` (the same base for both plans, so their ratio does not
+    depend on it)."""
+    head = mix_row(curve_row(curve, R, K), curve_row(curve, *mix[:2]) if mix else None, mix[2] if mix else 0.0)
+    return regime_row(cost_ratio, 1.0, curve_row(curve, 2, 1), head, curve, overhead)["headline_ecm"]
 
 
 def compare(folder: Path) -> list[dict]:
@@ -63,10 +64,10 @@ def compare(folder: Path) -> list[dict]:
                 alloc.load_state_dict(st)
                 R, K, overhead, mix = app_choice(alloc, ratio)
                 plans[arm] = {"R": R, "K": K, "mix": mix, "strata": alloc.strata,
-                              "wnv": curve_wnv(curve, R, K, mix, ratio, 1.0, overhead)}
+                              "ecm": curve_ecm(curve, R, K, mix, ratio, overhead)}
             rows.append({"folder": str(folder), "seed": seed["seed"], "cost_ratio": ratio, **{
-                f"{arm}_{k}": v for arm, p in plans.items() for k, v in p.items() if k != "wnv"},
-                "gain": plans["iid"]["wnv"] / plans["strata"]["wnv"]})
+                f"{arm}_{k}": v for arm, p in plans.items() for k, v in p.items() if k != "ecm"},
+                "gain": plans["strata"]["ecm"] / plans["iid"]["ecm"]})
     return rows
 
 
