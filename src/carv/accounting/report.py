@@ -16,8 +16,9 @@ c_draw) / ((sigma_b^2 + sigma_w^2 / K)(c_up + K c_draw))`` (``Var * C`` does not
 With a mix (:meth:`~carv.accounting.Allocator.mix_for`: a share ``a`` of the steps at ``(R', K')``) the
 prediction is the mean variance of a step times the mean cost of a step. Where per-row strata of ``t`` remove a
 share ``strata`` of the within part at ``K >= 2`` (:func:`~carv.accounting.within_at`), the bound is the smaller
-of one draw's ``Var * C`` and the formula above at ``sigma_w^2 (1 - strata)``, and the prediction prices its
-``K >= 2`` rows alike (key ``strata``, 0 for iid draws).
+of the iid curve's minimum over real ``K`` in ``[1, 2]`` and the stratified curve's over ``K >= 2``
+(:func:`~carv.accounting.efficiency_bound`), and the prediction prices its ``K >= 2`` rows alike (key ``strata``:
+the share the pair in use was priced at, 0 for the iid model's choice and for iid draws).
 Both use the run's own components (under its proposal) and its measured stage costs; with an
 :class:`~carv.accounting.Allocator` ``between`` is its estimate, the posterior mean given ``sigma_b^2 >= 0``
 (:func:`~carv.accounting.nonnegative_mean`), and the costs are the meter's current medians (the calibration the
