@@ -349,11 +349,12 @@ class Allocator:
 
     @property
     def strata(self) -> float:
-        """The share of the within part that two per-row strata of ``t`` remove (:func:`~carv.accounting.within_at`):
-        ``1 - sigma_s^2(2) / sigma_w^2`` from the winsorised means of the last ``strata_window`` probes' paired
-        readings (both from the same probes' draws), clipped to [0, 1]; 0 (the iid model) before two probes of it. The window is longer than the components': a probe
-        sees about ``R / 2`` pairs of draws in one half, and the share is a property of how the integrand varies
-        in ``t``, which moves more slowly than its scale."""
+        """The share of the within part that two per-row strata of ``t`` remove
+        (:func:`~carv.accounting.within_at`): ``1 - sigma_s^2(2) / sigma_w^2`` from the winsorised means of the last
+        ``strata_window`` probes' paired readings (both from the same probes' draws), clipped to [0, 1]; 0 (the iid
+        model) before two probes of it. The window is longer than the components': a probe sees about ``R / 2``
+        pairs of draws in one half, and the share is a property of how the integrand varies in ``t``, which moves
+        more slowly than its scale."""
         if len(self.halves) < 2:
             return 0.0
         h, w = (winsorised_mean([p[i] for p in self.halves]) for i in (0, 1))
