@@ -31,8 +31,8 @@ from pathlib import Path
 
 from carv._runfolder import atomic_write_json, save_figure
 
-__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "mean_k", "mix_row", "regime_row", "plot_regime_sweep",
-           "write_regime_sweep"]
+__all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "k_per_step", "mean_k", "mix_row", "regime_row",
+           "plot_regime_sweep", "write_regime_sweep"]
 
 REGIME_KEYS = ("cost_ratio", "headline_ecm", "headline_se", "bound_ecm", "bound_fraction", "K")
 
@@ -71,11 +71,17 @@ def curve_bound(curve: Sequence[float], cost_upstream: float, cost_draw: float, 
     return min(float(res.fun), wnv(1.0))
 
 
-def mean_k(row: dict) -> str:
-    """A seed's ``K`` per step, as text: the allocator's ``K``, or ``K + share`` (one decimal) where it mixes in
-    ``K + 1`` on a share of its steps."""
+def k_per_step(row: dict) -> int | float:
+    """A seed's mean ``K`` per step: the allocator's ``K``, or ``K + share`` where it mixes in ``K + 1`` on a share
+    of its steps (``row["mix"] = [R, K + 1, share]``)."""
     mix = row.get("mix")
-    return str(row["K"]) if not mix else f"{row['K'] + mix[2]:.1f}"
+    return row["K"] + mix[2] if mix else row["K"]
+
+
+def mean_k(row: dict) -> str:
+    """:func:`k_per_step` as text: the integer ``K``, or ``K + share`` to one decimal."""
+    k = k_per_step(row)
+    return str(k) if isinstance(k, int) else f"{k:.1f}"
 
 
 def mix_row(lo: dict, hi: dict | None, share: float) -> dict:
@@ -175,9 +181,7 @@ def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict
                                     "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
     if native.get("per_seed"):  # each seed's run makes its own choice
         data["headline_app_default"] |= {"R_by_seed": [r["R"] for r in native["per_seed"]],
-                                         # a run that mixes in K + 1 on a share of its steps: its mean K per step
-                                         "K_by_seed": [r["K"] + r["mix"][2] if r.get("mix") else r["K"]
-                                                       for r in native["per_seed"]]}
+                                         "K_by_seed": [k_per_step(r) for r in native["per_seed"]]}
     head = data.get("headline")
     if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
         head["bound_fraction"] = head["value"] / native["bound_ecm"]
