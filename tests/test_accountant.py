@@ -202,10 +202,12 @@ def test_probe_steps_draw_iid_timesteps_and_ordinary_steps_keep_the_strata():
 def test_probes_read_the_within_half_variance_only_where_strata_decide(stratify, K, reads):
     """The third contrast (ComponentProbe.measure_halves) is what per-row strata of t pay: the probes read it where
     the sampler gives each row one draw in each of K strata and the pair in use draws at most two per sample (where
-    the strata decide whether to leave one draw), and nowhere else (Allocator.reads_halves)."""
+    the strata decide whether to leave one draw), and nowhere else (Allocator.probe_reads_halves)."""
     theta, sds, clock, acc = make(K=K, budget=None, probe_every=2, choose_every=100, k_range=(2, 32))
     sds.sampler = TimestepSampler(T, stratify=stratify)
     assert acc.allocator.reads_halves == (K <= 2)
+    assert acc.allocator.probe_reads_halves(sds.sampler) == reads  # the one rule the Accountant and the apps ask
+    assert not acc.allocator.probe_reads_halves(object())  # a sampler without row strata
     g = torch.Generator().manual_seed(2)
     read = []
     for _ in range(8):

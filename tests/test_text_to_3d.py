@@ -1025,7 +1025,7 @@ def test_a_checkpoint_restores_the_table_the_sampler_draws_from(tmp_path, method
 
 def test_probes_read_the_within_half_variance_while_the_run_draws_at_most_two_per_render(tmp_path):
     """The trainer's probe steps draw iid (sampler.iid()), yet under the run's per-row strata and a pair of at most
-    two draws per render they also read the within-half variance (Allocator.reads_halves, the third contrast);
+    two draws per render they also read the within-half variance (Allocator.probe_reads_halves, the third contrast);
     with K_init = 4 they do not."""
     teacher = _teacher()
     for k_init, reads in ((2, True), (4, False)):

@@ -103,9 +103,8 @@ class AccountantStep:
             draws = getattr(out, "draws", None)
             # the third contrast (the within-half variance, what per-row strata leave of the within part) where
             # the allocator reads it and the ordinary steps stratify rows
-            halves = (self._sampler.half(draws.t) if acc.allocator.reads_halves
-                      and getattr(self._sampler, "row_strata", False) and getattr(draws, "t", None) is not None
-                      else None)
+            halves = (self._sampler.half(draws.t) if acc.allocator.probe_reads_halves(self._sampler)
+                      and getattr(draws, "t", None) is not None else None)
             comps = ComponentProbe(self.R, self.K).measure_halves(x, acc.params, out.estimate.draws, halves,
                                                                   acc.generator, retain_graph=True)  # backward follows
             self.components = tuple(comps)  # signed: averaged by the allocator

@@ -347,6 +347,13 @@ class Allocator:
         nothing."""
         return self.strata_probe and self.base[1] <= 2
 
+    def probe_reads_halves(self, sampler) -> bool:
+        """Whether a probe step should read the within-half variance for a run whose ordinary steps draw from
+        ``sampler``: :attr:`reads_halves`, and the sampler stratifies each row's draws
+        (:attr:`carv.TimestepSampler.row_strata`; a sampler without the attribute does not). Ask before the probe
+        step turns the sampler's strata off (``sampler.iid()``)."""
+        return self.reads_halves and bool(getattr(sampler, "row_strata", False))
+
     @property
     def strata(self) -> float:
         """The share of the within part that two per-row strata of ``t`` remove

@@ -206,8 +206,7 @@ class Trainer:
         # probe steps draw iid cameras and iid timesteps: the allocator needs the components one step pays, and the
         # probe reads them without bias only from iid draws
         # the third contrast where the ordinary steps' rows are stratified (read before iid() turns strata off)
-        halves = (probe and self.alloc is not None and self.alloc.reads_halves
-                  and getattr(self.sds.sampler, "row_strata", False))
+        halves = probe and self.alloc is not None and self.alloc.probe_reads_halves(self.sds.sampler)
         with self.sds.sampler.iid() if probe else nullcontext():
             out, secs, comps = p.gradient(self.grid, self.sds, R, self.generator, probe=probe, halves=halves,
                                           upstream=None if probe else self.upstream, regulariser=self.regulariser,
