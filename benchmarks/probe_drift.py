@@ -22,9 +22,10 @@ from regime_sweep import distill_snapshot
 
 
 def frozen_probes(d, acc, n: int) -> list[tuple[float, float]]:
-    """``n`` probe steps (the Accountant's own path, iid draws) on a copy of the run at its current state; no
-    optimiser step, so the state stays put."""
+    """``n`` probe steps (the Accountant's own path, iid draws) on a copy of the run at the state its next
+    generator gradient is taken at (the fake score caught up); no optimiser step, so the state stays put."""
     d, acc = copy.deepcopy((d, acc))
+    d.fake_catch_up()  # the next step's fake-score updates: the state its generator gradient (and probe) sees
     out = []
     for _ in range(n):
         acc.allocator.next_probe = 0  # due now

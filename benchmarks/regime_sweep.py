@@ -143,7 +143,8 @@ def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot
     """``steps`` generator steps of DMD distillation (the app's Distiller: fake-score warm-up and updates as it
     makes them) with carv's estimator on the generator gradient: per-upstream strata, the ProposalSelector over
     uniform and the learned table (DMD's per-draw normalisation has no weight table), and the Accountant choosing
-    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1.
+    (R, K) at the plain estimator's budget, the distillation's plain estimator being R = 8, K = 1. The snapshot is
+    the state step ``steps + 1`` takes its generator gradient at (its fake-score updates made).
     ``on_step(step, distiller, accountant, closed_step)`` is called after each step (``benchmarks/probe_drift.py``)."""
     from carv import Accountant, ProposalSelector
     from carv.apps.distill import DistillConfig, Distiller
@@ -155,8 +156,7 @@ def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot
     acc = Accountant(d.dmd, params=params, allocator=alloc, generator=torch.Generator().manual_seed(seed + 1))
     d.warmup()
     for step in range(1, steps + 1):
-        for _ in range(d.cfg.fake_updates):
-            d.fake_update()
+        d.fake_catch_up()
         d.opt_g.zero_grad(set_to_none=True)
         with acc.step() as st:
             z, c = d.latents(acc.R)
@@ -167,6 +167,7 @@ def distill_snapshot(seed: int, steps: int, out: Path, on_step=None) -> Snapshot
         selector.step(res.draws.t, res.estimate.sq_norms, d.sampler)
         if on_step is not None:
             on_step(step, d, acc, st)
+    d.fake_catch_up()  # the state the next generator gradient is taken at (the run's probes read it there too)
     uniform = d.make_sampler("none", "none")
     objs = {"carv": d.dmd, "uniform": d.make_objective(uniform, 1)}
 

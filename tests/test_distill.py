@@ -224,6 +224,31 @@ def test_checkpoint_round_trip_gives_the_same_gradient(tmp_path, tiny_teacher):
     assert ga.abs().sum() > 0 and torch.equal(ga, gb)
 
 
+def test_fake_catch_up_is_the_fake_score_updates_the_next_step_starts_with(tiny_teacher):
+    """A benchmark measuring the generator gradient at a checkpoint first makes the next step's fake-score updates
+    (Distiller.fake_catch_up): the same updates as the step's own (same weights after), the generator untouched."""
+    import copy
+
+    from carv.apps.distill import Distiller
+
+    _, teacher = tiny_teacher
+    a = Distiller(tiny_cfg(fake_updates=2), teacher)
+    a.step()
+    b = copy.deepcopy(a)
+    gen = [p.detach().clone() for p in b.generator.parameters()]
+    fake = [p.detach().clone() for p in b.fake.model.parameters()]
+    assert math.isfinite(b.fake_catch_up())
+    assert all(torch.equal(p, q) for p, q in zip(b.generator.parameters(), gen, strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(b.fake.model.parameters(), fake, strict=True))
+    a.step()  # its fake updates, then its generator update
+    assert all(torch.equal(p, q) for p, q in zip(a.fake.model.parameters(), b.fake.model.parameters(), strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(a.generator.parameters(), gen, strict=True))
+    c = Distiller(tiny_cfg(fake_updates=0), teacher)
+    before = [p.detach().clone() for p in c.fake.model.parameters()]
+    assert math.isnan(c.fake_catch_up())
+    assert all(torch.equal(p, q) for p, q in zip(c.fake.model.parameters(), before, strict=True))
+
+
 def test_cli_distill_smoke(tmp_path, tiny_teacher):
     from carv.cli import app
 

@@ -285,6 +285,17 @@ class Distiller:
         self.opt_f.step()
         return loss.item()
 
+    def fake_catch_up(self) -> float:
+        """The ``fake_updates`` fake-score updates that :meth:`step` starts with, without its generator update;
+        returns the last loss (nan with none). The next generator gradient is taken at this state, the fake score
+        caught up with the generator: a benchmark measuring that gradient's variance at a checkpoint (saved after
+        a generator update) runs this first, else it measures against a fake score one generator update behind,
+        which no step of the run sees. A run that then goes on training gives its next step these updates twice."""
+        loss = float("nan")
+        for _ in range(self.cfg.fake_updates):
+            loss = self.fake_update()
+        return loss
+
     def warmup(self) -> None:
         """``fake_warmup`` fake-score updates before the first generator update (charged to ``compute_s``).
         At initialisation the fake score *is* the teacher, so without guidance the DMD gradient is exactly
@@ -305,9 +316,7 @@ class Distiller:
         self.warmup()
         cfg = self.cfg
         sw = self.meter.stopwatch()
-        fake_loss = float("nan")
-        for _ in range(cfg.fake_updates):
-            fake_loss = self.fake_update()
+        fake_loss = self.fake_catch_up()
         sw.lap("fake")
         z, c = self.latents(cfg.R, upstream=cfg.upstream)
         x = self.generator(z, c)

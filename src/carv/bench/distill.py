@@ -460,8 +460,13 @@ class BenchSettings:
 def _checkpoint_rows(d: Distiller, label: str, s: BenchSettings, base: DistillConfig, out: Path, seed: int,
                      progress: bool, configs: Mapping[str, Mapping[str, Any]] | None = None
                      ) -> tuple[list[dict], dict]:
-    """Parameter-gradient variance of ``configs`` (default :data:`CONFIGS`) at ``d``'s current weights."""
+    """Parameter-gradient variance of ``configs`` (default :data:`CONFIGS`) at ``d``'s current weights. A checkpoint
+    saved after a generator update is first caught up (:meth:`Distiller.fake_catch_up`): the gradient of the run's
+    next step is taken against a fake score that has seen the current generator, not one update behind (the start
+    checkpoint's fake score was warmed up on its generator)."""
     configs = configs or CONFIGS
+    if d.step_count > 0:
+        d.fake_catch_up()
     pilot_s = 0.0
     if not d.learned.ready:  # pilot: fill the learned proposal from uniform draws at this checkpoint
         pilot = d.make_objective(d.make_sampler("none", "per_upstream"), 16)
