@@ -291,7 +291,8 @@ def seed_rows(res: dict) -> list[dict]:
         proposal = per_step / (R * (ratio + K + a) * c_draw)  # a fraction of the mean step's cost
         row = regime_row(ratio, c_draw, base, head, comps, probes + proposal)
         row["probe_overhead"], row["proposal_overhead"], row["mix"] = probes, proposal, mix
-        row["uniform_reuse_ecm"] = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)["headline_ecm"]
+        uniform = regime_row(ratio, c_draw, base, rows[("uniform", R, K)], comps)
+        row["uniform_reuse_ecm"], row["uniform_reuse_se"] = uniform["headline_ecm"], uniform["headline_se"]
         row["curve"] = list(comps)  # R Var = b + w_e / K + w_t / K^3 of the app's estimator
         out.append(row)
     return out
@@ -311,9 +312,11 @@ def sweep_rows(results: list[dict]) -> list[dict]:
                     "headline_se": math.sqrt(sum(r["headline_se"] ** 2 for r in rs)) / n, "bound_ecm": bound,
                     "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
                     "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
+                    "uniform_reuse_se": math.sqrt(sum(r["uniform_reuse_se"] ** 2 for r in rs)) / n,
                     "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "mix", "headline_ecm", "headline_se",
-                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm", "curve",
-                                                    "probe_overhead", "proposal_overhead")}
+                                                    "bound_ecm", "bound_fraction", "uniform_reuse_ecm",
+                                                    "uniform_reuse_se", "curve", "probe_overhead",
+                                                    "proposal_overhead")}
                                  for r in rs]})
     return out
 
@@ -344,7 +347,7 @@ def main() -> None:
     for r in rows:
         print(f"cost ratio {r['cost_ratio']:5.1f}: K = {r['K']:2d}, ECM {r['headline_ecm']:.2f} +- "
               f"{r['headline_se']:.2f}, bound {r['bound_ecm']:.2f} ({r['bound_fraction']:.2f} of it); "
-              f"uniform reuse {r['uniform_reuse_ecm']:.2f}")
+              f"uniform reuse {r['uniform_reuse_ecm']:.2f} +- {r['uniform_reuse_se']:.2f}")
     if args.json is not None:
         record = run_record(None, seeds=args.seeds, snapshot_step=args.snapshot_step, replicates=args.replicates,
                             baseline_replicates=args.baseline_replicates)
