@@ -145,8 +145,10 @@ def plot_regime_sweep(rows: Sequence[dict], path: str | Path, title: str = "", p
                 color="tab:red", capsize=3, label=label)
     for i, r in enumerate(rows):  # below the point (off the bound's line), neighbours at two depths
         ks = "/".join(mean_k(q) for q in r.get("per_seed", [r]))  # each seed's own choice
+        last = i == len(rows) - 1  # the rightmost label to the point's left, inside the axes
         ax.annotate(f"K={ks}", (r["cost_ratio"], r["headline_ecm"]), textcoords="offset points",
-                    xytext=(5, -13 if i % 2 == 0 else -24), fontsize=7)
+                    xytext=(-5 if last else 5, -13 if i % 2 == 0 else -24), ha="right" if last else "left",
+                    fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8, label=f"plain estimator (R = {plain[0]}, K = {plain[1]})")
     ax.set_xscale("log")
     ax.set_xlabel(f"{upstream} : draw cost ratio  c_up / c_draw")
