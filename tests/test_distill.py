@@ -305,15 +305,37 @@ def test_bench_json_schema(tmp_path, tiny_teacher):
         assert (tmp_path / "bench" / f).is_file(), f
 
 
-def test_bench_measures_a_middle_checkpoint_that_is_the_end_once(tmp_path, tiny_teacher):
+def test_bench_measures_a_middle_checkpoint_that_is_the_end_once(tmp_path, tiny_teacher, monkeypatch):
     """When the step that crosses the middle mark also crosses the end (the warm-up, charged to the run, took the
-    budget: what the earlier --quick did), the two checkpoints are the same weights: measured once, as 'end'."""
+    budget: what the earlier --quick did), the two checkpoints are the same weights: measured once, as 'end'. That
+    checkpoint, saved after a generator update, is measured with the fake score caught up (the state the next
+    step's gradient is taken at); the start checkpoint, warmed on its own generator, as it is."""
+    import carv.bench.distill as bd
+    from carv.apps.distill import Distiller
     from carv.bench.distill import BenchSettings, bench_distill
 
+    caught, inside = [], []
+    rows, catch_up = bd._checkpoint_rows, Distiller.fake_catch_up
+
+    def measured(d, label, *a, **kw):
+        inside.append(label)
+        try:
+            return rows(d, label, *a, **kw)
+        finally:
+            inside.pop()
+
+    def caught_up(self):
+        if inside:
+            caught.append((inside[-1], self.step_count))
+        return catch_up(self)
+
+    monkeypatch.setattr(bd, "_checkpoint_rows", measured)
+    monkeypatch.setattr(Distiller, "fake_catch_up", caught_up)
     _, teacher = tiny_teacher
     s = BenchSettings(seeds=[0], budget_s=1e-4, eval_every_s=5e-5, eval_per_class=2, replicates=2, max_replicates=2,
                       reference_estimates=2, reference_R=4, pilot_estimates=1, carv_K=2, fake_warmup=3)
     res = bench_distill(tmp_path / "bench", progress=False, settings=s, base=tiny_cfg(), teacher=teacher)
+    assert [label for label, _ in caught] == ["end"] and caught[0][1] > 0
     assert res["base_config"]["fake_warmup"] == 3  # the settings' warm-up replaces the app's
     assert res["checkpoints"] == ["start", "end"] and "middle" not in res["diagnostics"]
     assert "middle checkpoint is the end" in res["diagnostics"]["end"]["middle_is_end"]
