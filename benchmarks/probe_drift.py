@@ -38,6 +38,12 @@ def frozen_probes(d, acc, n: int) -> list[tuple[float, float]]:
     return out
 
 
+def summary(v: list[float]) -> str:
+    """Mean +- its standard error, and the median."""
+    se = statistics.stdev(v) / math.sqrt(len(v))
+    return f"{statistics.mean(v):.3g} +- {se:.2g} (median {statistics.median(v):.3g})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -53,11 +59,8 @@ def main() -> None:
                   f"within {st.components[1]:.3g}", flush=True)
         if step % args.every == 0:
             probes = frozen_probes(d, acc, args.probes)
-            b, w = [c[0] for c in probes], [c[1] for c in probes]
-            print(f"step {step:4d}: {args.probes} probes at this state: between {statistics.mean(b):.3g} +- "
-                  f"{statistics.stdev(b) / math.sqrt(len(b)):.2g} (median {statistics.median(b):.3g}), within "
-                  f"{statistics.mean(w):.3g} +- {statistics.stdev(w) / math.sqrt(len(w)):.2g} "
-                  f"(median {statistics.median(w):.3g})", flush=True)
+            b, w = (summary([c[i] for c in probes]) for i in (0, 1))
+            print(f"step {step:4d}: {args.probes} probes at this state: between {b}, within {w}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         snap = distill_snapshot(args.seed, args.steps, Path(tmp), on_step)

@@ -298,6 +298,15 @@ def seed_rows(res: dict) -> list[dict]:
     return out
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def _mean_se(rows: list[dict], key: str) -> float:
+    """The standard error of the mean over independent seeds, from each seed's own (``key``)."""
+    return math.sqrt(sum(r[key] ** 2 for r in rows)) / len(rows)
+
+
 def sweep_rows(results: list[dict]) -> list[dict]:
     """Per ratio, the seeds' rows combined: mean ECM (SE from the per-seed SEs), mean bound, their ratio; the native
     ratio is each seed's own calibrated one (their mean reported)."""
@@ -305,14 +314,12 @@ def sweep_rows(results: list[dict]) -> list[dict]:
     out = []
     for i, label in enumerate(RATIOS):
         rs = [rows[i] for rows in per_seed]
-        n = len(rs)
-        ecm = sum(r["headline_ecm"] for r in rs) / n
-        bound = sum(r["bound_ecm"] for r in rs) / n
-        out.append({"cost_ratio": sum(r["cost_ratio"] for r in rs) / n, "headline_ecm": ecm,
-                    "headline_se": math.sqrt(sum(r["headline_se"] ** 2 for r in rs)) / n, "bound_ecm": bound,
-                    "bound_fraction": ecm / bound, "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
-                    "uniform_reuse_ecm": sum(r["uniform_reuse_ecm"] for r in rs) / n,
-                    "uniform_reuse_se": math.sqrt(sum(r["uniform_reuse_se"] ** 2 for r in rs)) / n,
+        ecm, bound = _mean(rs, "headline_ecm"), _mean(rs, "bound_ecm")
+        out.append({"cost_ratio": _mean(rs, "cost_ratio"), "headline_ecm": ecm,
+                    "headline_se": _mean_se(rs, "headline_se"), "bound_ecm": bound, "bound_fraction": ecm / bound,
+                    "K": rs[0]["K"], "R": rs[0]["R"], "native": label == "native",
+                    "uniform_reuse_ecm": _mean(rs, "uniform_reuse_ecm"),
+                    "uniform_reuse_se": _mean_se(rs, "uniform_reuse_se"),
                     "per_seed": [{k: r[k] for k in ("cost_ratio", "R", "K", "mix", "headline_ecm", "headline_se",
                                                     "bound_ecm", "bound_fraction", "uniform_reuse_ecm",
                                                     "uniform_reuse_se", "curve", "probe_overhead",

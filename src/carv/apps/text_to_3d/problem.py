@@ -216,7 +216,7 @@ class SceneProblem:
         passes (:class:`carv.accounting.ComponentProbe`; needs ``R >= 2``, ``K >= 2``), else None. ``halves``
         (where the run's ordinary steps stratify rows; a probe step itself draws iid): a third pass reads the
         within-half variance too
-        (:meth:`~carv.accounting.ComponentProbe.measure_halves`, :attr:`carv.accounting.Allocator.reads_halves`).
+        (:meth:`~carv.accounting.ComponentProbe.measure_halves`, :meth:`carv.accounting.Allocator.probe_reads_halves`).
 
         ``regulariser``: a function of the renders' opacity ``[R, 1, 32, 32]`` whose value is added to the
         surrogate loss before its one backward pass (a deterministic term of the objective: it is exact
