@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from regime_sweep import app_choice, distill_allocator  # noqa: E402
 
+from carv._runfolder import atomic_write_json  # noqa: E402
 from carv.bench.regime import fit_variance_curve, mix_row, regime_row  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     else:
         print(f"the decision acts on none of {len(rows)} (state, ratio) pairs")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":
