@@ -644,3 +644,36 @@ def test_allocator_mix_only_where_the_next_pair_is_unaffordable_and_state_resume
     assert twin.mix is None and twin.base == (old["R"], old["K"])
     with pytest.raises(ValueError, match="mix"):
         twin.load_state_dict(alloc.state_dict() | {"mix": [1, 3, 1.5]})
+
+
+@pytest.mark.parametrize("interval, k_in_use, moves_count", [
+    (4, 3, False),   # K 3 -> 4 or 5 gains about 3%, probing every 4 steps costs 17% of a step: settled
+    (80, 3, True),   # the same move against probes every 80 steps (0.8% of a step): look again sooner
+    (4, 1, True),    # K 1 -> 4 or 5 gains about 38%: a real move even at the shortest interval
+])
+def test_allocator_a_move_worth_less_than_its_probes_counts_as_settled(interval, k_in_use, moves_count):
+    """A re-choice that moves the pair halves the probe interval and restarts the settle count only where the move
+    gains more (in Var * C, by the current components) than the probes cost at the interval in use; a move between
+    near-equal neighbours, which component noise makes, counts as a kept pair. Render : draw 8, K* about 4.5: a
+    probe step at (2, 2) costs 8 draws more than a step at (1, 4) that costs 12."""
+    from carv.accounting import Allocator, CostMeter
+
+    sb, sw, cu, cd = 1.0, 2.53, 8.0, 1.0
+    m = CostMeter()
+    m.add("upstream", cu)
+    m.add("draw", cd)
+    a = Allocator(budget="baseline", r_init=1, k_init=k_in_use, probe_every=4, probe_every_max=80, every=1,
+                  warmup=1, live_costs=True)
+    a.interval, a.next_probe, a.unchanged = interval, 10 ** 6, 1
+    a.observe(sb, sw)
+    a.step(m)
+    entry = a.history[-1]
+    assert entry["previous"] == [1, k_in_use] and (entry["R"], entry["K"]) in {(1, 4), (1, 5)}  # it moved
+    wnv = {k: (sb + sw / k) * (cu + k * cd) for k in (k_in_use, entry["K"])}
+    gain = 1 - wnv[entry["K"]] / wnv[k_in_use]
+    share = (2 * (cu + 2 * cd) - (cu + entry["K"] * cd)) / (interval * (cu + entry["K"] * cd))
+    assert (gain > share) == moves_count, (gain, share)
+    if moves_count:
+        assert (a.interval, a.unchanged) == (max(4, interval // 2), 0)
+    else:
+        assert (a.interval, a.unchanged) == (interval, 2)

@@ -137,8 +137,12 @@ class Allocator:
     choice no longer moves its cost buys nothing (at the plain estimator's budget the choice is one render
     with as many draws as fit, whatever the components). After ``settle`` re-choices in a row that keep the
     pair, the interval between probes doubles, up to ``probe_every_max`` (default ``8 * probe_every``); a
-    re-choice that moves the pair halves it (not below ``probe_every``). The charge of the probes' extra cost
-    follows the interval in use.
+    re-choice that moves the pair halves it (not below ``probe_every``) and restarts the count, but only where
+    the move is worth more than the probes: its predicted gain in ``Var * C`` over the pair in use exceeds the
+    share of a step the probes take at the interval in use. A move between near-equal neighbours, which noise in
+    the components makes, counts as settled, so the probes' share falls until it is below what the moves they
+    find are worth (else a run that swaps ``K = 3`` and ``4`` every few re-choices probes at the shortest
+    interval for good). The charge of the probes' extra cost follows the interval in use.
 
     **Mixing two neighbouring pairs.** Integer pairs leave part of a per-step budget unspent, and the probes'
     share makes it worse: at the plain estimator's budget and a render that costs one draw, ``(1, 3)`` costs the
@@ -585,7 +589,7 @@ class Allocator:
         if not kept and last != self.interval:
             kept = self.choose(c_up, c_draw, c_probe, interval=last)[:2] == self.base
         entry["charged_every"] = self.interval  # the probe interval this choice was charged at
-        if kept:
+        if kept or not self._worth_looking_sooner((R, K), mix, priced, c_up, c_draw, c_probe, b_eff):
             self.unchanged += 1
             if self.unchanged >= self.settle and self.interval < self.probe_every_max:
                 self.interval = min(2 * self.interval, self.probe_every_max)
@@ -605,6 +609,24 @@ class Allocator:
         self.base, self.mix, self.priced_strata = (R, K), mix, priced
         self.R, self.K = R, K
         return R, K
+
+    def _worth_looking_sooner(self, pair, mix, strata, cost_upstream, cost_draw, cost_probe, budget) -> bool:
+        """Whether a move to ``pair`` (with ``mix``) counts as the components having moved (the probe interval
+        halves and the settle count restarts): what the move gains over keeping the pair in use (``1 - Var*C(new)
+        / Var*C(old)`` by the current components, probes charged alike) exceeds the share of a step the probes
+        take at the interval in use. Otherwise the move is one between near-equal neighbours that noise in the
+        components makes, worth less than the probes that found it, and counts as settled."""
+        P = self.interval
+        if not self._acceptable(self.base, cost_upstream, cost_draw, budget if budget is not None else math.inf):
+            return True
+        new = self._charged_wnv(pair, mix, cost_upstream, cost_draw, cost_probe, P, strata)
+        old = self._charged_wnv(self.base, self.mix, cost_upstream, cost_draw, cost_probe, P, strata)
+        if not old > 0:
+            return True
+        step = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix, strata)[1]
+        extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
+                 - self.step_cost(*pair, cost_upstream, cost_draw))
+        return 1.0 - new / old > extra / (P * step)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
