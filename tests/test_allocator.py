@@ -647,15 +647,15 @@ def test_allocator_mix_only_where_the_next_pair_is_unaffordable_and_state_resume
 
 
 @pytest.mark.parametrize("interval, k_in_use, moves_count", [
-    (4, 3, False),   # K 3 -> 4 or 5 gains about 3%, probing every 4 steps costs 17% of a step: settled
-    (80, 3, True),   # the same move against probes every 80 steps (0.8% of a step): look again sooner
-    (4, 1, True),    # K 1 -> 4 or 5 gains about 38%: a real move even at the shortest interval
+    (4, 3, False),   # K 3 -> 5 gains about 9%, probing every 4 steps costs about 13% of a step: settled
+    (80, 3, True),   # the same move against probes every 80 steps (under 1% of a step): look again sooner
+    (4, 1, True),    # K 1 -> 5 gains about 46%: a real move even at the shortest interval
 ])
 def test_allocator_a_move_worth_less_than_its_probes_counts_as_settled(interval, k_in_use, moves_count):
     """A re-choice that moves the pair halves the probe interval and restarts the settle count only where the move
-    gains more (in Var * C, by the current components) than the probes cost at the interval in use; a move between
-    near-equal neighbours, which component noise makes, counts as a kept pair. Render : draw 8, K* about 4.5: a
-    probe step at (2, 2) costs 8 draws more than a step at (1, 4) that costs 12."""
+    gains more (in Var * C by the current components, each pair's probes charged at the interval in use) than the
+    probes cost at that interval; a move between near-equal neighbours, which component noise makes, counts as a
+    kept pair. Render : draw 8, K* about 4.5; a probe step of ``(1, K)`` runs at ``(2, 2)``."""
     from carv.accounting import Allocator, CostMeter
 
     sb, sw, cu, cd = 1.0, 2.53, 8.0, 1.0
@@ -668,12 +668,35 @@ def test_allocator_a_move_worth_less_than_its_probes_counts_as_settled(interval,
     a.observe(sb, sw)
     a.step(m)
     entry = a.history[-1]
-    assert entry["previous"] == [1, k_in_use] and (entry["R"], entry["K"]) in {(1, 4), (1, 5)}  # it moved
-    wnv = {k: (sb + sw / k) * (cu + k * cd) for k in (k_in_use, entry["K"])}
-    gain = 1 - wnv[entry["K"]] / wnv[k_in_use]
-    share = (2 * (cu + 2 * cd) - (cu + entry["K"] * cd)) / (interval * (cu + entry["K"] * cd))
+    k_new = entry["K"]
+    assert entry["previous"] == [1, k_in_use] and entry["R"] == 1 and k_new != k_in_use and entry["mix"] is None
+
+    def extra(k):  # a probe step's extra cost over an ordinary step at (1, k)
+        return max(2 * (cu + 2 * cd) - (cu + k * cd), 0.0)
+
+    def charged_wnv(k):  # Var * C of the ordinary steps at (1, k), one probe step every `interval` steps charged
+        return (sb + sw / k) * (cu + k * cd + extra(k) / interval)
+
+    gain = 1 - charged_wnv(k_new) / charged_wnv(k_in_use)
+    share = extra(k_new) / (interval * (cu + k_new * cd))
     assert (gain > share) == moves_count, (gain, share)
     if moves_count:
         assert (a.interval, a.unchanged) == (max(4, interval // 2), 0)
     else:
         assert (a.interval, a.unchanged) == (interval, 2)
+
+
+def test_allocator_move_rule_with_free_stages_does_not_divide_by_zero():
+    """Stages timed at 0 s (a meter fed nothing but the probes' cost) leave the move rule nothing to compare: the
+    move counts, as it did before the rule, instead of dividing by a zero step cost."""
+    from carv.accounting import Allocator, CostMeter
+
+    m = CostMeter()
+    m.add("upstream", 0.0)
+    m.add("draw", 0.0)
+    m.add("probe", 1.0)
+    a = Allocator(budget=None, r_init=2, k_init=4, every=1, warmup=1, live_costs=True)
+    for sb, sw in ((1.0, 1.0), (1e-3, 1e3), (1e3, 1e-3)):
+        a.observe(sb, sw)
+        a.step(m)
+    assert len(a.history) == 3

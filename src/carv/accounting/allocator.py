@@ -613,17 +613,20 @@ class Allocator:
     def _worth_looking_sooner(self, pair, mix, strata, cost_upstream, cost_draw, cost_probe, budget) -> bool:
         """Whether a move to ``pair`` (with ``mix``) counts as the components having moved (the probe interval
         halves and the settle count restarts): what the move gains over keeping the pair in use (``1 - Var*C(new)
-        / Var*C(old)`` by the current components, probes charged alike) exceeds the share of a step the probes
-        take at the interval in use. Otherwise the move is one between near-equal neighbours that noise in the
-        components makes, worth less than the probes that found it, and counts as settled."""
+        / Var*C(old)`` by the current components, each pair's probes charged as the plan charges them, the plain
+        pair at its longest interval) exceeds the share of a step the probes take at the interval in use.
+        Otherwise the move is one between near-equal neighbours that noise in the components makes, worth less
+        than the probes that found it, and counts as settled. A move always counts where the pair in use is off
+        the grid or unaffordable at ``budget``, or where the costs or components leave nothing to compare."""
         P = self.interval
         if not self._acceptable(self.base, cost_upstream, cost_draw, budget if budget is not None else math.inf):
             return True
-        new = self._charged_wnv(pair, mix, cost_upstream, cost_draw, cost_probe, P, strata)
-        old = self._charged_wnv(self.base, self.mix, cost_upstream, cost_draw, cost_probe, P, strata)
-        if not old > 0:
-            return True
+        new = self._charged_wnv(pair, mix, cost_upstream, cost_draw, cost_probe, self.probe_interval_for(pair), strata)
+        old = self._charged_wnv(self.base, self.mix, cost_upstream, cost_draw, cost_probe,
+                                self.probe_interval_for(self.base), strata)
         step = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix, strata)[1]
+        if not (old > 0 and step > 0):
+            return True
         extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
                  - self.step_cost(*pair, cost_upstream, cost_draw))
         return 1.0 - new / old > extra / (P * step)
