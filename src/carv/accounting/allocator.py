@@ -399,6 +399,12 @@ class Allocator:
         probe = self.step_cost(*self._probe_pair(R, K), cost_upstream, cost_draw) + cost_probe
         return step + max(probe - step, 0.0) / interval
 
+    def _probe_extra(self, pair: tuple[int, int], cost_upstream: float, cost_draw: float, cost_probe: float) -> float:
+        """What one probe step costs beyond an ordinary step at ``pair`` (:meth:`charged_cost` at an interval of 1:
+        the probe shape's cost and the probe's own, less the step's); what a plan and a move's worth charge."""
+        return (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
+                - self.step_cost(*pair, cost_upstream, cost_draw))
+
     def choose(self, cost_upstream: float, cost_draw: float, cost_probe: float = 0.0,
                interval: int | None = None, keep: bool = True) -> tuple[int, int, float | None]:
         """``(R, K, budget_of_ordinary_steps)`` from the current estimates and the given costs, with the probes'
@@ -445,8 +451,7 @@ class Allocator:
         b_eff, pair = B, self.base
         cheapest = self.step_cost(self.r_min, self.k_min, cost_upstream, cost_draw)
         for _ in range(3):  # fixed point: the probe's extra cost depends on the pair it probes
-            probe_extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
-                           - self.step_cost(*pair, cost_upstream, cost_draw))
+            probe_extra = self._probe_extra(pair, cost_upstream, cost_draw, cost_probe)
             # the ordinary steps' budget: P steps, one of them a probe, average B
             b_eff = max(B - probe_extra / P, 0.0) if P > 1 else B
             pair = allocate(sb, sw, cost_upstream, cost_draw, budget=max(b_eff, cheapest),
@@ -627,9 +632,7 @@ class Allocator:
         step = mixed_step(self.between, self.within, cost_upstream, cost_draw, *pair, mix, strata)[1]
         if not (old > 0 and step > 0):
             return True
-        extra = (self.charged_cost(*pair, cost_upstream, cost_draw, cost_probe, 1)
-                 - self.step_cost(*pair, cost_upstream, cost_draw))
-        return 1.0 - new / old > extra / (P * step)
+        return 1.0 - new / old > self._probe_extra(pair, cost_upstream, cost_draw, cost_probe) / (P * step)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
