@@ -129,10 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(brief, indent=1))
         print(markdown(res))
         if args.json:
-            path = Path(args.json)
-            doc = json.loads(path.read_text()) if path.exists() else {}
-            doc[args.entry] = res
-            path.write_text(json.dumps(doc, indent=1) + "\n")
+            from carv._runfolder import update_json
+
+            update_json(args.json, {args.entry: res}, "--json")
         return
     try:
         lane, n_lanes = (int(x) for x in args.lane.split("/"))

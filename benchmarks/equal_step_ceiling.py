@@ -246,10 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and curves:
         plot(curves, Path(args.plot))
     if args.json:
-        path = Path(args.json)
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        doc[args.entry] = res
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        from carv._runfolder import update_json
+
+        update_json(args.json, {args.entry: res}, "--json")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from carv._runfolder import atomic_write_json, read_json
+    from carv._runfolder import read_json, update_json
     from carv.apps.text_to_3d import TextTo3DConfig, run_text_to_3d, slug
     from carv.bench.compare import compare_text_to_3d
     from carv.bench.text_to_3d import equal_step_compute
@@ -185,14 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     res["runs"] = [{"prompt": sm["prompt"], "seed": sm["seed"], "final": sm["final"],
                     "seconds_per_step": sm["seconds_per_step"], "carv_R_K_final": [sm["R_final"], sm["K_final"]],
                     "machine": sm["machine"]} for sm in summaries]
-    doc = read_json(args.json, "benchmark JSON") if Path(args.json).is_file() else {}  # a new file: this entry only
     entry = args.entry or ("equal_step_compute" if grid is None else "equal_step_compute_lr_tuned")
-    old = doc.get(entry) or {}
-    for key in ("earlier", "variance_sensitivity"):  # records this script does not make: kept as they are
-        if key in old:
-            res[key] = old[key]
-    doc[entry] = res
-    atomic_write_json(args.json, doc)
+
+    def entries(doc: dict) -> dict:
+        old = doc.get(entry) or {}  # records this script does not make: kept as they are
+        return {entry: res | {key: old[key] for key in ("earlier", "variance_sensitivity") if key in old}}
+
+    update_json(args.json, entries, "benchmark JSON")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--rerun", type=Path, action="append", default=[])
     ap.add_argument("--keep", action="append", default=[])
     a = ap.parse_args()
+    from carv._runfolder import atomic_write_json
+
     old = json.loads(a.docs.read_text()) if a.docs.is_file() else None
     run = json.loads(a.run.read_text())
     if "problem" in run and "config" in run:  # an attribution run folder's results.json
@@ -55,7 +57,7 @@ def main() -> None:
 
         run = docs_json(run)
     new = merge(run, old, [json.loads(p.read_text()) for p in a.rerun], a.keep)
-    a.docs.write_text(json.dumps(new, indent=2) + "\n")
+    atomic_write_json(a.docs, new)  # an interrupted write leaves the old file
     print(f"{a.docs}: headline {new['headline']['value']:.3f} ({len(new.get('reruns', []))} rerun(s)); kept "
           f"{a.keep + (['before_protocol'] if 'before_protocol' in new else [])}")
 

@@ -149,6 +149,37 @@ def test_bad_json_names_the_file(tmp_path):
         read_json(tmp_path / "cut.json")
 
 
+
+def test_update_json_changes_only_its_entries_and_never_leaves_half_a_file(tmp_path, monkeypatch):
+    """Several benchmark scripts write entries of one docs JSON: each keeps the others' entries and their place, the
+    file keeps atomic_write_json's format (a rewrite by another writer changes only the entries it sets), a failed
+    write leaves the old file, and a damaged or non-object file is named."""
+    path = tmp_path / "docs" / "bench.json"
+    rf.update_json(path, {"headline": {"value": 1.5}})  # a missing file (and folder) starts empty
+    rf.update_json(path, {"sweep": [1, 2], "other": "x"})
+    before = path.read_text()
+    assert json.loads(before) == {"headline": {"value": 1.5}, "sweep": [1, 2], "other": "x"}
+    assert before == json.dumps(json.loads(before), indent=2) + "\n"
+
+    doc = rf.update_json(path, lambda d: {"sweep": d["sweep"] + [3]})  # entries computed from the current object
+    assert list(doc) == ["headline", "sweep", "other"] and doc["sweep"] == [1, 2, 3]
+    assert path.read_text() == before.replace("    2\n", "    2,\n    3\n")  # only the changed lines differ
+
+    def full(p, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(rf, "_write_bytes", full)
+    with pytest.raises(OSError):
+        rf.update_json(path, {"sweep": []})
+    monkeypatch.undo()
+    assert read_json(path)["sweep"] == [1, 2, 3]
+    path.write_text("[1, 2]\n")
+    with pytest.raises(CorruptFileError, match=r"--json: .*bench.json.* not an object"):
+        rf.update_json(path, {"a": 1}, "--json")
+    path.write_text('{"a": ')
+    with pytest.raises(CorruptFileError, match="bench.json"):
+        rf.update_json(path, {"a": 1})
+
 # ----------------------------------------------------------------------------- checksummed checkpoints
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random", "bitflip_data", "bitflip_header"])
 def test_damaged_tensor_files_are_named_never_loaded(tmp_path, damage):

@@ -50,7 +50,7 @@ import re
 import struct
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ __all__ = [
     "atomic_write_json",
     "append_line",
     "read_json",
+    "update_json",
     "save_figure",
     "save_tensors",
     "load_tensors",
@@ -322,6 +323,23 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
+
+
+def update_json(path: str | Path, entries: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
+                what: str = "JSON file") -> dict:
+    """Set top-level ``entries`` in the JSON object at ``path`` and keep its other keys (a missing file starts as
+    ``{}``); ``entries`` may be a function of the current object that returns them. Written atomically in
+    :func:`atomic_write_json`'s format, so an interrupted write leaves the old file and two writers of one file (the
+    benchmark JSONs under ``docs/``, each script its own entries) change only their own lines. Returns the object
+    written. A file that is not JSON, or holds no object, raises :class:`CorruptFileError` naming it."""
+    path = Path(path)
+    doc = read_json(path, what) if path.is_file() else {}
+    if not isinstance(doc, dict):
+        raise CorruptFileError(f"{what}: {str(path)!r} holds a JSON {type(doc).__name__}, not an object")
+    doc.update(entries(doc) if callable(entries) else entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc)
+    return doc
 
 
 def _aside_name(path: Path, tag: str = "set-aside") -> Path:

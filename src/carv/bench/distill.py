@@ -38,7 +38,15 @@ from torch import Tensor
 from carv import runner
 from carv._machine import loadavg, machine_info, torch_threads
 from carv._progress import progress_bar
-from carv._runfolder import RunFolder, RunState, atomic_path, atomic_write_json, atomic_write_text, save_figure
+from carv._runfolder import (
+    RunFolder,
+    RunState,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    save_figure,
+    update_json,
+)
 from carv.accounting import CostMeter, efficiency_bound, optimal_k
 from carv.apps.distill import (
     CARV_ESTIMATOR,
@@ -693,11 +701,7 @@ def bench_upstream_strata(out_dir: str | Path = "runs/bench-distill-upstream", j
               "settings": {"replicates": s.replicates, "reference_estimates": s.reference_estimates,
                            "reference_R": s.reference_R}, "rows": rows, "diagnostics": diag}
     if json_path is not None:
-        p = Path(json_path)
-        doc = json.loads(p.read_text()) if p.is_file() else {}
-        doc["upstream_strata"] = result
-        p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(p, doc)
+        update_json(json_path, {"upstream_strata": result}, "benchmark JSON")
     if progress:
         print_table(rows, ROW_COLUMNS, title="carv bench distill --upstream-only: generator-gradient variance")
         c = diag["reuse_ceiling_with_upstream_strata"]

@@ -24,12 +24,11 @@ render and no draws). The bound is the curve's smallest ``Var * C`` over real ``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from carv._runfolder import atomic_write_json, save_figure
+from carv._runfolder import save_figure, update_json
 
 __all__ = ["REGIME_KEYS", "fit_variance_curve", "curve_bound", "k_per_step", "mean_k", "mix_row", "regime_row",
            "plot_regime_sweep", "write_regime_sweep"]
@@ -168,25 +167,24 @@ def write_regime_sweep(json_path: str | Path, rows: Sequence[dict], record: dict
     the app pays), and the existing ``headline`` gets ``bound_fraction``: its value over the bound the pipeline
     allows at the native ratio (that row's bound). Without it (the sweep ran another configuration than the app's
     headline, on another state) only the rows are written."""
-    path = Path(json_path)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["regime_sweep"] = [{k: r[k] for k in REGIME_KEYS} | {k: v for k, v in r.items() if k not in REGIME_KEYS}
-                            for r in rows]
-    data["regime_sweep_record"] = dict(record)
-    if not app_default:
-        atomic_write_json(path, data)
-        return data
-    native = min(rows, key=lambda r: abs(math.log(r["cost_ratio"] / native_ratio)))
-    data["headline_app_default"] = {"value": native["headline_ecm"], "se": native["headline_se"],
-                                    "bound_ecm": native["bound_ecm"], "bound_fraction": native["bound_fraction"],
-                                    "K": native["K"], "R": native.get("R"), "cost_ratio": native["cost_ratio"],
-                                    "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
-    if native.get("per_seed"):  # each seed's run makes its own choice
-        data["headline_app_default"] |= {"R_by_seed": [r["R"] for r in native["per_seed"]],
-                                         "K_by_seed": [k_per_step(r) for r in native["per_seed"]]}
-    head = data.get("headline")
-    if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
-        head["bound_fraction"] = head["value"] / native["bound_ecm"]
-        head["bound_fraction_source"] = "its value over the native regime_sweep row's bound_ecm"
-    atomic_write_json(path, data)
-    return data
+    def entries(data: dict) -> dict:
+        out = {"regime_sweep": [{k: r[k] for k in REGIME_KEYS} | {k: v for k, v in r.items() if k not in REGIME_KEYS}
+                                for r in rows],
+               "regime_sweep_record": dict(record)}
+        if not app_default:
+            return out
+        native = min(rows, key=lambda r: abs(math.log(r["cost_ratio"] / native_ratio)))
+        out["headline_app_default"] = {"value": native["headline_ecm"], "se": native["headline_se"],
+                                       "bound_ecm": native["bound_ecm"], "bound_fraction": native["bound_fraction"],
+                                       "K": native["K"], "R": native.get("R"), "cost_ratio": native["cost_ratio"],
+                                       "metric": "ecm", "source": "regime_sweep row at the native cost ratio"}
+        if native.get("per_seed"):  # each seed's run makes its own choice
+            out["headline_app_default"] |= {"R_by_seed": [r["R"] for r in native["per_seed"]],
+                                            "K_by_seed": [k_per_step(r) for r in native["per_seed"]]}
+        head = data.get("headline")
+        if isinstance(head, dict) and isinstance(head.get("value"), (int, float)):
+            out["headline"] = {**head, "bound_fraction": head["value"] / native["bound_ecm"],
+                               "bound_fraction_source": "its value over the native regime_sweep row's bound_ecm"}
+        return out
+
+    return update_json(json_path, entries, "benchmark JSON")
