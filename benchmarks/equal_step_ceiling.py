@@ -1,7 +1,8 @@
 """The variance ceiling of equal per-step compute: how many fewer steps a much lower-variance gradient buys (issue 12).
 
-    PYTHONPATH=src nice -n 10 python3 benchmarks/equal_step_ceiling.py --root runs/oracle --compare-root runs/budget \
-        [--prompts 'a red mushroom|a blue table'] [--seeds 0] [--json docs/text_to_3d_bench.json]
+    PYTHONPATH=src nice -n 10 python3 benchmarks/equal_step_ceiling.py --root runs/oracle \
+        --compare-root runs/ceiling-compare --eval-every-s 2.5 [--prompts 'a red mushroom|a blue table'] [--seeds 0] \
+        [--json docs/text_to_3d_bench.json]
 
 Any unbiased estimator that spends the baseline's per-step compute has at least the variance of the best one
 that spends far more. So run the objective with an *oracle* gradient: carv's own estimator (learned proposal,
@@ -20,8 +21,11 @@ the run-length measure of ``benchmarks/equal_step_budget_sweep.py`` (a 2.5x targ
 400-step quality in 160 steps).
 
 The baseline (and carv) curves are the ``--compare`` runs of ``--compare-root`` (``<prompt>-s<seed>-S400``, the
-budget sweep's layout; missing ones are run). Every run resumes; a finished one is read back. The oracle's R and
-K, the prompts, seeds and the reading rule were fixed before its first run.
+budget sweep's layout; missing ones are run). The reading needs dense curves: evaluations come every
+``eval_every_s`` seconds of training (the app's 20 s gives 3-4 evaluations in 400 steps on a fast machine, and a
+3-evaluation average over them moves the figure by itself), so the runs this makes take ``--eval-every-s``, and a
+baseline with fewer than ``MIN_EVALS`` evaluations is refused. Every run resumes; a finished one is read back. The
+oracle's R and K, the prompts, seeds and the reading rule were fixed before its first run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import equal_step_budget_sweep as sweep  # noqa: E402  (the sweep's run folders, layout and scaled schedule)
 
 ORACLE = {"R": 4, "K": 16}
+MIN_EVALS = 8  # baseline evaluations in a 400-step run that the 3-evaluation reading needs
 
 
 def _evals(folder: Path) -> list[dict]:
@@ -46,7 +51,7 @@ def _evals(folder: Path) -> list[dict]:
 
 def _at_steps(rows: list[dict], steps: list[float], keys=("psnr", "iou")) -> list[dict]:
     """``rows`` (evaluations by step) linearly interpolated at ``steps``: the oracle, evaluated every few steps
-    (its steps are slow and evaluations come every 20 s of training), read at the baseline's own evaluation steps,
+    (its steps are slow and evaluations come every ``eval_every_s`` of training), read at the baseline's own steps,
     so that the 3-evaluation smoothing spans the same steps on both curves."""
     out = []
     for s in steps:
@@ -61,19 +66,35 @@ def _oracle_dir(root: Path, prompt: str, seed: int, length: int) -> Path:
     return sweep.run_dir(root, prompt, seed, length, prefix="oracle-")
 
 
-def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int) -> Path:
+def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int, **fields) -> Path:
     from carv.apps.text_to_3d import run_text_to_3d
 
     out = _oracle_dir(root, prompt, seed, length)
     done = out / "summary.json"
     if not (done.exists() and json.loads(done.read_text()).get("steps") == length):
-        run_text_to_3d(prompt, out, sweep.scaled_config(prompt, seed, length, threads, **ORACLE), progress=False)
+        run_text_to_3d(prompt, out, sweep.scaled_config(prompt, seed, length, threads, **ORACLE, **fields),
+                       progress=False)
     return out
 
 
-def _compare_run(root: Path, prompt: str, seed: int, threads: int) -> Path:
-    sweep.run_one(root, prompt, seed, 400, threads)
+def _compare_run(root: Path, prompt: str, seed: int, threads: int, **fields) -> Path:
+    sweep.run_one(root, prompt, seed, 400, threads, **fields)
     return sweep.run_dir(root, prompt, seed, 400)
+
+
+def _sparse(base: list[dict], folder: Path) -> str | None:
+    """Why a baseline curve is too sparse to read (None where it is not). The reading smooths over 3 evaluations and
+    reads the oracle at the baseline's evaluation steps, so its result moves with the evaluation interval, which is
+    in seconds of training (``eval_every_s``): a faster machine evaluates a 400-step run less often."""
+    if len(base) >= MIN_EVALS:
+        return None
+    sm = json.loads((folder / "summary.json").read_text())
+    per_step = sm.get("seconds_per_step", {}).get("baseline")
+    hint = (f"; at {per_step:.3f} s per step here, --eval-every-s {max(400 * per_step / (2 * MIN_EVALS), 0.1):.1f} "
+            "gives about twice that") if per_step else ""
+    return (f"--compare-root: {str(folder)!r} has {len(base)} baseline evaluations in 400 steps; the reading needs "
+            f"at least {MIN_EVALS} (evaluations come every eval_every_s seconds of training): run the compare runs "
+            f"into a fresh --compare-root with a shorter --eval-every-s{hint}")
 
 
 def _components(summary: dict, lo: int = 200) -> tuple[float, float] | None:
@@ -155,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="", help="also run the oracle at these scaled lengths (e.g. 160)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="read finished runs only")
+    ap.add_argument("--eval-every-s", type=float, default=None,
+                    help="seconds of training between evaluations in the runs this makes (default: the app's 20)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--entry", default="equal_step_variance_ceiling")
     ap.add_argument("--plot", default=None, help="write the curves' figure here (PNG)")
@@ -167,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     from carv.bench.quality import equal_quality_ecm
     from carv.bench.text_to_3d import geomean, log_spread
 
+    if args.eval_every_s is not None and not args.eval_every_s > 0:
+        ap.error(f"--eval-every-s: expected a positive number of seconds, got {args.eval_every_s}")
+    fields = {} if args.eval_every_s is None else {"eval_every_s": args.eval_every_s}
     root, croot = Path(args.root), Path(args.compare_root)
     out, curves = [], []
     for prompt in args.prompts.split("|"):
@@ -176,10 +202,12 @@ def main(argv: list[str] | None = None) -> None:
                 if not ((o / "summary.json").exists() and (c / "summary.json").exists()):
                     continue
             else:
-                o = _oracle_run(root, prompt, seed, 400, args.threads)
-                c = _compare_run(croot, prompt, seed, args.threads)
+                o = _oracle_run(root, prompt, seed, 400, args.threads, **fields)
+                c = _compare_run(croot, prompt, seed, args.threads, **fields)
             csum = json.loads((c / "summary.json").read_text())
             base, carv, oracle = _evals(c / "baseline"), _evals(c / "carv"), _evals(o)
+            if (why := _sparse(base, c)) is not None:
+                ap.error(why)
             curves.append((f"{prompt!r}, seed {seed}", {"baseline": base, "carv": carv, "oracle": oracle}))
             oracle = _at_steps(oracle, [r["step"] for r in base])  # the same smoothing span as the baseline's
             row = {"prompt": prompt, "seed": seed, "oracle": dict(ORACLE), "metrics": {}}

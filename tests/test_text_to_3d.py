@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -376,6 +377,46 @@ def test_equal_step_compute_counts_unreached_pairs_at_their_bound():
     assert all(p["carv_steps"] == 60 for p in res["pairs"] if not p["reached"])  # at the bound
     with pytest.raises(ValueError, match="summaries"):
         equal_step_compute([{**sm, "compare_at": "wall-clock"}])
+
+
+def test_the_variance_ceiling_refuses_to_read_a_sparsely_evaluated_baseline(tmp_path):
+    """The ceiling's reading smooths over 3 evaluations, so a baseline evaluated 4 times in 400 steps (a fast machine
+    at the app's 20 s between evaluations) would move the figure by itself: one line naming the folder, the count and
+    the flag that fixes it; a dense curve passes the check."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def write(folder, steps):
+        folder.mkdir(parents=True)
+        rows = [{"kind": "eval", "step": s, "elapsed_s": s / 10, "psnr": 15 + s / 100, "iou": 0.5 + s / 1000}
+                for s in steps]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(tmp_path / "oracle" / "oracle-a-red-mushroom-s0-S400", range(0, 401, 20))
+    (tmp_path / "oracle" / "oracle-a-red-mushroom-s0-S400" / "summary.json").write_text(
+        json.dumps({"steps": 400, "train_seconds": 400.0}))
+
+    def run(compare_steps):
+        c = tmp_path / "compare" / "a-red-mushroom-s0-S400"
+        for arm in ("baseline", "carv"):
+            write(c / arm, compare_steps)
+        (c / "summary.json").write_text(json.dumps({"seconds_per_step": {"baseline": 0.116, "carv": 0.11}}))
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "equal_step_ceiling.py"), "--root",
+                               str(tmp_path / "oracle"), "--compare-root", str(tmp_path / "compare"), "--report-only"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root / "src")},
+                              timeout=120)
+
+    sparse = run([0, 175, 345, 400])
+    last = sparse.stderr.strip().splitlines()[-1]
+    assert sparse.returncode == 2 and "Traceback" not in sparse.stderr
+    assert "a-red-mushroom-s0-S400" in last and "4 baseline evaluations" in last and "--eval-every-s" in last
+    shutil.rmtree(tmp_path / "compare")
+    dense = run(range(0, 401, 25))
+    assert dense.returncode == 0, dense.stderr
 
 
 def test_equal_step_budget_sweep_reads_steps_off_the_shortest_run_that_reaches_the_target():
