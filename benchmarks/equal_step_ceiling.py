@@ -24,8 +24,9 @@ The baseline (and carv) curves are the ``--compare`` runs of ``--compare-root`` 
 budget sweep's layout; missing ones are run). The reading needs dense curves: evaluations come every
 ``eval_every_s`` seconds of training (the app's 20 s gives 3-4 evaluations in 400 steps on a fast machine, and a
 3-evaluation average over them moves the figure by itself), so the runs this makes take ``--eval-every-s``, and a
-baseline with fewer than ``MIN_EVALS`` evaluations is refused. Every run resumes; a finished one is read back. The
-oracle's R and K, the prompts, seeds and the reading rule were fixed before its first run.
+baseline with fewer than ``carv.bench.quality.min_evaluations()`` (9) evaluations is refused. Every run resumes; a
+finished one is read back. The oracle's R and K, the prompts, seeds and the reading rule were fixed before its first
+run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import equal_step_budget_sweep as sweep  # noqa: E402  (the sweep's run folders, layout and scaled schedule)
 
 ORACLE = {"R": 4, "K": 16}
-MIN_EVALS = 8  # baseline evaluations in a 400-step run that the 3-evaluation reading needs
 
 
 def _evals(folder: Path) -> list[dict]:
@@ -83,17 +83,19 @@ def _compare_run(root: Path, prompt: str, seed: int, threads: int, **fields) -> 
 
 
 def _sparse(base: list[dict], folder: Path) -> str | None:
-    """Why a baseline curve is too sparse to read (None where it is not). The reading smooths over 3 evaluations and
-    reads the oracle at the baseline's evaluation steps, so its result moves with the evaluation interval, which is
-    in seconds of training (``eval_every_s``): a faster machine evaluates a 400-step run less often."""
-    if len(base) >= MIN_EVALS:
+    """Why a baseline curve is too sparse to read (None where it is not): fewer evaluations than
+    :func:`carv.bench.quality.min_evaluations` (the reading reads the oracle at the baseline's evaluation steps)."""
+    from carv.bench.quality import min_evaluations
+
+    need = min_evaluations()
+    if len(base) >= need:
         return None
     sm = json.loads((folder / "summary.json").read_text())
     per_step = sm.get("seconds_per_step", {}).get("baseline")
-    hint = (f"; at {per_step:.3f} s per step here, --eval-every-s {max(400 * per_step / (2 * MIN_EVALS), 0.1):.1f} "
+    hint = (f"; at {per_step:.3f} s per step here, --eval-every-s {max(400 * per_step / (2 * need), 0.1):.1f} "
             "gives about twice that") if per_step else ""
     return (f"--compare-root: {str(folder)!r} has {len(base)} baseline evaluations in 400 steps; the reading needs "
-            f"at least {MIN_EVALS} (evaluations come every eval_every_s seconds of training): run the compare runs "
+            f"at least {need} (evaluations come every eval_every_s seconds of training): run the compare runs "
             f"into a fresh --compare-root with a shorter --eval-every-s{hint}")
 
 

@@ -362,21 +362,47 @@ def test_equal_step_compute_counts_unreached_pairs_at_their_bound():
     def curve(vals, dt):
         return [{"step": 10 * i, "elapsed_s": dt * i, "psnr": v, "iou": v / 20} for i, v in enumerate(vals)]
 
-    base, fast = curve([10, 12, 14, 16, 18, 18, 18], 1.0), curve([10, 16, 18, 19, 19, 19, 19], 1.1)
-    sm = {"compare_at": "step", "prompt": "a snowman", "seed": 1, "steps": {"carv": 60, "baseline": 60},
+    base, fast = curve([10, 12, 14, 16, 18, 18, 18, 18, 18], 1.0), curve([10, 16, 18, 19, 19, 19, 19, 19, 19], 1.1)
+    sm = {"compare_at": "step", "prompt": "a snowman", "seed": 1, "steps": {"carv": 80, "baseline": 80},
           "train_seconds": {"carv": 6.6, "baseline": 6.0},
           "steps_ratio_equal_quality": {k: equal_quality_ecm(base, fast, k, x="step") for k in ("psnr", "iou")},
           "ecm_equal_quality": {k: equal_quality_ecm(base, fast, k) for k in ("psnr", "iou")}}
-    never = {**sm, "steps_ratio_equal_quality": {k: equal_quality_ecm(base, curve([10] * 7, 1.0), k, x="step")
+    never = {**sm, "steps_ratio_equal_quality": {k: equal_quality_ecm(base, curve([10] * 9, 1.0), k, x="step")
                                                  for k in ("psnr", "iou")},
-             "ecm_equal_quality": {k: equal_quality_ecm(base, curve([10] * 7, 1.0), k) for k in ("psnr", "iou")}}
+             "ecm_equal_quality": {k: equal_quality_ecm(base, curve([10] * 9, 1.0), k) for k in ("psnr", "iou")}}
     res = equal_step_compute([sm, never])
     assert res["n_pairs"] == 4 and res["n_unreached"] == 2
     reached = [p for p in res["pairs"] if p["reached"]]
     assert all(p["carv_steps"] < p["baseline_steps"] for p in reached)
-    assert all(p["carv_steps"] == 60 for p in res["pairs"] if not p["reached"])  # at the bound
+    assert all(p["carv_steps"] == 80 for p in res["pairs"] if not p["reached"])  # at the bound
     with pytest.raises(ValueError, match="summaries"):
         equal_step_compute([{**sm, "compare_at": "wall-clock"}])
+    # a run evaluated too few times for the reading (a fast machine at 20 s between evaluations) is refused, named
+    sparse = {**sm, "steps_ratio_equal_quality": {k: equal_quality_ecm(base[::2], fast[::2], k, x="step")
+                                                  for k in ("psnr", "iou")}}
+    assert not sparse["steps_ratio_equal_quality"]["psnr"]["readable"]
+    with pytest.raises(ValueError, match=r"'a snowman' seed 1 has 5 evaluations.*--eval-every-s"):
+        equal_step_compute([sm, sparse])
+
+
+def test_steps_to_quality_needs_evaluations_spanning_the_run():
+    """The target is the baseline's final 3-evaluation average: with fewer than 9 evaluations it spans over a quarter
+    of the run and the reading follows the evaluation interval, so the result says it cannot be read; the compare
+    command's line then names the count and the --eval-every-s that fixes it."""
+    from carv.bench.compare import _reading
+    from carv.bench.quality import min_evaluations
+
+    assert min_evaluations(3) == 9 and min_evaluations(1) == 1
+    base = [{"step": t, "elapsed_s": t, "psnr": t / 10} for t in range(0, 401, 50)]  # 9 evaluations
+    fast = [{"step": t, "elapsed_s": t, "psnr": t / 5} for t in range(0, 401, 50)]
+    dense = equal_quality_ecm(base, fast, window=3, x="step")
+    assert dense["readable"] and dense["evaluations"] == [9, 9] and dense["ecm"] == pytest.approx(2.0)
+    cfg = TextTo3DConfig(steps=400)
+    assert _reading(dense, cfg, {"carv": 0.11, "baseline": 0.12}) == "2.00x"
+    sparse = equal_quality_ecm(base[::2], fast[::2], window=3, x="step")  # 5 evaluations: 0, 100, ..., 400
+    assert not sparse["readable"] and sparse["evaluations"] == [5, 5]
+    line = _reading(sparse, cfg, {"carv": 0.11, "baseline": 0.12})
+    assert line.startswith("not read: 5 evaluations, the reading needs 9") and "--eval-every-s 2.4" in line
 
 
 def test_the_variance_ceiling_refuses_to_read_a_sparsely_evaluated_baseline(tmp_path):

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["equal_quality_ecm"]
+__all__ = ["equal_quality_ecm", "min_evaluations"]
+
+
+def min_evaluations(window: int = 3) -> int:
+    """The fewest evaluations a curve needs for :func:`equal_quality_ecm`'s reading: the target is the baseline's
+    final ``window``-evaluation average, which spans ``window - 1`` evaluation intervals, and with fewer than
+    ``4 (window - 1) + 1`` evaluations that span is over a quarter of the run, so the target (and every crossing of
+    it) moves with the evaluation interval rather than the runs. Evaluations of ``carv text-to-3d`` come every
+    ``eval_every_s`` seconds of training, so a fast machine makes fewer."""
+    return 4 * (window - 1) + 1
 
 
 def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3,
@@ -27,6 +36,9 @@ def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", w
     trailing; ``tests/test_text_to_3d.py``). Centred, both crossings are read at the times the averaged
     quality was had. When the method never reaches the target,
     ``ecm`` is None and ``upper_bound`` = ``t_base / t_method_total`` (it would need more than its run).
+    ``readable`` is False where either curve has fewer than :func:`min_evaluations` evaluations (``evaluations``:
+    the two counts): the result then measures the evaluation interval as much as the runs, and callers report it
+    as unread.
     """
     if not base or not method:
         raise ValueError("base, method: need at least one evaluation each")
@@ -39,7 +51,9 @@ def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", w
     t_base = _first_crossing(sb, key, target, x)
     t_method = _first_crossing(sm, key, target, x)
     res: dict[str, Any] = {"key": key, "window": window, "align": align, "target": target, "t_base_s": t_base,
-                           "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None}
+                           "t_method_s": t_method, "method_final": sm[-1][key], "ecm": None,
+                           "evaluations": [len(base), len(method)],
+                           "readable": min(len(base), len(method)) >= min_evaluations(window)}
     if t_method is None:
         total = method[-1][x]
         res["upper_bound"] = t_base / total if total > 0 else None

@@ -680,6 +680,10 @@ def equal_step_compute(summaries: list[dict]) -> dict:
         # objective's own long-run solution
         for metric in [m for m in ("psnr", "iou", "psnr_ref", "iou_ref") if m in sm["steps_ratio_equal_quality"]]:
             st, sec = sm["steps_ratio_equal_quality"][metric], sm["ecm_equal_quality"][metric]
+            if st.get("readable") is False:  # summaries written before the flag carry none: read as they were
+                raise ValueError(f"summaries: {sm['prompt']!r} seed {sm.get('seed', 0)} has {min(st['evaluations'])} "
+                                 "evaluations, too few for steps to quality (carv.bench.quality.min_evaluations): "
+                                 "rerun it with a shorter --eval-every-s")
             reached = st["t_method_s"] is not None
             carv_steps = st["t_method_s"] if reached else sm["steps"]["carv"]
             carv_secs = sec["t_method_s"] if sec["t_method_s"] is not None else sm["train_seconds"]["carv"]
