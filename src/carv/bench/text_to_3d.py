@@ -892,8 +892,9 @@ def _bench_result(pipe: Pipeline, per_ckpt: dict, names: list[str], all_rows: li
                     chosen_by="a priori: the app's estimator (learned proposal + per-upstream strata, R = 2) at the "
                               "accountant's K from its pilot at the middle snapshot, named before measuring")
     best_n = best_of_n([r for r in all_rows if r["method"] in CARV_METHODS])
-    q_ecm = [r["ecm_psnr"]["ecm"] for r in quality]
-    q_ecm_iou = [r["ecm_iou"]["ecm"] for r in quality]
+    # a reading on too few evaluations (equal_quality_ecm's readable) is not pooled: it measures the interval
+    q_ecm = [r["ecm_psnr"]["ecm"] if r["ecm_psnr"].get("readable", True) else None for r in quality]
+    q_ecm_iou = [r["ecm_iou"]["ecm"] if r["ecm_iou"].get("readable", True) else None for r in quality]
     result = {
         **run_record(command or ("carv bench text-to-3d" + (" --quick" if quick else "")), load_start),
         "smoke": SMOKE_NOTE if st.smoke else None,
@@ -920,6 +921,7 @@ def _bench_result(pipe: Pipeline, per_ckpt: dict, names: list[str], all_rows: li
         "quality": [{k: v for k, v in r.items() if k != "curves"} for r in quality],
         "quality_summary": {"ecm_psnr_geomean": geomean(q_ecm), "ecm_iou_geomean": geomean(q_ecm_iou),
                             "ecm_psnr_each": q_ecm, "n_pairs": len(quality),
+                            "n_unread": sum(not r["ecm_psnr"].get("readable", True) for r in quality),
                             "final_psnr_mean": {m: statistics.mean(r["final"][m]["psnr"] for r in quality)
                                                 for m in ("baseline", "carv")} if quality else None,
                             "final_iou_mean": {m: statistics.mean(r["final"][m]["iou"] for r in quality)
@@ -959,6 +961,9 @@ def _print_bench(result: dict, per_ckpt: dict, names: list[str], quality: list[d
     if quality:
         spread = ("one pair: no error bar" if qs["n_pairs"] < 2 else
                   f"per pair {', '.join('-' if e is None else f'{e:.2f}' for e in qs['ecm_psnr_each'])}")
+        if qs.get("n_unread"):
+            spread += (f"; {qs['n_unread']} not read: too few evaluations per run "
+                       f"(carv.bench.quality.min_evaluations)")
         print(f"quality at equal wall-clock ({qs['n_pairs']} prompt x seed pairs): ECM at equal PSNR (geomean) "
               f"{_f(qs['ecm_psnr_geomean'])} ({spread}){note}; final PSNR baseline "
               f"{qs['final_psnr_mean']['baseline']:.2f} dB, carv {qs['final_psnr_mean']['carv']:.2f} dB")
