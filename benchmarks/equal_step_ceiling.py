@@ -23,10 +23,10 @@ the run-length measure of ``benchmarks/equal_step_budget_sweep.py`` (a 2.5x targ
 The baseline (and carv) curves are the ``--compare`` runs of ``--compare-root`` (``<prompt>-s<seed>-S400``, the
 budget sweep's layout; missing ones are run). The reading needs dense curves: evaluations come every
 ``eval_every_s`` seconds of training (the app's 20 s gives 3-4 evaluations in 400 steps on a fast machine, and a
-3-evaluation average over them moves the figure by itself), so the runs this makes take ``--eval-every-s``, and a
-baseline with fewer than ``carv.bench.quality.min_evaluations()`` (9) evaluations is refused. Every run resumes; a
-finished one is read back. The oracle's R and K, the prompts, seeds and the reading rule were fixed before its first
-run.
+3-evaluation average over them moves the figure by itself), so the compare runs this makes take ``--eval-every-s``,
+and a compare run with fewer than ``carv.bench.quality.min_evaluations()`` (9) evaluations is refused. Every run
+resumes; a finished one is read back. The oracle's R and K, the prompts, seeds and the reading rule were fixed before
+its first run.
 """
 
 from __future__ import annotations
@@ -66,14 +66,13 @@ def _oracle_dir(root: Path, prompt: str, seed: int, length: int) -> Path:
     return sweep.run_dir(root, prompt, seed, length, prefix="oracle-")
 
 
-def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int, **fields) -> Path:
+def _oracle_run(root: Path, prompt: str, seed: int, length: int, threads: int) -> Path:
     from carv.apps.text_to_3d import run_text_to_3d
 
     out = _oracle_dir(root, prompt, seed, length)
     done = out / "summary.json"
     if not (done.exists() and json.loads(done.read_text()).get("steps") == length):
-        run_text_to_3d(prompt, out, sweep.scaled_config(prompt, seed, length, threads, **ORACLE, **fields),
-                       progress=False)
+        run_text_to_3d(prompt, out, sweep.scaled_config(prompt, seed, length, threads, **ORACLE), progress=False)
     return out
 
 
@@ -82,21 +81,19 @@ def _compare_run(root: Path, prompt: str, seed: int, threads: int, **fields) -> 
     return sweep.run_dir(root, prompt, seed, 400)
 
 
-def _sparse(base: list[dict], folder: Path) -> str | None:
-    """Why a baseline curve is too sparse to read (None where it is not): fewer evaluations than
-    :func:`carv.bench.quality.min_evaluations` (the reading reads the oracle at the baseline's evaluation steps)."""
-    from carv.bench.quality import min_evaluations
+def _sparse(base: list[dict], carv: list[dict], folder: Path) -> str | None:
+    """Why a compare run's curves are too sparse to read (None where they are not): fewer evaluations than
+    :func:`carv.bench.quality.min_evaluations` (the oracle is read at the baseline's evaluation steps)."""
+    from carv.bench.quality import eval_interval_for, min_evaluations
 
-    need = min_evaluations()
-    if len(base) >= need:
+    need, n = min_evaluations(), min(len(base), len(carv))
+    if n >= need:
         return None
-    sm = json.loads((folder / "summary.json").read_text())
-    per_step = sm.get("seconds_per_step", {}).get("baseline")
-    hint = (f"; at {per_step:.3f} s per step here, --eval-every-s {max(400 * per_step / (2 * need), 0.1):.1f} "
-            "gives about twice that") if per_step else ""
-    return (f"--compare-root: {str(folder)!r} has {len(base)} baseline evaluations in 400 steps; the reading needs "
-            f"at least {need} (evaluations come every eval_every_s seconds of training): run the compare runs "
-            f"into a fresh --compare-root with a shorter --eval-every-s{hint}")
+    secs = json.loads((folder / "summary.json").read_text()).get("train_seconds", {})
+    hint = f" (here about {eval_interval_for(min(secs.values())):.1f})" if secs else ""
+    return (f"--compare-root: {str(folder)!r} has {n} evaluations in a 400-step run; the reading needs at least "
+            f"{need} (evaluations come every eval_every_s seconds of training): run the compare runs into a fresh "
+            f"--compare-root with a shorter --eval-every-s{hint}")
 
 
 def _components(summary: dict, lo: int = 200) -> tuple[float, float] | None:
@@ -179,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="read finished runs only")
     ap.add_argument("--eval-every-s", type=float, default=None,
-                    help="seconds of training between evaluations in the runs this makes (default: the app's 20)")
+                    help="seconds of training between evaluations in the compare runs this makes (default: the "
+                         "app's 20; the oracle's are read at the baseline's evaluation steps)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--entry", default="equal_step_variance_ceiling")
     ap.add_argument("--plot", default=None, help="write the curves' figure here (PNG)")
@@ -204,11 +202,11 @@ def main(argv: list[str] | None = None) -> None:
                 if not ((o / "summary.json").exists() and (c / "summary.json").exists()):
                     continue
             else:
-                o = _oracle_run(root, prompt, seed, 400, args.threads, **fields)
+                o = _oracle_run(root, prompt, seed, 400, args.threads)
                 c = _compare_run(croot, prompt, seed, args.threads, **fields)
             csum = json.loads((c / "summary.json").read_text())
             base, carv, oracle = _evals(c / "baseline"), _evals(c / "carv"), _evals(o)
-            if (why := _sparse(base, c)) is not None:
+            if (why := _sparse(base, carv, c)) is not None:
                 ap.error(why)
             curves.append((f"{prompt!r}, seed {seed}", {"baseline": base, "carv": carv, "oracle": oracle}))
             oracle = _at_steps(oracle, [r["step"] for r in base])  # the same smoothing span as the baseline's

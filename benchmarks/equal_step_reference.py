@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="another prompt, run the same way (its own reference, tuning and seeds) and pooled into the "
                          "same entry; repeatable")
     ap.add_argument("--root", default="runs/eqstep")
+    ap.add_argument("--eval-every-s", type=float, default=6.0,
+                    help="seconds of training between evaluations (the reading needs 9 or more per run)")
     ap.add_argument("--json", default=None, help="write the equal_step_compute entry into this JSON file")
     ap.add_argument("--lr-grid", default=None, help="comma-separated learning rates: tune each estimator's on it")
     ap.add_argument("--tune-seed", type=int, default=None, help="the seed the rates are tuned at (not measured)")
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--rates: expected two positive numbers CARV,BASELINE, got {args.rates!r}")
         if args.lr_grid is not None:
             ap.error("--rates, --lr-grid: give fixed rates or a grid to tune on, not both")
+    if not args.eval_every_s > 0:
+        ap.error(f"--eval-every-s: expected a positive number of seconds, got {args.eval_every_s}")
     grid = None
     if args.lr_grid is not None:
         grid = sorted(set(rates(args.lr_grid, "--lr-grid", "comma-separated positive numbers")))
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_prompt(prompt: str) -> tuple[Path, list[dict], list[dict] | None, dict]:
         """One prompt's reference run, learning-rate tuning (with --lr-grid) and measured seeds."""
         ref = root / f"ref-{slug(prompt)}"
-        base = TextTo3DConfig(prompt=prompt, threads=1, eval_every_s=6.0)
+        base = TextTo3DConfig(prompt=prompt, threads=1, eval_every_s=args.eval_every_s)
         if not (ref / "summary.json").exists():
             run_text_to_3d(prompt, ref, dataclasses.replace(base, method="baseline", R=8), progress=False,
                            teacher=teacher)
@@ -151,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [sm for _, sms, _, _ in per_prompt.values() for sm in sms]
     _, _, tuning, lrs = per_prompt[args.prompt]
     steps = TextTo3DConfig().steps
-    res = equal_step_compute(summaries)
+    try:
+        res = equal_step_compute(summaries)
+    except ValueError as e:  # e.g. runs evaluated too few times for the reading: one line, naming the flag
+        ap.error(f"{e} (--eval-every-s, into a fresh --root)")
     res["steps_spread"] = _per_seed(res["pairs"], "baseline_steps", "carv_steps")
     res["seconds_spread"] = _per_seed(res["pairs"], "baseline_seconds", "carv_seconds")
     print(json.dumps({k: res[k] for k in ("steps_ratio_geomean", "seconds_ratio_geomean", "n_pairs", "n_unreached",

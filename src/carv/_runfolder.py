@@ -329,15 +329,15 @@ def update_json(path: str | Path, entries: Mapping[str, Any] | Callable[[dict], 
                 what: str = "JSON file") -> dict:
     """Set top-level ``entries`` in the JSON object at ``path`` and keep its other keys (a missing file starts as
     ``{}``); ``entries`` may be a function of the current object that returns them. Written atomically in
-    :func:`atomic_write_json`'s format, so an interrupted write leaves the old file and two writers of one file (the
-    benchmark JSONs under ``docs/``, each script its own entries) change only their own lines. Returns the object
-    written. A file that is not JSON, or holds no object, raises :class:`CorruptFileError` naming it."""
+    :func:`atomic_write_json`'s format, so an interrupted write leaves the old file and the scripts that write one
+    file in turn (the benchmark JSONs under ``docs/``, each its own entries) change only their own lines; there is
+    no lock, so two running at once can lose one's update. Returns the object written. A file that is not JSON, or
+    holds no object, raises :class:`CorruptFileError` naming it."""
     path = Path(path)
     doc = read_json(path, what) if path.is_file() else {}
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{what}: {str(path)!r} holds a JSON {type(doc).__name__}, not an object")
     doc.update(entries(doc) if callable(entries) else entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, doc)
     return doc
 

@@ -29,7 +29,7 @@ from carv.apps.text_to_3d import (
     turntable,
     write_run_outputs,
 )
-from carv.bench.quality import equal_quality_ecm, min_evaluations
+from carv.bench.quality import equal_quality_ecm, eval_interval_for, min_evaluations
 from carv.teachers.unet import UNetTeacher
 
 __all__ = ["compare_text_to_3d", "baseline_lr_fields"]
@@ -97,15 +97,14 @@ def _compare_in_folder(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, co
     return _compare_outputs(out, cfg, problem, trainers, finals, compare_at, progress)
 
 
-def _reading(res: dict, cfg: TextTo3DConfig, step_s: dict[str, float]) -> str:
+def _reading(res: dict, cfg: TextTo3DConfig, train_seconds: float) -> str:
     """One :func:`equal_quality_ecm` result in words: the ratio, why there is none, or, where the curves have too
     few evaluations for the reading (:func:`carv.bench.quality.min_evaluations`), the ``--eval-every-s`` that gives
-    about twice the evaluations needed."""
+    the shorter run (``train_seconds``) about twice the evaluations needed."""
     if not res["readable"]:
-        need = min_evaluations(res["window"])
-        every = max(cfg.steps * min(step_s.values()) / (2 * need), 0.1)
-        return (f"not read: {min(res['evaluations'])} evaluations, the reading needs {need} (evaluations come every "
-                f"{cfg.eval_every_s:g} s of training; rerun with --fresh --eval-every-s {every:.1f})")
+        return (f"not read: {min(res['evaluations'])} evaluations, the reading needs {min_evaluations(res['window'])} "
+                f"(evaluations come every {cfg.eval_every_s:g} s of training; rerun with --fresh --eval-every-s "
+                f"{eval_interval_for(train_seconds, res['window']):.1f})")
     return f"{res['ecm']:.2f}x" if res["ecm"] is not None else res["note"]
 
 
@@ -151,7 +150,10 @@ def _compare_outputs(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, trai
             print(f"{m:>8}: {trainers[m].step_count:5d} steps, PSNR {f['psnr']:.2f} dB, mask IoU {f['iou']:.3f}")
         print(f"seconds per step: baseline {step_s['baseline']:.3f}, carv {step_s['carv']:.3f} "
               f"(carv at R = {carv_t.R}, K = {carv_t.K})")
+        shortest = min(t.elapsed for t in trainers.values())
         for label, res in (("steps", steps_q["psnr"]), ("seconds", ecm_q["psnr"])):
-            print(f"baseline / carv {label} to the baseline's final PSNR: {_reading(res, cfg, step_s)}")
+            if label == "seconds" and not res["readable"]:  # the same curves: said once, on the steps line
+                continue
+            print(f"baseline / carv {label} to the baseline's final PSNR: {_reading(res, cfg, shortest)}")
         print(f"run folder: {out}")
     return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["equal_quality_ecm", "min_evaluations"]
+__all__ = ["equal_quality_ecm", "min_evaluations", "eval_interval_for"]
 
 
 def min_evaluations(window: int = 3) -> int:
@@ -15,6 +15,12 @@ def min_evaluations(window: int = 3) -> int:
     it) moves with the evaluation interval rather than the runs. Evaluations of ``carv text-to-3d`` come every
     ``eval_every_s`` seconds of training, so a fast machine makes fewer."""
     return 4 * (window - 1) + 1
+
+
+def eval_interval_for(train_seconds: float, window: int = 3) -> float:
+    """Seconds of training between evaluations that give a run of ``train_seconds`` about twice
+    :func:`min_evaluations` (at least 0.1 s): what to rerun with where a reading had too few."""
+    return max(train_seconds / (2 * min_evaluations(window)), 0.1)
 
 
 def equal_quality_ecm(base: list[dict], method: list[dict], key: str = "psnr", window: int = 3,

@@ -683,7 +683,7 @@ def equal_step_compute(summaries: list[dict]) -> dict:
             if st.get("readable") is False:  # summaries written before the flag carry none: read as they were
                 raise ValueError(f"summaries: {sm['prompt']!r} seed {sm.get('seed', 0)} has {min(st['evaluations'])} "
                                  "evaluations, too few for steps to quality (carv.bench.quality.min_evaluations): "
-                                 "rerun it with a shorter --eval-every-s")
+                                 "rerun it with evaluations more often (a shorter eval_every_s)")
             reached = st["t_method_s"] is not None
             carv_steps = st["t_method_s"] if reached else sm["steps"]["carv"]
             carv_secs = sec["t_method_s"] if sec["t_method_s"] is not None else sm["train_seconds"]["carv"]
