@@ -73,6 +73,39 @@ def test_cli_runs_a_tiny_config_and_resumes_after_interruption(tmp_path, monkeyp
     assert [r["step"] for r in _metrics(out / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4, 5]
 
 
+def test_evaluations_by_steps_come_at_the_same_steps_on_any_machine_and_after_a_resume(tmp_path, monkeypatch):
+    """``eval_every`` (steps) evaluates at step 0, every multiple and the last step whatever a step costs, and a run
+    killed and rerun keeps the cadence; --compare evaluates every steps / 20 by default (its steps-to-quality
+    reading needs 9 or more evaluations per run) unless told otherwise."""
+    from carv.apps.text_to_3d import config_from_cli
+
+    cfg = TextTo3DConfig(prompt="a snowman", steps=7, K=2, checkpoint_every=4, seed=3, **{**TINY, "eval_every": 3})
+    teacher = _teacher()
+    run_text_to_3d("a snowman", tmp_path / "full", cfg, progress=False, teacher=teacher)
+    steps = [r["step"] for r in _metrics(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert steps == [0, 3, 6, 7]
+    calls, real_step = {"n": 0}, Trainer.step
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "eval"] == steps
+    assert config_from_cli(None, {}, compare=True).eval_every == 20
+    assert config_from_cli(None, {"steps": 100}, compare=True).eval_every == 5
+    assert config_from_cli(None, {"eval_every_s": 2.0}, compare=True).eval_every is None  # the user's cadence
+    assert config_from_cli(None, {}).eval_every is None  # the main job: by seconds, as before
+    with pytest.raises(ValueError, match="eval_every: expected a positive number of steps"):
+        TextTo3DConfig(eval_every=0).validate()
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     """A run killed after step 3 (last checkpoint at step 2) and rerun ends bit-identical to an uninterrupted run."""
     cfg = TextTo3DConfig(prompt="a snowman", steps=4, K=2, checkpoint_every=2, seed=3, **TINY)
@@ -398,11 +431,13 @@ def test_steps_to_quality_needs_evaluations_spanning_the_run():
     dense = equal_quality_ecm(base, fast, window=3, x="step")
     assert dense["readable"] and dense["evaluations"] == [9, 9] and dense["ecm"] == pytest.approx(2.0)
     cfg = TextTo3DConfig(steps=400)
-    assert _reading(dense, cfg, 44.0) == "2.00x"
+    assert _reading(dense, cfg, 44.0, 400) == "2.00x"
     sparse = equal_quality_ecm(base[::2], fast[::2], window=3, x="step")  # 5 evaluations: 0, 100, ..., 400
     assert not sparse["readable"] and sparse["evaluations"] == [5, 5]
-    line = _reading(sparse, cfg, 44.0)  # the shorter run's training seconds, over 2 x 9 evaluations
+    line = _reading(sparse, cfg, 44.0, 400)  # the shorter run's training seconds, over 2 x 9 evaluations
     assert line.startswith("not read: 5 evaluations, the reading needs 9") and "--eval-every-s 2.4)" in line
+    by_steps = _reading(sparse, dataclasses.replace(cfg, eval_every=100), 44.0, 400)
+    assert "every 100 steps; rerun with --fresh --eval-every 22)" in by_steps
 
 
 def test_the_variance_ceiling_refuses_to_read_a_sparsely_evaluated_baseline(tmp_path):

@@ -343,8 +343,10 @@ def text_to_3d_cmd(
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per ray (default 48)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints (50)."),
     eval_every_s: float = typer.Option(None, "--eval-every-s", help="Seconds of training between quality "
-                                       "evaluations (default 20; --compare's steps-to-quality reading needs 9 or "
-                                       "more per run)."),
+                                       "evaluations (default 20)."),
+    eval_every: int = typer.Option(None, "--eval-every", min=1, help="Steps between quality evaluations instead "
+                                   "(default with --compare: steps / 20; its steps-to-quality reading needs 9 or "
+                                   "more evaluations per run)."),
     fresh: bool = typer.Option(False, "--fresh", help="Move the folder's earlier run aside and start over."),
     restart: bool = typer.Option(False, "--restart", hidden=True, help="Deprecated alias of --fresh."),
     threads: int = typer.Option(None, min=1, help="torch threads (1 is often faster on a shared machine)."),

@@ -97,14 +97,19 @@ def _compare_in_folder(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, co
     return _compare_outputs(out, cfg, problem, trainers, finals, compare_at, progress)
 
 
-def _reading(res: dict, cfg: TextTo3DConfig, train_seconds: float) -> str:
+def _reading(res: dict, cfg: TextTo3DConfig, train_seconds: float, steps: int) -> str:
     """One :func:`equal_quality_ecm` result in words: the ratio, why there is none, or, where the curves have too
-    few evaluations for the reading (:func:`carv.bench.quality.min_evaluations`), the ``--eval-every-s`` that gives
-    the shorter run (``train_seconds``) about twice the evaluations needed."""
+    few evaluations for the reading (:func:`carv.bench.quality.min_evaluations`), the interval that gives the
+    shorter run (``train_seconds``, ``steps``) about twice the evaluations needed."""
     if not res["readable"]:
-        return (f"not read: {min(res['evaluations'])} evaluations, the reading needs {min_evaluations(res['window'])} "
-                f"(evaluations come every {cfg.eval_every_s:g} s of training; rerun with --fresh --eval-every-s "
-                f"{eval_interval_for(train_seconds, res['window']):.1f})")
+        need = min_evaluations(res["window"])
+        if cfg.eval_every is not None:
+            now, fix = f"{cfg.eval_every} steps", f"--eval-every {max(steps // (2 * need), 1)}"
+        else:
+            now = f"{cfg.eval_every_s:g} s of training"
+            fix = f"--eval-every-s {eval_interval_for(train_seconds, res['window']):.1f}"
+        return (f"not read: {min(res['evaluations'])} evaluations, the reading needs {need} (evaluations come every "
+                f"{now}; rerun with --fresh {fix})")
     return f"{res['ecm']:.2f}x" if res["ecm"] is not None else res["note"]
 
 
@@ -150,10 +155,11 @@ def _compare_outputs(out: Path, cfg: TextTo3DConfig, problem: SceneProblem, trai
             print(f"{m:>8}: {trainers[m].step_count:5d} steps, PSNR {f['psnr']:.2f} dB, mask IoU {f['iou']:.3f}")
         print(f"seconds per step: baseline {step_s['baseline']:.3f}, carv {step_s['carv']:.3f} "
               f"(carv at R = {carv_t.R}, K = {carv_t.K})")
-        shortest = min(t.elapsed for t in trainers.values())
+        shortest = min(trainers.values(), key=lambda t: t.step_count)
         for label, res in (("steps", steps_q["psnr"]), ("seconds", ecm_q["psnr"])):
             if label == "seconds" and not res["readable"]:  # the same curves: said once, on the steps line
                 continue
-            print(f"baseline / carv {label} to the baseline's final PSNR: {_reading(res, cfg, shortest)}")
+            print(f"baseline / carv {label} to the baseline's final PSNR: "
+                  f"{_reading(res, cfg, shortest.elapsed, shortest.step_count)}")
         print(f"run folder: {out}")
     return summary

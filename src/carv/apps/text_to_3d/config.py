@@ -32,7 +32,8 @@ __all__ = ["DEFAULT_PROMPT", "LEGACY_SETTINGS", "METHODS", "RESUMABLE_CHANGES",
 DEFAULT_PROMPT = "a red mushroom"
 METHODS = ("carv", "baseline")
 # config fields a resumed run may change (they do not change what a step computes)
-RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "threads")
+COMPARE_EVALUATIONS = 20  # evaluations per run that --compare makes by default (twice what its reading needs)
+RESUMABLE_CHANGES = ("steps", "budget_s", "checkpoint_every", "eval_every_s", "eval_every", "threads")
 # settings added after run folders were first written: a folder whose manifest lacks one resumes with the value
 # that reproduces how it started (its allocator re-measured stage costs live and filled the per-step budget)
 LEGACY_SETTINGS = {"live_costs": True, "fill_budget": True, "between_estimate": "clipped",
@@ -140,6 +141,7 @@ class TextTo3DConfig:
     opaque_weight: float = 0.0
     # the run folder
     eval_every_s: float = 20.0  # training seconds between quality evaluations (16 held-out views)
+    eval_every: int | None = None  # steps between evaluations instead (None: by eval_every_s)
     n_eval_views: int = 16
     checkpoint_every: int = 50
     seed: int = 0
@@ -299,6 +301,9 @@ class TextTo3DConfig:
                 raise ValueError(f"{name}: expected a finite non-negative number, got {v!r}")
         for name in ("guidance_scale", *(("guidance_end",) if self.guidance_end is not None else ())):
             check_guidance(getattr(self, name), name)
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 1):
+            raise ValueError(f"eval_every: expected a positive number of steps or None, got {self.eval_every!r}")
         for name in ("lr", "eval_every_s", "init_radius", "color_lr_scale") + tuple(
                 n for n in ("lr_end", "init_height", "baseline_lr") if getattr(self, n) is not None):
             v = getattr(self, name)
@@ -405,6 +410,10 @@ def config_from_cli(prompt: str | None, flags: dict, baseline: bool = False, com
             raise ValueError(f"baseline: --baseline fixes uniform timesteps and K = 1; it conflicts with "
                              f"{', '.join('--' + c for c in clash)}")
         given["method"] = "baseline"
+    if compare and "eval_every" not in given and "eval_every_s" not in given:
+        # the comparison reads steps to quality off each run's curve, which needs evaluations spread over the run
+        # (carv.bench.quality.min_evaluations); by steps, so that a fast machine makes as many as a slow one
+        given["eval_every"] = max(given.get("steps", TextTo3DConfig.steps) // COMPARE_EVALUATIONS, 1)
     if "t_lo_end" not in given:  # the command line anneals the top only: the bottom stays at --t-lo
         given["t_lo_end"] = given.get("t_lo", TextTo3DConfig.t_lo)
     cfg = TextTo3DConfig(**{**given, "prompt": prompt})

@@ -258,11 +258,17 @@ class Trainer:
         return self.step_count % self.cfg.checkpoint_every == 0
 
     def eval_due(self) -> bool:
+        """Whether to evaluate now: every ``eval_every`` steps where set (the first multiple after the last
+        evaluation), else every ``eval_every_s`` seconds of training."""
+        if self.cfg.eval_every is not None:
+            last = self.evals[-1]["step"] if self.evals else -1
+            return last < 0 or self.step_count // self.cfg.eval_every > last // self.cfg.eval_every
         return self.elapsed >= self.next_eval
 
     def mark_evaluated(self) -> None:
         """The next evaluation at the first multiple of ``eval_every_s`` after now (one jump, not a loop: with
-        a tiny ``eval_every_s`` a loop of additions would take ``elapsed / eval_every_s`` iterations)."""
+        a tiny ``eval_every_s`` a loop of additions would take ``elapsed / eval_every_s`` iterations). By steps
+        (``eval_every``) the last evaluation's step is the state, kept in ``evals``."""
         if self.next_eval <= self.elapsed:
             every = self.cfg.eval_every_s
             self.next_eval = (math.floor(self.elapsed / every) + 1) * every
