@@ -73,6 +73,23 @@ def test_cli_runs_a_tiny_config_and_resumes_after_interruption(tmp_path, monkeyp
     assert [r["step"] for r in _metrics(out / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4, 5]
 
 
+def _killed_and_rerun(monkeypatch, out, cfg, teacher, at_call: int) -> dict:
+    """Run ``cfg`` into ``out``, killed (KeyboardInterrupt) at the ``at_call``-th step, then rerun it to the end."""
+    calls, real_step = {"n": 0}, Trainer.step
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_text_to_3d(cfg.prompt, out, cfg, progress=False, teacher=teacher)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    return run_text_to_3d(cfg.prompt, out, cfg, progress=False, teacher=teacher)
+
+
 def test_evaluations_by_steps_come_at_the_same_steps_on_any_machine_and_after_a_resume(tmp_path, monkeypatch):
     """``eval_every`` (steps) evaluates at step 0, every multiple and the last step whatever a step costs, and a run
     killed and rerun keeps the cadence; --compare evaluates every steps / 20 by default (its steps-to-quality
@@ -84,19 +101,7 @@ def test_evaluations_by_steps_come_at_the_same_steps_on_any_machine_and_after_a_
     run_text_to_3d("a snowman", tmp_path / "full", cfg, progress=False, teacher=teacher)
     steps = [r["step"] for r in _metrics(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "eval"]
     assert steps == [0, 3, 6, 7]
-    calls, real_step = {"n": 0}, Trainer.step
-
-    def dying_step(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
-    monkeypatch.setattr(Trainer, "step", real_step)
-    run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    _killed_and_rerun(monkeypatch, tmp_path / "cut", cfg, teacher, at_call=6)
     assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "eval"] == steps
     assert config_from_cli(None, {}, compare=True).eval_every == 20
     assert config_from_cli(None, {"steps": 100}, compare=True).eval_every == 5
@@ -112,20 +117,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     teacher = _teacher()
     full = run_text_to_3d("a snowman", tmp_path / "full", cfg, progress=False, teacher=teacher)
 
-    calls = {"n": 0}
-    real_step = Trainer.step
-
-    def dying_step(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
-    monkeypatch.setattr(Trainer, "step", real_step)
-    resumed = run_text_to_3d("a snowman", tmp_path / "cut", cfg, progress=False, teacher=teacher)
+    resumed = _killed_and_rerun(monkeypatch, tmp_path / "cut", cfg, teacher, at_call=4)
     assert resumed["resumed_from"] == 2
     assert [r["step"] for r in _metrics(tmp_path / "cut" / "metrics.jsonl") if r["kind"] == "step"] == [1, 2, 3, 4]
     a = Trainer(cfg, tmp_path / "full", teacher=teacher)
